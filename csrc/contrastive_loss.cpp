@@ -1,0 +1,378 @@
+// CPU kernels of mmfast.contrastive_loss.
+//
+// The Python chunk loop (mmfast/backends/contrastive_loss.py) computes one row chunk of the score
+// matrix S = X·Yᵀ at a time with MKL GEMMs. These kernels do everything between the GEMMs, in one
+// pass over each row while it sits in L1/L2:
+//   softmax_rows: masks (positive, false-negative margin), hardness, exact row logsumexp, the loss,
+//                 and, when asked, overwrites the row with dLoss/dS so the caller can finish with two
+//                 GEMMs (dX = G·Y, dY += Gᵀ·X): three GEMMs in all, no second pass over S.
+//   topk_rows:    the UniME top-k path: selects the k hardest surviving negatives per row (ties go to
+//                 the lower candidate index), and returns the loss plus the k+1 sparse gradient
+//                 coefficients per row.
+//   sparse_grads: applies those sparse coefficients to dX and dY without any dense B×N tensor.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "fast_math.h"
+
+namespace mmfast {
+namespace {
+
+// Everything a row kernel needs; `scores` rows are `row_stride` apart, each `n` long.
+template <typename T>
+struct RowProblem {
+  T* scores;
+  int64_t row_stride;
+  int64_t n;
+  int64_t row_offset;  // global index of row 0: the positive of row r sits in column row_offset + r
+  T inv_temperature;
+  T negative_scale;  // 1/τ + hardness: a negative's logit is s·(1/τ) + hardness·sg(s)
+  bool has_margin;
+  T margin;
+  const T* grad_scale;  // null: loss only; else dLoss_total/dLoss_row, and S is overwritten by G
+  T* loss;
+};
+
+// Generic (scalar) row kernel; used for float64, where accuracy matters more than speed.
+template <typename T>
+void softmax_rows_range(const RowProblem<T>& p, int64_t begin, int64_t end) {
+  const T minus_inf = -std::numeric_limits<T>::infinity();
+  for (int64_t r = begin; r < end; ++r) {
+    T* s = p.scores + r * p.row_stride;
+    const int64_t pos_col = p.row_offset + r;
+    const T pos = s[pos_col];
+    const T pos_logit = pos * p.inv_temperature;
+    const T limit = p.has_margin ? pos + p.margin : std::numeric_limits<T>::infinity();
+    T m = pos_logit;
+    for (int64_t j = 0; j < p.n; ++j) {
+      const T logit = (s[j] > limit || j == pos_col) ? minus_inf : s[j] * p.negative_scale;
+      s[j] = logit;
+      m = logit > m ? logit : m;
+    }
+    s[pos_col] = pos_logit;
+    double sum = 0.0;
+    for (int64_t j = 0; j < p.n; ++j) {
+      const T e = std::exp(s[j] - m);
+      if (p.grad_scale) s[j] = e;
+      sum += e;
+    }
+    p.loss[r] = static_cast<T>(static_cast<double>(m) + std::log(sum) - static_cast<double>(pos_logit));
+    if (p.grad_scale) {
+      // G = c·(softmax - onehot)/τ with c the row's share of the total loss.
+      const T row_coef = p.grad_scale[r] * p.inv_temperature;
+      const T c = static_cast<T>(static_cast<double>(row_coef) / sum);
+      for (int64_t j = 0; j < p.n; ++j) s[j] *= c;
+      s[pos_col] -= row_coef;
+    }
+  }
+}
+
+// The float32 row kernel: the same three passes, 16 lanes at a time. One compiled copy per ISA is
+// picked at load time, so the binary stays portable and AVX-512 machines get 16-wide exp. (A lambda
+// would not inherit the target, hence a named function called from parallel_for.)
+__attribute__((target_clones("avx512f", "avx2", "default"))) void softmax_rows_range_f32(
+    const RowProblem<float>& p, int64_t begin, int64_t end) {
+  const float minus_inf = -std::numeric_limits<float>::infinity();
+  const int32_t n = static_cast<int32_t>(p.n);
+  const int32_t n_vec = n - n % kLanes;
+  for (int64_t r = begin; r < end; ++r) {
+    float* s = p.scores + r * p.row_stride;
+    const int32_t pos_col = static_cast<int32_t>(p.row_offset + r);
+    const float pos = s[pos_col];
+    const float pos_logit = pos * p.inv_temperature;
+    const float limit = p.has_margin ? pos + p.margin : std::numeric_limits<float>::infinity();
+
+    // Pass 1: logits in place (-inf for false negatives), and their max. The positive's slot holds
+    // NaN meanwhile: it fails every comparison, so it neither passes the margin test nor raises the
+    // max, whatever the sign of the logit scale; it gets its own logit afterwards.
+    s[pos_col] = std::numeric_limits<float>::quiet_NaN();
+    f32x16 m16 = splat16(pos_logit);
+    const f32x16 limit16 = splat16(limit);
+    const f32x16 minus_inf16 = splat16(minus_inf);
+    for (int32_t j = 0; j < n_vec; j += kLanes) {
+      const f32x16 v = load16(s + j);
+      const f32x16 logit = select16(v > limit16, minus_inf16, v * p.negative_scale);
+      store16(s + j, logit);
+      m16 = max16(logit, m16);
+    }
+    float m = max_lane(m16);
+    for (int32_t j = n_vec; j < n; ++j) {
+      const float logit = s[j] > limit ? minus_inf : s[j] * p.negative_scale;
+      s[j] = logit;
+      m = logit > m ? logit : m;
+    }
+    s[pos_col] = pos_logit;
+
+    // Pass 2: the sum of exp(logit - max), kept in double so the row error does not grow with N.
+    DoubleSum16 sum16;
+    double sum = 0.0;
+    const bool write = p.grad_scale != nullptr;
+    for (int32_t j = 0; j < n_vec; j += kLanes) {
+      const f32x16 e = exp_flush(load16(s + j) - m);
+      if (write) store16(s + j, e);
+      sum16.add(e);
+    }
+    for (int32_t j = n_vec; j < n; ++j) {
+      const float e = exp_flush(s[j] - m);
+      if (write) s[j] = e;
+      sum += e;
+    }
+    sum += sum16.total();
+    p.loss[r] = static_cast<float>(static_cast<double>(m) + std::log(sum) - static_cast<double>(pos_logit));
+
+    // Pass 3: G = c·(softmax - onehot)/τ with c the row's share of the total loss.
+    if (write) {
+      const float row_coef = p.grad_scale[r] * p.inv_temperature;
+      const float c = static_cast<float>(static_cast<double>(row_coef) / sum);
+      for (int32_t j = 0; j < n_vec; j += kLanes) store16(s + j, load16(s + j) * c);
+      for (int32_t j = n_vec; j < n; ++j) s[j] *= c;
+      s[pos_col] -= row_coef;
+    }
+  }
+}
+
+void softmax_rows_dispatch(const RowProblem<float>& p, int64_t begin, int64_t end) {
+  softmax_rows_range_f32(p, begin, end);
+}
+void softmax_rows_dispatch(const RowProblem<double>& p, int64_t begin, int64_t end) {
+  softmax_rows_range<double>(p, begin, end);
+}
+
+void check_scores(const at::Tensor& scores, int64_t row_offset, const c10::optional<at::Tensor>& row_scale) {
+  TORCH_CHECK(scores.device().is_cpu(), "mmfast cpu backend: scores must be a CPU tensor, got ",
+              scores.device());
+  TORCH_CHECK(scores.dim() == 2, "mmfast cpu backend: scores must be 2-D [rows, N], got shape ",
+              scores.sizes());
+  TORCH_CHECK(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble,
+              "mmfast cpu backend: scores must be float32 or float64, got ", scores.scalar_type());
+  TORCH_CHECK(scores.stride(1) == 1, "mmfast cpu backend: scores rows must be contiguous");
+  TORCH_CHECK(scores.size(1) < (int64_t{1} << 31), "mmfast cpu backend: at most 2^31-1 candidates");
+  TORCH_CHECK(row_offset >= 0 && row_offset + scores.size(0) <= scores.size(1),
+              "mmfast cpu backend: row_offset ", row_offset, " + rows ", scores.size(0),
+              " exceeds the number of candidates ", scores.size(1));
+  if (row_scale.has_value()) {
+    TORCH_CHECK(row_scale->dim() == 1 && row_scale->size(0) == scores.size(0),
+                "mmfast cpu backend: row_scale must have shape [", scores.size(0), "], got ",
+                row_scale->sizes());
+    TORCH_CHECK(row_scale->scalar_type() == scores.scalar_type() && row_scale->is_contiguous(),
+                "mmfast cpu backend: row_scale must be contiguous ", scores.scalar_type());
+  }
+}
+
+// Rows per parallel task: enough work per task to amortise the OpenMP hand-off.
+int64_t row_grain(int64_t n) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1));
+}
+
+}  // namespace
+
+at::Tensor softmax_rows(at::Tensor scores, int64_t row_offset, double inv_temperature, double hardness,
+                        c10::optional<double> margin, c10::optional<at::Tensor> row_scale) {
+  check_scores(scores, row_offset, row_scale);
+  const int64_t rows = scores.size(0);
+  at::Tensor loss = at::empty({rows}, scores.options());
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "mmfast_softmax_rows", [&] {
+    RowProblem<scalar_t> p{scores.data_ptr<scalar_t>(),
+                           scores.stride(0),
+                           scores.size(1),
+                           row_offset,
+                           static_cast<scalar_t>(inv_temperature),
+                           static_cast<scalar_t>(inv_temperature + hardness),
+                           margin.has_value(),
+                           static_cast<scalar_t>(margin.value_or(0.0)),
+                           row_scale.has_value() ? row_scale->data_ptr<scalar_t>() : nullptr,
+                           loss.data_ptr<scalar_t>()};
+    at::parallel_for(0, rows, row_grain(p.n),
+                     [&](int64_t begin, int64_t end) { softmax_rows_dispatch(p, begin, end); });
+  });
+  return loss;
+}
+
+namespace {
+
+template <typename T>
+struct Candidate {
+  T value;
+  int64_t index;
+};
+
+// True when a ranks above b: higher score, ties to the lower index.
+template <typename T>
+inline bool ranks_above(const Candidate<T>& a, const Candidate<T>& b) {
+  return a.value > b.value || (a.value == b.value && a.index < b.index);
+}
+
+template <typename T>
+void topk_rows_range(const RowProblem<T>& p, int64_t k, int64_t* index_out, T* coef_out, int64_t begin,
+                     int64_t end) {
+  std::vector<Candidate<T>> heap;  // the k best so far; heap front is the weakest of them
+  heap.reserve(k);
+  std::vector<double> prob(k + 1);
+  auto weaker_first = [](const Candidate<T>& a, const Candidate<T>& b) { return ranks_above(a, b); };
+  for (int64_t r = begin; r < end; ++r) {
+    const T* s = p.scores + r * p.row_stride;
+    const int64_t pos_col = p.row_offset + r;
+    const T pos = s[pos_col];
+    const T limit = p.has_margin ? pos + p.margin : std::numeric_limits<T>::infinity();
+    heap.clear();
+    for (int64_t j = 0; j < p.n; ++j) {
+      const T v = s[j];
+      if (j == pos_col || !(v <= limit)) continue;  // the positive, a false negative, or NaN
+      if (static_cast<int64_t>(heap.size()) < k) {
+        heap.push_back({v, j});
+        std::push_heap(heap.begin(), heap.end(), weaker_first);
+      } else if (v > heap.front().value) {  // an equal score has a higher index: it ranks below
+        std::pop_heap(heap.begin(), heap.end(), weaker_first);
+        heap.back() = {v, j};
+        std::push_heap(heap.begin(), heap.end(), weaker_first);
+      }
+    }
+    std::sort(heap.begin(), heap.end(), ranks_above<T>);
+    const int64_t kept = static_cast<int64_t>(heap.size());
+
+    // Softmax over [positive, kept negatives].
+    const double pos_logit = static_cast<double>(pos) * p.inv_temperature;
+    double m = pos_logit;
+    for (int64_t t = 0; t < kept; ++t) m = std::max(m, static_cast<double>(heap[t].value) * p.negative_scale);
+    double sum = std::exp(pos_logit - m);
+    prob[0] = sum;
+    for (int64_t t = 0; t < kept; ++t) {
+      prob[t + 1] = std::exp(static_cast<double>(heap[t].value) * p.negative_scale - m);
+      sum += prob[t + 1];
+    }
+    p.loss[r] = static_cast<T>(m + std::log(sum) - pos_logit);
+
+    int64_t* idx = index_out + r * (k + 1);
+    idx[0] = pos_col;
+    for (int64_t t = 0; t < k; ++t) idx[t + 1] = t < kept ? heap[t].index : -1;
+    if (coef_out) {
+      T* coef = coef_out + r * (k + 1);
+      const double row_coef = static_cast<double>(p.grad_scale[r]) * p.inv_temperature;
+      coef[0] = static_cast<T>(row_coef * (prob[0] / sum - 1.0));
+      for (int64_t t = 0; t < k; ++t) coef[t + 1] = t < kept ? static_cast<T>(row_coef * prob[t + 1] / sum) : T(0);
+    }
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_rows(at::Tensor scores, int64_t row_offset,
+                                                         double inv_temperature, double hardness,
+                                                         c10::optional<double> margin, int64_t topk,
+                                                         c10::optional<at::Tensor> row_scale) {
+  check_scores(scores, row_offset, row_scale);
+  TORCH_CHECK(topk >= 1, "mmfast cpu backend: topk must be >= 1, got ", topk);
+  const int64_t rows = scores.size(0);
+  at::Tensor loss = at::empty({rows}, scores.options());
+  at::Tensor index = at::empty({rows, topk + 1}, scores.options().dtype(at::kLong));
+  at::Tensor coef = row_scale.has_value() ? at::empty({rows, topk + 1}, scores.options()) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "mmfast_topk_rows", [&] {
+    RowProblem<scalar_t> p{scores.data_ptr<scalar_t>(),
+                           scores.stride(0),
+                           scores.size(1),
+                           row_offset,
+                           static_cast<scalar_t>(inv_temperature),
+                           static_cast<scalar_t>(inv_temperature + hardness),
+                           margin.has_value(),
+                           static_cast<scalar_t>(margin.value_or(0.0)),
+                           row_scale.has_value() ? row_scale->data_ptr<scalar_t>() : nullptr,
+                           loss.data_ptr<scalar_t>()};
+    scalar_t* coef_ptr = coef.defined() ? coef.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, rows, row_grain(p.n), [&](int64_t begin, int64_t end) {
+      topk_rows_range<scalar_t>(p, topk, index.data_ptr<int64_t>(), coef_ptr, begin, end);
+    });
+  });
+  return {loss, index, coef};
+}
+
+namespace {
+
+void check_rows(const at::Tensor& t, const char* name, int64_t dim, at::ScalarType dtype) {
+  TORCH_CHECK(t.dim() == 2 && t.size(1) == dim && t.stride(1) == 1 && t.scalar_type() == dtype &&
+                  t.device().is_cpu(),
+              "mmfast cpu backend: ", name, " must be a CPU ", dtype, " tensor [rows, ", dim,
+              "] with contiguous rows, got ", t.scalar_type(), " ", t.sizes());
+}
+
+template <typename T>
+void sparse_grads_impl(const at::Tensor& x, const at::Tensor& targets, const c10::optional<at::Tensor>& negatives,
+                       const at::Tensor& index, const at::Tensor& coef, const c10::optional<at::Tensor>& grad_x,
+                       const c10::optional<at::Tensor>& grad_targets,
+                       const c10::optional<at::Tensor>& grad_negatives) {
+  const int64_t dim = x.size(1), rows = x.size(0), slots = index.size(1), n_targets = targets.size(0);
+  const int64_t* idx = index.data_ptr<int64_t>();
+  const T* c = coef.data_ptr<T>();
+  auto row_of = [](const at::Tensor& t, int64_t j) { return t.data_ptr<T>() + j * t.stride(0); };
+  if (grad_x.has_value()) {
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        T* g = row_of(*grad_x, r);
+        for (int64_t t = 0; t < slots; ++t) {
+          const int64_t j = idx[r * slots + t];
+          if (j < 0) continue;
+          const T* y = j < n_targets ? row_of(targets, j) : row_of(*negatives, j - n_targets);
+          const T w = c[r * slots + t];
+#pragma omp simd
+          for (int64_t d = 0; d < dim; ++d) g[d] += w * y[d];
+        }
+      }
+    });
+  }
+  if (!grad_targets.has_value() && !grad_negatives.has_value()) return;
+  // Split the embedding dimension across threads: every thread sees every (row, slot) pair, so
+  // there are no write conflicts and the summation order is fixed (deterministic).
+  at::parallel_for(0, dim, 64, [&](int64_t d0, int64_t d1) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* xr = row_of(x, r);
+      for (int64_t t = 0; t < slots; ++t) {
+        const int64_t j = idx[r * slots + t];
+        T* g = nullptr;
+        if (j >= 0 && j < n_targets && grad_targets.has_value()) g = row_of(*grad_targets, j);
+        if (j >= n_targets && grad_negatives.has_value()) g = row_of(*grad_negatives, j - n_targets);
+        if (!g) continue;
+        const T w = c[r * slots + t];
+#pragma omp simd
+        for (int64_t d = d0; d < d1; ++d) g[d] += w * xr[d];
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// grad_x[r] += Σ_t coef[r,t]·y[index[r,t]], and y's gradient += coef[r,t]·x[r], where y is the
+// concatenation [targets; negatives] (never built). Slots with index -1 are unused.
+void sparse_grads(at::Tensor x, at::Tensor targets, c10::optional<at::Tensor> negatives, at::Tensor index,
+                  at::Tensor coef, c10::optional<at::Tensor> grad_x, c10::optional<at::Tensor> grad_targets,
+                  c10::optional<at::Tensor> grad_negatives) {
+  const int64_t dim = x.size(-1);
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "mmfast cpu backend: x must be float32 or float64");
+  check_rows(x, "x", dim, dtype);
+  check_rows(targets, "targets", dim, dtype);
+  if (negatives.has_value()) check_rows(*negatives, "negatives", dim, dtype);
+  const int64_t rows = x.size(0), slots = index.size(1);
+  const int64_t n_targets = targets.size(0);
+  const int64_t n_total = n_targets + (negatives.has_value() ? negatives->size(0) : 0);
+  TORCH_CHECK(index.dim() == 2 && index.size(0) == rows && index.scalar_type() == at::kLong && index.is_contiguous(),
+              "mmfast cpu backend: index must be a contiguous int64 tensor [", rows, ", slots]");
+  TORCH_CHECK(coef.sizes() == index.sizes() && coef.scalar_type() == dtype && coef.is_contiguous(),
+              "mmfast cpu backend: coef must match index's shape and x's dtype");
+  TORCH_CHECK(index.numel() == 0 || (index.max().item<int64_t>() < n_total && index.min().item<int64_t>() >= -1),
+              "mmfast cpu backend: index entries must lie in [-1, ", n_total, ")");
+  if (grad_x.has_value()) check_rows(*grad_x, "grad_x", dim, dtype);
+  if (grad_targets.has_value()) check_rows(*grad_targets, "grad_targets", dim, dtype);
+  if (grad_negatives.has_value()) check_rows(*grad_negatives, "grad_negatives", dim, dtype);
+
+  AT_DISPATCH_FLOATING_TYPES(dtype, "mmfast_sparse_grads", [&] {
+    sparse_grads_impl<scalar_t>(x, targets, negatives, index, coef, grad_x, grad_targets, grad_negatives);
+  });
+}
+
+}  // namespace mmfast

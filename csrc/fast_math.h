@@ -1,0 +1,88 @@
+// Vector helpers shared by the CPU kernels.
+//
+// The hot loops use GCC/Clang vector extensions (16 float lanes) rather than relying on the
+// auto-vectoriser, which gave scalar code for the exp loop. Each function compiled with
+// target_clones then lowers the same source to AVX-512, AVX2 or SSE2.
+#pragma once
+
+#include <bit>
+#include <cstdint>
+#include <cstring>
+
+namespace mmfast {
+
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef double f64x8 __attribute__((vector_size(64)));
+
+constexpr int kLanes = 16;
+
+inline f32x16 load16(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof(v)); }
+inline f32x16 splat16(float x) { return f32x16{} + x; }
+// Lane-wise mask ? a : b for comparison masks (all ones or all zeros per lane). Written with bit
+// operations because GCC lowers the vector ?: operator lane by lane, with branches.
+inline f32x16 select16(i32x16 mask, f32x16 a, f32x16 b) {
+  return std::bit_cast<f32x16>((mask & std::bit_cast<i32x16>(a)) | (~mask & std::bit_cast<i32x16>(b)));
+}
+inline f32x16 max16(f32x16 a, f32x16 b) { return select16(a > b, a, b); }
+inline f32x16 min16(f32x16 a, f32x16 b) { return select16(a < b, a, b); }
+inline float max_lane(f32x16 v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+inline f32x16 splat16(float x);
+inline i32x16 splat16i(int32_t x) { return i32x16{} + x; }
+
+// Accumulates float lanes in double: two 8-lane halves, so both stay in registers.
+struct DoubleSum16 {
+  f64x8 lo{}, hi{};
+  inline void add(f32x16 v) {
+    lo += __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7), f64x8);
+    hi += __builtin_convertvector(__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15), f64x8);
+  }
+  inline double total() const {
+    double s = 0.0;
+    for (int i = 0; i < 8; ++i) s += lo[i] + hi[i];
+    return s;
+  }
+};
+
+// exp(x) for float or f32x16 with about 1 ulp error (Cody-Waite reduction, Cephes polynomial).
+// Inputs below -87.33, including -inf (our "masked" logit), give exactly 0; NaN stays NaN.
+// Rounding uses the 1.5·2^23 trick, which needs no floor instruction and yields the integer in the
+// low mantissa bits.
+template <typename V, typename I>
+inline V exp_flush(V x) {
+  const V hi = V{} + 88.37626f, lo = V{} + -87.33654f;
+  // NaN compares false both ways, so it passes through the clamps and stays NaN.
+  const V c = select16(x > hi, hi, select16(x < lo, lo, x));
+  const V magic = V{} + 12582912.0f;
+  const V t = c * 1.44269504088896341f + magic;
+  const V n = t - magic;
+  V r = c - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  V p = V{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const V y = p * (r * r) + r + 1.0f;
+  const I exponent = (std::bit_cast<I>(t) - 0x4B400000 + 127) << 23;
+  const V scaled = y * std::bit_cast<V>(exponent);
+  return select16(x < lo, V{}, scaled);
+}
+
+inline f32x16 exp_flush(f32x16 x) { return exp_flush<f32x16, i32x16>(x); }
+inline float exp_flush(float x) {
+  // The scalar tail goes through lane 0 of the vector code, so tails and bodies round alike.
+  return exp_flush<f32x16, i32x16>(splat16(x))[0];
+}
+
+}  // namespace mmfast

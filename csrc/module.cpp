@@ -1,0 +1,24 @@
+// Python bindings of mmfast._C. Each op's kernels live in csrc/<op>.cpp.
+#include <torch/extension.h>
+
+namespace mmfast {
+at::Tensor softmax_rows(at::Tensor scores, int64_t row_offset, double inv_temperature, double hardness,
+                        c10::optional<double> margin, c10::optional<at::Tensor> row_scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_rows(at::Tensor scores, int64_t row_offset,
+                                                         double inv_temperature, double hardness,
+                                                         c10::optional<double> margin, int64_t topk,
+                                                         c10::optional<at::Tensor> row_scale);
+void sparse_grads(at::Tensor x, at::Tensor targets, c10::optional<at::Tensor> negatives, at::Tensor index,
+                  at::Tensor coef, c10::optional<at::Tensor> grad_x, c10::optional<at::Tensor> grad_targets,
+                  c10::optional<at::Tensor> grad_negatives);
+}  // namespace mmfast
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "mmfast CPU kernels";
+  m.def("contrastive_softmax_rows", &mmfast::softmax_rows,
+        "Fused masked/hardness-weighted row logsumexp and in-place gradient over one score chunk");
+  m.def("contrastive_topk_rows", &mmfast::topk_rows,
+        "Top-k hard-negative selection, loss and sparse gradient coefficients over one score chunk");
+  m.def("contrastive_sparse_grads", &mmfast::sparse_grads,
+        "Accumulate the sparse top-k gradients into grad_x and the candidate gradients");
+}

@@ -1,0 +1,1 @@
+"""Triton kernels of mmfast (installed as mmfast.kernels). Importing this package needs triton."""

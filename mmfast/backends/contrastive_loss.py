@@ -1,0 +1,287 @@
+"""The chunked contrastive loss, shared by the torch, cpu and triton backends.
+
+One direction of the loss ("rows x against candidates y") is computed a chunk of rows at a time:
+
+    S = x[chunk] · yᵀ                       GEMM 1  -> a [rows, N] scratch buffer, never [B, N]
+    loss, G = row kernel(S)                  masks, hardness, exact logsumexp; G overwrites S
+    dx[chunk] = G · y ;  dy += Gᵀ · x[chunk]  GEMMs 2 and 3 (only when gradients are wanted)
+
+With the UniME top-k option the row kernel instead selects k negatives per row and the gradient is
+sparse (k+1 entries per row), so GEMMs 2 and 3 become gathers and scatter-adds.
+
+The candidates y are kept as a list of pieces ([targets, negatives]) and never concatenated. The rows
+per chunk come from a byte budget (SCORE_CHUNK_BYTES), so memory is flat in B. Backends differ only in
+their `Kernels`: how S and the gradient GEMMs are computed and which row kernel runs.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+# Scratch budget for one chunk of scores. 32 MiB keeps chunks at ≥ 256 rows (efficient GEMMs) up to
+# N = 32768 fp32 candidates and the working set well under the 64 MiB target at N = 131072.
+SCORE_CHUNK_BYTES = 32 << 20
+
+
+@dataclass(frozen=True)
+class DirectionOptions:
+    """The per-direction parameters of the loss (see mmfast.ContrastiveLossOptions)."""
+
+    inv_temperature: float
+    hardness: float
+    margin: float | None
+    topk: int | None
+
+
+class TorchKernels:
+    """Pure-PyTorch row kernels; GEMMs through torch.mm (MKL on CPU, cuBLAS on CUDA)."""
+
+    # Scratch bytes per score element: S plus logsumexp's temporary and the margin mask (dense), or
+    # S plus a stable sort's values and int64 indices (top-k).
+    dense_bytes_per_score = 9
+    topk_bytes_per_score = 17
+
+    def scores(self, x: torch.Tensor, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
+        col = 0
+        for piece in pieces:
+            torch.mm(x, piece.T, out=out[:, col : col + piece.shape[0]])
+            col += piece.shape[0]
+
+    def dense_grads(self, grad_scores, x, pieces, grad_x, grad_pieces, accumulate_x, accumulate_pieces):
+        col = 0
+        for i, piece in enumerate(pieces):
+            g = grad_scores[:, col : col + piece.shape[0]]
+            col += piece.shape[0]
+            if grad_x is not None:
+                if i == 0 and not accumulate_x:
+                    torch.mm(g, piece, out=grad_x)
+                else:
+                    grad_x.addmm_(g, piece)
+            if grad_pieces[i] is not None:
+                if accumulate_pieces:
+                    grad_pieces[i].addmm_(g.T, x)
+                else:
+                    torch.mm(g.T, x, out=grad_pieces[i])
+
+    def softmax_rows(self, scores, row_offset, opts: DirectionOptions, row_scale):
+        rows = torch.arange(scores.shape[0], device=scores.device)
+        cols = rows + row_offset
+        pos = scores[rows, cols].clone()
+        excluded = scores > (pos + opts.margin)[:, None] if opts.margin is not None else None
+        scores.mul_(opts.inv_temperature + opts.hardness)
+        if excluded is not None:
+            scores.masked_fill_(excluded, float("-inf"))
+        pos_logit = pos * opts.inv_temperature
+        scores[rows, cols] = pos_logit
+        lse = torch.logsumexp(scores, dim=1)
+        if row_scale is not None:
+            coef = row_scale * opts.inv_temperature
+            scores.sub_(lse[:, None]).exp_().mul_(coef[:, None])
+            scores[rows, cols] -= coef
+        return lse - pos_logit
+
+    def topk_rows(self, scores, row_offset, opts: DirectionOptions, row_scale):
+        rows = torch.arange(scores.shape[0], device=scores.device)
+        cols = rows + row_offset
+        pos = scores[rows, cols].clone()
+        if opts.margin is not None:
+            scores.masked_fill_(scores > (pos + opts.margin)[:, None], float("-inf"))
+        scores[rows, cols] = float("-inf")
+        # A stable descending sort breaks ties toward the lower index, as the C++ kernel does.
+        ranked = torch.sort(scores, dim=1, descending=True, stable=True)
+        values, index = ranked.values[:, : opts.topk], ranked.indices[:, : opts.topk]
+        valid = values > float("-inf")
+        pos_logit = pos * opts.inv_temperature
+        logits = torch.cat([pos_logit[:, None], values * (opts.inv_temperature + opts.hardness)], dim=1)
+        logits[:, 1:].masked_fill_(~valid, float("-inf"))
+        lse = torch.logsumexp(logits, dim=1)
+        index = torch.cat([cols[:, None], index.masked_fill(~valid, -1)], dim=1)
+        coef = None
+        if row_scale is not None:
+            coef = torch.exp(logits - lse[:, None])
+            coef[:, 0] -= 1.0
+            coef.mul_((row_scale * opts.inv_temperature)[:, None])
+        return lse - pos_logit, index, coef
+
+    def sparse_grads(self, x, pieces, index, coef, grad_x, grad_pieces):
+        valid = index >= 0
+        coef = coef.masked_fill(~valid, 0.0)
+        start = 0
+        for piece, grad_piece in zip(pieces, grad_pieces, strict=True):
+            inside = valid & (index >= start) & (index < start + piece.shape[0])
+            local = (index - start).masked_fill(~inside, 0)
+            weights = coef.masked_fill(~inside, 0.0)
+            if grad_x is not None:
+                grad_x += torch.einsum("rt,rtd->rd", weights, piece[local])
+            if grad_piece is not None:
+                contributions = weights[:, :, None] * x[:, None, :]
+                grad_piece.index_add_(0, local.flatten(), contributions.flatten(0, 1))
+            start += piece.shape[0]
+
+
+class CpuKernels(TorchKernels):
+    """The C++ row kernels (csrc/contrastive_loss.cpp); GEMMs stay on MKL through torch.mm."""
+
+    dense_bytes_per_score = 4
+    topk_bytes_per_score = 4
+
+    def __init__(self, extension):
+        self.ext = extension
+
+    def softmax_rows(self, scores, row_offset, opts: DirectionOptions, row_scale):
+        return self.ext.contrastive_softmax_rows(
+            scores, row_offset, opts.inv_temperature, opts.hardness, opts.margin, row_scale
+        )
+
+    def topk_rows(self, scores, row_offset, opts: DirectionOptions, row_scale):
+        return self.ext.contrastive_topk_rows(
+            scores, row_offset, opts.inv_temperature, opts.hardness, opts.margin, opts.topk, row_scale
+        )
+
+    def sparse_grads(self, x, pieces, index, coef, grad_x, grad_pieces):
+        negatives = pieces[1] if len(pieces) > 1 else None
+        grad_negatives = grad_pieces[1] if len(pieces) > 1 else None
+        self.ext.contrastive_sparse_grads(x, pieces[0], negatives, index, coef, grad_x, grad_pieces[0], grad_negatives)
+
+
+@functools.cache
+def kernels_for(backend: str):
+    if backend == "cpu":
+        from mmfast._extension import load_extension
+
+        return CpuKernels(load_extension())
+    if backend == "triton":
+        from mmfast.kernels.contrastive_loss import TritonKernels
+
+        return TritonKernels()
+    return TorchKernels()
+
+
+def rows_per_chunk(n_candidates: int, bytes_per_score: int, budget: int | None = None) -> int:
+    budget = SCORE_CHUNK_BYTES if budget is None else budget
+    return max(1, budget // max(1, n_candidates * bytes_per_score))
+
+
+def directional_loss(
+    kernels,
+    x: torch.Tensor,
+    pieces: list[torch.Tensor],
+    opts: DirectionOptions,
+    *,
+    row_scale: torch.Tensor | None,
+    grad_x: torch.Tensor | None,
+    grad_pieces: list[torch.Tensor | None],
+    accumulate: bool,
+    score_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Per-row loss of `x` against the candidates `pieces`; row i's positive is candidate i.
+
+    With `row_scale` (dTotal/dLoss_row), gradients go into `grad_x` / `grad_pieces` (None entries are
+    skipped): written, or added to when `accumulate` (the top-k path always adds, so its buffers
+    must start at zero).
+    """
+    n_rows = x.shape[0]
+    n_candidates = sum(p.shape[0] for p in pieces)
+    per_score = kernels.topk_bytes_per_score if opts.topk is not None else kernels.dense_bytes_per_score
+    chunk = min(n_rows, rows_per_chunk(n_candidates, per_score * torch.finfo(score_dtype).bits // 32))
+    scratch = torch.empty(chunk, n_candidates, dtype=score_dtype, device=x.device)
+    loss = torch.empty(n_rows, dtype=score_dtype, device=x.device)
+    for start in range(0, n_rows, chunk):
+        stop = min(n_rows, start + chunk)
+        x_chunk, scores = x[start:stop], scratch[: stop - start]
+        scale = None if row_scale is None else row_scale[start:stop]
+        grad_x_chunk = None if grad_x is None else grad_x[start:stop]
+        kernels.scores(x_chunk, pieces, scores)
+        if opts.topk is None:
+            loss[start:stop] = kernels.softmax_rows(scores, start, opts, scale)
+            if scale is not None:
+                kernels.dense_grads(
+                    scores, x_chunk, pieces, grad_x_chunk, grad_pieces, accumulate, accumulate or start > 0
+                )
+        else:
+            rows_loss, index, coef = kernels.topk_rows(scores, start, opts, scale)
+            loss[start:stop] = rows_loss
+            if scale is not None:
+                kernels.sparse_grads(x_chunk, pieces, index, coef, grad_x_chunk, grad_pieces)
+    return loss
+
+
+def contrastive_loss_rows(
+    backend: str,
+    query: torch.Tensor,
+    target: torch.Tensor,
+    negatives: torch.Tensor | None,
+    *,
+    temperature: float,
+    symmetric: bool,
+    hardness: float,
+    margin: float | None,
+    topk: int | None,
+    row_scale: torch.Tensor | None,
+    needs: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Per-row loss [B] (float32, or float64 for float64 inputs) and, when `row_scale` is given, the
+    gradients of Σ_i row_scale_i·loss_i for the inputs flagged in `needs` (query, target, negatives).
+
+    `negatives` is [M, D] or None. Symmetric losses run the same chunked core a second time with the
+    targets as rows and the queries as candidates, adding into the same gradient buffers.
+    """
+    kernels = kernels_for(backend)
+    score_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    # torch.mm on low-precision inputs would round the scores to 8 mantissa bits: those backends work
+    # on float32 copies. The Triton kernels read bf16/fp16 directly and accumulate in float32.
+    work_dtype = query.dtype if getattr(kernels, "native_low_precision", False) else score_dtype
+    q, t = query.to(work_dtype).contiguous(), target.to(work_dtype).contiguous()
+    n = None if negatives is None or negatives.shape[0] == 0 else negatives.to(work_dtype).contiguous()
+    want = row_scale is not None
+    new_grad = torch.zeros if topk is not None else torch.empty
+
+    def grad_buffer(flag: bool, like: torch.Tensor | None) -> torch.Tensor | None:
+        if not (want and flag and like is not None):
+            return None
+        return new_grad(like.shape, dtype=score_dtype, device=like.device)
+
+    grad_q, grad_t, grad_n = grad_buffer(needs[0], q), grad_buffer(needs[1], t), grad_buffer(needs[2], n)
+    opts = DirectionOptions(1.0 / temperature, hardness, margin, topk)
+    scale = None if row_scale is None else row_scale.to(score_dtype) * (0.5 if symmetric else 1.0)
+    pieces = [t] if n is None else [t, n]
+    loss = directional_loss(
+        kernels,
+        q,
+        pieces,
+        opts,
+        row_scale=scale,
+        grad_x=grad_q,
+        grad_pieces=[grad_t, grad_n][: len(pieces)],
+        accumulate=False,
+        score_dtype=score_dtype,
+    )
+    if symmetric:
+        reverse = directional_loss(
+            kernels,
+            t,
+            [q],
+            opts,
+            row_scale=scale,
+            grad_x=grad_t,
+            grad_pieces=[grad_q],
+            accumulate=True,
+            score_dtype=score_dtype,
+        )
+        loss = 0.5 * (loss + reverse)
+
+    def finish(grad: torch.Tensor | None, like: torch.Tensor | None, needed: bool) -> torch.Tensor | None:
+        if not (want and needed and like is not None):
+            return None
+        # Negatives with no rows (K = 0) still get a gradient of their (empty) shape.
+        return torch.zeros_like(like) if grad is None else grad.to(like.dtype)
+
+    return (
+        loss,
+        finish(grad_q, query, needs[0]),
+        finish(grad_t, target, needs[1]),
+        finish(grad_n, negatives, needs[2]),
+    )

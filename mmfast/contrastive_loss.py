@@ -1,0 +1,323 @@
+"""mmfast.contrastive_loss: InfoNCE with shared hard negatives, LLaVE hardness weighting, UniME
+false-negative filtering and top-k hard negatives, optionally symmetric; fused and chunked so the
+B×N score matrix never exists, forward or backward.
+
+Layers, top to bottom:
+  contrastive_loss() / ContrastiveLoss     validate inputs, build ContrastiveLossOptions
+  ContrastiveLossFunction                  the one autograd.Function, for every backend
+  torch.ops.mmfast.contrastive_loss_rows   a custom op, so torch.compile traces through
+  mmfast.backends.contrastive_loss         the chunk loop; kernels per backend (csrc/, kernels/)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from mmfast.backends import resolve_backend
+from mmfast.backends.contrastive_loss import contrastive_loss_rows
+from mmfast.reference.contrastive_loss import contrastive_loss_reference
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_real(name: str, value: object, *, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{name} must be {'a positive' if positive else 'a'} finite number, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class ContrastiveLossOptions:
+    """Every non-tensor option of the loss; validated on construction."""
+
+    temperature: float = 0.02
+    symmetric: bool = False
+    hardness: float = 0.0
+    false_negative_margin: float | None = None
+    topk: int | None = None
+    reduction: str = "mean"
+    backend: str = "auto"
+
+    def __post_init__(self):
+        _check_real("temperature", self.temperature, positive=True)
+        _check_real("hardness", self.hardness)
+        if self.false_negative_margin is not None:
+            _check_real("false_negative_margin", self.false_negative_margin)
+        if self.topk is not None:
+            if isinstance(self.topk, bool) or not isinstance(self.topk, int):
+                raise TypeError(f"topk must be an int or None, got {type(self.topk).__name__}")
+            if self.topk < 1:
+                raise ValueError(f"topk must be >= 1, got {self.topk}")
+        if not isinstance(self.symmetric, bool):
+            raise TypeError(f"symmetric must be a bool, got {type(self.symmetric).__name__}")
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+
+
+def _check_inputs(query, target, negatives, weight) -> torch.Tensor | None:
+    """Validates the tensors; returns negatives flattened to [M, D] (a view) or None."""
+    for name, t in (("query", query), ("target", target)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D [B, D], got shape {tuple(t.shape)}")
+    if query.shape[0] == 0:
+        raise ValueError("query is empty: the batch needs at least one row (B >= 1)")
+    if query.shape[1] == 0:
+        raise ValueError("query has D = 0: the embedding dimension must be >= 1")
+    if target.shape != query.shape:
+        raise ValueError(f"target must have query's shape {tuple(query.shape)} [B, D], got {tuple(target.shape)}")
+    tensors = [("query", query), ("target", target)]
+    if negatives is not None:
+        if not isinstance(negatives, torch.Tensor):
+            raise TypeError(f"negatives must be a torch.Tensor or None, got {type(negatives).__name__}")
+        if negatives.dim() == 3:
+            if negatives.shape[0] != query.shape[0] or negatives.shape[2] != query.shape[1]:
+                raise ValueError(
+                    f"negatives [B, K, D] must have B = {query.shape[0]} and D = {query.shape[1]}, "
+                    f"got {tuple(negatives.shape)}"
+                )
+        elif negatives.dim() == 2:
+            if negatives.shape[1] != query.shape[1]:
+                raise ValueError(f"negatives [M, D] must have D = {query.shape[1]}, got {tuple(negatives.shape)}")
+        else:
+            raise ValueError(f"negatives must be [B, K, D] or [M, D], got shape {tuple(negatives.shape)}")
+        tensors.append(("negatives", negatives))
+    for name, t in tensors:
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+        if t.dtype != query.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but query has {query.dtype}: all inputs must share one dtype")
+        if t.device != query.device:
+            raise ValueError(f"{name} is on {t.device} but query is on {query.device}: all inputs must share a device")
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
+        if weight.shape != (query.shape[0],):
+            raise ValueError(f"weight must have shape [B] = [{query.shape[0]}], got {tuple(weight.shape)}")
+        if not weight.is_floating_point():
+            raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
+        if weight.device != query.device:
+            raise ValueError(f"weight is on {weight.device} but query is on {query.device}")
+    if negatives is None or negatives.dim() == 2:
+        return negatives
+    return negatives.reshape(-1, negatives.shape[-1])
+
+
+@torch.library.custom_op("mmfast::contrastive_loss_rows", mutates_args=())
+def _contrastive_loss_rows_op(
+    query: torch.Tensor,
+    target: torch.Tensor,
+    negatives: torch.Tensor | None,
+    row_scale: torch.Tensor | None,
+    temperature: float,
+    symmetric: bool,
+    hardness: float,
+    margin: float | None,
+    topk: int | None,
+    backend: str,
+    grad_query: bool,
+    grad_target: bool,
+    grad_negatives: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    loss, *grads = contrastive_loss_rows(
+        backend,
+        query,
+        target,
+        negatives,
+        temperature=temperature,
+        symmetric=symmetric,
+        hardness=hardness,
+        margin=margin,
+        topk=topk,
+        row_scale=row_scale,
+        needs=(grad_query, grad_target, grad_negatives),
+    )
+    # A custom op returns tensors only: a gradient that was not computed comes back empty.
+    return (loss, *(g if g is not None else query.new_empty(0) for g in grads))
+
+
+@_contrastive_loss_rows_op.register_fake
+def _(
+    query,
+    target,
+    negatives,
+    row_scale,
+    temperature,
+    symmetric,
+    hardness,
+    margin,
+    topk,
+    backend,
+    grad_query,
+    grad_target,
+    grad_negatives,
+):
+    score_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    wanted = row_scale is not None
+
+    def grad(flag, like):
+        return torch.empty_like(like) if wanted and flag and like is not None else query.new_empty(0)
+
+    loss = query.new_empty(query.shape[0], dtype=score_dtype)
+    return loss, grad(grad_query, query), grad(grad_target, target), grad(grad_negatives, negatives)
+
+
+def _rows(query, target, negatives, options: ContrastiveLossOptions, backend: str, row_scale=None, needs=(False,) * 3):
+    return _contrastive_loss_rows_op(
+        query,
+        target,
+        negatives,
+        row_scale,
+        options.temperature,
+        options.symmetric,
+        options.hardness,
+        options.false_negative_margin,
+        options.topk,
+        backend,
+        *needs,
+    )
+
+
+def _reduce(rows: torch.Tensor, weight: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    if weight is not None:
+        rows = rows * weight.to(rows.dtype)
+    if reduction == "mean":
+        return rows.mean()
+    if reduction == "sum":
+        return rows.sum()
+    return rows
+
+
+class ContrastiveLossFunction(torch.autograd.Function):
+    """One Function for every backend; `backend` is already resolved to a concrete one.
+
+    With reduction "mean"/"sum" the forward also computes the gradients (three GEMMs in all, no
+    recomputation) and backward only scales them. With "none" the per-row output gradient is only
+    known in backward, which then recomputes the scores chunk by chunk (four GEMMs in all).
+    """
+
+    @staticmethod
+    def forward(ctx, query, target, negatives, weight, options: ContrastiveLossOptions, backend: str):
+        needs = tuple(ctx.needs_input_grad[:3])
+        ctx.options, ctx.backend, ctx.fused = options, backend, options.reduction != "none"
+        ctx.scaled = False
+        if ctx.fused:
+            scale = torch.ones(query.shape[0], device=query.device) if weight is None else weight.detach()
+            scale = scale / query.shape[0] if options.reduction == "mean" else scale
+            rows, *grads = _rows(query, target, negatives, options, backend, scale, needs)
+            ctx.save_for_backward(*grads)
+        else:
+            rows = _rows(query, target, negatives, options, backend)[0]
+            ctx.save_for_backward(query, target, negatives, weight)
+        ctx.needs = needs
+        return _reduce(rows, weight, options.reduction)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        if ctx.fused:
+            if ctx.scaled:
+                raise RuntimeError(
+                    "mmfast.contrastive_loss: backward ran twice through a mean/sum loss (retain_graph); "
+                    "its gradients are computed in forward and scaled in place once. Use reduction='none' "
+                    "and reduce yourself if you need to backpropagate twice."
+                )
+            ctx.scaled = True
+            grads = [g.mul_(grad_output.to(g.dtype)) if g.numel() else g for g in ctx.saved_tensors]
+        else:
+            query, target, negatives, weight = ctx.saved_tensors
+            scale = grad_output if weight is None else grad_output * weight
+            grads = _rows(query, target, negatives, ctx.options, ctx.backend, scale.detach(), ctx.needs)[1:]
+        grads = [g if need else None for g, need in zip(grads, ctx.needs, strict=True)]
+        return (*grads, None, None, None)
+
+
+def contrastive_loss(
+    query: torch.Tensor,
+    target: torch.Tensor,
+    negatives: torch.Tensor | None = None,
+    *,
+    temperature: float = 0.02,
+    symmetric: bool = False,
+    hardness: float = 0.0,
+    false_negative_margin: float | None = None,
+    topk: int | None = None,
+    weight: torch.Tensor | None = None,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Contrastive loss of B queries against their B targets plus shared hard negatives.
+
+    Args:
+        query, target: [B, D]; target i is the positive of query i. Not normalised here.
+        negatives: None, [B, K, D] or [M, D]; every query sees all of them. Candidates are the B
+            targets, then the negatives flattened row-major (N = B + M).
+        temperature: τ; the positive logit is s_ii/τ.
+        hardness: LLaVE's α; a negative's logit is s_ij/τ + α·stopgrad(s_ij).
+        false_negative_margin: UniME's β; a negative with s_ij > s_ii + β leaves the softmax.
+        topk: UniME's k; after the margin filter only the k highest-scoring negatives per row stay
+            (ties go to the lower candidate index; the selection is not differentiated).
+        symmetric: average with the loss of each target against the B queries (same rules).
+        weight: [B] per-row multipliers applied before the reduction (no gradient flows to it);
+            "mean" divides the weighted sum by B.
+        reduction: "mean", "sum" or "none" ([B]).
+        backend: "auto", "triton", "cpu", "torch" or "reference".
+
+    Returns the loss in float32 (float64 for float64 inputs). Gradients reach query, target and
+    negatives in their own dtypes. The B×N score matrix is never held: memory is one chunk of
+    score rows (a fixed byte budget) plus O(B·k) for top-k.
+    """
+    options = ContrastiveLossOptions(
+        temperature=temperature,
+        symmetric=symmetric,
+        hardness=hardness,
+        false_negative_margin=false_negative_margin,
+        topk=topk,
+        reduction=reduction,
+        backend=backend,
+    )
+    return _contrastive_loss(query, target, negatives, weight, options)
+
+
+def _contrastive_loss(query, target, negatives, weight, options: ContrastiveLossOptions) -> torch.Tensor:
+    flat_negatives = _check_inputs(query, target, negatives, weight)
+    backend = resolve_backend(options.backend, query.device)
+    if backend == "reference":
+        return contrastive_loss_reference(
+            query,
+            target,
+            negatives,
+            temperature=options.temperature,
+            symmetric=options.symmetric,
+            hardness=options.hardness,
+            false_negative_margin=options.false_negative_margin,
+            topk=options.topk,
+            weight=weight,
+            reduction=options.reduction,
+        )
+    inputs = [t for t in (query, target, flat_negatives) if t is not None]
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
+        # No gradient wanted: the loss alone, one GEMM per chunk and no gradient buffers.
+        rows = _rows(query, target, flat_negatives, options, backend)[0]
+        return _reduce(rows, weight, options.reduction)
+    return ContrastiveLossFunction.apply(query, target, flat_negatives, weight, options, backend)
+
+
+class ContrastiveLoss(torch.nn.Module):
+    """nn.Module form of `contrastive_loss`; the keyword options are fixed at construction."""
+
+    def __init__(self, **options):
+        super().__init__()
+        self.options = ContrastiveLossOptions(**options)
+
+    def forward(self, query, target, negatives=None, weight=None):
+        return _contrastive_loss(query, target, negatives, weight, self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in vars(self.options).items())

@@ -1,0 +1,5 @@
+"""Naive PyTorch versions of every mmfast op: the float64 test oracle and the benchmark baseline."""
+
+from mmfast.reference.contrastive_loss import contrastive_loss_reference, directional_loss_reference
+
+__all__ = ["contrastive_loss_reference", "directional_loss_reference"]

@@ -1,0 +1,75 @@
+"""The naive contrastive loss: materialises the B×N score matrix and lets autograd differentiate it.
+
+It is the test oracle (run in float64) and the "naive PyTorch" baseline of the benchmarks (run in the
+input dtype), and it is the readable statement of the math:
+
+    s_ij = query_i · candidate_j,  candidates = [targets; negatives]
+    positive logit   s_ii / τ
+    negative logit   s_ij / τ + hardness · stopgrad(s_ij)             (LLaVE)
+    a negative with  s_ij > s_ii + margin  leaves the softmax            (UniME false-negative filter)
+    of the rest, only the topk highest s_ij stay (ties: lower index)   (UniME hard negatives)
+    loss_i = logsumexp(kept logits) - s_ii / τ
+    symmetric: the mean of that and the same loss for target_i over the B queries.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def directional_loss_reference(
+    x: torch.Tensor,
+    candidates: torch.Tensor,
+    *,
+    temperature: float,
+    hardness: float = 0.0,
+    false_negative_margin: float | None = None,
+    topk: int | None = None,
+) -> torch.Tensor:
+    """Per-row loss of rows `x` [B, D] against `candidates` [N, D]; row i's positive is candidate i."""
+    rows = x.shape[0]
+    scores = x @ candidates.T
+    eye = torch.zeros_like(scores, dtype=torch.bool)
+    eye[torch.arange(rows), torch.arange(rows)] = True
+    pos = scores.diagonal()
+    detached = scores.detach()
+    keep = ~eye
+    if false_negative_margin is not None:
+        keep &= ~(detached > detached.diagonal()[:, None] + false_negative_margin)
+    if topk is not None:
+        ranked = detached.masked_fill(~keep, float("-inf"))
+        # A stable descending sort puts tied scores in index order: ties go to the lower index.
+        order = torch.sort(ranked, dim=1, descending=True, stable=True).indices[:, :topk]
+        chosen = torch.zeros_like(keep).scatter_(1, order, True)
+        keep &= chosen
+    negative_logits = scores / temperature + hardness * detached
+    logits = torch.where(eye, scores / temperature, negative_logits.masked_fill(~keep, float("-inf")))
+    return torch.logsumexp(logits, dim=1) - pos / temperature
+
+
+def contrastive_loss_reference(
+    query: torch.Tensor,
+    target: torch.Tensor,
+    negatives: torch.Tensor | None = None,
+    *,
+    temperature: float = 0.02,
+    symmetric: bool = False,
+    hardness: float = 0.0,
+    false_negative_margin: float | None = None,
+    topk: int | None = None,
+    weight: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Same signature and semantics as `mmfast.contrastive_loss`, computed naively."""
+    options = dict(temperature=temperature, hardness=hardness, false_negative_margin=false_negative_margin, topk=topk)
+    candidates = target if negatives is None else torch.cat([target, negatives.reshape(-1, target.shape[-1])])
+    rows = directional_loss_reference(query, candidates, **options)
+    if symmetric:
+        rows = 0.5 * (rows + directional_loss_reference(target, query, **options))
+    if weight is not None:
+        rows = rows * weight
+    if reduction == "mean":
+        return rows.mean()
+    if reduction == "sum":
+        return rows.sum()
+    return rows
