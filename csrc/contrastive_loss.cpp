@@ -170,13 +170,19 @@ int64_t row_grain(int64_t n) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1));
 }
 
+void check_output(const at::Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType dtype) {
+  TORCH_CHECK(t.sizes() == shape && t.scalar_type() == dtype && t.is_contiguous() && t.device().is_cpu(),
+              "mmfast cpu backend: ", name, " must be a contiguous CPU ", dtype, " tensor of shape ", shape,
+              ", got ", t.scalar_type(), " ", t.sizes());
+}
+
 }  // namespace
 
-at::Tensor softmax_rows(at::Tensor scores, int64_t row_offset, double inv_temperature, double hardness,
-                        c10::optional<double> margin, c10::optional<at::Tensor> row_scale) {
+void softmax_rows(at::Tensor scores, int64_t row_offset, double inv_temperature, double hardness,
+                  c10::optional<double> margin, c10::optional<at::Tensor> row_scale, at::Tensor loss) {
   check_scores(scores, row_offset, row_scale);
   const int64_t rows = scores.size(0);
-  at::Tensor loss = at::empty({rows}, scores.options());
+  check_output(loss, "loss", {rows}, scores.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "mmfast_softmax_rows", [&] {
     RowProblem<scalar_t> p{scores.data_ptr<scalar_t>(),
                            scores.stride(0),
@@ -191,7 +197,6 @@ at::Tensor softmax_rows(at::Tensor scores, int64_t row_offset, double inv_temper
     at::parallel_for(0, rows, row_grain(p.n),
                      [&](int64_t begin, int64_t end) { softmax_rows_dispatch(p, begin, end); });
   });
-  return loss;
 }
 
 namespace {
@@ -262,16 +267,18 @@ void topk_rows_range(const RowProblem<T>& p, int64_t k, int64_t* index_out, T* c
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_rows(at::Tensor scores, int64_t row_offset,
-                                                         double inv_temperature, double hardness,
-                                                         c10::optional<double> margin, int64_t topk,
-                                                         c10::optional<at::Tensor> row_scale) {
+void topk_rows(at::Tensor scores, int64_t row_offset, double inv_temperature, double hardness,
+               c10::optional<double> margin, int64_t topk, c10::optional<at::Tensor> row_scale, at::Tensor loss,
+               at::Tensor index, c10::optional<at::Tensor> coef_out) {
   check_scores(scores, row_offset, row_scale);
   TORCH_CHECK(topk >= 1, "mmfast cpu backend: topk must be >= 1, got ", topk);
   const int64_t rows = scores.size(0);
-  at::Tensor loss = at::empty({rows}, scores.options());
-  at::Tensor index = at::empty({rows, topk + 1}, scores.options().dtype(at::kLong));
-  at::Tensor coef = row_scale.has_value() ? at::empty({rows, topk + 1}, scores.options()) : at::Tensor();
+  check_output(loss, "loss", {rows}, scores.scalar_type());
+  check_output(index, "index", {rows, topk + 1}, at::kLong);
+  TORCH_CHECK(coef_out.has_value() == row_scale.has_value(),
+              "mmfast cpu backend: coef must be given exactly when row_scale is");
+  if (coef_out.has_value()) check_output(*coef_out, "coef", {rows, topk + 1}, scores.scalar_type());
+  at::Tensor coef = coef_out.has_value() ? *coef_out : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "mmfast_topk_rows", [&] {
     RowProblem<scalar_t> p{scores.data_ptr<scalar_t>(),
                            scores.stride(0),
@@ -288,7 +295,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_rows(at::Tensor scores, int6
       topk_rows_range<scalar_t>(p, topk, index.data_ptr<int64_t>(), coef_ptr, begin, end);
     });
   });
-  return {loss, index, coef};
 }
 
 namespace {

@@ -208,7 +208,11 @@ class ContrastiveLossFunction(torch.autograd.Function):
         ctx.options, ctx.backend, ctx.fused = options, backend, options.reduction != "none"
         ctx.scaled = False
         if ctx.fused:
-            scale = torch.ones(query.shape[0], device=query.device) if weight is None else weight.detach()
+            # Row i's share of the reduced loss, in the loss dtype (a float32 1/B would cost float64
+            # inputs half their digits).
+            dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+            scale = torch.ones(query.shape[0], dtype=dtype, device=query.device)
+            scale = scale if weight is None else weight.detach().to(dtype)
             scale = scale / query.shape[0] if options.reduction == "mean" else scale
             rows, *grads = _rows(query, target, negatives, options, backend, scale, needs)
             ctx.save_for_backward(*grads)

@@ -66,7 +66,7 @@ class TorchKernels:
                 else:
                     torch.mm(g.T, x, out=grad_pieces[i])
 
-    def softmax_rows(self, scores, row_offset, opts: DirectionOptions, row_scale):
+    def softmax_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss):
         rows = torch.arange(scores.shape[0], device=scores.device)
         cols = rows + row_offset
         pos = scores[rows, cols].clone()
@@ -81,9 +81,9 @@ class TorchKernels:
             coef = row_scale * opts.inv_temperature
             scores.sub_(lse[:, None]).exp_().mul_(coef[:, None])
             scores[rows, cols] -= coef
-        return lse - pos_logit
+        torch.sub(lse, pos_logit, out=loss)
 
-    def topk_rows(self, scores, row_offset, opts: DirectionOptions, row_scale):
+    def topk_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, index, coef):
         rows = torch.arange(scores.shape[0], device=scores.device)
         cols = rows + row_offset
         pos = scores[rows, cols].clone()
@@ -92,19 +92,24 @@ class TorchKernels:
         scores[rows, cols] = float("-inf")
         # A stable descending sort breaks ties toward the lower index, as the C++ kernel does.
         ranked = torch.sort(scores, dim=1, descending=True, stable=True)
-        values, index = ranked.values[:, : opts.topk], ranked.indices[:, : opts.topk]
+        # Slots past the number of candidates (k > N - 1) stay empty: index -1, coefficient 0.
+        kept = min(opts.topk, scores.shape[1])
+        values = torch.full((scores.shape[0], opts.topk), float("-inf"), dtype=scores.dtype, device=scores.device)
+        values[:, :kept] = ranked.values[:, :kept]
         valid = values > float("-inf")
         pos_logit = pos * opts.inv_temperature
         logits = torch.cat([pos_logit[:, None], values * (opts.inv_temperature + opts.hardness)], dim=1)
         logits[:, 1:].masked_fill_(~valid, float("-inf"))
         lse = torch.logsumexp(logits, dim=1)
-        index = torch.cat([cols[:, None], index.masked_fill(~valid, -1)], dim=1)
-        coef = None
-        if row_scale is not None:
-            coef = torch.exp(logits - lse[:, None])
+        torch.sub(lse, pos_logit, out=loss)
+        index[:, 0] = cols
+        index[:, 1:] = -1
+        index[:, 1 : kept + 1] = ranked.indices[:, :kept]
+        index[:, 1:].masked_fill_(~valid, -1)
+        if coef is not None:
+            torch.exp(logits - lse[:, None], out=coef)
             coef[:, 0] -= 1.0
             coef.mul_((row_scale * opts.inv_temperature)[:, None])
-        return lse - pos_logit, index, coef
 
     def sparse_grads(self, x, pieces, index, coef, grad_x, grad_pieces):
         valid = index >= 0
@@ -115,9 +120,9 @@ class TorchKernels:
             local = (index - start).masked_fill(~inside, 0)
             weights = coef.masked_fill(~inside, 0.0)
             if grad_x is not None:
-                grad_x += torch.einsum("rt,rtd->rd", weights, piece[local])
+                grad_x += torch.einsum("rt,rtd->rd", weights, piece[local].to(weights.dtype))
             if grad_piece is not None:
-                contributions = weights[:, :, None] * x[:, None, :]
+                contributions = weights[:, :, None] * x[:, None, :].to(weights.dtype)
                 grad_piece.index_add_(0, local.flatten(), contributions.flatten(0, 1))
             start += piece.shape[0]
 
@@ -131,14 +136,23 @@ class CpuKernels(TorchKernels):
     def __init__(self, extension):
         self.ext = extension
 
-    def softmax_rows(self, scores, row_offset, opts: DirectionOptions, row_scale):
-        return self.ext.contrastive_softmax_rows(
-            scores, row_offset, opts.inv_temperature, opts.hardness, opts.margin, row_scale
+    def softmax_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss):
+        self.ext.contrastive_softmax_rows(
+            scores, row_offset, opts.inv_temperature, opts.hardness, opts.margin, row_scale, loss
         )
 
-    def topk_rows(self, scores, row_offset, opts: DirectionOptions, row_scale):
-        return self.ext.contrastive_topk_rows(
-            scores, row_offset, opts.inv_temperature, opts.hardness, opts.margin, opts.topk, row_scale
+    def topk_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, index, coef):
+        self.ext.contrastive_topk_rows(
+            scores,
+            row_offset,
+            opts.inv_temperature,
+            opts.hardness,
+            opts.margin,
+            opts.topk,
+            row_scale,
+            loss,
+            index,
+            coef,
         )
 
     def sparse_grads(self, x, pieces, index, coef, grad_x, grad_pieces):
@@ -196,14 +210,16 @@ def directional_loss(
         grad_x_chunk = None if grad_x is None else grad_x[start:stop]
         kernels.scores(x_chunk, pieces, scores)
         if opts.topk is None:
-            loss[start:stop] = kernels.softmax_rows(scores, start, opts, scale)
+            kernels.softmax_rows(scores, start, opts, scale, loss[start:stop])
             if scale is not None:
                 kernels.dense_grads(
                     scores, x_chunk, pieces, grad_x_chunk, grad_pieces, accumulate, accumulate or start > 0
                 )
         else:
-            rows_loss, index, coef = kernels.topk_rows(scores, start, opts, scale)
-            loss[start:stop] = rows_loss
+            slots = (stop - start, opts.topk + 1)
+            index = torch.empty(slots, dtype=torch.int64, device=x.device)
+            coef = None if scale is None else torch.empty(slots, dtype=score_dtype, device=x.device)
+            kernels.topk_rows(scores, start, opts, scale, loss[start:stop], index, coef)
             if scale is not None:
                 kernels.sparse_grads(x_chunk, pieces, index, coef, grad_x_chunk, grad_pieces)
     return loss

@@ -1,0 +1,115 @@
+"""Triton kernels of mmfast.contrastive_loss (the chunk loop is mmfast/backends/contrastive_loss.py).
+
+Per chunk of rows:
+  scores      S = X·Yᵀ in float32                     kernels/matmul.py, DOT_DTYPE = input dtype
+  row kernel  masks + hardness + exact logsumexp,      softmax_rows_kernel below: one program per
+              then G = dLoss/dS written over S           row, two passes over it (online max/sum, then G)
+  gradients   dX = G·Y, dY += Gᵀ·X into float32        kernels/matmul.py (G cast to the input dtype
+                                                         in registers, so bf16 uses tensor cores)
+The top-k path selects with torch.sort on the same float32 chunk (a stable sort: ties to the lower
+index) and applies its sparse gradient with gathers and index_add_, as the torch backend does.
+float64 inputs use torch.mm for the GEMMs (tl.dot has no float64) and the row kernel in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from mmfast.kernels.matmul import matmul
+
+from mmfast.backends.contrastive_loss import DirectionOptions, TorchKernels
+
+# One program per row, BLOCK_N candidates per step. Every launchable combination is compiled by
+# tests/test_compile.py: scores dtype {fp32, fp64} × HAS_MARGIN × HAS_GRAD.
+ROW_BLOCK_N = 1024
+ROW_NUM_WARPS = 4
+
+
+@triton.jit
+def softmax_rows_kernel(
+    s_ptr, stride_s, n, row_offset, params_ptr, row_scale_ptr, loss_ptr,
+    BLOCK_N: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_GRAD: tl.constexpr,
+):  # fmt: skip
+    # The scalars come through memory in the scores' dtype: a Python float argument would arrive as
+    # float32 and cost float64 inputs seven digits.
+    inv_temperature = tl.load(params_ptr)
+    negative_scale = tl.load(params_ptr + 1)
+    margin = tl.load(params_ptr + 2)
+    row = tl.program_id(0)
+    s_row = s_ptr + row.to(tl.int64) * stride_s
+    pos_col = row_offset + row
+    pos = tl.load(s_row + pos_col)
+    pos_logit = pos * inv_temperature
+    limit = pos + margin
+    offsets = tl.arange(0, BLOCK_N)  # [BN]
+
+    # Pass 1: online max and sum of exp over the negatives, seeded with the positive (m = its logit,
+    # l = exp(0) = 1), so m is finite from the start.
+    m = pos_logit
+    l = pos_logit * 0.0 + 1.0
+    for start in range(0, n, BLOCK_N):
+        cols = start + offsets
+        s = tl.load(s_row + cols, mask=cols < n, other=0.0)  # [BN]
+        keep = (cols < n) & (cols != pos_col)
+        if HAS_MARGIN:
+            keep = keep & ~(s > limit)  # NaN scores are kept and poison the loss, as in torch
+        logit = tl.where(keep, s * negative_scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(logit, axis=0))
+        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(logit - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(l)
+    tl.store(loss_ptr + row, lse - pos_logit)
+
+    # Pass 2: G = c·(softmax - onehot)/τ over the same row, in place.
+    if HAS_GRAD:
+        coef = tl.load(row_scale_ptr + row) * inv_temperature
+        pos_grad = (tl.exp(pos_logit - lse) - 1.0) * coef
+        for start in range(0, n, BLOCK_N):
+            cols = start + offsets
+            s = tl.load(s_row + cols, mask=cols < n, other=0.0)
+            keep = cols != pos_col
+            if HAS_MARGIN:
+                keep = keep & ~(s > limit)
+            g = tl.where(keep, tl.exp(s * negative_scale - lse) * coef, 0.0)
+            g = tl.where(cols == pos_col, pos_grad, g)
+            tl.store(s_row + cols, g.to(s_row.dtype.element_ty), mask=cols < n)
+
+
+class TritonKernels(TorchKernels):
+    native_low_precision = True
+    dense_bytes_per_score = 4
+
+    def scores(self, x, pieces, out):
+        if x.dtype == torch.float64:
+            return super().scores(x, pieces, out)
+        col = 0
+        for piece in pieces:
+            matmul(x, piece.T, out[:, col : col + piece.shape[0]], accumulate=False, embedding_dtype=x.dtype)
+            col += piece.shape[0]
+
+    def dense_grads(self, grad_scores, x, pieces, grad_x, grad_pieces, accumulate_x, accumulate_pieces):
+        if x.dtype == torch.float64:
+            return super().dense_grads(grad_scores, x, pieces, grad_x, grad_pieces, accumulate_x, accumulate_pieces)
+        col = 0
+        for i, piece in enumerate(pieces):
+            g = grad_scores[:, col : col + piece.shape[0]]
+            col += piece.shape[0]
+            if grad_x is not None:
+                matmul(g, piece, grad_x, accumulate=accumulate_x or i > 0, embedding_dtype=x.dtype)
+            if grad_pieces[i] is not None:
+                matmul(g.T, x, grad_pieces[i], accumulate=accumulate_pieces, embedding_dtype=x.dtype)
+
+    def softmax_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss):
+        rows = scores.shape[0]
+        has_grad = row_scale is not None
+        margin = 0.0 if opts.margin is None else opts.margin
+        params = torch.tensor(
+            [opts.inv_temperature, opts.inv_temperature + opts.hardness, margin], dtype=scores.dtype
+        ).to(scores.device)
+        softmax_rows_kernel[(rows,)](
+            scores, scores.stride(0), scores.shape[1], row_offset, params,
+            row_scale if has_grad else loss, loss,
+            BLOCK_N=ROW_BLOCK_N, HAS_MARGIN=opts.margin is not None, HAS_GRAD=has_grad,
+            num_warps=ROW_NUM_WARPS,
+        )  # fmt: skip

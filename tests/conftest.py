@@ -1,0 +1,41 @@
+"""Test set-up shared by every test file.
+
+- TRITON_INTERPRET=1 is set before anything imports triton, so the "triton" backend runs on CPU
+  tensors through the Triton interpreter. (The AOT compile tests run in a subprocess without it.)
+- `poison_allocations` (autouse) makes every torch.empty/empty_like/new_empty return NaN-filled
+  floats and sentinel-filled integers, so an output element a kernel never writes fails the test.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+INT_POISON = -(2**62)
+
+
+def _poison(t: torch.Tensor) -> torch.Tensor:
+    if t.is_floating_point():
+        t.fill_(float("nan"))
+    elif t.dtype in (torch.int64, torch.int32):
+        t.fill_(INT_POISON if t.dtype == torch.int64 else -(2**30))
+    return t
+
+
+@pytest.fixture(autouse=True)
+def poison_allocations(monkeypatch, request):
+    if request.node.get_closest_marker("no_poison"):
+        yield
+        return
+    empty, empty_like, new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: _poison(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _poison(empty_like(*a, **k)))
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: _poison(new_empty(self, *a, **k)))
+    yield
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "no_poison: do not NaN-fill fresh allocations in this test")
