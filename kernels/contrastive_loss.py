@@ -44,10 +44,10 @@ def softmax_rows_kernel(
     limit = pos + margin
     offsets = tl.arange(0, BLOCK_N)  # [BN]
 
-    # Pass 1: online max and sum of exp over the negatives, seeded with the positive (m = its logit,
-    # l = exp(0) = 1), so m is finite from the start.
-    m = pos_logit
-    l = pos_logit * 0.0 + 1.0
+    # Pass 1: online max and sum of exp over the negatives, seeded with the positive (running_max =
+    # its logit, running_sum = exp(0) = 1), so the max is finite from the start.
+    running_max = pos_logit
+    running_sum = pos_logit * 0.0 + 1.0
     for start in range(0, n, BLOCK_N):
         cols = start + offsets
         s = tl.load(s_row + cols, mask=cols < n, other=0.0)  # [BN]
@@ -55,10 +55,10 @@ def softmax_rows_kernel(
         if HAS_MARGIN:
             keep = keep & ~(s > limit)  # NaN scores are kept and poison the loss, as in torch
         logit = tl.where(keep, s * negative_scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(logit, axis=0))
-        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(logit - m_new), axis=0)
-        m = m_new
-    lse = m + tl.log(l)
+        new_max = tl.maximum(running_max, tl.max(logit, axis=0))
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(logit - new_max), axis=0)
+        running_max = new_max
+    lse = running_max + tl.log(running_sum)
     tl.store(loss_ptr + row, lse - pos_logit)
 
     # Pass 2: G = c·(softmax - onehot)/τ over the same row, in place.
