@@ -3,9 +3,9 @@
 Per chunk of rows:
   scores      S = X·Yᵀ in float32                     kernels/matmul.py, DOT_DTYPE = input dtype
   row kernel  masks + hardness + exact logsumexp,      softmax_rows_kernel below: one program per
-              then G = dLoss/dS written over S           row, two passes over it (online max/sum, then G)
-  gradients   dX = G·Y, dY += Gᵀ·X into float32        kernels/matmul.py (G cast to the input dtype
-                                                         in registers, so bf16 uses tensor cores)
+              then G = dLoss/dS in the input dtype       row, two passes over it (online max/sum, then G)
+  gradients   dX = G·Y, dY += Gᵀ·X into float32        kernels/matmul.py (bf16/fp16 G and inputs:
+                                                         tensor cores)
 The top-k path selects with torch.sort on the same float32 chunk (a stable sort: ties to the lower
 index) and applies its sparse gradient with gathers and index_add_, as the torch backend does.
 float64 inputs use torch.mm for the GEMMs (tl.dot has no float64) and the row kernel in float64.
@@ -28,7 +28,7 @@ ROW_NUM_WARPS = 4
 
 @triton.jit
 def softmax_rows_kernel(
-    s_ptr, stride_s, n, row_offset, params_ptr, row_scale_ptr, loss_ptr,
+    s_ptr, stride_s, g_ptr, stride_g, n, row_offset, params_ptr, row_scale_ptr, loss_ptr,
     BLOCK_N: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_GRAD: tl.constexpr,
 ):  # fmt: skip
     # The scalars come through memory in the scores' dtype: a Python float argument would arrive as
@@ -61,8 +61,10 @@ def softmax_rows_kernel(
     lse = running_max + tl.log(running_sum)
     tl.store(loss_ptr + row, lse - pos_logit)
 
-    # Pass 2: G = c·(softmax - onehot)/τ over the same row, in place.
+    # Pass 2: G = c·(softmax - onehot)/τ, into g (the scores themselves for float32 inputs; a bf16 or
+    # fp16 buffer otherwise, which the gradient GEMMs then read as tensor-core operands).
     if HAS_GRAD:
+        g_row = g_ptr + row.to(tl.int64) * stride_g
         coef = tl.load(row_scale_ptr + row) * inv_temperature
         pos_grad = (tl.exp(pos_logit - lse) - 1.0) * coef
         for start in range(0, n, BLOCK_N):
@@ -73,12 +75,15 @@ def softmax_rows_kernel(
                 keep = keep & ~(s > limit)
             g = tl.where(keep, tl.exp(s * negative_scale - lse) * coef, 0.0)
             g = tl.where(cols == pos_col, pos_grad, g)
-            tl.store(s_row + cols, g.to(s_row.dtype.element_ty), mask=cols < n)
+            tl.store(g_row + cols, g.to(g_row.dtype.element_ty), mask=cols < n)
 
 
 class TritonKernels(TorchKernels):
     native_low_precision = True
-    dense_bytes_per_score = 4
+    dense_bytes_per_score = 6  # float32 scores + a 16-bit G
+
+    def grad_dtype(self, score_dtype, embedding_dtype):
+        return score_dtype if embedding_dtype == torch.float64 else embedding_dtype
 
     def scores(self, x, pieces, out):
         if x.dtype == torch.float64:
@@ -100,16 +105,37 @@ class TritonKernels(TorchKernels):
             if grad_pieces[i] is not None:
                 matmul(g.T, x, grad_pieces[i], accumulate=accumulate_pieces, embedding_dtype=x.dtype)
 
-    def softmax_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss):
+    def softmax_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, grad_out):
         rows = scores.shape[0]
         has_grad = row_scale is not None
+        grad_out = scores if grad_out is None else grad_out
         margin = 0.0 if opts.margin is None else opts.margin
         params = torch.tensor(
             [opts.inv_temperature, opts.inv_temperature + opts.hardness, margin], dtype=scores.dtype
         ).to(scores.device)
         softmax_rows_kernel[(rows,)](
-            scores, scores.stride(0), scores.shape[1], row_offset, params,
+            scores, scores.stride(0), grad_out, grad_out.stride(0), scores.shape[1], row_offset, params,
             row_scale if has_grad else loss, loss,
             BLOCK_N=ROW_BLOCK_N, HAS_MARGIN=opts.margin is not None, HAS_GRAD=has_grad,
             num_warps=ROW_NUM_WARPS,
         )  # fmt: skip
+
+
+def compile_specs():
+    """Every variant of the row kernel: scores dtype × G dtype × HAS_MARGIN × HAS_GRAD."""
+    from mmfast.kernels.aot import CompileSpec
+
+    variants = [("fp32", None), ("fp32", "fp32"), ("fp32", "bf16"), ("fp32", "fp16"), ("fp64", None), ("fp64", "fp64")]
+    for scores, grads in variants:
+        for has_margin in (False, True):
+            signature = {
+                "s_ptr": f"*{scores}", "stride_s": "i32", "g_ptr": f"*{grads or scores}", "stride_g": "i32",
+                "n": "i32", "row_offset": "i32", "params_ptr": f"*{scores}", "row_scale_ptr": f"*{scores}",
+                "loss_ptr": f"*{scores}", "BLOCK_N": "constexpr", "HAS_MARGIN": "constexpr", "HAS_GRAD": "constexpr",
+            }  # fmt: skip
+            yield CompileSpec(
+                name=f"contrastive_softmax_rows[{scores},grad={grads},margin={int(has_margin)}]",
+                kernel=softmax_rows_kernel, signature=signature,
+                constexprs={"BLOCK_N": ROW_BLOCK_N, "HAS_MARGIN": has_margin, "HAS_GRAD": grads is not None},
+                num_warps=ROW_NUM_WARPS, num_stages=1,
+            )  # fmt: skip

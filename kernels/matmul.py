@@ -1,9 +1,9 @@
 """A strided Triton GEMM, C (+)= A·B with float32 accumulation, used by every chunked op.
 
 Why not torch.mm on CUDA: the chunked losses need (1) float32 scores from bf16/fp16 inputs, which
-cuBLAS through torch.mm would round back to 16 bits, and (2) `grad += Gᵀ·X` with a float32 G and a
-bf16 X accumulated into a float32 buffer, which torch.addmm rejects as mixed dtypes. Transposes are
-free: every operand is addressed through its strides.
+cuBLAS through torch.mm would round back to 16 bits, and (2) `grad += Gᵀ·X` with bf16 operands
+accumulated into a float32 buffer across chunks, which torch.addmm cannot do (its output has the
+inputs' dtype). Transposes are free: every operand is addressed through its strides.
 
 Both operands are cast to DOT_DTYPE (the embeddings' dtype) before tl.dot, so bf16/fp16 run on tensor
 cores (wgmma on sm_90). Under the Triton interpreter (TRITON_INTERPRET=1) a bf16×bf16 tl.dot returns
@@ -32,11 +32,14 @@ class MatmulConfig:
     num_stages: int
 
 
-# Every config `matmul_config` can return; tests/test_compile.py compiles each for sm_80 and sm_90.
+# Every config `matmul_config` can return; tests/test_compile.py compiles each for sm_80 and sm_90,
+# and none spills a register on either (ptxas -v; see benchmarks/gpu_report.py). 128×128 tiles spill
+# once C is accumulated into, and full-fp32 ("ieee") dots run on FMA units with far more registers
+# per product, hence the shapes below.
 MATMUL_CONFIGS = {
-    "large16": MatmulConfig(128, 128, 64, 8, 8, 3),  # bf16/fp16 operands
-    "large32": MatmulConfig(128, 128, 32, 8, 8, 3),  # fp32 operands
-    "small": MatmulConfig(64, 64, 32, 8, 4, 2),  # small problems, and the interpreter
+    "tensor_core": MatmulConfig(128, 64, 32, 8, 8, 3),  # bf16/fp16, and fp32 with TF32 allowed
+    "fp32": MatmulConfig(64, 64, 16, 8, 8, 3),  # full-precision fp32 (FMA)
+    "small": MatmulConfig(64, 64, 16, 8, 4, 2),  # small problems, and the interpreter
 }
 
 TORCH_TO_TRITON = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -60,31 +63,41 @@ def matmul_kernel(
     pid_m = first_m + (pid % per_group) % group_size
     pid_n = (pid % per_group) // group_size
 
-    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # [BM]
-    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # [BN]
+    # Rows and columns past the edge wrap around (modulo) instead of being masked: the loads stay
+    # unmasked along M and N, which keeps the 128×128 tiles free of register spills; the store below
+    # drops the wrapped rows.
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M  # [BM]
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N  # [BN]
     rk = tl.arange(0, BLOCK_K)  # [BK]
-    a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak  # [BM, BK]
-    b_ptrs = b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn  # [BK, BN]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BM, BN]
+    # 64-bit row offsets: a [N, D] candidate matrix can exceed 2^31 elements.
+    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + rk[None, :] * stride_ak  # [BM, BK]
+    b_ptrs = b_ptr + rk[:, None] * stride_bk + rn[None, :].to(tl.int64) * stride_bn  # [BK, BN]
+    cm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ptrs = c_ptr + cm[:, None].to(tl.int64) * stride_cm + cn[None, :] * stride_cn  # [BM, BN]
+    c_mask = (cm[:, None] < M) & (cn[None, :] < N)
+    # Accumulating starts from C rather than adding it at the end, so no second tile is live.
+    if ACCUMULATE:
+        acc = tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)  # [BM, BN]
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (rk[None, :] < k_left), other=0.0)
-        b = tl.load(b_ptrs, mask=(rk[:, None] < k_left) & (rn[None, :] < N), other=0.0)
+        a = tl.load(a_ptrs, mask=rk[None, :] < k_left, other=0.0)
+        b = tl.load(b_ptrs, mask=rk[:, None] < k_left, other=0.0)
         acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
-
-    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
-    c_mask = (rm[:, None] < M) & (rn[None, :] < N)
-    if ACCUMULATE:
-        acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
-def matmul_config(m: int, n: int, dot_dtype: torch.dtype) -> MatmulConfig:
+def matmul_config(m: int, n: int, dot_dtype, input_precision: str) -> MatmulConfig:
+    full_fp32 = dot_dtype == tl.float32 and input_precision == "ieee"
+    if full_fp32 and not triton_interpreter_enabled():
+        return MATMUL_CONFIGS["fp32"]
     if triton_interpreter_enabled() or m * n <= 256 * 256:
         return MATMUL_CONFIGS["small"]
-    return MATMUL_CONFIGS["large32" if dot_dtype == torch.float32 else "large16"]
+    return MATMUL_CONFIGS["tensor_core"]
 
 
 def dot_dtype_for(embedding_dtype: torch.dtype):
@@ -105,12 +118,60 @@ def matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, accumulate: boo
     if m == 0 or n == 0:
         return
     dot_dtype = dot_dtype_for(embedding_dtype)
-    cfg = matmul_config(m, n, embedding_dtype)
+    precision = input_precision_for(dot_dtype)
+    cfg = matmul_config(m, n, dot_dtype, precision)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     matmul_kernel[grid](
         a, b, c, m, n, k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        ACCUMULATE=accumulate, DOT_DTYPE=dot_dtype, INPUT_PRECISION=input_precision_for(dot_dtype),
+        ACCUMULATE=accumulate, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
+
+
+# Unit strides of each way the chunked ops call `matmul` (a Python int equal to 1 is specialised to a
+# constexpr at launch, so each pattern is its own compiled kernel):
+#   scores   S = X·Yᵀ    A = X [r, D] row-major, B = Yᵀ (a view of [N, D]), C = S
+#   grad_x   dX = G·Y     A = G [r, N] row-major, B = Y [N, D],              C = dX
+#   grad_y   dY += Gᵀ·X   A = Gᵀ (a view of G),   B = X [r, D],              C = dY
+# G is in the embeddings' dtype (the row kernel writes it so), as are X and Y; C is float32.
+MATMUL_ROLES = {
+    "scores": ("stride_ak", "stride_bk", "stride_cn"),
+    "grad_x": ("stride_ak", "stride_bn", "stride_cn"),
+    "grad_y": ("stride_am", "stride_bn", "stride_cn"),
+}
+_ARGS = ["a_ptr", "b_ptr", "c_ptr", "M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm",
+         "stride_cn"]  # fmt: skip
+_TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def compile_specs():
+    """Every (role, dtype, config, accumulate, precision) `matmul` can launch on a GPU."""
+    from mmfast.kernels.aot import CompileSpec
+
+    for role, unit_strides in MATMUL_ROLES.items():
+        for dtype, name in _TYPE_NAMES.items():
+            # fp32 dots follow torch.backends.cuda.matmul.allow_tf32: both precisions can launch.
+            precisions = ["ieee", "tf32"] if dtype == torch.float32 else ["ieee"]
+            for precision in precisions:
+                dot = TORCH_TO_TRITON[dtype]
+                launchable = {matmul_config(size, size, dot, precision) for size in (1, 1 << 20)}
+                for config_name, cfg in MATMUL_CONFIGS.items():
+                    if cfg not in launchable:
+                        continue
+                    for accumulate in (False,) if role == "scores" else (False, True):
+                        signature = {arg: "i32" for arg in _ARGS}
+                        signature.update({"a_ptr": f"*{name}", "b_ptr": f"*{name}", "c_ptr": "*fp32"})
+                        constexprs = {stride: 1 for stride in unit_strides}
+                        signature.update({stride: "constexpr" for stride in unit_strides})
+                        constexprs.update(
+                            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+                            ACCUMULATE=accumulate, DOT_DTYPE=TORCH_TO_TRITON[dtype], INPUT_PRECISION=precision,
+                        )  # fmt: skip
+                        signature.update({k: "constexpr" for k in constexprs})
+                        yield CompileSpec(
+                            name=f"matmul[{role},{name},{config_name},acc={int(accumulate)},{precision}]",
+                            kernel=matmul_kernel, signature=signature, constexprs=constexprs,
+                            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                        )  # fmt: skip

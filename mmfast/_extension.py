@@ -7,7 +7,6 @@ torch.utils.cpp_extension.load (cached under TORCH_EXTENSIONS_DIR, so only the f
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 from pathlib import Path
@@ -31,9 +30,18 @@ def sources() -> list[str]:
     return sorted(str(p) for p in source_dir().glob("*.cpp"))
 
 
-@functools.cache
+_loaded: dict[str, ModuleType | None] = {}
+
+
 def load_extension() -> ModuleType | None:
     """The CPU kernel module, or None (with one warning) when it can be neither imported nor built."""
+    # A plain dict rather than functools.cache: torch.compile traces through this call cleanly.
+    if "module" not in _loaded:
+        _loaded["module"] = _find_or_build()
+    return _loaded["module"]
+
+
+def _find_or_build() -> ModuleType | None:
     if os.environ.get("MMFAST_DISABLE_CPP") == "1":
         return None
     try:

@@ -44,6 +44,10 @@ class TorchKernels:
     dense_bytes_per_score = 9
     topk_bytes_per_score = 17
 
+    def grad_dtype(self, score_dtype: torch.dtype, embedding_dtype: torch.dtype) -> torch.dtype:
+        """The dtype of G = dLoss/dS; when it is the scores' dtype, G overwrites the scores."""
+        return score_dtype
+
     def scores(self, x: torch.Tensor, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
         col = 0
         for piece in pieces:
@@ -66,7 +70,8 @@ class TorchKernels:
                 else:
                     torch.mm(g.T, x, out=grad_pieces[i])
 
-    def softmax_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss):
+    def softmax_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, grad_out):
+        """Loss of each row into `loss`; with row_scale, G into grad_out (here always `scores`)."""
         rows = torch.arange(scores.shape[0], device=scores.device)
         cols = rows + row_offset
         pos = scores[rows, cols].clone()
@@ -136,7 +141,7 @@ class CpuKernels(TorchKernels):
     def __init__(self, extension):
         self.ext = extension
 
-    def softmax_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss):
+    def softmax_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, grad_out):
         self.ext.contrastive_softmax_rows(
             scores, row_offset, opts.inv_temperature, opts.hardness, opts.margin, row_scale, loss
         )
@@ -202,6 +207,9 @@ def directional_loss(
     per_score = kernels.topk_bytes_per_score if opts.topk is not None else kernels.dense_bytes_per_score
     chunk = min(n_rows, rows_per_chunk(n_candidates, per_score * torch.finfo(score_dtype).bits // 32))
     scratch = torch.empty(chunk, n_candidates, dtype=score_dtype, device=x.device)
+    grad_dtype = kernels.grad_dtype(score_dtype, x.dtype)
+    separate_grads = row_scale is not None and opts.topk is None and grad_dtype != score_dtype
+    grad_scratch = torch.empty(chunk, n_candidates, dtype=grad_dtype, device=x.device) if separate_grads else None
     loss = torch.empty(n_rows, dtype=score_dtype, device=x.device)
     for start in range(0, n_rows, chunk):
         stop = min(n_rows, start + chunk)
@@ -210,10 +218,11 @@ def directional_loss(
         grad_x_chunk = None if grad_x is None else grad_x[start:stop]
         kernels.scores(x_chunk, pieces, scores)
         if opts.topk is None:
-            kernels.softmax_rows(scores, start, opts, scale, loss[start:stop])
-            if scale is not None:
+            grads = None if scale is None else scores if grad_scratch is None else grad_scratch[: stop - start]
+            kernels.softmax_rows(scores, start, opts, scale, loss[start:stop], grads)
+            if grads is not None:
                 kernels.dense_grads(
-                    scores, x_chunk, pieces, grad_x_chunk, grad_pieces, accumulate, accumulate or start > 0
+                    grads, x_chunk, pieces, grad_x_chunk, grad_pieces, accumulate, accumulate or start > 0
                 )
         else:
             slots = (stop - start, opts.topk + 1)
