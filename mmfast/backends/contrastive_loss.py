@@ -17,13 +17,20 @@ their `Kernels`: how S and the gradient GEMMs are computed and which row kernel 
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
 
-# Scratch budget for one chunk of scores. 32 MiB keeps chunks at ≥ 256 rows (efficient GEMMs) up to
-# N = 32768 fp32 candidates and the working set well under the 64 MiB target at N = 131072.
-SCORE_CHUNK_BYTES = 32 << 20
+# Scratch budget for one chunk of scores, per device type; None means "the default for the device".
+# CPU: 32 MiB keeps chunks at >= 256 rows (efficient MKL GEMMs) up to N = 32768 candidates and the
+# working set under 64 MiB at N = 131072. CUDA: each chunk re-reads the candidates and read-modify-
+# writes their float32 gradient, so a chunk needs >= ~1000 rows to stay compute-bound on an H100
+# (benchmarks/gpu_report.py); 1 GiB gives that up to N = 131072.
+SCORE_CHUNK_BYTES: int | None = (
+    int(os.environ["MMFAST_SCORE_CHUNK_BYTES"]) if "MMFAST_SCORE_CHUNK_BYTES" in os.environ else None
+)
+DEFAULT_CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 1 << 30}
 
 
 @dataclass(frozen=True)
@@ -179,8 +186,8 @@ def kernels_for(backend: str):
     return TorchKernels()
 
 
-def rows_per_chunk(n_candidates: int, bytes_per_score: int, budget: int | None = None) -> int:
-    budget = SCORE_CHUNK_BYTES if budget is None else budget
+def rows_per_chunk(n_candidates: int, bytes_per_score: int, device: torch.device) -> int:
+    budget = SCORE_CHUNK_BYTES or DEFAULT_CHUNK_BYTES.get(device.type, DEFAULT_CHUNK_BYTES["cpu"])
     return max(1, budget // max(1, n_candidates * bytes_per_score))
 
 
@@ -205,7 +212,7 @@ def directional_loss(
     n_rows = x.shape[0]
     n_candidates = sum(p.shape[0] for p in pieces)
     per_score = kernels.topk_bytes_per_score if opts.topk is not None else kernels.dense_bytes_per_score
-    chunk = min(n_rows, rows_per_chunk(n_candidates, per_score * torch.finfo(score_dtype).bits // 32))
+    chunk = min(n_rows, rows_per_chunk(n_candidates, per_score * torch.finfo(score_dtype).bits // 32, x.device))
     scratch = torch.empty(chunk, n_candidates, dtype=score_dtype, device=x.device)
     grad_dtype = kernels.grad_dtype(score_dtype, x.dtype)
     separate_grads = row_scale is not None and opts.topk is None and grad_dtype != score_dtype

@@ -1,0 +1,37 @@
+# `make demo` and `make test` do all set-up on a fresh machine: create .venv, install torch 2.13.0
+# (the CPU wheel) when no torch is importable, install mmfast in editable mode (building the C++
+# kernels), then run. The install step re-runs only when the package definition or csrc/ changes.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mmfast-installed
+
+.PHONY: setup demo test bench gpu-report lint clean
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q "setuptools>=70" wheel ninja
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
+	touch $@
+
+setup: $(STAMP)
+
+demo: setup
+	$(PY) benchmarks/contrastive_loss.py --demo
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/contrastive_loss.py --memory --json benchmarks/results/contrastive_loss.json \
+		--plot benchmarks/results/contrastive_loss.png
+
+gpu-report: setup
+	$(PY) benchmarks/gpu_report.py --json benchmarks/results/gpu_report.json
+
+lint: setup
+	$(PY) -m pip install -q ruff && $(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf build *.egg-info mmfast/_C*.so .pytest_cache

@@ -1,0 +1,98 @@
+"""GPU report without a GPU: compile every Triton kernel variant for sm_80 and sm_90 and estimate
+H100 times from a roofline.
+
+    python benchmarks/gpu_report.py [--json benchmarks/results/gpu_report.json]
+
+Part 1, per kernel variant and target: registers, spilled bytes (ptxas -v), shared memory, and
+whether the tensor-core path is wgmma (sm_90) or mma.sync (sm_80). See mmfast/kernels/aot.py.
+
+Part 2, per loss evaluation (forward + backward, reduction "mean", so the Triton backend runs
+three GEMMs and one row kernel per chunk): FLOPs and bytes of each kernel, and the predicted time
+max(FLOPs / peak, bytes / bandwidth) on an H100 SXM, against the ideal of the three GEMMs alone
+at peak. Peaks (NVIDIA H100 SXM5 datasheet, dense): bf16 989 TFLOP/s, TF32 495, FP32 67, HBM3
+3.35 TB/s. These are estimates, not measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+H100 = {"bf16": 989e12, "tf32": 495e12, "fp32": 67e12, "bandwidth": 3.35e12}
+GPU_CHUNK_BYTES = 1 << 30  # mmfast.backends.contrastive_loss.DEFAULT_CHUNK_BYTES["cuda"]
+
+
+def roofline(b: int, k: int, d: int, dtype: str) -> dict:
+    """Per-kernel FLOPs/bytes of one plain fwd+bwd of the chunked loss (Triton backend)."""
+    e = 2 if dtype in ("bf16", "fp16") else 4
+    peak = H100["bf16"] if e == 2 else H100["tf32"]
+    n = b * (1 + k)
+    rows = max(1, min(b, GPU_CHUNK_BYTES // (n * (4 + e))))  # chunk rows: float32 S + G in input dtype
+    chunks = -(-b // rows)
+    gemm_flops = 2.0 * b * n * d
+    kernels = {
+        # S chunk = X_c·Yᵀ: Y re-read per chunk, S written in float32.
+        "scores": (gemm_flops, chunks * n * d * e + b * d * e + 4.0 * b * n),
+        # two passes over S (read twice), G written in the input dtype; ~12 flops per score (exp...).
+        "softmax_rows": (12.0 * b * n, 8.0 * b * n + e * b * n),
+        # dX_c = G·Y: G read, Y re-read per chunk, dX written in float32.
+        "grad_x": (gemm_flops, e * b * n + chunks * n * d * e + 4.0 * b * d),
+        # dY += Gᵀ·X_c: G read, float32 dY read and written per chunk.
+        "grad_y": (gemm_flops, e * b * n + chunks * 8.0 * n * d + b * d * e),
+    }
+    out = {"B": b, "K": k, "D": d, "dtype": dtype, "chunk_rows": rows, "kernels": {}}
+    total = 0.0
+    for name, (flops, nbytes) in kernels.items():
+        compute = flops / (peak if name != "softmax_rows" else H100["fp32"])
+        memory = nbytes / H100["bandwidth"]
+        predicted = max(compute, memory)
+        total += predicted
+        out["kernels"][name] = {"gflop": flops / 1e9, "gbyte": nbytes / 1e9, "ms": 1e3 * predicted,
+                                "bound": "compute" if compute >= memory else "memory"}  # fmt: skip
+    out["predicted_ms"] = 1e3 * total
+    out["ideal_3_gemms_ms"] = 1e3 * 3 * gemm_flops / peak
+    out["over_ideal"] = total / (3 * gemm_flops / peak)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--skip-compile", action="store_true", help="only the roofline part")
+    args = parser.parse_args(argv)
+    report = {"compiled": [], "roofline": []}
+    if not args.skip_compile:
+        os.environ.pop("TRITON_INTERPRET", None)
+        from mmfast.kernels.aot import ARCHS, all_specs, compile_spec
+
+        print("kernel variant                                              arch   regs spill  smem KiB  tensor cores")
+        for spec in all_specs():
+            for arch in ARCHS:
+                r = compile_spec(spec, arch)
+                report["compiled"].append(r)
+                cores = "wgmma" if r["wgmma"] else "mma.sync" if r["mma_sync"] else "-"
+                print(f"{r['kernel']:59s} {r['arch']}  {r['registers']:4d} {r['spill_store_bytes']:5d} "
+                      f"{r['shared_bytes'] / 1024:8.0f}  {cores}")  # fmt: skip
+    print("\nH100 roofline, plain loss fwd+bwd (estimates)")
+    print("B      K  D     dtype chunk  scores ms  rows ms  grad_x ms  grad_y ms  total ms  ideal ms  ×ideal")
+    for b in (4096, 32768):
+        for k in (0, 1, 3):
+            for d in (1024, 4096):
+                for dtype in ("bf16", "fp32"):
+                    r = roofline(b, k, d, dtype)
+                    report["roofline"].append(r)
+                    ms = [r["kernels"][name]["ms"] for name in ("scores", "softmax_rows", "grad_x", "grad_y")]
+                    times = "  ".join(f"{m:9.2f}" for m in ms)
+                    print(f"{b:<6d} {k}  {d:<5d} {dtype:5s} {r['chunk_rows']:5d}  {times}  {r['predicted_ms']:8.2f}  "
+                          f"{r['ideal_3_gemms_ms']:8.2f}  {r['over_ideal']:.2f}")  # fmt: skip
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
