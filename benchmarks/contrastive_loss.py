@@ -15,21 +15,17 @@ i.e. the extra memory over inputs + grads.
 from __future__ import annotations
 
 import argparse
-import datetime
-import gc
 import json
-import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 import mmfast
 from mmfast.reference import contrastive_loss_reference
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import machine, median_times, memory_in_subprocess, peak_extra_mib  # noqa: E402
 
 OPTIONS = {
     "plain": {},
@@ -99,56 +95,18 @@ def step_functions(provider: str, options: dict, q, t, n):
 
 
 def time_case(provider: str, options: dict, b: int, k: int, d: int, repeats: int) -> dict:
-    q, t, n = make_inputs(b, k, d)
-    forward, backward, _ = step_functions(provider, options, q, t, n)
-    fwd, bwd = [], []
-    for i in range(repeats + 1):  # the first run warms up (and compiles)
-        start = time.perf_counter()
-        forward()
-        mid = time.perf_counter()
-        backward()
-        end = time.perf_counter()
-        if i:
-            fwd.append(mid - start)
-            bwd.append(end - mid)
-        gc.collect()
-    both = [f + b_ for f, b_ in zip(fwd, bwd, strict=True)]
-    return {"fwd_ms": 1e3 * statistics.median(fwd), "bwd_ms": 1e3 * statistics.median(bwd),
-            "fwd_bwd_ms": 1e3 * statistics.median(both)}  # fmt: skip
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    forward, backward, _ = step_functions(provider, options, *make_inputs(b, k, d))
+    return median_times(forward, backward, repeats)
 
 
 def measure_memory_here(provider: str, options: dict, b: int, k: int, d: int) -> dict:
     """Extra peak resident memory of one fwd+bwd over inputs + grads (run in a fresh process)."""
-    q, t, n = make_inputs(b, k, d)
-    small = make_inputs(64, k, d)
-    forward, backward, _ = step_functions(provider, options, *small)
+    forward, backward, _ = step_functions(provider, options, *make_inputs(64, k, d))
     forward(), backward()  # load and compile everything on a small problem first
-    forward, backward, grads = step_functions(provider, options, q, t, n)
+    forward, backward, grads = step_functions(provider, options, *make_inputs(b, k, d))
     if provider == "compiled":  # compile at this very size too, before measuring
         forward(), backward()
-    gc.collect()
-    baseline = _status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark VmHWM
-    forward()
-    backward()
-    peak = _status_kib("VmHWM")
-    grad_bytes = sum(g.numel() * g.element_size() for g in grads())
-    return {"extra_peak_mib": ((peak - baseline) * 1024 - grad_bytes) / 2**20}
-
-
-def measure_memory(provider: str, option_name: str, b: int, k: int, d: int) -> dict:
-    cmd = [sys.executable, __file__, "--memory-child", provider, option_name, str(b), str(k), str(d)]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=7200)
-    if run.returncode:
-        return {"extra_peak_mib": None, "memory_error": run.stderr.strip().splitlines()[-1:]}
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return {"extra_peak_mib": peak_extra_mib(forward, backward, grads)}
 
 
 def run_grid(args) -> list[dict]:
@@ -165,7 +123,8 @@ def run_grid(args) -> list[dict]:
                         else:
                             row.update(time_case(provider, OPTIONS[option_name], b, k, d, args.repeats))
                             if args.memory and provider != "gemm":
-                                row.update(measure_memory(provider, option_name, b, k, d))
+                                child = [provider, option_name, str(b), str(k), str(d)]
+                                row.update(memory_in_subprocess(__file__, child))
                         rows.append(row)
                         print(json.dumps(row), flush=True)
     return rows
@@ -248,15 +207,13 @@ def main(argv=None) -> int:
     if args.demo:
         args.batch, args.negatives, args.dim, args.repeats = [2048], [1], [256], 3
         args.providers = ["mmfast", "naive", "gemm"]
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    print(f"# {datetime.date.today()} | {machine} | {torch.get_num_threads()} threads | float32, CPU")
+    print(f"# {machine()} | float32, CPU")
     rows = run_grid(args)
     add_ratios(rows)
     print_table(rows)
     if args.json:
-        args.json.write_text(
-            json.dumps({"date": str(datetime.date.today()), "machine": machine, "rows": rows}, indent=1)
-        )
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
     if args.plot:
         plot([r for r in rows if "fwd_bwd_ms" in r], args.plot)
     return 0

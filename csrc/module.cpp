@@ -10,6 +10,10 @@ void topk_rows(at::Tensor scores, int64_t row_offset, double inv_temperature, do
 void sparse_grads(at::Tensor x, at::Tensor targets, c10::optional<at::Tensor> negatives, at::Tensor index,
                   at::Tensor coef, c10::optional<at::Tensor> grad_x, c10::optional<at::Tensor> grad_targets,
                   c10::optional<at::Tensor> grad_negatives);
+void pool_forward(at::Tensor hidden, at::Tensor mask, int64_t mode, bool normalize, at::Tensor out, at::Tensor unit,
+                  at::Tensor norm, at::Tensor index, at::Tensor count);
+void pool_backward(at::Tensor grad_out, at::Tensor unit, at::Tensor norm, at::Tensor index, at::Tensor count,
+                   at::Tensor mask, int64_t mode, bool normalize, at::Tensor grad_hidden);
 }  // namespace mmfast
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -20,4 +24,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Top-k hard-negative selection, loss and sparse gradient coefficients over one score chunk");
   m.def("contrastive_sparse_grads", &mmfast::sparse_grads,
         "Accumulate the sparse top-k gradients into grad_x and the candidate gradients");
+  m.def("pool_forward", &mmfast::pool_forward, "Fused last-token / mean pooling with L2 normalisation");
+  m.def("pool_backward", &mmfast::pool_backward, "Dense gradient of the fused pooling, in one pass");
 }

@@ -40,9 +40,9 @@ class CompileSpec:
 
 
 def all_specs() -> list[CompileSpec]:
-    from mmfast.kernels import contrastive_loss, matmul
+    from mmfast.kernels import contrastive_loss, matmul, pooling
 
-    return [*matmul.compile_specs(), *contrastive_loss.compile_specs()]
+    return [*matmul.compile_specs(), *contrastive_loss.compile_specs(), *pooling.compile_specs()]
 
 
 def _tool(name: str) -> str:

@@ -6,6 +6,7 @@ from mmfast.contrastive_loss import (
     ContrastiveLossOptions,
     contrastive_loss,
 )
+from mmfast.pooling import Pooler, PoolingFunction, PoolingOptions, last_token_pool, mean_pool
 
 __version__ = "0.1.0"
 
@@ -14,4 +15,9 @@ __all__ = [
     "ContrastiveLossFunction",
     "ContrastiveLossOptions",
     "contrastive_loss",
+    "Pooler",
+    "PoolingFunction",
+    "PoolingOptions",
+    "last_token_pool",
+    "mean_pool",
 ]

@@ -1,0 +1,69 @@
+"""Timing and peak-memory helpers shared by the benchmark CLIs (benchmarks/<op>.py)."""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    threads = torch.get_num_threads()
+    return f"{datetime.date.today()} | {cpu}, {os.cpu_count()} cores, {threads} threads | torch {torch.__version__}"
+
+
+def median_times(forward, backward, repeats: int) -> dict:
+    """Median forward, backward and forward+backward milliseconds after one warm-up run."""
+    fwd, bwd = [], []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        forward()
+        mid = time.perf_counter()
+        backward()
+        end = time.perf_counter()
+        if i:
+            fwd.append(mid - start)
+            bwd.append(end - mid)
+        gc.collect()
+    both = [f + b for f, b in zip(fwd, bwd, strict=True)]
+    return {"fwd_ms": 1e3 * statistics.median(fwd), "bwd_ms": 1e3 * statistics.median(bwd),
+            "fwd_bwd_ms": 1e3 * statistics.median(both)}  # fmt: skip
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_extra_mib(forward, backward, outputs) -> float:
+    """Resident-memory high-water mark of forward+backward over what was resident before, minus the
+    bytes of `outputs()` (the gradients the step must produce). Linux only (VmHWM, clear_refs)."""
+    gc.collect()
+    baseline = _status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    forward()
+    backward()
+    peak = _status_kib("VmHWM")
+    kept = sum(t.numel() * t.element_size() for t in outputs())
+    return ((peak - baseline) * 1024 - kept) / 2**20
+
+
+def memory_in_subprocess(script: str, child_args: list[str]) -> dict:
+    """Runs `script --memory-child ...` in a fresh interpreter; returns its last JSON line."""
+    run = subprocess.run([sys.executable, script, "--memory-child", *child_args], capture_output=True, text=True,
+                         timeout=7200)  # fmt: skip
+    if run.returncode:
+        return {"extra_peak_mib": None, "memory_error": run.stderr.strip().splitlines()[-1:]}
+    return json.loads(run.stdout.strip().splitlines()[-1])
