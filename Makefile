@@ -19,6 +19,7 @@ setup: $(STAMP)
 
 demo: setup
 	$(PY) benchmarks/contrastive_loss.py --demo
+	$(PY) benchmarks/pooling.py --batch 32 --tokens 512 --dim 1536 --repeats 3
 
 test: setup
 	$(PY) -m pytest -q

@@ -6,6 +6,8 @@ H100 times from a roofline.
 Part 1, per kernel variant and target: registers, spilled bytes (ptxas -v), shared memory, and
 whether the tensor-core path is wgmma (sm_90) or mma.sync (sm_80). See mmfast/kernels/aot.py.
 
+Part 3: the pooling ops are memory-bound; their bytes against naive PyTorch's.
+
 Part 2, per loss evaluation (forward + backward, reduction "mean", so the Triton backend runs
 three GEMMs and one row kernel per chunk): FLOPs and bytes of each kernel, and the predicted time
 max(FLOPs / peak, bytes / bandwidth) on an H100 SXM, against the ideal of the three GEMMs alone
@@ -58,6 +60,24 @@ def roofline(b: int, k: int, d: int, dtype: str) -> dict:
     return out
 
 
+def pooling_roofline(b: int, t: int, d: int, dtype: str, mode: str, real: float = 0.75) -> dict:
+    """Bytes of the fused pooling (fwd, bwd) and of the naive PyTorch version; all memory-bound.
+    `real` is the share of real tokens."""
+    e = 2 if dtype in ("bf16", "fp16") else 4
+    mask = 4.0 * b * t
+    if mode == "last":
+        fused_fwd = mask + b * d * (e + 4 + e)  # one row read; float32 unit + output written
+        naive_fwd = 8.0 * b * t + 4.0 * b * d * e  # index math over the mask, gather, normalize passes
+    else:
+        fused_fwd = mask + real * b * t * d * e + b * d * (4 + e)  # padding rows are never loaded
+        naive_fwd = 3.0 * b * t * d * e  # hidden·mask written, then read back by the sum
+    fused_bwd = b * t * d * e + b * d * (e + 8)  # the dense gradient, written once
+    naive_bwd = (b * t * d * e) * (1 if mode == "last" else 3)  # zeros + index_put | mul, expand, write
+    us = 1e6 / H100["bandwidth"]
+    return {"B": b, "T": t, "D": d, "dtype": dtype, "mode": mode,
+            "fused_us": us * (fused_fwd + fused_bwd), "naive_us": us * (naive_fwd + naive_bwd)}  # fmt: skip
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path)
@@ -88,6 +108,15 @@ def main(argv=None) -> int:
                     times = "  ".join(f"{m:9.2f}" for m in ms)
                     print(f"{b:<6d} {k}  {d:<5d} {dtype:5s} {r['chunk_rows']:5d}  {times}  {r['predicted_ms']:8.2f}  "
                           f"{r['ideal_3_gemms_ms']:8.2f}  {r['over_ideal']:.2f}")  # fmt: skip
+    print("\nH100 roofline, pooling fwd+bwd (memory-bound; 75% real tokens; estimates)")
+    print("mode  dtype  B     T     D      fused us  naive us")
+    report["pooling_roofline"] = []
+    for mode in ("last", "mean"):
+        for dtype in ("bf16", "fp32"):
+            for b, t, d in ((64, 1024, 1536), (256, 2048, 4096)):
+                r = pooling_roofline(b, t, d, dtype, mode)
+                report["pooling_roofline"].append(r)
+                print(f"{mode:5s} {dtype:5s}  {b:<5d} {t:<5d} {d:<5d}  {r['fused_us']:8.1f}  {r['naive_us']:8.1f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))

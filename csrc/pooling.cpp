@@ -3,8 +3,8 @@
 // Forward reads each needed hidden row once (the last real token's row, or every real token's row
 // for the mean), accumulates in float32 (float64 for float64 input), takes the norm and writes the
 // output; it works on any strides, so a slice of a model's output needs no copy. Backward writes the
-// whole dense gradient of hidden_states in one pass, zeros included, and allocates only a [B, D]
-// float32 buffer for dLoss/dpooled.
+// whole dense gradient of hidden_states in one pass, zeros included, and allocates only [B, D]
+// buffers (dLoss/dpooled, and the gradient row in the output dtype).
 #include <torch/extension.h>
 
 #include <ATen/OpMathType.h>
@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace mmfast {
@@ -111,20 +112,26 @@ void pool_backward_impl(const scalar_t* grad_out, const acc_t* unit, const acc_t
       for (int64_t d = 0; d < dim; ++d) dp[d] = (static_cast<acc_t>(g[d]) - y[d] * projection) * inv_norm;
     }
   });
-  // Every row of the gradient: dp (last mode, at the pooled row), dp·mask/count (mean), else zeros.
+  // Every token of a row gets the same gradient row (dp, or dp/count for the mean), so it is
+  // converted to the output dtype once per row and then copied; unused tokens get zeros. Only
+  // memcpy/memset touch the big tensor: as fast as a fill, whatever the dtype.
+  std::vector<scalar_t> grad_rows(batch * dim);
+  at::parallel_for(0, batch, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const acc_t weight = mode == 0 ? acc_t(1) : acc_t(1) / count[b];
+      const acc_t* dp = grad_pooled.data() + b * dim;
+      for (int64_t d = 0; d < dim; ++d) grad_rows[b * dim + d] = static_cast<scalar_t>(dp[d] * weight);
+    }
+  });
+  const size_t row_bytes = dim * sizeof(scalar_t);
   at::parallel_for(0, batch * tokens, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / tokens, t = r % tokens;
-      scalar_t* row = grad_hidden + r * dim;
-      const bool used = mode == 0 ? t == index[b] : mask[r] != 0;
-      if (!used) {
-        std::fill(row, row + dim, scalar_t(0));
-        continue;
+      if (mode == 0 ? t == index[b] : mask[r] != 0) {
+        std::memcpy(grad_hidden + r * dim, grad_rows.data() + b * dim, row_bytes);
+      } else {
+        std::memset(grad_hidden + r * dim, 0, row_bytes);  // all-zero bits are 0 in every float type
       }
-      const acc_t weight = mode == 0 ? acc_t(1) : acc_t(1) / count[b];
-      const acc_t* dp = grad_pooled.data() + b * dim;
-#pragma omp simd
-      for (int64_t d = 0; d < dim; ++d) row[d] = static_cast<scalar_t>(dp[d] * weight);
     }
   });
 }

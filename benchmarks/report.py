@@ -1,0 +1,73 @@
+"""Markdown tables for the README from the JSON files the benchmark CLIs write.
+
+python benchmarks/report.py [benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def load(path: Path) -> tuple[str, list[dict]]:
+    data = json.loads(path.read_text())
+    return data["machine"], data["rows"]
+
+
+def contrastive_table(rows: list[dict]) -> str:
+    cases = {}
+    for r in rows:
+        cases.setdefault((r["options"], r["B"], r["K"], r["D"]), {})[r["provider"]] = r
+    out = [
+        "| options | B | K | D | mmfast ms | ÷ 3 GEMMs | naive ms | naive ÷ mmfast | compiled ms | compiled ÷ mmfast"
+        " | extra MiB: mmfast / naive / compiled |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def ms(p):
+        return f"{p['fwd_bwd_ms']:.0f}" if p and "fwd_bwd_ms" in p else p.get("skipped", "-") if p else "-"
+
+    def mib(p):
+        return f"{p['extra_peak_mib']:.0f}" if p and p.get("extra_peak_mib") is not None else "-"
+
+    for (opt, b, k, d), c in cases.items():
+        m, n, comp = c.get("mmfast"), c.get("naive"), c.get("compiled")
+        ratio = f"{m['over_gemm']:.2f}" if m and "over_gemm" in m else "-"
+        vs_naive = f"{m['speedup_vs_naive']:.2f}×" if m and "speedup_vs_naive" in m else "-"
+        vs_comp = f"{m['speedup_vs_compiled']:.2f}×" if m and "speedup_vs_compiled" in m else "-"
+        out.append(f"| {opt} | {b} | {k} | {d} | {ms(m)} | {ratio} | {ms(n)} | {vs_naive} | {ms(comp)} | {vs_comp} "
+                   f"| {mib(m)} / {mib(n)} / {mib(comp)} |")  # fmt: skip
+    return "\n".join(out)
+
+
+def pooling_table(rows: list[dict]) -> str:
+    out = [
+        "| mode | dtype | B | T | D | mmfast fwd / bwd ms | naive fwd / bwd ms | naive ÷ mmfast"
+        " | extra MiB mmfast / naive |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    cases = {}
+    for r in rows:
+        cases.setdefault((r["mode"], r["dtype"], r["B"], r["T"], r["D"]), {})[r["provider"]] = r
+    for (mode, dtype, b, t, d), c in cases.items():
+        m, n = c["mmfast"], c["naive"]
+        out.append(f"| {mode} | {dtype} | {b} | {t} | {d} | {m['fwd_ms']:.1f} / {m['bwd_ms']:.0f} | "
+                   f"{n['fwd_ms']:.1f} / {n['bwd_ms']:.0f} | {m['speedup_vs_naive']:.2f}× | "
+                   f"{m.get('extra_peak_mib', 0):.0f} / {n.get('extra_peak_mib', 0):.0f} |")  # fmt: skip
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    root = Path((argv or sys.argv[1:] or ["benchmarks/results"])[0])
+    for path in sorted(root.glob("*.json")):
+        if path.name.startswith("gpu_report"):
+            continue
+        machine, rows = load(path)
+        print(f"\n### {path.stem}\n\n{machine}\n")
+        print(pooling_table(rows) if path.stem.startswith("pooling") else contrastive_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
