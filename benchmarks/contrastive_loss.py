@@ -211,7 +211,7 @@ def main(argv=None) -> int:
         print(json.dumps(measure_memory_here(provider, OPTIONS[option_name], int(b), int(k), int(d))))
         return 0
     if args.demo:
-        args.batch, args.negatives, args.dim, args.repeats = [2048], [1], [256], 3
+        args.batch, args.negatives, args.dim, args.repeats = [4096], [1], [256], 3
         args.providers = ["mmfast", "naive", "gemm"]
     print(f"# {machine()} | float32, CPU")
     rows = run_grid(args)
