@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from mmfast.kernels.matmul import matmul
 
 from mmfast.backends.contrastive_loss import DirectionOptions, TorchKernels
+from mmfast.kernels.matmul import TritonGemms
 
 # One program per row, BLOCK_N candidates per step. Every launchable combination is compiled by
 # tests/test_compile.py: scores dtype {fp32, fp64} × HAS_MARGIN × HAS_GRAD.
@@ -78,32 +78,10 @@ def softmax_rows_kernel(
             tl.store(g_row + cols, g.to(g_row.dtype.element_ty), mask=cols < n)
 
 
-class TritonKernels(TorchKernels):
-    native_low_precision = True
+class TritonKernels(TritonGemms, TorchKernels):
+    """Triton GEMMs and row kernel; the top-k selection and its sparse gradient use torch ops."""
+
     dense_bytes_per_score = 6  # float32 scores + a 16-bit G
-
-    def grad_dtype(self, score_dtype, embedding_dtype):
-        return score_dtype if embedding_dtype == torch.float64 else embedding_dtype
-
-    def scores(self, x, pieces, out):
-        if x.dtype == torch.float64:
-            return super().scores(x, pieces, out)
-        col = 0
-        for piece in pieces:
-            matmul(x, piece.T, out[:, col : col + piece.shape[0]], accumulate=False, embedding_dtype=x.dtype)
-            col += piece.shape[0]
-
-    def dense_grads(self, grad_scores, x, pieces, grad_x, grad_pieces, accumulate_x, accumulate_pieces):
-        if x.dtype == torch.float64:
-            return super().dense_grads(grad_scores, x, pieces, grad_x, grad_pieces, accumulate_x, accumulate_pieces)
-        col = 0
-        for i, piece in enumerate(pieces):
-            g = grad_scores[:, col : col + piece.shape[0]]
-            col += piece.shape[0]
-            if grad_x is not None:
-                matmul(g, piece, grad_x, accumulate=accumulate_x or i > 0, embedding_dtype=x.dtype)
-            if grad_pieces[i] is not None:
-                matmul(g.T, x, grad_pieces[i], accumulate=accumulate_pieces, embedding_dtype=x.dtype)
 
     def softmax_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, grad_out):
         rows = scores.shape[0]

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from mmfast.backends import triton_interpreter_enabled
+from mmfast.backends.chunked import TorchGemms
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,37 @@ def matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, accumulate: boo
         ACCUMULATE=accumulate, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
+
+
+class TritonGemms(TorchGemms):
+    """The GEMMs of the chunked ops with `matmul`: float32 scores and accumulated gradients from
+    bf16/fp16 operands, and G kept in the embeddings' dtype so the gradient GEMMs use tensor cores.
+    float64 goes to torch.mm (tl.dot has no float64)."""
+
+    native_low_precision = True
+
+    def grad_dtype(self, score_dtype, embedding_dtype):
+        return score_dtype if embedding_dtype == torch.float64 else embedding_dtype
+
+    def scores(self, x, pieces, out):
+        if x.dtype == torch.float64:
+            return super().scores(x, pieces, out)
+        col = 0
+        for piece in pieces:
+            matmul(x, piece.T, out[:, col : col + piece.shape[0]], accumulate=False, embedding_dtype=x.dtype)
+            col += piece.shape[0]
+
+    def dense_grads(self, grad_scores, x, pieces, grad_x, grad_pieces, accumulate_x, accumulate_pieces):
+        if x.dtype == torch.float64:
+            return super().dense_grads(grad_scores, x, pieces, grad_x, grad_pieces, accumulate_x, accumulate_pieces)
+        col = 0
+        for i, piece in enumerate(pieces):
+            g = grad_scores[:, col : col + piece.shape[0]]
+            col += piece.shape[0]
+            if grad_x is not None:
+                matmul(g, piece, grad_x, accumulate=accumulate_x or i > 0, embedding_dtype=x.dtype)
+            if grad_pieces[i] is not None:
+                matmul(g.T, x, grad_pieces[i], accumulate=accumulate_pieces, embedding_dtype=x.dtype)
 
 
 # Unit strides of each way the chunked ops call `matmul` (a Python int equal to 1 is specialised to a

@@ -10,27 +10,19 @@ With the UniME top-k option the row kernel instead selects k negatives per row a
 sparse (k+1 entries per row), so GEMMs 2 and 3 become gathers and scatter-adds.
 
 The candidates y are kept as a list of pieces ([targets, negatives]) and never concatenated. The rows
-per chunk come from a byte budget (SCORE_CHUNK_BYTES), so memory is flat in B. Backends differ only in
-their `Kernels`: how S and the gradient GEMMs are computed and which row kernel runs.
+per chunk come from a byte budget (mmfast/backends/chunked.py), so memory is flat in B. Backends
+differ only in their `Kernels`: how S and the gradient GEMMs are computed (chunked.TorchGemms or
+kernels/matmul.TritonGemms) and which row kernel runs.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
 
-# Scratch budget for one chunk of scores, per device type; None means "the default for the device".
-# CPU: 32 MiB keeps chunks at >= 256 rows (efficient MKL GEMMs) up to N = 32768 candidates and the
-# working set under 64 MiB at N = 131072. CUDA: each chunk re-reads the candidates and read-modify-
-# writes their float32 gradient, so a chunk needs >= ~1000 rows to stay compute-bound on an H100
-# (benchmarks/gpu_report.py); 1 GiB gives that up to N = 131072.
-SCORE_CHUNK_BYTES: int | None = (
-    int(os.environ["MMFAST_SCORE_CHUNK_BYTES"]) if "MMFAST_SCORE_CHUNK_BYTES" in os.environ else None
-)
-DEFAULT_CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 1 << 30}
+from mmfast.backends.chunked import TorchGemms, chunk_rows
 
 
 @dataclass(frozen=True)
@@ -43,39 +35,13 @@ class DirectionOptions:
     topk: int | None
 
 
-class TorchKernels:
+class TorchKernels(TorchGemms):
     """Pure-PyTorch row kernels; GEMMs through torch.mm (MKL on CPU, cuBLAS on CUDA)."""
 
     # Scratch bytes per score element: S plus logsumexp's temporary and the margin mask (dense), or
     # S plus a stable sort's values and int64 indices (top-k).
     dense_bytes_per_score = 9
     topk_bytes_per_score = 17
-
-    def grad_dtype(self, score_dtype: torch.dtype, embedding_dtype: torch.dtype) -> torch.dtype:
-        """The dtype of G = dLoss/dS; when it is the scores' dtype, G overwrites the scores."""
-        return score_dtype
-
-    def scores(self, x: torch.Tensor, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
-        col = 0
-        for piece in pieces:
-            torch.mm(x, piece.T, out=out[:, col : col + piece.shape[0]])
-            col += piece.shape[0]
-
-    def dense_grads(self, grad_scores, x, pieces, grad_x, grad_pieces, accumulate_x, accumulate_pieces):
-        col = 0
-        for i, piece in enumerate(pieces):
-            g = grad_scores[:, col : col + piece.shape[0]]
-            col += piece.shape[0]
-            if grad_x is not None:
-                if i == 0 and not accumulate_x:
-                    torch.mm(g, piece, out=grad_x)
-                else:
-                    grad_x.addmm_(g, piece)
-            if grad_pieces[i] is not None:
-                if accumulate_pieces:
-                    grad_pieces[i].addmm_(g.T, x)
-                else:
-                    torch.mm(g.T, x, out=grad_pieces[i])
 
     def softmax_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, grad_out):
         """Loss of each row into `loss`; with row_scale, G into grad_out (here always `scores`)."""
@@ -186,11 +152,6 @@ def kernels_for(backend: str):
     return TorchKernels()
 
 
-def rows_per_chunk(n_candidates: int, bytes_per_score: int, device: torch.device) -> int:
-    budget = SCORE_CHUNK_BYTES or DEFAULT_CHUNK_BYTES.get(device.type, DEFAULT_CHUNK_BYTES["cpu"])
-    return max(1, budget // max(1, n_candidates * bytes_per_score))
-
-
 def directional_loss(
     kernels,
     x: torch.Tensor,
@@ -212,7 +173,7 @@ def directional_loss(
     n_rows = x.shape[0]
     n_candidates = sum(p.shape[0] for p in pieces)
     per_score = kernels.topk_bytes_per_score if opts.topk is not None else kernels.dense_bytes_per_score
-    chunk = min(n_rows, rows_per_chunk(n_candidates, per_score * torch.finfo(score_dtype).bits // 32, x.device))
+    chunk = chunk_rows(n_rows, n_candidates, per_score, score_dtype, x.device)
     scratch = torch.empty(chunk, n_candidates, dtype=score_dtype, device=x.device)
     grad_dtype = kernels.grad_dtype(score_dtype, x.dtype)
     separate_grads = row_scale is not None and opts.topk is None and grad_dtype != score_dtype
@@ -265,7 +226,7 @@ def contrastive_loss_rows(
     score_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
     # torch.mm on low-precision inputs would round the scores to 8 mantissa bits: those backends work
     # on float32 copies. The Triton kernels read bf16/fp16 directly and accumulate in float32.
-    work_dtype = query.dtype if getattr(kernels, "native_low_precision", False) else score_dtype
+    work_dtype = query.dtype if kernels.native_low_precision else score_dtype
     q, t = query.to(work_dtype).contiguous(), target.to(work_dtype).contiguous()
     n = None if negatives is None or negatives.shape[0] == 0 else negatives.to(work_dtype).contiguous()
     want = row_scale is not None

@@ -1,0 +1,61 @@
+"""What every chunked op shares: the scratch budget and the GEMMs around the row kernels.
+
+A chunked op computes a [rows, N] block of scores at a time (S = X_chunk·Yᵀ, with the candidates Y
+kept as a list of pieces that are never concatenated), runs its fused row kernel over the block, and
+finishes with two GEMMs (dX_chunk = G·Y, dY += Gᵀ·X_chunk). TorchGemms does the GEMMs with torch.mm
+(MKL on CPU, cuBLAS on CUDA); kernels/matmul.TritonGemms with Triton.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Scratch budget for one chunk of scores, per device type; None means "the default for the device".
+# CPU: 32 MiB keeps chunks at >= 256 rows (efficient MKL GEMMs) up to N = 32768 candidates and the
+# working set under 64 MiB at N = 131072. CUDA: each chunk re-reads the candidates and read-modify-
+# writes their float32 gradient, so a chunk needs >= ~1000 rows to stay compute-bound on an H100
+# (benchmarks/gpu_report.py); 1 GiB gives that up to N = 131072.
+SCORE_CHUNK_BYTES: int | None = (
+    int(os.environ["MMFAST_SCORE_CHUNK_BYTES"]) if "MMFAST_SCORE_CHUNK_BYTES" in os.environ else None
+)
+DEFAULT_CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 1 << 30}
+
+
+def chunk_rows(n_rows: int, n_candidates: int, bytes_per_score: int, score_dtype: torch.dtype, device) -> int:
+    """Rows per chunk: the scratch budget over the bytes one row of scores needs (float64 doubles it)."""
+    budget = SCORE_CHUNK_BYTES or DEFAULT_CHUNK_BYTES.get(device.type, DEFAULT_CHUNK_BYTES["cpu"])
+    per_row = max(1, n_candidates * bytes_per_score * torch.finfo(score_dtype).bits // 32)
+    return max(1, min(n_rows, budget // per_row))
+
+
+class TorchGemms:
+    # torch.mm on bf16/fp16 would round the scores to 8 mantissa bits: these GEMMs need float32 copies.
+    native_low_precision = False
+
+    def grad_dtype(self, score_dtype: torch.dtype, embedding_dtype: torch.dtype) -> torch.dtype:
+        """The dtype of G = dLoss/dS; when it is the scores' dtype, G overwrites the scores."""
+        return score_dtype
+
+    def scores(self, x: torch.Tensor, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
+        col = 0
+        for piece in pieces:
+            torch.mm(x, piece.T, out=out[:, col : col + piece.shape[0]])
+            col += piece.shape[0]
+
+    def dense_grads(self, grad_scores, x, pieces, grad_x, grad_pieces, accumulate_x, accumulate_pieces):
+        col = 0
+        for i, piece in enumerate(pieces):
+            g = grad_scores[:, col : col + piece.shape[0]]
+            col += piece.shape[0]
+            if grad_x is not None:
+                if i == 0 and not accumulate_x:
+                    torch.mm(g, piece, out=grad_x)
+                else:
+                    grad_x.addmm_(g, piece)
+            if grad_pieces[i] is not None:
+                if accumulate_pieces:
+                    grad_pieces[i].addmm_(g.T, x)
+                else:
+                    torch.mm(g.T, x, out=grad_pieces[i])
