@@ -14,6 +14,8 @@ void pool_forward(at::Tensor hidden, at::Tensor mask, int64_t mode, bool normali
                   at::Tensor norm, at::Tensor index, at::Tensor count);
 void pool_backward(at::Tensor grad_out, at::Tensor unit, at::Tensor norm, at::Tensor index, at::Tensor count,
                    at::Tensor mask, int64_t mode, bool normalize, at::Tensor grad_hidden);
+void distill_rows(at::Tensor student, at::Tensor teacher, double inv_student_t, double inv_teacher_t,
+                  c10::optional<at::Tensor> row_scale, at::Tensor loss);
 }  // namespace mmfast
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -24,6 +26,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Top-k hard-negative selection, loss and sparse gradient coefficients over one score chunk");
   m.def("contrastive_sparse_grads", &mmfast::sparse_grads,
         "Accumulate the sparse top-k gradients into grad_x and the candidate gradients");
+  m.def("distill_rows", &mmfast::distill_rows,
+        "Fused teacher/student logsumexps, KL(p_t || p_s) and the student's in-place gradient over one chunk");
   m.def("pool_forward", &mmfast::pool_forward, "Fused last-token / mean pooling with L2 normalisation");
   m.def("pool_backward", &mmfast::pool_backward, "Dense gradient of the fused pooling, in one pass");
 }

@@ -6,6 +6,12 @@ from mmfast.contrastive_loss import (
     ContrastiveLossOptions,
     contrastive_loss,
 )
+from mmfast.distillation_loss import (
+    DistillationLoss,
+    DistillationLossFunction,
+    DistillationLossOptions,
+    distillation_loss,
+)
 from mmfast.pooling import Pooler, PoolingFunction, PoolingOptions, last_token_pool, mean_pool
 
 __version__ = "0.1.0"
@@ -15,6 +21,10 @@ __all__ = [
     "ContrastiveLossFunction",
     "ContrastiveLossOptions",
     "contrastive_loss",
+    "DistillationLoss",
+    "DistillationLossFunction",
+    "DistillationLossOptions",
+    "distillation_loss",
     "Pooler",
     "PoolingFunction",
     "PoolingOptions",

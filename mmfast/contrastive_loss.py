@@ -11,24 +11,15 @@ Layers, top to bottom:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from mmfast.backends import resolve_backend
 from mmfast.backends.contrastive_loss import contrastive_loss_rows
+from mmfast.fused_gradients import loss_dtype, reduce_rows, row_scale, scale_saved_gradients
 from mmfast.reference.contrastive_loss import contrastive_loss_reference
-
-REDUCTIONS = ("mean", "sum", "none")
-
-
-def _check_real(name: str, value: object, *, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value) or (positive and value <= 0):
-        raise ValueError(f"{name} must be {'a positive' if positive else 'a'} finite number, got {value!r}")
-    return float(value)
+from mmfast.validation import check_real, check_reduction
 
 
 @dataclass(frozen=True)
@@ -44,10 +35,10 @@ class ContrastiveLossOptions:
     backend: str = "auto"
 
     def __post_init__(self):
-        _check_real("temperature", self.temperature, positive=True)
-        _check_real("hardness", self.hardness)
+        check_real("temperature", self.temperature, positive=True)
+        check_real("hardness", self.hardness)
         if self.false_negative_margin is not None:
-            _check_real("false_negative_margin", self.false_negative_margin)
+            check_real("false_negative_margin", self.false_negative_margin)
         if self.topk is not None:
             if isinstance(self.topk, bool) or not isinstance(self.topk, int):
                 raise TypeError(f"topk must be an int or None, got {type(self.topk).__name__}")
@@ -55,8 +46,7 @@ class ContrastiveLossOptions:
                 raise ValueError(f"topk must be >= 1, got {self.topk}")
         if not isinstance(self.symmetric, bool):
             raise TypeError(f"symmetric must be a bool, got {type(self.symmetric).__name__}")
-        if self.reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+        check_reduction(self.reduction)
 
 
 def _check_inputs(query, target, negatives, weight) -> torch.Tensor | None:
@@ -158,7 +148,7 @@ def _(
     grad_target,
     grad_negatives,
 ):
-    score_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    score_dtype = loss_dtype(query.dtype)
     wanted = row_scale is not None
 
     def grad(flag, like):
@@ -184,16 +174,6 @@ def _rows(query, target, negatives, options: ContrastiveLossOptions, backend: st
     )
 
 
-def _reduce(rows: torch.Tensor, weight: torch.Tensor | None, reduction: str) -> torch.Tensor:
-    if weight is not None:
-        rows = rows * weight.to(rows.dtype)
-    if reduction == "mean":
-        return rows.mean()
-    if reduction == "sum":
-        return rows.sum()
-    return rows
-
-
 class ContrastiveLossFunction(torch.autograd.Function):
     """One Function for every backend; `backend` is already resolved to a concrete one.
 
@@ -206,34 +186,21 @@ class ContrastiveLossFunction(torch.autograd.Function):
     def forward(ctx, query, target, negatives, weight, options: ContrastiveLossOptions, backend: str):
         needs = tuple(ctx.needs_input_grad[:3])
         ctx.options, ctx.backend, ctx.fused = options, backend, options.reduction != "none"
-        ctx.scaled = False
         if ctx.fused:
-            # Row i's share of the reduced loss, in the loss dtype (a float32 1/B would cost float64
-            # inputs half their digits).
-            dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
-            scale = torch.ones(query.shape[0], dtype=dtype, device=query.device)
-            scale = scale if weight is None else weight.detach().to(dtype)
-            scale = scale / query.shape[0] if options.reduction == "mean" else scale
+            scale = row_scale(options.reduction, query.shape[0], weight, loss_dtype(query.dtype), query.device)
             rows, *grads = _rows(query, target, negatives, options, backend, scale, needs)
             ctx.save_for_backward(*grads)
         else:
             rows = _rows(query, target, negatives, options, backend)[0]
             ctx.save_for_backward(query, target, negatives, weight)
         ctx.needs = needs
-        return _reduce(rows, weight, options.reduction)
+        return reduce_rows(rows, weight, options.reduction)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         if ctx.fused:
-            if ctx.scaled:
-                raise RuntimeError(
-                    "mmfast.contrastive_loss: backward ran twice through a mean/sum loss (retain_graph); "
-                    "its gradients are computed in forward and scaled in place once. Use reduction='none' "
-                    "and reduce yourself if you need to backpropagate twice."
-                )
-            ctx.scaled = True
-            grads = [g.mul_(grad_output.to(g.dtype)) if g.numel() else g for g in ctx.saved_tensors]
+            grads = scale_saved_gradients(ctx, grad_output, "contrastive_loss")
         else:
             query, target, negatives, weight = ctx.saved_tensors
             scale = grad_output if weight is None else grad_output * weight
@@ -309,7 +276,7 @@ def _contrastive_loss(query, target, negatives, weight, options: ContrastiveLoss
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
         # No gradient wanted: the loss alone, one GEMM per chunk and no gradient buffers.
         rows = _rows(query, target, flat_negatives, options, backend)[0]
-        return _reduce(rows, weight, options.reduction)
+        return reduce_rows(rows, weight, options.reduction)
     return ContrastiveLossFunction.apply(query, target, flat_negatives, weight, options, backend)
 
 

@@ -239,7 +239,8 @@ def contrastive_loss_rows(
 
     grad_q, grad_t, grad_n = grad_buffer(needs[0], q), grad_buffer(needs[1], t), grad_buffer(needs[2], n)
     opts = DirectionOptions(1.0 / temperature, hardness, margin, topk)
-    scale = None if row_scale is None else row_scale.to(score_dtype) * (0.5 if symmetric else 1.0)
+    # A new contiguous tensor: the per-row grad_output of reduction='none' can be an expanded view.
+    scale = None if row_scale is None else (row_scale.to(score_dtype) * (0.5 if symmetric else 1.0)).contiguous()
     pieces = [t] if n is None else [t, n]
     loss = directional_loss(
         kernels,

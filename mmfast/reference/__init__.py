@@ -1,6 +1,13 @@
 """Naive PyTorch versions of every mmfast op: the float64 test oracle and the benchmark baseline."""
 
 from mmfast.reference.contrastive_loss import contrastive_loss_reference, directional_loss_reference
+from mmfast.reference.distillation_loss import distillation_loss_reference
 from mmfast.reference.pooling import last_token_index, pool_reference
 
-__all__ = ["contrastive_loss_reference", "directional_loss_reference", "last_token_index", "pool_reference"]
+__all__ = [
+    "contrastive_loss_reference",
+    "directional_loss_reference",
+    "distillation_loss_reference",
+    "last_token_index",
+    "pool_reference",
+]

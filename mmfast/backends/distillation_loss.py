@@ -1,0 +1,116 @@
+"""The chunked similarity-distillation loss, shared by the torch, cpu and triton backends.
+
+Per chunk of rows (the same rows of the student's and the teacher's queries):
+
+    S = sq[chunk] · stᵀ,  T = tq[chunk] · ttᵀ       two score blocks [rows, N], never [B, N]
+    loss, G = row kernel(S, T)                       both exact logsumexps, KL(p_t ‖ p_s), and
+                                                     G = c·(p_s - p_t)/τ_s written over S
+    d sq[chunk] = G · st ;  d st += Gᵀ · sq[chunk]   the student's gradient GEMMs
+
+The teacher only costs its score GEMM: it gets no gradient. Its dimension may differ from the
+student's (precomputed 4096-d NV-Embed-v2 vectors against a 1536-d student, say).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from mmfast.backends.chunked import TorchGemms, chunk_rows
+
+
+class TorchDistillationKernels(TorchGemms):
+    bytes_per_score = 12  # student and teacher scores, plus log_softmax's temporary
+
+    def distill_rows(self, student, teacher, inv_student_t, inv_teacher_t, row_scale, loss, grad_out):
+        """Loss of each row into `loss`; with row_scale, G into grad_out (here always `student`)."""
+        log_student = torch.log_softmax(student.mul_(inv_student_t), dim=1)
+        log_teacher = torch.log_softmax(teacher.mul_(inv_teacher_t), dim=1)
+        p_teacher = log_teacher.exp()
+        torch.sum(p_teacher * (log_teacher - log_student), dim=1, out=loss)
+        if row_scale is not None:
+            torch.mul(log_student.exp_().sub_(p_teacher), (row_scale * inv_student_t)[:, None], out=student)
+
+
+class CpuDistillationKernels(TorchDistillationKernels):
+    """The C++ row kernel (csrc/distillation_loss.cpp); GEMMs on MKL through torch.mm."""
+
+    bytes_per_score = 8
+
+    def __init__(self, extension):
+        self.ext = extension
+
+    def distill_rows(self, student, teacher, inv_student_t, inv_teacher_t, row_scale, loss, grad_out):
+        self.ext.distill_rows(student, teacher, inv_student_t, inv_teacher_t, row_scale, loss)
+
+
+@functools.cache
+def distillation_kernels(backend: str):
+    if backend == "cpu":
+        from mmfast._extension import load_extension
+
+        return CpuDistillationKernels(load_extension())
+    if backend == "triton":
+        from mmfast.kernels.distillation_loss import TritonDistillationKernels
+
+        return TritonDistillationKernels()
+    return TorchDistillationKernels()
+
+
+def distillation_loss_rows(
+    backend: str,
+    student_query: torch.Tensor,
+    student_target: torch.Tensor,
+    teacher_query: torch.Tensor,
+    teacher_target: torch.Tensor,
+    *,
+    student_temperature: float,
+    teacher_temperature: float,
+    row_scale: torch.Tensor | None,
+    needs: tuple[bool, bool],
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Per-row KL [B] (float32, float64 for float64 students) and, with `row_scale`, the gradients of
+    Σ_i row_scale_i·loss_i for the student query and target flagged in `needs`.
+
+    The student's candidates are `student_target` [N, D_s] and the teacher's `teacher_target`
+    [N, D_t]: with cross-device negatives these are the global batches, the queries local.
+    """
+    kernels = distillation_kernels(backend)
+    score_dtype = torch.float64 if student_query.dtype == torch.float64 else torch.float32
+
+    def work(t: torch.Tensor) -> torch.Tensor:
+        native = kernels.native_low_precision and t.dtype != torch.float64 and score_dtype != torch.float64
+        return t.contiguous() if native else t.to(score_dtype).contiguous()
+
+    sq, st, tq, tt = (work(t) for t in (student_query, student_target, teacher_query, teacher_target))
+    n_rows, n_candidates = sq.shape[0], st.shape[0]
+    want = row_scale is not None
+    grad_sq = torch.empty(sq.shape, dtype=score_dtype, device=sq.device) if want and needs[0] else None
+    grad_st = torch.empty(st.shape, dtype=score_dtype, device=sq.device) if want and needs[1] else None
+    chunk = chunk_rows(n_rows, n_candidates, kernels.bytes_per_score, score_dtype, sq.device)
+    student_scores = torch.empty(chunk, n_candidates, dtype=score_dtype, device=sq.device)
+    teacher_scores = torch.empty(chunk, n_candidates, dtype=score_dtype, device=sq.device)
+    grad_dtype = kernels.grad_dtype(score_dtype, sq.dtype)
+    separate = want and grad_dtype != score_dtype
+    grad_scratch = torch.empty(chunk, n_candidates, dtype=grad_dtype, device=sq.device) if separate else None
+    loss = torch.empty(n_rows, dtype=score_dtype, device=sq.device)
+    scale = None if row_scale is None else row_scale.to(score_dtype).contiguous()
+    for start in range(0, n_rows, chunk):
+        stop = min(n_rows, start + chunk)
+        s, t = student_scores[: stop - start], teacher_scores[: stop - start]
+        kernels.scores(sq[start:stop], [st], s)
+        kernels.scores(tq[start:stop], [tt], t)
+        grads = None if not want else s if grad_scratch is None else grad_scratch[: stop - start]
+        row_scale_chunk = None if scale is None else scale[start:stop]
+        kernels.distill_rows(
+            s, t, 1.0 / student_temperature, 1.0 / teacher_temperature, row_scale_chunk, loss[start:stop], grads
+        )
+        if grads is not None:
+            grad_sq_chunk = None if grad_sq is None else grad_sq[start:stop]
+            kernels.dense_grads(grads, sq[start:stop], [st], grad_sq_chunk, [grad_st], False, start > 0)
+    return (
+        loss,
+        None if grad_sq is None else grad_sq.to(student_query.dtype),
+        None if grad_st is None else grad_st.to(student_target.dtype),
+    )

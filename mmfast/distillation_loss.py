@@ -1,0 +1,202 @@
+"""mmfast.distillation_loss: UniME stage 1, a KL divergence between the teacher's and the student's
+in-batch similarity distributions, fused and chunked so neither B×B matrix exists.
+
+    p_teacher_i = softmax_j(tq_i · tt_j / τ_t),  p_student_i = softmax_j(sq_i · st_j / τ_s)
+    loss_i = KL(p_teacher_i ‖ p_student_i)
+
+Layers: distillation_loss() / DistillationLoss -> DistillationLossFunction ->
+torch.ops.mmfast.distillation_loss_rows (custom op) -> mmfast/backends/distillation_loss.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mmfast.backends import resolve_backend
+from mmfast.backends.distillation_loss import distillation_loss_rows
+from mmfast.distributed import gather, process_group_active, warn_single_process
+from mmfast.fused_gradients import loss_dtype, reduce_rows, row_scale, scale_saved_gradients
+from mmfast.reference.distillation_loss import distillation_loss_reference
+from mmfast.validation import check_real, check_reduction
+
+
+@dataclass(frozen=True)
+class DistillationLossOptions:
+    student_temperature: float = 0.02
+    teacher_temperature: float = 0.02
+    reduction: str = "mean"
+    backend: str = "auto"
+    cross_device: bool = False
+
+    def __post_init__(self):
+        check_real("student_temperature", self.student_temperature, positive=True)
+        check_real("teacher_temperature", self.teacher_temperature, positive=True)
+        check_reduction(self.reduction)
+        if not isinstance(self.cross_device, bool):
+            raise TypeError(f"cross_device must be a bool, got {type(self.cross_device).__name__}")
+
+
+def _check_inputs(student_query, student_target, teacher_query, teacher_target) -> None:
+    named = {"student_query": student_query, "student_target": student_target, "teacher_query": teacher_query,
+             "teacher_target": teacher_target}  # fmt: skip
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D [B, D], got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+        if t.device != student_query.device:
+            raise ValueError(f"{name} is on {t.device} but student_query is on {student_query.device}")
+    b, d = student_query.shape
+    if b == 0 or d == 0:
+        raise ValueError(f"student_query needs B >= 1 and D >= 1, got shape {(b, d)}")
+    if student_target.shape != student_query.shape:
+        raise ValueError(f"student_target must have student_query's shape {(b, d)} [B, D_s], got "
+                         f"{tuple(student_target.shape)}")  # fmt: skip
+    if teacher_query.shape[0] != b or teacher_query.shape[1] == 0:
+        raise ValueError(f"teacher_query must be [B, D_t] with B = {b} and D_t >= 1, got {tuple(teacher_query.shape)}")
+    if teacher_target.shape != teacher_query.shape:
+        raise ValueError(f"teacher_target must have teacher_query's shape {tuple(teacher_query.shape)} [B, D_t], got "
+                         f"{tuple(teacher_target.shape)}")  # fmt: skip
+    if student_target.dtype != student_query.dtype:
+        raise TypeError(f"student_target has dtype {student_target.dtype} but student_query has {student_query.dtype}")
+    if teacher_target.dtype != teacher_query.dtype:
+        raise TypeError(f"teacher_target has dtype {teacher_target.dtype} but teacher_query has {teacher_query.dtype}")
+
+
+@torch.library.custom_op("mmfast::distillation_loss_rows", mutates_args=())
+def _distillation_loss_rows_op(
+    student_query: torch.Tensor,
+    student_target: torch.Tensor,
+    teacher_query: torch.Tensor,
+    teacher_target: torch.Tensor,
+    row_scale: torch.Tensor | None,
+    student_temperature: float,
+    teacher_temperature: float,
+    backend: str,
+    grad_query: bool,
+    grad_target: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    loss, *grads = distillation_loss_rows(
+        backend, student_query, student_target, teacher_query, teacher_target,
+        student_temperature=student_temperature, teacher_temperature=teacher_temperature, row_scale=row_scale,
+        needs=(grad_query, grad_target),
+    )  # fmt: skip
+    return (loss, *(g if g is not None else student_query.new_empty(0) for g in grads))
+
+
+@_distillation_loss_rows_op.register_fake
+def _(student_query, student_target, teacher_query, teacher_target, row_scale, student_temperature,
+      teacher_temperature, backend, grad_query, grad_target):  # fmt: skip
+    def grad(flag, like):
+        return torch.empty_like(like) if row_scale is not None and flag else like.new_empty(0)
+
+    loss = student_query.new_empty(student_query.shape[0], dtype=loss_dtype(student_query.dtype))
+    return loss, grad(grad_query, student_query), grad(grad_target, student_target)
+
+
+def _rows(sq, st, tq, tt, options: DistillationLossOptions, backend: str, scale=None, needs=(False, False)):
+    return _distillation_loss_rows_op(
+        sq, st, tq, tt, scale, options.student_temperature, options.teacher_temperature, backend, *needs
+    )
+
+
+class DistillationLossFunction(torch.autograd.Function):
+    """One Function for every backend. The teacher's inputs get no gradient; student_target and
+    teacher_target are the candidates (the global batches under cross_device)."""
+
+    @staticmethod
+    def forward(ctx, student_query, student_target, teacher_query, teacher_target, options, backend):
+        needs = tuple(ctx.needs_input_grad[:2])
+        ctx.options, ctx.backend, ctx.fused, ctx.needs = options, backend, options.reduction != "none", needs
+        if ctx.fused:
+            scale = row_scale(
+                options.reduction, student_query.shape[0], None, loss_dtype(student_query.dtype), student_query.device
+            )
+            rows, *grads = _rows(student_query, student_target, teacher_query, teacher_target, options, backend,
+                                 scale, needs)  # fmt: skip
+            ctx.save_for_backward(*grads)
+        else:
+            rows = _rows(student_query, student_target, teacher_query, teacher_target, options, backend)[0]
+            ctx.save_for_backward(student_query, student_target, teacher_query, teacher_target)
+        return reduce_rows(rows, None, options.reduction)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        if ctx.fused:
+            grads = scale_saved_gradients(ctx, grad_output, "distillation_loss")
+        else:
+            sq, st, tq, tt = ctx.saved_tensors
+            grads = _rows(sq, st, tq, tt, ctx.options, ctx.backend, grad_output.detach(), ctx.needs)[1:]
+        grads = [g if need else None for g, need in zip(grads, ctx.needs, strict=True)]
+        return (*grads, None, None, None, None)
+
+
+def distillation_loss(
+    student_query: torch.Tensor,
+    student_target: torch.Tensor,
+    teacher_query: torch.Tensor,
+    teacher_target: torch.Tensor,
+    *,
+    student_temperature: float = 0.02,
+    teacher_temperature: float = 0.02,
+    reduction: str = "mean",
+    backend: str = "auto",
+    cross_device: bool = False,
+) -> torch.Tensor:
+    """KL(p_teacher ‖ p_student) of each row's in-batch similarity distribution.
+
+    Args:
+        student_query, student_target: [B, D_s], the student's embeddings (gradients flow here).
+        teacher_query, teacher_target: [B, D_t], the teacher's (e.g. precomputed NV-Embed-v2 vectors;
+            D_t may differ from D_s, and so may the dtype). No gradient reaches them.
+        student_temperature, teacher_temperature: τ_s and τ_t.
+        reduction: "mean", "sum" or "none" ([B]).
+        backend: "auto", "triton", "cpu", "torch" or "reference".
+        cross_device: with an initialised torch.distributed group, every rank's targets are
+            all-gathered (the student's with gradient) and each rank's rows see the global batch;
+            each rank's loss reduces over its own rows, and after every rank's backward each rank
+            holds the gradient of the sum of all ranks' losses (DDP's averaging then gives the
+            global-batch mean). Without a group: this process's batch, with one warning.
+
+    Returns the loss in float32 (float64 for a float64 student). Never holds a B×B matrix.
+    """
+    options = DistillationLossOptions(student_temperature, teacher_temperature, reduction, backend, cross_device)
+    return _distillation_loss(student_query, student_target, teacher_query, teacher_target, options)
+
+
+def _distillation_loss(sq, st, tq, tt, options: DistillationLossOptions) -> torch.Tensor:
+    _check_inputs(sq, st, tq, tt)
+    backend = resolve_backend(options.backend, sq.device)
+    if options.cross_device:
+        if process_group_active():
+            st, _ = gather(st, with_grad=True)
+            tt, _ = gather(tt, with_grad=False)
+        else:
+            warn_single_process("distillation_loss")
+    if backend == "reference":
+        return distillation_loss_reference(
+            sq, st, tq, tt, student_temperature=options.student_temperature,
+            teacher_temperature=options.teacher_temperature, reduction=options.reduction,
+        )  # fmt: skip
+    if not (torch.is_grad_enabled() and (sq.requires_grad or st.requires_grad)):
+        return reduce_rows(_rows(sq, st, tq, tt, options, backend)[0], None, options.reduction)
+    return DistillationLossFunction.apply(sq, st, tq, tt, options, backend)
+
+
+class DistillationLoss(torch.nn.Module):
+    """nn.Module form of `distillation_loss`: forward(student_query, student_target, teacher_query, teacher_target)."""
+
+    def __init__(self, **options):
+        super().__init__()
+        self.options = DistillationLossOptions(**options)
+
+    def forward(self, student_query, student_target, teacher_query, teacher_target):
+        return _distillation_loss(student_query, student_target, teacher_query, teacher_target, self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in vars(self.options).items())

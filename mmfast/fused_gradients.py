@@ -1,0 +1,44 @@
+"""How the chunked losses hand gradients to autograd, shared by their Functions.
+
+With reduction "mean" or "sum" the coefficient of each row's loss in the total is known in forward
+(`row_scale`), so forward computes the gradients with the loss (three GEMMs, no recomputation, as
+Liger's fused linear cross-entropy does) and backward only multiplies them, in place, by the scalar
+output gradient. With "none" that coefficient is the per-row output gradient, known only in
+backward, which then recomputes the scores.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def row_scale(reduction: str, n_rows: int, weight: torch.Tensor | None, dtype: torch.dtype, device) -> torch.Tensor:
+    """d(reduced loss)/d(loss_i), in the loss dtype (a float32 1/B would cost float64 inputs digits)."""
+    scale = torch.ones(n_rows, dtype=dtype, device=device) if weight is None else weight.detach().to(dtype)
+    return scale / n_rows if reduction == "mean" else scale
+
+
+def reduce_rows(rows: torch.Tensor, weight: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    if weight is not None:
+        rows = rows * weight.to(rows.dtype)
+    if reduction == "mean":
+        return rows.mean()
+    if reduction == "sum":
+        return rows.sum()
+    return rows
+
+
+def scale_saved_gradients(ctx, grad_output: torch.Tensor, op: str) -> list[torch.Tensor]:
+    """The gradients saved by a fused forward, times the scalar grad_output, in place (no copy of a
+    [N, D] gradient). A second backward would scale them twice, so it is refused."""
+    if getattr(ctx, "scaled", False):
+        raise RuntimeError(
+            f"mmfast.{op}: backward ran twice through a mean/sum loss (retain_graph); its gradients are computed "
+            "in forward and scaled in place once. Use reduction='none' and reduce yourself to backpropagate twice."
+        )
+    ctx.scaled = True
+    return [g.mul_(grad_output.to(g.dtype)) if g.numel() else g for g in ctx.saved_tensors]
