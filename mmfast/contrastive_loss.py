@@ -17,6 +17,7 @@ import torch
 
 from mmfast.backends import resolve_backend
 from mmfast.backends.contrastive_loss import contrastive_loss_rows
+from mmfast.distributed import gather, process_group_active, warn_single_process
 from mmfast.fused_gradients import loss_dtype, reduce_rows, row_scale, scale_saved_gradients
 from mmfast.reference.contrastive_loss import contrastive_loss_reference
 from mmfast.validation import check_real, check_reduction
@@ -33,6 +34,7 @@ class ContrastiveLossOptions:
     topk: int | None = None
     reduction: str = "mean"
     backend: str = "auto"
+    cross_device: bool = False
 
     def __post_init__(self):
         check_real("temperature", self.temperature, positive=True)
@@ -47,6 +49,8 @@ class ContrastiveLossOptions:
         if not isinstance(self.symmetric, bool):
             raise TypeError(f"symmetric must be a bool, got {type(self.symmetric).__name__}")
         check_reduction(self.reduction)
+        if not isinstance(self.cross_device, bool):
+            raise TypeError(f"cross_device must be a bool, got {type(self.cross_device).__name__}")
 
 
 def _check_inputs(query, target, negatives, weight) -> torch.Tensor | None:
@@ -105,72 +109,57 @@ def _contrastive_loss_rows_op(
     target: torch.Tensor,
     negatives: torch.Tensor | None,
     row_scale: torch.Tensor | None,
+    gathered_targets: torch.Tensor | None,
+    gathered_queries: torch.Tensor | None,
+    positive_offset: int,
     temperature: float,
     symmetric: bool,
     hardness: float,
     margin: float | None,
     topk: int | None,
     backend: str,
-    grad_query: bool,
-    grad_target: bool,
-    grad_negatives: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     loss, *grads = contrastive_loss_rows(
-        backend,
-        query,
-        target,
-        negatives,
-        temperature=temperature,
-        symmetric=symmetric,
-        hardness=hardness,
-        margin=margin,
-        topk=topk,
-        row_scale=row_scale,
-        needs=(grad_query, grad_target, grad_negatives),
-    )
+        backend, query, target, negatives, temperature=temperature, symmetric=symmetric, hardness=hardness,
+        margin=margin, topk=topk, row_scale=row_scale, needs=tuple(needs), gathered_targets=gathered_targets,
+        gathered_queries=gathered_queries, positive_offset=positive_offset,
+    )  # fmt: skip
     # A custom op returns tensors only: a gradient that was not computed comes back empty.
     return (loss, *(g if g is not None else query.new_empty(0) for g in grads))
 
 
 @_contrastive_loss_rows_op.register_fake
-def _(
-    query,
-    target,
-    negatives,
-    row_scale,
-    temperature,
-    symmetric,
-    hardness,
-    margin,
-    topk,
-    backend,
-    grad_query,
-    grad_target,
-    grad_negatives,
-):
-    score_dtype = loss_dtype(query.dtype)
-    wanted = row_scale is not None
+def _(query, target, negatives, row_scale, gathered_targets, gathered_queries, positive_offset, temperature, symmetric,
+      hardness, margin, topk, backend, needs):  # fmt: skip
+    local = gathered_targets is None
+    used = [True, local or symmetric, True, True, symmetric]
+    inputs = [query, target, negatives, gathered_targets, gathered_queries]
 
-    def grad(flag, like):
-        return torch.empty_like(like) if wanted and flag and like is not None else query.new_empty(0)
+    def grad(i):
+        like = inputs[i]
+        if row_scale is None or not needs[i] or not used[i] or like is None or (local and i >= 3):
+            return query.new_empty(0)
+        return torch.empty_like(like)
 
-    loss = query.new_empty(query.shape[0], dtype=score_dtype)
-    return loss, grad(grad_query, query), grad(grad_target, target), grad(grad_negatives, negatives)
+    loss = query.new_empty(query.shape[0], dtype=loss_dtype(query.dtype))
+    return (loss, *(grad(i) for i in range(5)))
 
 
-def _rows(query, target, negatives, options: ContrastiveLossOptions, backend: str, row_scale=None, needs=(False,) * 3):
+def _rows(query, target, negatives, options, backend, row_scale=None, needs=(False,) * 5, gathered=(None, None, 0)):
     return _contrastive_loss_rows_op(
         query,
         target,
         negatives,
         row_scale,
+        *gathered,
         options.temperature,
         options.symmetric,
         options.hardness,
         options.false_negative_margin,
         options.topk,
         backend,
-        *needs,
+        list(needs),
     )
 
 
@@ -180,20 +169,24 @@ class ContrastiveLossFunction(torch.autograd.Function):
     With reduction "mean"/"sum" the forward also computes the gradients (three GEMMs in all, no
     recomputation) and backward only scales them. With "none" the per-row output gradient is only
     known in backward, which then recomputes the scores chunk by chunk (four GEMMs in all).
+    Across devices, gathered_targets / gathered_queries (and negatives) are all ranks' tensors from
+    an autograd-aware all-gather, and query i's positive is gathered target positive_offset + i.
     """
 
     @staticmethod
-    def forward(ctx, query, target, negatives, weight, options: ContrastiveLossOptions, backend: str):
-        needs = tuple(ctx.needs_input_grad[:3])
-        ctx.options, ctx.backend, ctx.fused = options, backend, options.reduction != "none"
+    def forward(ctx, query, target, negatives, weight, gathered_targets, gathered_queries, positive_offset,
+                options: ContrastiveLossOptions, backend: str):  # fmt: skip
+        needs = tuple(ctx.needs_input_grad[i] for i in (0, 1, 2, 4, 5))
+        gathered = (gathered_targets, gathered_queries, positive_offset)
+        ctx.options, ctx.backend, ctx.fused, ctx.needs = options, backend, options.reduction != "none", needs
+        ctx.gathered_offset = positive_offset
         if ctx.fused:
             scale = row_scale(options.reduction, query.shape[0], weight, loss_dtype(query.dtype), query.device)
-            rows, *grads = _rows(query, target, negatives, options, backend, scale, needs)
+            rows, *grads = _rows(query, target, negatives, options, backend, scale, needs, gathered)
             ctx.save_for_backward(*grads)
         else:
-            rows = _rows(query, target, negatives, options, backend)[0]
-            ctx.save_for_backward(query, target, negatives, weight)
-        ctx.needs = needs
+            rows = _rows(query, target, negatives, options, backend, gathered=gathered)[0]
+            ctx.save_for_backward(query, target, negatives, weight, gathered_targets, gathered_queries)
         return reduce_rows(rows, weight, options.reduction)
 
     @staticmethod
@@ -202,11 +195,13 @@ class ContrastiveLossFunction(torch.autograd.Function):
         if ctx.fused:
             grads = scale_saved_gradients(ctx, grad_output, "contrastive_loss")
         else:
-            query, target, negatives, weight = ctx.saved_tensors
+            query, target, negatives, weight, gathered_targets, gathered_queries = ctx.saved_tensors
             scale = grad_output if weight is None else grad_output * weight
-            grads = _rows(query, target, negatives, ctx.options, ctx.backend, scale.detach(), ctx.needs)[1:]
-        grads = [g if need else None for g, need in zip(grads, ctx.needs, strict=True)]
-        return (*grads, None, None, None)
+            gathered = (gathered_targets, gathered_queries, ctx.gathered_offset)
+            grads = _rows(query, target, negatives, ctx.options, ctx.backend, scale.detach(), ctx.needs, gathered)[1:]
+        # Real gradients are 2-D; the custom op's 1-D empty placeholders mean "not computed/unused".
+        grads = [g if need and g.dim() == 2 else None for g, need in zip(grads, ctx.needs, strict=True)]
+        return grads[0], grads[1], grads[2], None, grads[3], grads[4], None, None, None
 
 
 def contrastive_loss(
@@ -222,6 +217,7 @@ def contrastive_loss(
     weight: torch.Tensor | None = None,
     reduction: str = "mean",
     backend: str = "auto",
+    cross_device: bool = False,
 ) -> torch.Tensor:
     """Contrastive loss of B queries against their B targets plus shared hard negatives.
 
@@ -239,6 +235,13 @@ def contrastive_loss(
             "mean" divides the weighted sum by B.
         reduction: "mean", "sum" or "none" ([B]).
         backend: "auto", "triton", "cpu", "torch" or "reference".
+        cross_device: with an initialised torch.distributed group, targets and negatives (and, for
+            symmetric, queries) are all-gathered with gradient; each rank's queries see every rank's
+            candidates, query i's positive being the gathered target at this rank's offset + i.
+            Per-rank batch sizes may differ. Each rank's loss is the reduction over its own rows;
+            after every rank's backward each rank holds the gradient of the sum of all ranks'
+            losses, which DDP's gradient averaging turns into the global-batch mean. Without a
+            group: this process's batch, with one warning.
 
     Returns the loss in float32 (float64 for float64 inputs). Gradients reach query, target and
     negatives in their own dtypes. The B×N score matrix is never held: memory is one chunk of
@@ -252,6 +255,7 @@ def contrastive_loss(
         topk=topk,
         reduction=reduction,
         backend=backend,
+        cross_device=cross_device,
     )
     return _contrastive_loss(query, target, negatives, weight, options)
 
@@ -259,25 +263,29 @@ def contrastive_loss(
 def _contrastive_loss(query, target, negatives, weight, options: ContrastiveLossOptions) -> torch.Tensor:
     flat_negatives = _check_inputs(query, target, negatives, weight)
     backend = resolve_backend(options.backend, query.device)
+    gathered = (None, None, 0)
+    if options.cross_device:
+        if process_group_active():
+            all_targets, offset = gather(target, with_grad=True)
+            all_queries = gather(query, with_grad=True)[0] if options.symmetric else None
+            if flat_negatives is not None:
+                flat_negatives = gather(flat_negatives, with_grad=True)[0]
+            gathered = (all_targets, all_queries, offset)
+        else:
+            warn_single_process("contrastive_loss")
     if backend == "reference":
         return contrastive_loss_reference(
-            query,
-            target,
-            negatives,
-            temperature=options.temperature,
-            symmetric=options.symmetric,
-            hardness=options.hardness,
-            false_negative_margin=options.false_negative_margin,
-            topk=options.topk,
-            weight=weight,
-            reduction=options.reduction,
-        )
-    inputs = [t for t in (query, target, flat_negatives) if t is not None]
+            query, target, flat_negatives, temperature=options.temperature, symmetric=options.symmetric,
+            hardness=options.hardness, false_negative_margin=options.false_negative_margin, topk=options.topk,
+            weight=weight, reduction=options.reduction,
+            gathered=None if gathered[0] is None else (gathered[0], flat_negatives, gathered[1], gathered[2]),
+        )  # fmt: skip
+    inputs = [t for t in (query, target, flat_negatives, *gathered[:2]) if t is not None]
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
         # No gradient wanted: the loss alone, one GEMM per chunk and no gradient buffers.
-        rows = _rows(query, target, flat_negatives, options, backend)[0]
+        rows = _rows(query, target, flat_negatives, options, backend, gathered=gathered)[0]
         return reduce_rows(rows, weight, options.reduction)
-    return ContrastiveLossFunction.apply(query, target, flat_negatives, weight, options, backend)
+    return ContrastiveLossFunction.apply(query, target, flat_negatives, weight, *gathered, options, backend)
 
 
 class ContrastiveLoss(torch.nn.Module):

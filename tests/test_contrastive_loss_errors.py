@@ -143,3 +143,15 @@ def test_cpp_checks_raise_instead_of_crashing():
     index = torch.full((4, 2), 7)
     with pytest.raises(RuntimeError, match="index entries must lie in"):
         ext.contrastive_sparse_grads(x, y, None, index, torch.ones(4, 2), torch.zeros(4, 3), None, None)
+
+
+def test_cross_device_without_a_process_group_warns_once_and_computes_locally():
+    import mmfast.distributed as distributed
+
+    distributed._warned.discard("contrastive_loss")
+    q, t, n = good()
+    with pytest.warns(UserWarning, match="without an initialised torch.distributed process group"):
+        loss = mmfast.contrastive_loss(q, t, n, cross_device=True)
+    torch.testing.assert_close(loss, mmfast.contrastive_loss(q, t, n))
+    with pytest.raises(TypeError, match="cross_device must be a bool"):
+        mmfast.ContrastiveLoss(cross_device=1)

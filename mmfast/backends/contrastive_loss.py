@@ -163,8 +163,10 @@ def directional_loss(
     grad_pieces: list[torch.Tensor | None],
     accumulate: bool,
     score_dtype: torch.dtype,
+    positive_offset: int = 0,
 ) -> torch.Tensor:
-    """Per-row loss of `x` against the candidates `pieces`; row i's positive is candidate i.
+    """Per-row loss of `x` against the candidates `pieces`; row i's positive is candidate
+    positive_offset + i (the offset is this rank's place in gathered candidates).
 
     With `row_scale` (dTotal/dLoss_row), gradients go into `grad_x` / `grad_pieces` (None entries are
     skipped): written, or added to when `accumulate` (the top-k path always adds, so its buffers
@@ -187,7 +189,7 @@ def directional_loss(
         kernels.scores(x_chunk, pieces, scores)
         if opts.topk is None:
             grads = None if scale is None else scores if grad_scratch is None else grad_scratch[: stop - start]
-            kernels.softmax_rows(scores, start, opts, scale, loss[start:stop], grads)
+            kernels.softmax_rows(scores, positive_offset + start, opts, scale, loss[start:stop], grads)
             if grads is not None:
                 kernels.dense_grads(
                     grads, x_chunk, pieces, grad_x_chunk, grad_pieces, accumulate, accumulate or start > 0
@@ -196,7 +198,7 @@ def directional_loss(
             slots = (stop - start, opts.topk + 1)
             index = torch.empty(slots, dtype=torch.int64, device=x.device)
             coef = None if scale is None else torch.empty(slots, dtype=score_dtype, device=x.device)
-            kernels.topk_rows(scores, start, opts, scale, loss[start:stop], index, coef)
+            kernels.topk_rows(scores, positive_offset + start, opts, scale, loss[start:stop], index, coef)
             if scale is not None:
                 kernels.sparse_grads(x_chunk, pieces, index, coef, grad_x_chunk, grad_pieces)
     return loss
@@ -214,21 +216,33 @@ def contrastive_loss_rows(
     margin: float | None,
     topk: int | None,
     row_scale: torch.Tensor | None,
-    needs: tuple[bool, bool, bool],
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    needs: tuple[bool, bool, bool, bool, bool],
+    gathered_targets: torch.Tensor | None = None,
+    gathered_queries: torch.Tensor | None = None,
+    positive_offset: int = 0,
+) -> tuple[torch.Tensor, ...]:
     """Per-row loss [B] (float32, or float64 for float64 inputs) and, when `row_scale` is given, the
-    gradients of Σ_i row_scale_i·loss_i for the inputs flagged in `needs` (query, target, negatives).
+    gradients of Σ_i row_scale_i·loss_i for the inputs flagged in `needs`: (query, target,
+    negatives, gathered_targets, gathered_queries). Gradients not asked for, or of inputs the loss
+    does not use, are None.
 
-    `negatives` is [M, D] or None. Symmetric losses run the same chunked core a second time with the
-    targets as rows and the queries as candidates, adding into the same gradient buffers.
+    On one process the candidates are [target; negatives] and, for the symmetric half, query; the
+    gradient buffers are shared between the two halves. Across devices (`gathered_targets` given)
+    they are [gathered_targets; negatives] (negatives then being the gathered ones) and
+    gathered_queries, and query i's positive is gathered target positive_offset + i.
     """
     kernels = kernels_for(backend)
     score_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
     # torch.mm on low-precision inputs would round the scores to 8 mantissa bits: those backends work
     # on float32 copies. The Triton kernels read bf16/fp16 directly and accumulate in float32.
     work_dtype = query.dtype if kernels.native_low_precision else score_dtype
-    q, t = query.to(work_dtype).contiguous(), target.to(work_dtype).contiguous()
-    n = None if negatives is None or negatives.shape[0] == 0 else negatives.to(work_dtype).contiguous()
+
+    def work(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None or x.shape[0] == 0 else x.to(work_dtype).contiguous()
+
+    local = gathered_targets is None
+    q, t, n = work(query), work(target), work(negatives)
+    cand_t, cand_q = (t, q) if local else (work(gathered_targets), work(gathered_queries))
     want = row_scale is not None
     new_grad = torch.zeros if topk is not None else torch.empty
 
@@ -237,34 +251,25 @@ def contrastive_loss_rows(
             return None
         return new_grad(like.shape, dtype=score_dtype, device=like.device)
 
-    grad_q, grad_t, grad_n = grad_buffer(needs[0], q), grad_buffer(needs[1], t), grad_buffer(needs[2], n)
+    target_used = local or symmetric  # across devices, only the symmetric half reads the local targets
+    grad_q, grad_n = grad_buffer(needs[0], q), grad_buffer(needs[2], n)
+    grad_t = grad_buffer(needs[1] and target_used, t)
+    grad_ct = grad_t if local else grad_buffer(needs[3], cand_t)
+    grad_cq = grad_q if local else grad_buffer(needs[4] and symmetric, cand_q)
     opts = DirectionOptions(1.0 / temperature, hardness, margin, topk)
     # A new contiguous tensor: the per-row grad_output of reduction='none' can be an expanded view.
     scale = None if row_scale is None else (row_scale.to(score_dtype) * (0.5 if symmetric else 1.0)).contiguous()
-    pieces = [t] if n is None else [t, n]
+    pieces = [cand_t] if n is None else [cand_t, n]
     loss = directional_loss(
-        kernels,
-        q,
-        pieces,
-        opts,
-        row_scale=scale,
-        grad_x=grad_q,
-        grad_pieces=[grad_t, grad_n][: len(pieces)],
-        accumulate=False,
-        score_dtype=score_dtype,
-    )
+        kernels, q, pieces, opts, row_scale=scale, grad_x=grad_q, grad_pieces=[grad_ct, grad_n][: len(pieces)],
+        accumulate=False, score_dtype=score_dtype, positive_offset=positive_offset,
+    )  # fmt: skip
     if symmetric:
+        # On one process the second half adds into the buffers the first one wrote.
         reverse = directional_loss(
-            kernels,
-            t,
-            [q],
-            opts,
-            row_scale=scale,
-            grad_x=grad_t,
-            grad_pieces=[grad_q],
-            accumulate=True,
-            score_dtype=score_dtype,
-        )
+            kernels, t, [cand_q], opts, row_scale=scale, grad_x=grad_t, grad_pieces=[grad_cq], accumulate=local,
+            score_dtype=score_dtype, positive_offset=positive_offset,
+        )  # fmt: skip
         loss = 0.5 * (loss + reverse)
 
     def finish(grad: torch.Tensor | None, like: torch.Tensor | None, needed: bool) -> torch.Tensor | None:
@@ -276,6 +281,8 @@ def contrastive_loss_rows(
     return (
         loss,
         finish(grad_q, query, needs[0]),
-        finish(grad_t, target, needs[1]),
+        finish(grad_t, target, needs[1] and target_used),
         finish(grad_n, negatives, needs[2]),
+        None if local else finish(grad_ct, gathered_targets, needs[3]),
+        None if local or not symmetric else finish(grad_cq, gathered_queries, needs[4]),
     )

@@ -25,17 +25,19 @@ def directional_loss_reference(
     hardness: float = 0.0,
     false_negative_margin: float | None = None,
     topk: int | None = None,
+    positive_offset: int = 0,
 ) -> torch.Tensor:
-    """Per-row loss of rows `x` [B, D] against `candidates` [N, D]; row i's positive is candidate i."""
-    rows = x.shape[0]
+    """Per-row loss of rows `x` [B, D] against `candidates` [N, D]; row i's positive is candidate
+    positive_offset + i (nonzero when the candidates were gathered from several ranks)."""
+    rows = torch.arange(x.shape[0], device=x.device)
     scores = x @ candidates.T
     eye = torch.zeros_like(scores, dtype=torch.bool)
-    eye[torch.arange(rows), torch.arange(rows)] = True
-    pos = scores.diagonal()
+    eye[rows, rows + positive_offset] = True
+    pos = scores[rows, rows + positive_offset]
     detached = scores.detach()
     keep = ~eye
     if false_negative_margin is not None:
-        keep &= ~(detached > detached.diagonal()[:, None] + false_negative_margin)
+        keep &= ~(detached > pos.detach()[:, None] + false_negative_margin)
     if topk is not None:
         ranked = detached.masked_fill(~keep, float("-inf"))
         # A stable descending sort puts tied scores in index order: ties go to the lower index.
@@ -59,13 +61,21 @@ def contrastive_loss_reference(
     topk: int | None = None,
     weight: torch.Tensor | None = None,
     reduction: str = "mean",
+    gathered: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int] | None = None,
 ) -> torch.Tensor:
-    """Same signature and semantics as `mmfast.contrastive_loss`, computed naively."""
+    """Same signature and semantics as `mmfast.contrastive_loss`, computed naively.
+
+    `gathered` = (all ranks' targets, all ranks' negatives or None, all ranks' queries or None, this
+    rank's offset): the cross-device case, where the candidates are the gathered ones."""
     options = dict(temperature=temperature, hardness=hardness, false_negative_margin=false_negative_margin, topk=topk)
-    candidates = target if negatives is None else torch.cat([target, negatives.reshape(-1, target.shape[-1])])
-    rows = directional_loss_reference(query, candidates, **options)
+    if gathered is None:
+        flat = None if negatives is None else negatives.reshape(-1, target.shape[-1])
+        gathered = (target, flat, query, 0)
+    all_targets, all_negatives, all_queries, offset = gathered
+    candidates = all_targets if all_negatives is None else torch.cat([all_targets, all_negatives])
+    rows = directional_loss_reference(query, candidates, positive_offset=offset, **options)
     if symmetric:
-        rows = 0.5 * (rows + directional_loss_reference(target, query, **options))
+        rows = 0.5 * (rows + directional_loss_reference(target, all_queries, positive_offset=offset, **options))
     if weight is not None:
         rows = rows * weight
     if reduction == "mean":

@@ -1,0 +1,87 @@
+"""The per-rank side of tests/test_distributed.py (a module of its own so `spawn` can import it).
+
+Every rank builds the same global batch from a seed, keeps its slice (batch sizes differ per rank),
+runs every case with cross_device=True, backpropagates, and saves its losses and gradients.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+import mmfast
+
+D, K, D_TEACHER = 6, 2, 5
+CONTRASTIVE_OPTIONS = {
+    "plain": {},
+    "llave": {"hardness": 9.0, "symmetric": True},
+    "unime": {"false_negative_margin": 0.1, "topk": 3},
+    "everything": {"temperature": 0.05, "hardness": 2.0, "false_negative_margin": 0.05, "topk": 2, "symmetric": True},
+}
+BACKENDS = ["reference", "torch", "cpu", "triton"]
+
+
+def global_inputs(total: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1234)
+
+    def unit(*shape):
+        return torch.nn.functional.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1)
+
+    return {"query": unit(total, D), "target": unit(total, D), "negatives": unit(total, K, D),
+            "weight": torch.rand(total, generator=g, dtype=torch.float64) + 0.5,
+            "grad_out": torch.rand(total, generator=g, dtype=torch.float64) + 0.5,
+            "teacher_query": unit(total, D_TEACHER), "teacher_target": unit(total, D_TEACHER)}  # fmt: skip
+
+
+def cases():
+    for backend in BACKENDS:
+        for name, options in CONTRASTIVE_OPTIONS.items():
+            for reduction in ("mean", "none"):
+                for with_negatives in (True, False):
+                    yield f"contrastive-{backend}-{name}-{reduction}-{'K' if with_negatives else 'noK'}", {
+                        "op": "contrastive", "backend": backend, "options": options, "reduction": reduction,
+                        "weighted": name == "plain", "negatives": with_negatives,
+                    }  # fmt: skip
+        for reduction in ("mean", "none"):
+            yield (
+                f"distillation-{backend}-{reduction}",
+                {"op": "distillation", "backend": backend, "reduction": reduction},
+            )
+
+
+def run_case(case: dict, local: dict[str, torch.Tensor]) -> dict:
+    if case["op"] == "contrastive":
+        leaves = {k: local[k].clone().requires_grad_() for k in ("query", "target", "negatives")}
+        loss = mmfast.contrastive_loss(
+            leaves["query"], leaves["target"], leaves["negatives"] if case["negatives"] else None,
+            weight=local["weight"] if case["weighted"] else None, reduction=case["reduction"],
+            backend=case["backend"], cross_device=True, **case["options"],
+        )  # fmt: skip
+    else:
+        leaves = {k: local[k].clone().requires_grad_() for k in ("query", "target")}
+        loss = mmfast.distillation_loss(
+            leaves["query"], leaves["target"], local["teacher_query"], local["teacher_target"],
+            student_temperature=0.05, teacher_temperature=0.1, reduction=case["reduction"],
+            backend=case["backend"], cross_device=True,
+        )  # fmt: skip
+    grad_out = local["grad_out"] if case["reduction"] == "none" else torch.tensor(1.0, dtype=torch.float64)
+    loss.backward(grad_out.to(loss.dtype))
+    grads = {k: (v.grad.clone() if v.grad is not None else None) for k, v in leaves.items()}
+    return {"loss": loss.detach().clone(), "grads": grads}
+
+
+def worker(rank: int, sizes: list[int], init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=len(sizes),
+                            timeout=datetime.timedelta(seconds=120))  # fmt: skip
+    try:
+        everything = global_inputs(sum(sizes))
+        start = sum(sizes[:rank])
+        local = {k: v[start : start + sizes[rank]] for k, v in everything.items()}
+        results = {name: run_case(case, local) for name, case in cases()}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
