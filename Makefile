@@ -3,6 +3,9 @@
 # kernels), then run. The install step re-runs only when the package definition or csrc/ changes.
 PYTHON ?= python3
 VENV ?= .venv
+# This machine's pip resolves torch==2.13.0 to a local CPU wheel. Elsewhere, plain PyPI gives the CUDA
+# build; for the CPU one: make test TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmfast-installed
 
@@ -10,7 +13,7 @@ STAMP := $(VENV)/.mmfast-installed
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0 $(TORCH_INDEX)
 	$(PY) -m pip install -q "setuptools>=70" wheel ninja
 	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
 	touch $@

@@ -107,9 +107,22 @@ def dot_dtype_for(embedding_dtype: torch.dtype):
     return TORCH_TO_TRITON[embedding_dtype]
 
 
+def fp32_matmul_allows_tf32() -> bool:
+    """torch's own setting for CUDA fp32 matmuls: the newer fp32_precision API when set, else the
+    legacy allow_tf32 flag (which raises once the two APIs have been mixed)."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        precision = getattr(matmul, "fp32_precision", "none")
+        if precision in ("tf32", "ieee"):
+            return precision == "tf32"
+        return bool(matmul.allow_tf32)
+    except RuntimeError:
+        return torch.get_float32_matmul_precision() != "highest"
+
+
 def input_precision_for(dot_dtype) -> str:
-    # fp32 inputs follow torch's own default (full fp32 unless TF32 is allowed); it is moot for 16-bit.
-    return "tf32" if dot_dtype == tl.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    # fp32 inputs follow torch's own setting (full fp32 unless TF32 is allowed); moot for 16-bit.
+    return "tf32" if dot_dtype == tl.float32 and fp32_matmul_allows_tf32() else "ieee"
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, accumulate: bool, embedding_dtype: torch.dtype):

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
-from mmfast.backends import resolve_backend
+from mmfast.backends import autocast_disabled, resolve_backend
 from mmfast.backends.contrastive_loss import contrastive_loss_rows
 from mmfast.distributed import gather, process_group_active, warn_single_process
 from mmfast.fused_gradients import loss_dtype, reduce_rows, row_scale, scale_saved_gradients
 from mmfast.reference.contrastive_loss import contrastive_loss_reference
-from mmfast.validation import check_real, check_reduction
+from mmfast.validation import check_backend_name, check_float_dtype, check_positive_int, check_real, check_reduction
 
 
 @dataclass(frozen=True)
@@ -42,10 +42,8 @@ class ContrastiveLossOptions:
         if self.false_negative_margin is not None:
             check_real("false_negative_margin", self.false_negative_margin)
         if self.topk is not None:
-            if isinstance(self.topk, bool) or not isinstance(self.topk, int):
-                raise TypeError(f"topk must be an int or None, got {type(self.topk).__name__}")
-            if self.topk < 1:
-                raise ValueError(f"topk must be >= 1, got {self.topk}")
+            object.__setattr__(self, "topk", check_positive_int("topk", self.topk))
+        check_backend_name(self.backend)
         if not isinstance(self.symmetric, bool):
             raise TypeError(f"symmetric must be a bool, got {type(self.symmetric).__name__}")
         check_reduction(self.reduction)
@@ -83,8 +81,7 @@ def _check_inputs(query, target, negatives, weight) -> torch.Tensor | None:
             raise ValueError(f"negatives must be [B, K, D] or [M, D], got shape {tuple(negatives.shape)}")
         tensors.append(("negatives", negatives))
     for name, t in tensors:
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+        check_float_dtype(name, t)
         if t.dtype != query.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but query has {query.dtype}: all inputs must share one dtype")
         if t.device != query.device:
@@ -120,11 +117,12 @@ def _contrastive_loss_rows_op(
     backend: str,
     needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    loss, *grads = contrastive_loss_rows(
-        backend, query, target, negatives, temperature=temperature, symmetric=symmetric, hardness=hardness,
-        margin=margin, topk=topk, row_scale=row_scale, needs=tuple(needs), gathered_targets=gathered_targets,
-        gathered_queries=gathered_queries, positive_offset=positive_offset,
-    )  # fmt: skip
+    with autocast_disabled(query.device):
+        loss, *grads = contrastive_loss_rows(
+            backend, query, target, negatives, temperature=temperature, symmetric=symmetric, hardness=hardness,
+            margin=margin, topk=topk, row_scale=row_scale, needs=tuple(needs), gathered_targets=gathered_targets,
+            gathered_queries=gathered_queries, positive_offset=positive_offset,
+        )  # fmt: skip
     # A custom op returns tensors only: a gradient that was not computed comes back empty.
     return (loss, *(g if g is not None else query.new_empty(0) for g in grads))
 
@@ -140,7 +138,7 @@ def _(query, target, negatives, row_scale, gathered_targets, gathered_queries, p
         like = inputs[i]
         if row_scale is None or not needs[i] or not used[i] or like is None or (local and i >= 3):
             return query.new_empty(0)
-        return torch.empty_like(like)
+        return like.new_empty(like.shape)  # contiguous, as the real op returns, whatever like's strides
 
     loss = query.new_empty(query.shape[0], dtype=loss_dtype(query.dtype))
     return (loss, *(grad(i) for i in range(5)))
@@ -183,25 +181,32 @@ class ContrastiveLossFunction(torch.autograd.Function):
         if ctx.fused:
             scale = row_scale(options.reduction, query.shape[0], weight, loss_dtype(query.dtype), query.device)
             rows, *grads = _rows(query, target, negatives, options, backend, scale, needs, gathered)
-            ctx.save_for_backward(*grads)
+            saved = grads
         else:
             rows = _rows(query, target, negatives, options, backend, gathered=gathered)[0]
-            ctx.save_for_backward(query, target, negatives, weight, gathered_targets, gathered_queries)
+            saved = [query, target, negatives, weight, gathered_targets, gathered_queries]
+        # d loss / d weight_i is row i's loss (over B for "mean"): keep the [B] rows when asked.
+        ctx.weight_grad = weight is not None and ctx.needs_input_grad[3]
+        ctx.extra_saved = 1
+        ctx.save_for_backward(*saved, rows if ctx.weight_grad else None)
         return reduce_rows(rows, weight, options.reduction)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         if ctx.fused:
-            grads = scale_saved_gradients(ctx, grad_output, "contrastive_loss")
+            *grads, rows = scale_saved_gradients(ctx, "contrastive_loss", grad_output)
         else:
-            query, target, negatives, weight, gathered_targets, gathered_queries = ctx.saved_tensors
+            query, target, negatives, weight, gathered_targets, gathered_queries, rows = ctx.saved_tensors
             scale = grad_output if weight is None else grad_output * weight
             gathered = (gathered_targets, gathered_queries, ctx.gathered_offset)
             grads = _rows(query, target, negatives, ctx.options, ctx.backend, scale.detach(), ctx.needs, gathered)[1:]
         # Real gradients are 2-D; the custom op's 1-D empty placeholders mean "not computed/unused".
         grads = [g if need and g.dim() == 2 else None for g, need in zip(grads, ctx.needs, strict=True)]
-        return grads[0], grads[1], grads[2], None, grads[3], grads[4], None, None, None
+        grad_weight = None
+        if ctx.weight_grad:
+            grad_weight = grad_output * (rows / rows.shape[0] if ctx.options.reduction == "mean" else rows)
+        return grads[0], grads[1], grads[2], grad_weight, grads[3], grads[4], None, None, None
 
 
 def contrastive_loss(
@@ -231,8 +236,8 @@ def contrastive_loss(
         topk: UniME's k; after the margin filter only the k highest-scoring negatives per row stay
             (ties go to the lower candidate index; the selection is not differentiated).
         symmetric: average with the loss of each target against the B queries (same rules).
-        weight: [B] per-row multipliers applied before the reduction (no gradient flows to it);
-            "mean" divides the weighted sum by B.
+        weight: [B] per-row multipliers applied before the reduction; "mean" divides the weighted
+            sum by B. It gets a gradient when it requires one (each row's unweighted loss).
         reduction: "mean", "sum" or "none" ([B]).
         backend: "auto", "triton", "cpu", "torch" or "reference".
         cross_device: with an initialised torch.distributed group, targets and negatives (and, for
@@ -279,8 +284,8 @@ def _contrastive_loss(query, target, negatives, weight, options: ContrastiveLoss
             hardness=options.hardness, false_negative_margin=options.false_negative_margin, topk=options.topk,
             weight=weight, reduction=options.reduction,
             gathered=None if gathered[0] is None else (gathered[0], flat_negatives, gathered[1], gathered[2]),
-        )  # fmt: skip
-    inputs = [t for t in (query, target, flat_negatives, *gathered[:2]) if t is not None]
+        ).to(loss_dtype(query.dtype))  # fmt: skip
+    inputs = [t for t in (query, target, flat_negatives, weight, *gathered[:2]) if t is not None]
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
         # No gradient wanted: the loss alone, one GEMM per chunk and no gradient buffers.
         rows = _rows(query, target, flat_negatives, options, backend, gathered=gathered)[0]

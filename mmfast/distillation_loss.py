@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from mmfast.backends import resolve_backend
+from mmfast.backends import autocast_disabled, resolve_backend
 from mmfast.backends.distillation_loss import distillation_loss_rows
 from mmfast.distributed import gather, process_group_active, warn_single_process
 from mmfast.fused_gradients import loss_dtype, reduce_rows, row_scale, scale_saved_gradients
 from mmfast.reference.distillation_loss import distillation_loss_reference
-from mmfast.validation import check_real, check_reduction
+from mmfast.validation import check_backend_name, check_float_dtype, check_real, check_reduction
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class DistillationLossOptions:
         check_real("student_temperature", self.student_temperature, positive=True)
         check_real("teacher_temperature", self.teacher_temperature, positive=True)
         check_reduction(self.reduction)
+        check_backend_name(self.backend)
         if not isinstance(self.cross_device, bool):
             raise TypeError(f"cross_device must be a bool, got {type(self.cross_device).__name__}")
 
@@ -46,8 +47,7 @@ def _check_inputs(student_query, student_target, teacher_query, teacher_target) 
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 2:
             raise ValueError(f"{name} must be 2-D [B, D], got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+        check_float_dtype(name, t)
         if t.device != student_query.device:
             raise ValueError(f"{name} is on {t.device} but student_query is on {student_query.device}")
     b, d = student_query.shape
@@ -80,11 +80,12 @@ def _distillation_loss_rows_op(
     grad_query: bool,
     grad_target: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    loss, *grads = distillation_loss_rows(
-        backend, student_query, student_target, teacher_query, teacher_target,
-        student_temperature=student_temperature, teacher_temperature=teacher_temperature, row_scale=row_scale,
-        needs=(grad_query, grad_target),
-    )  # fmt: skip
+    with autocast_disabled(student_query.device):
+        loss, *grads = distillation_loss_rows(
+            backend, student_query, student_target, teacher_query, teacher_target,
+            student_temperature=student_temperature, teacher_temperature=teacher_temperature, row_scale=row_scale,
+            needs=(grad_query, grad_target),
+        )  # fmt: skip
     return (loss, *(g if g is not None else student_query.new_empty(0) for g in grads))
 
 
@@ -92,7 +93,7 @@ def _distillation_loss_rows_op(
 def _(student_query, student_target, teacher_query, teacher_target, row_scale, student_temperature,
       teacher_temperature, backend, grad_query, grad_target):  # fmt: skip
     def grad(flag, like):
-        return torch.empty_like(like) if row_scale is not None and flag else like.new_empty(0)
+        return like.new_empty(like.shape) if row_scale is not None and flag else like.new_empty(0)
 
     loss = student_query.new_empty(student_query.shape[0], dtype=loss_dtype(student_query.dtype))
     return loss, grad(grad_query, student_query), grad(grad_target, student_target)
@@ -128,7 +129,7 @@ class DistillationLossFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         if ctx.fused:
-            grads = scale_saved_gradients(ctx, grad_output, "distillation_loss")
+            grads = scale_saved_gradients(ctx, "distillation_loss", grad_output)
         else:
             sq, st, tq, tt = ctx.saved_tensors
             grads = _rows(sq, st, tq, tt, ctx.options, ctx.backend, grad_output.detach(), ctx.needs)[1:]
@@ -182,7 +183,7 @@ def _distillation_loss(sq, st, tq, tt, options: DistillationLossOptions) -> torc
         return distillation_loss_reference(
             sq, st, tq, tt, student_temperature=options.student_temperature,
             teacher_temperature=options.teacher_temperature, reduction=options.reduction,
-        )  # fmt: skip
+        ).to(loss_dtype(sq.dtype))  # fmt: skip
     if not (torch.is_grad_enabled() and (sq.requires_grad or st.requires_grad)):
         return reduce_rows(_rows(sq, st, tq, tt, options, backend)[0], None, options.reduction)
     return DistillationLossFunction.apply(sq, st, tq, tt, options, backend)

@@ -32,13 +32,18 @@ def reduce_rows(rows: torch.Tensor, weight: torch.Tensor | None, reduction: str)
     return rows
 
 
-def scale_saved_gradients(ctx, grad_output: torch.Tensor, op: str) -> list[torch.Tensor]:
+def scale_saved_gradients(ctx, op: str, grad_output: torch.Tensor) -> list[torch.Tensor]:
     """The gradients saved by a fused forward, times the scalar grad_output, in place (no copy of a
-    [N, D] gradient). A second backward would scale them twice, so it is refused."""
+    [N, D] gradient). A second backward would scale them twice, so it is refused (before the saved
+    tensors are unpacked, which autograd would refuse less clearly). Extra saved tensors after the
+    gradients (ctx.extra_saved of them) are returned unscaled at the end."""
     if getattr(ctx, "scaled", False):
         raise RuntimeError(
             f"mmfast.{op}: backward ran twice through a mean/sum loss (retain_graph); its gradients are computed "
             "in forward and scaled in place once. Use reduction='none' and reduce yourself to backpropagate twice."
         )
     ctx.scaled = True
-    return [g.mul_(grad_output.to(g.dtype)) if g.numel() else g for g in ctx.saved_tensors]
+    saved = list(ctx.saved_tensors)
+    extra = getattr(ctx, "extra_saved", 0)
+    grads = saved[: len(saved) - extra]
+    return [g.mul_(grad_output.to(g.dtype)) if g.numel() else g for g in grads] + saved[len(saved) - extra :]

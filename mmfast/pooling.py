@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from mmfast.backends import resolve_backend
+from mmfast.backends import autocast_disabled, resolve_backend
 from mmfast.backends.pooling import pooling_kernels
 from mmfast.reference.pooling import pool_reference
+from mmfast.validation import check_backend_name, check_float_dtype
 
 MODES = ("last", "mean")
 
@@ -34,6 +35,7 @@ class PoolingOptions:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not isinstance(self.normalize, bool):
             raise TypeError(f"normalize must be a bool, got {type(self.normalize).__name__}")
+        check_backend_name(self.backend)
 
 
 def _check_inputs(hidden_states, attention_mask) -> None:
@@ -50,8 +52,7 @@ def _check_inputs(hidden_states, attention_mask) -> None:
             f"attention_mask must have shape [B, T] = {list(hidden_states.shape[:2])} to match hidden_states, "
             f"got {list(attention_mask.shape)}"
         )
-    if not hidden_states.is_floating_point():
-        raise TypeError(f"hidden_states must be float32, bfloat16, float16 or float64, got {hidden_states.dtype}")
+    check_float_dtype("hidden_states", hidden_states)
     if attention_mask.is_floating_point() or attention_mask.is_complex():
         raise TypeError(
             f"attention_mask must be bool or an integer dtype (1 = a real token), got {attention_mask.dtype}"
@@ -74,7 +75,8 @@ class PoolingFunction(torch.autograd.Function):
     def forward(ctx, hidden_states, attention_mask, options: PoolingOptions, backend: str):
         kernels = pooling_kernels(backend)
         mask = (attention_mask != 0).to(torch.int32).contiguous()
-        out, unit, norm, index, count = kernels.forward(hidden_states, mask, options.mode, options.normalize)
+        with autocast_disabled(hidden_states.device):
+            out, unit, norm, index, count = kernels.forward(hidden_states, mask, options.mode, options.normalize)
         ctx.save_for_backward(unit, norm, index, count, mask)
         ctx.options, ctx.kernels, ctx.shape, ctx.dtype = options, kernels, hidden_states.shape, hidden_states.dtype
         return out
@@ -83,9 +85,19 @@ class PoolingFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         unit, norm, index, count, mask = ctx.saved_tensors
-        grad = ctx.kernels.backward(
-            grad_output, unit, norm, index, count, mask, ctx.options.mode, ctx.options.normalize, ctx.shape, ctx.dtype
-        )
+        with autocast_disabled(grad_output.device):
+            grad = ctx.kernels.backward(
+                grad_output,
+                unit,
+                norm,
+                index,
+                count,
+                mask,
+                ctx.options.mode,
+                ctx.options.normalize,
+                ctx.shape,
+                ctx.dtype,
+            )
         return grad, None, None, None
 
 
@@ -123,4 +135,4 @@ class Pooler(torch.nn.Module):
         return _pool(hidden_states, attention_mask, self.options)
 
     def extra_repr(self) -> str:
-        return f"mode={self.options.mode!r}, normalize={self.options.normalize}"
+        return f"mode={self.options.mode!r}, normalize={self.options.normalize}, backend={self.options.backend!r}"

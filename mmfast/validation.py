@@ -3,17 +3,52 @@
 from __future__ import annotations
 
 import math
+import numbers
+import operator
+
+import torch
 
 REDUCTIONS = ("mean", "sum", "none")
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def check_real(name: str, value: object, *, positive: bool = False) -> float:
-    """A finite real number (positive if asked); bools and tensors are refused."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+def check_real(name: str, value: object, *, positive: bool = False) -> object:
+    """A finite real number (positive if asked); bools and tensors are refused, numpy scalars taken.
+    A symbolic value (torch.compile(dynamic=True) traces floats as SymFloat) cannot be checked."""
+    if isinstance(value, (torch.SymFloat, torch.SymInt)):
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value) or (positive and value <= 0):
+    # Comparisons rather than math.isfinite: torch.compile(dynamic=True) traces them on symbolic floats.
+    if not (-math.inf < value < math.inf) or (positive and value <= 0):
         raise ValueError(f"{name} must be {'a positive' if positive else 'a'} finite number, got {value!r}")
-    return float(value)
+    return value
+
+
+def check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, torch.SymInt):
+        return value
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or None, got bool")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int or None, got {type(value).__name__}") from None
+    if number < 1:
+        raise ValueError(f"{name} must be >= 1, got {number}")
+    return number
+
+
+def check_float_dtype(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+
+
+def check_backend_name(backend: object) -> None:
+    from mmfast.backends import BACKENDS
+
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
 
 
 def check_reduction(reduction: object) -> None:

@@ -188,12 +188,23 @@ def test_module_matches_functional():
     assert "hardness=3.0" in repr(module)
 
 
+@pytest.mark.parametrize("embeddings_need_grad", [True, False])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_weight_gets_no_gradient(backend):
-    q, t, n = (x.requires_grad_() for x in make_inputs(5, 8, 1, seed=13))
-    weight = torch.rand(5, dtype=torch.float64, requires_grad=True)
-    mmfast.contrastive_loss(q, t, n, weight=weight, backend=backend).backward()
-    assert weight.grad is None and q.grad is not None
+def test_weight_gradient(backend, reduction, embeddings_need_grad):
+    """A weight that requires grad gets d loss / d weight (each row's unweighted loss, over B for
+    "mean"), whether or not the embeddings need a gradient too."""
+    q, t, n = make_inputs(5, 8, 1, seed=13)
+    results = []
+    for be in (backend, "reference"):
+        inputs = [x.clone().requires_grad_(embeddings_need_grad) for x in (q, t, n)]
+        weight = torch.linspace(0.5, 1.5, 5, dtype=torch.float64).requires_grad_()
+        loss = mmfast.contrastive_loss(*inputs, weight=weight, reduction=reduction, backend=be, hardness=2.0)
+        loss.backward(torch.linspace(1.0, 2.0, loss.numel(), dtype=loss.dtype).reshape(loss.shape))
+        results.append((weight.grad, inputs[0].grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-10, atol=1e-12)
+    if embeddings_need_grad:
+        torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-10, atol=1e-12)
 
 
 def test_second_backward_through_fused_loss_raises():

@@ -155,3 +155,54 @@ def test_cross_device_without_a_process_group_warns_once_and_computes_locally():
     torch.testing.assert_close(loss, mmfast.contrastive_loss(q, t, n))
     with pytest.raises(TypeError, match="cross_device must be a bool"):
         mmfast.ContrastiveLoss(cross_device=1)
+
+
+def test_float8_and_other_dtypes_are_refused():
+    q, t, _ = good()
+    for dtype in (torch.float8_e4m3fn, torch.complex64):
+        with pytest.raises(TypeError, match="query must be float32, bfloat16, float16 or float64"):
+            mmfast.contrastive_loss(q.to(dtype), t.to(dtype))
+
+
+def test_numpy_scalars_are_accepted():
+    import numpy as np
+
+    q, t, n = good()
+    expected = mmfast.contrastive_loss(q, t, n, temperature=0.05, topk=2, hardness=1.0)
+    got = mmfast.contrastive_loss(q, t, n, temperature=np.float32(0.05), topk=np.int64(2), hardness=np.float64(1.0))
+    torch.testing.assert_close(got, expected)
+
+
+def test_module_checks_the_backend_name_at_construction():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        mmfast.ContrastiveLoss(backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        mmfast.Pooler(backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        mmfast.DistillationLoss(backend="cuda")
+
+
+def test_meta_tensors_get_a_clear_error():
+    with pytest.raises(ValueError, match="meta tensors hold no data"):
+        mmfast.contrastive_loss(*(x.to("meta") for x in good()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reference_backend_returns_the_documented_loss_dtype(dtype):
+    q, t, n = (x.to(dtype) for x in good())
+    assert mmfast.contrastive_loss(q, t, n, backend="reference").dtype == torch.float32
+
+
+def test_bad_chunk_size_variable_warns_instead_of_breaking_import():
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MMFAST_SCORE_CHUNK_BYTES": "lots"}
+    env.pop("TRITON_INTERPRET", None)
+    code = "import mmfast.backends.chunked as c; print(c.SCORE_CHUNK_BYTES)"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "None" and "ignoring MMFAST_SCORE_CHUNK_BYTES" in run.stderr
+    env["MMFAST_SCORE_CHUNK_BYTES"] = "16M"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.stdout.strip() == str(16 << 20)

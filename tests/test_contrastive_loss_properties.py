@@ -76,3 +76,83 @@ def test_torch_compile_traces_the_loss_without_graph_breaks(compiler, options):
     expected.backward()
     for a, r in zip(leaves, eager_leaves, strict=True):
         torch.testing.assert_close(a.grad, r.grad)
+
+
+@pytest.mark.no_poison
+def test_custom_op_passes_opcheck_with_non_contiguous_inputs():
+    """The fake implementation must describe the real outputs (contiguous gradients) whatever the
+    inputs' strides, or torch.compile fails on transposed embeddings."""
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(8, 16, generator=g, dtype=torch.float64).T  # [16, 8], not contiguous
+    t = torch.randn(16, 8, generator=g, dtype=torch.float64)
+    n = torch.randn(16, 8, generator=g, dtype=torch.float64)
+    scale = torch.full((16,), 1 / 16, dtype=torch.float64)
+    args = (q, t, n, scale, None, None, 0, 0.05, True, 1.0, 0.1, 3, "cpu", [True, True, True, False, False])
+    torch.library.opcheck(torch.ops.mmfast.contrastive_loss_rows.default, args)
+
+
+@pytest.mark.no_poison
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_torch_compile_transposed_inputs_and_dynamic_shapes(dynamic):
+    def step(q, t):
+        return mmfast.contrastive_loss(q, t, hardness=2.0, topk=3, backend="cpu")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    for b in (16, 24):
+        g = torch.Generator().manual_seed(b)
+        q = torch.randn(8, b, generator=g).T.requires_grad_()
+        t = torch.randn(b, 8, generator=g, requires_grad=True)
+        loss = compiled(q, t)
+        loss.backward()
+        q2, t2 = q.detach().clone().requires_grad_(), t.detach().clone().requires_grad_()
+        expected = step(q2, t2)
+        expected.backward()
+        torch.testing.assert_close(loss, expected)
+        torch.testing.assert_close(q.grad, q2.grad)
+        torch.testing.assert_close(t.grad, t2.grad)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_autocast_does_not_change_the_kernels_precision(backend):
+    g = torch.Generator().manual_seed(3)
+    q, t = torch.randn(32, 64, generator=g), torch.randn(32, 64, generator=g)
+    results = []
+    for enabled in (False, True):
+        leaves = [q.clone().requires_grad_(), t.clone().requires_grad_()]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            loss = mmfast.contrastive_loss(*leaves, topk=4, backend=backend)
+        loss.backward()
+        results.append((loss, leaves[0].grad))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_topk_larger_than_the_candidates_keeps_every_negative(backend):
+    """k beyond N - 1 behaves as k = N - 1, with buffers sized by N (not by k)."""
+    g = torch.Generator().manual_seed(4)
+    q, t, n = unit_rows(9, 16, generator=g), unit_rows(9, 16, generator=g), unit_rows(9, 2, 16, generator=g)
+    huge = mmfast.contrastive_loss(q, t, n, topk=10**9, symmetric=True, backend=backend, reduction="none")
+    exact = mmfast.contrastive_loss(q, t, n, topk=26, symmetric=True, backend="reference", reduction="none")
+    torch.testing.assert_close(huge, exact)
+
+
+def test_tf32_setting_through_the_new_api_is_read_without_error():
+    pytest.importorskip("triton")
+    from mmfast.kernels.matmul import fp32_matmul_allows_tf32, input_precision_for
+
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has only the legacy TF32 flag")
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        assert fp32_matmul_allows_tf32()
+        import triton.language as tl
+
+        assert input_precision_for(tl.float32) == "tf32" and input_precision_for(tl.bfloat16) == "ieee"
+        matmul.fp32_precision = "ieee"
+        assert not fp32_matmul_allows_tf32()
+    finally:
+        matmul.fp32_precision = before

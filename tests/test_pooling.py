@@ -184,3 +184,13 @@ def test_errors_dtypes_devices_backend():
         mmfast.Pooler("max")
     with pytest.raises(TypeError, match="hidden_states must be a torch.Tensor"):
         pool(h.tolist(), m)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_does_not_change_pooling(backend):
+    g = torch.Generator().manual_seed(9)
+    hidden, mask = make_hidden(4, 16, 32, g).float(), make_mask(4, 16, "mixed", g)
+    plain = mmfast.mean_pool(hidden, mask, normalize=False, backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = mmfast.mean_pool(hidden, mask, normalize=False, backend=backend)
+    torch.testing.assert_close(autocast, plain, rtol=0, atol=0)

@@ -12,6 +12,7 @@ Backends:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -30,6 +31,21 @@ def triton_interpreter_enabled() -> bool:
 @functools.cache
 def triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+def autocast_disabled(device: torch.device):
+    """The kernels choose their own precisions (float32 accumulation): a surrounding autocast must not
+    recast the torch ops inside them."""
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except RuntimeError:  # a device type autocast does not know
+        return contextlib.nullcontext()
+
+
+def triton_prefers_cuda(device: torch.device) -> bool:
+    """ "auto" sends CUDA tensors to Triton on sm_80+ only: older GPUs lack the bf16 tensor cores the
+    kernels are compiled for (they can still ask for backend="triton" with fp32/fp16)."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def triton_unavailable_reason(device: torch.device) -> str | None:
@@ -54,8 +70,13 @@ def resolve_backend(backend: object, device: torch.device) -> str:
     """The concrete backend for `backend` on `device`; ValueError names what is wrong."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+    if device.type == "meta" and backend in ("auto", "torch", "reference"):
+        raise ValueError(
+            "meta tensors hold no data: mmfast ops compute on CPU or CUDA tensors (torch.compile traces them "
+            "with fake tensors)"
+        )
     if backend == "auto":
-        if device.type == "cuda" and triton_unavailable_reason(device) is None:
+        if device.type == "cuda" and triton_unavailable_reason(device) is None and triton_prefers_cuda(device):
             return "triton"
         if device.type == "cpu" and cpu_unavailable_reason(device) is None:
             return "cpu"

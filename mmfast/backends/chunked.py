@@ -9,17 +9,37 @@ finishes with two GEMMs (dX_chunk = G·Y, dY += Gᵀ·X_chunk). TorchGemms does 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
+
 
 # Scratch budget for one chunk of scores, per device type; None means "the default for the device".
 # CPU: 32 MiB keeps chunks at >= 256 rows (efficient MKL GEMMs) up to N = 32768 candidates and the
 # working set under 64 MiB at N = 131072. CUDA: each chunk re-reads the candidates and read-modify-
 # writes their float32 gradient, so a chunk needs >= ~1000 rows to stay compute-bound on an H100
 # (benchmarks/gpu_report.py); 1 GiB gives that up to N = 131072.
-SCORE_CHUNK_BYTES: int | None = (
-    int(os.environ["MMFAST_SCORE_CHUNK_BYTES"]) if "MMFAST_SCORE_CHUNK_BYTES" in os.environ else None
-)
+def _bytes_from_environment(name: str) -> int | None:
+    """An integer byte count, optionally with a K/M/G suffix (powers of 1024); a bad value is ignored
+    with a warning rather than breaking `import mmfast`."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return None
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    try:
+        scale = units.get(text[-1].upper(), 1)
+        value = int(text[:-1] if text[-1].upper() in units else text) * scale
+        if value <= 0:
+            raise ValueError
+        return value
+    except ValueError:
+        warnings.warn(
+            f"mmfast: ignoring {name}={text!r}: expected a positive byte count such as 33554432 or 32M", stacklevel=2
+        )
+        return None
+
+
+SCORE_CHUNK_BYTES: int | None = _bytes_from_environment("MMFAST_SCORE_CHUNK_BYTES")
 DEFAULT_CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 1 << 30}
 
 

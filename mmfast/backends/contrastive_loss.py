@@ -17,6 +17,7 @@ kernels/matmul.TritonGemms) and which row kernel runs.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -174,6 +175,9 @@ def directional_loss(
     """
     n_rows = x.shape[0]
     n_candidates = sum(p.shape[0] for p in pieces)
+    if opts.topk is not None:
+        # More slots than negatives would only cost memory: a row has at most N - 1 of them.
+        opts = dataclasses.replace(opts, topk=max(1, min(opts.topk, n_candidates - 1)))
     per_score = kernels.topk_bytes_per_score if opts.topk is not None else kernels.dense_bytes_per_score
     chunk = chunk_rows(n_rows, n_candidates, per_score, score_dtype, x.device)
     scratch = torch.empty(chunk, n_candidates, dtype=score_dtype, device=x.device)
