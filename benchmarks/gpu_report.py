@@ -108,6 +108,14 @@ def main(argv=None) -> int:
                     times = "  ".join(f"{m:9.2f}" for m in ms)
                     print(f"{b:<6d} {k}  {d:<5d} {dtype:5s} {r['chunk_rows']:5d}  {times}  {r['predicted_ms']:8.2f}  "
                           f"{r['ideal_3_gemms_ms']:8.2f}  {r['over_ideal']:.2f}")  # fmt: skip
+    print("\nH100 roofline, distillation fwd+bwd, bf16 (estimates): teacher GEMM + student's three + row kernel")
+    report["distillation_roofline"] = []
+    for b, d, d_teacher in ((4096, 1536, 4096), (32768, 1536, 4096)):
+        gemm = 2.0 * b * b * (d_teacher + 3 * d)
+        row_bytes = b * b * (4 + 4) * 2 + 2 * b * b  # two float32 blocks read twice, G written once
+        ms = 1e3 * (gemm / H100["bf16"] + row_bytes / H100["bandwidth"])
+        report["distillation_roofline"].append({"B": b, "D": d, "D_teacher": d_teacher, "predicted_ms": ms})
+        print(f"B={b} D_s={d} D_t={d_teacher}: {ms:.2f} ms (GEMMs alone at peak: {1e3 * gemm / H100['bf16']:.2f} ms)")
     print("\nH100 roofline, pooling fwd+bwd (memory-bound; 75% real tokens; estimates)")
     print("mode  dtype  B     T     D      fused us  naive us")
     report["pooling_roofline"] = []
