@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from mmfast.backends import autocast_disabled, resolve_backend
-from mmfast.backends.pooling import pooling_kernels
+from mmfast.backends.pooling import forward_outputs, pooling_kernels
 from mmfast.reference.pooling import pool_reference
 from mmfast.validation import check_backend_name, check_float_dtype
 
@@ -61,43 +61,75 @@ def _check_inputs(hidden_states, attention_mask) -> None:
         raise ValueError(f"attention_mask is on {attention_mask.device} but hidden_states is on {hidden_states.device}")
     if hidden_states.shape[0] == 0 or hidden_states.shape[2] == 0:
         raise ValueError(f"hidden_states needs B >= 1 and D >= 1, got shape {tuple(hidden_states.shape)}")
+    if torch.compiler.is_compiling():
+        return  # the empty-row check below reads data (a host sync); compiled code skips it
     empty = ~(attention_mask != 0).any(dim=1)
     if bool(empty.any()):
         rows = empty.nonzero().flatten()[:8].tolist()
         raise ValueError(f"attention_mask has rows with no real token (all zeros): rows {rows}; nothing to pool")
 
 
+@torch.library.custom_op("mmfast::pool_forward", mutates_args=())
+def _pool_forward_op(
+    hidden_states: torch.Tensor, mask: torch.Tensor, mode: str, normalize: bool, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    with autocast_disabled(hidden_states.device):
+        return pooling_kernels(backend).forward(hidden_states, mask, mode, normalize)
+
+
+@_pool_forward_op.register_fake
+def _(hidden_states, mask, mode, normalize, backend):
+    return forward_outputs(hidden_states, mode)
+
+
+@torch.library.custom_op("mmfast::pool_backward", mutates_args=())
+def _pool_backward_op(
+    grad_output: torch.Tensor,
+    unit: torch.Tensor,
+    norm: torch.Tensor,
+    index: torch.Tensor,
+    count: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str,
+    normalize: bool,
+    backend: str,
+    shape: list[int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    with autocast_disabled(grad_output.device):
+        return pooling_kernels(backend).backward(grad_output, unit, norm, index, count, mask, mode, normalize,
+                                                 tuple(shape), dtype)  # fmt: skip
+
+
+@_pool_backward_op.register_fake
+def _(grad_output, unit, norm, index, count, mask, mode, normalize, backend, shape, dtype):
+    return grad_output.new_empty(shape, dtype=dtype)
+
+
 class PoolingFunction(torch.autograd.Function):
     """One Function for every backend: forward saves the float32 output and its norm, backward
-    writes the whole gradient of hidden_states in one pass."""
+    writes the whole gradient of hidden_states in one pass. The kernels are torch.library custom
+    ops, so torch.compile traces a model's forward through the pooling without a graph break."""
 
     @staticmethod
     def forward(ctx, hidden_states, attention_mask, options: PoolingOptions, backend: str):
-        kernels = pooling_kernels(backend)
         mask = (attention_mask != 0).to(torch.int32).contiguous()
-        with autocast_disabled(hidden_states.device):
-            out, unit, norm, index, count = kernels.forward(hidden_states, mask, options.mode, options.normalize)
+        out, unit, norm, index, count = _pool_forward_op(hidden_states, mask, options.mode, options.normalize, backend)
         ctx.save_for_backward(unit, norm, index, count, mask)
-        ctx.options, ctx.kernels, ctx.shape, ctx.dtype = options, kernels, hidden_states.shape, hidden_states.dtype
+        ctx.options, ctx.backend, ctx.shape, ctx.dtype = (
+            options,
+            backend,
+            list(hidden_states.shape),
+            hidden_states.dtype,
+        )
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         unit, norm, index, count, mask = ctx.saved_tensors
-        with autocast_disabled(grad_output.device):
-            grad = ctx.kernels.backward(
-                grad_output,
-                unit,
-                norm,
-                index,
-                count,
-                mask,
-                ctx.options.mode,
-                ctx.options.normalize,
-                ctx.shape,
-                ctx.dtype,
-            )
+        grad = _pool_backward_op(grad_output, unit, norm, index, count, mask, ctx.options.mode, ctx.options.normalize,
+                                 ctx.backend, ctx.shape, ctx.dtype)  # fmt: skip
         return grad, None, None, None
 
 

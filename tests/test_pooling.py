@@ -194,3 +194,34 @@ def test_autocast_does_not_change_pooling(backend):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         autocast = mmfast.mean_pool(hidden, mask, normalize=False, backend=backend)
     torch.testing.assert_close(autocast, plain, rtol=0, atol=0)
+
+
+@pytest.mark.no_poison  # dynamo would trace the test's patched torch.empty
+@pytest.mark.parametrize("mode", ["last", "mean"])
+def test_torch_compile_traces_pooling_without_graph_breaks(mode):
+    g = torch.Generator().manual_seed(10)
+    hidden, mask = make_hidden(3, 7, 16, g).float(), make_mask(3, 7, "mixed", g)
+    pool = mmfast.last_token_pool if mode == "last" else mmfast.mean_pool
+
+    def step(h):
+        return pool(h * 2.0, mask, backend="cpu").sum(dim=1)
+
+    torch._dynamo.reset()
+    leaf, eager_leaf = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+    out = torch.compile(step, fullgraph=True, backend="aot_eager")(leaf)
+    expected = step(eager_leaf)
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close(leaf.grad, eager_leaf.grad)
+
+
+@pytest.mark.no_poison
+def test_pooling_custom_ops_pass_opcheck():
+    g = torch.Generator().manual_seed(11)
+    hidden = make_hidden(3, 7, 16, g).float().transpose(0, 1).contiguous().transpose(0, 1)  # strided
+    mask = make_mask(3, 7, "mixed", g).int()
+    torch.library.opcheck(torch.ops.mmfast.pool_forward.default, (hidden, mask, "mean", True, "cpu"))
+    out = torch.ops.mmfast.pool_forward(hidden, mask, "last", True, "cpu")
+    args = (torch.randn(3, 16), *out[1:], mask, "last", True, "cpu", [3, 7, 16], torch.float32)
+    torch.library.opcheck(torch.ops.mmfast.pool_backward.default, args)
