@@ -66,6 +66,18 @@ def cpu_unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
+@functools.cache
+def kernel_set(backend: str, torch_kernels: type, cpu_kernels: type, triton_kernels: str):
+    """An op's kernel object for a resolved backend: `torch_kernels()`, `cpu_kernels(extension)`, or
+    the class named by `triton_kernels` ("module.Class", imported only when asked, as it needs triton)."""
+    if backend == "cpu":
+        return cpu_kernels(load_extension())
+    if backend == "triton":
+        module, name = triton_kernels.rsplit(".", 1)
+        return getattr(importlib.import_module(module), name)()
+    return torch_kernels()
+
+
 def resolve_backend(backend: object, device: torch.device) -> str:
     """The concrete backend for `backend` on `device`; ValueError names what is wrong."""
     if not isinstance(backend, str) or backend not in BACKENDS:

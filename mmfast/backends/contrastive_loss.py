@@ -18,11 +18,11 @@ kernels/matmul.TritonGemms) and which row kernel runs.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass
 
 import torch
 
+from mmfast.backends import kernel_set
 from mmfast.backends.chunked import TorchGemms, chunk_rows
 
 
@@ -140,17 +140,8 @@ class CpuKernels(TorchKernels):
         self.ext.contrastive_sparse_grads(x, pieces[0], negatives, index, coef, grad_x, grad_pieces[0], grad_negatives)
 
 
-@functools.cache
 def kernels_for(backend: str):
-    if backend == "cpu":
-        from mmfast._extension import load_extension
-
-        return CpuKernels(load_extension())
-    if backend == "triton":
-        from mmfast.kernels.contrastive_loss import TritonKernels
-
-        return TritonKernels()
-    return TorchKernels()
+    return kernel_set(backend, TorchKernels, CpuKernels, "mmfast.kernels.contrastive_loss.TritonKernels")
 
 
 def directional_loss(

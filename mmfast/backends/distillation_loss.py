@@ -13,10 +13,9 @@ student's (precomputed 4096-d NV-Embed-v2 vectors against a 1536-d student, say)
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
+from mmfast.backends import kernel_set
 from mmfast.backends.chunked import TorchGemms, chunk_rows
 
 
@@ -45,17 +44,9 @@ class CpuDistillationKernels(TorchDistillationKernels):
         self.ext.distill_rows(student, teacher, inv_student_t, inv_teacher_t, row_scale, loss)
 
 
-@functools.cache
 def distillation_kernels(backend: str):
-    if backend == "cpu":
-        from mmfast._extension import load_extension
-
-        return CpuDistillationKernels(load_extension())
-    if backend == "triton":
-        from mmfast.kernels.distillation_loss import TritonDistillationKernels
-
-        return TritonDistillationKernels()
-    return TorchDistillationKernels()
+    return kernel_set(backend, TorchDistillationKernels, CpuDistillationKernels,
+                      "mmfast.kernels.distillation_loss.TritonDistillationKernels")  # fmt: skip
 
 
 def distillation_loss_rows(

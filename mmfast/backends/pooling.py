@@ -12,6 +12,7 @@ import functools
 
 import torch
 
+from mmfast.backends import kernel_set
 from mmfast.reference.pooling import last_token_index
 
 EPS = 1e-12  # F.normalize's: y = p / max(‖p‖, eps)
@@ -92,14 +93,5 @@ class CpuPoolingKernels:
         return grad_hidden
 
 
-@functools.cache
 def pooling_kernels(backend: str):
-    if backend == "cpu":
-        from mmfast._extension import load_extension
-
-        return CpuPoolingKernels(load_extension())
-    if backend == "triton":
-        from mmfast.kernels.pooling import TritonPoolingKernels
-
-        return TritonPoolingKernels()
-    return TorchPoolingKernels()
+    return kernel_set(backend, TorchPoolingKernels, CpuPoolingKernels, "mmfast.kernels.pooling.TritonPoolingKernels")
