@@ -19,13 +19,21 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import mmfast
 from mmfast.reference import contrastive_loss_reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import machine, median_times, memory_in_subprocess, peak_extra_mib  # noqa: E402
+from harness import (  # noqa: E402
+    bench_step,
+    machine,
+    median_times,
+    memory_in_subprocess,
+    peak_extra_mib,
+    write_json,
+)
 
 OPTIONS = {
     "plain": {},
@@ -218,38 +226,17 @@ def main(argv=None) -> int:
     add_ratios(rows)
     print_table(rows)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
+        write_json(args.json, rows)
     if args.plot:
         plot([r for r in rows if "fwd_bwd_ms" in r], args.plot)
     return 0
 
 
 # pytest-benchmark cases: pytest benchmarks/contrastive_loss.py --benchmark-enable
-def _bench(benchmark, provider, option_name, b=2048, k=1, d=256):
-    q, t, n = make_inputs(b, k, d)
-    forward, backward, _ = step_functions(provider, OPTIONS[option_name], q, t, n)
-    benchmark.pedantic(lambda: (forward(), backward()), rounds=3, warmup_rounds=1)
-
-
-def test_mmfast(benchmark):
-    _bench(benchmark, "mmfast", "plain")
-
-
-def test_mmfast_llave(benchmark):
-    _bench(benchmark, "mmfast", "llave")
-
-
-def test_mmfast_unime(benchmark):
-    _bench(benchmark, "mmfast", "unime")
-
-
-def test_naive(benchmark):
-    _bench(benchmark, "naive", "plain")
-
-
-def test_bare_gemms(benchmark):
-    _bench(benchmark, "gemm", "plain")
+@pytest.mark.parametrize("provider, option_name", [("mmfast", "plain"), ("mmfast", "llave"), ("mmfast", "unime"),
+                                                   ("naive", "plain"), ("gemm", "plain")])  # fmt: skip
+def test_contrastive_loss(benchmark, provider, option_name):
+    bench_step(benchmark, *step_functions(provider, OPTIONS[option_name], *make_inputs(2048, 1, 256))[:2], rounds=3)
 
 
 if __name__ == "__main__":

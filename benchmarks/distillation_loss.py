@@ -12,13 +12,21 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import mmfast
 from mmfast.reference import distillation_loss_reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import machine, median_times, memory_in_subprocess, peak_extra_mib  # noqa: E402
+from harness import (  # noqa: E402
+    bench_step,
+    machine,
+    median_times,
+    memory_in_subprocess,
+    peak_extra_mib,
+    write_json,
+)
 
 PROVIDERS = ("mmfast", "naive", "compiled")
 NAIVE_MEMORY_LIMIT = 12 << 30
@@ -101,22 +109,13 @@ def main(argv=None) -> int:
             print(f"{b:<6d} {row['provider']:9s} {row['fwd_ms']:8.1f} {row['bwd_ms']:8.1f} {row['fwd_bwd_ms']:8.1f}  "
                   f"{speedup:6s}  {'-' if mem is None else f'{mem:.0f}'}", flush=True)  # fmt: skip
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
+        write_json(args.json, rows)
     return 0
 
 
-def _bench(benchmark, provider):
-    forward, backward, _ = step_functions(provider, *make_inputs(1024, 512, 1024))
-    benchmark.pedantic(lambda: (forward(), backward()), rounds=3, warmup_rounds=1)
-
-
-def test_mmfast(benchmark):
-    _bench(benchmark, "mmfast")
-
-
-def test_naive(benchmark):
-    _bench(benchmark, "naive")
+@pytest.mark.parametrize("provider", ["mmfast", "naive"])
+def test_distillation_loss(benchmark, provider):
+    bench_step(benchmark, *step_functions(provider, *make_inputs(1024, 512, 1024))[:2], rounds=3)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,16 @@ def machine() -> str:
     return f"{datetime.date.today()} | {cpu}, {os.cpu_count()} cores, {threads} threads | torch {torch.__version__}"
 
 
+def write_json(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
+
+
+def bench_step(benchmark, forward, backward, rounds: int) -> None:
+    """One pytest-benchmark case: forward + backward, after a warm-up round."""
+    benchmark.pedantic(lambda: (forward(), backward()), rounds=rounds, warmup_rounds=1)
+
+
 def median_times(forward, backward, repeats: int) -> dict:
     """Median forward, backward and forward+backward milliseconds after one warm-up run."""
     fwd, bwd = [], []

@@ -15,13 +15,21 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import mmfast
 from mmfast.reference import pool_reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import machine, median_times, memory_in_subprocess, peak_extra_mib  # noqa: E402
+from harness import (  # noqa: E402
+    bench_step,
+    machine,
+    median_times,
+    memory_in_subprocess,
+    peak_extra_mib,
+    write_json,
+)
 
 PROVIDERS = ("mmfast", "naive")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -101,30 +109,14 @@ def main(argv=None) -> int:
                                   f"{'-' if mem is None else f'{mem:.0f}'}", flush=True)  # fmt: skip
                             rows.append(r)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
+        write_json(args.json, rows)
     return 0
 
 
-def _bench(benchmark, provider, mode, dtype="float32"):
-    forward, backward, _ = step_functions(provider, mode, *make_inputs(32, 512, 1536, DTYPES[dtype]))
-    benchmark.pedantic(lambda: (forward(), backward()), rounds=5, warmup_rounds=1)
-
-
-def test_mmfast_last(benchmark):
-    _bench(benchmark, "mmfast", "last")
-
-
-def test_naive_last(benchmark):
-    _bench(benchmark, "naive", "last")
-
-
-def test_mmfast_mean(benchmark):
-    _bench(benchmark, "mmfast", "mean")
-
-
-def test_naive_mean(benchmark):
-    _bench(benchmark, "naive", "mean")
+@pytest.mark.parametrize("mode", ["last", "mean"])
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_pooling(benchmark, provider, mode):
+    bench_step(benchmark, *step_functions(provider, mode, *make_inputs(32, 512, 1536, torch.float32))[:2], rounds=5)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,18 @@ def pooling_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def distillation_table(rows: list[dict]) -> str:
+    out = ["| B | D | D teacher | provider | fwd+bwd ms | extra MiB |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        ms = f"{r['fwd_bwd_ms']:.0f}" if "fwd_bwd_ms" in r else r.get("skipped", "-")
+        mib = f"{r['extra_peak_mib']:.0f}" if r.get("extra_peak_mib") is not None else "-"
+        out.append(f"| {r['B']} | {r['D']} | {r['D_teacher']} | {r['provider']} | {ms} | {mib} |")
+    return "\n".join(out)
+
+
+TABLES = {"pooling": pooling_table, "distillation_loss": distillation_table}
+
+
 def main(argv=None) -> int:
     root = Path((argv or sys.argv[1:] or ["benchmarks/results"])[0])
     for path in sorted(root.glob("*.json")):
@@ -65,7 +77,8 @@ def main(argv=None) -> int:
             continue
         machine, rows = load(path)
         print(f"\n### {path.stem}\n\n{machine}\n")
-        print(pooling_table(rows) if path.stem.startswith("pooling") else contrastive_table(rows))
+        table = next((fn for prefix, fn in TABLES.items() if path.stem.startswith(prefix)), contrastive_table)
+        print(table(rows))
     return 0
 
 
