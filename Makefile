@@ -32,7 +32,7 @@ bench: setup
 		--plot benchmarks/results/contrastive_loss.png
 
 gpu-report: setup
-	$(PY) benchmarks/gpu_report.py --json benchmarks/results/gpu_report.json
+	$(PY) benchmarks/gpu_report.py --json benchmarks/results/gpu_report.json --text benchmarks/results/gpu_report.txt
 
 lint: setup
 	$(PY) -m pip install -q ruff && $(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -2,9 +2,14 @@
 H100 times from a roofline.
 
     python benchmarks/gpu_report.py [--json benchmarks/results/gpu_report.json]
+                                    [--text benchmarks/results/gpu_report.txt]
+
+--text writes the printed report and nothing else: warnings (Triton's, say) go to stderr, never
+into a results file.
 
 Part 1, per kernel variant and target: registers, spilled bytes (ptxas -v), shared memory, and
-whether the tensor-core path is wgmma (sm_90) or mma.sync (sm_80). See mmfast/kernels/aot.py.
+whether the tensor-core path is wgmma (sm_90) or mma.sync (sm_80). See kernels/aot.py (installed as
+mmfast.kernels.aot, run as `python -m mmfast.kernels.aot`).
 
 Part 3: the pooling ops are memory-bound; their bytes against naive PyTorch's.
 
@@ -23,8 +28,11 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
+from mmfast.backends.chunked import chunk_rows
+
 H100 = {"bf16": 989e12, "tf32": 495e12, "fp32": 67e12, "bandwidth": 3.35e12}
-GPU_CHUNK_BYTES = 1 << 30  # mmfast.backends.contrastive_loss.DEFAULT_CHUNK_BYTES["cuda"]
 
 
 def roofline(b: int, k: int, d: int, dtype: str) -> dict:
@@ -32,7 +40,8 @@ def roofline(b: int, k: int, d: int, dtype: str) -> dict:
     e = 2 if dtype in ("bf16", "fp16") else 4
     peak = H100["bf16"] if e == 2 else H100["tf32"]
     n = b * (1 + k)
-    rows = max(1, min(b, GPU_CHUNK_BYTES // (n * (4 + e))))  # chunk rows: float32 S + G in input dtype
+    # The chunk loop's own rule and CUDA budget; per score: float32 S + G in the input dtype.
+    rows = chunk_rows(b, n, 4 + e, torch.float32, torch.device("cuda"))
     chunks = -(-b // rows)
     gemm_flops = 2.0 * b * n * d
     kernels = {
@@ -81,23 +90,30 @@ def pooling_roofline(b: int, t: int, d: int, dtype: str, mode: str, real: float 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--text", type=Path, help="also write the printed report here")
     parser.add_argument("--skip-compile", action="store_true", help="only the roofline part")
     args = parser.parse_args(argv)
     report = {"compiled": [], "roofline": []}
+    lines = []
+
+    def emit(line: str = "") -> None:  # a line of the report: to stdout, and kept for --text
+        lines.append(line)
+        print(line, flush=True)
+
     if not args.skip_compile:
         os.environ.pop("TRITON_INTERPRET", None)
         from mmfast.kernels.aot import ARCHS, all_specs, compile_spec
 
-        print("kernel variant                                              arch   regs spill  smem KiB  tensor cores")
+        emit("kernel variant                                              arch   regs spill  smem KiB  tensor cores")
         for spec in all_specs():
             for arch in ARCHS:
                 r = compile_spec(spec, arch)
                 report["compiled"].append(r)
                 cores = "wgmma" if r["wgmma"] else "mma.sync" if r["mma_sync"] else "-"
-                print(f"{r['kernel']:59s} {r['arch']}  {r['registers']:4d} {r['spill_store_bytes']:5d} "
+                emit(f"{r['kernel']:59s} {r['arch']}  {r['registers']:4d} {r['spill_store_bytes']:5d} "
                       f"{r['shared_bytes'] / 1024:8.0f}  {cores}")  # fmt: skip
-    print("\nH100 roofline, plain loss fwd+bwd (estimates)")
-    print("B      K  D     dtype chunk  scores ms  rows ms  grad_x ms  grad_y ms  total ms  ideal ms  ×ideal")
+    emit("\nH100 roofline, plain loss fwd+bwd (estimates)")
+    emit("B      K  D     dtype chunk  scores ms  rows ms  grad_x ms  grad_y ms  total ms  ideal ms  ×ideal")
     for b in (4096, 32768):
         for k in (0, 1, 3):
             for d in (1024, 4096):
@@ -106,28 +122,31 @@ def main(argv=None) -> int:
                     report["roofline"].append(r)
                     ms = [r["kernels"][name]["ms"] for name in ("scores", "softmax_rows", "grad_x", "grad_y")]
                     times = "  ".join(f"{m:9.2f}" for m in ms)
-                    print(f"{b:<6d} {k}  {d:<5d} {dtype:5s} {r['chunk_rows']:5d}  {times}  {r['predicted_ms']:8.2f}  "
+                    emit(f"{b:<6d} {k}  {d:<5d} {dtype:5s} {r['chunk_rows']:5d}  {times}  {r['predicted_ms']:8.2f}  "
                           f"{r['ideal_3_gemms_ms']:8.2f}  {r['over_ideal']:.2f}")  # fmt: skip
-    print("\nH100 roofline, distillation fwd+bwd, bf16 (estimates): teacher GEMM + student's three + row kernel")
+    emit("\nH100 roofline, distillation fwd+bwd, bf16 (estimates): teacher GEMM + student's three + row kernel")
     report["distillation_roofline"] = []
     for b, d, d_teacher in ((4096, 1536, 4096), (32768, 1536, 4096)):
         gemm = 2.0 * b * b * (d_teacher + 3 * d)
         row_bytes = b * b * (4 + 4) * 2 + 2 * b * b  # two float32 blocks read twice, G written once
         ms = 1e3 * (gemm / H100["bf16"] + row_bytes / H100["bandwidth"])
         report["distillation_roofline"].append({"B": b, "D": d, "D_teacher": d_teacher, "predicted_ms": ms})
-        print(f"B={b} D_s={d} D_t={d_teacher}: {ms:.2f} ms (GEMMs alone at peak: {1e3 * gemm / H100['bf16']:.2f} ms)")
-    print("\nH100 roofline, pooling fwd+bwd (memory-bound; 75% real tokens; estimates)")
-    print("mode  dtype  B     T     D      fused us  naive us")
+        emit(f"B={b} D_s={d} D_t={d_teacher}: {ms:.2f} ms (GEMMs alone at peak: {1e3 * gemm / H100['bf16']:.2f} ms)")
+    emit("\nH100 roofline, pooling fwd+bwd (memory-bound; 75% real tokens; estimates)")
+    emit("mode  dtype  B     T     D      fused us  naive us")
     report["pooling_roofline"] = []
     for mode in ("last", "mean"):
         for dtype in ("bf16", "fp32"):
             for b, t, d in ((64, 1024, 1536), (256, 2048, 4096)):
                 r = pooling_roofline(b, t, d, dtype, mode)
                 report["pooling_roofline"].append(r)
-                print(f"{mode:5s} {dtype:5s}  {b:<5d} {t:<5d} {d:<5d}  {r['fused_us']:8.1f}  {r['naive_us']:8.1f}")
+                emit(f"{mode:5s} {dtype:5s}  {b:<5d} {t:<5d} {d:<5d}  {r['fused_us']:8.1f}  {r['naive_us']:8.1f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))
+    if args.text:
+        args.text.parent.mkdir(parents=True, exist_ok=True)
+        args.text.write_text("\n".join(lines) + "\n")
     return 0
 
 

@@ -19,10 +19,13 @@
 #include <limits>
 #include <vector>
 
+#include "checks.h"
 #include "fast_math.h"
 
 namespace mmfast {
 namespace {
+
+constexpr const char* kOp = "contrastive_loss";
 
 // Everything a row kernel needs; `scores` rows are `row_stride` apart, each `n` long.
 template <typename T>
@@ -145,24 +148,14 @@ void softmax_rows_dispatch(const RowProblem<double>& p, int64_t begin, int64_t e
 }
 
 void check_scores(const at::Tensor& scores, int64_t row_offset, const c10::optional<at::Tensor>& row_scale) {
-  TORCH_CHECK(scores.device().is_cpu(), "mmfast cpu backend: scores must be a CPU tensor, got ",
-              scores.device());
-  TORCH_CHECK(scores.dim() == 2, "mmfast cpu backend: scores must be 2-D [rows, N], got shape ",
-              scores.sizes());
-  TORCH_CHECK(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble,
-              "mmfast cpu backend: scores must be float32 or float64, got ", scores.scalar_type());
-  TORCH_CHECK(scores.stride(1) == 1, "mmfast cpu backend: scores rows must be contiguous");
-  TORCH_CHECK(scores.size(1) < (int64_t{1} << 31), "mmfast cpu backend: at most 2^31-1 candidates");
-  TORCH_CHECK(row_offset >= 0 && row_offset + scores.size(0) <= scores.size(1),
-              "mmfast cpu backend: row_offset ", row_offset, " + rows ", scores.size(0),
-              " exceeds the number of candidates ", scores.size(1));
-  if (row_scale.has_value()) {
-    TORCH_CHECK(row_scale->dim() == 1 && row_scale->size(0) == scores.size(0),
-                "mmfast cpu backend: row_scale must have shape [", scores.size(0), "], got ",
-                row_scale->sizes());
-    TORCH_CHECK(row_scale->scalar_type() == scores.scalar_type() && row_scale->is_contiguous(),
-                "mmfast cpu backend: row_scale must be contiguous ", scores.scalar_type());
-  }
+  TORCH_CHECK(scores.device().is_cpu(), "mmfast cpu ", kOp, ": scores must be a CPU tensor, got ", scores.device());
+  TORCH_CHECK(scores.dim() == 2, "mmfast cpu ", kOp, ": scores must be 2-D [rows, N], got shape ", scores.sizes());
+  check_float_or_double(kOp, scores, "scores");
+  TORCH_CHECK(scores.stride(1) == 1, "mmfast cpu ", kOp, ": scores rows must be contiguous");
+  TORCH_CHECK(scores.size(1) < (int64_t{1} << 31), "mmfast cpu ", kOp, ": at most 2^31-1 candidates");
+  TORCH_CHECK(row_offset >= 0 && row_offset + scores.size(0) <= scores.size(1), "mmfast cpu ", kOp, ": row_offset ",
+              row_offset, " + rows ", scores.size(0), " exceeds the number of candidates ", scores.size(1));
+  if (row_scale.has_value()) check_row_scale(kOp, *row_scale, scores.size(0), scores.scalar_type());
 }
 
 // Rows per parallel task: enough work per task to amortise the OpenMP hand-off.
@@ -170,19 +163,13 @@ int64_t row_grain(int64_t n) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1));
 }
 
-void check_output(const at::Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType dtype) {
-  TORCH_CHECK(t.sizes() == shape && t.scalar_type() == dtype && t.is_contiguous() && t.device().is_cpu(),
-              "mmfast cpu backend: ", name, " must be a contiguous CPU ", dtype, " tensor of shape ", shape,
-              ", got ", t.scalar_type(), " ", t.sizes());
-}
-
 }  // namespace
 
-void softmax_rows(at::Tensor scores, int64_t row_offset, double inv_temperature, double hardness,
-                  c10::optional<double> margin, c10::optional<at::Tensor> row_scale, at::Tensor loss) {
+void contrastive_softmax_rows(at::Tensor scores, int64_t row_offset, double inv_temperature, double hardness,
+                              c10::optional<double> margin, c10::optional<at::Tensor> row_scale, at::Tensor loss) {
   check_scores(scores, row_offset, row_scale);
   const int64_t rows = scores.size(0);
-  check_output(loss, "loss", {rows}, scores.scalar_type());
+  check_output(kOp, loss, "loss", {rows}, scores.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "mmfast_softmax_rows", [&] {
     RowProblem<scalar_t> p{scores.data_ptr<scalar_t>(),
                            scores.stride(0),
@@ -267,17 +254,17 @@ void topk_rows_range(const RowProblem<T>& p, int64_t k, int64_t* index_out, T* c
 
 }  // namespace
 
-void topk_rows(at::Tensor scores, int64_t row_offset, double inv_temperature, double hardness,
-               c10::optional<double> margin, int64_t topk, c10::optional<at::Tensor> row_scale, at::Tensor loss,
-               at::Tensor index, c10::optional<at::Tensor> coef_out) {
+void contrastive_topk_rows(at::Tensor scores, int64_t row_offset, double inv_temperature, double hardness,
+                           c10::optional<double> margin, int64_t topk, c10::optional<at::Tensor> row_scale,
+                           at::Tensor loss, at::Tensor index, c10::optional<at::Tensor> coef_out) {
   check_scores(scores, row_offset, row_scale);
-  TORCH_CHECK(topk >= 1, "mmfast cpu backend: topk must be >= 1, got ", topk);
+  TORCH_CHECK(topk >= 1, "mmfast cpu ", kOp, ": topk must be >= 1, got ", topk);
   const int64_t rows = scores.size(0);
-  check_output(loss, "loss", {rows}, scores.scalar_type());
-  check_output(index, "index", {rows, topk + 1}, at::kLong);
+  check_output(kOp, loss, "loss", {rows}, scores.scalar_type());
+  check_output(kOp, index, "index", {rows, topk + 1}, at::kLong);
   TORCH_CHECK(coef_out.has_value() == row_scale.has_value(),
-              "mmfast cpu backend: coef must be given exactly when row_scale is");
-  if (coef_out.has_value()) check_output(*coef_out, "coef", {rows, topk + 1}, scores.scalar_type());
+              "mmfast cpu ", kOp, ": coef must be given exactly when row_scale is");
+  if (coef_out.has_value()) check_output(kOp, *coef_out, "coef", {rows, topk + 1}, scores.scalar_type());
   at::Tensor coef = coef_out.has_value() ? *coef_out : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "mmfast_topk_rows", [&] {
     RowProblem<scalar_t> p{scores.data_ptr<scalar_t>(),
@@ -298,13 +285,6 @@ void topk_rows(at::Tensor scores, int64_t row_offset, double inv_temperature, do
 }
 
 namespace {
-
-void check_rows(const at::Tensor& t, const char* name, int64_t dim, at::ScalarType dtype) {
-  TORCH_CHECK(t.dim() == 2 && t.size(1) == dim && t.stride(1) == 1 && t.scalar_type() == dtype &&
-                  t.device().is_cpu(),
-              "mmfast cpu backend: ", name, " must be a CPU ", dtype, " tensor [rows, ", dim,
-              "] with contiguous rows, got ", t.scalar_type(), " ", t.sizes());
-}
 
 template <typename T>
 void sparse_grads_impl(const at::Tensor& x, const at::Tensor& targets, const c10::optional<at::Tensor>& negatives,
@@ -354,27 +334,27 @@ void sparse_grads_impl(const at::Tensor& x, const at::Tensor& targets, const c10
 
 // grad_x[r] += Σ_t coef[r,t]·y[index[r,t]], and y's gradient += coef[r,t]·x[r], where y is the
 // concatenation [targets; negatives] (never built). Slots with index -1 are unused.
-void sparse_grads(at::Tensor x, at::Tensor targets, c10::optional<at::Tensor> negatives, at::Tensor index,
-                  at::Tensor coef, c10::optional<at::Tensor> grad_x, c10::optional<at::Tensor> grad_targets,
-                  c10::optional<at::Tensor> grad_negatives) {
+void contrastive_sparse_grads(at::Tensor x, at::Tensor targets, c10::optional<at::Tensor> negatives, at::Tensor index,
+                              at::Tensor coef, c10::optional<at::Tensor> grad_x, c10::optional<at::Tensor> grad_targets,
+                              c10::optional<at::Tensor> grad_negatives) {
   const int64_t dim = x.size(-1);
   const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "mmfast cpu backend: x must be float32 or float64");
-  check_rows(x, "x", dim, dtype);
-  check_rows(targets, "targets", dim, dtype);
-  if (negatives.has_value()) check_rows(*negatives, "negatives", dim, dtype);
+  check_float_or_double(kOp, x, "x");
+  check_rows(kOp, x, "x", kAnyRows, dim, dtype);
+  check_rows(kOp, targets, "targets", kAnyRows, dim, dtype);
+  if (negatives.has_value()) check_rows(kOp, *negatives, "negatives", kAnyRows, dim, dtype);
   const int64_t rows = x.size(0), slots = index.size(1);
   const int64_t n_targets = targets.size(0);
   const int64_t n_total = n_targets + (negatives.has_value() ? negatives->size(0) : 0);
   TORCH_CHECK(index.dim() == 2 && index.size(0) == rows && index.scalar_type() == at::kLong && index.is_contiguous(),
-              "mmfast cpu backend: index must be a contiguous int64 tensor [", rows, ", slots]");
+              "mmfast cpu ", kOp, ": index must be a contiguous int64 tensor [", rows, ", slots]");
   TORCH_CHECK(coef.sizes() == index.sizes() && coef.scalar_type() == dtype && coef.is_contiguous(),
-              "mmfast cpu backend: coef must match index's shape and x's dtype");
+              "mmfast cpu ", kOp, ": coef must match index's shape and x's dtype");
   TORCH_CHECK(index.numel() == 0 || (index.max().item<int64_t>() < n_total && index.min().item<int64_t>() >= -1),
-              "mmfast cpu backend: index entries must lie in [-1, ", n_total, ")");
-  if (grad_x.has_value()) check_rows(*grad_x, "grad_x", dim, dtype);
-  if (grad_targets.has_value()) check_rows(*grad_targets, "grad_targets", dim, dtype);
-  if (grad_negatives.has_value()) check_rows(*grad_negatives, "grad_negatives", dim, dtype);
+              "mmfast cpu ", kOp, ": index entries must lie in [-1, ", n_total, ")");
+  if (grad_x.has_value()) check_rows(kOp, *grad_x, "grad_x", kAnyRows, dim, dtype);
+  if (grad_targets.has_value()) check_rows(kOp, *grad_targets, "grad_targets", kAnyRows, dim, dtype);
+  if (grad_negatives.has_value()) check_rows(kOp, *grad_negatives, "grad_negatives", kAnyRows, dim, dtype);
 
   AT_DISPATCH_FLOATING_TYPES(dtype, "mmfast_sparse_grads", [&] {
     sparse_grads_impl<scalar_t>(x, targets, negatives, index, coef, grad_x, grad_targets, grad_negatives);

@@ -11,10 +11,13 @@
 #include <cmath>
 #include <limits>
 
+#include "checks.h"
 #include "fast_math.h"
 
 namespace mmfast {
 namespace {
+
+constexpr const char* kOp = "distillation_loss";
 
 template <typename T>
 struct DistillProblem {
@@ -121,31 +124,19 @@ void distill_dispatch(const DistillProblem<double>& p, int64_t begin, int64_t en
   distill_rows_generic<double>(p, begin, end);
 }
 
-void check_block(const at::Tensor& t, const char* name, int64_t rows, int64_t n, at::ScalarType dtype) {
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == n && t.stride(1) == 1 && t.scalar_type() == dtype &&
-                  t.device().is_cpu(),
-              "mmfast cpu distillation: ", name, " must be a CPU ", dtype, " tensor [", rows, ", ", n,
-              "] with contiguous rows, got ", t.scalar_type(), " ", t.sizes());
-}
-
 }  // namespace
 
-void distill_rows(at::Tensor student, at::Tensor teacher, double inv_student_t, double inv_teacher_t,
-                  c10::optional<at::Tensor> row_scale, at::Tensor loss) {
-  TORCH_CHECK(student.dim() == 2, "mmfast cpu distillation: student scores must be 2-D, got ", student.sizes());
+void distillation_kl_rows(at::Tensor student, at::Tensor teacher, double inv_student_t, double inv_teacher_t,
+                          c10::optional<at::Tensor> row_scale, at::Tensor loss) {
+  TORCH_CHECK(student.dim() == 2, "mmfast cpu ", kOp, ": student scores must be 2-D, got ", student.sizes());
+  check_float_or_double(kOp, student, "student scores");
   const auto dtype = student.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "mmfast cpu distillation: scores must be float32/64");
   const int64_t rows = student.size(0), n = student.size(1);
-  check_block(student, "student scores", rows, n, dtype);
-  check_block(teacher, "teacher scores", rows, n, dtype);
-  TORCH_CHECK(loss.sizes() == at::IntArrayRef{rows} && loss.scalar_type() == dtype && loss.is_contiguous(),
-              "mmfast cpu distillation: loss must be a contiguous ", dtype, " tensor [", rows, "]");
-  if (row_scale.has_value()) {
-    TORCH_CHECK(row_scale->sizes() == at::IntArrayRef{rows} && row_scale->scalar_type() == dtype &&
-                    row_scale->is_contiguous(),
-                "mmfast cpu distillation: row_scale must be a contiguous ", dtype, " tensor [", rows, "]");
-  }
-  AT_DISPATCH_FLOATING_TYPES(dtype, "mmfast_distill_rows", [&] {
+  check_rows(kOp, student, "student scores", rows, n, dtype);
+  check_rows(kOp, teacher, "teacher scores", rows, n, dtype);
+  check_output(kOp, loss, "loss", {rows}, dtype);
+  if (row_scale.has_value()) check_row_scale(kOp, *row_scale, rows, dtype);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "mmfast_distillation_kl_rows", [&] {
     DistillProblem<scalar_t> p{student.data_ptr<scalar_t>(),
                                teacher.data_ptr<scalar_t>(),
                                student.stride(0),

@@ -1,33 +1,36 @@
-// Python bindings of mmfast._C. Each op's kernels live in csrc/<op>.cpp.
+// Python bindings of mmfast._C. Each op's kernels live in csrc/<op>.cpp; a binding is named
+// <stem>_<method>, after the op ("contrastive", "distillation", "pooling": the op's name without
+// "_loss") and the method of the kernel set it serves (mmfast/backends/<op>.py, Cpu<Stem>Kernels),
+// and the C++ function carries the same name.
 #include <torch/extension.h>
 
 namespace mmfast {
-void softmax_rows(at::Tensor scores, int64_t row_offset, double inv_temperature, double hardness,
-                  c10::optional<double> margin, c10::optional<at::Tensor> row_scale, at::Tensor loss);
-void topk_rows(at::Tensor scores, int64_t row_offset, double inv_temperature, double hardness,
-               c10::optional<double> margin, int64_t topk, c10::optional<at::Tensor> row_scale, at::Tensor loss,
-               at::Tensor index, c10::optional<at::Tensor> coef);
-void sparse_grads(at::Tensor x, at::Tensor targets, c10::optional<at::Tensor> negatives, at::Tensor index,
-                  at::Tensor coef, c10::optional<at::Tensor> grad_x, c10::optional<at::Tensor> grad_targets,
-                  c10::optional<at::Tensor> grad_negatives);
-void pool_forward(at::Tensor hidden, at::Tensor mask, int64_t mode, bool normalize, at::Tensor out, at::Tensor unit,
-                  at::Tensor norm, at::Tensor index, at::Tensor count);
-void pool_backward(at::Tensor grad_out, at::Tensor unit, at::Tensor norm, at::Tensor index, at::Tensor count,
-                   at::Tensor mask, int64_t mode, bool normalize, at::Tensor grad_hidden);
-void distill_rows(at::Tensor student, at::Tensor teacher, double inv_student_t, double inv_teacher_t,
-                  c10::optional<at::Tensor> row_scale, at::Tensor loss);
+void contrastive_softmax_rows(at::Tensor scores, int64_t row_offset, double inv_temperature, double hardness,
+                              c10::optional<double> margin, c10::optional<at::Tensor> row_scale, at::Tensor loss);
+void contrastive_topk_rows(at::Tensor scores, int64_t row_offset, double inv_temperature, double hardness,
+                           c10::optional<double> margin, int64_t topk, c10::optional<at::Tensor> row_scale,
+                           at::Tensor loss, at::Tensor index, c10::optional<at::Tensor> coef);
+void contrastive_sparse_grads(at::Tensor x, at::Tensor targets, c10::optional<at::Tensor> negatives, at::Tensor index,
+                              at::Tensor coef, c10::optional<at::Tensor> grad_x, c10::optional<at::Tensor> grad_targets,
+                              c10::optional<at::Tensor> grad_negatives);
+void distillation_kl_rows(at::Tensor student, at::Tensor teacher, double inv_student_t, double inv_teacher_t,
+                          c10::optional<at::Tensor> row_scale, at::Tensor loss);
+void pooling_forward(at::Tensor hidden, at::Tensor mask, int64_t mode, bool normalize, at::Tensor out,
+                     at::Tensor unit, at::Tensor norm, at::Tensor index, at::Tensor count);
+void pooling_backward(at::Tensor grad_out, at::Tensor unit, at::Tensor norm, at::Tensor index, at::Tensor count,
+                      at::Tensor mask, int64_t mode, bool normalize, at::Tensor grad_hidden);
 }  // namespace mmfast
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "mmfast CPU kernels";
-  m.def("contrastive_softmax_rows", &mmfast::softmax_rows,
+  m.def("contrastive_softmax_rows", &mmfast::contrastive_softmax_rows,
         "Fused masked/hardness-weighted row logsumexp and in-place gradient over one score chunk");
-  m.def("contrastive_topk_rows", &mmfast::topk_rows,
+  m.def("contrastive_topk_rows", &mmfast::contrastive_topk_rows,
         "Top-k hard-negative selection, loss and sparse gradient coefficients over one score chunk");
-  m.def("contrastive_sparse_grads", &mmfast::sparse_grads,
+  m.def("contrastive_sparse_grads", &mmfast::contrastive_sparse_grads,
         "Accumulate the sparse top-k gradients into grad_x and the candidate gradients");
-  m.def("distill_rows", &mmfast::distill_rows,
+  m.def("distillation_kl_rows", &mmfast::distillation_kl_rows,
         "Fused teacher/student logsumexps, KL(p_t || p_s) and the student's in-place gradient over one chunk");
-  m.def("pool_forward", &mmfast::pool_forward, "Fused last-token / mean pooling with L2 normalisation");
-  m.def("pool_backward", &mmfast::pool_backward, "Dense gradient of the fused pooling, in one pass");
+  m.def("pooling_forward", &mmfast::pooling_forward, "Fused last-token / mean pooling with L2 normalisation");
+  m.def("pooling_backward", &mmfast::pooling_backward, "Dense gradient of the fused pooling, in one pass");
 }

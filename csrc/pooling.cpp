@@ -15,8 +15,12 @@
 #include <cstring>
 #include <vector>
 
+#include "checks.h"
+
 namespace mmfast {
 namespace {
+
+constexpr const char* kOp = "pooling";
 
 constexpr double kEps = 1e-12;  // F.normalize's
 constexpr int64_t kBlockD = 512;  // columns per task: the accumulator stays in L1
@@ -136,53 +140,48 @@ void pool_backward_impl(const scalar_t* grad_out, const acc_t* unit, const acc_t
   });
 }
 
-void check(const at::Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType dtype) {
-  TORCH_CHECK(t.sizes() == shape && t.scalar_type() == dtype && t.is_contiguous() && t.device().is_cpu(),
-              "mmfast cpu pooling: ", name, " must be a contiguous CPU ", dtype, " tensor of shape ", shape,
-              ", got ", t.scalar_type(), " ", t.sizes());
-}
-
 void check_common(const at::Tensor& mask, int64_t batch, int64_t tokens, int64_t mode) {
-  TORCH_CHECK(mode == 0 || mode == 1, "mmfast cpu pooling: mode must be 0 (last) or 1 (mean), got ", mode);
-  check(mask, "attention_mask", {batch, tokens}, at::kInt);
+  TORCH_CHECK(mode == 0 || mode == 1, "mmfast cpu ", kOp, ": mode must be 0 (last) or 1 (mean), got ", mode);
+  check_output(kOp, mask, "attention_mask", {batch, tokens}, at::kInt);
 }
 
 }  // namespace
 
-void pool_forward(at::Tensor hidden, at::Tensor mask, int64_t mode, bool normalize, at::Tensor out, at::Tensor unit,
-                  at::Tensor norm, at::Tensor index, at::Tensor count) {
-  TORCH_CHECK(hidden.dim() == 3 && hidden.device().is_cpu(), "mmfast cpu pooling: hidden_states must be a 3-D CPU tensor");
+void pooling_forward(at::Tensor hidden, at::Tensor mask, int64_t mode, bool normalize, at::Tensor out, at::Tensor unit,
+                     at::Tensor norm, at::Tensor index, at::Tensor count) {
+  TORCH_CHECK(hidden.dim() == 3 && hidden.device().is_cpu(), "mmfast cpu ", kOp,
+              ": hidden_states must be a 3-D CPU tensor");
   const int64_t batch = hidden.size(0), tokens = hidden.size(1), dim = hidden.size(2);
-  TORCH_CHECK(batch > 0 && tokens > 0 && dim > 0, "mmfast cpu pooling: empty hidden_states ", hidden.sizes());
+  TORCH_CHECK(batch > 0 && tokens > 0 && dim > 0, "mmfast cpu ", kOp, ": empty hidden_states ", hidden.sizes());
   check_common(mask, batch, tokens, mode);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "mmfast_pool_forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "mmfast_pooling_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc = c10::CppTypeToScalarType<acc_t>::value;
-    check(out, "out", {batch, dim}, hidden.scalar_type());
-    check(unit, "unit", {batch, dim}, acc);
-    check(norm, "norm", {batch}, acc);
-    check(index, "index", {mode == 0 ? batch : 0}, at::kLong);
-    check(count, "count", {mode == 1 ? batch : 0}, acc);
+    check_output(kOp, out, "out", {batch, dim}, hidden.scalar_type());
+    check_output(kOp, unit, "unit", {batch, dim}, acc);
+    check_output(kOp, norm, "norm", {batch}, acc);
+    check_output(kOp, index, "index", {mode == 0 ? batch : 0}, at::kLong);
+    check_output(kOp, count, "count", {mode == 1 ? batch : 0}, acc);
     pool_forward_impl<scalar_t, acc_t>(hidden, mask.data_ptr<int32_t>(), mode, normalize, out.data_ptr<scalar_t>(),
                                        unit.data_ptr<acc_t>(), norm.data_ptr<acc_t>(), index.data_ptr<int64_t>(),
                                        count.data_ptr<acc_t>());
   });
 }
 
-void pool_backward(at::Tensor grad_out, at::Tensor unit, at::Tensor norm, at::Tensor index, at::Tensor count,
-                   at::Tensor mask, int64_t mode, bool normalize, at::Tensor grad_hidden) {
+void pooling_backward(at::Tensor grad_out, at::Tensor unit, at::Tensor norm, at::Tensor index, at::Tensor count,
+                      at::Tensor mask, int64_t mode, bool normalize, at::Tensor grad_hidden) {
   TORCH_CHECK(grad_hidden.dim() == 3 && grad_hidden.is_contiguous() && grad_hidden.device().is_cpu(),
-              "mmfast cpu pooling: grad_hidden must be a contiguous 3-D CPU tensor");
+              "mmfast cpu ", kOp, ": grad_hidden must be a contiguous 3-D CPU tensor");
   const int64_t batch = grad_hidden.size(0), tokens = grad_hidden.size(1), dim = grad_hidden.size(2);
   check_common(mask, batch, tokens, mode);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_hidden.scalar_type(), "mmfast_pool_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_hidden.scalar_type(), "mmfast_pooling_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc = c10::CppTypeToScalarType<acc_t>::value;
-    check(grad_out, "grad_out", {batch, dim}, grad_hidden.scalar_type());
-    check(unit, "unit", {batch, dim}, acc);
-    check(norm, "norm", {batch}, acc);
-    check(index, "index", {mode == 0 ? batch : 0}, at::kLong);
-    check(count, "count", {mode == 1 ? batch : 0}, acc);
+    check_output(kOp, grad_out, "grad_out", {batch, dim}, grad_hidden.scalar_type());
+    check_output(kOp, unit, "unit", {batch, dim}, acc);
+    check_output(kOp, norm, "norm", {batch}, acc);
+    check_output(kOp, index, "index", {mode == 0 ? batch : 0}, at::kLong);
+    check_output(kOp, count, "count", {mode == 1 ? batch : 0}, acc);
     pool_backward_impl<scalar_t, acc_t>(grad_out.data_ptr<scalar_t>(), unit.data_ptr<acc_t>(), norm.data_ptr<acc_t>(),
                                         index.data_ptr<int64_t>(), count.data_ptr<acc_t>(), mask.data_ptr<int32_t>(),
                                         mode, normalize, batch, tokens, dim, grad_hidden.data_ptr<scalar_t>());

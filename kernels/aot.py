@@ -19,29 +19,19 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from mmfast.kernels import CompileSpec, contrastive_loss, distillation_loss, matmul, pooling
+
 ARCHS = (80, 90)
 
 
-@dataclass(frozen=True)
-class CompileSpec:
-    name: str
-    kernel: object
-    signature: dict
-    constexprs: dict
-    num_warps: int
-    num_stages: int
-
-
 def all_specs() -> list[CompileSpec]:
-    from mmfast.kernels import contrastive_loss, distillation_loss, matmul, pooling
-
+    """Every kernel module's variants: a new kernel module is listed here."""
     return [*matmul.compile_specs(), *contrastive_loss.compile_specs(), *distillation_loss.compile_specs(),
             *pooling.compile_specs()]  # fmt: skip
 

@@ -1,4 +1,5 @@
-"""Triton kernels of mmfast.contrastive_loss (the chunk loop is mmfast/backends/contrastive_loss.py).
+"""Triton kernels of mmfast.contrastive_loss (the chunk loop is mmfast/backends/contrastive_loss.py,
+which builds TritonContrastiveKernels with the torch kernel set as its fallback).
 
 Per chunk of rows:
   scores      S = X·Yᵀ in float32                     kernels/matmul.py, DOT_DTYPE = input dtype
@@ -17,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mmfast.backends.contrastive_loss import DirectionOptions, TorchKernels
+from mmfast.kernel_contract import DirectionOptions
+from mmfast.kernels import CompileSpec
 from mmfast.kernels.matmul import TritonGemms
 
 # One program per row, BLOCK_N candidates per step. Every launchable combination is compiled by
@@ -78,31 +80,40 @@ def softmax_rows_kernel(
             tl.store(g_row + cols, g.to(g_row.dtype.element_ty), mask=cols < n)
 
 
-class TritonKernels(TritonGemms, TorchKernels):
-    """Triton GEMMs and row kernel; the top-k selection and its sparse gradient use torch ops."""
+class TritonContrastiveKernels(TritonGemms):
+    """Triton GEMMs and row kernel; the top-k selection and its sparse gradient are the torch
+    kernel set's (`fallback`, mmfast.backends.contrastive_loss.TorchContrastiveKernels)."""
 
     dense_bytes_per_score = 6  # float32 scores + a 16-bit G
+
+    @property
+    def topk_bytes_per_score(self) -> int:
+        return self.fallback.topk_bytes_per_score
+
+    def topk_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, index, coef):
+        self.fallback.topk_rows(scores, row_offset, opts, row_scale, loss, index, coef)
+
+    def sparse_grads(self, x, pieces, index, coef, grad_x, grad_pieces):
+        self.fallback.sparse_grads(x, pieces, index, coef, grad_x, grad_pieces)
 
     def softmax_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, grad_out):
         rows = scores.shape[0]
         has_grad = row_scale is not None
         grad_out = scores if grad_out is None else grad_out
-        margin = 0.0 if opts.margin is None else opts.margin
+        margin = 0.0 if opts.false_negative_margin is None else opts.false_negative_margin
         params = torch.tensor(
             [opts.inv_temperature, opts.inv_temperature + opts.hardness, margin], dtype=scores.dtype
         ).to(scores.device)
         softmax_rows_kernel[(rows,)](
             scores, scores.stride(0), grad_out, grad_out.stride(0), scores.shape[1], row_offset, params,
             row_scale if has_grad else loss, loss,
-            BLOCK_N=ROW_BLOCK_N, HAS_MARGIN=opts.margin is not None, HAS_GRAD=has_grad,
+            BLOCK_N=ROW_BLOCK_N, HAS_MARGIN=opts.false_negative_margin is not None, HAS_GRAD=has_grad,
             num_warps=ROW_NUM_WARPS,
         )  # fmt: skip
 
 
 def compile_specs():
     """Every variant of the row kernel: scores dtype × G dtype × HAS_MARGIN × HAS_GRAD."""
-    from mmfast.kernels.aot import CompileSpec
-
     variants = [("fp32", None), ("fp32", "fp32"), ("fp32", "bf16"), ("fp32", "fp16"), ("fp64", None), ("fp64", "fp64")]
     for scores, grads in variants:
         for has_margin in (False, True):

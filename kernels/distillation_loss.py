@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mmfast.backends.distillation_loss import TorchDistillationKernels
+from mmfast.kernels import CompileSpec
 from mmfast.kernels.matmul import TritonGemms
 
 ROW_BLOCK_N = 1024
@@ -19,7 +19,7 @@ ROW_NUM_WARPS = 4
 
 
 @triton.jit
-def distill_rows_kernel(
+def kl_rows_kernel(
     s_ptr, stride_s, t_ptr, stride_t, g_ptr, stride_g, n, params_ptr, row_scale_ptr, loss_ptr,
     BLOCK_N: tl.constexpr, HAS_GRAD: tl.constexpr,
 ):  # fmt: skip
@@ -62,14 +62,16 @@ def distill_rows_kernel(
     tl.store(loss_ptr + row, kl)
 
 
-class TritonDistillationKernels(TritonGemms, TorchDistillationKernels):
+class TritonDistillationKernels(TritonGemms):
+    """Triton GEMMs (float64: the torch `fallback`) and row kernel."""
+
     bytes_per_score = 10  # float32 student and teacher scores + a 16-bit G
 
-    def distill_rows(self, student, teacher, inv_student_t, inv_teacher_t, row_scale, loss, grad_out):
+    def kl_rows(self, student, teacher, inv_student_t, inv_teacher_t, row_scale, loss, grad_out):
         has_grad = row_scale is not None
         grad_out = student if grad_out is None else grad_out
         params = torch.tensor([inv_student_t, inv_teacher_t], dtype=student.dtype).to(student.device)
-        distill_rows_kernel[(student.shape[0],)](
+        kl_rows_kernel[(student.shape[0],)](
             student, student.stride(0), teacher, teacher.stride(0), grad_out, grad_out.stride(0), student.shape[1],
             params, row_scale if has_grad else loss, loss,
             BLOCK_N=ROW_BLOCK_N, HAS_GRAD=has_grad, num_warps=ROW_NUM_WARPS,
@@ -78,8 +80,6 @@ class TritonDistillationKernels(TritonGemms, TorchDistillationKernels):
 
 def compile_specs():
     """Every variant: scores dtype × G dtype (None = loss only)."""
-    from mmfast.kernels.aot import CompileSpec
-
     for scores, grads in [("fp32", None), ("fp32", "fp32"), ("fp32", "bf16"), ("fp32", "fp16"), ("fp64", None),
                           ("fp64", "fp64")]:  # fmt: skip
         signature = {
@@ -88,7 +88,7 @@ def compile_specs():
             "row_scale_ptr": f"*{scores}", "loss_ptr": f"*{scores}", "BLOCK_N": "constexpr", "HAS_GRAD": "constexpr",
         }  # fmt: skip
         yield CompileSpec(
-            name=f"distill_rows[{scores},grad={grads}]", kernel=distill_rows_kernel, signature=signature,
+            name=f"distillation_kl_rows[{scores},grad={grads}]", kernel=kl_rows_kernel, signature=signature,
             constexprs={"BLOCK_N": ROW_BLOCK_N, "HAS_GRAD": grads is not None},
             num_warps=ROW_NUM_WARPS, num_stages=1,
         )  # fmt: skip

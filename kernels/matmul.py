@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mmfast.backends import triton_interpreter_enabled
-from mmfast.backends.chunked import TorchGemms
+from mmfast.kernel_contract import triton_interpreter_enabled
+from mmfast.kernels import CompileSpec
 
 
 @dataclass(frozen=True)
@@ -144,19 +144,23 @@ def matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, accumulate: boo
     )  # fmt: skip
 
 
-class TritonGemms(TorchGemms):
+class TritonGemms:
     """The GEMMs of the chunked ops with `matmul`: float32 scores and accumulated gradients from
     bf16/fp16 operands, and G kept in the embeddings' dtype so the gradient GEMMs use tensor cores.
-    float64 goes to torch.mm (tl.dot has no float64)."""
+    float64 goes to `fallback` (the torch.mm GEMMs, mmfast.backends.chunked.TorchGemms: tl.dot has
+    no float64), which the chunk loop hands in, so this floor needs nothing from the one above."""
 
     native_low_precision = True
+
+    def __init__(self, fallback):
+        self.fallback = fallback
 
     def grad_dtype(self, score_dtype, embedding_dtype):
         return score_dtype if embedding_dtype == torch.float64 else embedding_dtype
 
     def scores(self, x, pieces, out):
         if x.dtype == torch.float64:
-            return super().scores(x, pieces, out)
+            return self.fallback.scores(x, pieces, out)
         col = 0
         for piece in pieces:
             matmul(x, piece.T, out[:, col : col + piece.shape[0]], accumulate=False, embedding_dtype=x.dtype)
@@ -164,7 +168,8 @@ class TritonGemms(TorchGemms):
 
     def dense_grads(self, grad_scores, x, pieces, grad_x, grad_pieces, accumulate_x, accumulate_pieces):
         if x.dtype == torch.float64:
-            return super().dense_grads(grad_scores, x, pieces, grad_x, grad_pieces, accumulate_x, accumulate_pieces)
+            fallback = self.fallback
+            return fallback.dense_grads(grad_scores, x, pieces, grad_x, grad_pieces, accumulate_x, accumulate_pieces)
         col = 0
         for i, piece in enumerate(pieces):
             g = grad_scores[:, col : col + piece.shape[0]]
@@ -193,8 +198,6 @@ _TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 
 def compile_specs():
     """Every (role, dtype, config, accumulate, precision) `matmul` can launch on a GPU."""
-    from mmfast.kernels.aot import CompileSpec
-
     for role, unit_strides in MATMUL_ROLES.items():
         for dtype, name in _TYPE_NAMES.items():
             # fp32 dots follow torch.backends.cuda.matmul.allow_tf32: both precisions can launch.

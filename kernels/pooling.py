@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mmfast.backends.pooling import EPS, MODE_CODES, forward_outputs
+from mmfast.kernel_contract import POOLING_EPS, POOLING_MODE_CODES, pooling_forward_outputs
+from mmfast.kernels import CompileSpec
 
 BLOCK_D = 256
 BLOCK_T = 32  # tokens per step of the forward's mean: 32×256 loads in flight per program
@@ -130,40 +131,40 @@ def scatter_kernel(
 
 class TritonPoolingKernels:
     def forward(self, hidden, mask, mode, normalize):
-        out, unit, norm, index, count = forward_outputs(hidden, mode)
+        out, unit, norm, index, count = pooling_forward_outputs(hidden, mode)
         batch, tokens, dim = hidden.shape
         index_arg = index if mode == "last" else norm  # an unused pointer still needs a tensor
         count_arg = count if mode == "mean" else norm
         pool_kernel[(batch, triton.cdiv(dim, BLOCK_D))](
             hidden, hidden.stride(0), hidden.stride(1), hidden.stride(2), mask, tokens, dim,
             unit, index_arg, count_arg,
-            MODE=MODE_CODES[mode], BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS,
+            MODE=POOLING_MODE_CODES[mode], BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS,
         )  # fmt: skip
-        normalize_kernel[(batch,)](unit, norm, out, dim, EPS, NORMALIZE=normalize, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS)
+        normalize_kernel[(batch,)](
+            unit, norm, out, dim, POOLING_EPS, NORMALIZE=normalize, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS
+        )
         return out, unit, norm, index, count
 
     def backward(self, grad_out, unit, norm, index, count, mask, mode, normalize, shape, dtype):
         batch, tokens, dim = shape
         grad_out = grad_out.contiguous()
         grad_pooled = torch.empty_like(unit)
-        grad_pooled_kernel[(batch,)](grad_out, unit, norm, grad_pooled, dim, EPS, NORMALIZE=normalize,
+        grad_pooled_kernel[(batch,)](grad_out, unit, norm, grad_pooled, dim, POOLING_EPS, NORMALIZE=normalize,
                                      BLOCK_D=BLOCK_D, num_warps=NUM_WARPS)  # fmt: skip
         grad_hidden = torch.empty(shape, dtype=dtype, device=grad_out.device)
         grid = (batch, triton.cdiv(tokens, SCATTER_BLOCK_T), triton.cdiv(dim, BLOCK_D))
         scatter_kernel[grid](
             grad_pooled, index if mode == "last" else norm, count if mode == "mean" else norm, mask, grad_hidden,
-            tokens, dim, MODE=MODE_CODES[mode], BLOCK_T=SCATTER_BLOCK_T, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS,
+            tokens, dim, MODE=POOLING_MODE_CODES[mode], BLOCK_T=SCATTER_BLOCK_T, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS,
         )  # fmt: skip
         return grad_hidden
 
 
 def compile_specs():
     """Every variant: hidden dtype (accumulating in float32, or float64) × mode (× normalize)."""
-    from mmfast.kernels.aot import CompileSpec
-
     for dtype in ("fp32", "bf16", "fp16", "fp64"):
         acc = "fp64" if dtype == "fp64" else "fp32"
-        for mode, code in MODE_CODES.items():
+        for mode, code in POOLING_MODE_CODES.items():
             yield CompileSpec(
                 name=f"pool[{dtype},{mode}]", kernel=pool_kernel,
                 signature={"h_ptr": f"*{dtype}", "stride_b": "i32", "stride_t": "i32", "stride_d": "i32",

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import torch
 
 from mmfast.backends import autocast_disabled, resolve_backend
-from mmfast.backends.contrastive_loss import contrastive_loss_rows
-from mmfast.distributed import gather, process_group_active, warn_single_process
-from mmfast.fused_gradients import loss_dtype, reduce_rows, row_scale, scale_saved_gradients
+from mmfast.backends.contrastive_loss import NO_GRADIENTS, GradientNeeds, contrastive_loss_rows
+from mmfast.distributed import Gathered, gather_candidates, process_group_active, warn_single_process
+from mmfast.fused_gradients import reduce_rows, row_scale, scale_saved_gradients
+from mmfast.kernel_contract import DirectionOptions, compute_dtype
 from mmfast.reference.contrastive_loss import contrastive_loss_reference
 from mmfast.validation import check_backend_name, check_float_dtype, check_positive_int, check_real, check_reduction
 
@@ -100,6 +101,22 @@ def _check_inputs(query, target, negatives, weight) -> torch.Tensor | None:
     return negatives.reshape(-1, negatives.shape[-1])
 
 
+def _gathered(negatives, gathered_targets, gathered_queries, positive_offset: int) -> Gathered | None:
+    """The Gathered that the flat arguments of the custom op and of the Function stand for (None on
+    one process): torch.library and autograd take tensors only as direct arguments."""
+    if gathered_targets is None:
+        return None
+    return Gathered(gathered_targets, negatives, gathered_queries, positive_offset)
+
+
+def _flat(gathered: Gathered | None, negatives):
+    """The inverse of `_gathered`: (the negatives the rows see, gathered targets, gathered queries,
+    offset); on one process the local negatives, None, None, 0."""
+    if gathered is None:
+        return negatives, None, None, 0
+    return gathered.negatives, gathered.targets, gathered.queries, gathered.offset
+
+
 @torch.library.custom_op("mmfast::contrastive_loss_rows", mutates_args=())
 def _contrastive_loss_rows_op(
     query: torch.Tensor,
@@ -112,16 +129,20 @@ def _contrastive_loss_rows_op(
     temperature: float,
     symmetric: bool,
     hardness: float,
-    margin: float | None,
+    false_negative_margin: float | None,
     topk: int | None,
     backend: str,
     needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The chunked loss as a custom op, so torch.compile traces through it. A schema takes tensors and
+    scalars only: the arguments are ContrastiveLossOptions' fields, the parts of a Gathered (across
+    devices `negatives` is Gathered.negatives) and GradientNeeds as a list; `_rows` fills them."""
     with autocast_disabled(query.device):
         loss, *grads = contrastive_loss_rows(
-            backend, query, target, negatives, temperature=temperature, symmetric=symmetric, hardness=hardness,
-            margin=margin, topk=topk, row_scale=row_scale, needs=tuple(needs), gathered_targets=gathered_targets,
-            gathered_queries=gathered_queries, positive_offset=positive_offset,
+            backend, query, target, negatives,
+            direction=DirectionOptions.of(temperature, hardness, false_negative_margin, topk), symmetric=symmetric,
+            row_scale=row_scale, needs=GradientNeeds(*needs),
+            gathered=_gathered(negatives, gathered_targets, gathered_queries, positive_offset),
         )  # fmt: skip
     # A custom op returns tensors only: a gradient that was not computed comes back empty.
     return (loss, *(g if g is not None else query.new_empty(0) for g in grads))
@@ -129,28 +150,32 @@ def _contrastive_loss_rows_op(
 
 @_contrastive_loss_rows_op.register_fake
 def _(query, target, negatives, row_scale, gathered_targets, gathered_queries, positive_offset, temperature, symmetric,
-      hardness, margin, topk, backend, needs):  # fmt: skip
-    local = gathered_targets is None
-    used = [True, local or symmetric, True, True, symmetric]
-    inputs = [query, target, negatives, gathered_targets, gathered_queries]
+      hardness, false_negative_margin, topk, backend, needs):  # fmt: skip
+    returned = GradientNeeds(*needs).returned(local=gathered_targets is None, symmetric=symmetric)
+    inputs = (query, target, negatives, gathered_targets, gathered_queries)
 
-    def grad(i):
-        like = inputs[i]
-        if row_scale is None or not needs[i] or not used[i] or like is None or (local and i >= 3):
+    def grad(flag: bool, like: torch.Tensor | None) -> torch.Tensor:
+        if row_scale is None or not flag or like is None:
             return query.new_empty(0)
         return like.new_empty(like.shape)  # contiguous, as the real op returns, whatever like's strides
 
-    loss = query.new_empty(query.shape[0], dtype=loss_dtype(query.dtype))
-    return (loss, *(grad(i) for i in range(5)))
+    loss = query.new_empty(query.shape[0], dtype=compute_dtype(query.dtype))
+    return (loss, *(grad(flag, like) for flag, like in zip(returned, inputs, strict=True)))
 
 
-def _rows(query, target, negatives, options, backend, row_scale=None, needs=(False,) * 5, gathered=(None, None, 0)):
+def _rows(query, target, negatives, gathered: Gathered | None, options: ContrastiveLossOptions, backend: str,
+          row_scale=None, needs: GradientNeeds = NO_GRADIENTS):  # fmt: skip
+    """The custom op on named arguments: the loss of each row and, with row_scale, the gradients in
+    `needs`. `negatives` are the local ones; across devices the rows see gathered.negatives."""
+    negatives, gathered_targets, gathered_queries, offset = _flat(gathered, negatives)
     return _contrastive_loss_rows_op(
         query,
         target,
         negatives,
         row_scale,
-        *gathered,
+        gathered_targets,
+        gathered_queries,
+        offset,
         options.temperature,
         options.symmetric,
         options.hardness,
@@ -174,16 +199,16 @@ class ContrastiveLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, target, negatives, weight, gathered_targets, gathered_queries, positive_offset,
                 options: ContrastiveLossOptions, backend: str):  # fmt: skip
-        needs = tuple(ctx.needs_input_grad[i] for i in (0, 1, 2, 4, 5))
-        gathered = (gathered_targets, gathered_queries, positive_offset)
+        needs = GradientNeeds(*(ctx.needs_input_grad[i] for i in (0, 1, 2, 4, 5)))
+        gathered = _gathered(negatives, gathered_targets, gathered_queries, positive_offset)
         ctx.options, ctx.backend, ctx.fused, ctx.needs = options, backend, options.reduction != "none", needs
         ctx.gathered_offset = positive_offset
         if ctx.fused:
-            scale = row_scale(options.reduction, query.shape[0], weight, loss_dtype(query.dtype), query.device)
-            rows, *grads = _rows(query, target, negatives, options, backend, scale, needs, gathered)
+            scale = row_scale(options.reduction, query.shape[0], weight, compute_dtype(query.dtype), query.device)
+            rows, *grads = _rows(query, target, negatives, gathered, options, backend, scale, needs)
             saved = grads
         else:
-            rows = _rows(query, target, negatives, options, backend, gathered=gathered)[0]
+            rows = _rows(query, target, negatives, gathered, options, backend)[0]
             saved = [query, target, negatives, weight, gathered_targets, gathered_queries]
         # d loss / d weight_i is row i's loss (over B for "mean"): keep the [B] rows when asked.
         ctx.weight_grad = weight is not None and ctx.needs_input_grad[3]
@@ -199,14 +224,17 @@ class ContrastiveLossFunction(torch.autograd.Function):
         else:
             query, target, negatives, weight, gathered_targets, gathered_queries, rows = ctx.saved_tensors
             scale = grad_output if weight is None else grad_output * weight
-            gathered = (gathered_targets, gathered_queries, ctx.gathered_offset)
-            grads = _rows(query, target, negatives, ctx.options, ctx.backend, scale.detach(), ctx.needs, gathered)[1:]
+            gathered = _gathered(negatives, gathered_targets, gathered_queries, ctx.gathered_offset)
+            grads = _rows(query, target, negatives, gathered, ctx.options, ctx.backend, scale.detach(), ctx.needs)[1:]
         # Real gradients are 2-D; the custom op's 1-D empty placeholders mean "not computed/unused".
-        grads = [g if need and g.dim() == 2 else None for g, need in zip(grads, ctx.needs, strict=True)]
+        grad_query, grad_target, grad_negatives, grad_gathered_targets, grad_gathered_queries = (
+            g if need and g.dim() == 2 else None for g, need in zip(grads, ctx.needs, strict=True)
+        )
         grad_weight = None
         if ctx.weight_grad:
             grad_weight = grad_output * (rows / rows.shape[0] if ctx.options.reduction == "mean" else rows)
-        return grads[0], grads[1], grads[2], grad_weight, grads[3], grads[4], None, None, None
+        return (grad_query, grad_target, grad_negatives, grad_weight, grad_gathered_targets, grad_gathered_queries,
+                None, None, None)  # fmt: skip
 
 
 def contrastive_loss(
@@ -268,29 +296,28 @@ def contrastive_loss(
 def _contrastive_loss(query, target, negatives, weight, options: ContrastiveLossOptions) -> torch.Tensor:
     flat_negatives = _check_inputs(query, target, negatives, weight)
     backend = resolve_backend(options.backend, query.device)
-    gathered = (None, None, 0)
+    gathered = None
     if options.cross_device:
         if process_group_active():
-            all_targets, offset = gather(target, with_grad=True)
-            all_queries = gather(query, with_grad=True)[0] if options.symmetric else None
-            if flat_negatives is not None:
-                flat_negatives = gather(flat_negatives, with_grad=True)[0]
-            gathered = (all_targets, all_queries, offset)
+            gathered = gather_candidates(query, target, flat_negatives, symmetric=options.symmetric)
         else:
             warn_single_process("contrastive_loss")
     if backend == "reference":
         return contrastive_loss_reference(
             query, target, flat_negatives, temperature=options.temperature, symmetric=options.symmetric,
             hardness=options.hardness, false_negative_margin=options.false_negative_margin, topk=options.topk,
-            weight=weight, reduction=options.reduction,
-            gathered=None if gathered[0] is None else (gathered[0], flat_negatives, gathered[1], gathered[2]),
-        ).to(loss_dtype(query.dtype))  # fmt: skip
-    inputs = [t for t in (query, target, flat_negatives, weight, *gathered[:2]) if t is not None]
+            weight=weight, reduction=options.reduction, gathered=gathered,
+        ).to(compute_dtype(query.dtype))  # fmt: skip
+    # Autograd tracks tensors only as direct arguments: the Function takes the Gathered's parts.
+    negatives, gathered_targets, gathered_queries, offset = _flat(gathered, flat_negatives)
+    inputs = [t for t in (query, target, negatives, weight, gathered_targets, gathered_queries) if t is not None]
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
         # No gradient wanted: the loss alone, one GEMM per chunk and no gradient buffers.
-        rows = _rows(query, target, flat_negatives, options, backend, gathered=gathered)[0]
+        rows = _rows(query, target, flat_negatives, gathered, options, backend)[0]
         return reduce_rows(rows, weight, options.reduction)
-    return ContrastiveLossFunction.apply(query, target, flat_negatives, weight, *gathered, options, backend)
+    return ContrastiveLossFunction.apply(
+        query, target, negatives, weight, gathered_targets, gathered_queries, offset, options, backend
+    )
 
 
 class ContrastiveLoss(torch.nn.Module):

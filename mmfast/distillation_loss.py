@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from mmfast.backends import autocast_disabled, resolve_backend
-from mmfast.backends.distillation_loss import distillation_loss_rows
+from mmfast.backends.distillation_loss import NO_GRADIENTS, GradientNeeds, distillation_loss_rows
 from mmfast.distributed import gather, process_group_active, warn_single_process
-from mmfast.fused_gradients import loss_dtype, reduce_rows, row_scale, scale_saved_gradients
+from mmfast.fused_gradients import reduce_rows, row_scale, scale_saved_gradients
+from mmfast.kernel_contract import compute_dtype
 from mmfast.reference.distillation_loss import distillation_loss_reference
 from mmfast.validation import check_backend_name, check_float_dtype, check_real, check_reduction
 
@@ -84,7 +85,7 @@ def _distillation_loss_rows_op(
         loss, *grads = distillation_loss_rows(
             backend, student_query, student_target, teacher_query, teacher_target,
             student_temperature=student_temperature, teacher_temperature=teacher_temperature, row_scale=row_scale,
-            needs=(grad_query, grad_target),
+            needs=GradientNeeds(grad_query, grad_target),
         )  # fmt: skip
     return (loss, *(g if g is not None else student_query.new_empty(0) for g in grads))
 
@@ -95,11 +96,11 @@ def _(student_query, student_target, teacher_query, teacher_target, row_scale, s
     def grad(flag, like):
         return like.new_empty(like.shape) if row_scale is not None and flag else like.new_empty(0)
 
-    loss = student_query.new_empty(student_query.shape[0], dtype=loss_dtype(student_query.dtype))
+    loss = student_query.new_empty(student_query.shape[0], dtype=compute_dtype(student_query.dtype))
     return loss, grad(grad_query, student_query), grad(grad_target, student_target)
 
 
-def _rows(sq, st, tq, tt, options: DistillationLossOptions, backend: str, scale=None, needs=(False, False)):
+def _rows(sq, st, tq, tt, options: DistillationLossOptions, backend: str, scale=None, needs=NO_GRADIENTS):
     return _distillation_loss_rows_op(
         sq, st, tq, tt, scale, options.student_temperature, options.teacher_temperature, backend, *needs
     )
@@ -111,12 +112,11 @@ class DistillationLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_query, student_target, teacher_query, teacher_target, options, backend):
-        needs = tuple(ctx.needs_input_grad[:2])
+        needs = GradientNeeds(*ctx.needs_input_grad[:2])
         ctx.options, ctx.backend, ctx.fused, ctx.needs = options, backend, options.reduction != "none", needs
         if ctx.fused:
-            scale = row_scale(
-                options.reduction, student_query.shape[0], None, loss_dtype(student_query.dtype), student_query.device
-            )
+            dtype = compute_dtype(student_query.dtype)
+            scale = row_scale(options.reduction, student_query.shape[0], None, dtype, student_query.device)
             rows, *grads = _rows(student_query, student_target, teacher_query, teacher_target, options, backend,
                                  scale, needs)  # fmt: skip
             ctx.save_for_backward(*grads)
@@ -183,7 +183,7 @@ def _distillation_loss(sq, st, tq, tt, options: DistillationLossOptions) -> torc
         return distillation_loss_reference(
             sq, st, tq, tt, student_temperature=options.student_temperature,
             teacher_temperature=options.teacher_temperature, reduction=options.reduction,
-        ).to(loss_dtype(sq.dtype))  # fmt: skip
+        ).to(compute_dtype(sq.dtype))  # fmt: skip
     if not (torch.is_grad_enabled() and (sq.requires_grad or st.requires_grad)):
         return reduce_rows(_rows(sq, st, tq, tt, options, backend)[0], None, options.reduction)
     return DistillationLossFunction.apply(sq, st, tq, tt, options, backend)

@@ -12,11 +12,22 @@ when the per-rank batches are equal).
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
 _warned: set[str] = set()
+
+
+class Gathered(NamedTuple):
+    """The candidates of a cross-device contrastive loss: every rank's tensors, concatenated in rank
+    order. The op builds it (`gather_candidates`) and the reference takes it as it is."""
+
+    targets: torch.Tensor  # [ΣB, D]
+    negatives: torch.Tensor | None  # [ΣM, D], flattened; None without negatives
+    queries: torch.Tensor | None  # [ΣB, D] for the symmetric half; None otherwise
+    offset: int  # this rank's first row: query i's positive is targets[offset + i]
 
 
 def process_group_active() -> bool:
@@ -73,3 +84,13 @@ def gather(x: torch.Tensor, *, with_grad: bool) -> tuple[torch.Tensor, int]:
         return _GatherWithGrad.apply(x, sizes), offset
     with torch.no_grad():
         return _gather_known(x.detach(), sizes), offset
+
+
+def gather_candidates(
+    query: torch.Tensor, target: torch.Tensor, negatives: torch.Tensor | None, *, symmetric: bool
+) -> Gathered:
+    """Every rank's targets and [M, D] negatives (and, for `symmetric`, queries), with gradient."""
+    targets, offset = gather(target, with_grad=True)
+    queries = gather(query, with_grad=True)[0] if symmetric else None
+    gathered_negatives = None if negatives is None else gather(negatives, with_grad=True)[0]
+    return Gathered(targets=targets, negatives=gathered_negatives, queries=queries, offset=offset)

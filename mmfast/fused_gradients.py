@@ -12,12 +12,9 @@ from __future__ import annotations
 import torch
 
 
-def loss_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def row_scale(reduction: str, n_rows: int, weight: torch.Tensor | None, dtype: torch.dtype, device) -> torch.Tensor:
-    """d(reduced loss)/d(loss_i), in the loss dtype (a float32 1/B would cost float64 inputs digits)."""
+    """d(reduced loss)/d(loss_i), in the loss dtype (kernel_contract.compute_dtype; a float32 1/B would
+    cost float64 inputs digits)."""
     scale = torch.ones(n_rows, dtype=dtype, device=device) if weight is None else weight.detach().to(dtype)
     return scale / n_rows if reduction == "mean" else scale
 

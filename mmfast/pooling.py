@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from mmfast.backends import autocast_disabled, resolve_backend
-from mmfast.backends.pooling import forward_outputs, pooling_kernels
+from mmfast.backends.pooling import pooling_kernels
+from mmfast.kernel_contract import pooling_forward_outputs
 from mmfast.reference.pooling import pool_reference
 from mmfast.validation import check_backend_name, check_float_dtype
 
@@ -79,7 +80,7 @@ def _pool_forward_op(
 
 @_pool_forward_op.register_fake
 def _(hidden_states, mask, mode, normalize, backend):
-    return forward_outputs(hidden_states, mode)
+    return pooling_forward_outputs(hidden_states, mode)
 
 
 @torch.library.custom_op("mmfast::pool_backward", mutates_args=())

@@ -9,6 +9,7 @@ import operator
 import torch
 
 REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = ("auto", "triton", "cpu", "torch", "reference")  # what each is: mmfast/backends/__init__.py
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -45,8 +46,6 @@ def check_float_dtype(name: str, t: torch.Tensor) -> None:
 
 
 def check_backend_name(backend: object) -> None:
-    from mmfast.backends import BACKENDS
-
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
 

@@ -7,7 +7,7 @@ import torch
 
 import mmfast
 from mmfast.backends import chunked
-from mmfast.backends.contrastive_loss import kernels_for
+from mmfast.backends.contrastive_loss import contrastive_kernels
 from tests.helpers import BACKENDS, assert_within_torch_error, unit_rows
 
 OPTION_SETS = {
@@ -157,7 +157,7 @@ def test_gradient_of_any_subset_of_inputs(backend, reduction, which):
 def test_no_grad_does_no_gradient_work(backend, topk, monkeypatch):
     q, t, n = (x.requires_grad_() for x in make_inputs(9, 20, 2, seed=4))
     expected = mmfast.contrastive_loss(q, t, n, topk=topk, backend="reference")
-    kernels = kernels_for(backend)
+    kernels = contrastive_kernels(backend)
 
     def forbidden(*args, **kwargs):
         raise AssertionError("gradient kernels ran under torch.no_grad")

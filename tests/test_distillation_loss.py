@@ -189,3 +189,15 @@ def test_torch_compile_without_graph_breaks():
     expected.backward()
     for a, r in zip(leaves, eager, strict=True):
         torch.testing.assert_close(a.grad, r.grad)
+
+
+@pytest.mark.no_poison
+@pytest.mark.parametrize("with_grads", [True, False], ids=["grads", "loss-only"])
+def test_custom_op_passes_opcheck(with_grads):
+    """The fake implementation must describe the real outputs (shapes, dtypes, contiguous gradients)
+    whatever the inputs' strides and the teacher's dimension and dtype, as for the other custom ops."""
+    sq, st_, tq, tt = make_inputs(7, 5, 9, seed=12)
+    student_query = sq.T.contiguous().T  # [7, 5] with transposed strides
+    scale = torch.full((7,), 1 / 7, dtype=torch.float64) if with_grads else None
+    args = (student_query, st_, tq.float(), tt.float(), scale, 0.05, 0.1, "cpu", with_grads, with_grads)
+    torch.library.opcheck(torch.ops.mmfast.distillation_loss_rows.default, args)

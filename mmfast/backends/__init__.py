@@ -1,4 +1,4 @@
-"""Backend selection, shared by every mmfast op.
+"""Backend selection, shared by every mmfast op (the names themselves are mmfast.validation.BACKENDS).
 
 Backends:
   "triton"    Triton kernels: CUDA tensors, or CPU tensors under the Triton interpreter
@@ -15,17 +15,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
-import os
 
 import torch
 
 from mmfast._extension import load_extension
-
-BACKENDS = ("auto", "triton", "cpu", "torch", "reference")
-
-
-def triton_interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from mmfast.kernel_contract import triton_interpreter_enabled
+from mmfast.validation import check_backend_name
 
 
 @functools.cache
@@ -66,22 +61,9 @@ def cpu_unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-@functools.cache
-def kernel_set(backend: str, torch_kernels: type, cpu_kernels: type, triton_kernels: str):
-    """An op's kernel object for a resolved backend: `torch_kernels()`, `cpu_kernels(extension)`, or
-    the class named by `triton_kernels` ("module.Class", imported only when asked, as it needs triton)."""
-    if backend == "cpu":
-        return cpu_kernels(load_extension())
-    if backend == "triton":
-        module, name = triton_kernels.rsplit(".", 1)
-        return getattr(importlib.import_module(module), name)()
-    return torch_kernels()
-
-
 def resolve_backend(backend: object, device: torch.device) -> str:
     """The concrete backend for `backend` on `device`; ValueError names what is wrong."""
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+    check_backend_name(backend)
     if device.type == "meta" and backend in ("auto", "torch", "reference"):
         raise ValueError(
             "meta tensors hold no data: mmfast ops compute on CPU or CUDA tensors (torch.compile traces them "

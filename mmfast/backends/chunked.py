@@ -3,7 +3,8 @@
 A chunked op computes a [rows, N] block of scores at a time (S = X_chunk·Yᵀ, with the candidates Y
 kept as a list of pieces that are never concatenated), runs its fused row kernel over the block, and
 finishes with two GEMMs (dX_chunk = G·Y, dY += Gᵀ·X_chunk). TorchGemms does the GEMMs with torch.mm
-(MKL on CPU, cuBLAS on CUDA); kernels/matmul.TritonGemms with Triton.
+(MKL on CPU, cuBLAS on CUDA); kernels/matmul.TritonGemms with Triton (and TorchGemms for float64).
+Scores, losses and gradient buffers are in mmfast.kernel_contract.compute_dtype of the inputs.
 """
 
 from __future__ import annotations
@@ -50,9 +51,16 @@ def chunk_rows(n_rows: int, n_candidates: int, bytes_per_score: int, score_dtype
     return max(1, min(n_rows, budget // per_row))
 
 
+def work_copy(t: torch.Tensor, compute: torch.dtype, native_low_precision: bool) -> torch.Tensor:
+    """`t` as a chunk loop hands it to its kernels: contiguous, and in the compute dtype, except that
+    bf16/fp16 stay as they are for kernels that read them natively (`native_low_precision`: the Triton
+    GEMMs accumulate in float32). torch.mm on bf16/fp16 would round the scores to 8 mantissa bits."""
+    native = native_low_precision and t.dtype in (torch.bfloat16, torch.float16) and compute == torch.float32
+    return t.contiguous() if native else t.to(compute).contiguous()
+
+
 class TorchGemms:
-    # torch.mm on bf16/fp16 would round the scores to 8 mantissa bits: these GEMMs need float32 copies.
-    native_low_precision = False
+    native_low_precision = False  # see work_copy
 
     def grad_dtype(self, score_dtype: torch.dtype, embedding_dtype: torch.dtype) -> torch.dtype:
         """The dtype of G = dLoss/dS; when it is the scores' dtype, G overwrites the scores."""

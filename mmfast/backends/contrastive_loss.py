@@ -11,32 +11,50 @@ sparse (k+1 entries per row), so GEMMs 2 and 3 become gathers and scatter-adds.
 
 The candidates y are kept as a list of pieces ([targets, negatives]) and never concatenated. The rows
 per chunk come from a byte budget (mmfast/backends/chunked.py), so memory is flat in B. Backends
-differ only in their `Kernels`: how S and the gradient GEMMs are computed (chunked.TorchGemms or
-kernels/matmul.TritonGemms) and which row kernel runs.
+differ only in their kernel set (`contrastive_kernels`): how S and the gradient GEMMs are computed
+(chunked.TorchGemms or kernels/matmul.TritonGemms) and which row kernel runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import functools
+from typing import NamedTuple
 
 import torch
 
-from mmfast.backends import kernel_set
-from mmfast.backends.chunked import TorchGemms, chunk_rows
+from mmfast._extension import load_extension
+from mmfast.backends.chunked import TorchGemms, chunk_rows, work_copy
+from mmfast.distributed import Gathered
+from mmfast.kernel_contract import DirectionOptions, compute_dtype
 
 
-@dataclass(frozen=True)
-class DirectionOptions:
-    """The per-direction parameters of the loss (see mmfast.ContrastiveLossOptions)."""
+class GradientNeeds(NamedTuple):
+    """Which inputs want a gradient, in the order of the op's inputs and of its returned gradients."""
 
-    inv_temperature: float
-    hardness: float
-    margin: float | None
-    topk: int | None
+    query: bool = False
+    target: bool = False
+    negatives: bool = False
+    gathered_targets: bool = False
+    gathered_queries: bool = False
+
+    def returned(self, *, local: bool, symmetric: bool) -> GradientNeeds:
+        """The gradients the op returns: those asked for, of inputs the loss reads. Across devices
+        (not `local`) only the symmetric half reads the local targets and the gathered queries; on
+        one process there are no gathered tensors."""
+        return GradientNeeds(
+            query=self.query,
+            target=self.target and (local or symmetric),
+            negatives=self.negatives,
+            gathered_targets=self.gathered_targets and not local,
+            gathered_queries=self.gathered_queries and not local and symmetric,
+        )
 
 
-class TorchKernels(TorchGemms):
+NO_GRADIENTS = GradientNeeds()
+
+
+class TorchContrastiveKernels(TorchGemms):
     """Pure-PyTorch row kernels; GEMMs through torch.mm (MKL on CPU, cuBLAS on CUDA)."""
 
     # Scratch bytes per score element: S plus logsumexp's temporary and the margin mask (dense), or
@@ -49,7 +67,8 @@ class TorchKernels(TorchGemms):
         rows = torch.arange(scores.shape[0], device=scores.device)
         cols = rows + row_offset
         pos = scores[rows, cols].clone()
-        excluded = scores > (pos + opts.margin)[:, None] if opts.margin is not None else None
+        margin = opts.false_negative_margin
+        excluded = scores > (pos + margin)[:, None] if margin is not None else None
         scores.mul_(opts.inv_temperature + opts.hardness)
         if excluded is not None:
             scores.masked_fill_(excluded, float("-inf"))
@@ -66,8 +85,8 @@ class TorchKernels(TorchGemms):
         rows = torch.arange(scores.shape[0], device=scores.device)
         cols = rows + row_offset
         pos = scores[rows, cols].clone()
-        if opts.margin is not None:
-            scores.masked_fill_(scores > (pos + opts.margin)[:, None], float("-inf"))
+        if opts.false_negative_margin is not None:
+            scores.masked_fill_(scores > (pos + opts.false_negative_margin)[:, None], float("-inf"))
         scores[rows, cols] = float("-inf")
         # A stable descending sort breaks ties toward the lower index, as the C++ kernel does.
         ranked = torch.sort(scores, dim=1, descending=True, stable=True)
@@ -106,7 +125,7 @@ class TorchKernels(TorchGemms):
             start += piece.shape[0]
 
 
-class CpuKernels(TorchKernels):
+class CpuContrastiveKernels(TorchContrastiveKernels):
     """The C++ row kernels (csrc/contrastive_loss.cpp); GEMMs stay on MKL through torch.mm."""
 
     dense_bytes_per_score = 4
@@ -117,7 +136,7 @@ class CpuKernels(TorchKernels):
 
     def softmax_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, grad_out):
         self.ext.contrastive_softmax_rows(
-            scores, row_offset, opts.inv_temperature, opts.hardness, opts.margin, row_scale, loss
+            scores, row_offset, opts.inv_temperature, opts.hardness, opts.false_negative_margin, row_scale, loss
         )
 
     def topk_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, index, coef):
@@ -126,7 +145,7 @@ class CpuKernels(TorchKernels):
             row_offset,
             opts.inv_temperature,
             opts.hardness,
-            opts.margin,
+            opts.false_negative_margin,
             opts.topk,
             row_scale,
             loss,
@@ -140,8 +159,16 @@ class CpuKernels(TorchKernels):
         self.ext.contrastive_sparse_grads(x, pieces[0], negatives, index, coef, grad_x, grad_pieces[0], grad_negatives)
 
 
-def kernels_for(backend: str):
-    return kernel_set(backend, TorchKernels, CpuKernels, "mmfast.kernels.contrastive_loss.TritonKernels")
+@functools.cache
+def contrastive_kernels(backend: str):
+    """The kernel set of a resolved backend (one instance per backend)."""
+    if backend == "cpu":
+        return CpuContrastiveKernels(load_extension())
+    if backend == "triton":
+        from mmfast.kernels.contrastive_loss import TritonContrastiveKernels  # needs triton: imported when asked
+
+        return TritonContrastiveKernels(fallback=TorchContrastiveKernels())
+    return TorchContrastiveKernels()
 
 
 def directional_loss(
@@ -205,79 +232,68 @@ def contrastive_loss_rows(
     target: torch.Tensor,
     negatives: torch.Tensor | None,
     *,
-    temperature: float,
+    direction: DirectionOptions,
     symmetric: bool,
-    hardness: float,
-    margin: float | None,
-    topk: int | None,
     row_scale: torch.Tensor | None,
-    needs: tuple[bool, bool, bool, bool, bool],
-    gathered_targets: torch.Tensor | None = None,
-    gathered_queries: torch.Tensor | None = None,
-    positive_offset: int = 0,
+    needs: GradientNeeds,
+    gathered: Gathered | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """Per-row loss [B] (float32, or float64 for float64 inputs) and, when `row_scale` is given, the
-    gradients of Σ_i row_scale_i·loss_i for the inputs flagged in `needs`: (query, target,
-    negatives, gathered_targets, gathered_queries). Gradients not asked for, or of inputs the loss
-    does not use, are None.
+    """Per-row loss [B] (in compute_dtype: float32, or float64 for float64 inputs) and, when
+    `row_scale` is given, the gradients of Σ_i row_scale_i·loss_i for the inputs flagged in `needs`,
+    in its order (query, target, negatives, gathered targets, gathered queries). Gradients not asked
+    for, or of inputs the loss does not read (GradientNeeds.returned), are None.
 
-    On one process the candidates are [target; negatives] and, for the symmetric half, query; the
-    gradient buffers are shared between the two halves. Across devices (`gathered_targets` given)
-    they are [gathered_targets; negatives] (negatives then being the gathered ones) and
-    gathered_queries, and query i's positive is gathered target positive_offset + i.
+    On one process (`gathered` None) the candidates are [target; negatives] and, for the symmetric
+    half, query; the gradient buffers are shared between the two halves. Across devices they are
+    [gathered.targets; gathered.negatives] (`negatives` is then gathered.negatives) and
+    gathered.queries, and query i's positive is gathered target gathered.offset + i.
     """
-    kernels = kernels_for(backend)
-    score_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
-    # torch.mm on low-precision inputs would round the scores to 8 mantissa bits: those backends work
-    # on float32 copies. The Triton kernels read bf16/fp16 directly and accumulate in float32.
-    work_dtype = query.dtype if kernels.native_low_precision else score_dtype
+    kernels = contrastive_kernels(backend)
+    score_dtype = compute_dtype(query.dtype)
 
     def work(x: torch.Tensor | None) -> torch.Tensor | None:
-        return None if x is None or x.shape[0] == 0 else x.to(work_dtype).contiguous()
+        return None if x is None or x.shape[0] == 0 else work_copy(x, score_dtype, kernels.native_low_precision)
 
-    local = gathered_targets is None
+    local = gathered is None
+    returned = needs.returned(local=local, symmetric=symmetric) if row_scale is not None else NO_GRADIENTS
     q, t, n = work(query), work(target), work(negatives)
-    cand_t, cand_q = (t, q) if local else (work(gathered_targets), work(gathered_queries))
-    want = row_scale is not None
-    new_grad = torch.zeros if topk is not None else torch.empty
+    cand_t, cand_q = (t, q) if local else (work(gathered.targets), work(gathered.queries))
+    positive_offset = 0 if local else gathered.offset
+    new_grad = torch.zeros if direction.topk is not None else torch.empty
 
     def grad_buffer(flag: bool, like: torch.Tensor | None) -> torch.Tensor | None:
-        if not (want and flag and like is not None):
-            return None
-        return new_grad(like.shape, dtype=score_dtype, device=like.device)
+        return new_grad(like.shape, dtype=score_dtype, device=like.device) if flag and like is not None else None
 
-    target_used = local or symmetric  # across devices, only the symmetric half reads the local targets
-    grad_q, grad_n = grad_buffer(needs[0], q), grad_buffer(needs[2], n)
-    grad_t = grad_buffer(needs[1] and target_used, t)
-    grad_ct = grad_t if local else grad_buffer(needs[3], cand_t)
-    grad_cq = grad_q if local else grad_buffer(needs[4] and symmetric, cand_q)
-    opts = DirectionOptions(1.0 / temperature, hardness, margin, topk)
+    grad_q, grad_t = grad_buffer(returned.query, q), grad_buffer(returned.target, t)
+    grad_n = grad_buffer(returned.negatives, n)
+    grad_ct = grad_t if local else grad_buffer(returned.gathered_targets, cand_t)
+    grad_cq = grad_q if local else grad_buffer(returned.gathered_queries, cand_q)
     # A new contiguous tensor: the per-row grad_output of reduction='none' can be an expanded view.
     scale = None if row_scale is None else (row_scale.to(score_dtype) * (0.5 if symmetric else 1.0)).contiguous()
     pieces = [cand_t] if n is None else [cand_t, n]
     loss = directional_loss(
-        kernels, q, pieces, opts, row_scale=scale, grad_x=grad_q, grad_pieces=[grad_ct, grad_n][: len(pieces)],
+        kernels, q, pieces, direction, row_scale=scale, grad_x=grad_q, grad_pieces=[grad_ct, grad_n][: len(pieces)],
         accumulate=False, score_dtype=score_dtype, positive_offset=positive_offset,
     )  # fmt: skip
     if symmetric:
         # On one process the second half adds into the buffers the first one wrote.
         reverse = directional_loss(
-            kernels, t, [cand_q], opts, row_scale=scale, grad_x=grad_t, grad_pieces=[grad_cq], accumulate=local,
+            kernels, t, [cand_q], direction, row_scale=scale, grad_x=grad_t, grad_pieces=[grad_cq], accumulate=local,
             score_dtype=score_dtype, positive_offset=positive_offset,
         )  # fmt: skip
         loss = 0.5 * (loss + reverse)
 
-    def finish(grad: torch.Tensor | None, like: torch.Tensor | None, needed: bool) -> torch.Tensor | None:
-        if not (want and needed and like is not None):
+    def finish(grad: torch.Tensor | None, like: torch.Tensor | None, flag: bool) -> torch.Tensor | None:
+        if not (flag and like is not None):
             return None
         # Negatives with no rows (K = 0) still get a gradient of their (empty) shape.
         return torch.zeros_like(like) if grad is None else grad.to(like.dtype)
 
     return (
         loss,
-        finish(grad_q, query, needs[0]),
-        finish(grad_t, target, needs[1] and target_used),
-        finish(grad_n, negatives, needs[2]),
-        None if local else finish(grad_ct, gathered_targets, needs[3]),
-        None if local or not symmetric else finish(grad_cq, gathered_queries, needs[4]),
+        finish(grad_q, query, returned.query),
+        finish(grad_t, target, returned.target),
+        finish(grad_n, negatives, returned.negatives),
+        finish(grad_ct, None if local else gathered.targets, returned.gathered_targets),
+        finish(grad_cq, None if local else gathered.queries, returned.gathered_queries),
     )

@@ -13,16 +13,30 @@ student's (precomputed 4096-d NV-Embed-v2 vectors against a 1536-d student, say)
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import torch
 
-from mmfast.backends import kernel_set
-from mmfast.backends.chunked import TorchGemms, chunk_rows
+from mmfast._extension import load_extension
+from mmfast.backends.chunked import TorchGemms, chunk_rows, work_copy
+from mmfast.kernel_contract import compute_dtype
+
+
+class GradientNeeds(NamedTuple):
+    """Which of the student's inputs want a gradient (the teacher never gets one)."""
+
+    student_query: bool = False
+    student_target: bool = False
+
+
+NO_GRADIENTS = GradientNeeds()
 
 
 class TorchDistillationKernels(TorchGemms):
     bytes_per_score = 12  # student and teacher scores, plus log_softmax's temporary
 
-    def distill_rows(self, student, teacher, inv_student_t, inv_teacher_t, row_scale, loss, grad_out):
+    def kl_rows(self, student, teacher, inv_student_t, inv_teacher_t, row_scale, loss, grad_out):
         """Loss of each row into `loss`; with row_scale, G into grad_out (here always `student`)."""
         log_student = torch.log_softmax(student.mul_(inv_student_t), dim=1)
         log_teacher = torch.log_softmax(teacher.mul_(inv_teacher_t), dim=1)
@@ -40,13 +54,20 @@ class CpuDistillationKernels(TorchDistillationKernels):
     def __init__(self, extension):
         self.ext = extension
 
-    def distill_rows(self, student, teacher, inv_student_t, inv_teacher_t, row_scale, loss, grad_out):
-        self.ext.distill_rows(student, teacher, inv_student_t, inv_teacher_t, row_scale, loss)
+    def kl_rows(self, student, teacher, inv_student_t, inv_teacher_t, row_scale, loss, grad_out):
+        self.ext.distillation_kl_rows(student, teacher, inv_student_t, inv_teacher_t, row_scale, loss)
 
 
+@functools.cache
 def distillation_kernels(backend: str):
-    return kernel_set(backend, TorchDistillationKernels, CpuDistillationKernels,
-                      "mmfast.kernels.distillation_loss.TritonDistillationKernels")  # fmt: skip
+    """The kernel set of a resolved backend (one instance per backend)."""
+    if backend == "cpu":
+        return CpuDistillationKernels(load_extension())
+    if backend == "triton":
+        from mmfast.kernels.distillation_loss import TritonDistillationKernels  # needs triton: imported when asked
+
+        return TritonDistillationKernels(fallback=TorchDistillationKernels())
+    return TorchDistillationKernels()
 
 
 def distillation_loss_rows(
@@ -59,7 +80,7 @@ def distillation_loss_rows(
     student_temperature: float,
     teacher_temperature: float,
     row_scale: torch.Tensor | None,
-    needs: tuple[bool, bool],
+    needs: GradientNeeds,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Per-row KL [B] (float32, float64 for float64 students) and, with `row_scale`, the gradients of
     Σ_i row_scale_i·loss_i for the student query and target flagged in `needs`.
@@ -68,17 +89,13 @@ def distillation_loss_rows(
     [N, D_t]: with cross-device negatives these are the global batches, the queries local.
     """
     kernels = distillation_kernels(backend)
-    score_dtype = torch.float64 if student_query.dtype == torch.float64 else torch.float32
-
-    def work(t: torch.Tensor) -> torch.Tensor:
-        native = kernels.native_low_precision and t.dtype != torch.float64 and score_dtype != torch.float64
-        return t.contiguous() if native else t.to(score_dtype).contiguous()
-
-    sq, st, tq, tt = (work(t) for t in (student_query, student_target, teacher_query, teacher_target))
+    score_dtype = compute_dtype(student_query.dtype)
+    inputs = (student_query, student_target, teacher_query, teacher_target)
+    sq, st, tq, tt = (work_copy(t, score_dtype, kernels.native_low_precision) for t in inputs)
     n_rows, n_candidates = sq.shape[0], st.shape[0]
     want = row_scale is not None
-    grad_sq = torch.empty(sq.shape, dtype=score_dtype, device=sq.device) if want and needs[0] else None
-    grad_st = torch.empty(st.shape, dtype=score_dtype, device=sq.device) if want and needs[1] else None
+    grad_sq = torch.empty(sq.shape, dtype=score_dtype, device=sq.device) if want and needs.student_query else None
+    grad_st = torch.empty(st.shape, dtype=score_dtype, device=sq.device) if want and needs.student_target else None
     chunk = chunk_rows(n_rows, n_candidates, kernels.bytes_per_score, score_dtype, sq.device)
     student_scores = torch.empty(chunk, n_candidates, dtype=score_dtype, device=sq.device)
     teacher_scores = torch.empty(chunk, n_candidates, dtype=score_dtype, device=sq.device)
@@ -94,7 +111,7 @@ def distillation_loss_rows(
         kernels.scores(tq[start:stop], [tt], t)
         grads = None if not want else s if grad_scratch is None else grad_scratch[: stop - start]
         row_scale_chunk = None if scale is None else scale[start:stop]
-        kernels.distill_rows(
+        kernels.kl_rows(
             s, t, 1.0 / student_temperature, 1.0 / teacher_temperature, row_scale_chunk, loss[start:stop], grads
         )
         if grads is not None:

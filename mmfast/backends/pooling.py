@@ -1,6 +1,7 @@
 """Pooling kernels per backend: torch ops here, C++ in csrc/pooling.cpp, Triton in kernels/pooling.py.
 
-Every backend fills the same outputs, allocated here (so tests can NaN-poison them):
+Every backend fills the same outputs, allocated by mmfast.kernel_contract.pooling_forward_outputs
+(so tests can NaN-poison them):
   forward:  out [B, D] (input dtype), unit [B, D] (the float32 result: normalised, or the pooled
             vector), norm [B] (‖pooled‖), index [B] int64 (last mode), count [B] (mean mode)
   backward: the dense gradient [B, T, D], written in one pass (zeros included).
@@ -12,31 +13,23 @@ import functools
 
 import torch
 
-from mmfast.backends import kernel_set
-from mmfast.reference.pooling import last_token_index
-
-EPS = 1e-12  # F.normalize's: y = p / max(‖p‖, eps)
-MODE_CODES = {"last": 0, "mean": 1}
+from mmfast._extension import load_extension
+from mmfast.kernel_contract import POOLING_EPS, POOLING_MODE_CODES, pooling_forward_outputs
 
 
-def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def forward_outputs(hidden: torch.Tensor, mode: str):
-    b, _, d = hidden.shape
-    acc = accumulate_dtype(hidden.dtype)
-    new = functools.partial(torch.empty, device=hidden.device)
-    index = new(b if mode == "last" else 0, dtype=torch.int64)
-    count = new(b if mode == "mean" else 0, dtype=acc)
-    return new(b, d, dtype=hidden.dtype), new(b, d, dtype=acc), new(b, dtype=acc), index, count
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """[B] position of each row's last nonzero mask entry: the first nonzero one of the row read
+    backwards (argmax returns the first maximum). Written apart from the reference's formula
+    (mmfast/reference/pooling.py), so a fault in either shows in the tests."""
+    tokens = mask.shape[1]
+    return (tokens - 1) - (mask.flip(1) != 0).to(torch.int32).argmax(dim=1)
 
 
 def normalize_backward(grad: torch.Tensor, unit: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
     """d/dp of p / max(‖p‖, eps): (dy - y·(y·dy)) / ‖p‖, or dy / eps where the norm is clamped."""
     projected = grad - unit * (unit * grad).sum(dim=1, keepdim=True)
-    clamped = norm <= EPS
-    return torch.where(clamped[:, None], grad / EPS, projected / norm.clamp_min(EPS)[:, None])
+    clamped = norm <= POOLING_EPS
+    return torch.where(clamped[:, None], grad / POOLING_EPS, projected / norm.clamp_min(POOLING_EPS)[:, None])
 
 
 class TorchPoolingKernels:
@@ -44,7 +37,7 @@ class TorchPoolingKernels:
     mean_chunk_elements = 1 << 24
 
     def forward(self, hidden, mask, mode, normalize):
-        out, unit, norm, index, count = forward_outputs(hidden, mode)
+        out, unit, norm, index, count = pooling_forward_outputs(hidden, mode)
         acc = unit.dtype
         if mode == "last":
             index.copy_(last_token_index(mask))
@@ -59,7 +52,7 @@ class TorchPoolingKernels:
                 pooled += torch.bmm(weights[:, None, t : t + step], chunk)[:, 0]
             pooled /= count[:, None]
         torch.linalg.vector_norm(pooled, dim=1, out=norm)
-        unit.copy_(pooled / norm.clamp_min(EPS)[:, None] if normalize else pooled)
+        unit.copy_(pooled / norm.clamp_min(POOLING_EPS)[:, None] if normalize else pooled)
         out.copy_(unit)
         return out, unit, norm, index, count
 
@@ -82,16 +75,24 @@ class CpuPoolingKernels:
         self.ext = extension
 
     def forward(self, hidden, mask, mode, normalize):
-        outputs = forward_outputs(hidden, mode)
-        self.ext.pool_forward(hidden, mask, MODE_CODES[mode], normalize, *outputs)
+        outputs = pooling_forward_outputs(hidden, mode)
+        self.ext.pooling_forward(hidden, mask, POOLING_MODE_CODES[mode], normalize, *outputs)
         return outputs
 
     def backward(self, grad_out, unit, norm, index, count, mask, mode, normalize, shape, dtype):
         grad_hidden = torch.empty(shape, dtype=dtype, device=grad_out.device)
-        self.ext.pool_backward(grad_out.contiguous(), unit, norm, index, count, mask, MODE_CODES[mode], normalize,
-                               grad_hidden)  # fmt: skip
+        self.ext.pooling_backward(grad_out.contiguous(), unit, norm, index, count, mask, POOLING_MODE_CODES[mode],
+                                  normalize, grad_hidden)  # fmt: skip
         return grad_hidden
 
 
+@functools.cache
 def pooling_kernels(backend: str):
-    return kernel_set(backend, TorchPoolingKernels, CpuPoolingKernels, "mmfast.kernels.pooling.TritonPoolingKernels")
+    """The kernel set of a resolved backend (one instance per backend)."""
+    if backend == "cpu":
+        return CpuPoolingKernels(load_extension())
+    if backend == "triton":
+        from mmfast.kernels.pooling import TritonPoolingKernels  # needs triton: imported when asked
+
+        return TritonPoolingKernels()
+    return TorchPoolingKernels()

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from mmfast.distributed import Gathered
+
 
 def directional_loss_reference(
     x: torch.Tensor,
@@ -61,16 +63,16 @@ def contrastive_loss_reference(
     topk: int | None = None,
     weight: torch.Tensor | None = None,
     reduction: str = "mean",
-    gathered: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int] | None = None,
+    gathered: Gathered | None = None,
 ) -> torch.Tensor:
     """Same signature and semantics as `mmfast.contrastive_loss`, computed naively.
 
-    `gathered` = (all ranks' targets, all ranks' negatives or None, all ranks' queries or None, this
-    rank's offset): the cross-device case, where the candidates are the gathered ones."""
+    `gathered` (mmfast.distributed.Gathered: all ranks' targets, negatives or None, queries or None,
+    and this rank's offset): the cross-device case, where the candidates are the gathered ones."""
     options = dict(temperature=temperature, hardness=hardness, false_negative_margin=false_negative_margin, topk=topk)
     if gathered is None:
         flat = None if negatives is None else negatives.reshape(-1, target.shape[-1])
-        gathered = (target, flat, query, 0)
+        gathered = Gathered(target, flat, query, 0)
     all_targets, all_negatives, all_queries, offset = gathered
     candidates = all_targets if all_negatives is None else torch.cat([all_targets, all_negatives])
     rows = directional_loss_reference(query, candidates, positive_offset=offset, **options)
