@@ -123,6 +123,11 @@ def near_miss(single: Single, rng: np.random.Generator) -> Single:
     return options[int(rng.integers(len(options)))]
 
 
+def another(value: str, options: tuple[str, ...], rng: np.random.Generator) -> str:
+    """A uniformly drawn option other than `value`."""
+    return options[(options.index(value) + int(rng.integers(1, len(options)))) % len(options)]
+
+
 def random_single(rng: np.random.Generator) -> Single:
     return ALL_SINGLES[int(rng.integers(len(ALL_SINGLES)))]
 

@@ -95,7 +95,7 @@ def _grounding_rows(subset: str, n: int, c: int, rng: np.random.Generator, image
         crops = [images.crop(scene, k, f"{i}_crop{k}") for k in range(len(scene.objects))]
         others = crops[:target] + crops[target + 1 :]
         items.append((text, images.scene(scene, str(i)), crops[target], others, scene.objects[target].label))
-    pool = [(crop, item[4]) for item in items for crop in [item[2]]]
+    pool = [(item[2], item[4]) for item in items]  # every target crop, with its label
     rows = []
     for text, query_image, truth, others, label in items:
         fillers = [crop for crop, other in _shuffled(pool, rng) if other != label and crop != truth]
@@ -134,7 +134,7 @@ def _mmeb_rows(subset: str, sizes: Sizes, rng: np.random.Generator, images: Imag
             rows.append((FIND_CAPTION, query, texts, [""] * len(texts)))
         elif subset == "FashionIQ":
             reference = world.random_single(rng)
-            colour = world.COLOUR_NAMES[(world.COLOUR_NAMES.index(reference.colour) + int(rng.integers(1, 8))) % 8]
+            colour = world.another(reference.colour, world.COLOUR_NAMES, rng)
             target = replace(reference, colour=colour)
             misses = [m for m in world.ranked_misses(target, rng) if m != reference]
             targets = [gallery(s) for s in ([target, reference] + misses)[:c]]
@@ -189,13 +189,12 @@ def _sugarcrepe_item(kind: str, rng: np.random.Generator) -> tuple[Scene, str, s
     if kind.startswith(("add", "replace_obj", "replace_att")):
         single = world.random_single(rng)
         c, s, p = single.colour, single.shape, world.position_words(single.quadrant, rng)
-        other = world.near_miss(single, rng)
-        other_colour = world.COLOUR_NAMES[(world.COLOUR_NAMES.index(c) + int(rng.integers(1, 8))) % 8]
-        other_shape = SHAPES[(SHAPES.index(s) + int(rng.integers(1, 8))) % 8]
+        other_colour = world.another(c, world.COLOUR_NAMES, rng)
+        other_shape = world.another(s, SHAPES, rng)
         caption, negative = {
             "add_obj": (
                 f"a {c} {s} in the {p} corner",
-                f"a {c} {s} next to a {other.colour} {other_shape} in the {p} corner",
+                f"a {c} {s} next to a {other_colour} {other_shape} in the {p} corner",
             ),
             "add_att": (f"a {s} in the {p} corner", f"a {other_colour} {s} in the {p} corner"),
             "replace_obj": (f"a {c} {s} in the {p} corner", f"a {c} {other_shape} in the {p} corner"),
@@ -241,7 +240,7 @@ def _write_video(root: Path, seed: int, image_size: int, sizes: Sizes) -> None:
     rows = []
     for i, k in enumerate(rng.choice(len(combos), sizes.videos, replace=False)):
         shape, colour, (start, end), change = combos[int(k)]
-        later = world.COLOUR_NAMES[(world.COLOUR_NAMES.index(colour) + int(rng.integers(1, 8))) % 8]
+        later = world.another(colour, world.COLOUR_NAMES, rng)
         sentence = world.articles(f"a {colour} {shape} moves from the {start} to the {end}")
         sentence += {"": "", "turns": f" and turns {later}", "grows": " and grows", "shrinks": " and shrinks"}[change]
         across, angle, tint = float(rng.uniform(0.35, 0.65)), float(rng.uniform(-12, 12)), background(rng)

@@ -204,7 +204,7 @@ def _nli_rows(n: int, rng: np.random.Generator) -> list[tuple[str, str, str]]:
         else:
             shape, colour = SHAPES[int(rng.integers(8))], world.COLOUR_NAMES[int(rng.integers(8))]
             count = int(rng.integers(1, 5))
-            other = (count + int(rng.integers(1, 4)) - 1) % 4 + 1
+            other = world.NUMBERS.index(world.another(world.NUMBERS[count - 1], world.NUMBERS, rng)) + 1
             paraphrase = (
                 f"there is exactly one {shape} and it is {colour}"
                 if count == 1
