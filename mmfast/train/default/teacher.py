@@ -103,6 +103,9 @@ def write_teacher(
     positive = embedded[torch.tensor([index[p] for _, p in rows], dtype=torch.long)]
     scratch = out.with_name(f".{out.name}.tmp-{os.getpid()}{out.suffix}")
     save_teacher(scratch, query, positive)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(scratch, 0o666 & ~umask)  # safetensors writes 0600; the data folder is shared like any other
     os.replace(scratch, out)  # whole or not at all, also when ranks race
     return out
 
