@@ -30,6 +30,7 @@ from mmfast.train.processors import (
     processor_inputs,
     register_processors,
     save_backbone_processor,
+    tokenizer_of,
 )
 
 __all__ = [
@@ -45,6 +46,8 @@ __all__ = [
     "processor_inputs",
     "rewrite_image_tokens",
     "save_backbone_processor",
+    "tokenizer_of",
+    "unwrap_model",
     "vision_tower",
 ]
 
@@ -177,16 +180,12 @@ def rewrite_image_tokens(text: str, family: Family) -> str:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside DDP and peft wrappers."""
+    """The transformers model inside DDP / FSDP / DeepSpeed / torch.compile and peft wrappers."""
+    from accelerate.utils import extract_model_from_parallel
     from peft import PeftModel
 
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif isinstance(model, PeftModel):
-            model = model.get_base_model()
-        else:
-            return model
+    model = extract_model_from_parallel(model, keep_torch_compile=False)
+    return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
 def position_ids(model: nn.Module, family: Family, batch: Mapping) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from PIL import Image
-from transformers import Qwen2VLConfig
+from transformers import AutoProcessor, Qwen2VLConfig
 
 from mmfast.train.backbones import (
     FAMILIES,
@@ -192,6 +192,10 @@ def test_save_reload_round_trip(backbone, tmp_path):
     save_backbone_processor(processor, tmp_path)
     model2, processor2, family2 = load_backbone(tmp_path)
     assert family2 is family and type(processor2) is type(processor) and type(model2) is type(model)
+    if family.multimodal:
+        # Registered: even AutoProcessor gives the no-video subclass, not a bare tokenizer; no torchvision needed.
+        assert type(AutoProcessor.from_pretrained(tmp_path, local_files_only=True)) is type(processor)
+        assert type(processor2.image_processor).__name__.endswith("ImageProcessorPil")
     batch, hidden = encode(model, processor, family, rows(family), "left")
     batch2, hidden2 = encode(model2.eval(), processor2, family2, rows(family), "left")
     assert batch.keys() == batch2.keys()
