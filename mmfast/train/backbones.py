@@ -26,6 +26,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, PretrainedConfig
 
 from mmfast.train.processors import (
+    MMEB_IMAGE_PLACEHOLDER,
     load_processor,
     processor_inputs,
     register_processors,
@@ -50,8 +51,6 @@ __all__ = [
     "unwrap_model",
     "vision_tower",
 ]
-
-MMEB_IMAGE_PLACEHOLDER = "<|image_1|>"
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,9 @@ from transformers import (
     Qwen2VLProcessor,
 )
 
+# MMEB's image placeholder (and Phi-3.5-V's own image token).
+MMEB_IMAGE_PLACEHOLDER = "<|image_1|>"
+
 
 class Qwen2VLNoVideoProcessor(Qwen2VLProcessor):
     """Qwen2-VL processor for images and text only (no torchvision-backed video processor)."""
@@ -157,13 +160,16 @@ def processor_inputs(
 
 
 def _check_images_match_texts(family, texts: list[str], images: list) -> None:
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{index}] is {type(text).__name__}, expected str")
+        if family.image_token != MMEB_IMAGE_PLACEHOLDER and MMEB_IMAGE_PLACEHOLDER in text:
+            raise ValueError(f"texts[{index}] still holds {MMEB_IMAGE_PLACEHOLDER}; apply rewrite_image_tokens first")
     if not family.multimodal:
         if images:
             raise ValueError(f"family {family.name!r} is text-only, but {len(images)} images were given")
         return
     for index, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise TypeError(f"texts[{index}] is {type(text).__name__}, expected str")
         if text.count(family.image_token) > 1:
             raise ValueError(f"texts[{index}] holds {family.image_token!r} more than once; one image per text")
     with_image = sum(family.image_token in text for text in texts)
@@ -215,7 +221,7 @@ def _phi3_v_inputs(processor, texts: list[str], images: list) -> BatchFeature:
     tokenizer = tokenizer_of(processor)
     rows, pixel_values, image_sizes, image_iter = [], [], [], iter(images)
     for text in texts:
-        has_image = "<|image_1|>" in text
+        has_image = MMEB_IMAGE_PLACEHOLDER in text
         row = processor(text=text, images=[next(image_iter)] if has_image else None, return_tensors="pt")
         rows.append(row["input_ids"][0])
         if has_image:

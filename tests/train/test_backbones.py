@@ -241,6 +241,10 @@ def test_processor_inputs_errors(tiny_dirs):
         processor_inputs(processor, family, ["a"], padding_side="middle")
     with pytest.raises(ValueError, match="max_length"):
         processor_inputs(processor, family, ["a"], max_length=0)
+    with pytest.raises(ValueError, match=r"texts\[0\] still holds <\|image_1\|>; apply rewrite_image_tokens"):
+        processor_inputs(processor, family, ["<|image_1|> a"], [red])
+    with pytest.raises(TypeError, match=r"texts\[1\] is NoneType"):
+        processor_inputs(processor, family, ["a", None])
     with pytest.raises(ValueError, match="at least one prompt"):
         processor_inputs(processor, family, [])
     _, tokenizer, text_family = load_backbone(tiny_dirs["causal_lm"])
