@@ -161,6 +161,17 @@ def test_disk_cache_keyed_by_model(tmp_path):
     assert encoder.calls == 1
 
 
+def test_fingerprint_covers_buffers_and_config():
+    encoder = FakeEncoder()
+    encoder.model.register_buffer("mask", torch.tensor([True, False]))
+    encoder.model.register_buffer("positions", torch.arange(5))
+    before = model_fingerprint(encoder)
+    encoder.model.positions[4] = 7
+    after = model_fingerprint(encoder)
+    encoder.config = type(encoder.config)(text_prompt="query: {text}")
+    assert len({before, after, model_fingerprint(encoder)}) == 3
+
+
 def test_cache_interrupted_run_keeps_finished_blocks(tmp_path):
     failing = FakeEncoder()  # the same class and weights as the one resuming: the same model key
     working = failing.encode

@@ -140,6 +140,20 @@ def test_retrieval_missing_image_counted_or_strict(tmp_path):
         evaluate_retrieval(FakeEncoder(vectors), path, strict=True, **QUIET)
 
 
+def test_retrieval_unreadable_inline_image_is_counted(tmp_path):
+    records, vectors = caption_records()
+    good = make_image(tmp_path / "good.jpg", 20).read_bytes()
+    rows = [
+        {"image": {"bytes": good if i else b"broken", "path": f"{i}.jpg"}, "text": r["caption"]}
+        for i, r in enumerate(records)
+    ]
+    path = write_parquet(tmp_path / "hf.parquet", rows)
+    metrics = evaluate_retrieval(FakeEncoder(vectors), path, text_prompt=PLAIN, **QUIET)["retrieval"]["hf"]
+    assert metrics["num_missing_images"] == 1 and "0.jpg" in metrics["missing_image_examples"][0]
+    with pytest.raises(FileNotFoundError, match="row 0 column 'image'.* is unreadable"):
+        evaluate_retrieval(FakeEncoder(vectors), path, strict=True, **QUIET)
+
+
 def test_sugarcrepe_bad_inputs(tmp_path):
     vectors = write_sugarcrepe(tmp_path)
     folder, coco = tmp_path / "sugarcrepe", tmp_path / "coco"

@@ -200,7 +200,7 @@ def test_video_files_with_pyav(tmp_path, monkeypatch):
 
 
 def test_dispatch_and_reports(tmp_path):
-    encoder = FakeEncoder({**write_mmeb(tmp_path / "mmeb"), **write_sugarcrepe(tmp_path)})
+    encoder = FakeEncoder({**write_mmeb(tmp_path / "mmeb"), **write_sugarcrepe(tmp_path), **write_msrvtt(tmp_path)})
     data, vectors = write_caption_set(tmp_path, "jsonl")
     encoder.vectors.update({key: torch.tensor(value) for key, value in vectors.items()})
     parts = [
@@ -213,6 +213,7 @@ def test_dispatch_and_reports(tmp_path):
             **QUIET,
         ),
         evaluate(encoder, "retrieval", data, text_prompt=PLAIN, **QUIET),
+        evaluate(encoder, "video", tmp_path / "MSRVTT_JSFUSION_test.csv", image_root=tmp_path / "videos", **QUIET),
         evaluate(
             encoder, "sugarcrepe", tmp_path / "sugarcrepe", image_root=tmp_path / "coco", text_prompt=PLAIN, **QUIET
         ),
@@ -228,7 +229,16 @@ def test_dispatch_and_reports(tmp_path):
     assert {"task": "retrieval", "set": "flickr30k_test", "metric": "i2t_R@1", "value": "100.0"} in rows
     assert {"task": "sugarcrepe", "set": "sugarcrepe/add_obj", "metric": "num_pred", "value": "4"} in rows
     table = format_table(results)
-    for shown in ("ImageNet-1K", "3/4", "Mystery", "flickr30k_test", "sugarcrepe/add_obj", "1/4", "not found: add_att"):
+    assert written["video"]["MSRVTT_JSFUSION_test"]["num_missing_videos"] == 1
+    for shown in (
+        "ImageNet-1K",
+        "3/4",
+        "Mystery",
+        "flickr30k_test",
+        "MSRVTT_JSFUSION_test",
+        "1/4",
+        "not found: add_att",
+    ):
         assert shown in table
     with pytest.raises(ValueError, match="retrieval set 'flickr30k_test' appears twice"):
         merge_results(parts[1], parts[1])

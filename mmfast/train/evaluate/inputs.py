@@ -48,14 +48,19 @@ class ImageChecker:
         self._verdicts: dict[str, str | None] = {}
 
     def usable(self, image, where: str) -> bool:
-        if image is None or not isinstance(image, (str, os.PathLike)):
-            return True  # in-memory images were decoded when read
-        path = str(image)
-        if path not in self._verdicts:
-            self._verdicts[path] = _image_problem(Path(path))
-        problem = self._verdicts[path]
+        if isinstance(image, BytesImage):
+            name = image.label
+            if name not in self._verdicts:
+                self._verdicts[name] = _image_problem(io.BytesIO(image.data))
+        elif isinstance(image, (str, os.PathLike)):
+            name = str(image)
+            if name not in self._verdicts:
+                self._verdicts[name] = "is missing" if not Path(name).is_file() else _image_problem(name)
+        else:
+            return True  # None, or an image already in memory
+        problem = self._verdicts[name]
         if problem is not None and self.strict:
-            raise FileNotFoundError(f"{where}: image {path} {problem}")
+            raise FileNotFoundError(f"{where}: image {name} {problem}")
         return problem is None
 
     def report(self) -> dict:
@@ -63,11 +68,9 @@ class ImageChecker:
         return {"num_missing_images": len(bad), "missing_image_examples": bad[:MISSING_EXAMPLES]}
 
 
-def _image_problem(path: Path) -> str | None:
-    if not path.is_file():
-        return "is missing"
+def _image_problem(source) -> str | None:
     try:
-        with Image.open(path) as image:  # reads the header only
+        with Image.open(source) as image:  # reads the header only
             image.size  # noqa: B018
     except (OSError, UnidentifiedImageError, ValueError) as error:
         return f"is unreadable ({error})"

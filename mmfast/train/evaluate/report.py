@@ -107,7 +107,7 @@ def format_table(results: Mapping) -> str:
         ]
         lines += [
             "MMEB (Precision@1, %)",
-            *_table(["dataset", "meta-task", "split", "P@1", "correct/num_pred", "missing"], rows),
+            *_table(["dataset", "meta-task", "split", "P@1", "correct/num_pred", "missing-image rows"], rows),
         ]
         means = [[f"{task} ({m['num_datasets']})", m["acc"]] for task, m in mmeb["meta_tasks"].items()]
         means += [
@@ -162,22 +162,17 @@ def format_table(results: Mapping) -> str:
         ]
         lines += ["", "Text-video retrieval (%, ranks)", *_table(header, rows)]
     if "sugarcrepe" in results:
-        rows = []
+        rows, absent = [], []
         for name, files in results["sugarcrepe"].items():
             for stem, m in files.items():
                 if isinstance(m, Mapping) and "num_pred" in m:
-                    rows.append(
-                        [
-                            f"{name}/{stem}",
-                            m["acc"],
-                            f"{m['num_correct']}/{m['num_pred']}",
-                            m.get("num_missing_images", "-"),
-                        ]
-                    )
+                    missing = m.get("num_missing_images", "-")
+                    rows.append([f"{name}/{stem}", m["acc"], f"{m['num_correct']}/{m['num_pred']}", missing])
             rows.append([f"{name}/mean of files", files["mean"]["acc"], f"{files['mean']['num_files']} files", "-"])
             if files.get("files_not_found"):
-                rows.append([f"{name}: not found: {', '.join(files['files_not_found'])}", "", "", ""])
-        lines += ["", "SugarCrepe (accuracy, %)", *_table(["set/file", "acc", "correct/num_pred", "missing"], rows)]
+                absent.append(f"{name}: not found: {', '.join(files['files_not_found'])}")
+        header = ["set/file", "acc", "correct/num_pred", "missing images"]
+        lines += ["", "SugarCrepe (accuracy, %)", *_table(header, rows), *absent]
     return "\n".join(lines).strip("\n")
 
 
