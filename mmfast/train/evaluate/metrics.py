@@ -55,9 +55,15 @@ def _similarity_topk(query: torch.Tensor, gallery: torch.Tensor, k: int, *, targ
     for start in range(0, num_queries, rows):
         block = slice(start, start + rows)
         scores = query[block] @ gallery.T
-        # A stable sort keeps tied items in gallery order, which torch.topk does not promise.
-        ordered, order = torch.sort(scores, dim=1, descending=True, stable=True)
-        values[block], indices[block] = ordered[:, :k], order[:, :k]
+        # torch.topk does not promise which of tied items it keeps: take all items above the k-th
+        # value, then the lowest-index ones equal to it, and order those k stably.
+        kth = torch.topk(scores, k, dim=1).values[:, -1:]
+        above, equal = scores > kth, scores == kth
+        needed = k - above.sum(dim=1, keepdim=True)
+        chosen = above | (equal & (torch.cumsum(equal, dim=1) <= needed))
+        picked = chosen.nonzero()[:, 1].view(-1, k)  # row-major: ascending gallery index
+        ordered, order = torch.sort(scores.gather(1, picked), dim=1, descending=True, stable=True)
+        values[block], indices[block] = ordered, picked.gather(1, order)
         if target is not None:
             wanted = target[block]
             best = scores.gather(1, wanted.clamp(min=0)).masked_fill(wanted < 0, float("-inf")).amax(dim=1)

@@ -84,96 +84,68 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     ]
 
 
-def _recall_columns(metrics: Mapping, direction: str, ranks: bool) -> list:
-    columns = [metrics[f"{direction}_R@{k}"] for k in (1, 5, 10)]
-    return columns + ([metrics[f"{direction}_MdR"], metrics[f"{direction}_MnR"]] if ranks else [])
+def _mmeb_lines(mmeb: Mapping) -> list[str]:
+    rows = [
+        [name, d["meta_task"] or "-", d["split"] or "-", d["acc"], f"{d['num_correct']}/{d['num_pred']}"]
+        + [d["num_missing_image_rows"]]
+        for name, d in mmeb["datasets"].items()
+    ]
+    header = ["dataset", "meta-task", "split", "P@1", "correct/num_pred", "missing-image rows"]
+    means = [[f"{task} ({m['num_datasets']})", m["acc"]] for task, m in mmeb["meta_tasks"].items()]
+    means += [
+        [f"{key} ({mmeb[key]['num_datasets']})", mmeb[key]["acc"]] for key in ("overall", "ind", "ood") if key in mmeb
+    ]
+    lines = ["MMEB (Precision@1, %)", *_table(header, rows), "", *_table(["mean over datasets", "P@1"], means)]
+    if mmeb.get("unassigned"):
+        lines.append("no meta-task known for: " + ", ".join(mmeb["unassigned"]))
+    return lines
+
+
+def _cross_modal_lines(title: str, sets: Mapping, directions: tuple[str, str], items: str) -> list[str]:
+    """Retrieval and video sets: R@1/5/10, MdR, MnR per direction, and the counts behind them."""
+    header = ["set"]
+    for direction in directions:
+        header += [f"{direction} R@1", "R@5", "R@10", "MdR", "MnR"]
+    header += [items, "captions", "missing"]
+    rows = []
+    for name, m in sets.items():
+        row = [name]
+        for direction in directions:
+            row += [m[f"{direction}_{metric}"] for metric in ("R@1", "R@5", "R@10", "MdR", "MnR")]
+        rows.append(row + [m[f"num_{items}"], m["num_captions"], m[f"num_missing_{items}"]])
+    return [title, *_table(header, rows)]
+
+
+def _sugarcrepe_lines(sets: Mapping) -> list[str]:
+    rows, absent = [], []
+    for name, files in sets.items():
+        for stem, m in files.items():
+            if isinstance(m, Mapping) and "num_pred" in m:
+                missing = m.get("num_missing_images", "-")
+                rows.append([f"{name}/{stem}", m["acc"], f"{m['num_correct']}/{m['num_pred']}", missing])
+        rows.append([f"{name}/mean of files", files["mean"]["acc"], f"{files['mean']['num_files']} files", "-"])
+        if files.get("files_not_found"):
+            absent.append(f"{name}: not found: {', '.join(files['files_not_found'])}")
+    header = ["set/file", "acc", "correct/num_pred", "missing images"]
+    return ["SugarCrepe (accuracy, %)", *_table(header, rows), *absent]
 
 
 def format_table(results: Mapping) -> str:
     """A plain-text table of every task in the results, with num_pred (or its counts) for every set."""
-    lines: list[str] = []
+    sections = []
     if "mmeb" in results:
-        mmeb = results["mmeb"]
-        rows = [
-            [
-                name,
-                d["meta_task"] or "-",
-                d["split"] or "-",
-                d["acc"],
-                f"{d['num_correct']}/{d['num_pred']}",
-                d["num_missing_image_rows"],
-            ]
-            for name, d in mmeb["datasets"].items()
-        ]
-        lines += [
-            "MMEB (Precision@1, %)",
-            *_table(["dataset", "meta-task", "split", "P@1", "correct/num_pred", "missing-image rows"], rows),
-        ]
-        means = [[f"{task} ({m['num_datasets']})", m["acc"]] for task, m in mmeb["meta_tasks"].items()]
-        means += [
-            [f"{key} ({mmeb[key]['num_datasets']})", mmeb[key]["acc"]]
-            for key in ("overall", "ind", "ood")
-            if key in mmeb
-        ]
-        lines += ["", *_table(["mean over datasets", "P@1"], means)]
-        if mmeb.get("unassigned"):
-            lines.append("no meta-task known for: " + ", ".join(mmeb["unassigned"]))
+        sections.append(_mmeb_lines(results["mmeb"]))
     if "retrieval" in results:
-        header = ["set", "t2i R@1", "R@5", "R@10", "i2t R@1", "R@5", "R@10", "images", "captions", "missing"]
-        rows = [
-            [
-                name,
-                *_recall_columns(m, "t2i", False),
-                *_recall_columns(m, "i2t", False),
-                m["num_images"],
-                m["num_captions"],
-                m["num_missing_images"],
-            ]
-            for name, m in results["retrieval"].items()
-        ]
-        lines += ["", "Image-text retrieval (%)", *_table(header, rows)]
+        sections.append(
+            _cross_modal_lines("Image-text retrieval (%, ranks)", results["retrieval"], ("t2i", "i2t"), "images")
+        )
     if "video" in results:
-        header = [
-            "set",
-            "t2v R@1",
-            "R@5",
-            "R@10",
-            "MdR",
-            "MnR",
-            "v2t R@1",
-            "R@5",
-            "R@10",
-            "MdR",
-            "MnR",
-            "videos",
-            "captions",
-            "missing",
-        ]
-        rows = [
-            [
-                name,
-                *_recall_columns(m, "t2v", True),
-                *_recall_columns(m, "v2t", True),
-                m["num_videos"],
-                m["num_captions"],
-                m["num_missing_videos"],
-            ]
-            for name, m in results["video"].items()
-        ]
-        lines += ["", "Text-video retrieval (%, ranks)", *_table(header, rows)]
+        sections.append(
+            _cross_modal_lines("Text-video retrieval (%, ranks)", results["video"], ("t2v", "v2t"), "videos")
+        )
     if "sugarcrepe" in results:
-        rows, absent = [], []
-        for name, files in results["sugarcrepe"].items():
-            for stem, m in files.items():
-                if isinstance(m, Mapping) and "num_pred" in m:
-                    missing = m.get("num_missing_images", "-")
-                    rows.append([f"{name}/{stem}", m["acc"], f"{m['num_correct']}/{m['num_pred']}", missing])
-            rows.append([f"{name}/mean of files", files["mean"]["acc"], f"{files['mean']['num_files']} files", "-"])
-            if files.get("files_not_found"):
-                absent.append(f"{name}: not found: {', '.join(files['files_not_found'])}")
-        header = ["set/file", "acc", "correct/num_pred", "missing images"]
-        lines += ["", "SugarCrepe (accuracy, %)", *_table(header, rows), *absent]
-    return "\n".join(lines).strip("\n")
+        sections.append(_sugarcrepe_lines(results["sugarcrepe"]))
+    return "\n\n".join("\n".join(lines) for lines in sections)
 
 
 def print_table(results: Mapping) -> None:
