@@ -7,6 +7,7 @@ import statistics
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from mmfast.train.evaluate import (
     EmbeddingCache,
@@ -161,6 +162,27 @@ def test_disk_cache_keyed_by_model(tmp_path):
     assert encoder.calls == 1
 
 
+def test_cache_bounds_images_held_in_memory(monkeypatch):
+    from mmfast.train.evaluate import cache as cache_module
+
+    class Source:  # an ImageSource: loaded only when embedded
+        def __init__(self, width):
+            self.width = width
+
+        def cache_key(self):
+            return f"source {self.width}"
+
+        def load(self):
+            return Image.new("RGB", (self.width, 2))
+
+    monkeypatch.setattr(cache_module, "MAX_LOADED", 2)
+    encoder = FakeEncoder()
+    cache = EmbeddingCache(encoder, show_progress=False, block_size=4)
+    cache.embed(["t"] * 7 + ["p0", "p1", "p2"], [Source(w) for w in range(30, 37)] + [None] * 3)
+    # Blocks of at most two loaded sources, or four inputs: [2 src] [2 src] [2 src] [1 src + 3 texts].
+    assert encoder.calls == 4 and [w for _, w in encoder.inputs] == [*range(30, 37), None, None, None]
+
+
 def test_fingerprint_covers_buffers_and_config():
     encoder = FakeEncoder()
     encoder.model.register_buffer("mask", torch.tensor([True, False]))
@@ -196,11 +218,13 @@ def test_cache_bad_inputs(tmp_path):
 
     with pytest.raises(ValueError, match="cannot fingerprint NoModel"):
         EmbeddingCache(NoModel(), tmp_path)
-    EmbeddingCache(NoModel(), tmp_path, model_key="no-model v1", show_progress=False).embed(["a"])
-    shard = next((tmp_path / "no-model v1"[:24]).glob("embeddings-*.pt"))
+    named = EmbeddingCache(NoModel(), tmp_path, model_key="no-model/v1", show_progress=False)
+    named.embed(["a"])
+    shard = next(named.directory.glob("embeddings-*.pt"))
+    assert named.directory.parent == tmp_path
     shard.write_bytes(b"not a shard")
     with pytest.raises(ValueError, match=f"shard {shard} cannot be read"):
-        EmbeddingCache(NoModel(), tmp_path, model_key="no-model v1")
+        EmbeddingCache(NoModel(), tmp_path, model_key="no-model/v1")
 
     class NaN(FakeEncoder):
         def encode(self, texts, images=None, **kw):

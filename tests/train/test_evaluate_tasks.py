@@ -92,6 +92,30 @@ def test_retrieval_five_captions(tmp_path, fmt):
     assert (metrics["num_images"], metrics["num_captions"], metrics["num_missing_images"]) == (3, 15, 0)
 
 
+def test_retrieval_caption_limits_and_sharegpt4v(tmp_path):
+    for width in (20, 21, 22):
+        make_image(tmp_path / f"{width}.jpg", width)
+    records = [
+        {"image": "20.jpg", "captions": [f"c{j}" for j in range(7)]},  # COCO: some images have more than 5
+        {"image": "21.jpg", "conversations": [{"from": "human", "value": "describe"}, {"value": "a long caption"}]},
+        {"image": "22.jpg", "caption": "beyond the limit"},
+    ]
+    (tmp_path / "set.json").write_text(json.dumps(records))
+    encoder = FakeEncoder()
+    metrics = evaluate_retrieval(encoder, tmp_path / "set.json", text_prompt=PLAIN, limit=2, **QUIET)["retrieval"][
+        "set"
+    ]
+    assert (metrics["num_images"], metrics["num_captions"]) == (2, 6)
+    assert sorted(text for text, width in encoder.inputs if width is None) == [
+        "a long caption",
+        "c0",
+        "c1",
+        "c2",
+        "c3",
+        "c4",
+    ]
+
+
 def test_retrieval_urban1k_folder_with_a_missing_image(tmp_path):
     folder = tmp_path / "Urban1k"
     captions = {"a": "a red bus", "b": "a green tree", "c": "a blue sea"}

@@ -9,7 +9,7 @@ Keys:
   embedded again); for an in-memory PIL image, a hash of its pixels; for a lazy source (a decoded
   video frame, an image stored as bytes), the source's own `cache_key()`.
 
-On disk: `<directory>/<fingerprint[:24]>/` holds `model.json` (what the fingerprint covers) and
+On disk: `<directory>/<sha256(model key)[:24]>/` holds `model.json` (what the fingerprint covers) and
 shards `embeddings-*.pt` ({"keys": [...], "embeddings": float32 [n, D]}), each written atomically
 after every block of newly embedded inputs, so an interrupted run keeps what it had embedded.
 """
@@ -27,6 +27,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 from PIL import Image
+
+MAX_LOADED = 128
 
 
 @runtime_checkable
@@ -115,19 +117,16 @@ class EmbeddingCache:
         for name, value in (("batch_size", batch_size), ("block_size", block_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        self.encoder, self.batch_size, self.show_progress, self.block_size = (
-            encoder,
-            batch_size,
-            show_progress,
-            block_size,
-        )
+        self.encoder, self.batch_size, self.block_size = encoder, batch_size, block_size
+        self.show_progress = show_progress
         self.num_encoded = self.num_reused = self.encode_calls = 0
         self._table: dict[str, torch.Tensor] = {}
         self._dim: int | None = None
         self.directory = None
         if directory is not None:
             self.model_key = model_key if model_key is not None else model_fingerprint(encoder)
-            self.directory = Path(directory) / self.model_key[:24]
+            # Hashed again so that any model_key string makes one plain folder name.
+            self.directory = Path(directory) / hashlib.sha256(self.model_key.encode()).hexdigest()[:24]
             self.directory.mkdir(parents=True, exist_ok=True)
             self._describe_model()
             self._load_shards()
@@ -153,7 +152,16 @@ class EmbeddingCache:
     def _encode(self, pending: list[tuple[str, str, object]]) -> None:
         if not pending:
             return
-        blocks = [pending[start : start + self.block_size] for start in range(0, len(pending), self.block_size)]
+        # A block holds at most block_size inputs, and at most MAX_LOADED images decoded in memory
+        # (video frames, inline bytes): paths are read by the encoder batch by batch, those are not.
+        blocks, loaded = [[]], 0
+        for item in pending:
+            in_memory = isinstance(item[2], ImageSource)
+            if len(blocks[-1]) == self.block_size or (in_memory and loaded == MAX_LOADED):
+                blocks.append([])
+                loaded = 0
+            blocks[-1].append(item)
+            loaded += in_memory
         bar = None
         if self.show_progress and len(blocks) > 1:
             from tqdm.auto import tqdm

@@ -69,7 +69,7 @@ class VideoFile:
         stat = path.stat()
         self.identity = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{decoder}"
         self.indices = sample_frame_indices(self._count_frames(), max_frames)
-        self._frames: list[Image.Image] | None = None
+        self._frames: dict[int, Image.Image] = {}  # decoded, not yet handed out
 
     def _count_frames(self) -> int:
         if self.decoder == "decord":
@@ -83,9 +83,11 @@ class VideoFile:
             return stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
 
     def frame(self, position: int) -> Image.Image:
-        if self._frames is None:
-            self._frames = self._decode()
-        return self._frames[position]
+        # Each frame is handed out once and then forgotten, so decoded videos do not pile up in memory;
+        # one asked for again (a later run without a cache) decodes the video again.
+        if position not in self._frames:
+            self._frames = dict(enumerate(self._decode()))
+        return self._frames.pop(position)
 
     def _decode(self) -> list[Image.Image]:
         if self.decoder == "decord":
