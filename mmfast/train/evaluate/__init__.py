@@ -1,1 +1,86 @@
-"""Evaluation: MMEB Precision@1, image-text retrieval R@K, SugarCrepe and text-to-video retrieval."""
+"""Evaluation: MMEB Precision@1, image-text retrieval R@K, SugarCrepe and text-to-video retrieval.
+
+Each task has one entry, returning its part of the results dict ({task: ...}); `merge_results`
+joins parts, `write_results` writes results.json and a CSV, `format_table` renders them. The encoder
+is any object with `encode(texts, images=None, *, batch_size, show_progress) -> [n, D]` unit float32
+embeddings; inputs go through an `EmbeddingCache` (`cache=`: None in memory, a directory on disk,
+or an EmbeddingCache).
+"""
+
+from __future__ import annotations
+
+import os
+
+from .cache import EmbeddingCache, model_fingerprint
+from .metrics import (
+    cross_modal_metrics,
+    first_candidate_ranks,
+    mean_rank,
+    median_rank,
+    precision_at_1,
+    recall_at_k,
+    retrieval_ranks,
+)
+from .mmeb import MMEB_SUBSETS, evaluate_mmeb
+from .report import TASKS, format_table, merge_results, print_table, result_rows, write_results
+from .retrieval import evaluate_retrieval
+from .sugarcrepe import SUGARCREPE_FILES, evaluate_sugarcrepe
+from .video import evaluate_video, video_decoder
+
+
+def evaluate(
+    encoder,
+    task: str,
+    data: str | os.PathLike,
+    *,
+    image_root: str | os.PathLike | None = None,
+    output_dir: str | os.PathLike | None = None,
+    strict: bool = False,
+    cache=None,
+    **options,
+) -> dict:
+    """Runs one task on `data` and returns its part of the results.
+
+    task "mmeb": data = the MMEB-eval root, image_root = the images (default data); output_dir gets
+    the per-dataset <Subset>_score.json. "retrieval": data = a record file or a folder (image_root
+    for relative image paths). "sugarcrepe": data = the folder of the seven JSON files, image_root =
+    the COCO val2017 images. "video": data = the MSR-VTT CSV, image_root = the video root.
+    options: the task's own keywords (name, batch_size, show_progress, prompts, max_frames, ...).
+    """
+    common = {"strict": strict, "cache": cache, **options}
+    if task == "mmeb":
+        return evaluate_mmeb(encoder, data, image_root, output_dir=output_dir, **common)
+    if task == "retrieval":
+        return evaluate_retrieval(encoder, data, image_root, **common)
+    if task == "sugarcrepe":
+        return evaluate_sugarcrepe(encoder, data, image_root, **common)
+    if task == "video":
+        return evaluate_video(encoder, data, image_root, **common)
+    raise ValueError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
+
+
+__all__ = [
+    "EmbeddingCache",
+    "MMEB_SUBSETS",
+    "SUGARCREPE_FILES",
+    "TASKS",
+    "cross_modal_metrics",
+    "evaluate",
+    "evaluate_mmeb",
+    "evaluate_retrieval",
+    "evaluate_sugarcrepe",
+    "evaluate_video",
+    "first_candidate_ranks",
+    "format_table",
+    "mean_rank",
+    "median_rank",
+    "merge_results",
+    "model_fingerprint",
+    "precision_at_1",
+    "print_table",
+    "recall_at_k",
+    "result_rows",
+    "retrieval_ranks",
+    "video_decoder",
+    "write_results",
+]

@@ -1,0 +1,150 @@
+"""What the evaluators share about their inputs: prompts, image checks, record files.
+
+Missing images, everywhere: each image file is checked once (it exists and PIL can read its header).
+A bad one is counted, and whatever needs it is scored as a miss while still counted in its
+denominator (`num_pred`, the number of queries). With `strict=True` it is an error naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+# MMEB's convention: "<|image_1|>" marks where the image goes; each Encoder rewrites it for its backbone.
+IMAGE_TOKEN = "<|image_1|>"
+IMAGE_PROMPT = IMAGE_TOKEN + "\nRepresent the given image."
+CAPTION_PROMPT = "Find me an everyday image that matches the given caption: {text}"
+MISSING_EXAMPLES = 5
+
+
+class BytesImage:
+    """An image stored inline (HF datasets' Image feature: {"bytes", "path"}), keyed by its bytes."""
+
+    def __init__(self, data: bytes, label: str):
+        self.data, self.label = data, label
+
+    def cache_key(self) -> str:
+        return "bytes:" + hashlib.sha256(self.data).hexdigest()
+
+    def load(self) -> Image.Image:
+        return Image.open(io.BytesIO(self.data)).convert("RGB")
+
+    def __repr__(self) -> str:
+        return f"BytesImage({self.label})"
+
+
+class ImageChecker:
+    """Checks each image once. `usable(image, where)` is False for a missing or unreadable file,
+    which is then counted (or, with strict, raised as an error naming the file and `where`)."""
+
+    def __init__(self, strict: bool = False):
+        self.strict = strict
+        self._verdicts: dict[str, str | None] = {}
+
+    def usable(self, image, where: str) -> bool:
+        if isinstance(image, BytesImage):
+            name = image.label
+            if name not in self._verdicts:
+                self._verdicts[name] = _image_problem(io.BytesIO(image.data))
+        elif isinstance(image, (str, os.PathLike)):
+            name = str(image)
+            if name not in self._verdicts:
+                self._verdicts[name] = "is missing" if not Path(name).is_file() else _image_problem(name)
+        else:
+            return True  # None, or an image already in memory
+        problem = self._verdicts[name]
+        if problem is not None and self.strict:
+            raise FileNotFoundError(f"{where}: image {name} {problem}")
+        return problem is None
+
+    def report(self) -> dict:
+        bad = [f"{path} ({problem})" for path, problem in self._verdicts.items() if problem is not None]
+        return {"num_missing_images": len(bad), "missing_image_examples": bad[:MISSING_EXAMPLES]}
+
+
+def _image_problem(source) -> str | None:
+    try:
+        with Image.open(source) as image:  # reads the header only
+            image.size  # noqa: B018
+    except (OSError, UnidentifiedImageError, ValueError) as error:
+        return f"is unreadable ({error})"
+    return None
+
+
+def resolve_image(root: Path, value, where: str):
+    """A path relative to `root` (absolute paths kept), BytesImage for inline bytes, None for none."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, Mapping):  # HF Image feature
+        if value.get("bytes"):
+            return BytesImage(bytes(value["bytes"]), f"{where}: {value.get('path') or 'inline bytes'}")
+        value = value.get("path")
+        if not value:
+            return None
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: an image must be a path or {{bytes, path}}, got {type(value).__name__}")
+    return root / value
+
+
+def read_records(path: Path) -> Iterator[tuple[int, dict]]:
+    """(row number, record) from a .jsonl (one object a line), .json (a list of objects) or .parquet file."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as error:  # pyarrow raises many kinds for a damaged file
+            raise ValueError(f"{path}: not a readable parquet file ({error})") from None
+        yield from enumerate(rows)
+        return
+    if suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f):
+                if line.strip():
+                    yield number, _json_object(line, path, f"line {number + 1}")
+        return
+    if suffix == ".json":
+        with open(path, encoding="utf-8") as f:
+            records = _json(f.read(), path, "the file")
+        if not isinstance(records, list):
+            raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+        for number, record in enumerate(records):
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}: record {number} must be an object, got {type(record).__name__}")
+            yield number, record
+        return
+    raise ValueError(f"{path}: unknown file type {suffix!r} (expected .jsonl, .json or .parquet)")
+
+
+def _json(text: str, path: Path, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: {where} is not valid JSON ({error})") from None
+
+
+def _json_object(text: str, path: Path, where: str) -> dict:
+    record = _json(text, path, where)
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: {where} must be a JSON object, got {type(record).__name__}")
+    return record
+
+
+def load_json(path: Path):
+    with open(path, encoding="utf-8") as f:
+        return _json(f.read(), path, "the file")
+
+
+def string_field(record: Mapping, column: str, where: str) -> str:
+    value = record.get(column)
+    if not isinstance(value, str):
+        found = "missing" if column not in record else f"a {type(value).__name__}"
+        raise ValueError(f"{where}: column {column!r} must be a string, is {found}")
+    return value

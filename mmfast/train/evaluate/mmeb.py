@@ -1,0 +1,240 @@
+"""MMEB-eval: Precision@1 per dataset, per meta-task, overall, in- and out-of-distribution.
+
+Layout (TIGER-Lab/MMEB-eval): `<root>/<Subset>/test-00000-of-00001.parquet` with `qry_text` (str),
+`qry_img_path` (str, "" for none), `tgt_text` (list[str]) and `tgt_img_path` (list[str]); image
+paths relative to `image_root`. Each row's candidates are its own lists, the ground truth first; a
+row is correct when the argmax of the query's cosine similarity over them is index 0 (a tie with
+index 0 counts as correct, as argmax's first maximal index does).
+
+A row whose query or any candidate image is missing is scored as a miss and still counted in
+`num_pred` (`num_missing_image_rows` says how many); with strict it is an error naming the file.
+
+Subsets outside the 36 public names get their meta-task and split from `subset_info`, or else from
+`<root>/mmeb_subsets.json`: {"<Subset>": {"meta_task": "retrieval", "split": "ind" | "ood" | null}}.
+A subset known to neither is scored and in the overall mean, listed under "unassigned".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from .cache import as_cache
+from .inputs import ImageChecker, load_json
+from .metrics import first_candidate_ranks
+
+META_TASKS = ("classification", "vqa", "retrieval", "grounding")
+SPLITS = ("ind", "ood")
+COLUMNS = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
+SIDECAR = "mmeb_subsets.json"
+
+_PUBLIC = {
+    "classification": (
+        "ImageNet-1K N24News HatefulMemes VOC2007 SUN397",
+        "Place365 ImageNet-A ImageNet-R ObjectNet Country211",
+    ),
+    "vqa": ("OK-VQA A-OKVQA DocVQA InfographicsVQA ChartQA Visual7W", "ScienceQA VizWiz GQA TextVQA"),
+    "retrieval": (
+        "VisDial CIRR VisualNews_t2i VisualNews_i2t MSCOCO_t2i MSCOCO_i2t NIGHTS WebQA",
+        "FashionIQ Wiki-SS-NQ OVEN EDIS",
+    ),
+    "grounding": ("MSCOCO", "RefCOCO RefCOCO-Matching Visual7W-Pointing"),
+}
+# The 36 public subsets: name -> (meta-task, "ind" if it is one of the 20 MMEB-train subsets else "ood").
+MMEB_SUBSETS: dict[str, tuple[str, str]] = {
+    name: (task, split)
+    for task, lists in _PUBLIC.items()
+    for split, names in zip(SPLITS, lists, strict=True)
+    for name in names.split()
+}
+
+# Score blocks of rows: rows × candidates × D floats of gathered candidate embeddings at once.
+_BLOCK_ELEMENTS = 1 << 24
+
+
+def evaluate_mmeb(
+    encoder,
+    root: str | os.PathLike,
+    image_root: str | os.PathLike | None = None,
+    *,
+    output_dir: str | os.PathLike | None = None,
+    subsets: list[str] | None = None,
+    subset_info: Mapping[str, Mapping] | None = None,
+    strict: bool = False,
+    cache=None,
+    batch_size: int = 32,
+    show_progress: bool = True,
+) -> dict:
+    """Scores every subset under `root` (or those named in `subsets`); `image_root` defaults to `root`.
+
+    Writes `<output_dir>/<Subset>_score.json` as VLM2Vec does ({"acc" as a fraction, "num_correct",
+    "num_pred"}) when output_dir is given. Returns {"mmeb": {"datasets": {...}, "meta_tasks": {...},
+    "overall": {...}, "ind"/"ood": {...} when known, "unassigned": [...]}}, accuracies in %.
+    """
+    root = Path(root)
+    image_root = root if image_root is None else Path(image_root)
+    info = subset_table(root, subset_info)
+    embeddings = as_cache(encoder, cache, batch_size=batch_size, show_progress=show_progress)
+    datasets = {}
+    for name, files in find_subsets(root, subsets).items():
+        scores = score_subset(name, files, image_root, embeddings, strict=strict)
+        task, split = info.get(name, (None, None))
+        datasets[name] = {**scores, "meta_task": task, "split": split}
+        if output_dir is not None:
+            write_score_json(Path(output_dir), name, scores)
+    return {"mmeb": summarize(datasets)}
+
+
+def find_subsets(root: Path, subsets: list[str] | None) -> dict[str, list[Path]]:
+    """{subset: its test parquet shards}; `root` itself may be one subset's folder."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"MMEB root {root} is not a directory")
+    if subsets is None:
+        if sorted(root.glob("test-*.parquet")):
+            return {root.name: sorted(root.glob("test-*.parquet"))}
+        subsets = sorted(child.name for child in root.iterdir() if sorted(child.glob("test-*.parquet")))
+        if not subsets:
+            raise FileNotFoundError(f"no <Subset>/test-*.parquet under MMEB root {root}")
+    found = {}
+    for name in subsets:
+        files = sorted((root / name).glob("test-*.parquet"))
+        if not files:
+            raise FileNotFoundError(f"MMEB subset {name!r}: no test-*.parquet in {root / name}")
+        found[name] = files
+    return found
+
+
+def subset_table(root: Path, subset_info: Mapping[str, Mapping] | None) -> dict[str, tuple[str | None, str | None]]:
+    """Meta-task and split per subset: the public table, then the sidecar file, then `subset_info`."""
+    table: dict[str, tuple[str | None, str | None]] = dict(MMEB_SUBSETS)
+    sidecar = root / SIDECAR
+    for source, extra in (
+        (str(sidecar), load_json(sidecar) if sidecar.is_file() else None),
+        ("subset_info", subset_info),
+    ):
+        if extra is None:
+            continue
+        if not isinstance(extra, Mapping):
+            raise ValueError(f"{source}: expected an object {{subset: {{meta_task, split}}}}")
+        for name, entry in extra.items():
+            if not isinstance(entry, Mapping) or entry.get("meta_task") not in META_TASKS:
+                raise ValueError(f"{source}: subset {name!r} needs meta_task, one of {META_TASKS}; got {entry!r}")
+            if entry.get("split") not in (*SPLITS, None):
+                raise ValueError(
+                    f"{source}: subset {name!r} split must be 'ind', 'ood' or null; got {entry['split']!r}"
+                )
+            table[name] = (entry["meta_task"], entry.get("split"))
+    return table
+
+
+def read_subset(name: str, files: list[Path]) -> list[dict]:
+    """The rows of one subset, each checked: strings where strings belong, candidate lists non-empty
+    and as long as their image lists."""
+    import pyarrow.parquet as pq
+
+    rows = []
+    for path in files:
+        try:
+            columns = pq.read_schema(path).names
+        except Exception as error:  # pyarrow raises many kinds for a damaged file
+            raise ValueError(f"{path}: not a readable parquet file ({error})") from None
+        for column in COLUMNS:
+            if column not in columns:
+                raise ValueError(f"{path}: missing column {column!r} (has {', '.join(columns)})")
+        rows.extend(pq.read_table(path, columns=list(COLUMNS)).to_pylist())
+    for number, row in enumerate(rows):
+        where = f"MMEB dataset {name} row {number}"
+        if not isinstance(row["qry_text"], str):
+            raise ValueError(f"{where}: qry_text must be a string, got {type(row['qry_text']).__name__}")
+        if row["qry_img_path"] is not None and not isinstance(row["qry_img_path"], str):
+            raise ValueError(f"{where}: qry_img_path must be a string")
+        texts, images = row["tgt_text"], row["tgt_img_path"]
+        if not isinstance(texts, list) or not isinstance(images, list):
+            raise ValueError(f"{where}: tgt_text and tgt_img_path must be lists")
+        if not texts:
+            raise ValueError(f"{where}: empty candidate list (tgt_text)")
+        if len(texts) != len(images):
+            raise ValueError(f"{where}: ragged candidates: {len(texts)} tgt_text but {len(images)} tgt_img_path")
+        if not all(isinstance(text, str) for text in texts) or not all(i is None or isinstance(i, str) for i in images):
+            raise ValueError(f"{where}: tgt_text entries must be strings and tgt_img_path entries strings")
+    return rows
+
+
+def score_subset(name: str, files: list[Path], image_root: Path, embeddings, *, strict: bool = False) -> dict:
+    """{"acc" (%), "num_correct", "num_pred", "num_missing_image_rows", "num_missing_images", ...}."""
+    rows = read_subset(name, files)
+    checker = ImageChecker(strict)
+    inputs: dict[tuple[str, str], int] = {}  # unique (text, image path) -> position
+
+    def position(text: str, image: str | None) -> int:
+        return inputs.setdefault((text, image or ""), len(inputs))
+
+    queries, candidates, usable = [], [], []
+    for number, row in enumerate(rows):
+        where = f"MMEB dataset {name} row {number}"
+        pairs = [(row["qry_text"], row["qry_img_path"]), *zip(row["tgt_text"], row["tgt_img_path"], strict=True)]
+        # Every image is checked (no short cut), so each missing file is counted.
+        usable.append(all([checker.usable(image_root / image if image else None, where) for _, image in pairs]))
+        # Rows with a missing image are misses: their inputs are not embedded.
+        queries.append(position(*pairs[0]) if usable[-1] else -1)
+        candidates.append([position(*pair) for pair in pairs[1:]] if usable[-1] else [-1])
+    unique = list(inputs)
+    vectors = embeddings.embed(
+        [text for text, _ in unique], [image_root / image if image else None for _, image in unique]
+    )
+
+    correct = 0
+    kept = [r for r in range(len(rows)) if usable[r]]
+    width = max((len(candidates[r]) for r in kept), default=1)
+    dim = max(vectors.shape[1], 1)
+    step = max(1, _BLOCK_ELEMENTS // (width * dim))
+    for start in range(0, len(kept), step):
+        block = kept[start : start + step]
+        lengths = torch.tensor([len(candidates[r]) for r in block])
+        index = torch.tensor([candidates[r] + [0] * (width - len(candidates[r])) for r in block])
+        scores = torch.einsum("rd,rcd->rc", vectors[torch.tensor([queries[r] for r in block])], vectors[index])
+        correct += int((first_candidate_ranks(scores, lengths) == 1).sum())
+    num_pred = len(rows)
+    return {
+        "acc": 100.0 * correct / num_pred if num_pred else 0.0,
+        "num_correct": correct,
+        "num_pred": num_pred,
+        "num_missing_image_rows": num_pred - len(kept),
+        **checker.report(),
+    }
+
+
+def write_score_json(output_dir: Path, name: str, scores: Mapping) -> Path:
+    """`<name>_score.json` in VLM2Vec's shape: acc as a fraction (VLM2Vec's own unit), not a percentage."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / f"{name}_score.json"
+    fraction = scores["num_correct"] / scores["num_pred"] if scores["num_pred"] else 0.0
+    path.write_text(
+        json.dumps({"acc": fraction, "num_correct": scores["num_correct"], "num_pred": scores["num_pred"]}, indent=4)
+    )
+    return path
+
+
+def summarize(datasets: Mapping[str, Mapping]) -> dict:
+    """Unweighted means of per-dataset accuracy (as MMEB averages): per meta-task, overall, IND, OOD."""
+
+    def mean(names: list[str]) -> dict:
+        return {"acc": sum(datasets[n]["acc"] for n in names) / len(names), "num_datasets": len(names)}
+
+    summary: dict = {"datasets": dict(datasets), "meta_tasks": {}}
+    for task in META_TASKS:
+        names = [n for n, d in datasets.items() if d["meta_task"] == task]
+        if names:
+            summary["meta_tasks"][task] = mean(names)
+    if datasets:
+        summary["overall"] = mean(list(datasets))
+    for split in SPLITS:
+        names = [n for n, d in datasets.items() if d["split"] == split]
+        if names:
+            summary[split] = mean(names)
+    summary["unassigned"] = [n for n, d in datasets.items() if d["meta_task"] is None]
+    return summary

@@ -1,0 +1,152 @@
+"""The results structure and its writers: results.json, a long-format CSV and a printed table.
+
+results.json merges the evaluators' parts (rates in %):
+    {"mmeb": {"datasets": {<Subset>: {"acc", "num_correct", "num_pred", "num_missing_image_rows",
+                                      "num_missing_images", "missing_image_examples", "meta_task", "split"}},
+              "meta_tasks": {<task>: {"acc", "num_datasets"}}, "overall": {...}, "ind": {...},
+              "ood": {...}, "unassigned": [...]},
+     "retrieval": {<set>: {"t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", ..., "t2i_MdR", "t2i_MnR",
+                           "i2t_MdR", "i2t_MnR", "num_images", "num_captions", "num_missing_images", ...}},
+     "sugarcrepe": {<set>: {<file>: {"acc", "num_correct", "num_pred", ...}, "overall": {...},
+                            "mean": {...}, "files_not_found": [...]}},
+     "video": {<set>: {"t2v_R@1", ..., "v2t_MnR", "num_videos", "num_captions", "num_missing_videos", ...}}}
+The CSV has one row per (task, set, metric) for every number in it; set is the path between the task
+and the metric, e.g. ("mmeb", "datasets/ImageNet-1K", "acc") or ("retrieval", "flickr30k", "t2i_R@1").
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+TASKS = ("mmeb", "retrieval", "sugarcrepe", "video")
+
+
+def merge_results(*parts: Mapping) -> dict:
+    """One results dict from the evaluators' parts. Sets of the same task merge; the same set twice,
+    or two MMEB parts (their means would no longer cover every dataset), is an error."""
+    merged: dict = {}
+    for part in parts:
+        for task, value in part.items():
+            if task not in TASKS:
+                raise ValueError(f"unknown task {task!r} in results (tasks: {', '.join(TASKS)})")
+            if task == "mmeb":
+                if task in merged:
+                    raise ValueError("two MMEB results to merge: evaluate every subset in one evaluate_mmeb call")
+                merged[task] = dict(value)
+                continue
+            sets = merged.setdefault(task, {})
+            for name, metrics in value.items():
+                if name in sets:
+                    raise ValueError(f"{task} set {name!r} appears twice; give the evaluations different names")
+                sets[name] = metrics
+    return merged
+
+
+def result_rows(results: Mapping) -> list[tuple[str, str, str, float | int]]:
+    """(task, set, metric, value) for every number in the results."""
+    rows = []
+
+    def walk(task: str, path: list[str], value) -> None:
+        if isinstance(value, Mapping):
+            for key, inner in value.items():
+                walk(task, [*path, str(key)], inner)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            rows.append((task, "/".join(path[:-1]), path[-1], value))
+
+    for task, value in results.items():
+        walk(task, [], value)
+    return rows
+
+
+def write_results(results: Mapping, output_dir: str | os.PathLike) -> dict[str, Path]:
+    """Writes `results.json` and `results.csv` into output_dir; returns their paths."""
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = output / "results.json", output / "results.csv"
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(("task", "set", "metric", "value"))
+        writer.writerows(result_rows(results))
+    return {"json": json_path, "csv": csv_path}
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    cells = [header, *[[f"{c:.2f}" if isinstance(c, float) else str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        for row in cells
+    ]
+
+
+def _mmeb_lines(mmeb: Mapping) -> list[str]:
+    rows = [
+        [name, d["meta_task"] or "-", d["split"] or "-", d["acc"], f"{d['num_correct']}/{d['num_pred']}"]
+        + [d["num_missing_image_rows"]]
+        for name, d in mmeb["datasets"].items()
+    ]
+    header = ["dataset", "meta-task", "split", "P@1", "correct/num_pred", "missing-image rows"]
+    means = [[f"{task} ({m['num_datasets']})", m["acc"]] for task, m in mmeb["meta_tasks"].items()]
+    means += [
+        [f"{key} ({mmeb[key]['num_datasets']})", mmeb[key]["acc"]] for key in ("overall", "ind", "ood") if key in mmeb
+    ]
+    lines = ["MMEB (Precision@1, %)", *_table(header, rows), "", *_table(["mean over datasets", "P@1"], means)]
+    if mmeb.get("unassigned"):
+        lines.append("no meta-task known for: " + ", ".join(mmeb["unassigned"]))
+    return lines
+
+
+def _cross_modal_lines(title: str, sets: Mapping, directions: tuple[str, str], items: str) -> list[str]:
+    """Retrieval and video sets: R@1/5/10, MdR, MnR per direction, and the counts behind them."""
+    header = ["set"]
+    for direction in directions:
+        header += [f"{direction} R@1", "R@5", "R@10", "MdR", "MnR"]
+    header += [items, "captions", "missing"]
+    rows = []
+    for name, m in sets.items():
+        row = [name]
+        for direction in directions:
+            row += [m[f"{direction}_{metric}"] for metric in ("R@1", "R@5", "R@10", "MdR", "MnR")]
+        rows.append(row + [m[f"num_{items}"], m["num_captions"], m[f"num_missing_{items}"]])
+    return [title, *_table(header, rows)]
+
+
+def _sugarcrepe_lines(sets: Mapping) -> list[str]:
+    rows, absent = [], []
+    for name, files in sets.items():
+        for stem, m in files.items():
+            if isinstance(m, Mapping) and "num_pred" in m:
+                missing = m.get("num_missing_images", "-")
+                rows.append([f"{name}/{stem}", m["acc"], f"{m['num_correct']}/{m['num_pred']}", missing])
+        rows.append([f"{name}/mean of files", files["mean"]["acc"], f"{files['mean']['num_files']} files", "-"])
+        if files.get("files_not_found"):
+            absent.append(f"{name}: not found: {', '.join(files['files_not_found'])}")
+    header = ["set/file", "acc", "correct/num_pred", "missing images"]
+    return ["SugarCrepe (accuracy, %)", *_table(header, rows), *absent]
+
+
+def format_table(results: Mapping) -> str:
+    """A plain-text table of every task in the results, with num_pred (or its counts) for every set."""
+    sections = []
+    if "mmeb" in results:
+        sections.append(_mmeb_lines(results["mmeb"]))
+    if "retrieval" in results:
+        sections.append(
+            _cross_modal_lines("Image-text retrieval (%, ranks)", results["retrieval"], ("t2i", "i2t"), "images")
+        )
+    if "video" in results:
+        sections.append(
+            _cross_modal_lines("Text-video retrieval (%, ranks)", results["video"], ("t2v", "v2t"), "videos")
+        )
+    if "sugarcrepe" in results:
+        sections.append(_sugarcrepe_lines(results["sugarcrepe"]))
+    return "\n\n".join("\n".join(lines) for lines in sections)
+
+
+def print_table(results: Mapping) -> None:
+    print(format_table(results))
