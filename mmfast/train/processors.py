@@ -1,0 +1,229 @@
+"""Processors per backbone family: construction without torchvision, save/reload, and batching.
+
+Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision processors cannot be built without a video processor, which
+needs torchvision (never installed next to the CPU torch here). The `*NoVideoProcessor` subclasses
+leave `video_processor` out of `__init__`: `ProcessorMixin` reads its sub-processors from that
+signature, so saving and loading then skip the video processor entirely. They are registered with
+`AutoProcessor` so that a saved folder reloads as the subclass instead of silently as a bare tokenizer.
+
+`processor_inputs` turns prompts (already rewritten to the family's image token) and a flat image list
+into model inputs. Its truncation rule: an input longer than `max_length` loses text tokens from its
+end, never a token of an image span (for Qwen the whole `<|vision_start|>…<|vision_end|>` span); an
+input whose image span alone is longer than `max_length` is an error.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from transformers import (
+    AutoProcessor,
+    AutoTokenizer,
+    BatchFeature,
+    LlavaOnevisionConfig,
+    LlavaOnevisionProcessor,
+    PreTrainedTokenizerBase,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLProcessor,
+    Qwen2VLConfig,
+    Qwen2VLProcessor,
+)
+
+
+class Qwen2VLNoVideoProcessor(Qwen2VLProcessor):
+    """Qwen2-VL processor for images and text only (no torchvision-backed video processor)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+class Qwen2_5_VLNoVideoProcessor(Qwen2_5_VLProcessor):
+    """Qwen2.5-VL processor for images and text only (no torchvision-backed video processor)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+class LlavaOnevisionNoVideoProcessor(LlavaOnevisionProcessor):
+    """LLaVA-OneVision processor for images and text only.
+
+    Every option is listed in the signature: `save_pretrained` writes only the `__init__` parameters,
+    and without them the reload loses `num_image_tokens` and fails.
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        num_image_tokens=None,
+        vision_feature_select_strategy=None,
+        chat_template=None,
+        image_token="<image>",
+        video_token="<video>",
+        vision_aspect_ratio="anyres_max_9",
+        **kwargs,
+    ):
+        super().__init__(
+            image_processor,
+            tokenizer,
+            None,
+            num_image_tokens=num_image_tokens,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            chat_template=chat_template,
+            image_token=image_token,
+            video_token=video_token,
+            vision_aspect_ratio=vision_aspect_ratio,
+            **kwargs,
+        )
+
+
+NO_VIDEO_PROCESSORS = {
+    "qwen2_vl": (Qwen2VLConfig, Qwen2VLNoVideoProcessor),
+    "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLNoVideoProcessor),
+    "llava_onevision": (LlavaOnevisionConfig, LlavaOnevisionNoVideoProcessor),
+}
+
+
+def register_processors() -> None:
+    """Make `AutoProcessor` resolve the no-video subclasses (idempotent)."""
+    for config_class, processor_class in NO_VIDEO_PROCESSORS.values():
+        AutoProcessor.register(config_class, processor_class, exist_ok=True)
+
+
+def load_processor(path, family, *, trust_remote_code: bool = False):
+    """The processor of a saved backbone: the family's no-video subclass, the tokenizer for text-only
+    families, `AutoProcessor` for the rest."""
+    register_processors()
+    options = {"local_files_only": True, "trust_remote_code": trust_remote_code}
+    if family.name in NO_VIDEO_PROCESSORS:
+        processor = NO_VIDEO_PROCESSORS[family.name][1].from_pretrained(path, **options)
+    elif not family.multimodal:
+        processor = AutoTokenizer.from_pretrained(path, **options)
+    else:
+        processor = AutoProcessor.from_pretrained(path, **options)
+    if family.multimodal and isinstance(processor, PreTrainedTokenizerBase):
+        raise ValueError(f"{path}: expected a {family.name} processor with an image processor, found only a tokenizer")
+    return processor
+
+
+def save_backbone_processor(processor, out_dir) -> None:
+    """Save a processor (or tokenizer) so that `load_processor` rebuilds it identically."""
+    os.makedirs(out_dir, exist_ok=True)
+    processor.save_pretrained(out_dir)
+
+
+def tokenizer_of(processor) -> PreTrainedTokenizerBase:
+    return processor if isinstance(processor, PreTrainedTokenizerBase) else processor.tokenizer
+
+
+def processor_inputs(
+    processor,
+    family,
+    texts: Sequence[str],
+    images: Sequence | None = None,
+    *,
+    padding_side: str = "right",
+    max_length: int | None = None,
+) -> BatchFeature:
+    """Tokenize a batch of prompts with their images, padded on `padding_side`.
+
+    `texts` already carry the family's image token (see `rewrite_image_tokens`); `images` is flat, one
+    per text that holds the image token, in order; text-only rows take none. See the module docstring for
+    the truncation rule.
+    """
+    texts = list(texts)
+    images = list(images) if images is not None else []
+    if not texts:
+        raise ValueError("texts must hold at least one prompt")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+        raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
+    _check_images_match_texts(family, texts, images)
+
+    tokenizer = tokenizer_of(processor)
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token before batching")
+    if family.name == "phi3_v":
+        batch = _phi3_v_inputs(processor, texts, images)
+    elif family.multimodal:
+        batch = processor(text=texts, images=images or None, padding=True, padding_side="right", return_tensors="pt")
+    else:
+        batch = tokenizer(texts, padding=True, padding_side="right", return_tensors="pt")
+    span_ids = [tokenizer.convert_tokens_to_ids(token) for token in family.image_span_tokens]
+    return _repad(batch, span_ids, tokenizer.pad_token_id, padding_side, max_length)
+
+
+def _check_images_match_texts(family, texts: list[str], images: list) -> None:
+    if not family.multimodal:
+        if images:
+            raise ValueError(f"family {family.name!r} is text-only, but {len(images)} images were given")
+        return
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{index}] is {type(text).__name__}, expected str")
+        if text.count(family.image_token) > 1:
+            raise ValueError(f"texts[{index}] holds {family.image_token!r} more than once; one image per text")
+    with_image = sum(family.image_token in text for text in texts)
+    if with_image != len(images):
+        raise ValueError(
+            f"{with_image} texts hold the image token {family.image_token!r} but {len(images)} images were "
+            "given; pass exactly one image per such text, in order"
+        )
+
+
+def _repad(batch: BatchFeature, span_ids: list[int], pad_id: int, padding_side: str, max_length) -> BatchFeature:
+    """Rebuild every per-token tensor of a right-padded batch: truncated text-first, padded on the side
+    asked. Per-token tensors are those shaped like `input_ids` (attention mask, mm_token_type_ids, ...)."""
+    input_ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+    per_token = [key for key, value in batch.items() if torch.is_tensor(value) and value.shape == input_ids.shape]
+    # Phi-3.5-V marks its image positions with negative ids instead of a token.
+    in_span = (torch.isin(input_ids, torch.tensor(span_ids, dtype=input_ids.dtype)) | (input_ids < 0)) & mask
+    kept_rows = []
+    for row in range(input_ids.shape[0]):
+        kept = mask[row].nonzero().squeeze(1)
+        if max_length is not None and kept.numel() > max_length:
+            n_span = int(in_span[row].sum())
+            if n_span > max_length:
+                raise ValueError(
+                    f"row {row}: its image span alone is {n_span} tokens, longer than max_length={max_length}; "
+                    "raise max_length or use smaller images"
+                )
+            text_positions = kept[~in_span[row, kept]]
+            dropped = text_positions[max_length - n_span :]
+            kept = kept[~torch.isin(kept, dropped)]
+        kept_rows.append(kept)
+    length = max(kept.numel() for kept in kept_rows)
+    out = {key: value for key, value in batch.items() if key not in per_token}
+    for key in per_token:
+        fill = pad_id if key == "input_ids" else 0
+        source = batch[key]
+        target = source.new_full((source.shape[0], length), fill)
+        for row, kept in enumerate(kept_rows):
+            start = length - kept.numel() if padding_side == "left" else 0
+            target[row, start : start + kept.numel()] = source[row, kept]
+        out[key] = target
+    return BatchFeature(out, tensor_type=None)
+
+
+def _phi3_v_inputs(processor, texts: list[str], images: list) -> BatchFeature:
+    """Phi-3.5-V's processor numbers images across the whole call, so each row is processed alone
+    (its image is always `<|image_1|>`) and the rows are padded here. Untested offline: no tiny Phi-3.5-V
+    can be built without its remote code."""
+    tokenizer = tokenizer_of(processor)
+    rows, pixel_values, image_sizes, image_iter = [], [], [], iter(images)
+    for text in texts:
+        has_image = "<|image_1|>" in text
+        row = processor(text=text, images=[next(image_iter)] if has_image else None, return_tensors="pt")
+        rows.append(row["input_ids"][0])
+        if has_image:
+            pixel_values.append(row["pixel_values"])
+            image_sizes.append(row["image_sizes"])
+    padded = tokenizer.pad({"input_ids": rows}, padding=True, padding_side="right", return_tensors="pt")
+    batch = {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
+    if pixel_values:
+        batch["pixel_values"] = torch.cat(pixel_values)
+        batch["image_sizes"] = torch.cat(image_sizes)
+    return BatchFeature(batch)

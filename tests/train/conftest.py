@@ -1,0 +1,39 @@
+"""Tiny backbones of every family, built once per session from their configs (no download)."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from mmfast.train.default.model import BUILDABLE, build_tiny_backbone, default_corpus  # noqa: E402
+from mmfast.train.default.tokenizer import train_tokenizer  # noqa: E402
+
+# Every buildable family, and the text-only family once more on a Llama language model.
+CASES = (*BUILDABLE, "causal_lm_llama")
+
+
+@pytest.fixture(scope="session")
+def shared_tokenizer():
+    return train_tokenizer(default_corpus())
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory, shared_tokenizer):
+    root = tmp_path_factory.mktemp("tiny_backbones")
+    dirs = {name: build_tiny_backbone(name, root / name, tokenizer=shared_tokenizer) for name in BUILDABLE}
+    dirs["causal_lm_llama"] = build_tiny_backbone(
+        "causal_lm", root / "causal_lm_llama", tokenizer=shared_tokenizer, text_model="llama"
+    )
+    return dirs
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Models this small are all per-op overhead: a second intra-op thread only adds spin-waiting, which on a
+    # shared 2-core machine made a step 10-100x slower (benchmarks/backbones.py --threads 2).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
