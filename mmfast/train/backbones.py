@@ -134,7 +134,11 @@ def attn_implementation(requested: str | None = None) -> str:
 
 
 def load_backbone(path, *, dtype=None, attn_implementation=None, trust_remote_code: bool = False):
-    """Load `(model, processor, family)` from a local folder or a hub id already in the local cache."""
+    """Load `(model, processor, family)` from a local folder or a hub id already in the local cache.
+
+    `dtype=None` keeps transformers' default (the checkpoint's own dtype); `attn_implementation=None`
+    picks flash_attention_2 when it can run, else sdpa. Nothing is downloaded (`local_files_only`).
+    """
     config_dict, _ = PretrainedConfig.get_config_dict(str(path), local_files_only=True)
     family = family_of(config_dict)
     if family.requires_remote_code and not trust_remote_code:
@@ -189,6 +193,10 @@ def position_ids(model: nn.Module, family: Family, batch: Mapping) -> torch.Tens
     """Position ids counted over each row's real tokens: `[B, T]`, or `[3, B, T]` (M-RoPE) for Qwen."""
     mask = batch["attention_mask"]
     if family.mrope:
+        if "mm_token_type_ids" not in batch:
+            raise ValueError(
+                f"{family.name} batches need 'mm_token_type_ids' for M-RoPE; build them with processor_inputs"
+            )
         rope_model = unwrap_model(model).model
         extra = {"image_grid_thw": batch["image_grid_thw"]} if "image_grid_thw" in batch else {}
         positions, _ = rope_model.get_rope_index(

@@ -226,6 +226,8 @@ def _llava(config_class, processor_class, image_processor_class, vision_config_c
             num_attention_heads=vision["heads"],
             image_size=size,
             patch_size=PATCH_SIZE,
+            # LLaVA-OneVision reads SigLIP's patch features; its pooling head would be parameters without gradients.
+            **({"vision_use_head": False} if vision_config_class is SiglipVisionConfig else {}),
         )
         options = {"image_grid_pinpoints": [[size, size]]} if config_class is not LlavaConfig else {}
         text_config = TEXT_CONFIGS[text_model](**text)

@@ -1,0 +1,178 @@
+"""The default's generator: deterministic bytes, every file read back by the real loaders (and pyarrow),
+captions that identify their picture, held-out renders apart from the training ones, the cache."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import re
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mmfast.train.data import load_image, load_nli_triplets
+from mmfast.train.data_spec import load_data
+from mmfast.train.default import captions as world
+from mmfast.train.default.heldout import EVAL_SUBSETS, SUGARCREPE
+from mmfast.train.default.synthetic import TRAIN_SUBSETS, DefaultData, Sizes, default_data, generate
+
+SIZES = Sizes.tiny()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> DefaultData:
+    return generate(tmp_path_factory.mktemp("default") / "data", sizes=SIZES)
+
+
+def digests(root) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()
+    }
+
+
+def test_same_seed_same_bytes(data, tmp_path):
+    again = generate(tmp_path / "again", sizes=SIZES)
+    assert digests(data.root) == digests(again.root)
+    other = digests(generate(tmp_path / "other", seed=1, sizes=SIZES).root)
+    assert other["train/MSCOCO_t2i.jsonl"] != digests(data.root)["train/MSCOCO_t2i.jsonl"]
+
+
+def test_train_files_load_through_the_spec(data):
+    train = load_data(data.train_spec)
+    counts = (SIZES.train_classification, SIZES.train_vqa, SIZES.train_t2i, SIZES.train_i2t, SIZES.train_grounding)
+    assert train.mixture.names == TRAIN_SUBSETS and train.mixture.sizes == counts
+    assert train.report.total == 0 and train.report.rows_read == sum(counts)
+    assert any(e.negatives for e in train.dataset) and not all(e.negatives for e in train.dataset)
+    for example in train.dataset:
+        for side in (example.query, example.positive, *example.negatives):
+            assert (side.image is not None) == ("<|image_1|>" in side.text)
+    assert load_data(list(data.train_files), image_dir=data.image_dir).mixture.sizes == counts
+
+
+def test_nli_triplets_load(data):
+    rows = load_nli_triplets(data.nli)
+    assert len(rows) == SIZES.nli_rows and all(len(e.negatives) == 1 for e in rows)
+    assert all(e.query.text != e.positive.text != e.negatives[0].text for e in rows)
+    spec = json.loads(data.teacher_spec.read_text())
+    assert spec == {"nli_for_simcse": {"path": data.nli.name, "teacher": data.teacher.name}}
+
+
+def test_mmeb_eval_parquet(data):
+    manifest = json.loads(data.mmeb_eval_subsets.read_text())
+    assert set(manifest) == set(EVAL_SUBSETS)
+    for task in ("classification", "vqa", "retrieval", "grounding"):
+        splits = {m["in_distribution"] for m in manifest.values() if m["meta_task"] == task}
+        assert splits == {True, False}, task
+    for name, info in manifest.items():
+        assert (info["train_subset"] in TRAIN_SUBSETS) == info["in_distribution"]
+        table = pq.read_table(data.mmeb_eval / name / "test-00000-of-00001.parquet")
+        texts, lists = ["qry_text", "qry_img_path"], ["tgt_text", "tgt_img_path"]
+        assert table.schema == pa.schema(
+            [(c, pa.string()) for c in texts] + [(c, pa.list_(pa.string())) for c in lists]
+        )
+        assert table.num_rows == SIZES.eval_rows
+        for row in table.to_pylist():
+            candidates = list(zip(row["tgt_text"], row["tgt_img_path"], strict=True))
+            assert 2 <= len(candidates) <= SIZES.eval_candidates
+            assert len(set(candidates)) == len(candidates), (name, row)  # the truth is there once
+            for text, image in [(row["qry_text"], row["qry_img_path"]), *candidates]:
+                assert ("<|image_1|>" in text) == bool(image)
+                assert not image or (data.mmeb_eval_images / image).is_file()
+
+
+def test_flickr_and_urban(data):
+    table = pq.read_table(data.flickr)
+    assert table.schema == pa.schema([("image", pa.string()), ("text", pa.list_(pa.string()))])
+    rows = table.to_pylist()
+    assert len(rows) == SIZES.flickr_images
+    assert all(len(r["text"]) == 5 == len(set(r["text"])) and (data.flickr.parent / r["image"]).is_file() for r in rows)
+    captions = [c for r in rows for c in r["text"]]
+    assert len(set(captions)) == len(captions)
+    ids = sorted(int(p.stem) for p in (data.urban1k / "caption").glob("*.txt"))
+    assert ids == list(range(1, SIZES.urban_pairs + 1))
+    assert sorted(int(p.stem) for p in (data.urban1k / "image").glob("*.jpg")) == ids
+    assert all((data.urban1k / "caption" / f"{i}.txt").read_text().count("\n") == 1 for i in ids)
+
+
+def test_sugarcrepe(data):
+    for kind in SUGARCREPE:
+        items = json.loads((data.sugarcrepe / f"{kind}.json").read_text())
+        assert list(items) == [str(i) for i in range(SIZES.sugarcrepe_rows)]
+        for item in items.values():
+            assert set(item) == {"filename", "caption", "negative_caption"}
+            assert item["caption"] != item["negative_caption"]
+            assert (data.sugarcrepe / "images" / item["filename"]).is_file()
+
+
+def test_video(data):
+    with open(data.video_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == SIZES.videos and list(rows[0]) == ["key", "vid_key", "video_id", "sentence"]
+    assert len({r["sentence"] for r in rows}) == len(rows)
+    for r in rows:
+        frames = sorted(p.name for p in (data.video_frames / r["video_id"]).iterdir())
+        assert frames == [f"{i:03d}.jpg" for i in range(SIZES.video_frames)]
+
+
+def test_every_image_decodes_and_held_out_renders_are_fresh(data):
+    images = sorted(data.root.rglob("*.jpg"))
+    assert all(load_image(p).size == (64, 64) for p in images)
+    train = {hashlib.sha256(p.read_bytes()).digest() for p in (data.root / "images").rglob("*.jpg")}
+    held_out = [p for p in images if not p.is_relative_to(data.root / "images")]
+    assert held_out and not any(hashlib.sha256(p.read_bytes()).digest() in train for p in held_out)
+
+
+def test_captions_identify_their_picture():
+    """Every paraphrase names exactly the shape, colour and quadrant of its picture, so the 256 pictures
+    (8 shapes x 8 colours x 4 quadrants) are told apart by any of their captions."""
+    rng = world.np.random.default_rng(0)
+    seen = {}
+    for single in world.ALL_SINGLES:
+        for template in range(len(world.SINGLE_TEMPLATES)):
+            for _ in range(3):
+                caption = world.single_caption(single, rng, template)
+                words = re.findall(r"[a-z]+", caption)
+                assert [w for w in words if w in world.SHAPES] == [single.shape]
+                assert [w for w in words if w in world.COLOUR_NAMES] == [single.colour]
+                vertical = {"upper": "top", "lower": "bottom"}
+                place = [vertical.get(w, w) for w in words if w in ("top", "upper", "bottom", "lower", "left", "right")]
+                assert " ".join(place) == single.quadrant, caption
+                assert seen.setdefault(caption, single) == single
+    assert len(world.ALL_SINGLES) == 256 and Sizes().flickr_images >= 200
+    assert "an orange" in world.articles("a orange star") and world.articles("A orange") == "An orange"
+
+
+def test_default_data_generates_once(tmp_path):
+    root = tmp_path / "cache"
+    first = default_data(root, sizes=SIZES)
+    stamp = first.manifest.stat().st_mtime_ns
+    assert default_data(root, sizes=SIZES).manifest.stat().st_mtime_ns == stamp
+    assert not list(tmp_path.glob(".cache.tmp-*"))
+    with pytest.raises(FileExistsError, match="no matching manifest"):
+        default_data(root, sizes=dataclasses.replace(SIZES, videos=2))
+    with pytest.raises(FileExistsError, match="not an empty folder"):
+        generate(root)
+
+
+def test_default_data_uses_mmfast_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMFAST_HOME", str(tmp_path))
+    data = default_data(sizes=SIZES)
+    assert data.root.parent == tmp_path and data.root.name.startswith("default-data-v")
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="Sizes.videos must be an int >= 1"):
+        Sizes(videos=0)
+    with pytest.raises(ValueError, match="only 256 distinct pictures"):
+        Sizes(flickr_images=300)
+    with pytest.raises(ValueError, match="eval_candidates"):
+        Sizes(eval_candidates=1)
+    with pytest.raises(ValueError, match="image_size"):
+        generate(tmp_path / "x", image_size=8, sizes=SIZES)
+    with pytest.raises(ValueError, match="seed"):
+        generate(tmp_path / "x", seed=-1, sizes=SIZES)
+    with pytest.raises(TypeError, match="Sizes"):
+        generate(tmp_path / "x", sizes={"videos": 1})
