@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
 from .data import BadImageError, DataReport, Example, Input, load_image
 from .encoder import InputBuilder
 
@@ -50,9 +48,6 @@ class EmbeddingCollator:
                 return None
         return sides, images
 
-    def _side(self, items: Sequence[Input], images):
-        return self.builder(items, images)
-
     def __call__(self, examples: Sequence[Example]) -> dict:
         report = DataReport(strict=self.strict)
         loaded = [(example, got) for example in examples if (got := self._load(example, report)) is not None]
@@ -61,21 +56,16 @@ class EmbeddingCollator:
         for start in range(0, len(loaded), step):
             part = loaded[start : start + step]
             mini_batch = {
-                "query": self._side([sides[0] for _, (sides, _) in part], [images[0] for _, (_, images) in part]),
-                "target": self._side([sides[1] for _, (sides, _) in part], [images[1] for _, (_, images) in part]),
+                "query": self.builder([sides[0] for _, (sides, _) in part], [images[0] for _, (_, images) in part]),
+                "target": self.builder([sides[1] for _, (sides, _) in part], [images[1] for _, (_, images) in part]),
             }
             negative_items = [item for _, (sides, _) in part for item in sides[2:]]
             if negative_items:
                 negative_images = [image for _, (_, images) in part for image in images[2:]]
-                mini_batch["negatives"] = self._side(negative_items, negative_images)
+                mini_batch["negatives"] = self.builder(negative_items, negative_images)
             mini_batches.append(mini_batch)
         batch = {"mini_batches": mini_batches, "report": report, "rows": len(loaded)}
         if self.teacher is not None and loaded:
-            rows = [example.teacher for example, _ in loaded]
-            if any(row is None for row in rows):
-                raise ValueError("a distillation batch holds a row without a teacher embedding")
-            batch["teacher"] = {
-                "query": torch.as_tensor(self.teacher.query[rows]),
-                "target": torch.as_tensor(self.teacher.positive[rows]),
-            }
+            query, positive = self.teacher.rows([example for example, _ in loaded])
+            batch["teacher"] = {"query": query, "target": positive}
         return batch

@@ -83,15 +83,15 @@ class InputBuilder:
     loader workers can run it. Images must already be loaded (PIL)."""
 
     def __init__(self, processor, family, config: EncoderConfig):
-        self.processor, self.family, self.config = processor, family, config
+        self.processor, self.family, self.encoder_config = processor, family, config
 
     def __call__(self, items: Sequence[Input], images: Sequence[Image.Image | None]) -> Mapping:
-        texts = [backbones.rewrite_image_tokens(self.config.render(item), self.family) for item in items]
+        texts = [backbones.rewrite_image_tokens(self.encoder_config.render(item), self.family) for item in items]
         flat_images = [image for image in images if image is not None]
-        padding_side = self.config.padding_side or getattr(self.processor, "padding_side", None) or "right"
+        padding_side = self.encoder_config.padding_side or getattr(self.processor, "padding_side", None) or "right"
         return backbones.processor_inputs(
             self.processor, self.family, texts, flat_images, padding_side=padding_side,
-            max_length=self.config.max_length,
+            max_length=self.encoder_config.max_length,
         )  # fmt: skip
 
 
@@ -100,7 +100,7 @@ class Encoder(torch.nn.Module):
 
     def __init__(self, model, processor, family, config: EncoderConfig):
         super().__init__()
-        self.model, self.processor, self.family, self.config = model, processor, family, config
+        self.model, self.processor, self.family, self.encoder_config = model, processor, family, config
         self.builder = InputBuilder(processor, family, config)
 
     # --- construction, saving, loading ---
@@ -144,7 +144,7 @@ class Encoder(torch.nn.Module):
         else:
             self.model.save_pretrained(out_dir, state_dict=state_dict)
         backbones.save_backbone_processor(self.processor, out_dir)
-        config = dataclasses.replace(self.config, adapter=self.is_adapter)
+        config = dataclasses.replace(self.encoder_config, adapter=self.is_adapter)
         (out_dir / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
 
     def load_weights(self, path: str | os.PathLike) -> None:
@@ -170,7 +170,12 @@ class Encoder(torch.nn.Module):
         if not self.is_adapter:
             return self
         model = self.model.merge_and_unload()
-        return Encoder(model, self.processor, self.family, dataclasses.replace(self.config, adapter=False))
+        return Encoder(model, self.processor, self.family, dataclasses.replace(self.encoder_config, adapter=False))
+
+    @property
+    def config(self):
+        """The backbone's transformers config (what the Trainer and launchers read as `model.config`)."""
+        return self.model.config
 
     @property
     def is_adapter(self) -> bool:
@@ -207,7 +212,7 @@ class Encoder(torch.nn.Module):
     def embed(self, batch: Mapping) -> torch.Tensor:
         """[n, D] unit embeddings of one prepared batch (differentiable)."""
         hidden = backbones.last_hidden_state(self.model, self.family, batch)
-        pool = mmfast.last_token_pool if self.config.pooling == "last" else mmfast.mean_pool
+        pool = mmfast.last_token_pool if self.encoder_config.pooling == "last" else mmfast.mean_pool
         return pool(hidden, batch["attention_mask"], normalize=True)
 
     def forward(self, sides: Mapping[str, Mapping]) -> dict[str, torch.Tensor]:

@@ -9,7 +9,8 @@ import torch
 from . import default
 from .arguments import DataArguments, ModelArguments, TrainingArguments
 from .collator import EmbeddingCollator
-from .data import ContrastiveBatchSampler, DataReport, EmbeddingDataset, load_training_examples
+from .data import ContrastiveBatchSampler, DataReport
+from .data_spec import TrainData, load_data
 from .encoder import Encoder
 from .losses import Objective, distributed_world_size
 from .recipes import Recipe
@@ -93,26 +94,47 @@ def check_batch_semantics(training_args: TrainingArguments, recipe: Recipe) -> N
         )
 
 
+def load_training_data(data_args: DataArguments, recipe: Recipe, report: DataReport) -> TrainData:
+    """`--data` (or the embedded default data of the recipe's kind) as one dataset with its mixture."""
+    if data_args.data:
+        data = data_args.data
+    else:
+        defaults = default.default_data()
+        if recipe.data == "mmeb":
+            data = defaults.train_spec
+        elif recipe.data == "nli":
+            data = defaults.nli
+        else:
+            from .default.teacher import default_teacher
+
+            default_teacher(defaults)
+            data = defaults.teacher_spec
+    loaded = load_data(data, image_dir=data_args.image_dir, teacher=data_args.teacher, strict=data_args.strict,
+                       report=report)  # fmt: skip
+    has_teacher = loaded.dataset.teacher is not None
+    if recipe.is_distillation and not has_teacher:
+        raise ValueError(f"recipe {recipe.name} distils from teacher embeddings: give --teacher FILE (or a spec with one)")
+    return loaded
+
+
 def build_trainer(
     model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments, recipe: Recipe
 ) -> EmbeddingTrainer:
     report = DataReport(strict=data_args.strict)
-    examples, teacher = load_training_examples(data_args, recipe.data, report=report)
-    if not examples:
-        raise ValueError(f"no usable training rows in {data_args.data or 'the embedded default data'}; {report.summary()}")
+    data = load_training_data(data_args, recipe, report)
     encoder = build_encoder(model_args, recipe)
-    dataset = EmbeddingDataset(examples)
     sampler = ContrastiveBatchSampler(
-        dataset, batch_size=training_args.per_device_train_batch_size, homogeneous=data_args.homogeneous_batches,
+        data.mixture, batch_size=training_args.per_device_train_batch_size, homogeneous=data_args.homogeneous_batches,
         seed=training_args.data_seed if training_args.data_seed is not None else training_args.seed,
-        drop_last=training_args.dataloader_drop_last,
+        drop_last=training_args.dataloader_drop_last, num_replicas=distributed_world_size(),
     )  # fmt: skip
     collator = EmbeddingCollator(
-        encoder.builder, mini_batch_size=training_args.gradcache_mini_batch_size, teacher=teacher,
+        encoder.builder, mini_batch_size=training_args.gradcache_mini_batch_size, teacher=data.dataset.teacher,
         max_negatives=data_args.max_negatives, strict=data_args.strict,
     )  # fmt: skip
     backend = None if training_args.loss_backend == "auto" else training_args.loss_backend
-    negatives = sum(len(e.negatives) for e in examples) / len(examples)
+    examples = data.mixture
+    negatives = sum(len(examples[i].negatives) for i in range(len(examples))) / len(examples)
     if data_args.max_negatives is not None:
         negatives = min(negatives, data_args.max_negatives)
     logger.warning("%s", describe_batches(training_args, recipe, negatives))
@@ -120,6 +142,6 @@ def build_trainer(
     if report.total:
         logger.warning("%s", report.summary())
     return EmbeddingTrainer(
-        model=encoder, args=training_args, train_dataset=dataset, data_collator=collator,
+        model=encoder, args=training_args, train_dataset=data.dataset, data_collator=collator,
         objective=Objective(recipe.loss, backend=backend), batch_sampler=sampler, data_report=report,
     )  # fmt: skip

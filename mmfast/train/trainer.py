@@ -11,6 +11,7 @@ each device.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import resource
@@ -65,6 +66,12 @@ class EmbeddingTrainer(transformers.Trainer):
             prefetch_factor=args.dataloader_prefetch_factor if workers > 0 else None,
         )
         return self.accelerator.prepare(loader)
+
+    def _run_epoch(self, *args, **kwargs):
+        # The Trainer reaches the sampler's set_epoch through accelerate's wrappers, except when a
+        # multi-process run resumes mid-epoch; set it here so every epoch's order is (seed, epoch).
+        self.batch_sampler.set_epoch(kwargs["epoch"] if "epoch" in kwargs else args[1])
+        return super()._run_epoch(*args, **kwargs)
 
     # --- the step ---
 
@@ -122,11 +129,15 @@ class EmbeddingTrainer(transformers.Trainer):
         os.makedirs(output_dir, exist_ok=True)
         self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, state_dict=state_dict)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
-        self.data_report.save(os.path.join(output_dir, DATA_REPORT_NAME))
+        with open(os.path.join(output_dir, DATA_REPORT_NAME), "w") as f:
+            json.dump(self.data_report.to_dict(), f, indent=2)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         encoder = self.accelerator.unwrap_model(model or self.model)
         encoder.load_weights(resume_from_checkpoint)
         report = os.path.join(resume_from_checkpoint, DATA_REPORT_NAME)
         if os.path.isfile(report):
-            self.data_report = DataReport.load(report, strict=self.data_report.strict)
+            with open(report) as f:
+                resumed = DataReport.from_dict(json.load(f))
+            resumed.strict = self.data_report.strict
+            self.data_report = resumed
