@@ -68,6 +68,10 @@ class TrainingArguments(transformers.TrainingArguments):
         default=0, metadata={"help": "GradCache mini-batch (rows encoded at once); 0 = no GradCache"}
     )
     loss_backend: str = field(default="auto", metadata={"help": "auto, cpu, triton, torch or reference"})
+    cpu_threads: int | None = field(
+        default=None,
+        metadata={"help": "torch intra-op threads on CPU (none = torch's default); tiny models run best on 1"},
+    )
     # A contrastive batch must be whole: a partial last batch has fewer negatives and spikes the loss.
     dataloader_drop_last: bool = True
     remove_unused_columns: bool = False
@@ -76,6 +80,8 @@ class TrainingArguments(transformers.TrainingArguments):
         get_recipe(self.recipe)
         if not isinstance(self.gradcache_mini_batch_size, int) or self.gradcache_mini_batch_size < 0:
             raise ValueError(f"gradcache_mini_batch_size must be an integer >= 0, got {self.gradcache_mini_batch_size}")
+        if self.cpu_threads is not None and (not isinstance(self.cpu_threads, int) or self.cpu_threads < 1):
+            raise ValueError(f"cpu_threads must be a positive integer, got {self.cpu_threads}")
         if self.loss_backend not in ("auto", "cpu", "triton", "torch", "reference"):
             raise ValueError(f"loss_backend must be auto, cpu, triton, torch or reference, got {self.loss_backend!r}")
         super().__post_init__()

@@ -120,6 +120,8 @@ def load_training_data(data_args: DataArguments, recipe: Recipe, report: DataRep
 def build_trainer(
     model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments, recipe: Recipe
 ) -> EmbeddingTrainer:
+    if training_args.cpu_threads is not None:
+        torch.set_num_threads(training_args.cpu_threads)
     report = DataReport(strict=data_args.strict)
     data = load_training_data(data_args, recipe, report)
     encoder = build_encoder(model_args, recipe)

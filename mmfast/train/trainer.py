@@ -61,7 +61,7 @@ class EmbeddingTrainer(transformers.Trainer):
             batch_sampler=self.batch_sampler,
             collate_fn=self.data_collator,
             num_workers=workers,
-            pin_memory=args.dataloader_pin_memory,
+            pin_memory=args.dataloader_pin_memory and torch.cuda.is_available(),
             persistent_workers=args.dataloader_persistent_workers and workers > 0,
             prefetch_factor=args.dataloader_prefetch_factor if workers > 0 else None,
         )
