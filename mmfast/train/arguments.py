@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import transformers
 from transformers import HfArgumentParser
 
@@ -84,6 +85,10 @@ class TrainingArguments(transformers.TrainingArguments):
             raise ValueError(f"cpu_threads must be a positive integer, got {self.cpu_threads}")
         if self.loss_backend not in ("auto", "cpu", "triton", "torch", "reference"):
             raise ValueError(f"loss_backend must be auto, cpu, triton, torch or reference, got {self.loss_backend!r}")
+        if not self.use_cpu and not torch.cuda.is_available():
+            # Without this, accelerate does not set up data parallelism on a CPU-only machine: torchrun's
+            # ranks would each train alone, silently.
+            self.use_cpu = True
         super().__post_init__()
 
 
