@@ -1,2 +1,89 @@
 """The embedded default: a tiny multimodal LLM built from its config and procedurally generated data
-written in the real public formats, so that the default run exercises the same code as a real one."""
+written in the real public formats, so that the default run exercises the same code as a real one.
+
+`mmfast-train` with no model and no data trains `default_backbone()` on `default_data()` with the
+hyperparameters of `PROFILE` (a randomly initialised tiny model learns from scratch, so it wants a
+larger learning rate and batch than the recipes' published ones for pretrained 2B–8B backbones).
+Both are built once into `$MMFAST_HOME` (default `~/.cache/mmfast`) and reused; several processes
+asking at once (DDP ranks) are safe: each builds a private folder and the first rename wins.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .synthetic import DefaultData, cache_home, default_data
+
+__all__ = ["BACKBONE", "PROFILE", "DefaultData", "default_backbone", "default_corpus", "default_data"]
+
+# The default backbone: Qwen2-VL turns a 64-px image into 4 tokens (2×2 merged patches of 14 px at
+# the processor's 56–64 px bounds), the fewest of the tiny families, so a step is cheapest.
+BACKBONE = {"family": "qwen2_vl", "hidden_size": 128, "num_layers": 4, "num_heads": 4, "vision_layers": 2,
+            "vision_width": 64, "vision_heads": 4, "image_size": 56, "seed": 0}  # fmt: skip
+BACKBONE_VERSION = 1
+
+# Hyperparameters of the default run (every one can be overridden on the command line).
+PROFILE = {
+    "per_device_train_batch_size": 64,
+    "gradcache_mini_batch_size": 0,
+    "learning_rate": 2e-3,
+    "weight_decay": 0.01,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.05,
+    "max_steps": 200,
+    "logging_steps": 10,
+    "save_steps": 100,
+    "lora": False,
+    "freeze_vision_tower": False,
+    "seed": 0,
+    # A model this small is all per-op overhead: a second thread only spin-waits (10x slower on a busy machine).
+    "cpu_threads": 1,
+}
+
+PROMPT_TEXTS = (
+    "Summary above sentence in one word:",
+    "Summary above image in one word:",
+    "Represent the given video.",
+    "Find me an video that matches the given caption:",
+)
+
+
+def default_corpus(data: DefaultData) -> list[str]:
+    """Every text of the default training data plus the recipes' prompts: the tokenizer's corpus."""
+    texts = list(PROMPT_TEXTS)
+    for path in data.train_files:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                row = json.loads(line)
+                texts += [row["qry"], row["pos_text"], row.get("neg_text", "")]
+    with open(data.nli, encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            texts += [row["sent0"], row["sent1"], row["hard_neg"]]
+    return [t for t in texts if t]
+
+
+def default_backbone(root: str | os.PathLike | None = None) -> Path:
+    """The tiny default backbone (seeded, deterministic), built on first use into `root`."""
+    from .model import build_tiny_backbone
+
+    target = Path(root) if root is not None else cache_home() / f"default-backbone-v{BACKBONE_VERSION}"
+    stamp = {"version": BACKBONE_VERSION, **BACKBONE}
+    if (target / "mmfast_default.json").is_file() and json.loads((target / "mmfast_default.json").read_text()) == stamp:
+        return target
+    if target.exists():
+        raise FileExistsError(f"{target} holds something other than the default backbone v{BACKBONE_VERSION}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    options = {k: v for k, v in BACKBONE.items() if k != "family"}
+    build_tiny_backbone(BACKBONE["family"], scratch, corpus=default_corpus(default_data()), **options)
+    (scratch / "mmfast_default.json").write_text(json.dumps(stamp) + "\n")
+    try:
+        os.rename(scratch, target)
+    except OSError:
+        shutil.rmtree(scratch, ignore_errors=True)  # another process renamed its copy first
+    return target

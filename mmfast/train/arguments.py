@@ -1,0 +1,189 @@
+"""The arguments of `mmfast-train`: transformers' TrainingArguments plus mmfast's fields.
+
+Precedence, lowest first: the dataclass defaults, the recipe's published defaults, the embedded
+default's profile (only when neither a model nor data is given), the config file, the command line.
+Every layer is turned into command-line tokens and parsed once by `HfArgumentParser`, so a value
+from a file is checked exactly like one typed on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import HfArgumentParser
+
+from .recipes import RECIPES, Recipe, get_recipe
+
+DEFAULT_RECIPE = "llave"
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "A backbone folder or hub id in the local cache; none = the embedded default"}
+    )
+    lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter (peft) instead of the full model"})
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Module names or one regex; none = the language model's attention projections"}
+    )
+    use_dora: bool = field(default=False, metadata={"help": "DoRA (weight-decomposed LoRA) via peft"})
+    freeze_vision_tower: bool = False
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "flash_attention_2 when importable, else sdpa (the default)"}
+    )
+    model_dtype: str | None = field(default=None, metadata={"help": "float32, bfloat16 or float16 weights"})
+    text_prompt: str | None = field(default=None, metadata={"help": "Prompt for text inputs, with {text}"})
+    image_prompt: str | None = field(default=None, metadata={"help": "Prompt for image inputs, with {text}"})
+    max_length: int | None = field(default=None, metadata={"help": "Token limit; text is cut, never an image"})
+    padding_side: str | None = field(default=None, metadata={"help": "left or right; none = the processor's"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Needed for Phi-3.5-V (untested offline)"})
+
+
+@dataclass
+class DataArguments:
+    data: list[str] | None = field(
+        default=None,
+        metadata={"help": "MMEB-train .jsonl/.parquet files, an NLI .csv, or a mixture .yaml; none = embedded default"},
+    )
+    image_dir: str | None = field(default=None, metadata={"help": "Root of the image paths in the data"})
+    teacher: str | None = field(default=None, metadata={"help": "Teacher embeddings (.npy/.safetensors), UniME stage 1"})
+    homogeneous_batches: bool = field(default=False, metadata={"help": "Every batch from one subset (VLM2Vec v2)"})
+    max_negatives: int | None = field(default=None, metadata={"help": "Use at most this many hard negatives per row"})
+    strict: bool = field(default=False, metadata={"help": "Any bad row is an error naming the file and row"})
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    recipe: str = field(default=DEFAULT_RECIPE, metadata={"help": f"One of: {', '.join(RECIPES)}"})
+    gradcache_mini_batch_size: int = field(
+        default=0, metadata={"help": "GradCache mini-batch (rows encoded at once); 0 = no GradCache"}
+    )
+    loss_backend: str = field(default="auto", metadata={"help": "auto, cpu, triton, torch or reference"})
+    cpu_threads: int | None = field(
+        default=None,
+        metadata={"help": "torch intra-op threads on CPU (none = torch's default); tiny models run best on 1"},
+    )
+    # A contrastive batch must be whole: a partial last batch has fewer negatives and spikes the loss.
+    dataloader_drop_last: bool = True
+    remove_unused_columns: bool = False
+
+    def __post_init__(self):
+        get_recipe(self.recipe)
+        if not isinstance(self.gradcache_mini_batch_size, int) or self.gradcache_mini_batch_size < 0:
+            raise ValueError(f"gradcache_mini_batch_size must be an integer >= 0, got {self.gradcache_mini_batch_size}")
+        if self.cpu_threads is not None and (not isinstance(self.cpu_threads, int) or self.cpu_threads < 1):
+            raise ValueError(f"cpu_threads must be a positive integer, got {self.cpu_threads}")
+        if self.loss_backend not in ("auto", "cpu", "triton", "torch", "reference"):
+            raise ValueError(f"loss_backend must be auto, cpu, triton, torch or reference, got {self.loss_backend!r}")
+        if not self.use_cpu and not torch.cuda.is_available():
+            # Without this, accelerate does not set up data parallelism on a CPU-only machine: torchrun's
+            # ranks would each train alone, silently.
+            self.use_cpu = True
+        super().__post_init__()
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
+
+
+def known_fields() -> set[str]:
+    return {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls)}
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """A YAML or JSON file of argument names to values; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            config = yaml.safe_load(text) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"config file {path} is not valid YAML: {error}") from error
+    else:
+        try:
+            config = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"config file {path} is not valid JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"config file {path} must hold a mapping of argument names to values")
+    unknown = sorted(set(config) - known_fields())
+    if unknown:
+        raise ValueError(f"config file {path}: unknown argument(s) {', '.join(unknown)}")
+    return config
+
+
+def to_tokens(values: Mapping) -> list[str]:
+    """Argument values as command-line tokens for HfArgumentParser (None means: leave it unset)."""
+    tokens = []
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)):
+            tokens += [f"--{name}", *map(str, value)]
+        elif isinstance(value, Mapping):
+            tokens += [f"--{name}", json.dumps(dict(value))]
+        else:
+            tokens += [f"--{name}", str(value)]
+    return tokens
+
+
+def _option_value(argv: Sequence[str], name: str) -> str | None:
+    """The last value given to --name on the command line (--name V or --name=V), or None."""
+    value = None
+    for i, token in enumerate(argv):
+        if token == f"--{name}" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif token.startswith(f"--{name}="):
+            value = token.split("=", 1)[1]
+    return value
+
+
+def _without_option(argv: Sequence[str], name: str) -> list[str]:
+    out, skip = [], False
+    for i, token in enumerate(argv):
+        if skip:
+            skip = False
+        elif token == f"--{name}":
+            skip = i + 1 < len(argv)
+        elif not token.startswith(f"--{name}="):
+            out.append(token)
+    return out
+
+
+def parse_arguments(
+    argv: Sequence[str] | None = None, *, profile: Mapping | None = None
+) -> tuple[ModelArguments, DataArguments, TrainingArguments, Recipe]:
+    """Parses `mmfast-train` arguments: `--config FILE.yaml|json` plus command-line overrides.
+
+    profile: defaults for the embedded default run, applied when neither --model_name_or_path nor
+    --data is given anywhere.
+    """
+    argv = list(argv or [])
+    config_path = _option_value(argv, "config")
+    argv = _without_option(argv, "config")
+    config = read_config(config_path) if config_path else {}
+    recipe = get_recipe(_option_value(argv, "recipe") or config.get("recipe") or DEFAULT_RECIPE)
+
+    layers = [dict(recipe.model_defaults), dict(recipe.training_defaults)]
+    chosen = {**config, **{name: True for name in known_fields() if _option_value(argv, name) is not None}}
+    if profile and not any(key in chosen for key in ("model_name_or_path", "data")):
+        layers.append(dict(profile))
+    layers.append({"recipe": recipe.name} if "output_dir" in chosen else {"recipe": recipe.name, "output_dir": f"runs/{recipe.name}"})
+    layers.append(config)
+    tokens = [token for layer in layers for token in to_tokens(layer)] + argv
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=tokens)
+    return model_args, data_args, training_args, recipe

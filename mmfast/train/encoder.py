@@ -1,0 +1,289 @@
+"""Encoder: a backbone, its processor and a prompt template, giving L2-normalised embeddings.
+
+The embedding is the final-norm hidden state of each input's last real token, pooled by
+`mmfast.last_token_pool` (the padding side does not matter, mixed padding works). Texts follow
+the MMEB convention: "<|image_1|>" marks where the image goes, and the encoder rewrites it for its
+backbone (`backbones.rewrite_image_tokens`).
+
+A folder written by `save_pretrained` holds the model (or a PEFT adapter over a named base), the
+processor and `mmfast_encoder.json`; `Encoder.from_pretrained` also takes a plain HF model folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+import mmfast
+
+from . import backbones
+from .data import Input, load_image
+
+CONFIG_NAME = "mmfast_encoder.json"
+IMAGE_PLACEHOLDER = "<|image_1|>"
+POOLING = ("last", "mean")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """How inputs become embeddings; saved beside the model as mmfast_encoder.json.
+
+    text_prompt / image_prompt: format strings with `{text}`, for inputs without / with an image.
+    For an image input, the placeholder goes where the prompt puts it; if the prompt has none, where
+    the text has it; if neither has one, before the text.
+    """
+
+    base_model: str
+    text_prompt: str = "{text}"
+    image_prompt: str = "{text}"
+    max_length: int | None = None
+    padding_side: str | None = None
+    pooling: str = "last"
+    adapter: bool = False
+
+    def __post_init__(self):
+        for name in ("text_prompt", "image_prompt"):
+            prompt = getattr(self, name)
+            if not isinstance(prompt, str) or "{text}" not in prompt and IMAGE_PLACEHOLDER not in prompt:
+                raise ValueError(f"{name} must be a string with {{text}} (or the image placeholder), got {prompt!r}")
+        if self.text_prompt.count(IMAGE_PLACEHOLDER):
+            raise ValueError(f"text_prompt must not hold the image placeholder {IMAGE_PLACEHOLDER}")
+        if self.padding_side not in (None, "left", "right"):
+            raise ValueError(f"padding_side must be 'left', 'right' or None, got {self.padding_side!r}")
+        if self.pooling not in POOLING:
+            raise ValueError(f"pooling must be one of {POOLING}, got {self.pooling!r}")
+        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 1):
+            raise ValueError(f"max_length must be a positive integer or None, got {self.max_length!r}")
+
+    def render(self, item: Input) -> str:
+        """The prompt text of one input, with the image placeholder still in MMEB form."""
+        if item.image is None:
+            return self.text_prompt.format(text=item.text)
+        text = item.text
+        if IMAGE_PLACEHOLDER in self.image_prompt:
+            text = text.replace(IMAGE_PLACEHOLDER, "").strip()
+        rendered = self.image_prompt.format(text=text)
+        count = rendered.count(IMAGE_PLACEHOLDER)
+        if count == 0:
+            rendered = f"{IMAGE_PLACEHOLDER}\n{rendered}"
+        elif count > 1:
+            raise ValueError(f"an input holds {count} image placeholders; one image per input is supported: {text!r}")
+        return rendered
+
+
+class InputBuilder:
+    """Turns inputs into model-ready tensors (prompts, image tokens, padding); picklable, so data
+    loader workers can run it. Images must already be loaded (PIL)."""
+
+    def __init__(self, processor, family, config: EncoderConfig):
+        self.processor, self.family, self.encoder_config = processor, family, config
+
+    def __call__(self, items: Sequence[Input], images: Sequence[Image.Image | None]) -> Mapping:
+        texts = [backbones.rewrite_image_tokens(self.encoder_config.render(item), self.family) for item in items]
+        flat_images = [image for image in images if image is not None]
+        padding_side = self.encoder_config.padding_side or getattr(self.processor, "padding_side", None) or "right"
+        return backbones.processor_inputs(
+            self.processor, self.family, texts, flat_images, padding_side=padding_side,
+            max_length=self.encoder_config.max_length,
+        )  # fmt: skip
+
+
+class Encoder(torch.nn.Module):
+    """An embedding model: `forward({side: batch}) -> {side: [n, D] embeddings}`, `encode(...)`."""
+
+    def __init__(self, model, processor, family, config: EncoderConfig):
+        super().__init__()
+        self.model, self.processor, self.family, self.encoder_config = model, processor, family, config
+        self.builder = InputBuilder(processor, family, config)
+
+    # --- construction, saving, loading ---
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **overrides) -> Encoder:
+        """Loads a folder from `save_pretrained`, or a plain HF model folder (a hub id already in the
+        local cache works too). overrides: EncoderConfig fields (text_prompt, image_prompt, ...) and
+        the loading options dtype, attn_implementation, trust_remote_code."""
+        load_options = {k: overrides.pop(k) for k in ("dtype", "attn_implementation", "trust_remote_code") if k in overrides}
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(EncoderConfig)}
+        if unknown:
+            raise TypeError(f"Encoder.from_pretrained got unknown option(s): {', '.join(sorted(unknown))}")
+        path = str(path)
+        config_file = Path(path) / CONFIG_NAME
+        if config_file.is_file():
+            saved = json.loads(config_file.read_text())
+            config = EncoderConfig(**{**saved, **overrides})
+        else:
+            config = EncoderConfig(base_model=path, **{k: v for k, v in overrides.items() if k != "base_model"})
+        if config.adapter:
+            from peft import PeftModel
+
+            base, _, family = backbones.load_backbone(config.base_model, **load_options)
+            model = PeftModel.from_pretrained(base, path)
+            processor = backbones.load_processor(path, family)
+        else:
+            model, processor, family = backbones.load_backbone(path, **load_options)
+        return cls(model, processor, family, config)
+
+    def save_pretrained(self, out_dir: str | os.PathLike, state_dict: Mapping | None = None) -> None:
+        """Writes the adapter (over `config.base_model`) or the full model, the processor and the
+        mmfast config. state_dict: this Encoder's state dict, when a launcher (FSDP, DeepSpeed)
+        gathered it."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if state_dict is not None:
+            state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}
+        if self.is_adapter:
+            self.model.save_pretrained(out_dir)
+        else:
+            self.model.save_pretrained(out_dir, state_dict=state_dict)
+        backbones.save_backbone_processor(self.processor, out_dir)
+        config = dataclasses.replace(self.encoder_config, adapter=self.is_adapter)
+        (out_dir / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+
+    def load_weights(self, path: str | os.PathLike) -> None:
+        """Loads the trained weights of a folder from `save_pretrained` into this encoder (resume)."""
+        path = Path(path)
+        if self.is_adapter:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            adapter_file = path / "adapter_model.safetensors"
+            if not adapter_file.is_file():
+                raise FileNotFoundError(f"{path} holds no adapter_model.safetensors to resume the adapter from")
+            set_peft_model_state_dict(self.model, load_file(str(adapter_file)))
+            return
+        dtype = next(self.model.parameters()).dtype
+        saved = type(self.model).from_pretrained(str(path), dtype=dtype, local_files_only=True)
+        missing, unexpected = self.model.load_state_dict(saved.state_dict(), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")
+
+    def merged(self) -> Encoder:
+        """The same encoder with its adapter folded into the weights (peft's merge_and_unload)."""
+        if not self.is_adapter:
+            return self
+        model = self.model.merge_and_unload()
+        return Encoder(model, self.processor, self.family, dataclasses.replace(self.encoder_config, adapter=False))
+
+    @property
+    def config(self):
+        """The backbone's transformers config (what the Trainer and launchers read as `model.config`)."""
+        return self.model.config
+
+    @property
+    def is_adapter(self) -> bool:
+        return hasattr(self.model, "peft_config")
+
+    # --- training options ---
+
+    def add_adapter(self, *, r=16, alpha=32, dropout=0.1, target_modules=None, use_dora=False) -> None:
+        """Wraps the backbone in a peft LoRA (or DoRA) adapter on the language model."""
+        from peft import LoraConfig, get_peft_model
+
+        targets = target_modules or backbones.lora_target_modules(self.model, self.family)
+        if isinstance(targets, (list, tuple)) and len(targets) == 1:
+            targets = targets[0]
+        lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, use_dora=use_dora)
+        self.model = get_peft_model(self.model, lora)
+
+    def freeze_vision_tower(self) -> None:
+        tower = backbones.vision_tower(self.model, self.family)
+        if tower is None:
+            raise ValueError(f"freeze_vision_tower: a {self.family.name} backbone has no vision tower")
+        tower.requires_grad_(False)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
+        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return bool(getattr(self.model, "is_gradient_checkpointing", False))
+
+    # --- embedding ---
+
+    def embed(self, batch: Mapping) -> torch.Tensor:
+        """[n, D] unit embeddings of one prepared batch (differentiable)."""
+        hidden = backbones.last_hidden_state(self.model, self.family, batch)
+        pool = mmfast.last_token_pool if self.encoder_config.pooling == "last" else mmfast.mean_pool
+        return pool(hidden, batch["attention_mask"], normalize=True)
+
+    def forward(self, sides: Mapping[str, Mapping]) -> dict[str, torch.Tensor]:
+        """One call for every side of a (mini-)batch, so DDP sees one forward per backward."""
+        return {side: self.embed(batch) for side, batch in sides.items()}
+
+    def prepare(self, items: Sequence[Input], images: Sequence[Image.Image | None] | None = None) -> Mapping:
+        """Inputs -> model-ready tensors; images are loaded from the items' paths unless given."""
+        if images is None:
+            images = [None if item.image is None else load_image(item.image) for item in items]
+        return self.builder(items, images)
+
+    @torch.no_grad()
+    def encode(
+        self,
+        texts: Sequence[str],
+        images: Sequence[Image.Image | str | os.PathLike | None] | None = None,
+        *,
+        batch_size: int = 32,
+        show_progress: bool = True,
+    ) -> torch.Tensor:
+        """[n, D] float32 unit embeddings on the CPU, one per text (with its image, if any)."""
+        if isinstance(texts, str):
+            raise TypeError("texts must be a sequence of strings, not one string")
+        texts = list(texts)
+        images = [None] * len(texts) if images is None else list(images)
+        if len(images) != len(texts):
+            raise ValueError(f"images must have one entry per text ({len(texts)}), got {len(images)}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"texts[{i}] must be a string, got {type(text).__name__}")
+        # Similar lengths together pad less; the embeddings do not depend on the batch, so the order is free.
+        order = sorted(range(len(texts)), key=lambda i: (images[i] is not None, len(texts[i])))
+        was_training = self.training
+        self.eval()
+        out = torch.empty(len(texts), 0)
+        chunks = []
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(texts), desc="embedding", disable=not show_progress, unit="input")
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                items = [Input(texts[i], None if images[i] is None else "<given>") for i in rows]
+                loaded = [_as_image(images[i], i) for i in rows]
+                batch = _to_device(self.builder(items, loaded), self.device)
+                chunks.append(self.embed(batch).float().cpu())
+                bar.update(len(rows))
+            bar.close()
+        finally:
+            self.train(was_training)
+        if chunks:
+            stacked = torch.cat(chunks)
+            out = torch.empty_like(stacked)
+            out[torch.tensor(order)] = stacked
+        return out
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def _as_image(image, index: int) -> Image.Image | None:
+    if image is None or isinstance(image, Image.Image):
+        return None if image is None else image.convert("RGB")
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image)
+    raise TypeError(f"images[{index}] must be a PIL image, a path or None, got {type(image).__name__}")
+
+
+def _to_device(batch: Mapping, device: torch.device) -> Mapping:
+    return type(batch)({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})

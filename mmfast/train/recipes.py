@@ -1,0 +1,137 @@
+"""The published recipes, each one frozen `Recipe` built on the core's option dataclasses.
+
+A recipe fixes the objective (its loss options), the prompts, the kind of data it trains on, and
+defaults for the model and training arguments taken from the public scripts (see
+`../shared/docs/methods.md`). Every default is only a default: a field the user sets, in a config
+file or on the command line, wins (`mmfast.train.arguments.parse_arguments`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal
+
+from mmfast import ContrastiveLossOptions, DistillationLossOptions
+
+# The one-word prompts of E5-V and UniME. "<|image_1|>" is the MMEB image placeholder; the encoder
+# rewrites it for its backbone.
+ONE_WORD_TEXT_PROMPT = "{text}\nSummary above sentence in one word:"
+ONE_WORD_IMAGE_PROMPT = "<|image_1|>\nSummary above image in one word:"
+# VLM2Vec and LLaVE train on MMEB rows whose text already carries the instruction.
+PLAIN_PROMPT = "{text}"
+
+DataKind = Literal["mmeb", "nli", "nli_teacher"]
+
+
+def _frozen(mapping: dict) -> MappingProxyType:
+    return MappingProxyType(dict(mapping))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One published training method.
+
+    loss: the core's options for `mmfast.contrastive_loss` or `mmfast.distillation_loss`.
+    data: "mmeb" (MMEB-train rows), "nli" (sent0/sent1/hard_neg triplets), or "nli_teacher" (text
+        pairs plus precomputed teacher embeddings, UniME stage 1).
+    text_prompt / image_prompt: format strings with `{text}` for inputs without / with an image.
+    model_defaults / training_defaults: ModelArguments / TrainingArguments fields from the paper's
+        public script, applied unless the user sets the field.
+    """
+
+    name: str
+    summary: str
+    loss: ContrastiveLossOptions | DistillationLossOptions
+    data: DataKind
+    text_prompt: str = PLAIN_PROMPT
+    image_prompt: str = PLAIN_PROMPT
+    model_defaults: MappingProxyType = field(default_factory=lambda: _frozen({}))
+    training_defaults: MappingProxyType = field(default_factory=lambda: _frozen({}))
+
+    @property
+    def is_distillation(self) -> bool:
+        return isinstance(self.loss, DistillationLossOptions)
+
+
+RECIPES: MappingProxyType = _frozen(
+    {
+        recipe.name: recipe
+        for recipe in (
+            Recipe(
+                name="vlm2vec",
+                summary="VLM2Vec: InfoNCE over in-batch and hard negatives, τ 0.02, LoRA r16 α64 (DoRA), GradCache",
+                loss=ContrastiveLossOptions(temperature=0.02, cross_device=True),
+                data="mmeb",
+                model_defaults=_frozen({"lora": True, "lora_r": 16, "lora_alpha": 64, "use_dora": True}),
+                training_defaults=_frozen(
+                    {
+                        "per_device_train_batch_size": 128,
+                        "gradcache_mini_batch_size": 32,
+                        "learning_rate": 2e-5,
+                        "lr_scheduler_type": "linear",
+                        "warmup_steps": 200,
+                        "max_steps": 2000,
+                    }
+                ),
+            ),
+            Recipe(
+                name="llave",
+                summary="LLaVE: hardness-weighted contrastive loss (α 9, τ 0.02), symmetric, cross-device",
+                loss=ContrastiveLossOptions(temperature=0.02, hardness=9.0, symmetric=True, cross_device=True),
+                data="mmeb",
+                model_defaults=_frozen({"lora": False, "freeze_vision_tower": True}),
+                training_defaults=_frozen(
+                    {
+                        "per_device_train_batch_size": 4,
+                        "learning_rate": 1e-5,
+                        "lr_scheduler_type": "cosine",
+                        "warmup_steps": 0.03,
+                        "num_train_epochs": 1.0,
+                    }
+                ),
+            ),
+            Recipe(
+                name="unime-stage1",
+                summary="UniME stage 1: KL(teacher ‖ student) of in-batch similarity distributions, text only",
+                loss=DistillationLossOptions(student_temperature=0.02, teacher_temperature=0.02, cross_device=True),
+                data="nli_teacher",
+                text_prompt=ONE_WORD_TEXT_PROMPT,
+                image_prompt=ONE_WORD_IMAGE_PROMPT,
+                model_defaults=_frozen({"lora": True, "lora_r": 16, "lora_alpha": 32}),
+                training_defaults=_frozen({"learning_rate": 1e-4, "lr_scheduler_type": "cosine", "warmup_steps": 0.03}),
+            ),
+            Recipe(
+                name="unime-stage2",
+                summary="UniME stage 2: false-negative margin β 0.1, top-k 8 hard negatives, τ 0.02",
+                loss=ContrastiveLossOptions(temperature=0.02, false_negative_margin=0.1, topk=8, cross_device=True),
+                data="mmeb",
+                text_prompt=ONE_WORD_TEXT_PROMPT,
+                image_prompt=ONE_WORD_IMAGE_PROMPT,
+                model_defaults=_frozen({"lora": True, "lora_r": 16, "lora_alpha": 32}),
+                training_defaults=_frozen({"learning_rate": 1e-4, "lr_scheduler_type": "cosine", "warmup_steps": 0.03}),
+            ),
+            Recipe(
+                name="e5v",
+                summary="E5-V: text-only NLI triplets, contradictions as hard negatives, τ 0.05, one-word prompts",
+                loss=ContrastiveLossOptions(temperature=0.05, cross_device=True),
+                data="nli",
+                text_prompt=ONE_WORD_TEXT_PROMPT,
+                image_prompt=ONE_WORD_IMAGE_PROMPT,
+                model_defaults=_frozen(
+                    {"lora": True, "lora_r": 64, "lora_alpha": 16, "lora_dropout": 0.05, "max_length": 32}
+                ),
+                training_defaults=_frozen(
+                    {"per_device_train_batch_size": 24, "learning_rate": 4e-4, "num_train_epochs": 2.0}
+                ),
+            ),
+        )
+    }
+)
+
+
+def get_recipe(name: str) -> Recipe:
+    """The recipe called `name`; an unknown name is an error that lists the known ones."""
+    if not isinstance(name, str) or name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; the recipes are: {', '.join(RECIPES)}")
+    return RECIPES[name]

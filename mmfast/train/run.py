@@ -1,0 +1,149 @@
+"""From parsed arguments to a ready EmbeddingTrainer: encoder, data, objective, batches."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from . import default
+from .arguments import DataArguments, ModelArguments, TrainingArguments
+from .collator import EmbeddingCollator
+from .data import ContrastiveBatchSampler, DataReport
+from .data_spec import TrainData, load_data
+from .encoder import Encoder
+from .losses import Objective, distributed_world_size
+from .recipes import Recipe
+from .trainer import EmbeddingTrainer
+
+logger = logging.getLogger("mmfast.train")
+SMALL_CONTRASTIVE_BATCH = 8
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_encoder(model_args: ModelArguments, recipe: Recipe) -> Encoder:
+    """The backbone with the recipe's prompts, its adapter and frozen parts, ready to train."""
+    path = model_args.model_name_or_path or str(default.default_backbone())
+    options = {
+        "text_prompt": model_args.text_prompt or recipe.text_prompt,
+        "image_prompt": model_args.image_prompt or recipe.image_prompt,
+        "max_length": model_args.max_length,
+        "padding_side": model_args.padding_side,
+        "trust_remote_code": model_args.trust_remote_code,
+    }
+    if model_args.attn_implementation:
+        options["attn_implementation"] = model_args.attn_implementation
+    if model_args.model_dtype:
+        if model_args.model_dtype not in DTYPES:
+            raise ValueError(f"model_dtype must be one of {', '.join(DTYPES)}, got {model_args.model_dtype!r}")
+        options["dtype"] = DTYPES[model_args.model_dtype]
+    encoder = Encoder.from_pretrained(path, **options)
+    if encoder.is_adapter:
+        # Training on from an adapter checkpoint (UniME stage 2 after stage 1): fold it in first.
+        encoder = encoder.merged()
+    if model_args.freeze_vision_tower:
+        if encoder.family.multimodal:
+            encoder.freeze_vision_tower()
+        else:
+            logger.warning("freeze_vision_tower: a text-only %s backbone has no vision tower", encoder.family.name)
+    if model_args.lora:
+        encoder.add_adapter(
+            r=model_args.lora_r, alpha=model_args.lora_alpha, dropout=model_args.lora_dropout,
+            target_modules=model_args.lora_target_modules, use_dora=model_args.use_dora,
+        )  # fmt: skip
+    return encoder
+
+
+def describe_batches(training_args: TrainingArguments, recipe: Recipe, negatives_per_row: float) -> str:
+    """The contrastive batch in plain numbers, logged at start (what is per device, what is global)."""
+    world = distributed_world_size()
+    per_device = training_args.per_device_train_batch_size
+    gathered = getattr(recipe.loss, "cross_device", False) and world > 1
+    contrastive = per_device * world if gathered else per_device
+    in_batch = contrastive - 1
+    hard = negatives_per_row * contrastive
+    mini = training_args.gradcache_mini_batch_size
+    lines = [
+        f"recipe {recipe.name}: {recipe.summary}",
+        f"contrastive batch: {contrastive} ({per_device} per device × {world} process(es)"
+        f"{', gathered across devices' if gathered else ''})",
+        f"negatives per query: {in_batch} in-batch + {hard:g} hard"
+        f"{f' (of which cross-device: {(per_device * (world - 1)) * (1 + negatives_per_row):g})' if gathered else ''}",
+        f"GradCache mini-batch: {mini if mini else 'off (the whole batch in one graph)'}",
+    ]
+    return "\n".join(lines)
+
+
+def check_batch_semantics(training_args: TrainingArguments, recipe: Recipe) -> None:
+    """Warns where a setting does not do what users often expect of it."""
+    if training_args.gradient_accumulation_steps > 1 and not recipe.is_distillation:
+        logger.warning(
+            "gradient_accumulation_steps=%d averages gradients of separate contrastive batches: it adds no "
+            "negatives. To grow the contrastive batch, raise per_device_train_batch_size and set "
+            "gradcache_mini_batch_size.",
+            training_args.gradient_accumulation_steps,
+        )
+    world = distributed_world_size()
+    gathered = getattr(recipe.loss, "cross_device", False) and world > 1
+    contrastive = training_args.per_device_train_batch_size * (world if gathered else 1)
+    if contrastive < SMALL_CONTRASTIVE_BATCH:
+        logger.warning(
+            "the contrastive batch is %d rows: with so few in-batch negatives the loss can collapse towards 0. "
+            "Use a larger per_device_train_batch_size (with GradCache if memory is short).",
+            contrastive,
+        )
+
+
+def load_training_data(data_args: DataArguments, recipe: Recipe, report: DataReport) -> TrainData:
+    """`--data` (or the embedded default data of the recipe's kind) as one dataset with its mixture."""
+    if data_args.data:
+        data = data_args.data
+    else:
+        defaults = default.default_data()
+        if recipe.data == "mmeb":
+            data = defaults.train_spec
+        elif recipe.data == "nli":
+            data = defaults.nli
+        else:
+            from .default.teacher import default_teacher
+
+            default_teacher(defaults)
+            data = defaults.teacher_spec
+    loaded = load_data(data, image_dir=data_args.image_dir, teacher=data_args.teacher, strict=data_args.strict,
+                       report=report)  # fmt: skip
+    has_teacher = loaded.dataset.teacher is not None
+    if recipe.is_distillation and not has_teacher:
+        raise ValueError(f"recipe {recipe.name} distils from teacher embeddings: give --teacher FILE (or a spec with one)")
+    return loaded
+
+
+def build_trainer(
+    model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments, recipe: Recipe
+) -> EmbeddingTrainer:
+    if training_args.cpu_threads is not None:
+        torch.set_num_threads(training_args.cpu_threads)
+    report = DataReport(strict=data_args.strict)
+    data = load_training_data(data_args, recipe, report)
+    encoder = build_encoder(model_args, recipe)
+    sampler = ContrastiveBatchSampler(
+        data.mixture, batch_size=training_args.per_device_train_batch_size, homogeneous=data_args.homogeneous_batches,
+        seed=training_args.data_seed if training_args.data_seed is not None else training_args.seed,
+        drop_last=training_args.dataloader_drop_last, num_replicas=distributed_world_size(),
+    )  # fmt: skip
+    collator = EmbeddingCollator(
+        encoder.builder, mini_batch_size=training_args.gradcache_mini_batch_size, teacher=data.dataset.teacher,
+        max_negatives=data_args.max_negatives, strict=data_args.strict,
+    )  # fmt: skip
+    backend = None if training_args.loss_backend == "auto" else training_args.loss_backend
+    examples = data.mixture
+    negatives = sum(len(examples[i].negatives) for i in range(len(examples))) / len(examples)
+    if data_args.max_negatives is not None:
+        negatives = min(negatives, data_args.max_negatives)
+    logger.warning("%s", describe_batches(training_args, recipe, negatives))
+    check_batch_semantics(training_args, recipe)
+    if report.total:
+        logger.warning("%s", report.summary())
+    return EmbeddingTrainer(
+        model=encoder, args=training_args, train_dataset=data.dataset, data_collator=collator,
+        objective=Objective(recipe.loss, backend=backend), batch_sampler=sampler, data_report=report,
+    )  # fmt: skip

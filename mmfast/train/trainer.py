@@ -1,0 +1,143 @@
+"""EmbeddingTrainer: transformers.Trainer with a contrastive (or distillation) training step.
+
+Everything but the step is the Trainer's own: DDP/FSDP/DeepSpeed through accelerate, checkpoints
+and resume, schedules, logging, the progress bar. The step encodes the batch's GradCache
+mini-batches and applies the recipe's fused loss (`grad_cache.py`); without GradCache it is one
+graph over the whole batch. Batches come from `ContrastiveBatchSampler` (whole batches only,
+optionally one subset per batch), so `per_device_train_batch_size` is the contrastive batch of
+each device.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import resource
+import time
+
+import torch
+import transformers
+from torch.utils.data import DataLoader
+
+from .data import ContrastiveBatchSampler, DataReport
+from .grad_cache import full_batch_step, grad_cache_step
+from .losses import Objective, distributed_world_size
+
+logger = logging.getLogger("mmfast.train")
+TRAINING_ARGS_NAME = "training_args.bin"
+DATA_REPORT_NAME = "data_report.json"
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: the accelerator's allocator peak, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class EmbeddingTrainer(transformers.Trainer):
+    """A Trainer for `Encoder` models.
+
+    objective: the recipe's loss (`losses.Objective`).
+    batch_sampler: yields the dataset indices of each contrastive batch of this device.
+    data_report: where skipped rows are counted (merged from every batch); saved beside checkpoints.
+    """
+
+    def __init__(self, *args, objective: Objective, batch_sampler: ContrastiveBatchSampler, data_report=None, **kw):
+        super().__init__(*args, **kw)
+        self.objective, self.batch_sampler = objective, batch_sampler
+        self.data_report = data_report if data_report is not None else DataReport()
+        self._window = {"time": time.perf_counter(), "rows": 0}
+
+    # --- data ---
+
+    def get_train_dataloader(self) -> DataLoader:
+        args = self.args
+        workers = args.dataloader_num_workers
+        loader = DataLoader(
+            self.train_dataset,
+            batch_sampler=self.batch_sampler,
+            collate_fn=self.data_collator,
+            num_workers=workers,
+            pin_memory=args.dataloader_pin_memory and torch.cuda.is_available(),
+            persistent_workers=args.dataloader_persistent_workers and workers > 0,
+            prefetch_factor=args.dataloader_prefetch_factor if workers > 0 else None,
+        )
+        return self.accelerator.prepare(loader)
+
+    def _run_epoch(self, *args, **kwargs):
+        # The Trainer reaches the sampler's set_epoch through accelerate's wrappers, except when a
+        # multi-process run resumes mid-epoch; set it here so every epoch's order is (seed, epoch).
+        self.batch_sampler.set_epoch(kwargs["epoch"] if "epoch" in kwargs else args[1])
+        return super()._run_epoch(*args, **kwargs)
+
+    # --- the step ---
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        model.train()
+        self.data_report.merge(inputs["report"])
+        if inputs["rows"] == 0:
+            if distributed_world_size() > 1:
+                raise RuntimeError(
+                    "every row of this rank's batch was skipped (see the data report); with several "
+                    "processes a rank cannot skip a step alone"
+                )
+            logger.warning("every row of a batch was skipped (unreadable images); the step is skipped")
+            return torch.zeros((), device=self.args.device)
+        inputs = self._prepare_inputs(inputs)
+        teacher = inputs.get("teacher")
+        # The Trainer's own convention: the loss of one of several accumulated batches is divided
+        # by their number, so the accumulated gradient is their mean.
+        scale = 1.0 / self.current_gradient_accumulation_steps
+
+        def loss_fn(embeddings):
+            return self.objective(embeddings, teacher)
+
+        def backward(surrogate):
+            self.accelerator.backward(surrogate * scale)
+
+        with self.compute_loss_context_manager():
+            if self.args.gradcache_mini_batch_size > 0:
+                no_sync = functools.partial(self.accelerator.no_sync, model)
+                loss, _ = grad_cache_step(model, inputs["mini_batches"], loss_fn, backward=backward, no_sync=no_sync)
+            else:
+                loss, _ = full_batch_step(model, inputs["mini_batches"], loss_fn, backward=backward)
+        self._window["rows"] += inputs["rows"]
+        return loss * scale
+
+    # --- logging ---
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if "loss" in logs:
+            now = time.perf_counter()
+            elapsed = now - self._window["time"]
+            world = distributed_world_size()
+            logs["samples_per_second"] = round(self._window["rows"] * world / elapsed, 2) if elapsed > 0 else 0.0
+            logs["peak_memory_mb"] = round(peak_memory_mb(self.args.device), 1)
+            logs["skipped_rows"] = self.data_report.total
+            self._window = {"time": now, "rows": 0}
+        super().log(logs, start_time)
+
+    # --- saving and loading: the Encoder's own format, for checkpoints and the final model ---
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, state_dict=state_dict)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        with open(os.path.join(output_dir, DATA_REPORT_NAME), "w") as f:
+            json.dump(self.data_report.to_dict(), f, indent=2)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        encoder = self.accelerator.unwrap_model(model or self.model)
+        encoder.load_weights(resume_from_checkpoint)
+        report = os.path.join(resume_from_checkpoint, DATA_REPORT_NAME)
+        if os.path.isfile(report):
+            with open(report) as f:
+                resumed = DataReport.from_dict(json.load(f))
+            resumed.strict = self.data_report.strict
+            self.data_report = resumed

@@ -1,0 +1,68 @@
+"""Run by torchrun from test_distributed_train.py: one EmbeddingTrainer.training_step per recipe on
+this rank's half of a fixed batch, under DDP with GradCache; writes the averaged gradients and the
+number of gradient all-reduces.
+
+    torchrun --standalone --nproc-per-node 2 distributed_train_worker.py OUT_DIR ROWS_PER_RANK RECIPE...
+"""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+from mmfast.train.arguments import parse_arguments
+from mmfast.train.default import PROFILE
+from mmfast.train.run import build_trainer
+
+
+def batch_rows(trainer, start: int, count: int, total: int):
+    """Rows start..start+count of a fixed, seed-independent pick of `total` rows spread over every subset."""
+    dataset = trainer.train_dataset
+    stride = max(len(dataset) // (total + 1), 1)
+    return [dataset[i * stride] for i in range(start, start + count)]
+
+
+def trainer_for(recipe: str, out_dir: str, rows: int, mini_batch: int):
+    argv = ["--recipe", recipe, "--output_dir", out_dir, "--per_device_train_batch_size", str(rows),
+            "--gradcache_mini_batch_size", str(mini_batch), "--max_steps", "1", "--report_to", "none"]  # fmt: skip
+    return build_trainer(*parse_arguments(argv, profile=PROFILE))
+
+
+def counting_hook(counter):
+    def hook(state, bucket):
+        counter[0] += 1
+        return default_hooks.allreduce_hook(state, bucket)
+
+    return hook
+
+
+def main():
+    out_dir, rows = sys.argv[1], int(sys.argv[2])
+    recipes = sys.argv[3:]
+    for recipe in recipes:
+        trainer = trainer_for(recipe, os.path.join(out_dir, recipe), rows, mini_batch=max(rows // 2, 1))
+        rank = dist.get_rank()
+        model = trainer.accelerator.prepare(trainer.model)
+        counter = [0]
+        model.register_comm_hook(None, counting_hook(counter))
+        inputs = trainer.data_collator(batch_rows(trainer, rank * rows, rows, 2 * rows))
+        trainer.current_gradient_accumulation_steps = 1
+        loss = trainer.training_step(model, inputs)
+        grads = {name: p.grad.detach().clone() for name, p in model.module.named_parameters() if p.grad is not None}
+        # The same batch without GradCache: one backward, so the all-reduces of exactly one sync.
+        one_graph = trainer_for(recipe, os.path.join(out_dir, recipe + "-plain"), rows, mini_batch=0)
+        plain = one_graph.accelerator.prepare(one_graph.model)
+        one_sync = [0]
+        plain.register_comm_hook(None, counting_hook(one_sync))
+        one_graph.current_gradient_accumulation_steps = 1
+        one_graph.training_step(plain, one_graph.data_collator(batch_rows(one_graph, rank * rows, rows, 2 * rows)))
+        if rank == 0:
+            result = {"grads": grads, "allreduces": counter[0], "one_sync": one_sync[0], "loss": loss}
+            torch.save(result, os.path.join(out_dir, f"{recipe}.pt"))
+        dist.barrier()
+
+
+if __name__ == "__main__":
+    main()

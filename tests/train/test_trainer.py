@@ -1,0 +1,94 @@
+"""The trainer end to end on the embedded default: train, checkpoint, reload, resume exactly, CLI errors."""
+
+import json
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from mmfast.train.arguments import parse_arguments
+from mmfast.train.cli import train_main
+from mmfast.train.default import PROFILE
+from mmfast.train.encoder import Encoder
+from mmfast.train.run import build_trainer
+
+pytestmark = pytest.mark.slow
+SHORT = ["--per_device_train_batch_size", "12", "--logging_steps", "1", "--save_steps", "2", "--report_to", "none"]
+
+
+def _trainer(output_dir, *extra):
+    model_args, data_args, training_args, recipe = parse_arguments(
+        ["--output_dir", str(output_dir), *SHORT, *extra], profile=PROFILE
+    )
+    return build_trainer(model_args, data_args, training_args, recipe)
+
+
+def _losses(trainer):
+    return {entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry}
+
+
+class StopAt(TrainerCallback):
+    """Ends training after `step` optimizer steps, as if the run had been killed after its checkpoint."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+        return control
+
+
+def test_default_trains_saves_and_reloads(tmp_path):
+    out = tmp_path / "run"
+    trainer = _trainer(out, "--max_steps", "3")
+    trainer.train()
+    trainer.save_model()
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2]
+    logged = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(logged) == 3
+    for entry in logged:
+        assert entry["peak_memory_mb"] > 0 and entry["samples_per_second"] > 0 and entry["skipped_rows"] == 0
+        assert torch.isfinite(torch.tensor(entry["loss"]))
+    encoder = Encoder.from_pretrained(out)
+    embedding = encoder.encode(["a red circle", "<|image_1|>"], [None, _image()], show_progress=False)
+    assert embedding.shape == (2, encoder.config.text_config.hidden_size)
+    torch.testing.assert_close(embedding.norm(dim=-1), torch.ones(2))
+    # The reloaded model is the trained one, not the initial backbone.
+    trained = trainer.model.encode(["a red circle"], show_progress=False)
+    torch.testing.assert_close(encoder.encode(["a red circle"], show_progress=False), trained)
+
+
+def test_resume_continues_the_same_trajectory(tmp_path):
+    steps = ["--max_steps", "4"]
+    whole = _trainer(tmp_path / "whole", *steps)
+    whole.train()
+    killed = _trainer(tmp_path / "killed", *steps)
+    killed.add_callback(StopAt(2))
+    killed.train()
+    assert max(_losses(killed)) == 2
+    resumed = _trainer(tmp_path / "killed", *steps)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "killed" / "checkpoint-2"))
+    # The resumed state carries the killed run's first two losses; steps 3 and 4 are new.
+    assert _losses(resumed) == _losses(whole) and sorted(_losses(whole)) == [1, 2, 3, 4]
+    for name, param in whole.model.named_parameters():
+        torch.testing.assert_close(resumed.model.get_parameter(name), param, rtol=0, atol=0, msg=name)
+
+
+def test_cli_reports_user_errors_without_a_traceback(tmp_path, capsys):
+    assert train_main(["--recipe", "nope", "--output_dir", str(tmp_path)]) == 2
+    assert "unknown recipe 'nope'" in capsys.readouterr().err
+    assert train_main(["--data", str(tmp_path / "missing.jsonl"), "--output_dir", str(tmp_path)]) == 2
+    assert "missing.jsonl does not exist" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"qry": "q", "pos_text": "p"}\n')
+    assert train_main(["--data", str(bad), "--output_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl" in err and "qry_image_path" in err
+
+
+def _image():
+    from PIL import Image
+
+    return Image.new("RGB", (64, 64), (200, 30, 30))
