@@ -56,7 +56,9 @@ class DataArguments:
         metadata={"help": "MMEB-train .jsonl/.parquet files, an NLI .csv, or a mixture .yaml; none = embedded default"},
     )
     image_dir: str | None = field(default=None, metadata={"help": "Root of the image paths in the data"})
-    teacher: str | None = field(default=None, metadata={"help": "Teacher embeddings (.npy/.safetensors), UniME stage 1"})
+    teacher: str | None = field(
+        default=None, metadata={"help": "Teacher embeddings (.npy/.safetensors), UniME stage 1"}
+    )
     homogeneous_batches: bool = field(default=False, metadata={"help": "Every batch from one subset (VLM2Vec v2)"})
     max_negatives: int | None = field(default=None, metadata={"help": "Use at most this many hard negatives per row"})
     strict: bool = field(default=False, metadata={"help": "Any bad row is an error naming the file and row"})
@@ -181,7 +183,11 @@ def parse_arguments(
     chosen = {**config, **{name: True for name in known_fields() if _option_value(argv, name) is not None}}
     if profile and not any(key in chosen for key in ("model_name_or_path", "data")):
         layers.append(dict(profile))
-    layers.append({"recipe": recipe.name} if "output_dir" in chosen else {"recipe": recipe.name, "output_dir": f"runs/{recipe.name}"})
+    layers.append(
+        {"recipe": recipe.name}
+        if "output_dir" in chosen
+        else {"recipe": recipe.name, "output_dir": f"runs/{recipe.name}"}
+    )
     layers.append(config)
     tokens = [token for layer in layers for token in to_tokens(layer)] + argv
     parser = HfArgumentParser(ARGUMENT_CLASSES)

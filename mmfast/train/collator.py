@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .data import BadImageError, DataReport, Example, Input, load_image
+from .data import BadImageError, DataReport, Example, load_image
 from .encoder import InputBuilder
 
 

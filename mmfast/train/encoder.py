@@ -110,7 +110,9 @@ class Encoder(torch.nn.Module):
         """Loads a folder from `save_pretrained`, or a plain HF model folder (a hub id already in the
         local cache works too). overrides: EncoderConfig fields (text_prompt, image_prompt, ...) and
         the loading options dtype, attn_implementation, trust_remote_code."""
-        load_options = {k: overrides.pop(k) for k in ("dtype", "attn_implementation", "trust_remote_code") if k in overrides}
+        load_options = {
+            k: overrides.pop(k) for k in ("dtype", "attn_implementation", "trust_remote_code") if k in overrides
+        }
         unknown = set(overrides) - {f.name for f in dataclasses.fields(EncoderConfig)}
         if unknown:
             raise TypeError(f"Encoder.from_pretrained got unknown option(s): {', '.join(sorted(unknown))}")

@@ -113,7 +113,9 @@ def load_training_data(data_args: DataArguments, recipe: Recipe, report: DataRep
                        report=report)  # fmt: skip
     has_teacher = loaded.dataset.teacher is not None
     if recipe.is_distillation and not has_teacher:
-        raise ValueError(f"recipe {recipe.name} distils from teacher embeddings: give --teacher FILE (or a spec with one)")
+        raise ValueError(
+            f"recipe {recipe.name} distils from teacher embeddings: give --teacher FILE (or a spec with one)"
+        )
     return loaded
 
 

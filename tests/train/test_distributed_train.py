@@ -51,7 +51,9 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
         assert got["allreduces"] == got["one_sync"] >= 1, recipe
         trainer = trainer_for(recipe, str(tmp_path / f"{recipe}-single"), 2 * ROWS_PER_RANK, mini_batch=0)
         trainer.current_gradient_accumulation_steps = 1
-        trainer.training_step(trainer.model, trainer.data_collator(batch_rows(trainer, 0, 2 * ROWS_PER_RANK, 2 * ROWS_PER_RANK)))
+        trainer.training_step(
+            trainer.model, trainer.data_collator(batch_rows(trainer, 0, 2 * ROWS_PER_RANK, 2 * ROWS_PER_RANK))
+        )
         reference = {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
         assert got["grads"].keys() == reference.keys(), recipe
         for name, grad in reference.items():
