@@ -52,3 +52,69 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         print(f"mmfast-train: error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+DEFAULT_TRAINED = os.path.join("runs", "llave")
+
+
+def evaluate(argv: Sequence[str] | None = None) -> dict:
+    """Parses `mmfast-eval` arguments, evaluates, writes results.json/.csv, prints the table."""
+    import argparse
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from .encoder import Encoder
+    from .evaluate import TASKS, evaluate_task, print_table, write_results
+    from .evaluate.default_sets import DEFAULT_TASKS, evaluate_default
+
+    parser = argparse.ArgumentParser(prog="mmfast-eval", description="Evaluate an embedding model.")
+    parser.add_argument("--model", help=f"an Encoder or HF model folder; default: {DEFAULT_TRAINED} if it exists")
+    parser.add_argument("--task", choices=(*TASKS, "all"), default="all", help="default: every task")
+    parser.add_argument("--data", help="the task's data (see mmfast.train.evaluate); default: the embedded held-out sets")
+    parser.add_argument("--image_root", help="root of relative image (or video) paths")
+    parser.add_argument("--output", default=None, help="folder for results.json, results.csv and score files")
+    parser.add_argument("--cache", default=None, help="embedding cache folder (default: <output>/embedding_cache)")
+    parser.add_argument("--strict", action="store_true", help="a missing image is an error naming the file")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--text_prompt", help="the encoder's prompt for text inputs, with {text}")
+    parser.add_argument("--image_prompt", help="the encoder's prompt for image inputs, with {text}")
+    parser.add_argument("--no_progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    overrides = {k: getattr(args, k) for k in ("text_prompt", "image_prompt") if getattr(args, k)}
+    if args.model:
+        model = args.model
+    elif os.path.isfile(os.path.join(DEFAULT_TRAINED, "mmfast_encoder.json")):
+        model = DEFAULT_TRAINED
+    else:
+        from .default import default_backbone
+
+        model = str(default_backbone())
+        logger.warning("no --model and no %s yet: evaluating the UNTRAINED default backbone", DEFAULT_TRAINED)
+    encoder = Encoder.from_pretrained(model, **overrides)
+    output = args.output or os.path.join(model if os.path.isdir(model) else ".", "eval")
+    cache = args.cache or os.path.join(output, "embedding_cache")
+    common = {"cache": cache, "batch_size": args.batch_size, "show_progress": not args.no_progress}
+    if args.data is None:
+        if args.image_root:
+            raise ValueError("--image_root goes with --data")
+        tasks = DEFAULT_TASKS if args.task == "all" else (args.task,)
+        results = evaluate_default(encoder, tasks=tasks, output_dir=output, **common)
+    else:
+        if args.task == "all":
+            raise ValueError("with --data, name its --task (mmeb, retrieval, sugarcrepe or video)")
+        results = evaluate_task(encoder, args.task, args.data, image_root=args.image_root, output_dir=output,
+                                strict=args.strict, **common)  # fmt: skip
+    paths = write_results(results, output)
+    print_table(results)
+    print(f"results: {paths['json']} and {paths['csv']}")
+    return results
+
+
+def eval_main(argv: Sequence[str] | None = None) -> int:
+    _configure_logging()
+    try:
+        evaluate(sys.argv[1:] if argv is None else argv)
+    except USER_ERRORS as error:
+        print(f"mmfast-eval: error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -160,7 +160,7 @@ def _write_mmeb_eval(root: Path, seed: int, image_size: int, sizes: Sizes) -> No
         name: {"meta_task": task, "in_distribution": train is not None, "train_subset": train}
         for name, (task, train) in EVAL_SUBSETS.items()
     }
-    write_json(root / "eval" / "mmeb" / "subsets.json", manifest)
+    write_json(root / "eval" / "mmeb" / "mmeb_subsets.json", manifest)
 
 
 def _write_retrieval(root: Path, seed: int, image_size: int, sizes: Sizes) -> None:

@@ -13,7 +13,7 @@ the trainer and the evaluator read it through the same loaders as real data.
     root/nli/unime_stage1.json                 a --data spec: the CSV + teacher.safetensors
     root/eval/mmeb/<Subset>/test-00000-of-00001.parquet   MMEB-eval rows (qry_text, qry_img_path,
     root/eval/mmeb_images/<Subset>/...                    tgt_text[], tgt_img_path[]; truth at 0)
-    root/eval/mmeb/subsets.json                meta-task and in/out-of-distribution of each subset
+    root/eval/mmeb/mmeb_subsets.json           meta-task and in/out-of-distribution of each subset
     root/retrieval/flickr30k/test-00000-of-00001.parquet  image (path), text (5 captions)
     root/retrieval/flickr30k/images/<i>.jpg
     root/retrieval/urban1k/{caption/<id>.txt, image/<id>.jpg}   1:1 long captions
@@ -50,7 +50,7 @@ from mmfast.train.default.captions import ASK, CLASSIFY, CROP, FIND_CAPTION, FIN
 from mmfast.train.default.render import SHAPES
 from mmfast.train.default.writing import Images, part_rng, write_json, write_jsonl
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 TRAIN_SUBSETS = ("ImageNet_1K", "OK-VQA", "MSCOCO_t2i", "MSCOCO_i2t", "MSCOCO")
 
 
@@ -108,7 +108,7 @@ class DefaultData:
     teacher_spec = property(lambda self: self.root / "nli" / "unime_stage1.json")
     mmeb_eval = property(lambda self: self.root / "eval" / "mmeb")
     mmeb_eval_images = property(lambda self: self.root / "eval" / "mmeb_images")
-    mmeb_eval_subsets = property(lambda self: self.root / "eval" / "mmeb" / "subsets.json")
+    mmeb_eval_subsets = property(lambda self: self.root / "eval" / "mmeb" / "mmeb_subsets.json")
     flickr = property(lambda self: self.root / "retrieval" / "flickr30k" / "test-00000-of-00001.parquet")
     urban1k = property(lambda self: self.root / "retrieval" / "urban1k")
     sugarcrepe = property(lambda self: self.root / "sugarcrepe")

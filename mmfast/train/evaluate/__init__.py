@@ -59,7 +59,10 @@ def evaluate(
     raise ValueError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
 
 
+evaluate_task = evaluate
+
 __all__ = [
+    "evaluate_task",
     "EmbeddingCache",
     "MMEB_SUBSETS",
     "SUGARCREPE_FILES",

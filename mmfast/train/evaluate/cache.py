@@ -40,6 +40,16 @@ class ImageSource(Protocol):
     def load(self) -> Image.Image: ...
 
 
+def _describe_configs(encoder) -> str:
+    """The encoder's `config` (the backbone's) and `encoder_config` (prompts, pooling): both shape the embeddings."""
+    parts = []
+    for attribute in ("config", "encoder_config"):
+        config = getattr(encoder, attribute, None)
+        if config is not None:
+            parts.append(repr(dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config))
+    return "\n".join(parts)
+
+
 def model_fingerprint(encoder) -> str:
     """SHA-256 (hex) of the encoder's class, config and parameters; see the module note."""
     module = encoder if isinstance(encoder, torch.nn.Module) else getattr(encoder, "model", None)
@@ -49,10 +59,7 @@ def model_fingerprint(encoder) -> str:
             "give EmbeddingCache(..., model_key=...) a string that changes whenever the model does"
         )
     digest = hashlib.sha256(f"{type(encoder).__module__}.{type(encoder).__qualname__}\n".encode())
-    config = getattr(encoder, "config", None)
-    if config is not None:
-        described = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
-        digest.update(repr(described).encode())
+    digest.update(_describe_configs(encoder).encode())
     with torch.no_grad():
         for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
             digest.update(f"\n{name} {tuple(tensor.shape)} {tensor.dtype}".encode())
@@ -207,11 +214,10 @@ class EmbeddingCache:
         return out
 
     def _describe_model(self) -> None:
-        config = getattr(self.encoder, "config", None)
         described = {
             "model_key": self.model_key,
             "encoder": f"{type(self.encoder).__module__}.{type(self.encoder).__qualname__}",
-            "config": repr(dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config),
+            "config": _describe_configs(self.encoder),
         }
         path = self.directory / "model.json"
         if not path.exists():
