@@ -19,14 +19,14 @@ from collections.abc import Sequence
 from .arguments import parse_arguments
 from .default import PROFILE
 
-logger = logging.getLogger("mmfast.train")
+logger = logging.getLogger(__name__)
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, KeyError)
 
 
 def _configure_logging() -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stderr)
-    logging.getLogger("mmfast.train").setLevel(logging.INFO)
+    logging.getLogger(__package__).setLevel(logging.INFO)
 
 
 def train(argv: Sequence[str] | None = None):

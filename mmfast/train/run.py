@@ -16,7 +16,7 @@ from .losses import Objective, distributed_world_size
 from .recipes import Recipe
 from .trainer import EmbeddingTrainer
 
-logger = logging.getLogger("mmfast.train")
+logger = logging.getLogger(__name__)
 SMALL_CONTRASTIVE_BATCH = 8
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

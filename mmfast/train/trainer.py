@@ -25,7 +25,7 @@ from .data import ContrastiveBatchSampler, DataReport
 from .grad_cache import full_batch_step, grad_cache_step
 from .losses import Objective, distributed_world_size
 
-logger = logging.getLogger("mmfast.train")
+logger = logging.getLogger(__name__)
 TRAINING_ARGS_NAME = "training_args.bin"
 DATA_REPORT_NAME = "data_report.json"
 

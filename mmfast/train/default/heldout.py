@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -25,10 +24,8 @@ from mmfast.train.default.captions import (
     Single,
 )
 from mmfast.train.default.render import SHAPES, Obj, Scene, background, jitter_colour, render, save
+from mmfast.train.default.sizes import Sizes
 from mmfast.train.default.writing import Images, part_rng, write_json, write_parquet
-
-if TYPE_CHECKING:
-    from mmfast.train.default.synthetic import Sizes
 
 # name: (meta-task, the train subset it is in-distribution with, or None). The names are MMEB's, whose
 # 20 train subsets are its in-distribution ones, so MMEB's own split agrees.

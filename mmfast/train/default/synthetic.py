@@ -48,47 +48,11 @@ from mmfast.train.default import captions as world
 from mmfast.train.default import heldout
 from mmfast.train.default.captions import ASK, CLASSIFY, CROP, FIND_CAPTION, FIND_IMAGE, GROUND, IMAGE
 from mmfast.train.default.render import SHAPES
+from mmfast.train.default.sizes import Sizes
 from mmfast.train.default.writing import Images, part_rng, write_json, write_jsonl
 
 GENERATOR_VERSION = 2
 TRAIN_SUBSETS = ("ImageNet_1K", "OK-VQA", "MSCOCO_t2i", "MSCOCO_i2t", "MSCOCO")
-
-
-@dataclass(frozen=True)
-class Sizes:
-    """How much of each part to write. `flickr_images`, `urban_pairs` and the MSCOCO_t2i eval rows
-    are distinct pictures, at most 256 (shape x colour x quadrant)."""
-
-    train_classification: int = 1500
-    train_vqa: int = 1500
-    train_t2i: int = 3000
-    train_i2t: int = 3000
-    train_grounding: int = 1000
-    eval_rows: int = 200
-    eval_candidates: int = 20  # at most; VQA has 24 answers, grounding as many crops as there are
-    flickr_images: int = 256
-    urban_pairs: int = 200
-    sugarcrepe_rows: int = 100
-    nli_rows: int = 2000
-    videos: int = 100
-    video_frames: int = 8
-
-    @classmethod
-    def tiny(cls) -> Sizes:
-        """A few rows of everything (tests)."""
-        return cls(12, 12, 12, 12, 8, 6, 5, 12, 6, 4, 12, 4, 3)
-
-    def __post_init__(self):
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Sizes.{f.name} must be an int >= 1, got {value!r}")
-        limit = len(world.ALL_SINGLES)
-        for name in ("flickr_images", "urban_pairs", "eval_rows"):
-            if getattr(self, name) > limit:
-                raise ValueError(f"Sizes.{name} = {getattr(self, name)}: the world has only {limit} distinct pictures")
-        if not 2 <= self.eval_candidates <= 64:
-            raise ValueError(f"Sizes.eval_candidates must be in 2..64, got {self.eval_candidates}")
 
 
 @dataclass(frozen=True)
