@@ -2,4 +2,34 @@
 
 Built on `transformers.Trainer` and `peft`; the losses are mmfast's fused ops. This package is the
 only part of mmfast that imports transformers: `import mmfast` never does.
+
+    from mmfast.train import Encoder, build_trainer, parse_arguments
+    trainer = build_trainer(*parse_arguments(["--recipe", "llave", "--output_dir", "out"]))
+    trainer.train()
+
+The evaluators live in `mmfast.train.evaluate`; `evaluate_default` runs them on the embedded
+default's held-out sets.
 """
+
+from .arguments import DataArguments, ModelArguments, TrainingArguments, parse_arguments
+from .encoder import Encoder, EncoderConfig
+from .evaluate.default_sets import evaluate_default
+from .recipes import RECIPES, Recipe, get_recipe
+from .run import build_encoder, build_trainer
+from .trainer import EmbeddingTrainer
+
+__all__ = [
+    "RECIPES",
+    "DataArguments",
+    "EmbeddingTrainer",
+    "Encoder",
+    "EncoderConfig",
+    "ModelArguments",
+    "Recipe",
+    "TrainingArguments",
+    "build_encoder",
+    "build_trainer",
+    "evaluate_default",
+    "get_recipe",
+    "parse_arguments",
+]

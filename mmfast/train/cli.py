@@ -69,7 +69,9 @@ def evaluate(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="mmfast-eval", description="Evaluate an embedding model.")
     parser.add_argument("--model", help=f"an Encoder or HF model folder; default: {DEFAULT_TRAINED} if it exists")
     parser.add_argument("--task", choices=(*TASKS, "all"), default="all", help="default: every task")
-    parser.add_argument("--data", help="the task's data (see mmfast.train.evaluate); default: the embedded held-out sets")
+    parser.add_argument(
+        "--data", help="the task's data (see mmfast.train.evaluate); default: the embedded held-out sets"
+    )
     parser.add_argument("--image_root", help="root of relative image (or video) paths")
     parser.add_argument("--output", default=None, help="folder for results.json, results.csv and score files")
     parser.add_argument("--cache", default=None, help="embedding cache folder (default: <output>/embedding_cache)")

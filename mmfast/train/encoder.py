@@ -201,13 +201,18 @@ class Encoder(torch.nn.Module):
             raise ValueError(f"freeze_vision_tower: a {self.family.name} backbone has no vision tower")
         tower.requires_grad_(False)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
-        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers=1, offload=False):
+        """Gradient (activation) checkpointing of the backbone; the Trainer calls it for
+        --gradient_checkpointing. Non-reentrant by default: it replays dropout's RNG itself and
+        composes with GradCache and DDP."""
+        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        backbones.unwrap_model(self.model).activation_checkpointing_enable(
+            activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers, offload=offload
+        )
 
     @property
-    def is_gradient_checkpointing(self) -> bool:
-        return bool(getattr(self.model, "is_gradient_checkpointing", False))
+    def is_activation_checkpointing(self) -> bool:
+        return bool(getattr(backbones.unwrap_model(self.model), "is_activation_checkpointing", False))
 
     # --- embedding ---
 
