@@ -16,6 +16,9 @@ void pool_backward(at::Tensor grad_out, at::Tensor unit, at::Tensor norm, at::Te
                    at::Tensor mask, int64_t mode, bool normalize, at::Tensor grad_hidden);
 void distill_rows(at::Tensor student, at::Tensor teacher, double inv_student_t, double inv_teacher_t,
                   c10::optional<at::Tensor> row_scale, at::Tensor loss);
+void similarity_topk_rows(at::Tensor scores, int64_t col_offset, at::Tensor values, at::Tensor indices,
+                          c10::optional<at::Tensor> targets, c10::optional<at::Tensor> target_score,
+                          c10::optional<at::Tensor> count, bool last);
 }  // namespace mmfast
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -30,4 +33,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Fused teacher/student logsumexps, KL(p_t || p_s) and the student's in-place gradient over one chunk");
   m.def("pool_forward", &mmfast::pool_forward, "Fused last-token / mean pooling with L2 normalisation");
   m.def("pool_backward", &mmfast::pool_backward, "Dense gradient of the fused pooling, in one pass");
+  m.def("similarity_topk_rows", &mmfast::similarity_topk_rows,
+        "Merge one score tile into each row's running top-k and count the scores above its target");
 }

@@ -40,10 +40,10 @@ class CompileSpec:
 
 
 def all_specs() -> list[CompileSpec]:
-    from mmfast.kernels import contrastive_loss, distillation_loss, matmul, pooling
+    from mmfast.kernels import contrastive_loss, distillation_loss, matmul, pooling, similarity_topk
 
     return [*matmul.compile_specs(), *contrastive_loss.compile_specs(), *distillation_loss.compile_specs(),
-            *pooling.compile_specs()]  # fmt: skip
+            *pooling.compile_specs(), *similarity_topk.compile_specs()]  # fmt: skip
 
 
 def _tool(name: str) -> str:
