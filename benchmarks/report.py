@@ -67,7 +67,19 @@ def distillation_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-TABLES = {"pooling": pooling_table, "distillation_loss": distillation_table}
+def similarity_topk_table(rows: list[dict]) -> str:
+    out = ["| Q | G | D | k | provider | ms | GFLOP/s | naive ÷ mmfast | extra MiB |", "|---" * 9 + "|"]
+    for r in rows:
+        case = f"| {r['Q']} | {r['G']} | {r['D']} | {r['k']} | {r['provider']} "
+        if "ms" not in r:
+            out.append(case + f"| {r.get('skipped', '-')} | - | - | - |")
+            continue
+        speedup = f"{r['speedup_vs_naive']:.2f}×" if "speedup_vs_naive" in r else "-"
+        out.append(case + f"| {r['ms']:.0f} | {r['gflops']:.0f} | {speedup} | {r['extra_peak_mib']:.0f} |")
+    return "\n".join(out)
+
+
+TABLES = {"pooling": pooling_table, "distillation_loss": distillation_table, "similarity_topk": similarity_topk_table}
 
 
 def main(argv=None) -> int:

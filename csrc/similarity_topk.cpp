@@ -48,25 +48,38 @@ struct TileProblem {
   bool last;
 };
 
-// One row's heap, copied out of and back into values/indices around each tile (k is small).
+// One row's running top-k, kept in place in its slots of values/indices as a binary heap whose root
+// (slot 0) is the weakest entry. Hand-written over the two arrays: std::push_heap over a struct with a
+// function-pointer comparator was ~15x slower here (an out-of-line call and a store-forwarding stall
+// per comparison).
 template <typename T>
 class RowHeap {
  public:
-  RowHeap(const TileProblem<T>& p, int64_t r) : p_(p), r_(r) {
-    const int64_t filled = std::min(p.k, p.col_offset);
-    heap_.resize(filled);
-    for (int64_t t = 0; t < filled; ++t) heap_[t] = {p.values[r * p.k + t], p.indices[r * p.k + t]};
+  RowHeap(const TileProblem<T>& p, int64_t r)
+      : values_(p.values + r * p.k), indices_(p.indices + r * p.k), k_(p.k), size_(std::min(p.k, p.col_offset)) {}
+  bool full() const { return size_ == k_; }
+  T weakest() const { return values_[0]; }
+  void push(T value, int64_t index) {  // while not full: sift up from a new leaf
+    int64_t hole = size_++;
+    while (hole > 0) {
+      const int64_t parent = (hole - 1) / 2;
+      if (!weaker(value, index, values_[parent], indices_[parent])) break;
+      move(parent, hole);
+      hole = parent;
+    }
+    place(hole, value, index);
   }
-  bool full() const { return static_cast<int64_t>(heap_.size()) == p_.k; }
-  T weakest() const { return heap_.front().value; }
-  void push(T value, int64_t index) {  // while not full
-    heap_.push_back({value, index});
-    std::push_heap(heap_.begin(), heap_.end(), ranks_above<T>);
-  }
-  void replace_weakest(T value, int64_t index) {  // full, and value > weakest()
-    std::pop_heap(heap_.begin(), heap_.end(), ranks_above<T>);
-    heap_.back() = {value, index};
-    std::push_heap(heap_.begin(), heap_.end(), ranks_above<T>);
+  void replace_weakest(T value, int64_t index) {  // full, and value > weakest(): sift down from the root
+    int64_t hole = 0;
+    for (int64_t child = 1; child < size_; child = 2 * hole + 1) {
+      if (child + 1 < size_ && weaker(values_[child + 1], indices_[child + 1], values_[child], indices_[child])) {
+        ++child;
+      }
+      if (!weaker(values_[child], indices_[child], value, index)) break;
+      move(child, hole);
+      hole = child;
+    }
+    place(hole, value, index);
   }
   void offer(T value, int64_t index) {
     if (!full()) {
@@ -75,18 +88,28 @@ class RowHeap {
       replace_weakest(value, index);
     }
   }
-  void store() {
-    if (p_.last) std::sort(heap_.begin(), heap_.end(), ranks_above<T>);
-    for (size_t t = 0; t < heap_.size(); ++t) {
-      p_.values[r_ * p_.k + t] = heap_[t].value;
-      p_.indices[r_ * p_.k + t] = heap_[t].index;
-    }
+  void sort_best_first() {
+    std::vector<Entry<T>> entries(size_);
+    for (int64_t t = 0; t < size_; ++t) entries[t] = {values_[t], indices_[t]};
+    std::sort(entries.begin(), entries.end(), [](const Entry<T>& a, const Entry<T>& b) { return ranks_above(a, b); });
+    for (int64_t t = 0; t < size_; ++t) place(t, entries[t].value, entries[t].index);
   }
 
  private:
-  const TileProblem<T>& p_;
-  int64_t r_;
-  std::vector<Entry<T>> heap_;
+  static bool weaker(T value, int64_t index, T other_value, int64_t other_index) {
+    return value < other_value || (value == other_value && index > other_index);
+  }
+  void move(int64_t from, int64_t to) {
+    values_[to] = values_[from];
+    indices_[to] = indices_[from];
+  }
+  void place(int64_t slot, T value, int64_t index) {
+    values_[slot] = value;
+    indices_[slot] = index;
+  }
+  T* values_;
+  int64_t* indices_;
+  int64_t k_, size_;
 };
 
 // The row's own targets never count against it: their scores here come from another summation
@@ -108,7 +131,7 @@ void merge_rows_generic(const TileProblem<T>& p, int64_t begin, int64_t end) {
     const T* s = p.scores + r * p.row_stride;
     RowHeap<T> heap(p, r);
     for (int64_t j = 0; j < p.n; ++j) heap.offer(s[j], p.col_offset + j);
-    heap.store();
+    if (p.last) heap.sort_best_first();
     if (p.targets) {
       const T threshold = p.target_score[r];
       int64_t above = 0;
@@ -157,7 +180,7 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void merge_rows_f32
       heap.offer(s[j], p.col_offset + j);
       above += s[j] > threshold;
     }
-    heap.store();
+    if (p.last) heap.sort_best_first();
     if (counting) {
       for (int lane = 0; lane < kLanes; ++lane) above += above16[lane];
       p.count[r] += above - targets_above(p, r, s, threshold);

@@ -57,6 +57,14 @@ TOPK_CONFIGS = {
 TORCH_TO_TRITON = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
+@triton.jit
+def _key_score(key, K_SLOTS: tl.constexpr):
+    """The float32 score of a key; -inf for an empty slot's."""
+    ordered = (key >> 32).to(tl.int32)
+    score = (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    return tl.where(key > KEY_MIN + K_SLOTS, score, float("-inf"))
+
+
 # Counts and sizes that are 1 in ordinary use (one target per query) would otherwise be specialised
 # into another compiled kernel than the ones the AOT compile checks.
 @triton.jit(do_not_specialize=["n_queries", "n_gallery", "dim", "stride_target", "n_target_slots",
@@ -80,6 +88,7 @@ def similarity_topk_kernel(
     count = tl.zeros((BLOCK_M,), dtype=tl.int64)
     # Empty slots hold distinct keys below every real one, so "the weakest slot" is always unique.
     running = tl.zeros((BLOCK_M, K_SLOTS), dtype=tl.int64) + (KEY_MIN + 1) + tl.arange(0, K_SLOTS)[None, :]
+    weakest_score = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # the score of the weakest slot
     first = split * columns_per_split
     last = tl.minimum(first + columns_per_split, n_gallery)
     for start in range(first, last, BLOCK_N):
@@ -100,18 +109,24 @@ def similarity_topk_kernel(
             above = above & (cols[None, :] != excluded[:, None])
         count += tl.sum(above.to(tl.int32), axis=1).to(tl.int64)
 
-        bits = acc.to(tl.int32, bitcast=True)
-        ordered = tl.where(bits == -(2**31), 0, bits ^ ((bits >> 31) & 0x7FFFFFFF))  # -0.0 ties +0.0
-        keys = (ordered.to(tl.int64) << 32) | (KEY_LOW - cols[None, :].to(tl.int64))
-        keys = tl.where(row_ok[:, None] & col_ok[None, :], keys, KEY_MIN)
-        weakest = tl.min(running, axis=1)
-        best = tl.max(keys, axis=1)
-        while tl.max((best > weakest).to(tl.int32), axis=0) > 0:
-            take = best > weakest
-            running = tl.where((running == weakest[:, None]) & take[:, None], best[:, None], running)
-            keys = tl.where(keys == best[:, None], KEY_MIN, keys)
+        # Most tiles past the first few hold no score above any of the block's weakest kept ones
+        # (a tie cannot enter: its index is higher); those skip the keys and the merge.
+        in_tile = row_ok[:, None] & col_ok[None, :]
+        tile_best = tl.max(tl.where(in_tile, acc, float("-inf")), axis=1)
+        if tl.max((tile_best > weakest_score).to(tl.int32), axis=0) > 0:
+            bits = acc.to(tl.int32, bitcast=True)
+            ordered = tl.where(bits == -(2**31), 0, bits ^ ((bits >> 31) & 0x7FFFFFFF))  # -0.0 ties +0.0
+            keys = (ordered.to(tl.int64) << 32) | (KEY_LOW - cols[None, :].to(tl.int64))
+            keys = tl.where(in_tile, keys, KEY_MIN)
             weakest = tl.min(running, axis=1)
             best = tl.max(keys, axis=1)
+            while tl.max((best > weakest).to(tl.int32), axis=0) > 0:
+                take = best > weakest
+                running = tl.where((running == weakest[:, None]) & take[:, None], best[:, None], running)
+                keys = tl.where(keys == best[:, None], KEY_MIN, keys)
+                weakest = tl.min(running, axis=1)
+                best = tl.max(keys, axis=1)
+            weakest_score = _key_score(weakest, K_SLOTS)
 
     slots = tl.arange(0, K_SLOTS)
     out = (rows[:, None].to(tl.int64) * n_splits + split) * K_SLOTS + slots[None, :]
