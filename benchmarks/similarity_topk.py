@@ -1,7 +1,7 @@
 """Speed and memory of mmfast.similarity_topk against naive torch.topk(query @ gallery.T, k).
 
-    python benchmarks/similarity_topk.py --cases 25000x5000 10000x1000000 --dim 512 --k 10 \\
-        --json benchmarks/results/similarity_topk.json
+    python benchmarks/similarity_topk.py --cases 25000x5000 10000x1000000:mmfast,mmfast_rank,naive \\
+        --dim 512 --k 10 --json benchmarks/results/similarity_topk.json
     pytest benchmarks/similarity_topk.py --benchmark-enable
 
 Each measurement runs in a fresh interpreter (harness.memory_in_subprocess): a warm-up on a small
@@ -84,11 +84,16 @@ def measure(provider: str, n_queries: int, n_gallery: int, dim: int, k: int, rep
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="+", default=["25000x5000"], help="QxG, e.g. 10000x1000000")
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        default=["25000x5000"],
+        help="QxG[:provider,...], e.g. 10000x1000000:mmfast,naive (default: --providers)",
+    )
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per case (a 1M gallery: use 1)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per case; cases over 1e9 scores run once")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--memory-child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -101,10 +106,15 @@ def main(argv=None) -> int:
     print("Q       G         provider       ms          GFLOP/s  naive÷  extra MiB")
     rows = []
     for case in args.cases:
-        n_queries, n_gallery = map(int, case.lower().split("x"))
+        shape, _, chosen = case.partition(":")
+        n_queries, n_gallery = map(int, shape.lower().split("x"))
+        providers = chosen.split(",") if chosen else args.providers
+        if not set(providers) <= set(PROVIDERS):
+            parser.error(f"unknown provider in {case!r}; choose from {', '.join(PROVIDERS)}")
+        repeats = 1 if n_queries * n_gallery > 10**9 else args.repeats
         flops = 2.0 * n_queries * n_gallery * args.dim
         results = {}
-        for provider in args.providers:
+        for provider in providers:
             row = {"provider": provider, "Q": n_queries, "G": n_gallery, "D": args.dim, "k": args.k}
             matrix_bytes = 4 * n_queries * n_gallery
             if provider == "naive" and matrix_bytes > memory:
@@ -112,7 +122,7 @@ def main(argv=None) -> int:
                                   f"this machine has {memory / 2**30:.0f} GiB")  # fmt: skip
                 row["naive_matrix_gb"] = matrix_bytes / 1e9
             else:
-                child = [provider, str(n_queries), str(n_gallery), str(args.dim), str(args.k), str(args.repeats)]
+                child = [provider, str(n_queries), str(n_gallery), str(args.dim), str(args.k), str(repeats)]
                 row.update(memory_in_subprocess(__file__, child))
                 if row.get("ms"):
                     row["gflops"] = flops / (row["ms"] * 1e6)

@@ -52,7 +52,7 @@ TOPK_CONFIGS = {
     (16, True): TopkConfig(64, 64, 32, 8, 2),
     (16, False): TopkConfig(64, 64, 8, 8, 2),
     (128, True): TopkConfig(32, 64, 16, 4, 2),
-    (128, False): TopkConfig(32, 64, 8, 4, 2),
+    (128, False): TopkConfig(32, 64, 16, 8, 2),
 }
 TORCH_TO_TRITON = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
