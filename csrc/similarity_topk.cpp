@@ -16,24 +16,13 @@
 #include <algorithm>
 #include <bit>
 #include <limits>
+#include <numeric>
 #include <vector>
 
 #include "fast_math.h"
 
 namespace mmfast {
 namespace {
-
-template <typename T>
-struct Entry {
-  T value;
-  int64_t index;
-};
-
-// a ranks above b: a higher score, or the same score at a lower gallery index.
-template <typename T>
-inline bool ranks_above(const Entry<T>& a, const Entry<T>& b) {
-  return a.value > b.value || (a.value == b.value && a.index < b.index);
-}
 
 template <typename T>
 struct TileProblem {
@@ -89,13 +78,22 @@ class RowHeap {
     }
   }
   void sort_best_first() {
-    std::vector<Entry<T>> entries(size_);
-    for (int64_t t = 0; t < size_; ++t) entries[t] = {values_[t], indices_[t]};
-    std::sort(entries.begin(), entries.end(), [](const Entry<T>& a, const Entry<T>& b) { return ranks_above(a, b); });
-    for (int64_t t = 0; t < size_; ++t) place(t, entries[t].value, entries[t].index);
+    std::vector<int64_t> order(size_);
+    std::iota(order.begin(), order.end(), 0);
+    std::sort(order.begin(), order.end(), [this](int64_t a, int64_t b) {
+      return weaker(values_[b], indices_[b], values_[a], indices_[a]);  // a first when b is weaker
+    });
+    std::vector<T> values(size_);
+    std::vector<int64_t> indices(size_);
+    for (int64_t t = 0; t < size_; ++t) {
+      values[t] = values_[order[t]];
+      indices[t] = indices_[order[t]];
+    }
+    for (int64_t t = 0; t < size_; ++t) place(t, values[t], indices[t]);
   }
 
  private:
+  // The order of the results: a higher score first, an equal one at the lower gallery index first.
   static bool weaker(T value, int64_t index, T other_value, int64_t other_index) {
     return value < other_value || (value == other_value && index > other_index);
   }

@@ -15,7 +15,8 @@ from typing import NamedTuple
 import torch
 
 from mmfast.backends import resolve_backend
-from mmfast.backends.similarity_topk import score_dtype_for, search, similarity_topk_kernels
+from mmfast.backends.similarity_topk import search, similarity_topk_kernels
+from mmfast.fused_gradients import loss_dtype
 from mmfast.reference.similarity_topk import similarity_topk_reference
 from mmfast.validation import check_backend_name, check_float_dtype
 
@@ -120,14 +121,14 @@ def similarity_topk(
     """
     options = SimilarityTopkOptions(k, backend)
     _check_embeddings(query, gallery)
+    resolved = resolve_backend(options.backend, query.device)
     n_queries, n_gallery = query.shape[0], gallery.shape[0]
     targets = None if target is None else _target_sets(target, n_queries, n_gallery, query.device)
     k = min(options.k, n_gallery)
     query, gallery = query.detach(), gallery.detach()
-    resolved = resolve_backend(options.backend, query.device)
     if resolved == "reference":
         values, indices, rank = similarity_topk_reference(query, gallery, k, target)
-        return SimilarityTopK(values.to(score_dtype_for(query.dtype)), indices, rank)
+        return SimilarityTopK(values.to(loss_dtype(query.dtype)), indices, rank)
     kernels = similarity_topk_kernels(options.backend, resolved, query.dtype, n_gallery, k)
     values, indices, count = search(kernels, query, gallery, k, targets)
     return SimilarityTopK(values, indices, None if count is None else count + 1)

@@ -248,6 +248,7 @@ def test_triton_declines_what_its_kernel_cannot_do():
 
 
 Q, G, D = 4, 6, 3
+NO_META = "meta tensors hold no data|it needs CPU tensors, got meta|it does not run on meta tensors"
 
 
 def bad_inputs():
@@ -267,8 +268,9 @@ def bad_inputs():
         ("empty gallery", dict(gallery=g[:0]), ValueError, "gallery needs at least one row"),
         ("D = 0", dict(query=q[:, :0], gallery=g[:, :0]), ValueError, "query needs at least one row and D >= 1"),
         ("device", dict(gallery=g.to("meta")), ValueError, "gallery is on meta but query is on cpu"),
-        ("meta", dict(query=q.to("meta"), gallery=g.to("meta")), ValueError,
-         "meta tensors hold no data|it needs CPU tensors, got meta|it does not run on meta tensors"),
+        ("meta", dict(query=q.to("meta"), gallery=g.to("meta")), ValueError, NO_META),
+        ("meta with target", dict(query=q.to("meta"), gallery=g.to("meta"), target=torch.zeros(Q, dtype=torch.long,
+         device="meta")), ValueError, NO_META),
         ("NaN", dict(gallery=nan_g), ValueError, "gallery row 4 has a NaN or infinite value"),
         ("inf", dict(query=inf_q), ValueError, "query row 2 has a NaN or infinite value"),
         ("k = 0", dict(k=0), ValueError, "k must be >= 1, got 0"),
