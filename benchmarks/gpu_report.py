@@ -13,6 +13,8 @@ mmfast.kernels.aot, run as `python -m mmfast.kernels.aot`).
 
 Part 3: the pooling ops are memory-bound; their bytes against naive PyTorch's.
 
+Part 4: similarity_topk, its GEMM at peak plus its merge's CUDA-core operations.
+
 Part 2, per loss evaluation (forward + backward, reduction "mean", so the Triton backend runs
 three GEMMs and one row kernel per chunk): FLOPs and bytes of each kernel, and the predicted time
 max(FLOPs / peak, bytes / bandwidth) on an H100 SXM, against the ideal of the three GEMMs alone
@@ -87,6 +89,27 @@ def pooling_roofline(b: int, t: int, d: int, dtype: str, mode: str, real: float 
             "fused_us": us * (fused_fwd + fused_bwd), "naive_us": us * (naive_fwd + naive_bwd)}  # fmt: skip
 
 
+# CUDA-core operations per score of kernels/similarity_topk.py, from counting its operations (int64
+# as two int32) and simulating its merge on random unit vectors (D = 512, 64-row blocks, 16 slots):
+# every tile pays ~8 (rank count, row max); a tile holding a new top-16 entry adds ~18 (keys) and 8
+# per merge step. A split of 2 500 items merges every tile, 5.2 steps each: ~67 per score; a split
+# of 250 000 items merges 49% of its tiles, 2.1 steps each: ~25.
+H100_INT32_OPS = 132 * 64 * 1.98e9  # 64 INT32 lanes per SM per clock at the boost clock
+
+
+def similarity_topk_roofline(q: int, g: int, d: int, dtype: str, ops_per_score: float) -> dict:
+    """The fused search: one GEMM whose tiles stay in registers, then the merge on CUDA cores (not
+    overlapped, so an upper bound). Bytes: query and gallery read once (L2 reuse across a split's
+    query blocks) and ~4 splits × 16 int64 keys written per query."""
+    e = 2 if dtype in ("bf16", "fp16") else 4
+    gemm_ms = 1e3 * 2.0 * q * g * d / (H100["bf16"] if e == 2 else H100["fp32"])  # fp32 runs ieee, on FMA
+    merge_ms = 1e3 * q * g * ops_per_score / H100_INT32_OPS
+    memory_ms = 1e3 * ((q + g) * d * e + q * 4 * 16 * 8) / H100["bandwidth"]
+    predicted_ms = max(gemm_ms + merge_ms, memory_ms)
+    return {"Q": q, "G": g, "D": d, "dtype": dtype, "ops_per_score": ops_per_score, "gemm_ms": gemm_ms,
+            "merge_ms": merge_ms, "memory_ms": memory_ms, "predicted_ms": predicted_ms}  # fmt: skip
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path)
@@ -141,6 +164,15 @@ def main(argv=None) -> int:
                 r = pooling_roofline(b, t, d, dtype, mode)
                 report["pooling_roofline"].append(r)
                 emit(f"{mode:5s} {dtype:5s}  {b:<5d} {t:<5d} {d:<5d}  {r['fused_us']:8.1f}  {r['naive_us']:8.1f}")
+    emit("\nH100 roofline, similarity_topk, k <= 16 (estimates; the GEMM and the merge not overlapped)")
+    emit("Q      G        D    dtype  GEMM ms  merge ms  memory ms  predicted ms")
+    report["similarity_topk_roofline"] = []
+    for q, g, ops in ((25000, 5000, 67), (10000, 1000000, 25)):
+        for dtype in ("bf16", "fp32"):
+            r = similarity_topk_roofline(q, g, 512, dtype, ops)
+            report["similarity_topk_roofline"].append(r)
+            emit(f"{q:<6d} {g:<8d} 512  {dtype:5s}  {r['gemm_ms']:7.2f}  {r['merge_ms']:8.2f}  {r['memory_ms']:9.2f}  "
+                  f"{r['predicted_ms']:12.2f}")  # fmt: skip
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))

@@ -67,7 +67,20 @@ def distillation_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-TABLES = {"pooling": pooling_table, "distillation_loss": distillation_table}
+def similarity_topk_table(rows: list[dict]) -> str:
+    out = ["| Q | G | D | k | provider | wall ms | CPU ms | GFLOP/s | naive ÷ mmfast | extra MiB |", "|---" * 10 + "|"]
+    for r in rows:
+        case = f"| {r['Q']} | {r['G']} | {r['D']} | {r['k']} | {r['provider']} "
+        if "ms" not in r:
+            out.append(case + f"| {r.get('skipped', '-')} | - | - | - | - |")
+            continue
+        speedup = f"{r['speedup_vs_naive']:.2f}×" if "speedup_vs_naive" in r else "-"
+        numbers = f"| {r['ms']:.0f} | {r['cpu_ms']:.0f} | {r['gflops']:.0f} | {speedup} | {r['extra_peak_mib']:.0f} |"
+        out.append(case + numbers)
+    return "\n".join(out)
+
+
+TABLES = {"pooling": pooling_table, "distillation_loss": distillation_table, "similarity_topk": similarity_topk_table}
 
 
 def main(argv=None) -> int:

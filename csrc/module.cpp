@@ -19,6 +19,9 @@ void pooling_forward(at::Tensor hidden, at::Tensor mask, int64_t mode, bool norm
                      at::Tensor unit, at::Tensor norm, at::Tensor index, at::Tensor count);
 void pooling_backward(at::Tensor grad_out, at::Tensor unit, at::Tensor norm, at::Tensor index, at::Tensor count,
                       at::Tensor mask, int64_t mode, bool normalize, at::Tensor grad_hidden);
+void similarity_topk_rows(at::Tensor scores, int64_t col_offset, at::Tensor values, at::Tensor indices,
+                          c10::optional<at::Tensor> targets, c10::optional<at::Tensor> target_score,
+                          c10::optional<at::Tensor> count, bool last);
 }  // namespace mmfast
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -33,4 +36,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Fused teacher/student logsumexps, KL(p_t || p_s) and the student's in-place gradient over one chunk");
   m.def("pooling_forward", &mmfast::pooling_forward, "Fused last-token / mean pooling with L2 normalisation");
   m.def("pooling_backward", &mmfast::pooling_backward, "Dense gradient of the fused pooling, in one pass");
+  m.def("similarity_topk_rows", &mmfast::similarity_topk_rows,
+        "Merge one score tile into each row's running top-k and count the scores above its target");
 }

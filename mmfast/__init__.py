@@ -13,6 +13,7 @@ from mmfast.distillation_loss import (
     distillation_loss,
 )
 from mmfast.pooling import Pooler, PoolingFunction, PoolingOptions, last_token_pool, mean_pool
+from mmfast.similarity_topk import SimilarityTopK, SimilarityTopkOptions, similarity_topk
 
 __version__ = "0.1.0"
 
@@ -30,4 +31,7 @@ __all__ = [
     "PoolingOptions",
     "last_token_pool",
     "mean_pool",
+    "SimilarityTopK",
+    "SimilarityTopkOptions",
+    "similarity_topk",
 ]

@@ -38,7 +38,8 @@ def test_every_variant_compiles_for_sm80_and_sm90(compiled):
     for arch in ("sm_80", "sm_90"):
         assert {r["kernel"] for r in compiled if r["arch"] == arch} == {r["kernel"] for r in compiled}
     names = {r["kernel"] for r in compiled}
-    assert any(n.startswith("matmul[") for n in names) and any(n.startswith("contrastive_softmax_rows[") for n in names)
+    for kernel in ("matmul[", "contrastive_softmax_rows[", "similarity_topk["):
+        assert any(n.startswith(kernel) for n in names), kernel
 
 
 def test_no_variant_spills_registers(compiled):

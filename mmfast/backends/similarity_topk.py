@@ -1,0 +1,143 @@
+"""The search of mmfast.similarity_topk: the target scores every backend shares, the chunked loop of
+the torch and cpu backends, and the choice of kernels (the Triton ones are kernels/similarity_topk.py).
+
+Chunk loop (torch, cpu), gallery chunks outside, query chunks inside:
+
+    S = query[rows] · gallery[cols]ᵀ     one [rows, cols] tile, float32 (float64 for float64 inputs)
+    merge(S)                              into each query's running top-k (the [Q, k] outputs) and
+                                          its count of scores strictly above its target score
+
+The tile is the only scratch of its size: rows × cols comes from the score budget
+(MMFAST_SCORE_CHUNK_BYTES; 32 MiB on CPU), so memory does not grow with Q × G. Each gallery chunk is
+read, and converted to float32 when it is bf16/fp16, once.
+
+The target score of a query is the best score of its target set, computed first as row-wise dot
+products (float32 accumulation). The count leaves the target set out: its members' scores in the
+tiles come from another summation order, and none of them is above the best one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mmfast._extension import load_extension
+from mmfast.backends import autocast_disabled
+from mmfast.backends.chunked import chunk_rows
+from mmfast.fused_gradients import loss_dtype as score_dtype_for  # float64 stays float64, else float32
+
+
+def tile_shape(n_queries: int, n_gallery: int, bytes_per_score: int, score_dtype, device) -> tuple[int, int]:
+    """(rows, cols) of the score tile: a square of the budget, widened when one side is short."""
+    capacity = chunk_rows(1 << 62, 1, bytes_per_score, score_dtype, device)  # scores per budget
+    rows = min(n_queries, max(1, math.isqrt(capacity)))
+    cols = min(n_gallery, max(1, capacity // rows))
+    return min(n_queries, max(rows, capacity // cols)), cols
+
+
+def target_scores(query, gallery, targets, score_dtype) -> torch.Tensor:
+    """[Q]: max over p with targets[q, p] >= 0 of query[q] · gallery[targets[q, p]], in score_dtype."""
+    n_queries, slots = targets.shape
+    rows = chunk_rows(n_queries, slots * query.shape[1], 4, score_dtype, query.device)
+    best = torch.empty(n_queries, dtype=score_dtype, device=query.device)
+    for start in range(0, n_queries, rows):
+        chunk = targets[start : start + rows]
+        members = gallery[chunk.clamp_min(0)].to(score_dtype)  # [rows, P, D]
+        q = query[start : start + rows].to(score_dtype)
+        scores = torch.bmm(members, q[:, :, None])[:, :, 0]
+        torch.amax(scores.masked_fill(chunk < 0, -math.inf), dim=1, out=best[start : start + rows])
+    return best
+
+
+class TorchSimilarityTopk:
+    """Tiles from torch.mm; merged with torch.topk, ties settled exactly by stable sorts."""
+
+    bytes_per_score = 8  # the tile + the comparison masks of the merge and the count
+
+    def search(self, query, gallery, k, targets, target_score):
+        """(values [Q, k], indices [Q, k] int64, count [Q] int64 or None) of the whole gallery."""
+        score_dtype = score_dtype_for(query.dtype)
+        (n_queries, _), n_gallery = query.shape, gallery.shape[0]
+        rows, cols = tile_shape(n_queries, n_gallery, self.bytes_per_score, score_dtype, query.device)
+        values = torch.empty(n_queries, k, dtype=score_dtype, device=query.device)
+        indices = torch.empty(n_queries, k, dtype=torch.int64, device=query.device)
+        count = None if targets is None else torch.zeros(n_queries, dtype=torch.int64, device=query.device)
+        queries = query.to(score_dtype).contiguous()
+        scratch = torch.empty(rows * cols, dtype=score_dtype, device=query.device)
+        for col in range(0, n_gallery, cols):
+            items = gallery[col : col + cols].to(score_dtype)
+            for row in range(0, n_queries, rows):
+                rs = slice(row, row + rows)
+                tile = scratch[: queries[rs].shape[0] * items.shape[0]].view(queries[rs].shape[0], items.shape[0])
+                torch.mm(queries[rs], items.T, out=tile)
+                self.merge(tile, col, values[rs], indices[rs], *(None if targets is None else t[rs]
+                           for t in (targets, target_score, count)), last=col + cols >= n_gallery)  # fmt: skip
+        return values, indices, count
+
+    def merge(self, tile, col_offset, values, indices, targets, target_score, count, last):
+        """values/indices hold each row's best min(k, col_offset) so far, best first."""
+        k = values.shape[1]
+        filled, taken = min(k, col_offset), min(k, tile.shape[1])
+        top, position = tile.topk(taken, dim=1)
+        # topk picks arbitrarily among scores tied at the k-th: where more tie than it took, take
+        # the lowest indices (a stable sort of those rows).
+        kth = top[:, -1:]
+        ambiguous = ((tile == kth).sum(dim=1) > (top == kth).sum(dim=1)).nonzero()[:, 0]
+        if ambiguous.numel():
+            top[ambiguous], position[ambiguous] = (t[:, :taken] for t in _sort_desc(tile[ambiguous]))
+        # Best first with ties to the lower index: order by index, then a stable sort by score.
+        position, by_index = position.sort(dim=1)
+        top, order = _sort_desc(top.gather(1, by_index))
+        position = position.gather(1, order)
+        # The kept entries all have lower indices than the tile's: the stable sort keeps them first on ties.
+        merged, order = _sort_desc(torch.cat([values[:, :filled], top], dim=1))
+        both = torch.cat([indices[:, :filled], position + col_offset], dim=1)
+        keep = min(k, filled + taken)
+        values[:, :keep] = merged[:, :keep]
+        indices[:, :keep] = both.gather(1, order[:, :keep])
+        if targets is not None:
+            threshold = target_score[:, None]
+            local = targets - col_offset
+            inside = (targets >= 0) & (local >= 0) & (local < tile.shape[1])
+            own = (tile.gather(1, local.clamp(0, tile.shape[1] - 1)) > threshold) & inside
+            count += (tile > threshold).sum(dim=1) - own.sum(dim=1)
+
+
+def _sort_desc(t: torch.Tensor):
+    return t.sort(dim=1, descending=True, stable=True)
+
+
+class CpuSimilarityTopk(TorchSimilarityTopk):
+    """Tiles from torch.mm (MKL); csrc/similarity_topk.cpp merges them: a heap per row, OpenMP over rows."""
+
+    bytes_per_score = 4
+
+    def __init__(self, extension):
+        self.ext = extension
+
+    def merge(self, tile, col_offset, values, indices, targets, target_score, count, last):
+        self.ext.similarity_topk_rows(tile, col_offset, values, indices, targets, target_score, count, last)
+
+
+def similarity_topk_kernels(requested: str, backend: str, dtype: torch.dtype, n_gallery: int, k: int):
+    """The kernels for the resolved `backend`. Triton declines what its kernel cannot do (float64, a
+    large k): "auto" then takes the torch backend, an explicit backend="triton" is an error."""
+    if backend == "cpu":
+        return CpuSimilarityTopk(load_extension())
+    if backend == "triton":
+        from mmfast.kernels.similarity_topk import TritonSimilarityTopk  # needs triton: imported when used
+
+        reason = TritonSimilarityTopk.unsupported_reason(dtype, n_gallery, k)
+        if reason is None:
+            return TritonSimilarityTopk()
+        if requested == "triton":
+            raise ValueError(f"backend='triton' is unavailable for this search: {reason}; use backend='torch'")
+    return TorchSimilarityTopk()
+
+
+def search(kernels, query, gallery, k, targets):
+    """(values, indices, count or None): see TorchSimilarityTopk.search."""
+    with torch.no_grad(), autocast_disabled(query.device):
+        score = None if targets is None else target_scores(query, gallery, targets, score_dtype_for(query.dtype))
+        return kernels.search(query, gallery, k, targets, score)
