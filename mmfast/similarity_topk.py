@@ -16,7 +16,7 @@ import torch
 
 from mmfast.backends import resolve_backend
 from mmfast.backends.similarity_topk import search, similarity_topk_kernels
-from mmfast.fused_gradients import loss_dtype
+from mmfast.kernel_contract import compute_dtype
 from mmfast.reference.similarity_topk import similarity_topk_reference
 from mmfast.validation import check_backend_name, check_float_dtype
 
@@ -128,7 +128,7 @@ def similarity_topk(
     query, gallery = query.detach(), gallery.detach()
     if resolved == "reference":
         values, indices, rank = similarity_topk_reference(query, gallery, k, target)
-        return SimilarityTopK(values.to(loss_dtype(query.dtype)), indices, rank)
+        return SimilarityTopK(values.to(compute_dtype(query.dtype)), indices, rank)
     kernels = similarity_topk_kernels(options.backend, resolved, query.dtype, n_gallery, k)
     values, indices, count = search(kernels, query, gallery, k, targets)
     return SimilarityTopK(values, indices, None if count is None else count + 1)

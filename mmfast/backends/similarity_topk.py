@@ -25,7 +25,7 @@ import torch
 from mmfast._extension import load_extension
 from mmfast.backends import autocast_disabled
 from mmfast.backends.chunked import chunk_rows
-from mmfast.fused_gradients import loss_dtype as score_dtype_for  # float64 stays float64, else float32
+from mmfast.kernel_contract import compute_dtype as score_dtype_for  # float64 stays float64, else float32
 
 
 def tile_shape(n_queries: int, n_gallery: int, bytes_per_score: int, score_dtype, device) -> tuple[int, int]:

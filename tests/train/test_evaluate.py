@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import mmfast
 from mmfast.train.evaluate import (
     EmbeddingCache,
     cross_modal_metrics,
@@ -20,7 +21,6 @@ from mmfast.train.evaluate import (
     recall_at_k,
     retrieval_ranks,
 )
-from mmfast.train.evaluate.metrics import _similarity_topk
 from tests.train.evaluate_helpers import FakeEncoder, make_image
 
 
@@ -106,7 +106,7 @@ def test_ranks_median_and_mean():
 def test_similarity_topk_semantics():
     query = torch.tensor([[1.0, 0], [0, 1], [1, 1]])
     gallery = torch.tensor([[1.0, 0], [1, 0], [0, 1], [0.5, 0.5]])
-    result = _similarity_topk(query, gallery, 9, target=torch.tensor([[1, -1], [3, 0], [2, 3]]))
+    result = mmfast.similarity_topk(query, gallery, 9, target=torch.tensor([[1, -1], [3, 0], [2, 3]]))
     assert result.indices.shape == (3, 4)  # k clamped to the gallery
     assert result.indices[0].tolist() == [0, 1, 3, 2]  # ties go to the lower gallery index
     assert result.values[0].tolist() == [1.0, 1.0, 0.5, 0.0]

@@ -7,68 +7,19 @@ the ground truth sits at index 0, so a row whose ground truth ties another candi
 Likewise R@K counts a target tied with the K-th item as found, and never depends on how the search
 orders tied items.
 
-Rates (P@1, R@K) are percentages. Ranks over a gallery go through `_similarity_topk`, so memory
+Rates (P@1, R@K) are percentages. Ranks over a gallery go through `mmfast.similarity_topk`, so memory
 does not grow with queries × gallery.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
 
 import mmfast
 
 RECALL_KS = (1, 5, 10)
-
-
-class _TopK(NamedTuple):
-    values: torch.Tensor
-    indices: torch.Tensor
-    target_rank: torch.Tensor | None
-
-
-# Scores held at once by the fallback: one block of query rows against the whole gallery.
-_FALLBACK_BLOCK_SCORES = 1 << 22
-
-
-def _similarity_topk(query: torch.Tensor, gallery: torch.Tensor, k: int, *, target: torch.Tensor | None = None):
-    """mmfast.similarity_topk, or until it lands on main a plain chunked torch version of it.
-
-    TEMPORARY: the fallback below goes at merge, leaving `mmfast.similarity_topk` as the one search.
-    """
-    search = getattr(mmfast, "similarity_topk", None)
-    if search is not None:
-        return search(query, gallery, k, target=target)
-    # Fallback with the op's semantics: top-k by score, ties to the lower gallery index; target_rank
-    # = 1 + the number of gallery items scoring strictly above the best target (-1 pads a target set).
-    num_queries, size = query.shape[0], gallery.shape[0]
-    k = min(k, size)
-    values = torch.zeros(num_queries, k, dtype=query.dtype)
-    indices = torch.zeros(num_queries, k, dtype=torch.long)
-    target_rank = None
-    if target is not None:
-        target = target[:, None] if target.dim() == 1 else target
-        target_rank = torch.zeros(num_queries, dtype=torch.long)
-    rows = max(1, _FALLBACK_BLOCK_SCORES // max(size, 1))
-    for start in range(0, num_queries, rows):
-        block = slice(start, start + rows)
-        scores = query[block] @ gallery.T
-        # torch.topk does not promise which of tied items it keeps: take all items above the k-th
-        # value, then the lowest-index ones equal to it, and order those k stably.
-        kth = torch.topk(scores, k, dim=1).values[:, -1:]
-        above, equal = scores > kth, scores == kth
-        needed = k - above.sum(dim=1, keepdim=True)
-        chosen = above | (equal & (torch.cumsum(equal, dim=1) <= needed))
-        picked = chosen.nonzero()[:, 1].view(-1, k)  # row-major: ascending gallery index
-        ordered, order = torch.sort(scores.gather(1, picked), dim=1, descending=True, stable=True)
-        values[block], indices[block] = ordered, picked.gather(1, order)
-        if target is not None:
-            wanted = target[block]
-            best = scores.gather(1, wanted.clamp(min=0)).masked_fill(wanted < 0, float("-inf")).amax(dim=1)
-            target_rank[block] = 1 + (scores > best[:, None]).sum(dim=1)
-    return _TopK(values, indices, target_rank)
 
 
 def first_candidate_ranks(scores: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
@@ -139,7 +90,7 @@ def retrieval_ranks(query: torch.Tensor, gallery: torch.Tensor, targets: torch.T
     sets = targets[:, None] if targets.dim() == 1 else targets
     if ((sets < -1) | (sets >= gallery.shape[0])).any() or (sets.amax(dim=1) < 0).any():
         raise ValueError(f"targets must index the gallery (0..{gallery.shape[0] - 1}; -1 pads a set, never fills it)")
-    return _similarity_topk(query, gallery, 1, target=targets).target_rank.long()
+    return mmfast.similarity_topk(query, gallery, 1, target=targets).target_rank.long()
 
 
 def cross_modal_metrics(

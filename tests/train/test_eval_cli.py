@@ -1,0 +1,42 @@
+"""mmfast-eval on the embedded default: the untrained backbone when nothing was trained, results.json
+in the documented shape, and a second run that embeds nothing (the cache)."""
+
+import json
+
+import pytest
+
+from mmfast.train.cli import eval_main
+from mmfast.train.encoder import Encoder
+
+pytestmark = pytest.mark.slow
+
+
+def test_eval_default_retrieval_then_cached(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no runs/llave here: the untrained default is evaluated, and says so
+    out = tmp_path / "eval"
+    argv = ["--task", "retrieval", "--output", str(out), "--no_progress"]
+    assert eval_main(argv) == 0
+    captured = capsys.readouterr()
+    assert "t2i R@1" in captured.out
+    results = json.loads((out / "results.json").read_text())
+    for name in ("flickr30k", "urban1k"):
+        for metric in ("t2i_R@1", "t2i_R@5", "i2t_R@1", "i2t_R@10"):
+            assert 0.0 <= results["retrieval"][name][metric] <= 100.0
+    assert results["retrieval"]["flickr30k"]["num_captions"] == 5 * results["retrieval"]["flickr30k"]["num_images"]
+
+    calls = []
+    original = Encoder.encode
+
+    def counting(self, texts, *args, **kwargs):
+        calls.append(len(texts))
+        return original(self, texts, *args, **kwargs)
+
+    monkeypatch.setattr(Encoder, "encode", counting)
+    assert eval_main(argv) == 0
+    assert calls == []  # every input came from the on-disk cache
+    assert json.loads((out / "results.json").read_text()) == results
+
+
+def test_eval_user_errors(tmp_path, capsys):
+    assert eval_main(["--data", str(tmp_path / "nothing.parquet"), "--output", str(tmp_path)]) == 2
+    assert "name its --task" in capsys.readouterr().err
