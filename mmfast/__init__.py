@@ -1,5 +1,6 @@
 """mmfast: fused kernels for training multimodal embedding models."""
 
+from mmfast.config import show_config
 from mmfast.contrastive_loss import (
     ContrastiveLoss,
     ContrastiveLossFunction,
@@ -30,4 +31,5 @@ __all__ = [
     "PoolingOptions",
     "last_token_pool",
     "mean_pool",
+    "show_config",
 ]
