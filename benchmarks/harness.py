@@ -70,6 +70,19 @@ def peak_extra_mib(forward, backward, outputs) -> float:
     return ((peak - baseline) * 1024 - kept) / 2**20
 
 
+def peak_after_warmup(make_step, small_inputs: tuple, inputs: tuple, *, compiled: bool = False) -> dict:
+    """{"extra_peak_mib": ...} of one fwd+bwd of `make_step(*inputs)` (a (forward, backward, grads)
+    triple), after a warm-up that loads every kernel: on `small_inputs`, or for torch.compile'd code
+    on `inputs` itself, which compiles at that very shape (dynamic=False) outside the measurement."""
+    if not compiled:
+        forward, backward, _ = make_step(*small_inputs)
+        forward(), backward()
+    forward, backward, grads = make_step(*inputs)
+    if compiled:
+        forward(), backward()
+    return {"extra_peak_mib": peak_extra_mib(forward, backward, grads)}
+
+
 def memory_in_subprocess(script: str, child_args: list[str]) -> dict:
     """Runs `script --memory-child ...` in a fresh interpreter; returns its last JSON line."""
     run = subprocess.run([sys.executable, script, "--memory-child", *child_args], capture_output=True, text=True,
