@@ -2,7 +2,8 @@
 
 Order: the module built by setup.py; else a JIT build of the same csrc/ sources with
 torch.utils.cpp_extension.load (cached under TORCH_EXTENSIONS_DIR, so only the first use pays the
-~1 min); else None, and the "cpu" backend reports itself unavailable. Importing mmfast never fails.
+~1 min, and only it warns); else None, and the "cpu" backend reports itself unavailable. Importing
+mmfast never fails.
 `extension_status()` says which of these happened, and why.
 
 Imported by setup.py as a plain module (torch may be absent at build time): torch is imported only
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -71,13 +73,14 @@ def _find_or_build() -> tuple[ModuleType | None, str]:
         not_built = isinstance(error, ModuleNotFoundError) and error.name == "mmfast._C"
         missing = "is missing (not built at install)" if not_built else f"could not be loaded ({error})"
     try:
-        directory = source_dir()
-        warnings.warn(
-            f"mmfast: mmfast._C (the compiled CPU kernels) {missing}; building it from csrc/ now "
-            f"({directory}; once, ~1 min; cached under TORCH_EXTENSIONS_DIR).",
-            stacklevel=3,
-        )
-        module = _jit_build()
+        directory, build_directory = source_dir(), _build_directory()
+        if _needs_compiling(directory, build_directory):
+            warnings.warn(
+                f"mmfast: mmfast._C (the compiled CPU kernels) {missing}; building it from csrc/ now "
+                f"({directory}; once, ~1 min; cached in {build_directory}).",
+                stacklevel=3,
+            )
+        module = _jit_build(build_directory)
         return module, f"loaded: built on first use from {directory} ({module.__file__})"
     except Exception as error:  # no compiler, no ninja, a failed build: fall back, never fail import
         warnings.warn(
@@ -88,15 +91,35 @@ def _find_or_build() -> tuple[ModuleType | None, str]:
         return None, f"not loaded: mmfast._C {missing}; the first-use build failed ({type(error).__name__}: {error})"
 
 
-def _jit_build() -> ModuleType:
+def _build_directory() -> Path:
+    """Under TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions), one per torch and Python
+    version, so that a module built against another torch is never loaded."""
+    import torch
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    return Path(root) / f"mmfast_C-torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
+
+
+def _needs_compiling(directory: Path, build_directory: Path) -> bool:
+    """Whether the first-use build will compile (and so deserves a warning) rather than load its cache."""
+    built = build_directory / "mmfast_C.so"
+    if not built.exists():
+        return True
+    return any(p.stat().st_mtime > built.stat().st_mtime for p in directory.iterdir() if p.suffix in (".cpp", ".h"))
+
+
+def _jit_build(build_directory: Path) -> ModuleType:
     from torch.utils.cpp_extension import load
 
     _put_ninja_on_path()
+    build_directory.mkdir(parents=True, exist_ok=True)
     return load(
         name="mmfast_C",
         sources=sources(),
         extra_cflags=CXX_FLAGS,
         extra_ldflags=LD_FLAGS,
+        build_directory=str(build_directory),
         verbose=os.environ.get("MMFAST_VERBOSE_BUILD") == "1",
     )
 

@@ -146,3 +146,6 @@ def test_installed_wheel_builds_and_loads_the_kernels_on_first_use(wheel, tmp_pa
     assert "auto -> cpu" in run.stdout and "module mmfast_C" in run.stdout
     assert f"status loaded: built on first use from {site}/mmfast/csrc" in run.stdout
     assert run.stderr.count("is missing (not built at install); building it from csrc/ now") == 1, run.stderr
+    again = subprocess.run([python, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "status loaded: built on first use" in again.stdout, again.stderr
+    assert "building it from csrc/" not in again.stderr  # the cached build loads without a word
