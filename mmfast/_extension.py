@@ -2,7 +2,7 @@
 
 Order: the module built by setup.py; else a JIT build of the same csrc/ sources with
 torch.utils.cpp_extension.load (cached under TORCH_EXTENSIONS_DIR, so only the first use pays the
-~1 min, and only it warns); else None, and the "cpu" backend reports itself unavailable. Importing
+minute or two, and only it warns); else None, and the "cpu" backend reports itself unavailable. Importing
 mmfast never fails.
 `extension_status()` says which of these happened, and why.
 
@@ -77,7 +77,7 @@ def _find_or_build() -> tuple[ModuleType | None, str]:
         if _needs_compiling(directory, build_directory):
             warnings.warn(
                 f"mmfast: mmfast._C (the compiled CPU kernels) {missing}; building it from csrc/ now "
-                f"({directory}; once, ~1 min; cached in {build_directory}).",
+                f"({directory}; once, a minute or two; cached in {build_directory}).",
                 stacklevel=3,
             )
         module = _jit_build(build_directory)
