@@ -13,7 +13,7 @@ Effective GFLOP/s = the FLOPs of those GEMMs over a provider's fwd+bwd time; the
 machine's own rate for the same shapes (top-k's sparse gradient can take mmfast past it).
 
     python benchmarks/contrastive_loss.py --batch 4096 --negatives 1 --dim 256 1024
-    python benchmarks/contrastive_loss.py --summary         # ~3 minutes, what `make bench-summary` prints
+    python benchmarks/contrastive_loss.py --summary         # a few minutes, what `make bench-summary` prints
     pytest benchmarks/contrastive_loss.py --benchmark-enable  # the pytest-benchmark cases
 
 Times are medians over --repeats runs after one warm-up, for forward (with inputs that require
@@ -241,7 +241,7 @@ def print_table(rows: list[dict]) -> None:
           "÷gemm: fwd+bwd time over the bare GEMMs'; naive÷ etc.: that provider's time over this one's")  # fmt: skip
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -257,6 +257,7 @@ def plot(rows: list[dict], path: Path) -> None:
                 ax.plot(*zip(*sorted(pts), strict=True), marker="o", label=provider)
         ax.set(title=f"{opt}, K={k}, D={d}", xlabel="B", ylabel="fwd+bwd ms", xscale="log", yscale="log")
         ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=8)  # the machine and its load: times on a shared machine vary
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -272,7 +273,7 @@ def main(argv=None) -> int:
     parser.add_argument("--memory", action="store_true", help="also measure peak extra memory (subprocesses)")
     parser.add_argument("--json", type=Path, help="write rows here")
     parser.add_argument("--plot", type=Path, help="write a PNG plot here")
-    parser.add_argument("--summary", action="store_true", help="a ~3 minute summary (make bench-summary)")
+    parser.add_argument("--summary", action="store_true", help="a few minutes: B = 4096, D = 256 (make bench-summary)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     parser.add_argument("--memory-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -290,7 +291,7 @@ def main(argv=None) -> int:
     if args.json:
         write_json(args.json, rows)
     if args.plot:
-        plot([r for r in rows if "fwd_bwd_ms" in r], args.plot)
+        plot([r for r in rows if "fwd_bwd_ms" in r], args.plot, machine())
     return 0
 
 

@@ -19,7 +19,10 @@ import torch
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     threads = torch.get_num_threads()
-    return f"{datetime.date.today()} | {cpu}, {os.cpu_count()} cores, {threads} threads | torch {torch.__version__}"
+    # The 1-minute load average when the run starts: on a shared machine, other jobs skew the times.
+    load = os.getloadavg()[0]
+    cores = f"{os.cpu_count()} cores, {threads} threads, load {load:.1f}"
+    return f"{datetime.date.today()} | {cpu}, {cores} | torch {torch.__version__}"
 
 
 def write_json(path: Path, rows: list[dict]) -> None:
