@@ -22,22 +22,21 @@ ENVIRONMENT = ("MMFAST_DISABLE_CPP", "MMFAST_SCORE_CHUNK_BYTES", "TRITON_INTERPR
 def show_config(file=None) -> None:
     """Prints the mmfast, torch and triton versions, whether the C++ kernels are loaded (and why
     not), and the backend that backend="auto" picks on each device. May build the C++ kernels first
-    (once, ~1 min) when the install has no compiled module."""
-    width = max(len(name) for name, _ in _report())
-    for name, value in _report():
+    (once, a minute or two) when the install has no compiled module."""
+    rows = _report()
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
         print(f"{name:<{width}}  {value}", file=file)
 
 
 def _report() -> list[tuple[str, str]]:
-    from mmfast import __version__  # at call time: mmfast/__init__.py imports this module
-
     cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA"
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     rows = [
-        ("mmfast", f"{__version__} ({os.path.dirname(os.path.abspath(__file__))})"),
+        ("mmfast", f"{_version('mmfast') or 'not installed'} ({os.path.dirname(os.path.abspath(__file__))})"),
         ("python", f"{platform.python_version()} ({sys.executable})"),
         ("torch", f"{torch.__version__} ({cuda}; {gpus} GPU(s) visible; {torch.get_num_threads()} CPU threads)"),
-        ("triton", _triton_version()),
+        ("triton", _version("triton") or 'not installed (the triton backend needs it: pip install "mmfast[triton]")'),
         ("C++ kernels", extension_status()),
     ]
     devices = [torch.device("cpu")] + [torch.device("cuda", i) for i in range(gpus)]
@@ -46,11 +45,13 @@ def _report() -> list[tuple[str, str]]:
     return rows
 
 
-def _triton_version() -> str:
+def _version(distribution: str) -> str | None:
+    """The installed distribution's version, read from its metadata (importing triton is slow, and
+    mmfast/__init__.py imports this module)."""
     try:
-        return metadata.version("triton")
+        return metadata.version(distribution)
     except metadata.PackageNotFoundError:
-        return 'not installed (the triton backend needs it: pip install "mmfast[triton]"; Linux only)'
+        return None
 
 
 def _auto_choice(device: torch.device) -> str:
