@@ -1,6 +1,6 @@
 # `make demo` and `make test` do all set-up on a fresh machine: create .venv, install torch 2.13.0
-# (the CPU wheel) when no torch is importable, install mmfast in editable mode (building the C++
-# kernels), then run. The install step re-runs only when the package definition or csrc/ changes.
+# when no torch is importable, install mmfast in editable mode (building the C++ kernels), then run.
+# The install step re-runs only when the package definition or csrc/ changes.
 PYTHON ?= python3
 VENV ?= .venv
 # This machine's pip resolves torch==2.13.0 to a local CPU wheel. Elsewhere, plain PyPI gives the CUDA
@@ -9,19 +9,25 @@ TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmfast-installed
 
-.PHONY: setup demo test bench gpu-report lint clean
+.PHONY: setup demo bench-summary test bench gpu-report lint clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0 $(TORCH_INDEX)
+	$(PY) -c "import torch" 2>/dev/null || { echo "installing torch==2.13.0 $(TORCH_INDEX) (plain PyPI gives the CUDA" \
+		"build; for the CPU one: TORCH_INDEX=\"--index-url https://download.pytorch.org/whl/cpu\")"; \
+		$(PY) -m pip install -q torch==2.13.0 $(TORCH_INDEX); }
 	$(PY) -m pip install -q "setuptools>=70" wheel ninja
 	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench,train]"
+	$(PY) -m mmfast
 	touch $@
 
 setup: $(STAMP)
 
-demo: setup
-	$(PY) benchmarks/contrastive_loss.py --demo
+# For now the demo is the kernel benchmark summary.
+demo: bench-summary
+
+bench-summary: setup
+	$(PY) benchmarks/contrastive_loss.py --summary --quiet
 	$(PY) benchmarks/pooling.py --batch 32 --tokens 512 --dim 1536 --repeats 3
 
 test: setup

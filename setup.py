@@ -1,9 +1,11 @@
 """Builds mmfast._C (the C++ CPU kernels in csrc/) when torch is importable at build time.
 
-    pip install --no-build-isolation -e .     # after `pip install torch`
+    pip install --no-build-isolation .        # after `pip install torch`: mmfast._C in the wheel
+    pip install .                             # isolated build, no torch: kernels built on first use
 
-Knobs: MMFAST_SKIP_CPP=1 skips the C++ build (mmfast then JIT-builds csrc/ on first use, or falls
-back to the pure-PyTorch backend); MAX_JOBS limits ninja's parallel jobs.
+Without torch at build time (pip's default isolated build) or with MMFAST_SKIP_CPP=1 the wheel
+holds no compiled module; mmfast then builds the csrc/ sources it ships on first use (or falls back
+to the pure-PyTorch backend). MAX_JOBS limits ninja's parallel jobs.
 """
 
 import os
@@ -20,7 +22,10 @@ if os.environ.get("MMFAST_SKIP_CPP") != "1":
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
-        print("mmfast: torch is not importable at build time; the C++ kernels will be built on first use")
+        print(
+            "mmfast: torch is not importable at build time (an isolated build?); the C++ kernels will be built "
+            "on first use. To build them now: pip install --no-build-isolation ."
+        )
     else:
         ext_modules = [
             CppExtension(

@@ -1,8 +1,19 @@
-"""Speed and memory of mmfast.contrastive_loss against naive PyTorch, torch.compile(naive) and the
-three bare GEMMs the math needs (S = Q·Cᵀ, G·C, Gᵀ·Q), all measured in one run.
+"""Speed and memory of mmfast.contrastive_loss against the code people write, torch.compile of that
+code, the project's own float64-oracle code, and the bare GEMMs the math needs, all in one run.
+
+Providers:
+  mmfast     mmfast.contrastive_loss (backend "auto")
+  naive      what a user writes: F.cross_entropy(q @ c.T / τ, labels), the options as a logit bonus
+             (hardness) and -inf masks (margin, top-k) on the materialised B×N logits
+  compiled   torch.compile(naive), compile time excluded
+  reference  mmfast.reference.contrastive_loss_reference (the tests' masked oracle), input dtype
+  gemm       the bare GEMMs: S = Q·Cᵀ, G·C, Gᵀ·Q (and the same for the B×B block when symmetric)
+
+Effective GFLOP/s = the FLOPs of those GEMMs over a provider's fwd+bwd time; the gemm row is the
+machine's own rate for the same shapes (top-k's sparse gradient can take mmfast past it).
 
     python benchmarks/contrastive_loss.py --batch 4096 --negatives 1 --dim 256 1024
-    python benchmarks/contrastive_loss.py --demo            # ~1 minute, what `make demo` prints
+    python benchmarks/contrastive_loss.py --summary         # a few minutes, what `make bench-summary` prints
     pytest benchmarks/contrastive_loss.py --benchmark-enable  # the pytest-benchmark cases
 
 Times are medians over --repeats runs after one warm-up, for forward (with inputs that require
@@ -21,6 +32,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import mmfast
 from mmfast.reference import contrastive_loss_reference
@@ -31,7 +43,7 @@ from harness import (  # noqa: E402
     machine,
     median_times,
     memory_in_subprocess,
-    peak_extra_mib,
+    peak_after_warmup,
     write_json,
 )
 
@@ -46,8 +58,8 @@ OPTIONS = {
     "symmetric": {"symmetric": True},
 }
 DEFAULT_OPTIONS = ["plain", "llave", "unime"]
-PROVIDERS = ("mmfast", "naive", "compiled", "gemm")
-NAIVE_MEMORY_LIMIT = 12 << 30  # skip naive/compiled where the B×N matrices alone would exceed this
+PROVIDERS = ("mmfast", "naive", "compiled", "reference", "gemm")
+NAIVE_MEMORY_LIMIT = 12 << 30  # skip the materialising providers where the B×N matrices alone would exceed this
 
 
 def make_inputs(b: int, k: int, d: int, seed: int = 0):
@@ -64,20 +76,66 @@ def naive_bytes(b: int, k: int) -> int:
     return 6 * 4 * b * b * (1 + k)
 
 
-_compiled_reference = None
+def naive_contrastive_loss(query, target, negatives=None, *, temperature=0.02, symmetric=False, hardness=0.0,
+                           false_negative_margin=None, topk=None):  # fmt: skip
+    """The loss as a user writes it in PyTorch (the benchmark's honest baseline, not the project's
+    oracle): cross-entropy over the materialised logits, the positive of row i in column i."""
+    candidates = target if negatives is None else torch.cat([target, negatives])
+    options = dict(temperature=temperature, hardness=hardness, margin=false_negative_margin, topk=topk)
+    loss = _naive_direction(query, candidates, **options)
+    if symmetric:
+        loss = 0.5 * (loss + _naive_direction(target, query, **options))
+    return loss
+
+
+def _naive_direction(x, candidates, *, temperature, hardness, margin, topk):
+    scores = x @ candidates.T
+    labels = torch.arange(x.shape[0], device=x.device)
+    if not hardness and margin is None and topk is None:
+        return F.cross_entropy(scores / temperature, labels)
+    logits = scores / temperature
+    positive = torch.zeros_like(scores, dtype=torch.bool).fill_diagonal_(True)
+    if hardness:  # LLaVE: negatives weighted by exp(α·s), i.e. α·stopgrad(s) added to their logits
+        logits = logits + hardness * scores.detach().masked_fill(positive, 0.0)
+    dropped = torch.zeros_like(positive)
+    if margin is not None:  # UniME: likely false negatives, scoring above the positive + margin
+        dropped = (scores.detach() > scores.detach().diagonal()[:, None] + margin) & ~positive
+    if topk is not None:  # UniME: only the k hardest remaining negatives
+        ranked = scores.detach().masked_fill(dropped | positive, float("-inf"))
+        hardest = ranked.topk(min(topk, scores.shape[1]), dim=1).indices
+        dropped |= ~torch.zeros_like(positive).scatter_(1, hardest, True) & ~positive
+    return F.cross_entropy(logits.masked_fill(dropped, float("-inf")), labels)
+
+
+_compiled_naive = None
 
 
 def loss_fn(provider: str, options: dict):
-    global _compiled_reference
+    global _compiled_naive
     if provider == "mmfast":
         return lambda q, t, n: mmfast.contrastive_loss(q, t, n, **options)
     if provider == "naive":
-        return lambda q, t, n: contrastive_loss_reference(q, t, n, **options)
+        return lambda q, t, n: naive_contrastive_loss(q, t, n, **options)
     if provider == "compiled":
-        if _compiled_reference is None:
-            _compiled_reference = torch.compile(contrastive_loss_reference, dynamic=False)
-        return lambda q, t, n: _compiled_reference(q, t, n, **options)
+        if _compiled_naive is None:
+            _compiled_naive = torch.compile(naive_contrastive_loss, dynamic=False)
+        return lambda q, t, n: _compiled_naive(q, t, n, **options)
+    if provider == "reference":
+        return lambda q, t, n: contrastive_loss_reference(q, t, n, **options)
     raise ValueError(provider)
+
+
+def gemm_shapes(options: dict, q, t, n) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(rows, candidates) of each score matrix the loss needs: [Q; C], plus [T; Q] when symmetric."""
+    pairs = [(q, torch.cat([t, n]) if n is not None else t)]
+    if options.get("symmetric"):
+        pairs.append((t, q))
+    return pairs
+
+
+def gemm_flops(options: dict, b: int, k: int, d: int) -> int:
+    """FLOPs of the dense math: per score matrix, S = X·Cᵀ, G·C and Gᵀ·X (2·rows·N·D each)."""
+    return 6 * b * d * (b * (1 + k) + (b if options.get("symmetric") else 0))
 
 
 def step_functions(provider: str, options: dict, q, t, n):
@@ -85,18 +143,20 @@ def step_functions(provider: str, options: dict, q, t, n):
     state = {}
     leaves = [x.detach().requires_grad_() for x in (q, t, n) if x is not None]
     if provider == "gemm":
-        cands = torch.cat([t, n]) if n is not None else t
-        scores = torch.empty(q.shape[0], cands.shape[0])
-        grad_q, grad_c = torch.empty_like(q), torch.empty_like(cands)
+        pairs = gemm_shapes(options, q, t, n)
+        scores = [torch.empty(x.shape[0], c.shape[0]) for x, c in pairs]
+        grads = [(torch.empty_like(x), torch.empty_like(c)) for x, c in pairs]
 
         def forward():
-            torch.mm(q, cands.T, out=scores)
+            for (x, c), s in zip(pairs, scores, strict=True):
+                torch.mm(x, c.T, out=s)
 
         def backward():
-            torch.mm(scores, cands, out=grad_q)
-            torch.mm(scores.T, q, out=grad_c)
+            for (x, c), s, (grad_x, grad_c) in zip(pairs, scores, grads, strict=True):
+                torch.mm(s, c, out=grad_x)
+                torch.mm(s.T, x, out=grad_c)
 
-        return forward, backward, lambda: [grad_q, grad_c]
+        return forward, backward, lambda: [g for pair in grads for g in pair]
     fn = loss_fn(provider, options)
 
     def forward():
@@ -115,12 +175,8 @@ def time_case(provider: str, options: dict, b: int, k: int, d: int, repeats: int
 
 def measure_memory_here(provider: str, options: dict, b: int, k: int, d: int) -> dict:
     """Extra peak resident memory of one fwd+bwd over inputs + grads (run in a fresh process)."""
-    forward, backward, _ = step_functions(provider, options, *make_inputs(64, k, d))
-    forward(), backward()  # load and compile everything on a small problem first
-    forward, backward, grads = step_functions(provider, options, *make_inputs(b, k, d))
-    if provider == "compiled":  # compile at this very size too, before measuring
-        forward(), backward()
-    return {"extra_peak_mib": peak_extra_mib(forward, backward, grads)}
+    make_step = lambda *inputs: step_functions(provider, options, *inputs)
+    return peak_after_warmup(make_step, make_inputs(64, k, d), make_inputs(b, k, d), compiled=provider == "compiled")
 
 
 def run_grid(args) -> list[dict]:
@@ -131,21 +187,27 @@ def run_grid(args) -> list[dict]:
                 for b in args.batch:
                     for provider in args.providers:
                         row = {"provider": provider, "options": option_name, "B": b, "K": k, "D": d}
-                        skip = provider in ("naive", "compiled") and naive_bytes(b, k) > NAIVE_MEMORY_LIMIT
-                        if skip:
+                        materialises = provider in ("naive", "compiled", "reference")
+                        if materialises and naive_bytes(b, k) > NAIVE_MEMORY_LIMIT:
                             row["skipped"] = f"needs ~{naive_bytes(b, k) / 2**30:.0f} GiB"
                         else:
                             row.update(time_case(provider, OPTIONS[option_name], b, k, d, args.repeats))
+                            row["gflops"] = gemm_flops(OPTIONS[option_name], b, k, d) / row["fwd_bwd_ms"] / 1e6
                             if args.memory and provider != "gemm":
                                 child = [provider, option_name, str(b), str(k), str(d)]
                                 row.update(memory_in_subprocess(__file__, child))
                         rows.append(row)
-                        print(json.dumps(row), flush=True)
+                        if not args.quiet:
+                            done = f"{row['fwd_bwd_ms']:.0f} ms" if "fwd_bwd_ms" in row else row["skipped"]
+                            print(f"# {option_name} B={b} K={k} D={d} {provider}: {done}", file=sys.stderr, flush=True)
     return rows
 
 
+BASELINES = ("naive", "compiled", "reference")
+
+
 def add_ratios(rows: list[dict]) -> None:
-    """Each row's fwd+bwd time over the bare GEMMs, naive and compiled of the same case."""
+    """Each row's fwd+bwd time over the bare GEMMs, and each baseline's time over this row's."""
     by_case = {}
     for r in rows:
         by_case.setdefault((r["options"], r["B"], r["K"], r["D"]), {})[r["provider"]] = r
@@ -155,32 +217,31 @@ def add_ratios(rows: list[dict]) -> None:
                 continue
             if "fwd_bwd_ms" in case.get("gemm", {}):
                 r["over_gemm"] = r["fwd_bwd_ms"] / case["gemm"]["fwd_bwd_ms"]
-            for other in ("naive", "compiled"):
+            for other in BASELINES:
                 if "fwd_bwd_ms" in case.get(other, {}):
                     r[f"speedup_vs_{other}"] = case[other]["fwd_bwd_ms"] / r["fwd_bwd_ms"]
 
 
 def print_table(rows: list[dict]) -> None:
-    header = (
-        "options  B      K  D     provider    fwd ms   bwd ms  fwd+bwd  ÷gemm  naive÷  compiled÷  extra MiB\n"
-        "(÷gemm: fwd+bwd time over the 3 bare GEMMs; naive÷, compiled÷: their time over this one)"
-    )
-    print(header)
+    """One line per provider and case; a column that no row has a value for is left out."""
+    columns = [("fwd ms", "fwd_ms", "{:.1f}"), ("bwd ms", "bwd_ms", "{:.1f}"), ("fwd+bwd", "fwd_bwd_ms", "{:.1f}"),
+               ("GFLOP/s", "gflops", "{:.0f}"), ("÷gemm", "over_gemm", "{:.2f}")]  # fmt: skip
+    columns += [(f"{other}÷", f"speedup_vs_{other}", "{:.2f}") for other in BASELINES]
+    columns.append(("extra MiB", "extra_peak_mib", "{:.0f}"))
+    columns = [c for c in columns if any(r.get(c[1]) is not None for r in rows)]
+    print("options  B      K  D     provider  " + "".join(f"{title:>11s}" for title, _, _ in columns))
     for r in rows:
+        case = f"{r['options']:8s} {r['B']:<6d} {r['K']}  {r['D']:<5d} {r['provider']:9s} "
         if "skipped" in r:
-            print(f"{r['options']:8s} {r['B']:<6d} {r['K']}  {r['D']:<5d} {r['provider']:11s} skipped: {r['skipped']}")
+            print(case + f" skipped: {r['skipped']}")
             continue
-
-        def ratio(key, row=r):
-            return f"{row[key]:.2f}" if key in row else "-"
-
-        mem = r.get("extra_peak_mib")
-        print(f"{r['options']:8s} {r['B']:<6d} {r['K']}  {r['D']:<5d} {r['provider']:11s} {r['fwd_ms']:8.1f} "
-              f"{r['bwd_ms']:8.1f} {r['fwd_bwd_ms']:8.1f}  {ratio('over_gemm'):5s}  {ratio('speedup_vs_naive'):6s}  "
-              f"{ratio('speedup_vs_compiled'):9s}  {'-' if mem is None else f'{mem:.0f}'}")  # fmt: skip
+        cells = ("-" if r.get(key) is None else fmt.format(r[key]) for _, key, fmt in columns)
+        print(case + "".join(f"{cell:>11s}" for cell in cells))
+    print("GFLOP/s: the dense GEMMs' FLOPs over fwd+bwd time (the gemm row is this machine's GEMM rate); "
+          "÷gemm: fwd+bwd time over the bare GEMMs'; naive÷ etc.: that provider's time over this one's")  # fmt: skip
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -196,6 +257,7 @@ def plot(rows: list[dict], path: Path) -> None:
                 ax.plot(*zip(*sorted(pts), strict=True), marker="o", label=provider)
         ax.set(title=f"{opt}, K={k}, D={d}", xlabel="B", ylabel="fwd+bwd ms", xscale="log", yscale="log")
         ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=8)  # the machine and its load: times on a shared machine vary
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -211,16 +273,17 @@ def main(argv=None) -> int:
     parser.add_argument("--memory", action="store_true", help="also measure peak extra memory (subprocesses)")
     parser.add_argument("--json", type=Path, help="write rows here")
     parser.add_argument("--plot", type=Path, help="write a PNG plot here")
-    parser.add_argument("--demo", action="store_true", help="a ~1 minute summary (make demo)")
+    parser.add_argument("--summary", action="store_true", help="a few minutes: B = 4096, D = 256 (make bench-summary)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     parser.add_argument("--memory-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
         provider, option_name, b, k, d = args.memory_child
         print(json.dumps(measure_memory_here(provider, OPTIONS[option_name], int(b), int(k), int(d))))
         return 0
-    if args.demo:
-        args.batch, args.negatives, args.dim, args.repeats = [4096], [1], [256], 3
-        args.providers = ["mmfast", "naive", "gemm"]
+    if args.summary:
+        args.batch, args.negatives, args.dim, args.repeats, args.memory = [4096], [1], [256], 3, True
+        args.providers = ["mmfast", "naive", "compiled", "gemm"]
     print(f"# {machine()} | float32, CPU")
     rows = run_grid(args)
     add_ratios(rows)
@@ -228,13 +291,14 @@ def main(argv=None) -> int:
     if args.json:
         write_json(args.json, rows)
     if args.plot:
-        plot([r for r in rows if "fwd_bwd_ms" in r], args.plot)
+        plot([r for r in rows if "fwd_bwd_ms" in r], args.plot, machine())
     return 0
 
 
 # pytest-benchmark cases: pytest benchmarks/contrastive_loss.py --benchmark-enable
 @pytest.mark.parametrize("provider, option_name", [("mmfast", "plain"), ("mmfast", "llave"), ("mmfast", "unime"),
-                                                   ("naive", "plain"), ("gemm", "plain")])  # fmt: skip
+                                                   ("naive", "plain"), ("naive", "unime"), ("reference", "plain"),
+                                                   ("gemm", "plain")])  # fmt: skip
 def test_contrastive_loss(benchmark, provider, option_name):
     bench_step(benchmark, *step_functions(provider, OPTIONS[option_name], *make_inputs(2048, 1, 256))[:2], rounds=3)
 

@@ -19,7 +19,10 @@ import torch
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     threads = torch.get_num_threads()
-    return f"{datetime.date.today()} | {cpu}, {os.cpu_count()} cores, {threads} threads | torch {torch.__version__}"
+    # The 1-minute load average when the run starts: on a shared machine, other jobs skew the times.
+    load = os.getloadavg()[0]
+    cores = f"{os.cpu_count()} cores, {threads} threads, load {load:.1f}"
+    return f"{datetime.date.today()} | {cpu}, {cores} | torch {torch.__version__}"
 
 
 def write_json(path: Path, rows: list[dict]) -> None:
@@ -68,6 +71,19 @@ def peak_extra_mib(forward, backward, outputs) -> float:
     peak = _status_kib("VmHWM")
     kept = sum(t.numel() * t.element_size() for t in outputs())
     return ((peak - baseline) * 1024 - kept) / 2**20
+
+
+def peak_after_warmup(make_step, small_inputs: tuple, inputs: tuple, *, compiled: bool = False) -> dict:
+    """{"extra_peak_mib": ...} of one fwd+bwd of `make_step(*inputs)` (a (forward, backward, grads)
+    triple), after a warm-up that loads every kernel: on `small_inputs`, or for torch.compile'd code
+    on `inputs` itself, which compiles at that very shape (dynamic=False) outside the measurement."""
+    if not compiled:
+        forward, backward, _ = make_step(*small_inputs)
+        forward(), backward()
+    forward, backward, grads = make_step(*inputs)
+    if compiled:
+        forward(), backward()
+    return {"extra_peak_mib": peak_extra_mib(forward, backward, grads)}
 
 
 def memory_in_subprocess(script: str, child_args: list[str]) -> dict:

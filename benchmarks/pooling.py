@@ -27,7 +27,7 @@ from harness import (  # noqa: E402
     machine,
     median_times,
     memory_in_subprocess,
-    peak_extra_mib,
+    peak_after_warmup,
     write_json,
 )
 
@@ -78,10 +78,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.memory_child:
         provider, mode, b, t, d, dtype = args.memory_child
-        forward, backward, grads = step_functions(provider, mode, *make_inputs(2, 8, int(d), DTYPES[dtype]))
-        forward(), backward()
-        forward, backward, grads = step_functions(provider, mode, *make_inputs(int(b), int(t), int(d), DTYPES[dtype]))
-        print(json.dumps({"extra_peak_mib": peak_extra_mib(forward, backward, grads)}))
+        make_step = lambda *inputs: step_functions(provider, mode, *inputs)
+        small, full = make_inputs(2, 8, int(d), DTYPES[dtype]), make_inputs(int(b), int(t), int(d), DTYPES[dtype])
+        print(json.dumps(peak_after_warmup(make_step, small, full)))
         return 0
     print(f"# {machine()} | CPU")
     print("mode  dtype     B     T      D     provider  fwd ms   bwd ms  fwd+bwd  naive÷  extra MiB")

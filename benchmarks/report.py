@@ -20,24 +20,24 @@ def contrastive_table(rows: list[dict]) -> str:
     for r in rows:
         cases.setdefault((r["options"], r["B"], r["K"], r["D"]), {})[r["provider"]] = r
     out = [
-        "| options | B | K | D | mmfast ms | ÷ 3 GEMMs | naive ms | naive ÷ mmfast | compiled ms | compiled ÷ mmfast"
-        " | extra MiB: mmfast / naive / compiled |",
+        "| options | B | K | D | mmfast ms | GFLOP/s: mmfast / GEMMs | naive ms | naive ÷ mmfast | compiled ÷ mmfast"
+        " | reference ÷ mmfast | extra MiB: mmfast / naive / compiled |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
-    def ms(p):
-        return f"{p['fwd_bwd_ms']:.0f}" if p and "fwd_bwd_ms" in p else p.get("skipped", "-") if p else "-"
-
-    def mib(p):
-        return f"{p['extra_peak_mib']:.0f}" if p and p.get("extra_peak_mib") is not None else "-"
+    def value(p, key, fmt):
+        return fmt.format(p[key]) if p and p.get(key) is not None else (p or {}).get("skipped", "-")
 
     for (opt, b, k, d), c in cases.items():
-        m, n, comp = c.get("mmfast"), c.get("naive"), c.get("compiled")
-        ratio = f"{m['over_gemm']:.2f}" if m and "over_gemm" in m else "-"
-        vs_naive = f"{m['speedup_vs_naive']:.2f}×" if m and "speedup_vs_naive" in m else "-"
-        vs_comp = f"{m['speedup_vs_compiled']:.2f}×" if m and "speedup_vs_compiled" in m else "-"
-        out.append(f"| {opt} | {b} | {k} | {d} | {ms(m)} | {ratio} | {ms(n)} | {vs_naive} | {ms(comp)} | {vs_comp} "
-                   f"| {mib(m)} / {mib(n)} / {mib(comp)} |")  # fmt: skip
+        m, gemm = c.get("mmfast"), c.get("gemm")
+        n, comp = c.get("naive"), c.get("compiled")
+        speedups = " | ".join(
+            value(m, f"speedup_vs_{other}", "{:.2f}×") for other in ("naive", "compiled", "reference")
+        )
+        out.append(f"| {opt} | {b} | {k} | {d} | {value(m, 'fwd_bwd_ms', '{:.0f}')} "
+                   f"| {value(m, 'gflops', '{:.0f}')} / {value(gemm, 'gflops', '{:.0f}')} "
+                   f"| {value(n, 'fwd_bwd_ms', '{:.0f}')} | {speedups} "
+                   f"| {' / '.join(value(p, 'extra_peak_mib', '{:.0f}') for p in (m, n, comp))} |")  # fmt: skip
     return "\n".join(out)
 
 

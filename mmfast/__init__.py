@@ -1,5 +1,6 @@
 """mmfast: fused kernels for training multimodal embedding models."""
 
+from mmfast.config import show_config
 from mmfast.contrastive_loss import (
     ContrastiveLoss,
     ContrastiveLossFunction,
@@ -34,4 +35,5 @@ __all__ = [
     "SimilarityTopK",
     "SimilarityTopkOptions",
     "similarity_topk",
+    "show_config",
 ]

@@ -279,6 +279,10 @@ def contrastive_loss(
     Returns the loss in float32 (float64 for float64 inputs). Gradients reach query, target and
     negatives in their own dtypes. The B×N score matrix is never held: memory is one chunk of
     score rows (a fixed byte budget) plus O(B·k) for top-k.
+
+    Bad input raises ValueError/TypeError naming the argument. Under torch.compile(fullgraph=True)
+    torch reports it as torch._dynamo.exc.Unsupported ("Observed exception"), with this message on
+    its "Developer debug context" line; without fullgraph the error itself is raised.
     """
     options = ContrastiveLossOptions(
         temperature=temperature,

@@ -206,3 +206,15 @@ def test_bad_chunk_size_variable_warns_instead_of_breaking_import():
     env["MMFAST_SCORE_CHUNK_BYTES"] = "16M"
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert run.stdout.strip() == str(16 << 20)
+
+
+def test_under_compile_the_error_keeps_mmfast_message():
+    """As the README says: fullgraph=True reports any exception raised while tracing as dynamo's
+    Unsupported, with mmfast's message in it; without fullgraph the ValueError itself is raised."""
+    q, t, _ = good()
+    loss = lambda q, t: mmfast.contrastive_loss(q, t, backend="torch")
+    message = r"raised exception ValueError\(\"target must have query's shape \(4, 8\) \[B, D\], got \(3, 8\)\"\)"
+    with pytest.raises(torch._dynamo.exc.Unsupported, match=message):
+        torch.compile(loss, fullgraph=True, backend="eager")(q, t[:3])
+    with pytest.raises(ValueError, match="target must have query's shape"):
+        torch.compile(loss, backend="eager")(q, t[:3])

@@ -1,4 +1,4 @@
-"""Naive PyTorch versions of every mmfast op: the float64 test oracle and the benchmark baseline."""
+"""Naive PyTorch versions of every mmfast op: the float64 test oracles (the benchmarks' "reference")."""
 
 from mmfast.reference.contrastive_loss import contrastive_loss_reference, directional_loss_reference
 from mmfast.reference.distillation_loss import distillation_loss_reference

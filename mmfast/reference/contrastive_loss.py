@@ -1,7 +1,7 @@
 """The naive contrastive loss: materialises the B×N score matrix and lets autograd differentiate it.
 
-It is the test oracle (run in float64) and the "naive PyTorch" baseline of the benchmarks (run in the
-input dtype), and it is the readable statement of the math:
+It is the test oracle (run in float64) and the readable statement of the math. The benchmarks time it
+as their "reference" provider; their "naive" baseline is the F.cross_entropy code users write.
 
     s_ij = query_i · candidate_j,  candidates = [targets; negatives]
     positive logit   s_ii / τ

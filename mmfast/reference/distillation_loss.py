@@ -3,7 +3,8 @@
     p_teacher_i = softmax_j(tq_i · tt_j / τ_t),  p_student_i = softmax_j(sq_i · st_j / τ_s)
     loss_i = KL(p_teacher_i ‖ p_student_i) = Σ_j p_t,ij (log p_t,ij - log p_s,ij)
 
-The teacher receives no gradient. Test oracle (float64) and benchmark baseline (input dtype).
+The teacher receives no gradient. The test oracle (float64); the benchmarks time it as their
+"reference" provider, beside the F.kl_div code users write.
 """
 
 from __future__ import annotations

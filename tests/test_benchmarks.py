@@ -1,0 +1,68 @@
+"""The benchmarks' baselines compute the same losses as mmfast's float64 reference (an honest
+baseline must be a correct one), and the benchmark CLI fills every column it prints."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmfast.reference import contrastive_loss_reference, distillation_loss_reference
+from tests.helpers import unit_rows
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import contrastive_loss as contrastive_benchmark  # noqa: E402
+import distillation_loss as distillation_benchmark  # noqa: E402
+
+
+def grads_of(loss, leaves):
+    return torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize("option_name", list(contrastive_benchmark.OPTIONS) + ["everything"])
+@pytest.mark.parametrize("k", [0, 2])
+def test_naive_contrastive_baseline_matches_the_reference(option_name, k):
+    options = {"hardness": 3.0, "symmetric": True, "false_negative_margin": 0.05, "topk": 4}
+    options = options if option_name == "everything" else contrastive_benchmark.OPTIONS[option_name]
+    g = torch.Generator().manual_seed(7)
+    b, d = 13, 7
+    leaves = [unit_rows(b, d, generator=g).requires_grad_(), unit_rows(b, d, generator=g).requires_grad_()]
+    if k:
+        leaves.append(unit_rows(b * k, d, generator=g).requires_grad_())
+    negatives = leaves[2] if k else None
+    expected = contrastive_loss_reference(*leaves[:2], negatives, temperature=0.1, **options)
+    actual = contrastive_benchmark.naive_contrastive_loss(*leaves[:2], negatives, temperature=0.1, **options)
+    torch.testing.assert_close(actual, expected)
+    for got, want in zip(grads_of(actual, leaves), grads_of(expected, leaves), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_naive_distillation_baseline_matches_the_reference():
+    g = torch.Generator().manual_seed(3)
+    student = [unit_rows(11, 5, generator=g).requires_grad_() for _ in range(2)]
+    teacher = [unit_rows(11, 9, generator=g) for _ in range(2)]
+    temperatures = dict(student_temperature=0.05, teacher_temperature=0.1)
+    expected = distillation_loss_reference(*student, *teacher, **temperatures)
+    actual = distillation_benchmark.naive_distillation_loss(*student, *teacher, **temperatures)
+    torch.testing.assert_close(actual, expected)
+    for got, want in zip(grads_of(actual, student), grads_of(expected, student), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_gemm_flops_count_the_symmetric_block():
+    assert contrastive_benchmark.gemm_flops({}, 4, 1, 3) == 3 * 2 * 4 * 8 * 3
+    assert contrastive_benchmark.gemm_flops({"symmetric": True}, 4, 1, 3) == 3 * 2 * 4 * (8 + 4) * 3
+
+
+def test_benchmark_table_prints_every_measured_column(capsys):
+    argv = ["--batch", "64", "--negatives", "1", "--dim", "16", "--options", "plain", "llave", "--repeats", "1",
+            "--providers", "mmfast", "naive", "reference", "gemm", "--quiet"]  # fmt: skip
+    assert contrastive_benchmark.main(argv) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("options"))
+    assert header.split()[5:] == ["fwd", "ms", "bwd", "ms", "fwd+bwd", "GFLOP/s", "÷gemm", "naive÷", "reference÷"]
+    mmfast_rows = [line.split() for line in out.splitlines() if " mmfast " in line]
+    assert len(mmfast_rows) == 2 and all("-" not in row for row in mmfast_rows)
+    assert "{" not in out  # no raw JSON lines
