@@ -40,3 +40,21 @@ def test_eval_default_retrieval_then_cached(tmp_path, monkeypatch, capsys):
 def test_eval_user_errors(tmp_path, capsys):
     assert eval_main(["--data", str(tmp_path / "nothing.parquet"), "--output", str(tmp_path)]) == 2
     assert "name its --task" in capsys.readouterr().err
+
+
+def test_every_task_end_to_end_on_a_tiny_generated_set_with_the_tiny_default_model(tmp_path):
+    from mmfast.train import evaluate_default
+    from mmfast.train.default import default_backbone
+    from mmfast.train.default.synthetic import Sizes, generate
+
+    data = generate(tmp_path / "data", sizes=Sizes.tiny())
+    encoder = Encoder.from_pretrained(default_backbone())
+    results = evaluate_default(encoder, data=data, output_dir=tmp_path / "eval", show_progress=False)
+    assert set(results) == {"mmeb", "retrieval", "sugarcrepe", "video"}
+    datasets = results["mmeb"]["datasets"]
+    assert datasets and all(d["num_pred"] > 0 and 0 <= d["acc"] <= 100 for d in datasets.values())
+    assert {"classification", "vqa", "retrieval", "grounding"} <= set(results["mmeb"]["meta_tasks"])
+    assert all((tmp_path / "eval" / f"{name}_score.json").is_file() for name in datasets)
+    assert 0 <= results["retrieval"]["flickr30k"]["t2i_R@1"] <= 100
+    assert 0 <= results["sugarcrepe"]["sugarcrepe"]["overall"]["acc"] <= 100
+    assert results["video"]["msrvtt"]["t2v_MdR"] >= 1
