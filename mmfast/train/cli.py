@@ -44,14 +44,19 @@ def train(argv: Sequence[str] | None = None):
     return trainer
 
 
-def train_main(argv: Sequence[str] | None = None) -> int:
+def _main(command, program: str, argv: Sequence[str] | None) -> int:
+    """Runs a command; a user error becomes one line naming it and exit status 2."""
     _configure_logging()
     try:
-        train(sys.argv[1:] if argv is None else argv)
+        command(sys.argv[1:] if argv is None else argv)
     except USER_ERRORS as error:
-        print(f"mmfast-train: error: {error}", file=sys.stderr)
+        print(f"{program}: error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    return _main(train, "mmfast-train", argv)
 
 
 DEFAULT_TRAINED = os.path.join("runs", "llave")
@@ -113,10 +118,4 @@ def evaluate(argv: Sequence[str] | None = None) -> dict:
 
 
 def eval_main(argv: Sequence[str] | None = None) -> int:
-    _configure_logging()
-    try:
-        evaluate(sys.argv[1:] if argv is None else argv)
-    except USER_ERRORS as error:
-        print(f"mmfast-eval: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return _main(evaluate, "mmfast-eval", argv)
