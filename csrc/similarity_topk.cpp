@@ -19,6 +19,7 @@
 #include <numeric>
 #include <vector>
 
+#include "checks.h"
 #include "fast_math.h"
 
 namespace mmfast {
@@ -191,37 +192,31 @@ void merge_dispatch(const TileProblem<double>& p, int64_t begin, int64_t end) {
   merge_rows_generic<double>(p, begin, end);
 }
 
-void check_tensor(const at::Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType dtype) {
-  TORCH_CHECK(t.sizes() == shape && t.scalar_type() == dtype && t.is_contiguous() && t.device().is_cpu(),
-              "mmfast cpu similarity_topk: ", name, " must be a contiguous CPU ", dtype, " tensor of shape ", shape,
-              ", got ", t.scalar_type(), " ", t.sizes());
-}
+constexpr const char* kOp = "similarity_topk";
 
 }  // namespace
 
 void similarity_topk_rows(at::Tensor scores, int64_t col_offset, at::Tensor values, at::Tensor indices,
                           c10::optional<at::Tensor> targets, c10::optional<at::Tensor> target_score,
                           c10::optional<at::Tensor> count, bool last) {
-  TORCH_CHECK(scores.dim() == 2 && scores.device().is_cpu() && scores.stride(1) == 1,
-              "mmfast cpu similarity_topk: scores must be a 2-D CPU tensor with contiguous rows, got ",
-              scores.sizes());
+  check_float_or_double(kOp, scores, "scores");
   const auto dtype = scores.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
-              "mmfast cpu similarity_topk: scores must be float32 or float64, got ", dtype);
+  TORCH_CHECK(scores.dim() == 2, "mmfast cpu similarity_topk: scores must be 2-D, got ", scores.sizes());
+  check_rows(kOp, scores, "scores", kAnyRows, scores.size(1), dtype);
   const int64_t rows = scores.size(0), n = scores.size(1);
   TORCH_CHECK(values.dim() == 2 && values.size(1) >= 1, "mmfast cpu similarity_topk: values must be [rows, k]");
   const int64_t k = values.size(1);
-  check_tensor(values, "values", {rows, k}, dtype);
-  check_tensor(indices, "indices", {rows, k}, at::kLong);
+  check_output(kOp, values, "values", {rows, k}, dtype);
+  check_output(kOp, indices, "indices", {rows, k}, at::kLong);
   TORCH_CHECK(col_offset >= 0 && (!last || col_offset + n >= k), "mmfast cpu similarity_topk: the last tile ends at ",
               col_offset + n, " items, fewer than k = ", k);
   TORCH_CHECK(targets.has_value() == target_score.has_value() && targets.has_value() == count.has_value(),
               "mmfast cpu similarity_topk: targets, target_score and count go together");
   if (targets.has_value()) {
     TORCH_CHECK(targets->dim() == 2, "mmfast cpu similarity_topk: targets must be [rows, P]");
-    check_tensor(*targets, "targets", {rows, targets->size(1)}, at::kLong);
-    check_tensor(*target_score, "target_score", {rows}, dtype);
-    check_tensor(*count, "count", {rows}, at::kLong);
+    check_output(kOp, *targets, "targets", {rows, targets->size(1)}, at::kLong);
+    check_output(kOp, *target_score, "target_score", {rows}, dtype);
+    check_output(kOp, *count, "count", {rows}, at::kLong);
   }
   AT_DISPATCH_FLOATING_TYPES(dtype, "mmfast_similarity_topk_rows", [&] {
     TileProblem<scalar_t> p{scores.data_ptr<scalar_t>(),

@@ -54,6 +54,8 @@ def test_every_task_end_to_end_on_a_tiny_generated_set_with_the_tiny_default_mod
     datasets = results["mmeb"]["datasets"]
     assert datasets and all(d["num_pred"] > 0 and 0 <= d["acc"] <= 100 for d in datasets.values())
     assert {"classification", "vqa", "retrieval", "grounding"} <= set(results["mmeb"]["meta_tasks"])
+    assert {d["split"] for d in datasets.values()} == {"ind", "ood"}
+    assert results["mmeb"]["ind"]["acc"] >= 0 and results["mmeb"]["ood"]["acc"] >= 0
     assert all((tmp_path / "eval" / f"{name}_score.json").is_file() for name in datasets)
     assert 0 <= results["retrieval"]["flickr30k"]["t2i_R@1"] <= 100
     assert 0 <= results["sugarcrepe"]["sugarcrepe"]["overall"]["acc"] <= 100

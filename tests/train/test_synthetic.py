@@ -68,6 +68,7 @@ def test_mmeb_eval_parquet(data):
         assert splits == {True, False}, task
     for name, info in manifest.items():
         assert (info["train_subset"] in TRAIN_SUBSETS) == info["in_distribution"]
+        assert info["split"] == ("ind" if info["in_distribution"] else "ood")
         table = pq.read_table(data.mmeb_eval / name / "test-00000-of-00001.parquet")
         texts, lists = ["qry_text", "qry_img_path"], ["tgt_text", "tgt_img_path"]
         assert table.schema == pa.schema(

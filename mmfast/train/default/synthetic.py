@@ -51,7 +51,7 @@ from mmfast.train.default.render import SHAPES
 from mmfast.train.default.sizes import Sizes
 from mmfast.train.default.writing import Images, part_rng, write_json, write_jsonl
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 TRAIN_SUBSETS = ("ImageNet_1K", "OK-VQA", "MSCOCO_t2i", "MSCOCO_i2t", "MSCOCO")
 
 
