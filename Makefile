@@ -31,7 +31,7 @@ demo: setup
 
 bench-summary: setup
 	$(PY) benchmarks/contrastive_loss.py --summary --quiet
-	$(PY) benchmarks/pooling.py --batch 32 --tokens 512 --dim 1536 --repeats 3
+	$(PY) benchmarks/pooling.py --batch 32 --tokens 512 --dim 1536 --repeats 3 --memory
 
 test: setup
 	$(PY) -m pytest -q
