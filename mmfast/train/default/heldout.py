@@ -155,8 +155,12 @@ def _write_mmeb_eval(root: Path, seed: int, image_size: int, sizes: Sizes) -> No
         write_parquet(path, columns, list_columns=("tgt_text", "tgt_img_path"))
     manifest = {
         # "split" is what mmfast.train.evaluate reads; the other two say why.
-        name: {"meta_task": task, "split": "ind" if train is not None else "ood", "in_distribution": train is not None,
-               "train_subset": train}  # fmt: skip
+        name: {
+            "meta_task": task,
+            "split": "ind" if train is not None else "ood",
+            "in_distribution": train is not None,
+            "train_subset": train,
+        }  # fmt: skip
         for name, (task, train) in EVAL_SUBSETS.items()
     }
     write_json(root / "eval" / "mmeb" / "mmeb_subsets.json", manifest)
