@@ -83,5 +83,8 @@ def worker(rank: int, sizes: list[int], init_file: str, out_dir: str) -> None:
         local = {k: v[start : start + sizes[rank]] for k, v in everything.items()}
         results = {name: run_case(case, local) for name, case in cases()}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        # A rank that tears gloo down while a peer is still inside its last collective can make
+        # that peer's gloo thread call std::terminate (SIGABRT); every rank leaves together.
+        dist.barrier()
     finally:
         dist.destroy_process_group()

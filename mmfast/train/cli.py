@@ -41,7 +41,18 @@ def train(argv: Sequence[str] | None = None):
     if trainer.is_world_process_zero():
         logger.info("saved the trained encoder to %s", training_args.output_dir)
         logger.info("%s", trainer.data_report.summary())
+    _leave_process_group()
     return trainer
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, every rank leaves together: a rank that exits while a peer is still inside a
+    gloo collective can make the peer's gloo thread abort (SIGABRT) instead of exiting cleanly."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _main(command, program: str, argv: Sequence[str] | None) -> int:

@@ -62,6 +62,7 @@ def main():
             result = {"grads": grads, "allreduces": counter[0], "one_sync": one_sync[0], "loss": loss}
             torch.save(result, os.path.join(out_dir, f"{recipe}.pt"))
         dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
