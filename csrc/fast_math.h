@@ -38,6 +38,11 @@ inline float max_lane(f32x16 v) {
 }
 inline f32x16 splat16(float x);
 inline i32x16 splat16i(int32_t x) { return i32x16{} + x; }
+inline i32x16 load16i(const int32_t* p) {
+  i32x16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
 
 // Accumulates float lanes in double: two 8-lane halves, so both stay in registers.
 struct DoubleSum16 {

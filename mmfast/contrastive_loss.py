@@ -1,6 +1,7 @@
 """mmfast.contrastive_loss: InfoNCE with shared hard negatives, LLaVE hardness weighting, UniME
-false-negative filtering and top-k hard negatives, optionally symmetric; fused and chunked so the
-B×N score matrix never exists, forward or backward.
+false-negative filtering and top-k hard negatives, optionally symmetric, optionally leaving out
+candidates that duplicate a positive (mmfast/duplicate_ids.py); fused and chunked so the B×N score
+matrix never exists, forward or backward.
 
 Layers, top to bottom:
   contrastive_loss() / ContrastiveLoss     validate inputs, build ContrastiveLossOptions
@@ -18,6 +19,7 @@ import torch
 from mmfast.backends import autocast_disabled, resolve_backend
 from mmfast.backends.contrastive_loss import NO_GRADIENTS, GradientNeeds, contrastive_loss_rows
 from mmfast.distributed import Gathered, gather_candidates, process_group_active, warn_single_process
+from mmfast.duplicate_ids import NO_IDS, DuplicateIds, check_duplicate_ids, gather_duplicate_ids
 from mmfast.fused_gradients import reduce_rows, row_scale, scale_saved_gradients
 from mmfast.kernel_contract import DirectionOptions, compute_dtype
 from mmfast.reference.contrastive_loss import contrastive_loss_reference
@@ -133,16 +135,20 @@ def _contrastive_loss_rows_op(
     topk: int | None,
     backend: str,
     needs: list[bool],
+    candidate_ids: torch.Tensor | None = None,
+    query_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The chunked loss as a custom op, so torch.compile traces through it. A schema takes tensors and
     scalars only: the arguments are ContrastiveLossOptions' fields, the parts of a Gathered (across
-    devices `negatives` is Gathered.negatives) and GradientNeeds as a list; `_rows` fills them."""
+    devices `negatives` is Gathered.negatives), GradientNeeds as a list and the DuplicateIds of the
+    candidates the rows see; `_rows` fills them."""
     with autocast_disabled(query.device):
         loss, *grads = contrastive_loss_rows(
             backend, query, target, negatives,
             direction=DirectionOptions.of(temperature, hardness, false_negative_margin, topk), symmetric=symmetric,
             row_scale=row_scale, needs=GradientNeeds(*needs),
             gathered=_gathered(negatives, gathered_targets, gathered_queries, positive_offset),
+            ids=DuplicateIds(candidate_ids, query_ids),
         )  # fmt: skip
     # A custom op returns tensors only: a gradient that was not computed comes back empty.
     return (loss, *(g if g is not None else query.new_empty(0) for g in grads))
@@ -150,7 +156,7 @@ def _contrastive_loss_rows_op(
 
 @_contrastive_loss_rows_op.register_fake
 def _(query, target, negatives, row_scale, gathered_targets, gathered_queries, positive_offset, temperature, symmetric,
-      hardness, false_negative_margin, topk, backend, needs):  # fmt: skip
+      hardness, false_negative_margin, topk, backend, needs, candidate_ids=None, query_ids=None):  # fmt: skip
     returned = GradientNeeds(*needs).returned(local=gathered_targets is None, symmetric=symmetric)
     inputs = (query, target, negatives, gathered_targets, gathered_queries)
 
@@ -164,9 +170,10 @@ def _(query, target, negatives, row_scale, gathered_targets, gathered_queries, p
 
 
 def _rows(query, target, negatives, gathered: Gathered | None, options: ContrastiveLossOptions, backend: str,
-          row_scale=None, needs: GradientNeeds = NO_GRADIENTS):  # fmt: skip
+          row_scale=None, needs: GradientNeeds = NO_GRADIENTS, ids: DuplicateIds = NO_IDS):  # fmt: skip
     """The custom op on named arguments: the loss of each row and, with row_scale, the gradients in
-    `needs`. `negatives` are the local ones; across devices the rows see gathered.negatives."""
+    `needs`. `negatives` are the local ones; across devices the rows see gathered.negatives (and
+    `ids` are the gathered ones)."""
     negatives, gathered_targets, gathered_queries, offset = _flat(gathered, negatives)
     return _contrastive_loss_rows_op(
         query,
@@ -183,6 +190,8 @@ def _rows(query, target, negatives, gathered: Gathered | None, options: Contrast
         options.topk,
         backend,
         list(needs),
+        ids.candidate,
+        ids.query,
     )
 
 
@@ -194,21 +203,22 @@ class ContrastiveLossFunction(torch.autograd.Function):
     known in backward, which then recomputes the scores chunk by chunk (four GEMMs in all).
     Across devices, gathered_targets / gathered_queries (and negatives) are all ranks' tensors from
     an autograd-aware all-gather, and query i's positive is gathered target positive_offset + i.
+    `ids` (DuplicateIds, no gradient) are those of the candidates the rows see.
     """
 
     @staticmethod
     def forward(ctx, query, target, negatives, weight, gathered_targets, gathered_queries, positive_offset,
-                options: ContrastiveLossOptions, backend: str):  # fmt: skip
+                options: ContrastiveLossOptions, backend: str, ids: DuplicateIds = NO_IDS):  # fmt: skip
         needs = GradientNeeds(*(ctx.needs_input_grad[i] for i in (0, 1, 2, 4, 5)))
         gathered = _gathered(negatives, gathered_targets, gathered_queries, positive_offset)
         ctx.options, ctx.backend, ctx.fused, ctx.needs = options, backend, options.reduction != "none", needs
-        ctx.gathered_offset = positive_offset
+        ctx.gathered_offset, ctx.ids = positive_offset, ids
         if ctx.fused:
             scale = row_scale(options.reduction, query.shape[0], weight, compute_dtype(query.dtype), query.device)
-            rows, *grads = _rows(query, target, negatives, gathered, options, backend, scale, needs)
+            rows, *grads = _rows(query, target, negatives, gathered, options, backend, scale, needs, ids)
             saved = grads
         else:
-            rows = _rows(query, target, negatives, gathered, options, backend)[0]
+            rows = _rows(query, target, negatives, gathered, options, backend, ids=ids)[0]
             saved = [query, target, negatives, weight, gathered_targets, gathered_queries]
         # d loss / d weight_i is row i's loss (over B for "mean"): keep the [B] rows when asked.
         ctx.weight_grad = weight is not None and ctx.needs_input_grad[3]
@@ -225,7 +235,8 @@ class ContrastiveLossFunction(torch.autograd.Function):
             query, target, negatives, weight, gathered_targets, gathered_queries, rows = ctx.saved_tensors
             scale = grad_output if weight is None else grad_output * weight
             gathered = _gathered(negatives, gathered_targets, gathered_queries, ctx.gathered_offset)
-            grads = _rows(query, target, negatives, gathered, ctx.options, ctx.backend, scale.detach(), ctx.needs)[1:]
+            grads = _rows(query, target, negatives, gathered, ctx.options, ctx.backend, scale.detach(), ctx.needs,
+                          ctx.ids)[1:]  # fmt: skip
         # Real gradients are 2-D; the custom op's 1-D empty placeholders mean "not computed/unused".
         grad_query, grad_target, grad_negatives, grad_gathered_targets, grad_gathered_queries = (
             g if need and g.dim() == 2 else None for g, need in zip(grads, ctx.needs, strict=True)
@@ -234,7 +245,7 @@ class ContrastiveLossFunction(torch.autograd.Function):
         if ctx.weight_grad:
             grad_weight = grad_output * (rows / rows.shape[0] if ctx.options.reduction == "mean" else rows)
         return (grad_query, grad_target, grad_negatives, grad_weight, grad_gathered_targets, grad_gathered_queries,
-                None, None, None)  # fmt: skip
+                None, None, None, None)  # fmt: skip
 
 
 def contrastive_loss(
@@ -251,6 +262,8 @@ def contrastive_loss(
     reduction: str = "mean",
     backend: str = "auto",
     cross_device: bool = False,
+    candidate_ids: torch.Tensor | None = None,
+    query_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Contrastive loss of B queries against their B targets plus shared hard negatives.
 
@@ -275,6 +288,14 @@ def contrastive_loss(
             after every rank's backward each rank holds the gradient of the sum of all ranks'
             losses, which DDP's gradient averaging turns into the global-batch mean. Without a
             group: this process's batch, with one warning.
+        candidate_ids: None or [N] integer ids of the candidates (the B targets, then the negatives
+            flattened). For query i every candidate j ≠ i with candidate_ids[j] == candidate_ids[i]
+            (a copy of its positive: the same label text of another row, say) is left out: of the
+            softmax, of the margin filter and of the top-k selection, as if it were not there. A row
+            with no negative left has loss 0. Ids are compared for equality only; across devices
+            they are gathered with the candidates. The rule in full: mmfast/duplicate_ids.py.
+        query_ids: None or [B] integer ids of the queries, for symmetric=True only: target i leaves
+            out query j ≠ i with query_ids[j] == query_ids[i] in the same way.
 
     Returns the loss in float32 (float64 for float64 inputs). Gradients reach query, target and
     negatives in their own dtypes. The B×N score matrix is never held: memory is one chunk of
@@ -294,33 +315,39 @@ def contrastive_loss(
         backend=backend,
         cross_device=cross_device,
     )
-    return _contrastive_loss(query, target, negatives, weight, options)
+    return _contrastive_loss(query, target, negatives, weight, options, candidate_ids, query_ids)
 
 
-def _contrastive_loss(query, target, negatives, weight, options: ContrastiveLossOptions) -> torch.Tensor:
+def _contrastive_loss(query, target, negatives, weight, options: ContrastiveLossOptions, candidate_ids=None,
+                      query_ids=None) -> torch.Tensor:  # fmt: skip
     flat_negatives = _check_inputs(query, target, negatives, weight)
+    n_candidates = query.shape[0] + (0 if flat_negatives is None else flat_negatives.shape[0])
+    ids = check_duplicate_ids(candidate_ids, query_ids, batch_size=query.shape[0], n_candidates=n_candidates,
+                              symmetric=options.symmetric, device=query.device)  # fmt: skip
     backend = resolve_backend(options.backend, query.device)
     gathered = None
     if options.cross_device:
         if process_group_active():
             gathered = gather_candidates(query, target, flat_negatives, symmetric=options.symmetric)
+            ids = gather_duplicate_ids(ids, query.shape[0])[0]
         else:
             warn_single_process("contrastive_loss")
     if backend == "reference":
         return contrastive_loss_reference(
             query, target, flat_negatives, temperature=options.temperature, symmetric=options.symmetric,
             hardness=options.hardness, false_negative_margin=options.false_negative_margin, topk=options.topk,
-            weight=weight, reduction=options.reduction, gathered=gathered,
+            weight=weight, reduction=options.reduction, candidate_ids=ids.candidate, query_ids=ids.query,
+            gathered=gathered,
         ).to(compute_dtype(query.dtype))  # fmt: skip
     # Autograd tracks tensors only as direct arguments: the Function takes the Gathered's parts.
     negatives, gathered_targets, gathered_queries, offset = _flat(gathered, flat_negatives)
     inputs = [t for t in (query, target, negatives, weight, gathered_targets, gathered_queries) if t is not None]
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
         # No gradient wanted: the loss alone, one GEMM per chunk and no gradient buffers.
-        rows = _rows(query, target, flat_negatives, gathered, options, backend)[0]
+        rows = _rows(query, target, flat_negatives, gathered, options, backend, ids=ids)[0]
         return reduce_rows(rows, weight, options.reduction)
     return ContrastiveLossFunction.apply(
-        query, target, negatives, weight, gathered_targets, gathered_queries, offset, options, backend
+        query, target, negatives, weight, gathered_targets, gathered_queries, offset, options, backend, ids
     )
 
 
@@ -331,8 +358,8 @@ class ContrastiveLoss(torch.nn.Module):
         super().__init__()
         self.options = ContrastiveLossOptions(**options)
 
-    def forward(self, query, target, negatives=None, weight=None):
-        return _contrastive_loss(query, target, negatives, weight, self.options)
+    def forward(self, query, target, negatives=None, weight=None, candidate_ids=None, query_ids=None):
+        return _contrastive_loss(query, target, negatives, weight, self.options, candidate_ids, query_ids)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in vars(self.options).items())

@@ -9,6 +9,10 @@ One direction of the loss ("rows x against candidates y") is computed a chunk of
 With the UniME top-k option the row kernel instead selects k negatives per row and the gradient is
 sparse (k+1 entries per row), so GEMMs 2 and 3 become gathers and scatter-adds.
 
+With duplicate ids (mmfast/duplicate_ids.py) every row kernel also reads one int32 class index per
+candidate (`ids`, [N], None without ids) and leaves out the candidates whose index equals that of the
+row's positive, before the margin filter and the top-k selection.
+
 The candidates y are kept as a list of pieces ([targets, negatives]) and never concatenated. The rows
 per chunk come from a byte budget (mmfast/backends/chunked.py), so memory is flat in B. Backends
 differ only in their kernel set (`contrastive_kernels`): how S and the gradient GEMMs are computed
@@ -26,6 +30,7 @@ import torch
 from mmfast._extension import load_extension
 from mmfast.backends.chunked import TorchGemms, chunk_rows, work_copy
 from mmfast.distributed import Gathered
+from mmfast.duplicate_ids import NO_IDS, DuplicateIds, class_index
 from mmfast.kernel_contract import DirectionOptions, compute_dtype
 
 
@@ -62,13 +67,16 @@ class TorchContrastiveKernels(TorchGemms):
     dense_bytes_per_score = 9
     topk_bytes_per_score = 17
 
-    def softmax_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, grad_out):
+    def softmax_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, grad_out, ids=None):
         """Loss of each row into `loss`; with row_scale, G into grad_out (here always `scores`)."""
         rows = torch.arange(scores.shape[0], device=scores.device)
         cols = rows + row_offset
         pos = scores[rows, cols].clone()
         margin = opts.false_negative_margin
         excluded = scores > (pos + margin)[:, None] if margin is not None else None
+        if ids is not None:
+            duplicates = ids[None, :] == ids[cols][:, None]
+            excluded = duplicates if excluded is None else excluded.logical_or_(duplicates)
         scores.mul_(opts.inv_temperature + opts.hardness)
         if excluded is not None:
             scores.masked_fill_(excluded, float("-inf"))
@@ -81,12 +89,14 @@ class TorchContrastiveKernels(TorchGemms):
             scores[rows, cols] -= coef
         torch.sub(lse, pos_logit, out=loss)
 
-    def topk_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, index, coef):
+    def topk_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, index, coef, ids=None):
         rows = torch.arange(scores.shape[0], device=scores.device)
         cols = rows + row_offset
         pos = scores[rows, cols].clone()
         if opts.false_negative_margin is not None:
             scores.masked_fill_(scores > (pos + opts.false_negative_margin)[:, None], float("-inf"))
+        if ids is not None:
+            scores.masked_fill_(ids[None, :] == ids[cols][:, None], float("-inf"))
         scores[rows, cols] = float("-inf")
         # A stable descending sort breaks ties toward the lower index, as the C++ kernel does.
         ranked = torch.sort(scores, dim=1, descending=True, stable=True)
@@ -134,12 +144,12 @@ class CpuContrastiveKernels(TorchContrastiveKernels):
     def __init__(self, extension):
         self.ext = extension
 
-    def softmax_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, grad_out):
+    def softmax_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, grad_out, ids=None):
         self.ext.contrastive_softmax_rows(
-            scores, row_offset, opts.inv_temperature, opts.hardness, opts.false_negative_margin, row_scale, loss
+            scores, row_offset, opts.inv_temperature, opts.hardness, opts.false_negative_margin, row_scale, loss, ids
         )
 
-    def topk_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, index, coef):
+    def topk_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, index, coef, ids=None):
         self.ext.contrastive_topk_rows(
             scores,
             row_offset,
@@ -151,6 +161,7 @@ class CpuContrastiveKernels(TorchContrastiveKernels):
             loss,
             index,
             coef,
+            ids,
         )
 
     def sparse_grads(self, x, pieces, index, coef, grad_x, grad_pieces):
@@ -183,9 +194,11 @@ def directional_loss(
     accumulate: bool,
     score_dtype: torch.dtype,
     positive_offset: int = 0,
+    ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-row loss of `x` against the candidates `pieces`; row i's positive is candidate
-    positive_offset + i (the offset is this rank's place in gathered candidates).
+    positive_offset + i (the offset is this rank's place in gathered candidates). `ids`: the
+    candidates' int32 class indices [N] (duplicate_ids.class_index), or None.
 
     With `row_scale` (dTotal/dLoss_row), gradients go into `grad_x` / `grad_pieces` (None entries are
     skipped): written, or added to when `accumulate` (the top-k path always adds, so its buffers
@@ -211,7 +224,7 @@ def directional_loss(
         kernels.scores(x_chunk, pieces, scores)
         if opts.topk is None:
             grads = None if scale is None else scores if grad_scratch is None else grad_scratch[: stop - start]
-            kernels.softmax_rows(scores, positive_offset + start, opts, scale, loss[start:stop], grads)
+            kernels.softmax_rows(scores, positive_offset + start, opts, scale, loss[start:stop], grads, ids)
             if grads is not None:
                 kernels.dense_grads(
                     grads, x_chunk, pieces, grad_x_chunk, grad_pieces, accumulate, accumulate or start > 0
@@ -220,7 +233,7 @@ def directional_loss(
             slots = (stop - start, opts.topk + 1)
             index = torch.empty(slots, dtype=torch.int64, device=x.device)
             coef = None if scale is None else torch.empty(slots, dtype=score_dtype, device=x.device)
-            kernels.topk_rows(scores, positive_offset + start, opts, scale, loss[start:stop], index, coef)
+            kernels.topk_rows(scores, positive_offset + start, opts, scale, loss[start:stop], index, coef, ids)
             if scale is not None:
                 kernels.sparse_grads(x_chunk, pieces, index, coef, grad_x_chunk, grad_pieces)
     return loss
@@ -237,6 +250,7 @@ def contrastive_loss_rows(
     row_scale: torch.Tensor | None,
     needs: GradientNeeds,
     gathered: Gathered | None = None,
+    ids: DuplicateIds = NO_IDS,
 ) -> tuple[torch.Tensor, ...]:
     """Per-row loss [B] (in compute_dtype: float32, or float64 for float64 inputs) and, when
     `row_scale` is given, the gradients of Σ_i row_scale_i·loss_i for the inputs flagged in `needs`,
@@ -246,7 +260,8 @@ def contrastive_loss_rows(
     On one process (`gathered` None) the candidates are [target; negatives] and, for the symmetric
     half, query; the gradient buffers are shared between the two halves. Across devices they are
     [gathered.targets; gathered.negatives] (`negatives` is then gathered.negatives) and
-    gathered.queries, and query i's positive is gathered target gathered.offset + i.
+    gathered.queries, and query i's positive is gathered target gathered.offset + i. `ids` are the
+    DuplicateIds of those candidates (gathered ones across devices).
     """
     kernels = contrastive_kernels(backend)
     score_dtype = compute_dtype(query.dtype)
@@ -273,13 +288,13 @@ def contrastive_loss_rows(
     pieces = [cand_t] if n is None else [cand_t, n]
     loss = directional_loss(
         kernels, q, pieces, direction, row_scale=scale, grad_x=grad_q, grad_pieces=[grad_ct, grad_n][: len(pieces)],
-        accumulate=False, score_dtype=score_dtype, positive_offset=positive_offset,
+        accumulate=False, score_dtype=score_dtype, positive_offset=positive_offset, ids=class_index(ids.candidate),
     )  # fmt: skip
     if symmetric:
         # On one process the second half adds into the buffers the first one wrote.
         reverse = directional_loss(
             kernels, t, [cand_q], direction, row_scale=scale, grad_x=grad_t, grad_pieces=[grad_cq], accumulate=local,
-            score_dtype=score_dtype, positive_offset=positive_offset,
+            score_dtype=score_dtype, positive_offset=positive_offset, ids=class_index(ids.query),
         )  # fmt: skip
         loss = 0.5 * (loss + reverse)
 
