@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import mmfast
 from mmfast.reference import contrastive_loss_reference, distillation_loss_reference
 from tests import distributed_worker as worker
 
@@ -37,7 +38,7 @@ def expected(case: dict, everything: dict, sizes: list[int]):
         leaves = {k: everything[k].clone().requires_grad_() for k in ("query", "target", "negatives")}
         rows = contrastive_loss_reference(
             leaves["query"], leaves["target"], leaves["negatives"] if case["negatives"] else None,
-            reduction="none", **case["options"],
+            reduction="none", **case["options"], **worker.duplicate_ids(everything, case),
         )  # fmt: skip
         if case["weighted"]:
             rows = rows * everything["weight"]
@@ -66,6 +67,15 @@ def expected(case: dict, everything: dict, sizes: list[int]):
 def test_cross_device_matches_single_process_over_the_global_batch(sizes, tmp_path):
     results = run_ranks(sizes, tmp_path)
     everything = worker.global_inputs(sum(sizes))
+    for with_negatives in (False, True):
+        ids = worker.duplicate_ids(
+            everything, {"ids": True, "negatives": with_negatives, "options": {"symmetric": True}}
+        )
+        counts = mmfast.masked_candidate_counts(sum(sizes), ids["candidate_ids"], ids["query_ids"])
+        got = torch.cat(
+            [results[rank][f"masked_counts-{'K' if with_negatives else 'noK'}"] for rank in range(len(sizes))]
+        )
+        assert torch.equal(got, counts), (with_negatives, got, counts)
     for name, case in worker.cases():
         losses, grads = expected(case, everything, sizes)
         start = 0
