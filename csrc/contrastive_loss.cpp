@@ -110,7 +110,7 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void softmax_rows_r
     for (int32_t j = 0; j < n_vec; j += kLanes) {
       const f32x16 v = load16(s + j);
       i32x16 drop = v > limit16;
-      if (ids) drop |= load16i(ids + j) == pos_id16;  // the same branch for every block of a row
+      if (ids) drop |= equal16i(load16i(ids + j), pos_id16);  // the same branch for every block of a row
       const f32x16 logit = select16(drop, minus_inf16, v * p.negative_scale);
       store16(s + j, logit);
       m16 = max16(logit, m16);

@@ -32,6 +32,8 @@ def test_naive_contrastive_baseline_matches_the_reference(option_name, k):
     if k:
         leaves.append(unit_rows(b * k, d, generator=g).requires_grad_())
     negatives = leaves[2] if k else None
+    ids = contrastive_benchmark.duplicate_ids(options, b, b * k)
+    options = {key: value for key, value in options.items() if key != "ids"} | ids
     expected = contrastive_loss_reference(*leaves[:2], negatives, temperature=0.1, **options)
     actual = contrastive_benchmark.naive_contrastive_loss(*leaves[:2], negatives, temperature=0.1, **options)
     torch.testing.assert_close(actual, expected)
