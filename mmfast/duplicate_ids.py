@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 
 from mmfast.distributed import gather, process_group_active
-from mmfast.validation import check_ids
+from mmfast.validation import check_ids, check_positive_int
 
 
 class DuplicateIds(NamedTuple):
@@ -91,14 +91,18 @@ def masked_candidate_counts(
     same ids and cross_device: query i's duplicates among the candidates plus, with query_ids, target
     i's among the queries. int64 [B]. With cross_device and a process group this is a collective (the
     ids are gathered as the loss gathers them): every rank must call it."""
+    batch_size = check_positive_int("batch_size", batch_size)
     if candidate_ids is None and query_ids is None:
         raise ValueError("masked_candidate_counts needs candidate_ids or query_ids")
-    if candidate_ids is not None and candidate_ids.shape[0] < batch_size:
-        raise ValueError(f"candidate_ids has {candidate_ids.shape[0]} entries, fewer than batch_size {batch_size}")
-    device = (candidate_ids if candidate_ids is not None else query_ids).device
-    ids = DuplicateIds(candidate_ids, query_ids)
+    device = next((t.device for t in (candidate_ids, query_ids) if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    if candidate_ids is not None:
+        # [B + M] with any M >= 0: a vector of B entries or more has a right length.
+        is_vector = isinstance(candidate_ids, torch.Tensor) and candidate_ids.dim() == 1
+        n_candidates = max(batch_size, candidate_ids.shape[0]) if is_vector else batch_size
+        check_ids("candidate_ids", candidate_ids, n_candidates, "candidate: the B targets, then the negatives", device)
     if query_ids is not None:
         check_ids("query_ids", query_ids, batch_size, "query", device)
+    ids = DuplicateIds(candidate_ids, query_ids)
     offset = 0
     if cross_device and process_group_active():
         ids, offset = gather_duplicate_ids(ids, batch_size)

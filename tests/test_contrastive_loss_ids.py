@@ -310,3 +310,18 @@ def test_custom_op_passes_opcheck_with_ids():
     args = (q, t, n, scale, None, None, 0, 0.05, True, 1.0, 0.1, 3, "cpu", [True, True, True, False, False],
             candidate_ids, query_ids)  # fmt: skip
     torch.library.opcheck(torch.ops.mmfast.contrastive_loss_rows.default, args)
+
+
+def test_masked_candidate_counts_checks_its_arguments():
+    with pytest.raises(ValueError, match="needs candidate_ids or query_ids"):
+        mmfast.masked_candidate_counts(3, None)
+    with pytest.raises(ValueError, match=r"candidate_ids must have shape \[3\]"):
+        mmfast.masked_candidate_counts(3, torch.arange(2))
+    with pytest.raises(TypeError, match="candidate_ids must be an integer tensor"):
+        mmfast.masked_candidate_counts(3, torch.zeros(5))
+    with pytest.raises(TypeError, match="candidate_ids must be a torch.Tensor of integer ids"):
+        mmfast.masked_candidate_counts(3, [1, 2, 3])
+    with pytest.raises(ValueError, match=r"query_ids must have shape \[3\]"):
+        mmfast.masked_candidate_counts(3, torch.arange(5), torch.arange(4))
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        mmfast.masked_candidate_counts(0, torch.arange(5))
