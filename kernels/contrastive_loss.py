@@ -66,12 +66,14 @@ def softmax_rows_kernel(
     # Pass 2: G = c·(softmax - onehot)/τ, into g (the scores themselves for float32 inputs; a bf16 or
     # fp16 buffer otherwise, which the gradient GEMMs then read as tensor-core operands). With
     # TEMPERATURE_GRAD also w = Σ_j G_j·s_j, from G before its rounding to the g dtype, summed as
-    # Σ_j G_j·(s_j - s_pos) (the same, as Σ_j G_j = 0) so that nothing cancels against G_pos.
+    # Σ_j G_j·(s_j - s_pos) (the same, as Σ_j G_j = 0) so that nothing cancels against G_pos; per lane
+    # over the blocks and across lanes once at the end (a per-block reduction made the fp64 variant
+    # spill on sm_90).
     if HAS_GRAD:
         g_row = g_ptr + row.to(tl.int64) * stride_g
         coef = tl.load(row_scale_ptr + row) * inv_temperature
         pos_grad = (tl.exp(pos_logit - lse) - 1.0) * coef
-        weighted = pos_logit * 0.0
+        weighted = tl.zeros([BLOCK_N], dtype=pos_logit.dtype)
         for start in range(0, n, BLOCK_N):
             cols = start + offsets
             s = tl.load(s_row + cols, mask=cols < n, other=0.0)
@@ -81,10 +83,10 @@ def softmax_rows_kernel(
             g = tl.where(keep, tl.exp(s * negative_scale - lse) * coef, 0.0)
             g = tl.where(cols == pos_col, pos_grad, g)
             if TEMPERATURE_GRAD:
-                weighted += tl.sum(tl.where(cols < n, g * (s - pos), 0.0), axis=0)
+                weighted += tl.where(cols < n, g * (s - pos), 0.0)
             tl.store(g_row + cols, g.to(g_row.dtype.element_ty), mask=cols < n)
         if TEMPERATURE_GRAD:
-            tl.store(temperature_grad_ptr + row, weighted)
+            tl.store(temperature_grad_ptr + row, tl.sum(weighted, axis=0))
 
 
 class TritonContrastiveKernels(TritonGemms):
