@@ -13,10 +13,10 @@ default's held-out sets.
 """
 
 from .arguments import DataArguments, ModelArguments, TrainingArguments, parse_arguments
+from .dry_run import dry_run
 from .encoder import Encoder, EncoderConfig
 from .evaluate.default_sets import evaluate_default
 from .recipes import RECIPES, Recipe, get_recipe
-from .dry_run import dry_run
 from .run import build_encoder, build_trainer, fit
 from .trainer import EmbeddingTrainer
 

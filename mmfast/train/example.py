@@ -11,7 +11,7 @@ the held-out sets before and after training, and the outputs of a run.
 The example's own flags:
     --dry-run            check the config and print the plan (`mmfast.train.dry_run`); no weights loaded
     --num_processes N    with --dry-run: plan for N data-parallel ranks
-    --eval_tasks T...    held-out tasks to evaluate (mmeb retrieval sugarcrepe video, or none); default:
+    --eval_tasks T...    held-out tasks to evaluate (mmeb retrieval sugarcrepe video, all or none); default:
                          all of them when training the embedded default, none for your own model or data
                          (evaluate those with mmfast-eval on the real benchmark)
     --eval_size tiny     a few rows of every held-out set instead of the full ones (fast checks, CI)
@@ -65,7 +65,7 @@ class Example:
         configure_logging()
         parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
         parser.add_argument(*DRY_RUN_FLAGS, dest="dry_run", action="store_true")
-        parser.add_argument("--eval_tasks", nargs="+", choices=(*DEFAULT_TASKS, "none"))
+        parser.add_argument("--eval_tasks", nargs="+", choices=(*DEFAULT_TASKS, "all", "none"))
         parser.add_argument("--eval_size", choices=("full", "tiny"), default="full")
         parser.add_argument("--stage2_config")
         options, self.argv = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
@@ -159,7 +159,9 @@ class Example:
     def eval_tasks(self) -> tuple[str, ...]:
         if self._eval_tasks is None:
             return DEFAULT_TASKS if self.trains_default else ()
-        return () if "none" in self._eval_tasks else tuple(self._eval_tasks)
+        if "none" in self._eval_tasks:
+            return ()
+        return DEFAULT_TASKS if "all" in self._eval_tasks else tuple(self._eval_tasks)
 
     def evaluate(self, name: str, encoder) -> dict | None:
         """Evaluates `encoder` on the held-out sets (main process only) as results[name]."""
