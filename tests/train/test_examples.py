@@ -14,6 +14,7 @@ from mmfast.train.default import default_data
 from mmfast.train.default.sizes import Sizes
 from mmfast.train.default.synthetic import TRAIN_SUBSETS
 from mmfast.train.default.teacher import default_teacher
+from mmfast.train.encoder import Encoder
 from mmfast.train.teacher_file import save_teacher
 
 pytestmark = pytest.mark.slow
@@ -51,17 +52,26 @@ def test_example_trains_and_evaluates_before_and_after(script, tmp_path, capsys)
     assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2]
 
 
-def test_unime_example_runs_stage_2_from_stage_1(tmp_path, capsys):
+def test_unime_example_runs_stage_2_from_stage_1(tmp_path, capsys, monkeypatch):
     default_teacher(default_data())
+    loaded = []
+    original = Encoder.from_pretrained.__func__
+
+    def recording(cls, path, **overrides):
+        loaded.append(str(path))
+        return original(cls, path, **overrides)
+
+    monkeypatch.setattr(Encoder, "from_pretrained", classmethod(recording))
     out = tmp_path / "run"
     assert _main("train_unime")(["--output_dir", str(out), *SHORT]) == 0
     assert "after stage 1" in capsys.readouterr().out
     _check_outputs(out, ["before", "after stage 1", "after"])
-    stage1 = json.loads((out / "stage1" / "mmfast_encoder.json").read_text())
-    assert stage1["text_prompt"].endswith("in one word:")
-    # stage 2 started from stage 1's saved encoder
-    args = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
-    assert args["global_step"] == 2 and (out / "stage1" / "checkpoint-2").is_dir()
+    # stage 1 from the default backbone, stage 2 from stage 1's saved encoder
+    assert len(loaded) == 2 and loaded[1] == str(out / "stage1")
+    assert json.loads((out / "stage1" / "mmfast_encoder.json").read_text())["text_prompt"].endswith("in one word:")
+    for stage in (out / "stage1", out):
+        state = json.loads((stage / "checkpoint-2" / "trainer_state.json").read_text())
+        assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2]
 
 
 def test_eval_tasks_none_skips_the_evaluation(tmp_path, capsys):
