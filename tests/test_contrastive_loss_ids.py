@@ -281,12 +281,12 @@ def test_cpu_kernel_checks_its_ids():
     ext = load_extension()
     scores, loss = torch.randn(3, 5), torch.empty(3)
     with pytest.raises(RuntimeError, match=r"mmfast cpu contrastive_loss: ids must be a contiguous CPU Int tensor"):
-        ext.contrastive_softmax_rows(scores, 0, 50.0, 0.0, None, None, loss, torch.zeros(4, dtype=torch.int32))
+        ext.contrastive_softmax_rows(scores, 0, 50.0, 0.0, None, None, loss, None, torch.zeros(4, dtype=torch.int32))
     with pytest.raises(RuntimeError, match="ids must be a contiguous CPU Int tensor"):
-        ext.contrastive_softmax_rows(scores, 0, 50.0, 0.0, None, None, loss, torch.zeros(5, dtype=torch.int64))
+        ext.contrastive_softmax_rows(scores, 0, 50.0, 0.0, None, None, loss, None, torch.zeros(5, dtype=torch.int64))
     index = torch.empty(3, 3, dtype=torch.int64)
     with pytest.raises(RuntimeError, match="ids must be a contiguous CPU Int tensor"):
-        ext.contrastive_topk_rows(scores, 0, 50.0, 0.0, None, 2, None, loss, index, None,
+        ext.contrastive_topk_rows(scores, 0, 50.0, 0.0, None, 2, None, loss, index, None, None,
                                   torch.zeros(10, dtype=torch.int32)[::2])  # fmt: skip
 
 
@@ -307,8 +307,8 @@ def test_custom_op_passes_opcheck_with_ids():
     t, n = torch.randn(16, 8, generator=g, dtype=torch.float64), torch.randn(16, 8, generator=g, dtype=torch.float64)
     scale = torch.full((16,), 1 / 16, dtype=torch.float64)
     candidate_ids, query_ids = make_ids(16, 16, seed=3)
-    args = (q, t, n, scale, None, None, 0, 0.05, True, 1.0, 0.1, 3, "cpu", [True, True, True, False, False],
-            candidate_ids, query_ids)  # fmt: skip
+    args = (q, t, n, scale, None, None, None, 0, 0.05, True, 1.0, 0.1, 3, "cpu",
+            [True, True, True, False, False, False], candidate_ids, query_ids)  # fmt: skip
     torch.library.opcheck(torch.ops.mmfast.contrastive_loss_rows.default, args)
 
 
