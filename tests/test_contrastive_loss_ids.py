@@ -325,3 +325,19 @@ def test_masked_candidate_counts_checks_its_arguments():
         mmfast.masked_candidate_counts(3, torch.arange(5), torch.arange(4))
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         mmfast.masked_candidate_counts(0, torch.arange(5))
+
+
+@pytest.mark.parametrize("options", ["plain", "everything"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_learnable_temperature_with_ids(backend, options):
+    """A tensor τ with grad and duplicate ids together: τ's gradient only sees the unmasked logits."""
+    q, t, n = make_inputs(9, 16, 2, seed=16)
+    ids = with_ids(OPTION_SETS[options], *make_ids(9, 18, seed=17))
+    results = []
+    for be in (backend, "reference"):
+        tau = torch.tensor(0.07, dtype=torch.float64, requires_grad=True)
+        leaves = [x.clone().requires_grad_() for x in (q, t, n)]
+        loss = mmfast.contrastive_loss(*leaves, backend=be, **dict(ids, temperature=tau))
+        results.append((loss, *torch.autograd.grad(loss, [*leaves, tau])))
+    for a, r in zip(*results, strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-11)
