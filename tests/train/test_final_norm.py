@@ -4,9 +4,11 @@ The embedding of each input, encoded in one mixed batch (lengths from 1 word to 
 text-only rows, left or right padding), equals the L2-normalised final-norm output (the family's
 language-model `norm` applied to the last decoder layer's output, caught by a hook) of its last token
 when the HF model runs that input alone, unpadded, with its own default positions. Measured: at most
-1.5e-7 apart in fp32 (every family, both sides; tolerance 1e-6). And `EncoderConfig.max_length` reaches the encoder's batches:
-an input whose image span alone exceeds it is an error naming the row; a longer text is cut, never the
-image span (the rule itself: tests/train/test_backbones.py::test_truncation_cuts_text_never_an_image_span).
+1.5e-7 apart in fp32 (every family, both sides; tolerance 1e-6).
+
+And `EncoderConfig.max_length` reaches the encoder's batches: an input whose image span alone exceeds
+it is an error naming the row; a longer text is cut, never the image span (the rule itself:
+tests/train/test_backbones.py::test_truncation_cuts_text_never_an_image_span).
 """
 
 import pytest
