@@ -41,6 +41,8 @@ class EncoderConfig:
     text_prompt / image_prompt: format strings with `{text}`, for inputs without / with an image.
     For an image input, the placeholder goes where the prompt puts it; if the prompt has none, where
     the text has it; if neither has one, before the text.
+    base_model: for an adapter, the folder of the weights it was trained over (a full model loaded
+    from a folder takes that folder's path, so an adapter trained over it is saved naming it).
     merged_adapters: for an adapter, the folders of earlier adapters folded into `base_model` (in
     order) before it was trained; absolute paths.
     """
