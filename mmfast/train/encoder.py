@@ -154,8 +154,10 @@ class Encoder(torch.nn.Module):
             processor = backbones.load_processor(path, family)
             return cls(model, processor, family, config, adapter_source=os.path.abspath(path))
         model, processor, family = backbones.load_backbone(path, **load_options)
-        # These weights are the base of any adapter trained over them, whatever base they came from.
-        return cls(model, processor, family, dataclasses.replace(config, base_model=os.path.abspath(path)))
+        # These weights are the base of any adapter trained over them, whatever base they came from
+        # (a hub id stays a hub id).
+        base_model = os.path.abspath(path) if os.path.isdir(path) else path
+        return cls(model, processor, family, dataclasses.replace(config, base_model=base_model))
 
     def save_pretrained(self, out_dir: str | os.PathLike, state_dict: Mapping | None = None) -> None:
         """Writes the adapter (over `config.base_model`) or the full model, the processor and the
