@@ -11,6 +11,7 @@ its config, E5-V's NLI triplets (one hard negative per row), τ 0.05, last-token
   mmfast-text  the e5v recipe's step: GradCache + the fused loss (full fine-tune)
   st-cached    sentence-transformers' CachedMultipleNegativesRankingLoss (GradCache with a
                [mini-batch, N] score block per mini-batch), scale 1/τ, the same mini-batch and rows
+               (past the 2000 rows of the default NLI set, rows repeat)
 Peak memory is the resident high-water mark of the timed steps over what was resident before them
 (VmHWM after clear_refs), so the model, optimizer state and data are not counted.
 """
@@ -92,14 +93,16 @@ def child(provider: str, batch: int, mini: int, repeats: int) -> dict:
     from mmfast.train.default import PROFILE
 
     if provider in TEXT_PROVIDERS:
-        trainer = text_trainer(text_backbone(Path("/tmp/mmfast-bench-train")), batch, mini, "/tmp/mmfast-bench-train")
+        # The default NLI set has 2000 rows: the sampler gets a batch it can fill; the step's rows cycle.
+        backbone = text_backbone(Path("/tmp/mmfast-bench-train"))
+        trainer = text_trainer(backbone, min(batch, 1024), mini, "/tmp/mmfast-bench-train")
     else:
         argv = ["--output_dir", "/tmp/mmfast-bench-train", "--per_device_train_batch_size", str(batch),
                 "--max_steps", "1", "--report_to", "none", *PROVIDERS[provider](mini)]  # fmt: skip
         trainer = build_trainer(*parse_arguments(argv, profile=PROFILE))
-    examples = [trainer.train_dataset[i] for i in range(batch)]
+    examples = [trainer.train_dataset[i % len(trainer.train_dataset)] for i in range(batch)]
     if provider == "st-cached":
-        model, st_step = sentence_transformers_step(text_backbone(Path("/tmp/mmfast-bench-train")), mini, examples)
+        model, st_step = sentence_transformers_step(backbone, mini, examples)
         del trainer
 
         def step():
