@@ -69,7 +69,7 @@ def sentence_transformers_step(backbone: Path, mini: int, examples):
     from sentence_transformers import SentenceTransformer, losses, models
 
     transformer = models.Transformer(str(backbone), max_seq_length=512, tokenizer_args={"padding_side": "right"})
-    pooling = models.Pooling(transformer.get_word_embedding_dimension(), pooling_mode="lasttoken")
+    pooling = models.Pooling(transformer.get_embedding_dimension(), pooling_mode="lasttoken")
     model = SentenceTransformer(modules=[transformer, pooling, models.Normalize()], device="cpu")
     loss = losses.CachedMultipleNegativesRankingLoss(model, scale=1 / TEXT_TEMPERATURE, mini_batch_size=mini)
     columns = ([e.query.text for e in examples], [e.positive.text for e in examples],
