@@ -1,5 +1,7 @@
 """Data-parallel training on the CPU (gloo): torchrun runs the default, and 2 ranks × B rows give the
-gradients of 1 process × 2B rows, for every recipe, with GradCache and one all-reduce per step."""
+gradients of 1 process × 2B rows, for every recipe, with GradCache and one all-reduce per step; every
+contrastive recipe's batch holds hard negatives on both ranks (uneven counts: the gather pads them).
+New cases (a recipe plus options) go in distributed_train_worker.CASES."""
 
 import json
 import os
@@ -12,11 +14,10 @@ import torch
 
 from mmfast.train.default import default_backbone, default_data
 from mmfast.train.default.teacher import default_teacher
-from tests.train.distributed_train_worker import batch_rows, trainer_for
+from tests.train.distributed_train_worker import CASES, batch_rows, trainer_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 WORKER = Path(__file__).with_name("distributed_train_worker.py")
-RECIPES = ("llave", "vlm2vec", "unime-stage2", "e5v", "unime-stage1")
 ROWS_PER_RANK = 6
 TIMEOUT = 600
 
@@ -44,11 +45,14 @@ def test_torchrun_trains_the_default(tmp_path):
 
 
 def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
-    _torchrun(str(WORKER), str(tmp_path), str(ROWS_PER_RANK), *RECIPES, cwd=tmp_path)
-    for recipe in RECIPES:
+    _torchrun(str(WORKER), str(tmp_path), str(ROWS_PER_RANK), *CASES, cwd=tmp_path)
+    for recipe in CASES:
         got = torch.load(tmp_path / f"{recipe}.pt")
         # GradCache ran two mini-batches per rank, yet synchronised gradients exactly once.
         assert got["allreduces"] == got["one_sync"] >= 1, recipe
+        # Hard negatives on both ranks for every contrastive recipe (distillation takes none).
+        if CASES[recipe][0] != "unime-stage1":
+            assert all(n > 0 for n in got["negatives_per_rank"]), (recipe, got["negatives_per_rank"])
         trainer = trainer_for(recipe, str(tmp_path / f"{recipe}-single"), 2 * ROWS_PER_RANK, mini_batch=0)
         trainer.current_gradient_accumulation_steps = 1
         trainer.training_step(
