@@ -147,5 +147,6 @@ def build_trainer(
         logger.warning("%s", report.summary())
     return EmbeddingTrainer(
         model=encoder, args=training_args, train_dataset=data.dataset, data_collator=collator,
-        objective=Objective(recipe.loss, backend=backend), batch_sampler=sampler, data_report=report,
+        objective=Objective(training_args.loss_options(recipe), backend=backend), batch_sampler=sampler,
+        data_report=report,
     )  # fmt: skip
