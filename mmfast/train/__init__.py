@@ -5,17 +5,19 @@ only part of mmfast that imports transformers: `import mmfast` never does.
 
     from mmfast.train import Encoder, build_trainer, parse_arguments
     trainer = build_trainer(*parse_arguments(["--recipe", "llave", "--output_dir", "out"]))
-    trainer.train()
+    fit(trainer)                     # trainer.train(), then the encoder is saved into output_dir
+    print(dry_run(["--config", "run.yaml"]).format())   # a config checked without weights
 
 The evaluators live in `mmfast.train.evaluate`; `evaluate_default` runs them on the embedded
 default's held-out sets.
 """
 
 from .arguments import DataArguments, ModelArguments, TrainingArguments, parse_arguments
+from .dry_run import dry_run
 from .encoder import Encoder, EncoderConfig
 from .evaluate.default_sets import evaluate_default
 from .recipes import RECIPES, Recipe, get_recipe
-from .run import build_encoder, build_trainer
+from .run import build_encoder, build_trainer, fit
 from .trainer import EmbeddingTrainer
 
 __all__ = [
@@ -29,7 +31,9 @@ __all__ = [
     "TrainingArguments",
     "build_encoder",
     "build_trainer",
+    "dry_run",
     "evaluate_default",
+    "fit",
     "get_recipe",
     "parse_arguments",
 ]

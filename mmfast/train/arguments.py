@@ -13,7 +13,6 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import transformers
@@ -21,6 +20,7 @@ from transformers import HfArgumentParser
 
 from mmfast import ContrastiveLossOptions, DistillationLossOptions
 
+from .mapping_file import read_mapping_file
 from .recipes import RECIPES, Recipe, get_recipe
 
 DEFAULT_RECIPE = "llave"
@@ -126,24 +126,7 @@ def known_fields() -> set[str]:
 
 def read_config(path: str | os.PathLike) -> dict:
     """A YAML or JSON file of argument names to values; errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        try:
-            config = yaml.safe_load(text) or {}
-        except yaml.YAMLError as error:
-            raise ValueError(f"config file {path} is not valid YAML: {error}") from error
-    else:
-        try:
-            config = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"config file {path} is not valid JSON: {error}") from error
-    if not isinstance(config, dict):
-        raise ValueError(f"config file {path} must hold a mapping of argument names to values")
+    config = read_mapping_file(path, "config file")
     unknown = sorted(set(config) - known_fields())
     if unknown:
         raise ValueError(f"config file {path}: unknown argument(s) {', '.join(unknown)}")

@@ -39,6 +39,7 @@ __all__ = [
     "MMEB_IMAGE_PLACEHOLDER",
     "Family",
     "attn_implementation",
+    "auto_model_class",
     "family_of",
     "last_hidden_state",
     "load_backbone",
@@ -148,8 +149,7 @@ def load_backbone(path, *, dtype=None, attn_implementation=None, trust_remote_co
     register_processors()
     options = {"local_files_only": True, "trust_remote_code": trust_remote_code}
     config = AutoConfig.from_pretrained(path, **options)
-    model_class = AutoModelForImageTextToText if family.multimodal and family.name != "phi3_v" else AutoModelForCausalLM
-    model = model_class.from_pretrained(
+    model = auto_model_class(family).from_pretrained(
         path,
         config=config,
         dtype=dtype,
@@ -157,6 +157,11 @@ def load_backbone(path, *, dtype=None, attn_implementation=None, trust_remote_co
         **options,
     )
     return model, load_processor(path, family, trust_remote_code=trust_remote_code), family
+
+
+def auto_model_class(family: Family):
+    """The transformers auto class a family loads with (Phi-3.5-V's remote code is a causal LM)."""
+    return AutoModelForImageTextToText if family.multimodal and family.name != "phi3_v" else AutoModelForCausalLM
 
 
 def _resolve_attention(requested):

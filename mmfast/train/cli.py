@@ -3,6 +3,7 @@
     mmfast-train                                   # the embedded default: tiny model, generated data
     mmfast-train --recipe llave --model_name_or_path DIR --data train.jsonl --image_dir DIR --output_dir OUT
     mmfast-train --config run.yaml --learning_rate 1e-5   # a YAML/JSON config plus overrides
+    mmfast-train --config run.yaml --dry-run [--num_processes 8]   # check it and print the plan, no weights
     torchrun --nproc-per-node 2 -m mmfast.train ...       # data-parallel
 
 A user error (a bad argument, a missing file, a malformed data file) prints one line naming it and
@@ -23,7 +24,7 @@ logger = logging.getLogger(__name__)
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, KeyError)
 
 
-def _configure_logging() -> None:
+def configure_logging() -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stderr)
     logging.getLogger(__package__).setLevel(logging.INFO)
@@ -32,32 +33,16 @@ def _configure_logging() -> None:
 def train(argv: Sequence[str] | None = None):
     """Parses, trains, saves the final model into output_dir; returns the trainer."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from .run import build_trainer
+    from .run import build_trainer, fit, leave_process_group
 
-    model_args, data_args, training_args, recipe = parse_arguments(argv, profile=PROFILE)
-    trainer = build_trainer(model_args, data_args, training_args, recipe)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model()
-    if trainer.is_world_process_zero():
-        logger.info("saved the trained encoder to %s", training_args.output_dir)
-        logger.info("%s", trainer.data_report.summary())
-    _leave_process_group()
+    trainer = fit(build_trainer(*parse_arguments(argv, profile=PROFILE)))
+    leave_process_group()
     return trainer
-
-
-def _leave_process_group() -> None:
-    """Under torchrun, every rank leaves together: a rank that exits while a peer is still inside a
-    gloo collective can make the peer's gloo thread abort (SIGABRT) instead of exiting cleanly."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def _main(command, program: str, argv: Sequence[str] | None) -> int:
     """Runs a command; a user error becomes one line naming it and exit status 2."""
-    _configure_logging()
+    configure_logging()
     try:
         command(sys.argv[1:] if argv is None else argv)
     except USER_ERRORS as error:
@@ -66,7 +51,17 @@ def _main(command, program: str, argv: Sequence[str] | None) -> int:
     return 0
 
 
+DRY_RUN_FLAGS = ("--dry-run", "--dry_run")
+
+
 def train_main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(flag in argv for flag in DRY_RUN_FLAGS):
+        from .dry_run import dry_run_main
+
+        configure_logging()
+        rest = [token for token in argv if token not in DRY_RUN_FLAGS]
+        return dry_run_main(rest, program="mmfast-train --dry-run", profile=PROFILE)
     return _main(train, "mmfast-train", argv)
 
 

@@ -29,6 +29,7 @@ Several subsets with weights from `--data`: `mmfast.train.data_spec`. Batches: `
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import re
@@ -130,7 +131,9 @@ def _jsonl_rows(path: Path) -> Iterator[dict]:
             row += 1
 
 
-def _parquet_rows(path: Path, required: Sequence[str], optional: Sequence[str]) -> Iterator[dict]:
+def _parquet_rows(
+    path: Path, required: Sequence[str], optional: Sequence[str], limit: int | None = None
+) -> Iterator[dict]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -149,6 +152,11 @@ def _parquet_rows(path: Path, required: Sequence[str], optional: Sequence[str]) 
             raise ValueError(
                 f"{path}: column {c!r} has type {t}, expected string" + (" or list<string>" * (c in optional))
             )
+    if limit is not None:  # the first rows only (a dry run's sample), without reading the whole file
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=max(limit, 1), columns=columns):
+            yield from batch.to_pylist()[:limit]
+            return
+        return
     table = pq.read_table(path, columns=columns)
     yield from table.to_pylist()
 
@@ -217,16 +225,18 @@ def load_mmeb_train(
     subset: str | None = None,
     strict: bool = False,
     report: DataReport | None = None,
+    limit: int | None = None,
 ) -> list[Example]:
     """Reads MMEB-train rows from .jsonl / .parquet files (see the module docstring for the rules).
-    `subset` names the examples' subset; by default each file's `subset_name`."""
+    `subset` names the examples' subset; by default each file's `subset_name`. `limit`: read only the
+    first rows of each file (a dry run's sample)."""
     report = DataReport(strict=strict) if report is None else report
     examples = []
     for path in _as_paths(files):
         if path.suffix == ".jsonl":
-            rows = _jsonl_rows(path)
+            rows = itertools.islice(_jsonl_rows(path), limit)
         elif path.suffix == ".parquet":
-            rows = _parquet_rows(path, MMEB_REQUIRED, MMEB_NEGATIVES)
+            rows = _parquet_rows(path, MMEB_REQUIRED, MMEB_NEGATIVES, limit)
         else:
             raise ValueError(f"{path}: MMEB-train data must be .jsonl or .parquet")
         base = Path(image_dir) if image_dir is not None else path.parent
@@ -259,9 +269,14 @@ def load_mmeb_train(
 
 
 def load_nli_triplets(
-    path: str | os.PathLike, *, subset: str | None = None, strict: bool = False, report: DataReport | None = None
+    path: str | os.PathLike,
+    *,
+    subset: str | None = None,
+    strict: bool = False,
+    report: DataReport | None = None,
+    limit: int | None = None,
 ) -> list[Example]:
-    """Reads E5-V NLI triplets (sent0, sent1, hard_neg) from a CSV file; text only."""
+    """Reads E5-V NLI triplets (sent0, sent1, hard_neg) from a CSV file; text only (`limit`: the first rows)."""
     (path,) = _as_paths(path)
     report = DataReport(strict=strict) if report is None else report
     source, name, examples, count = str(path), subset or subset_name(path), [], 0
@@ -270,7 +285,7 @@ def load_nli_triplets(
         missing = [c for c in NLI_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise ValueError(f"{path}: missing column(s) {missing} (header {reader.fieldnames})")
-        for row, record in enumerate(reader):
+        for row, record in enumerate(itertools.islice(reader, limit)):
             count += 1
             if None in record or any(value is None for value in record.values()):
                 raise ValueError(f"{path}: row {row} does not have the header's {len(reader.fieldnames)} fields")

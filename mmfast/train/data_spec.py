@@ -21,7 +21,6 @@ A subset of several files with a teacher: the teacher's rows follow the files in
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -40,6 +39,7 @@ from mmfast.train.data import (
     subset_name,
 )
 from mmfast.train.data_report import DataReport
+from mmfast.train.mapping_file import read_mapping_file
 from mmfast.train.sampling import Mixture, mixture
 
 FORMATS = {".jsonl": "mmeb", ".parquet": "mmeb", ".csv": "nli"}
@@ -81,16 +81,13 @@ def _files_in(folder: Path) -> list[Path]:
     return files
 
 
-def _spec_file(path: Path, image_dir: Path | None) -> list[DataSource]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        spec = json.loads(text)
-    else:
-        import yaml
+SPEC_SHAPE = "a non-empty mapping {subset name: {path: ..., weight: ...}}"
 
-        spec = yaml.safe_load(text)
-    if not isinstance(spec, dict) or not spec:
-        raise ValueError(f"{path}: a data spec is a non-empty mapping {{subset name: {{path: ..., weight: ...}}}}")
+
+def _spec_file(path: Path, image_dir: Path | None) -> list[DataSource]:
+    spec = read_mapping_file(path, "data spec", expected=SPEC_SHAPE)
+    if not spec:
+        raise ValueError(f"data spec {path} must hold {SPEC_SHAPE}")
     base, sources = path.parent, []
     for name, entry in spec.items():
         where = f"{path}, subset {name!r}"

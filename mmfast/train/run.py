@@ -13,11 +13,11 @@ from .data import ContrastiveBatchSampler, DataReport
 from .data_spec import TrainData, load_data
 from .encoder import Encoder
 from .losses import Objective, distributed_world_size
+from .plan import BatchPlan
 from .recipes import Recipe
 from .trainer import EmbeddingTrainer
 
 logger = logging.getLogger(__name__)
-SMALL_CONTRASTIVE_BATCH = 8
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -54,44 +54,27 @@ def build_encoder(model_args: ModelArguments, recipe: Recipe) -> Encoder:
     return encoder
 
 
+def batch_plan(training_args: TrainingArguments, recipe: Recipe, negatives_per_row: float | None,
+               processes: int | None = None) -> BatchPlan:  # fmt: skip
+    """The run's contrastive batch (`plan.BatchPlan`); processes: the live world size by default."""
+    return BatchPlan(
+        recipe=recipe, per_device=training_args.per_device_train_batch_size,
+        processes=distributed_world_size() if processes is None else processes, hard_per_row=negatives_per_row,
+        mini_batch=training_args.gradcache_mini_batch_size,
+        gradient_accumulation=training_args.gradient_accumulation_steps,
+    )  # fmt: skip
+
+
 def describe_batches(training_args: TrainingArguments, recipe: Recipe, negatives_per_row: float) -> str:
     """The contrastive batch in plain numbers, logged at start (what is per device, what is global)."""
-    world = distributed_world_size()
-    per_device = training_args.per_device_train_batch_size
-    gathered = getattr(recipe.loss, "cross_device", False) and world > 1
-    contrastive = per_device * world if gathered else per_device
-    in_batch = contrastive - 1
-    hard = negatives_per_row * contrastive
-    mini = training_args.gradcache_mini_batch_size
-    lines = [
-        f"recipe {recipe.name}: {recipe.summary}",
-        f"contrastive batch: {contrastive} ({per_device} per device × {world} process(es)"
-        f"{', gathered across devices' if gathered else ''})",
-        f"negatives per query: {in_batch} in-batch + {hard:g} hard"
-        f"{f' (of which cross-device: {(per_device * (world - 1)) * (1 + negatives_per_row):g})' if gathered else ''}",
-        f"GradCache mini-batch: {mini if mini else 'off (the whole batch in one graph)'}",
-    ]
-    return "\n".join(lines)
+    plan = batch_plan(training_args, recipe, negatives_per_row)
+    return "\n".join([f"recipe {recipe.name}: {recipe.summary}", *plan.lines()])
 
 
 def check_batch_semantics(training_args: TrainingArguments, recipe: Recipe) -> None:
     """Warns where a setting does not do what users often expect of it."""
-    if training_args.gradient_accumulation_steps > 1 and not recipe.is_distillation:
-        logger.warning(
-            "gradient_accumulation_steps=%d averages gradients of separate contrastive batches: it adds no "
-            "negatives. To grow the contrastive batch, raise per_device_train_batch_size and set "
-            "gradcache_mini_batch_size.",
-            training_args.gradient_accumulation_steps,
-        )
-    world = distributed_world_size()
-    gathered = getattr(recipe.loss, "cross_device", False) and world > 1
-    contrastive = training_args.per_device_train_batch_size * (world if gathered else 1)
-    if contrastive < SMALL_CONTRASTIVE_BATCH:
-        logger.warning(
-            "the contrastive batch is %d rows: with so few in-batch negatives the loss can collapse towards 0. "
-            "Use a larger per_device_train_batch_size (with GradCache if memory is short).",
-            contrastive,
-        )
+    for warning in batch_plan(training_args, recipe, None).warnings():
+        logger.warning("%s", warning)
 
 
 def load_training_data(data_args: DataArguments, recipe: Recipe, report: DataReport) -> TrainData:
@@ -150,3 +133,22 @@ def build_trainer(
         objective=Objective(training_args.loss_options(recipe), backend=backend), batch_sampler=sampler,
         data_report=report,
     )  # fmt: skip
+
+
+def fit(trainer: EmbeddingTrainer) -> EmbeddingTrainer:
+    """Trains (resuming from `--resume_from_checkpoint` when given), saves the final encoder into
+    output_dir and logs the data report."""
+    trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
+    trainer.save_model()
+    if trainer.is_world_process_zero():
+        logger.info("saved the trained encoder to %s", trainer.args.output_dir)
+        logger.info("%s", trainer.data_report.summary())
+    return trainer
+
+
+def leave_process_group() -> None:
+    """Under torchrun, every rank leaves together: a rank that exits while a peer is still inside a
+    gloo collective can make the peer's gloo thread abort (SIGABRT) instead of exiting cleanly."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

@@ -341,11 +341,17 @@ def test_data_spec_yaml_weights_and_errors(tmp_path, image_dir):
         ("a:\n  path: img/A.jsonl\n  weight: -1\n", "'weight' must be a number"),
         ("a:\n  path: img/A.txt\n", "not a data file"),
         ("[1, 2]\n", "non-empty mapping"),
+        ("\n", "non-empty mapping"),
+        ("a: [img/A.jsonl\n", "is not valid YAML"),
     ]:
         spec.write_text(text)
         with pytest.raises(ValueError, match=error) as err:
             parse_data_spec(spec)
         assert str(spec) in str(err.value) or error == "not a data file"
+    broken_json = tmp_path / "mix.json"
+    broken_json.write_text('{"a": "img/A.jsonl",}')
+    with pytest.raises(ValueError, match="mix.json is not valid JSON"):
+        parse_data_spec(broken_json)
     spec.write_text("a: img/A.jsonl\n")
     with pytest.raises(ValueError, match="given alone"):
         parse_data_spec([spec, image_dir / "A.jsonl"])

@@ -18,8 +18,10 @@ from mmfast.train.evaluate import (
     merge_results,
     write_results,
 )
+from mmfast.train.evaluate.inputs import CAPTION_PROMPT
 from tests.train.evaluate_helpers import (
     PLAIN,
+    FakeConfig,
     FakeEncoder,
     axis,
     caption_records,
@@ -268,3 +270,24 @@ def test_dispatch_and_reports(tmp_path):
         merge_results(parts[1], parts[1])
     with pytest.raises(ValueError, match="task must be one of"):
         evaluate(encoder, "mteb", data)
+
+
+def test_caption_prompt_is_not_nested_in_an_encoders_own_template(tmp_path):
+    """The VLM2Vec-style caption instruction goes to encoders that take texts as they are; one with
+    its own template (E5-V's one-word prompt) gets the bare caption, and a given prompt always wins."""
+    data, vectors = write_caption_set(tmp_path, "jsonl")
+    one_word = FakeEncoder(vectors)
+    one_word.encoder_config = FakeConfig(text_prompt="{text}\nSummary above sentence in one word:")
+    plain = FakeEncoder(vectors)
+    chosen = FakeEncoder(vectors)
+    evaluate_retrieval(one_word, data, **QUIET)
+    evaluate_retrieval(plain, data, **QUIET)
+    evaluate_retrieval(chosen, data, text_prompt="caption: {text}", **QUIET)
+    bare = FakeEncoder(vectors)
+    evaluate_retrieval(bare, data, text_prompt=PLAIN, **QUIET)
+    captions = [text for text, width in bare.inputs if width is None]
+    assert captions and [t for t, w in one_word.inputs if w is None] == captions
+    assert [t for t, w in plain.inputs if w is None] == [CAPTION_PROMPT.format(text=t) for t in captions]
+    assert [t for t, w in chosen.inputs if w is None] == [f"caption: {t}" for t in captions]
+    with pytest.raises(ValueError, match="text_prompt must hold"):
+        evaluate_retrieval(plain, data, text_prompt="no slot", **QUIET)

@@ -12,6 +12,7 @@ import os
 
 from ..default import DefaultData, default_data
 from ..default.captions import FIND_IMAGE, IMAGE
+from .inputs import BARE_CAPTION, caption_prompt_for
 from .mmeb import evaluate_mmeb
 from .report import merge_results
 from .retrieval import evaluate_retrieval
@@ -39,7 +40,9 @@ def evaluate_default(
         raise ValueError(f"tasks must be among {', '.join(DEFAULT_TASKS)}; got {', '.join(sorted(unknown))}")
     data = default_data() if data is None else data
     common = {"cache": cache, "batch_size": batch_size, "show_progress": show_progress}
-    prompts = {"text_prompt": CAPTION_PROMPT, "image_prompt": IMAGE_PROMPT}
+    # An encoder with its own text template (E5-V's one-word prompt) gets the bare caption, as everywhere.
+    caption = CAPTION_PROMPT if caption_prompt_for(encoder, None) != BARE_CAPTION else BARE_CAPTION
+    prompts = {"text_prompt": caption, "image_prompt": IMAGE_PROMPT}
     parts = []
     if "mmeb" in tasks:
         parts.append(evaluate_mmeb(encoder, data.mmeb_eval, data.mmeb_eval_images, output_dir=output_dir, **common))
@@ -49,6 +52,6 @@ def evaluate_default(
     if "sugarcrepe" in tasks:
         parts.append(evaluate_sugarcrepe(encoder, data.sugarcrepe, data.sugarcrepe / "images", **prompts, **common))
     if "video" in tasks:
-        video = {"query_prompt": CAPTION_PROMPT, "video_prompt": IMAGE_PROMPT}
+        video = {"query_prompt": caption, "video_prompt": IMAGE_PROMPT}
         parts.append(evaluate_video(encoder, data.video_csv, data.video_frames, name="msrvtt", **video, **common))
     return merge_results(*parts)

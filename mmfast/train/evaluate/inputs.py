@@ -20,6 +20,22 @@ from PIL import Image, UnidentifiedImageError
 IMAGE_TOKEN = "<|image_1|>"
 IMAGE_PROMPT = IMAGE_TOKEN + "\nRepresent the given image."
 CAPTION_PROMPT = "Find me an everyday image that matches the given caption: {text}"
+BARE_CAPTION = "{text}"
+
+
+def caption_prompt_for(encoder, text_prompt: str | None) -> str:
+    """The caption prompt: the one given, else the VLM2Vec-style instruction — unless the encoder
+    wraps texts in its own template (E5-V's and UniME's one-word prompt), which the instruction
+    would only be nested inside; then the bare caption."""
+    if text_prompt is None:
+        config = getattr(encoder, "encoder_config", None)
+        own = getattr(config, "text_prompt", BARE_CAPTION)
+        text_prompt = CAPTION_PROMPT if own == BARE_CAPTION else BARE_CAPTION
+    if "{text}" not in text_prompt:
+        raise ValueError(f"text_prompt must hold {{text}} where the caption goes, got {text_prompt!r}")
+    return text_prompt
+
+
 MISSING_EXAMPLES = 5
 
 

@@ -75,7 +75,7 @@ def write_results(results: Mapping, output_dir: str | os.PathLike) -> dict[str, 
     return {"json": json_path, "csv": csv_path}
 
 
-def _table(header: list[str], rows: list[list]) -> list[str]:
+def table_lines(header: list[str], rows: list[list]) -> list[str]:
     cells = [header, *[[f"{c:.2f}" if isinstance(c, float) else str(c) for c in row] for row in rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     return [
@@ -95,7 +95,8 @@ def _mmeb_lines(mmeb: Mapping) -> list[str]:
     means += [
         [f"{key} ({mmeb[key]['num_datasets']})", mmeb[key]["acc"]] for key in ("overall", "ind", "ood") if key in mmeb
     ]
-    lines = ["MMEB (Precision@1, %)", *_table(header, rows), "", *_table(["mean over datasets", "P@1"], means)]
+    means_table = table_lines(["mean over datasets", "P@1"], means)
+    lines = ["MMEB (Precision@1, %)", *table_lines(header, rows), "", *means_table]
     if mmeb.get("unassigned"):
         lines.append("no meta-task known for: " + ", ".join(mmeb["unassigned"]))
     return lines
@@ -113,7 +114,7 @@ def _cross_modal_lines(title: str, sets: Mapping, directions: tuple[str, str], i
         for direction in directions:
             row += [m[f"{direction}_{metric}"] for metric in ("R@1", "R@5", "R@10", "MdR", "MnR")]
         rows.append(row + [m[f"num_{items}"], m["num_captions"], m[f"num_missing_{items}"]])
-    return [title, *_table(header, rows)]
+    return [title, *table_lines(header, rows)]
 
 
 def _sugarcrepe_lines(sets: Mapping) -> list[str]:
@@ -127,7 +128,7 @@ def _sugarcrepe_lines(sets: Mapping) -> list[str]:
         if files.get("files_not_found"):
             absent.append(f"{name}: not found: {', '.join(files['files_not_found'])}")
     header = ["set/file", "acc", "correct/num_pred", "missing images"]
-    return ["SugarCrepe (accuracy, %)", *_table(header, rows), *absent]
+    return ["SugarCrepe (accuracy, %)", *table_lines(header, rows), *absent]
 
 
 def format_table(results: Mapping) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .cache import as_cache
-from .inputs import CAPTION_PROMPT, IMAGE_PROMPT, ImageChecker, read_records, resolve_image
+from .inputs import IMAGE_PROMPT, ImageChecker, caption_prompt_for, read_records, resolve_image
 from .metrics import cross_modal_metrics
 
 CAPTION_COLUMNS = ("caption", "captions", "text")
@@ -52,7 +52,7 @@ def evaluate_retrieval(
     strict: bool = False,
     cache=None,
     image_prompt: str = IMAGE_PROMPT,
-    text_prompt: str = CAPTION_PROMPT,
+    text_prompt: str | None = None,
     max_captions: int | None = 5,
     limit: int | None = None,
     batch_size: int = 32,
@@ -62,8 +62,7 @@ def evaluate_retrieval(
     "t2i_MnR", "i2t_MdR", "i2t_MnR" (rates in %), "num_images", "num_captions", "num_missing_images",
     ...}}}. `name` defaults to the file's stem or the folder's name; `limit` keeps the first images
     (ShareGPT4V-1k is the first 1000); `text_prompt` holds "{text}" where the caption goes."""
-    if "{text}" not in text_prompt:
-        raise ValueError(f"text_prompt must hold {{text}} where the caption goes, got {text_prompt!r}")
+    text_prompt = caption_prompt_for(encoder, text_prompt)
     dataset = load_retrieval_set(data, image_root, max_captions=max_captions, limit=limit)
     embeddings = as_cache(encoder, cache, batch_size=batch_size, show_progress=show_progress)
     metrics = score_caption_set(dataset, embeddings, strict=strict, image_prompt=image_prompt, text_prompt=text_prompt)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .cache import as_cache
-from .inputs import CAPTION_PROMPT, IMAGE_PROMPT, ImageChecker, load_json, string_field
+from .inputs import IMAGE_PROMPT, ImageChecker, caption_prompt_for, load_json, string_field
 from .metrics import accuracy
 
 SUGARCREPE_FILES = ("add_obj", "add_att", "replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att")
@@ -33,7 +33,7 @@ def evaluate_sugarcrepe(
     strict: bool = False,
     cache=None,
     image_prompt: str = IMAGE_PROMPT,
-    text_prompt: str = CAPTION_PROMPT,
+    text_prompt: str | None = None,
     batch_size: int = 32,
     show_progress: bool = True,
 ) -> dict:
@@ -45,8 +45,7 @@ def evaluate_sugarcrepe(
     absent are listed in "files_not_found" (an error with strict, or when none is there); a file named
     in `files` must exist. image_root defaults to `data`.
     """
-    if "{text}" not in text_prompt:
-        raise ValueError(f"text_prompt must hold {{text}} where the caption goes, got {text_prompt!r}")
+    text_prompt = caption_prompt_for(encoder, text_prompt)
     folder = Path(data)
     if not folder.is_dir():
         raise FileNotFoundError(f"SugarCrepe folder {folder} is not a directory")

@@ -1,0 +1,286 @@
+"""`--dry-run`: a training config checked without weights, and the plan of the run it describes.
+
+`dry_run(argv)` parses the arguments exactly as `mmfast-train` does, then checks what a run would
+otherwise find only once it started, and prints the plan:
+- the fields (the parser's own checks, the recipe, the dtype);
+- the data: every path exists (all missing ones are listed at once); the first rows of every file
+  read with the real loaders (columns, types, images: rows that training would skip are a warning);
+  a distillation recipe has its teacher file; a text-only model is not given images;
+- the model class: from the model's config.json when it is on this machine (a folder, or the local
+  HF cache), else from the model id's family name; nothing is downloaded and no weights are loaded;
+- the batches: the contrastive batch, the negatives of each query, the GradCache mini-batch
+  (`plan.BatchPlan`), for `processes` ranks (default: $WORLD_SIZE, else 1).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .arguments import DataArguments, ModelArguments, TrainingArguments, parse_arguments
+from .backbones import Family, auto_model_class, family_of
+from .data import load_mmeb_train, load_nli_triplets
+from .data_report import DataReport
+from .data_spec import parse_data_spec
+from .recipes import Recipe
+from .run import DTYPES, batch_plan
+
+SAMPLE_ROWS = 64
+# Family names as they appear in hub ids, most specific first ("llama3-llava-next" is LLaVA-NeXT).
+NAME_PATTERNS = (
+    (("qwen2.5-vl", "qwen2_5_vl", "qwen2.5vl"), "qwen2_5_vl"),
+    (("qwen2-vl", "qwen2_vl", "qwen2vl"), "qwen2_vl"),
+    (("onevision", "llava-ov", "llava_ov"), "llava_onevision"),
+    (("llava-v1.6", "llava-1.6", "llava-next", "llava_next", "e5-v"), "llava_next"),
+    (("llava-v1.5", "llava-1.5"), "llava"),
+    (("phi-3.5-vision", "phi-3-vision", "phi3_v", "phi3.5-v"), "phi3_v"),
+    (("qwen3",), "qwen3"),
+    (("qwen2",), "qwen2"),
+    (("llama",), "llama"),
+    (("mistral",), "mistral"),
+)
+
+
+@dataclass
+class Plan:
+    """What a run would do (`sections`: label, text), what looks wrong (`warnings`), what would fail."""
+
+    sections: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def add(self, label: str, text: str) -> None:
+        self.sections.append((label, text))
+
+    def format(self) -> str:
+        width = max((len(label) for label, _ in self.sections), default=0)
+        lines = []
+        for label, text in self.sections:
+            first, *rest = text.split("\n")
+            lines.append(f"{label.ljust(width)}  {first}")
+            lines += [f"{'':{width}}  {line}" for line in rest]
+        lines += [f"warning: {w}" for w in self.warnings] + [f"error: {e}" for e in self.errors]
+        verdict = "valid" if self.ok else f"NOT valid: {len(self.errors)} error(s)"
+        lines.append(f"dry run: {verdict}, {len(self.warnings)} warning(s); no weights were loaded, nothing trained")
+        return "\n".join(lines)
+
+
+def _family_from_name(name: str) -> str | None:
+    lowered = name.lower()
+    for patterns, model_type in NAME_PATTERNS:
+        if any(p in lowered for p in patterns):
+            return model_type
+    return None
+
+
+def model_class(model_type: str, family: Family, config: dict | None = None) -> str:
+    """The transformers class a model_type loads as (remote code: its auto_map entry)."""
+    auto = auto_model_class(family).__name__
+    if family.requires_remote_code:
+        remote = ((config or {}).get("auto_map") or {}).get(auto)
+        return f"{remote or 'its remote code'} (remote code, through {auto})"
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    mapping = (
+        modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+        if family.multimodal
+        else modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    )
+    name = mapping.get(model_type)
+    if name is None or not hasattr(transformers, name):
+        raise ValueError(f"transformers {transformers.__version__} has no {auto} class for model_type {model_type!r}")
+    return f"transformers.{name} (through {auto})"
+
+
+def resolve_model(model_args: ModelArguments, plan: Plan) -> Family | None:
+    """The model's family and class, from its config.json if present here, else from its name."""
+    from transformers import PretrainedConfig
+
+    from .default import BACKBONE
+
+    name = model_args.model_name_or_path
+    if name is None:
+        family = family_of({"model_type": BACKBONE["family"]})
+        plan.add("model", f"the embedded default: a tiny {family.name} built from its config on first use")
+        return family
+    config, where = None, None
+    try:
+        config, _ = PretrainedConfig.get_config_dict(name, local_files_only=True)
+        where = f"its config.json ({'folder' if os.path.isdir(name) else 'local HF cache'})"
+    except (OSError, ValueError):
+        if os.path.isdir(name):
+            plan.errors.append(f"--model_name_or_path {name}: the folder has no config.json")
+            return None
+        if name.startswith((".", "/", "~")):
+            plan.errors.append(f"--model_name_or_path {name}: no such folder")
+            return None
+    model_type = config.get("model_type") if config else _family_from_name(name)
+    if model_type is None:
+        known = ", ".join(p[0] for p, _ in NAME_PATTERNS)
+        plan.errors.append(
+            f"--model_name_or_path {name}: not on this machine, and its family cannot be told from the name "
+            f"(names with one of: {known}); give a folder with its config.json"
+        )
+        return None
+    if where is None:
+        where = "its name: it is not on this machine; a real run reads it from a folder or the local HF cache"
+    try:
+        family = family_of({"model_type": model_type})
+        chosen = model_class(model_type, family, config)
+    except ValueError as error:
+        plan.errors.append(f"--model_name_or_path {name}: {error}")
+        return None
+    plan.add("model", f"{name}: model_type {model_type}, from {where}\nfamily {family.name} -> {chosen}")
+    if family.requires_remote_code and not model_args.trust_remote_code:
+        plan.errors.append(f"--model_name_or_path {name}: model_type {model_type!r} runs remote code; "
+                           "set trust_remote_code: true")  # fmt: skip
+    return family
+
+
+def _adapter_text(model_args: ModelArguments) -> str:
+    if model_args.lora:
+        kind = "DoRA" if model_args.use_dora else "LoRA"
+        targets = model_args.lora_target_modules or "the language model's projections"
+        text = f"{kind} r{model_args.lora_r} α{model_args.lora_alpha} dropout {model_args.lora_dropout:g} on {targets}"
+    else:
+        text = "full fine-tune"
+    if model_args.freeze_vision_tower:
+        text += ", vision tower frozen"
+    return text
+
+
+def _missing_paths(data_args: DataArguments) -> list[str]:
+    missing = [f"--data {p}" for p in data_args.data or [] if not Path(p).exists()]
+    if data_args.image_dir is not None and not Path(data_args.image_dir).is_dir():
+        missing.append(f"--image_dir {data_args.image_dir}")
+    if data_args.teacher is not None and not Path(data_args.teacher).is_file():
+        missing.append(f"--teacher {data_args.teacher}")
+    return missing
+
+
+def check_data(data_args: DataArguments, recipe: Recipe, family: Family | None, plan: Plan) -> float | None:
+    """Checks every data path and samples every file; returns the hard negatives per row (None if unread)."""
+    if not data_args.data:
+        kind = {"mmeb": "MMEB-train rows", "nli": "NLI triplets", "nli_teacher": "NLI pairs + the teacher file"}
+        plan.add("data", f"the embedded default data ({kind[recipe.data]}), generated on first use")
+        return {"mmeb": None, "nli": 1.0, "nli_teacher": 0.0}[recipe.data]
+    missing = _missing_paths(data_args)
+    if missing:
+        plan.errors.append(f"{len(missing)} missing path(s):\n  " + "\n  ".join(missing))
+        return None
+    try:
+        sources = parse_data_spec(data_args.data, image_dir=data_args.image_dir, teacher=data_args.teacher)
+    except (ValueError, FileNotFoundError) as error:
+        plan.errors.append(str(error))
+        return None
+    missing = [f"subset {s.name}: {p}" for s in sources for p in s.paths if not p.is_file()]
+    missing += [
+        f"subset {s.name}: image_dir {s.image_dir}" for s in sources if s.image_dir and not s.image_dir.exists()
+    ]
+    missing += [f"subset {s.name}: teacher {s.teacher}" for s in sources if s.teacher and not s.teacher.is_file()]
+    if missing:
+        plan.errors.append(f"{len(missing)} missing path(s):\n  " + "\n  ".join(missing))
+        return None
+    if recipe.is_distillation and not all(s.teacher for s in sources):
+        plan.errors.append(f"recipe {recipe.name} distils from teacher embeddings: give --teacher FILE "
+                           "(or a data spec with one per subset)")  # fmt: skip
+    lines, negatives, rows, with_images = [], 0, 0, []
+    for source in sources:
+        report = DataReport(keep=3)
+        try:
+            examples = [
+                example
+                for path in source.paths
+                for example in (
+                    load_nli_triplets(path, subset=source.name, report=report, limit=SAMPLE_ROWS)
+                    if source.format == "nli"
+                    else load_mmeb_train(path, source.image_dir, subset=source.name, report=report, limit=SAMPLE_ROWS)
+                )
+            ]
+        except (ValueError, FileNotFoundError) as error:
+            plan.errors.append(str(error))
+            continue
+        capped = [min(len(e.negatives), data_args.max_negatives or len(e.negatives)) for e in examples]
+        negatives, rows = negatives + sum(capped), rows + len(examples)
+        if any(side.image for e in examples for side in (e.query, e.positive, *e.negatives)):
+            with_images.append(source.name)
+        weight = "" if source.weight is None else f", weight {source.weight:g}"
+        teacher = f", teacher {source.teacher}" if source.teacher else ""
+        lines.append(f"{source.name}: {len(source.paths)} {source.format} file(s){weight}{teacher}; first "
+                     f"{report.rows_read} row(s) per file read, {len(examples)} usable")  # fmt: skip
+        if report.total:
+            plan.warnings.append(f"subset {source.name}: training would skip rows of its sample\n  {report.summary()}")
+    plan.add("data", "\n".join(lines) or "no usable subset")
+    if family is not None and not family.multimodal and with_images:
+        plan.errors.append(f"the model is text-only ({family.name}) but subset(s) {', '.join(with_images)} have images")
+    return negatives / rows if rows else None
+
+
+def _training_text(args: TrainingArguments) -> str:
+    length = f"{args.max_steps} steps" if args.max_steps > 0 else f"{args.num_train_epochs:g} epoch(s)"
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    schedule = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    text = f"{length}, lr {args.learning_rate:g} ({schedule}, warmup {args.warmup_steps:g}), {precision}"
+    if getattr(args, "activation_checkpointing", False) or args.gradient_checkpointing:
+        text += ", activation checkpointing"
+    if args.fsdp:
+        text += f", FSDP {' '.join(str(o) for o in args.fsdp)}"
+    if args.deepspeed:
+        text += f", DeepSpeed {args.deepspeed}"
+    return text + f"\noutput_dir {args.output_dir}, seed {args.seed}"
+
+
+def dry_run(argv: Sequence[str] | None = None, *, processes: int | None = None, profile=None) -> Plan:
+    """The plan of `mmfast-train argv` (see the module docstring); never loads weights or trains."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    plan = Plan()
+    try:
+        model_args, data_args, training_args, recipe = parse_arguments(argv, profile=profile)
+    except SystemExit as exit_:  # HfArgumentParser has printed the offending argument
+        plan.errors.append(f"the arguments do not parse (the parser's message is above; exit {exit_.code})")
+        return plan
+    except (ValueError, TypeError, FileNotFoundError, KeyError, ImportError) as error:
+        plan.errors.append(str(error))
+        return plan
+    if processes is None:
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if not isinstance(processes, int) or processes < 1:
+        plan.errors.append(f"processes must be a positive integer, got {processes!r}")
+        return plan
+    plan.add("recipe", f"{recipe.name}: {recipe.summary}")
+    family = resolve_model(model_args, plan)
+    if model_args.model_dtype and model_args.model_dtype not in DTYPES:
+        plan.errors.append(f"model_dtype must be one of {', '.join(DTYPES)}, got {model_args.model_dtype!r}")
+    plan.add("adapter", _adapter_text(model_args))
+    negatives = check_data(data_args, recipe, family, plan)
+    batches = batch_plan(training_args, recipe, negatives, processes)
+    plan.add("batches", "\n".join(batches.lines()))
+    plan.warnings += batches.warnings()
+    plan.add("training", _training_text(training_args))
+    return plan
+
+
+def dry_run_main(argv: Sequence[str], *, program: str, profile=None) -> int:
+    """Prints the plan; 0 when valid, 2 (each error on its own line on stderr) when not.
+    argv may hold `--num_processes N`: plan for N data-parallel ranks."""
+    argv, processes = list(argv), None
+    if "--num_processes" in argv:
+        i = argv.index("--num_processes")
+        value = argv[i + 1] if i + 1 < len(argv) else ""
+        if not value.isdigit() or int(value) < 1:
+            print(f"{program}: error: --num_processes needs a positive integer, got {value!r}", file=sys.stderr)
+            return 2
+        processes, argv = int(value), argv[:i] + argv[i + 2 :]
+    plan = dry_run(argv, processes=processes, profile=profile)
+    print(plan.format())
+    for error in plan.errors:
+        print(f"{program}: error: {error}", file=sys.stderr)
+    return 0 if plan.ok else 2

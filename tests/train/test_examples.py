@@ -1,0 +1,181 @@
+"""The examples end to end, shortened: every recipe's script trains the embedded default for a few steps
+and evaluates it before and after on tiny held-out sets (table, results.json, loss.png); every published
+config passes --dry-run with data in place, and fails it (exit 2, naming the path or field) without."""
+
+import json
+import runpy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmfast.train.cli import train_main
+from mmfast.train.default import default_data
+from mmfast.train.default.sizes import Sizes
+from mmfast.train.default.synthetic import TRAIN_SUBSETS
+from mmfast.train.default.teacher import default_teacher
+from mmfast.train.encoder import Encoder
+from mmfast.train.teacher_file import save_teacher
+
+pytestmark = pytest.mark.slow
+EXAMPLES = Path(__file__).parents[2] / "examples"
+CONFIGS = EXAMPLES / "configs"
+SHORT = ["--max_steps", "2", "--per_device_train_batch_size", "8", "--logging_steps", "1", "--save_steps", "10",
+         "--report_to", "none", "--eval_size", "tiny"]  # fmt: skip
+
+
+def _main(script: str):
+    """The `main` of examples/<script>.py, loaded as a user would run it (not importable as a package)."""
+    return runpy.run_path(str(EXAMPLES / f"{script}.py"), run_name="example")["main"]
+
+
+def _check_outputs(out: Path, columns: list[str]):
+    results = json.loads((out / "results.json").read_text())
+    assert list(results) == columns
+    for results_of_one in results.values():  # mmfast-eval's shape, every task of the tiny held-out sets
+        assert set(results_of_one) == {"mmeb", "retrieval", "sugarcrepe", "video"}
+        assert 0 <= results_of_one["retrieval"]["flickr30k"]["t2i_R@1"] <= 100
+        assert results_of_one["mmeb"]["meta_tasks"]
+    assert (out / "loss.png").read_bytes().startswith(b"\x89PNG")
+    assert (out / "mmfast_encoder.json").is_file()
+
+
+@pytest.mark.parametrize("script", ["train_llave", "train_vlm2vec", "train_e5v"])
+def test_example_trains_and_evaluates_before_and_after(script, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _main(script)(["--output_dir", str(out), *SHORT]) == 0
+    printed = capsys.readouterr().out
+    assert "metric (%)" in printed and "flickr30k t2i R@1" in printed and "MMEB overall P@1" in printed
+    assert "sugarcrepe accuracy" in printed
+    _check_outputs(out, ["before", "after"])
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2]
+
+
+def test_unime_example_runs_stage_2_from_stage_1(tmp_path, capsys, monkeypatch):
+    default_teacher(default_data())
+    loaded = []
+    original = Encoder.from_pretrained.__func__
+
+    def recording(cls, path, **overrides):
+        loaded.append(str(path))
+        return original(cls, path, **overrides)
+
+    monkeypatch.setattr(Encoder, "from_pretrained", classmethod(recording))
+    out = tmp_path / "run"
+    assert _main("train_unime")(["--output_dir", str(out), *SHORT]) == 0
+    assert "after stage 1" in capsys.readouterr().out
+    _check_outputs(out, ["before", "after stage 1", "after"])
+    # stage 1 from the default backbone, stage 2 from stage 1's saved encoder
+    assert len(loaded) == 2 and loaded[1] == str(out / "stage1")
+    assert json.loads((out / "stage1" / "mmfast_encoder.json").read_text())["text_prompt"].endswith("in one word:")
+    for stage in (out / "stage1", out):
+        state = json.loads((stage / "checkpoint-2" / "trainer_state.json").read_text())
+        assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2]
+
+
+def test_eval_tasks_none_skips_the_evaluation(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _main("train_llave")(["--output_dir", str(out), *SHORT, "--eval_tasks", "none"]) == 0
+    assert "no held-out evaluation" in capsys.readouterr().out
+    assert not (out / "results.json").exists() and (out / "loss.png").is_file()
+
+
+# --- dry runs ---
+
+
+@pytest.fixture(scope="module")
+def local_data(tmp_path_factory):
+    """Stand-ins for the published data: the generator's tiny MMEB-train rows, NLI CSV and a teacher."""
+    data = default_data(tmp_path_factory.mktemp("tiny") / "data", sizes=Sizes.tiny())
+    teacher = data.root / "teacher.safetensors"
+    import torch
+
+    rows = Sizes.tiny().nli_rows
+    save_teacher(teacher, torch.randn(rows, 8), torch.randn(rows, 8))
+    mmeb = ["--data", *map(str, data.train_files), "--image_dir", str(data.image_dir)]
+    return {
+        "mmeb": mmeb,
+        "nli": ["--data", str(data.nli)],
+        "teacher": ["--data", str(data.nli), "--teacher", str(teacher)],
+    }
+
+
+CONFIG_DATA = {
+    "vlm2vec-qwen2-vl-2b": ("train_vlm2vec", "mmeb", "Qwen2VLForConditionalGeneration"),
+    "llave-llava-onevision-0.5b": ("train_llave", "mmeb", "LlavaOnevisionForConditionalGeneration"),
+    "e5v-llama3-llava-next-8b": ("train_e5v", "nli", "LlavaNextForConditionalGeneration"),
+    "unime-stage1-llava-v1.6-mistral-7b": (None, "teacher", "LlavaNextForConditionalGeneration"),
+    "unime-stage2-llava-v1.6-mistral-7b": (None, "mmeb", "LlavaNextForConditionalGeneration"),
+}
+
+
+def test_every_config_has_a_dry_run_case():
+    assert {p.stem for p in CONFIGS.glob("*.yaml")} >= set(CONFIG_DATA)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIG_DATA))
+def test_published_config_dry_run(name, local_data, capsys):
+    script, kind, model_class = CONFIG_DATA[name]
+    config = CONFIGS / f"{name}.yaml"
+    argv = ["--config", str(config), "--dry-run", "--num_processes", "8", *local_data[kind]]
+    status = _main(script)(argv) if script else train_main(argv)
+    printed = capsys.readouterr()
+    assert status == 0, printed.err
+    assert model_class in printed.out and "dry run: valid" in printed.out
+    per_device = yaml.safe_load(config.read_text())["per_device_train_batch_size"]
+    assert f"contrastive batch: {per_device * 8} ({per_device} per device × 8 process(es)" in printed.out
+    assert "GradCache mini-batch: " in printed.out
+    assert ("distillation: " if "unime-stage1" in name else "negatives per query: ") in printed.out
+    # Without the data on this machine, the same config fails and names what is missing.
+    status = _main(script)(argv[:5]) if script else train_main(argv[:5])
+    printed = capsys.readouterr()
+    assert status == 2 and "missing path(s)" in printed.err and "data/" in printed.err
+
+
+def test_unime_example_dry_runs_both_stages(local_data, capsys):
+    argv = ["--config", str(CONFIGS / "unime-stage1-llava-v1.6-mistral-7b.yaml"), "--dry-run", *local_data["teacher"],
+            "--stage2_config", str(CONFIGS / "unime-stage2-llava-v1.6-mistral-7b.yaml")]  # fmt: skip
+    status = _main("train_unime")(argv)
+    printed = capsys.readouterr()
+    # stage 2's config still points at MMEB-train (not here): stage 1 is valid, stage 2 names the paths
+    assert status == 2 and printed.out.count("dry run: valid") == 1 and "--- stage 2: unime-stage2" in printed.out
+    assert "MMEB-train" in printed.err
+
+
+def test_dry_run_of_a_broken_config_names_the_field_or_path(tmp_path, local_data, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("recipe: llave\nper_device_batch: 4\n")
+    assert train_main(["--config", str(broken), "--dry-run"]) == 2
+    assert "unknown argument(s) per_device_batch" in capsys.readouterr().err
+    broken.write_text("recipe: llave\nmodel_name_or_path: someone/mystery-model\n")
+    assert train_main(["--config", str(broken), "--dry-run", *local_data["mmeb"]]) == 2
+    assert "someone/mystery-model" in capsys.readouterr().err
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    assert train_main(["--model_name_or_path", str(folder), "--dry-run", *local_data["mmeb"]]) == 2
+    assert "unsupported model_type 'bert'" in capsys.readouterr().err
+    assert train_main(["--recipe", "unime-stage1", "--dry-run", *local_data["nli"]]) == 2
+    assert "--teacher" in capsys.readouterr().err
+    text_only = tmp_path / "text"
+    text_only.mkdir()
+    (text_only / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    assert train_main(["--model_name_or_path", str(text_only), "--dry-run", *local_data["mmeb"]]) == 2
+    assert "text-only" in capsys.readouterr().err
+
+
+def test_dry_run_counts_rows_that_training_would_skip(tmp_path, capsys):
+    rows = [{"qry": "a red circle", "qry_image_path": "", "pos_text": "<|image_1|>", "pos_image_path": f"{i}.jpg"}
+            for i in range(3)]  # fmt: skip
+    data = tmp_path / f"{TRAIN_SUBSETS[0]}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert train_main(["--data", str(data), "--image_dir", str(tmp_path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "missing image: 3" in out and "0 usable" in out
+
+
+def test_example_flags_do_not_collide_with_training_arguments():
+    from mmfast.train.arguments import known_fields
+
+    assert not {"eval_tasks", "eval_size", "stage2_config", "dry_run", "num_processes"} & known_fields()
