@@ -25,5 +25,5 @@ def test_ablation_writes_its_table_results_and_plot(tmp_path):
     for run in results["runs"]:
         assert run["num_images"] == 8 and 0 <= run["t2i_R@1"] <= 100 and 0 <= run["i2t_R@1"] <= 100
     table = (out / "table.md").read_text()
-    assert table.count("\n| ") == 7 and "UniME margin 0.1 + top-8 | yes" in table
+    assert table.count("\n| ") == 2 + 6 and "UniME margin 0.1 + top-8 | yes" in table
     assert (out / "ablation.png").stat().st_size > 1000
