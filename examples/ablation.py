@@ -2,7 +2,7 @@
 false-negative margin + top-k, each with and without the data's hard negatives, on the same data,
 steps and seeds. Everything but the loss is the default run (`mmfast-train` with no arguments).
 
-    python examples/ablation.py                      # 6 losses x 3 seeds x 150 steps, ~15 min on 2 cores
+    python examples/ablation.py                      # 6 losses x 3 seeds x 150 steps: 21 min at load 7-10
     python examples/ablation.py --steps 2 --seeds 0 --eval_images 8   # a smoke run (CI)
 
 Writes <output>/results.json (every run), table.md (mean ± sample std over seeds, and each seed) and
