@@ -18,6 +18,8 @@ import torch
 import transformers
 from transformers import HfArgumentParser
 
+from mmfast import ContrastiveLossOptions, DistillationLossOptions
+
 from .mapping_file import read_mapping_file
 from .recipes import RECIPES, Recipe, get_recipe
 
@@ -80,6 +82,18 @@ class TrainingArguments(transformers.TrainingArguments):
         default=None,
         metadata={"help": "torch intra-op threads on CPU (none = torch's default); tiny models run best on 1"},
     )
+    # The recipe's contrastive loss options, each overridable (none = the recipe's own value).
+    temperature: float | None = field(default=None, metadata={"help": "Contrastive τ; none = the recipe's"})
+    hardness: float | None = field(
+        default=None, metadata={"help": "LLaVE's α (0 = plain InfoNCE); none = the recipe's"}
+    )
+    false_negative_margin: float | None = field(
+        default=None, metadata={"help": "UniME's β false-negative filter; none = the recipe's"}
+    )
+    topk: int | None = field(default=None, metadata={"help": "UniME's k hardest negatives; none = the recipe's"})
+    symmetric: bool | None = field(
+        default=None, metadata={"help": "Also the loss of targets against queries; none = the recipe's"}
+    )
     # A contrastive batch must be whole: a partial last batch has fewer negatives and spikes the loss.
     dataloader_drop_last: bool = True
     remove_unused_columns: bool = False
@@ -98,7 +112,16 @@ class TrainingArguments(transformers.TrainingArguments):
             self.use_cpu = True
         super().__post_init__()
 
+    def loss_options(self, recipe: Recipe) -> ContrastiveLossOptions | DistillationLossOptions:
+        """The recipe's loss options with this run's overrides (checked by the options' own validation)."""
+        overrides = {name: getattr(self, name) for name in LOSS_OVERRIDES if getattr(self, name) is not None}
+        if overrides and recipe.is_distillation:
+            named = ", ".join(f"--{name}" for name in overrides)
+            raise ValueError(f"{named}: recipe {recipe.name} distils, it has no contrastive loss")
+        return dataclasses.replace(recipe.loss, **overrides)
 
+
+LOSS_OVERRIDES = ("temperature", "hardness", "false_negative_margin", "topk", "symmetric")
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
 
 

@@ -1,0 +1,34 @@
+"""The recipe's loss options under command-line overrides (no model is built)."""
+
+import pytest
+
+from mmfast import ContrastiveLossOptions
+from mmfast.train.arguments import parse_arguments
+
+
+def _loss(tmp_path, *argv):
+    _, _, training_args, recipe = parse_arguments(["--output_dir", str(tmp_path), *argv])
+    return training_args.loss_options(recipe)
+
+
+def test_no_override_keeps_the_recipe_loss(tmp_path):
+    for recipe in ("llave", "vlm2vec", "unime-stage2", "e5v", "unime-stage1"):
+        _, _, training_args, chosen = parse_arguments(["--output_dir", str(tmp_path), "--recipe", recipe])
+        assert training_args.loss_options(chosen) == chosen.loss
+
+
+def test_each_override_replaces_one_field(tmp_path):
+    base = ContrastiveLossOptions(temperature=0.02, hardness=9.0, symmetric=True, cross_device=True)
+    assert _loss(tmp_path) == base
+    assert _loss(tmp_path, "--hardness", "0") == ContrastiveLossOptions(0.02, True, 0.0, cross_device=True)
+    assert _loss(tmp_path, "--temperature", "0.05").temperature == 0.05
+    assert _loss(tmp_path, "--symmetric", "False").symmetric is False
+    unime = _loss(tmp_path, "--recipe", "unime-stage2", "--topk", "3", "--false_negative_margin", "0.2")
+    assert (unime.topk, unime.false_negative_margin, unime.temperature) == (3, 0.2, 0.02)
+
+
+def test_bad_overrides_are_errors_naming_the_argument(tmp_path):
+    with pytest.raises(ValueError, match="temperature"):
+        _loss(tmp_path, "--temperature", "0")
+    with pytest.raises(ValueError, match="--hardness.*unime-stage1 distils"):
+        _loss(tmp_path, "--recipe", "unime-stage1", "--hardness", "1")
