@@ -120,7 +120,10 @@ def worker(rank: int, sizes: list[int], init_file: str, out_dir: str) -> None:
             results[f"masked_counts-{'K' if with_negatives else 'noK'}"] = counts
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         # A rank that tears gloo down while a peer is still inside its last collective can make
-        # that peer's gloo thread call std::terminate (SIGABRT); every rank leaves together.
+        # that peer's gloo thread call std::terminate (SIGABRT), and the teardown itself once hung a
+        # rank under heavy load: every rank leaves together, and without the teardown.
         dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    os._exit(0)

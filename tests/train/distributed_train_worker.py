@@ -78,7 +78,11 @@ def main():
                       "negatives_per_rank": [int(n) for n in per_rank]}  # fmt: skip
             torch.save(result, os.path.join(out_dir, f"{recipe}.pt"))
         dist.barrier()
-    dist.destroy_process_group()
+    # Every result is written and every rank is past the barrier: leave without gloo's teardown,
+    # which once hung a rank at exit under heavy load (and can abort one, see distributed_worker.py).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
