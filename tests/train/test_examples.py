@@ -178,4 +178,7 @@ def test_dry_run_counts_rows_that_training_would_skip(tmp_path, capsys):
 def test_example_flags_do_not_collide_with_training_arguments():
     from mmfast.train.arguments import known_fields
 
-    assert not {"eval_tasks", "eval_size", "stage2_config", "dry_run", "num_processes"} & known_fields()
+    assert (
+        not {"eval_tasks", "eval_size", "stage2_config", "dry_run", "num_processes", "accelerate_config"}
+        & known_fields()
+    )
