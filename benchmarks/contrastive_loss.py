@@ -56,6 +56,10 @@ OPTIONS = {
     "margin": {"false_negative_margin": 0.1},
     "topk": {"topk": 8},
     "symmetric": {"symmetric": True},
+    # a learnable τ (a 0-d float32 tensor that requires grad, 0.02), for its cost over a number τ
+    "plain_tau": {"temperature": "learned"},
+    "llave_tau": {"hardness": 9.0, "symmetric": True, "temperature": "learned"},
+    "unime_tau": {"false_negative_margin": 0.1, "topk": 8, "temperature": "learned"},
 }
 DEFAULT_OPTIONS = ["plain", "llave", "unime"]
 PROVIDERS = ("mmfast", "naive", "compiled", "reference", "gemm")
@@ -142,6 +146,10 @@ def step_functions(provider: str, options: dict, q, t, n):
     """(forward, backward) closures; backward uses the loss of the last forward."""
     state = {}
     leaves = [x.detach().requires_grad_() for x in (q, t, n) if x is not None]
+    extra_leaves = []
+    if options.get("temperature") == "learned":
+        extra_leaves = [torch.tensor(0.02, requires_grad=True)]
+        options = {**options, "temperature": extra_leaves[0]}
     if provider == "gemm":
         pairs = gemm_shapes(options, q, t, n)
         scores = [torch.empty(x.shape[0], c.shape[0]) for x, c in pairs]
@@ -163,7 +171,7 @@ def step_functions(provider: str, options: dict, q, t, n):
         state["loss"] = fn(*leaves[:2], leaves[2] if len(leaves) > 2 else None)
 
     def backward():
-        state["grads"] = torch.autograd.grad(state.pop("loss"), leaves)
+        state["grads"] = torch.autograd.grad(state.pop("loss"), leaves + extra_leaves)
 
     return forward, backward, lambda: state.get("grads", [])
 

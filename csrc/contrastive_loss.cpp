@@ -10,6 +10,9 @@
 //                 the lower candidate index), and returns the loss plus the k+1 sparse gradient
 //                 coefficients per row.
 //   sparse_grads: applies those sparse coefficients to dX and dY without any dense B×N tensor.
+// With a learnable temperature both row kernels also write w_r = Σ_j G_rj·s_rj per row (one more
+// reduction over the row; the caller turns it into dLoss/dτ = -(1/τ)·Σ_r w_r). It needs the raw
+// scores next to the softmax weights, so that variant keeps S intact until G overwrites it.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -40,9 +43,11 @@ struct RowProblem {
   T margin;
   const T* grad_scale;  // null: loss only; else dLoss_total/dLoss_row, and S is overwritten by G
   T* loss;
+  T* temperature_grad;  // null, or per row Σ_j G_rj·s_rj (needs grad_scale)
 };
 
-// Generic (scalar) row kernel; used for float64, where accuracy matters more than speed.
+// Generic (scalar) row kernel; used for float64, where accuracy matters more than speed. The scores
+// stay as they are until G overwrites them, so the temperature reduction can read them.
 template <typename T>
 void softmax_rows_range(const RowProblem<T>& p, int64_t begin, int64_t end) {
   const T minus_inf = -std::numeric_limits<T>::infinity();
@@ -52,16 +57,16 @@ void softmax_rows_range(const RowProblem<T>& p, int64_t begin, int64_t end) {
     const T pos = s[pos_col];
     const T pos_logit = pos * p.inv_temperature;
     const T limit = p.has_margin ? pos + p.margin : std::numeric_limits<T>::infinity();
+    auto logit = [&](int64_t j) {
+      if (j == pos_col) return pos_logit;
+      return s[j] > limit ? minus_inf : s[j] * p.negative_scale;
+    };
     T m = pos_logit;
+    for (int64_t j = 0; j < p.n; ++j) m = std::max(m, logit(j));  // NaN scores do not raise the max
+    double sum = 0.0, weighted = 0.0;  // Σ e_j and Σ e_j·s_j
     for (int64_t j = 0; j < p.n; ++j) {
-      const T logit = (s[j] > limit || j == pos_col) ? minus_inf : s[j] * p.negative_scale;
-      s[j] = logit;
-      m = logit > m ? logit : m;
-    }
-    s[pos_col] = pos_logit;
-    double sum = 0.0;
-    for (int64_t j = 0; j < p.n; ++j) {
-      const T e = std::exp(s[j] - m);
+      const T e = std::exp(logit(j) - m);
+      if (p.temperature_grad) weighted += static_cast<double>(e) * s[j];
       if (p.grad_scale) s[j] = e;
       sum += e;
     }
@@ -72,15 +77,18 @@ void softmax_rows_range(const RowProblem<T>& p, int64_t begin, int64_t end) {
       const T c = static_cast<T>(static_cast<double>(row_coef) / sum);
       for (int64_t j = 0; j < p.n; ++j) s[j] *= c;
       s[pos_col] -= row_coef;
+      if (p.temperature_grad) p.temperature_grad[r] = static_cast<T>(row_coef * (weighted / sum - pos));
     }
   }
 }
 
 // The float32 row kernel: the same three passes, 16 lanes at a time. One compiled copy per ISA is
 // picked at load time, so the binary stays portable and AVX-512 machines get 16-wide exp. (A lambda
-// would not inherit the target, hence a named function called from parallel_for.)
-__attribute__((target_clones("avx512f", "avx2", "default"))) void softmax_rows_range_f32(
-    const RowProblem<float>& p, int64_t begin, int64_t end) {
+// would not inherit the target, hence named functions called from parallel_for; the body is one
+// template, inlined into each.) kTemperatureGrad: the variant that also writes Σ_j G_rj·s_rj.
+template <bool kTemperatureGrad>
+__attribute__((always_inline)) inline void softmax_rows_f32_body(const RowProblem<float>& p, int64_t begin,
+                                                                 int64_t end) {
   const float minus_inf = -std::numeric_limits<float>::infinity();
   const int32_t n = static_cast<int32_t>(p.n);
   const int32_t n_vec = n - n % kLanes;
@@ -90,43 +98,59 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void softmax_rows_r
     const float pos = s[pos_col];
     const float pos_logit = pos * p.inv_temperature;
     const float limit = p.has_margin ? pos + p.margin : std::numeric_limits<float>::infinity();
+    const f32x16 limit16 = splat16(limit);
+    const f32x16 minus_inf16 = splat16(minus_inf);
+    auto negative_logit = [&](float v) { return v > limit ? minus_inf : v * p.negative_scale; };
 
     // Pass 1: logits in place (-inf for false negatives), and their max. The positive's slot holds
     // NaN meanwhile: it fails every comparison, so it neither passes the margin test nor raises the
-    // max, whatever the sign of the logit scale; it gets its own logit afterwards.
+    // max, whatever the sign of the logit scale; it gets its own logit afterwards. The temperature
+    // variant only takes the max here: pass 2 needs the scores themselves.
     s[pos_col] = std::numeric_limits<float>::quiet_NaN();
     f32x16 m16 = splat16(pos_logit);
-    const f32x16 limit16 = splat16(limit);
-    const f32x16 minus_inf16 = splat16(minus_inf);
     for (int32_t j = 0; j < n_vec; j += kLanes) {
       const f32x16 v = load16(s + j);
       const f32x16 logit = select16(v > limit16, minus_inf16, v * p.negative_scale);
-      store16(s + j, logit);
+      if (!kTemperatureGrad) store16(s + j, logit);
       m16 = max16(logit, m16);
     }
     float m = max_lane(m16);
     for (int32_t j = n_vec; j < n; ++j) {
-      const float logit = s[j] > limit ? minus_inf : s[j] * p.negative_scale;
-      s[j] = logit;
+      const float logit = negative_logit(s[j]);
+      if (!kTemperatureGrad) s[j] = logit;
       m = logit > m ? logit : m;
     }
-    s[pos_col] = pos_logit;
+    s[pos_col] = kTemperatureGrad ? pos : pos_logit;
 
-    // Pass 2: the sum of exp(logit - max), kept in double so the row error does not grow with N.
-    DoubleSum16 sum16;
-    double sum = 0.0;
+    // Pass 2: the sum of exp(logit - max), kept in double so the row error does not grow with N;
+    // the temperature variant also sums exp(logit - max)·s, skipping the positive's block of 16 in
+    // the vector loop (the scalar loop gives the positive its own logit).
+    DoubleSum16 sum16, weighted16;
+    double sum = 0.0, weighted = 0.0;
     const bool write = p.grad_scale != nullptr;
+    const int32_t pos_block = kTemperatureGrad ? pos_col - pos_col % kLanes : -1;
     for (int32_t j = 0; j < n_vec; j += kLanes) {
-      const f32x16 e = exp_flush(load16(s + j) - m);
+      if (kTemperatureGrad && j == pos_block) continue;
+      const f32x16 v = load16(s + j);
+      const f32x16 logit = kTemperatureGrad ? select16(v > limit16, minus_inf16, v * p.negative_scale) : v;
+      const f32x16 e = exp_flush(logit - m);
+      if (kTemperatureGrad) weighted16.add(e * v);
       if (write) store16(s + j, e);
       sum16.add(e);
     }
-    for (int32_t j = n_vec; j < n; ++j) {
-      const float e = exp_flush(s[j] - m);
+    auto scalar_term = [&](int32_t j) {
+      const float logit = !kTemperatureGrad ? s[j] : j == pos_col ? pos_logit : negative_logit(s[j]);
+      const float e = exp_flush(logit - m);
+      if (kTemperatureGrad) weighted += static_cast<double>(e) * s[j];
       if (write) s[j] = e;
       sum += e;
+    };
+    if (kTemperatureGrad && pos_block + kLanes <= n_vec) {
+      for (int32_t j = pos_block; j < pos_block + kLanes; ++j) scalar_term(j);
     }
+    for (int32_t j = n_vec; j < n; ++j) scalar_term(j);
     sum += sum16.total();
+    weighted += weighted16.total();
     p.loss[r] = static_cast<float>(static_cast<double>(m) + std::log(sum) - static_cast<double>(pos_logit));
 
     // Pass 3: G = c·(softmax - onehot)/τ with c the row's share of the total loss.
@@ -136,12 +160,27 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void softmax_rows_r
       for (int32_t j = 0; j < n_vec; j += kLanes) store16(s + j, load16(s + j) * c);
       for (int32_t j = n_vec; j < n; ++j) s[j] *= c;
       s[pos_col] -= row_coef;
+      // Σ_j G_j·s_j = row_coef·(Σ_j p_j·s_j - s_pos), the softmax weights times the raw scores.
+      if (kTemperatureGrad) p.temperature_grad[r] = static_cast<float>(row_coef * (weighted / sum - pos));
     }
   }
 }
 
+__attribute__((target_clones("avx512f", "avx2", "default"))) void softmax_rows_range_f32(
+    const RowProblem<float>& p, int64_t begin, int64_t end) {
+  softmax_rows_f32_body<false>(p, begin, end);
+}
+__attribute__((target_clones("avx512f", "avx2", "default"))) void softmax_rows_range_f32_temperature(
+    const RowProblem<float>& p, int64_t begin, int64_t end) {
+  softmax_rows_f32_body<true>(p, begin, end);
+}
+
 void softmax_rows_dispatch(const RowProblem<float>& p, int64_t begin, int64_t end) {
-  softmax_rows_range_f32(p, begin, end);
+  if (p.temperature_grad) {
+    softmax_rows_range_f32_temperature(p, begin, end);
+  } else {
+    softmax_rows_range_f32(p, begin, end);
+  }
 }
 void softmax_rows_dispatch(const RowProblem<double>& p, int64_t begin, int64_t end) {
   softmax_rows_range<double>(p, begin, end);
@@ -158,6 +197,14 @@ void check_scores(const at::Tensor& scores, int64_t row_offset, const c10::optio
   if (row_scale.has_value()) check_row_scale(kOp, *row_scale, scores.size(0), scores.scalar_type());
 }
 
+// The optional per-row output of the temperature reduction: only with a gradient (row_scale).
+void check_temperature_grad(const c10::optional<at::Tensor>& temperature_grad,
+                            const c10::optional<at::Tensor>& row_scale, int64_t rows, at::ScalarType dtype) {
+  if (!temperature_grad.has_value()) return;
+  TORCH_CHECK(row_scale.has_value(), "mmfast cpu ", kOp, ": temperature_grad needs row_scale");
+  check_output(kOp, *temperature_grad, "temperature_grad", {rows}, dtype);
+}
+
 // Rows per parallel task: enough work per task to amortise the OpenMP hand-off.
 int64_t row_grain(int64_t n) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1));
@@ -166,10 +213,12 @@ int64_t row_grain(int64_t n) {
 }  // namespace
 
 void contrastive_softmax_rows(at::Tensor scores, int64_t row_offset, double inv_temperature, double hardness,
-                              c10::optional<double> margin, c10::optional<at::Tensor> row_scale, at::Tensor loss) {
+                              c10::optional<double> margin, c10::optional<at::Tensor> row_scale, at::Tensor loss,
+                              c10::optional<at::Tensor> temperature_grad) {
   check_scores(scores, row_offset, row_scale);
   const int64_t rows = scores.size(0);
   check_output(kOp, loss, "loss", {rows}, scores.scalar_type());
+  check_temperature_grad(temperature_grad, row_scale, rows, scores.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "mmfast_softmax_rows", [&] {
     RowProblem<scalar_t> p{scores.data_ptr<scalar_t>(),
                            scores.stride(0),
@@ -180,7 +229,8 @@ void contrastive_softmax_rows(at::Tensor scores, int64_t row_offset, double inv_
                            margin.has_value(),
                            static_cast<scalar_t>(margin.value_or(0.0)),
                            row_scale.has_value() ? row_scale->data_ptr<scalar_t>() : nullptr,
-                           loss.data_ptr<scalar_t>()};
+                           loss.data_ptr<scalar_t>(),
+                           temperature_grad.has_value() ? temperature_grad->data_ptr<scalar_t>() : nullptr};
     at::parallel_for(0, rows, row_grain(p.n),
                      [&](int64_t begin, int64_t end) { softmax_rows_dispatch(p, begin, end); });
   });
@@ -248,6 +298,11 @@ void topk_rows_range(const RowProblem<T>& p, int64_t k, int64_t* index_out, T* c
       const double row_coef = static_cast<double>(p.grad_scale[r]) * p.inv_temperature;
       coef[0] = static_cast<T>(row_coef * (prob[0] / sum - 1.0));
       for (int64_t t = 0; t < k; ++t) coef[t + 1] = t < kept ? static_cast<T>(row_coef * prob[t + 1] / sum) : T(0);
+      if (p.temperature_grad) {  // Σ_t coef_t·s_t over the k+1 slots
+        double weighted = prob[0] * static_cast<double>(pos);
+        for (int64_t t = 0; t < kept; ++t) weighted += prob[t + 1] * static_cast<double>(heap[t].value);
+        p.temperature_grad[r] = static_cast<T>(row_coef * (weighted / sum - static_cast<double>(pos)));
+      }
     }
   }
 }
@@ -256,7 +311,8 @@ void topk_rows_range(const RowProblem<T>& p, int64_t k, int64_t* index_out, T* c
 
 void contrastive_topk_rows(at::Tensor scores, int64_t row_offset, double inv_temperature, double hardness,
                            c10::optional<double> margin, int64_t topk, c10::optional<at::Tensor> row_scale,
-                           at::Tensor loss, at::Tensor index, c10::optional<at::Tensor> coef_out) {
+                           at::Tensor loss, at::Tensor index, c10::optional<at::Tensor> coef_out,
+                           c10::optional<at::Tensor> temperature_grad) {
   check_scores(scores, row_offset, row_scale);
   TORCH_CHECK(topk >= 1, "mmfast cpu ", kOp, ": topk must be >= 1, got ", topk);
   const int64_t rows = scores.size(0);
@@ -265,6 +321,7 @@ void contrastive_topk_rows(at::Tensor scores, int64_t row_offset, double inv_tem
   TORCH_CHECK(coef_out.has_value() == row_scale.has_value(),
               "mmfast cpu ", kOp, ": coef must be given exactly when row_scale is");
   if (coef_out.has_value()) check_output(kOp, *coef_out, "coef", {rows, topk + 1}, scores.scalar_type());
+  check_temperature_grad(temperature_grad, row_scale, rows, scores.scalar_type());
   at::Tensor coef = coef_out.has_value() ? *coef_out : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "mmfast_topk_rows", [&] {
     RowProblem<scalar_t> p{scores.data_ptr<scalar_t>(),
@@ -276,7 +333,8 @@ void contrastive_topk_rows(at::Tensor scores, int64_t row_offset, double inv_tem
                            margin.has_value(),
                            static_cast<scalar_t>(margin.value_or(0.0)),
                            row_scale.has_value() ? row_scale->data_ptr<scalar_t>() : nullptr,
-                           loss.data_ptr<scalar_t>()};
+                           loss.data_ptr<scalar_t>(),
+                           temperature_grad.has_value() ? temperature_grad->data_ptr<scalar_t>() : nullptr};
     scalar_t* coef_ptr = coef.defined() ? coef.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, rows, row_grain(p.n), [&](int64_t begin, int64_t end) {
       topk_rows_range<scalar_t>(p, topk, index.data_ptr<int64_t>(), coef_ptr, begin, end);

@@ -2,7 +2,9 @@
 //
 // For each row of a chunk of student scores s and teacher scores t (same rows, same candidates):
 // both logsumexps, KL(p_t ‖ p_s) = Σ_j p_t,j (log p_t,j - log p_s,j), and, when asked,
-// G = c·(p_s - p_t)/τ_s written over s. Three passes over the row while it is in L1/L2.
+// G = c·(p_s - p_t)/τ_s written over s. Three passes over the row while it is in L1/L2. With a
+// learnable student temperature the third pass also sums w = Σ_j G_j·z_j over the student logits
+// z = s/τ_s (the caller's dLoss/dτ_s = -Σ_rows w).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -27,6 +29,7 @@ struct DistillProblem {
   T inv_ts, inv_tt;
   const T* grad_scale;  // null: loss only
   T* loss;
+  T* temperature_grad;  // null, or per row Σ_j G_j·z_j (needs grad_scale)
 };
 
 template <typename T>
@@ -48,14 +51,19 @@ void distill_rows_generic(const DistillProblem<T>& p, int64_t begin, int64_t end
     }
     const double log_sum_s = std::log(sum_s), log_sum_t = std::log(sum_t);
     const double c = p.grad_scale ? static_cast<double>(p.grad_scale[r]) * p.inv_ts : 0.0;
-    double kl = 0;
+    double kl = 0, weighted = 0;
     for (int64_t j = 0; j < p.n; ++j) {
       const double log_pt = t[j] - mt - log_sum_t, log_ps = s[j] - ms - log_sum_s;
       const double pt = std::exp(log_pt);
       kl += pt * (log_pt - log_ps);
-      if (p.grad_scale) s[j] = static_cast<T>(c * (std::exp(log_ps) - pt));
+      if (p.grad_scale) {
+        const double g = c * (std::exp(log_ps) - pt);
+        weighted += g * (s[j] - ms);  // Σ_j G_j = 0: the shifted logits give the same sum, more exactly
+        s[j] = static_cast<T>(g);
+      }
     }
     p.loss[r] = static_cast<T>(kl);
+    if (p.temperature_grad) p.temperature_grad[r] = static_cast<T>(weighted);
   }
 }
 
@@ -101,21 +109,32 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void distill_rows_f
     const float log_sum_s = static_cast<float>(std::log(sum_s)), log_sum_t = static_cast<float>(std::log(sum_t));
     const bool write = p.grad_scale != nullptr;
     const float c = write ? static_cast<float>(static_cast<double>(p.grad_scale[r]) * p.inv_ts) : 0.0f;
-    DoubleSum16 kl16;
-    double kl = 0;
+    const bool weigh = p.temperature_grad != nullptr;
+    DoubleSum16 kl16, weighted16;
+    double kl = 0, weighted = 0;
     for (int64_t j = 0; j < n_vec; j += kLanes) {
-      const f32x16 log_pt = (load16(t + j) - mt) - log_sum_t, log_ps = (load16(s + j) - ms) - log_sum_s;
+      const f32x16 z = load16(s + j);
+      const f32x16 log_pt = (load16(t + j) - mt) - log_sum_t, log_ps = (z - ms) - log_sum_s;
       const f32x16 pt = exp_flush(log_pt);
       kl16.add(pt * (log_pt - log_ps));
-      if (write) store16(s + j, (exp_flush(log_ps) - pt) * c);
+      if (write) {
+        const f32x16 g = (exp_flush(log_ps) - pt) * c;
+        if (weigh) weighted16.add(g * (z - ms));  // Σ_j G_j = 0: shifted logits, the same sum
+        store16(s + j, g);
+      }
     }
     for (int64_t j = n_vec; j < n; ++j) {
       const float log_pt = (t[j] - mt) - log_sum_t, log_ps = (s[j] - ms) - log_sum_s;
       const float pt = exp_flush(log_pt);
       kl += static_cast<double>(pt) * (log_pt - log_ps);
-      if (write) s[j] = (exp_flush(log_ps) - pt) * c;
+      if (write) {
+        const float g = (exp_flush(log_ps) - pt) * c;
+        weighted += static_cast<double>(g) * (s[j] - ms);
+        s[j] = g;
+      }
     }
     p.loss[r] = static_cast<float>(kl + kl16.total());
+    if (weigh) p.temperature_grad[r] = static_cast<float>(weighted + weighted16.total());
   }
 }
 
@@ -127,7 +146,8 @@ void distill_dispatch(const DistillProblem<double>& p, int64_t begin, int64_t en
 }  // namespace
 
 void distillation_kl_rows(at::Tensor student, at::Tensor teacher, double inv_student_t, double inv_teacher_t,
-                          c10::optional<at::Tensor> row_scale, at::Tensor loss) {
+                          c10::optional<at::Tensor> row_scale, at::Tensor loss,
+                          c10::optional<at::Tensor> temperature_grad) {
   TORCH_CHECK(student.dim() == 2, "mmfast cpu ", kOp, ": student scores must be 2-D, got ", student.sizes());
   check_float_or_double(kOp, student, "student scores");
   const auto dtype = student.scalar_type();
@@ -136,6 +156,10 @@ void distillation_kl_rows(at::Tensor student, at::Tensor teacher, double inv_stu
   check_rows(kOp, teacher, "teacher scores", rows, n, dtype);
   check_output(kOp, loss, "loss", {rows}, dtype);
   if (row_scale.has_value()) check_row_scale(kOp, *row_scale, rows, dtype);
+  if (temperature_grad.has_value()) {
+    TORCH_CHECK(row_scale.has_value(), "mmfast cpu ", kOp, ": temperature_grad needs row_scale");
+    check_output(kOp, *temperature_grad, "temperature_grad", {rows}, dtype);
+  }
   AT_DISPATCH_FLOATING_TYPES(dtype, "mmfast_distillation_kl_rows", [&] {
     DistillProblem<scalar_t> p{student.data_ptr<scalar_t>(),
                                teacher.data_ptr<scalar_t>(),
@@ -145,7 +169,8 @@ void distillation_kl_rows(at::Tensor student, at::Tensor teacher, double inv_stu
                                static_cast<scalar_t>(inv_student_t),
                                static_cast<scalar_t>(inv_teacher_t),
                                row_scale.has_value() ? row_scale->data_ptr<scalar_t>() : nullptr,
-                               loss.data_ptr<scalar_t>()};
+                               loss.data_ptr<scalar_t>(),
+                               temperature_grad.has_value() ? temperature_grad->data_ptr<scalar_t>() : nullptr};
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1));
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { distill_dispatch(p, begin, end); });
   });

@@ -6,15 +6,18 @@
 
 namespace mmfast {
 void contrastive_softmax_rows(at::Tensor scores, int64_t row_offset, double inv_temperature, double hardness,
-                              c10::optional<double> margin, c10::optional<at::Tensor> row_scale, at::Tensor loss);
+                              c10::optional<double> margin, c10::optional<at::Tensor> row_scale, at::Tensor loss,
+                              c10::optional<at::Tensor> temperature_grad);
 void contrastive_topk_rows(at::Tensor scores, int64_t row_offset, double inv_temperature, double hardness,
                            c10::optional<double> margin, int64_t topk, c10::optional<at::Tensor> row_scale,
-                           at::Tensor loss, at::Tensor index, c10::optional<at::Tensor> coef);
+                           at::Tensor loss, at::Tensor index, c10::optional<at::Tensor> coef,
+                           c10::optional<at::Tensor> temperature_grad);
 void contrastive_sparse_grads(at::Tensor x, at::Tensor targets, c10::optional<at::Tensor> negatives, at::Tensor index,
                               at::Tensor coef, c10::optional<at::Tensor> grad_x, c10::optional<at::Tensor> grad_targets,
                               c10::optional<at::Tensor> grad_negatives);
 void distillation_kl_rows(at::Tensor student, at::Tensor teacher, double inv_student_t, double inv_teacher_t,
-                          c10::optional<at::Tensor> row_scale, at::Tensor loss);
+                          c10::optional<at::Tensor> row_scale, at::Tensor loss,
+                          c10::optional<at::Tensor> temperature_grad);
 void pooling_forward(at::Tensor hidden, at::Tensor mask, int64_t mode, bool normalize, at::Tensor out,
                      at::Tensor unit, at::Tensor norm, at::Tensor index, at::Tensor count);
 void pooling_backward(at::Tensor grad_out, at::Tensor unit, at::Tensor norm, at::Tensor index, at::Tensor count,

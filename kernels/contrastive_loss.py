@@ -23,15 +23,15 @@ from mmfast.kernels import CompileSpec
 from mmfast.kernels.matmul import TritonGemms
 
 # One program per row, BLOCK_N candidates per step. Every launchable combination is compiled by
-# tests/test_compile.py: scores dtype {fp32, fp64} × HAS_MARGIN × HAS_GRAD.
+# tests/test_compile.py: scores dtype {fp32, fp64} × G dtype × HAS_MARGIN × HAS_GRAD × TEMPERATURE_GRAD.
 ROW_BLOCK_N = 1024
 ROW_NUM_WARPS = 4
 
 
 @triton.jit
 def softmax_rows_kernel(
-    s_ptr, stride_s, g_ptr, stride_g, n, row_offset, params_ptr, row_scale_ptr, loss_ptr,
-    BLOCK_N: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_GRAD: tl.constexpr,
+    s_ptr, stride_s, g_ptr, stride_g, n, row_offset, params_ptr, row_scale_ptr, loss_ptr, temperature_grad_ptr,
+    BLOCK_N: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_GRAD: tl.constexpr, TEMPERATURE_GRAD: tl.constexpr,
 ):  # fmt: skip
     # The scalars come through memory in the scores' dtype: a Python float argument would arrive as
     # float32 and cost float64 inputs seven digits.
@@ -64,11 +64,16 @@ def softmax_rows_kernel(
     tl.store(loss_ptr + row, lse - pos_logit)
 
     # Pass 2: G = c·(softmax - onehot)/τ, into g (the scores themselves for float32 inputs; a bf16 or
-    # fp16 buffer otherwise, which the gradient GEMMs then read as tensor-core operands).
+    # fp16 buffer otherwise, which the gradient GEMMs then read as tensor-core operands). With
+    # TEMPERATURE_GRAD also w = Σ_j G_j·s_j, from G before its rounding to the g dtype, summed as
+    # Σ_j G_j·(s_j - s_pos) (the same, as Σ_j G_j = 0) so that nothing cancels against G_pos; per lane
+    # over the blocks and across lanes once at the end (a per-block reduction made the fp64 variant
+    # spill on sm_90).
     if HAS_GRAD:
         g_row = g_ptr + row.to(tl.int64) * stride_g
         coef = tl.load(row_scale_ptr + row) * inv_temperature
         pos_grad = (tl.exp(pos_logit - lse) - 1.0) * coef
+        weighted = tl.zeros([BLOCK_N], dtype=pos_logit.dtype)
         for start in range(0, n, BLOCK_N):
             cols = start + offsets
             s = tl.load(s_row + cols, mask=cols < n, other=0.0)
@@ -77,7 +82,11 @@ def softmax_rows_kernel(
                 keep = keep & ~(s > limit)
             g = tl.where(keep, tl.exp(s * negative_scale - lse) * coef, 0.0)
             g = tl.where(cols == pos_col, pos_grad, g)
+            if TEMPERATURE_GRAD:
+                weighted += tl.where(cols < n, g * (s - pos), 0.0)
             tl.store(g_row + cols, g.to(g_row.dtype.element_ty), mask=cols < n)
+        if TEMPERATURE_GRAD:
+            tl.store(temperature_grad_ptr + row, tl.sum(weighted, axis=0))
 
 
 class TritonContrastiveKernels(TritonGemms):
@@ -90,41 +99,52 @@ class TritonContrastiveKernels(TritonGemms):
     def topk_bytes_per_score(self) -> int:
         return self.fallback.topk_bytes_per_score
 
-    def topk_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, index, coef):
-        self.fallback.topk_rows(scores, row_offset, opts, row_scale, loss, index, coef)
+    temperature_bytes_per_score = 0  # the row kernel reads S again in its second pass
+
+    def topk_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, index, coef,
+                  temperature_grad=None):  # fmt: skip
+        self.fallback.topk_rows(scores, row_offset, opts, row_scale, loss, index, coef, temperature_grad)
 
     def sparse_grads(self, x, pieces, index, coef, grad_x, grad_pieces):
         self.fallback.sparse_grads(x, pieces, index, coef, grad_x, grad_pieces)
 
-    def softmax_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, grad_out):
+    def softmax_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, grad_out,
+                     temperature_grad=None):  # fmt: skip
         rows = scores.shape[0]
         has_grad = row_scale is not None
         grad_out = scores if grad_out is None else grad_out
         margin = 0.0 if opts.false_negative_margin is None else opts.false_negative_margin
-        params = torch.tensor(
-            [opts.inv_temperature, opts.inv_temperature + opts.hardness, margin], dtype=scores.dtype
-        ).to(scores.device)
+        inv_t = opts.inv_temperature
+        if isinstance(inv_t, torch.Tensor):  # a temperature tensor: the parameters stay on the device, no sync
+            params = torch.stack([inv_t, inv_t + opts.hardness, inv_t * 0.0 + margin]).to(scores.dtype)
+        else:
+            params = torch.tensor([inv_t, inv_t + opts.hardness, margin], dtype=scores.dtype).to(scores.device)
         softmax_rows_kernel[(rows,)](
             scores, scores.stride(0), grad_out, grad_out.stride(0), scores.shape[1], row_offset, params,
-            row_scale if has_grad else loss, loss,
+            row_scale if has_grad else loss, loss, loss if temperature_grad is None else temperature_grad,
             BLOCK_N=ROW_BLOCK_N, HAS_MARGIN=opts.false_negative_margin is not None, HAS_GRAD=has_grad,
-            num_warps=ROW_NUM_WARPS,
+            TEMPERATURE_GRAD=temperature_grad is not None, num_warps=ROW_NUM_WARPS,
         )  # fmt: skip
 
 
 def compile_specs():
-    """Every variant of the row kernel: scores dtype × G dtype × HAS_MARGIN × HAS_GRAD."""
+    """Every variant of the row kernel: scores dtype × G dtype × HAS_MARGIN × HAS_GRAD × TEMPERATURE_GRAD
+    (the temperature reduction only exists with a gradient)."""
     variants = [("fp32", None), ("fp32", "fp32"), ("fp32", "bf16"), ("fp32", "fp16"), ("fp64", None), ("fp64", "fp64")]
     for scores, grads in variants:
         for has_margin in (False, True):
-            signature = {
-                "s_ptr": f"*{scores}", "stride_s": "i32", "g_ptr": f"*{grads or scores}", "stride_g": "i32",
-                "n": "i32", "row_offset": "i32", "params_ptr": f"*{scores}", "row_scale_ptr": f"*{scores}",
-                "loss_ptr": f"*{scores}", "BLOCK_N": "constexpr", "HAS_MARGIN": "constexpr", "HAS_GRAD": "constexpr",
-            }  # fmt: skip
-            yield CompileSpec(
-                name=f"contrastive_softmax_rows[{scores},grad={grads},margin={int(has_margin)}]",
-                kernel=softmax_rows_kernel, signature=signature,
-                constexprs={"BLOCK_N": ROW_BLOCK_N, "HAS_MARGIN": has_margin, "HAS_GRAD": grads is not None},
-                num_warps=ROW_NUM_WARPS, num_stages=1,
-            )  # fmt: skip
+            for temperature_grad in (False, True) if grads else (False,):
+                signature = {
+                    "s_ptr": f"*{scores}", "stride_s": "i32", "g_ptr": f"*{grads or scores}", "stride_g": "i32",
+                    "n": "i32", "row_offset": "i32", "params_ptr": f"*{scores}", "row_scale_ptr": f"*{scores}",
+                    "loss_ptr": f"*{scores}", "temperature_grad_ptr": f"*{scores}", "BLOCK_N": "constexpr",
+                    "HAS_MARGIN": "constexpr", "HAS_GRAD": "constexpr", "TEMPERATURE_GRAD": "constexpr",
+                }  # fmt: skip
+                constexprs = {"BLOCK_N": ROW_BLOCK_N, "HAS_MARGIN": has_margin, "HAS_GRAD": grads is not None,
+                              "TEMPERATURE_GRAD": temperature_grad}  # fmt: skip
+                yield CompileSpec(
+                    name=f"contrastive_softmax_rows[{scores},grad={grads},margin={int(has_margin)}"
+                    f"{',temperature' if temperature_grad else ''}]",
+                    kernel=softmax_rows_kernel, signature=signature, constexprs=constexprs,
+                    num_warps=ROW_NUM_WARPS, num_stages=1,
+                )  # fmt: skip

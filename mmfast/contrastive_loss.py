@@ -11,6 +11,7 @@ Layers, top to bottom:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -18,17 +19,26 @@ import torch
 from mmfast.backends import autocast_disabled, resolve_backend
 from mmfast.backends.contrastive_loss import NO_GRADIENTS, GradientNeeds, contrastive_loss_rows
 from mmfast.distributed import Gathered, gather_candidates, process_group_active, warn_single_process
-from mmfast.fused_gradients import reduce_rows, row_scale, scale_saved_gradients
+from mmfast.fused_gradients import once_differentiable, reduce_rows, row_scale, take_fused_gradients
 from mmfast.kernel_contract import DirectionOptions, compute_dtype
 from mmfast.reference.contrastive_loss import contrastive_loss_reference
-from mmfast.validation import check_backend_name, check_float_dtype, check_positive_int, check_real, check_reduction
+from mmfast.validation import (
+    check_backend_name,
+    check_float_dtype,
+    check_positive_int,
+    check_real,
+    check_reduction,
+    check_temperature,
+    check_temperature_value,
+)
 
 
 @dataclass(frozen=True)
 class ContrastiveLossOptions:
-    """Every non-tensor option of the loss; validated on construction."""
+    """Every option of the loss; validated on construction. `temperature` may be a 0-d tensor (a
+    learnable τ); the embeddings' device is checked when the loss is computed."""
 
-    temperature: float = 0.02
+    temperature: float | torch.Tensor = 0.02
     symmetric: bool = False
     hardness: float = 0.0
     false_negative_margin: float | None = None
@@ -38,7 +48,7 @@ class ContrastiveLossOptions:
     cross_device: bool = False
 
     def __post_init__(self):
-        check_real("temperature", self.temperature, positive=True)
+        check_temperature("temperature", self.temperature, device=None)
         check_real("hardness", self.hardness)
         if self.false_negative_margin is not None:
             check_real("false_negative_margin", self.false_negative_margin)
@@ -52,7 +62,7 @@ class ContrastiveLossOptions:
             raise TypeError(f"cross_device must be a bool, got {type(self.cross_device).__name__}")
 
 
-def _check_inputs(query, target, negatives, weight) -> torch.Tensor | None:
+def _check_inputs(query, target, negatives, weight, temperature) -> torch.Tensor | None:
     """Validates the tensors; returns negatives flattened to [M, D] (a view) or None."""
     for name, t in (("query", query), ("target", target)):
         if not isinstance(t, torch.Tensor):
@@ -96,6 +106,7 @@ def _check_inputs(query, target, negatives, weight) -> torch.Tensor | None:
             raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
         if weight.device != query.device:
             raise ValueError(f"weight is on {weight.device} but query is on {query.device}")
+    check_temperature("temperature", temperature, device=query.device)
     if negatives is None or negatives.dim() == 2:
         return negatives
     return negatives.reshape(-1, negatives.shape[-1])
@@ -125,6 +136,7 @@ def _contrastive_loss_rows_op(
     row_scale: torch.Tensor | None,
     gathered_targets: torch.Tensor | None,
     gathered_queries: torch.Tensor | None,
+    temperature_tensor: torch.Tensor | None,
     positive_offset: int,
     temperature: float,
     symmetric: bool,
@@ -133,26 +145,32 @@ def _contrastive_loss_rows_op(
     topk: int | None,
     backend: str,
     needs: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The chunked loss as a custom op, so torch.compile traces through it. A schema takes tensors and
     scalars only: the arguments are ContrastiveLossOptions' fields, the parts of a Gathered (across
-    devices `negatives` is Gathered.negatives) and GradientNeeds as a list; `_rows` fills them."""
+    devices `negatives` is Gathered.negatives), the temperature tensor when τ is one (`temperature`
+    is then unused) and GradientNeeds as a list; `_rows` fills them."""
+    if temperature_tensor is not None:
+        if temperature_tensor.device.type == "cpu":
+            check_temperature_value("temperature", temperature_tensor)  # also under torch.compile
+        temperature = temperature_tensor.to(compute_dtype(query.dtype))
     with autocast_disabled(query.device):
         loss, *grads = contrastive_loss_rows(
             backend, query, target, negatives,
             direction=DirectionOptions.of(temperature, hardness, false_negative_margin, topk), symmetric=symmetric,
             row_scale=row_scale, needs=GradientNeeds(*needs),
             gathered=_gathered(negatives, gathered_targets, gathered_queries, positive_offset),
+            temperature=temperature_tensor,
         )  # fmt: skip
     # A custom op returns tensors only: a gradient that was not computed comes back empty.
     return (loss, *(g if g is not None else query.new_empty(0) for g in grads))
 
 
 @_contrastive_loss_rows_op.register_fake
-def _(query, target, negatives, row_scale, gathered_targets, gathered_queries, positive_offset, temperature, symmetric,
-      hardness, false_negative_margin, topk, backend, needs):  # fmt: skip
+def _(query, target, negatives, row_scale, gathered_targets, gathered_queries, temperature_tensor, positive_offset,
+      temperature, symmetric, hardness, false_negative_margin, topk, backend, needs):  # fmt: skip
     returned = GradientNeeds(*needs).returned(local=gathered_targets is None, symmetric=symmetric)
-    inputs = (query, target, negatives, gathered_targets, gathered_queries)
+    inputs = (query, target, negatives, gathered_targets, gathered_queries, temperature_tensor)
 
     def grad(flag: bool, like: torch.Tensor | None) -> torch.Tensor:
         if row_scale is None or not flag or like is None:
@@ -164,9 +182,10 @@ def _(query, target, negatives, row_scale, gathered_targets, gathered_queries, p
 
 
 def _rows(query, target, negatives, gathered: Gathered | None, options: ContrastiveLossOptions, backend: str,
-          row_scale=None, needs: GradientNeeds = NO_GRADIENTS):  # fmt: skip
+          temperature: torch.Tensor | None, row_scale=None, needs: GradientNeeds = NO_GRADIENTS):  # fmt: skip
     """The custom op on named arguments: the loss of each row and, with row_scale, the gradients in
-    `needs`. `negatives` are the local ones; across devices the rows see gathered.negatives."""
+    `needs`. `negatives` are the local ones; across devices the rows see gathered.negatives.
+    `temperature`: the tensor τ, or None when τ is the number options.temperature."""
     negatives, gathered_targets, gathered_queries, offset = _flat(gathered, negatives)
     return _contrastive_loss_rows_op(
         query,
@@ -175,6 +194,7 @@ def _rows(query, target, negatives, gathered: Gathered | None, options: Contrast
         row_scale,
         gathered_targets,
         gathered_queries,
+        temperature,
         offset,
         options.temperature,
         options.symmetric,
@@ -186,55 +206,64 @@ def _rows(query, target, negatives, gathered: Gathered | None, options: Contrast
     )
 
 
+# The Function's tensor inputs, in its argument order; `needs` follows GradientNeeds' order.
+_INPUTS = ("query", "target", "negatives", "weight", "gathered_targets", "gathered_queries", "temperature")
+_NEEDS_INPUTS = (0, 1, 2, 4, 5, 6)
+
+
 class ContrastiveLossFunction(torch.autograd.Function):
     """One Function for every backend; `backend` is already resolved to a concrete one.
 
     With reduction "mean"/"sum" the forward also computes the gradients (three GEMMs in all, no
-    recomputation) and backward only scales them. With "none" the per-row output gradient is only
-    known in backward, which then recomputes the scores chunk by chunk (four GEMMs in all).
+    recomputation) and the first backward only scales them. With "none" the per-row output gradient
+    is only known in backward, which then recomputes the scores chunk by chunk (four GEMMs in all), as
+    does a second backward through a mean/sum loss (retain_graph=True, gradcheck).
     Across devices, gathered_targets / gathered_queries (and negatives) are all ranks' tensors from
     an autograd-aware all-gather, and query i's positive is gathered target positive_offset + i.
+    `temperature` is the 0-d tensor τ (None for a number τ, which is in `options`; see
+    _split_temperature).
     """
 
     @staticmethod
-    def forward(ctx, query, target, negatives, weight, gathered_targets, gathered_queries, positive_offset,
-                options: ContrastiveLossOptions, backend: str):  # fmt: skip
-        needs = GradientNeeds(*(ctx.needs_input_grad[i] for i in (0, 1, 2, 4, 5)))
+    def forward(ctx, query, target, negatives, weight, gathered_targets, gathered_queries, temperature,
+                positive_offset, options: ContrastiveLossOptions, backend: str):  # fmt: skip
+        needs = GradientNeeds(*(ctx.needs_input_grad[i] for i in _NEEDS_INPUTS))
         gathered = _gathered(negatives, gathered_targets, gathered_queries, positive_offset)
-        ctx.options, ctx.backend, ctx.fused, ctx.needs = options, backend, options.reduction != "none", needs
-        ctx.gathered_offset = positive_offset
-        if ctx.fused:
+        ctx.options, ctx.backend, ctx.needs, ctx.gathered_offset = options, backend, needs, positive_offset
+        if options.reduction != "none":
             scale = row_scale(options.reduction, query.shape[0], weight, compute_dtype(query.dtype), query.device)
-            rows, *grads = _rows(query, target, negatives, gathered, options, backend, scale, needs)
-            saved = grads
+            rows, *ctx.fused_gradients = _rows(
+                query, target, negatives, gathered, options, backend, temperature, scale, needs
+            )
         else:
-            rows = _rows(query, target, negatives, gathered, options, backend)[0]
-            saved = [query, target, negatives, weight, gathered_targets, gathered_queries]
-        # d loss / d weight_i is row i's loss (over B for "mean"): keep the [B] rows when asked.
+            rows = _rows(query, target, negatives, gathered, options, backend, temperature)[0]
+        # d loss / d weight_i is row i's loss (over B for "mean"): keep the [B] rows when asked. The
+        # inputs ([B, D] and smaller) are kept for a backward that recomputes.
         ctx.weight_grad = weight is not None and ctx.needs_input_grad[3]
-        ctx.extra_saved = 1
-        ctx.save_for_backward(*saved, rows if ctx.weight_grad else None)
+        ctx.save_for_backward(query, target, negatives, weight, gathered_targets, gathered_queries, temperature,
+                              rows if ctx.weight_grad else None)  # fmt: skip
         return reduce_rows(rows, weight, options.reduction)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable("contrastive_loss")
     def backward(ctx, grad_output):
-        if ctx.fused:
-            *grads, rows = scale_saved_gradients(ctx, "contrastive_loss", grad_output)
-        else:
-            query, target, negatives, weight, gathered_targets, gathered_queries, rows = ctx.saved_tensors
-            scale = grad_output if weight is None else grad_output * weight
+        query, target, negatives, weight, gathered_targets, gathered_queries, temperature, rows = ctx.saved_tensors
+        grads = take_fused_gradients(ctx, grad_output)
+        if grads is None:  # reduction "none", or a second backward
+            dtype = compute_dtype(query.dtype)
+            scale = row_scale(ctx.options.reduction, query.shape[0], weight, dtype, query.device) * grad_output
             gathered = _gathered(negatives, gathered_targets, gathered_queries, ctx.gathered_offset)
-            grads = _rows(query, target, negatives, gathered, ctx.options, ctx.backend, scale.detach(), ctx.needs)[1:]
-        # Real gradients are 2-D; the custom op's 1-D empty placeholders mean "not computed/unused".
-        grad_query, grad_target, grad_negatives, grad_gathered_targets, grad_gathered_queries = (
-            g if need and g.dim() == 2 else None for g, need in zip(grads, ctx.needs, strict=True)
+            grads = _rows(query, target, negatives, gathered, ctx.options, ctx.backend, temperature, scale.detach(),
+                          ctx.needs)[1:]  # fmt: skip
+        # Real gradients are 2-D (τ's 0-d); the custom op's 1-D empty placeholders mean "not computed".
+        grad_query, grad_target, grad_negatives, grad_gathered_targets, grad_gathered_queries, grad_temperature = (
+            g if need and g.dim() != 1 else None for g, need in zip(grads, ctx.needs, strict=True)
         )
         grad_weight = None
         if ctx.weight_grad:
             grad_weight = grad_output * (rows / rows.shape[0] if ctx.options.reduction == "mean" else rows)
         return (grad_query, grad_target, grad_negatives, grad_weight, grad_gathered_targets, grad_gathered_queries,
-                None, None, None)  # fmt: skip
+                grad_temperature, None, None, None)  # fmt: skip
 
 
 def contrastive_loss(
@@ -242,7 +271,7 @@ def contrastive_loss(
     target: torch.Tensor,
     negatives: torch.Tensor | None = None,
     *,
-    temperature: float = 0.02,
+    temperature: float | torch.Tensor = 0.02,
     symmetric: bool = False,
     hardness: float = 0.0,
     false_negative_margin: float | None = None,
@@ -258,9 +287,14 @@ def contrastive_loss(
         query, target: [B, D]; target i is the positive of query i. Not normalised here.
         negatives: None, [B, K, D] or [M, D]; every query sees all of them. Candidates are the B
             targets, then the negatives flattened row-major (N = B + M).
-        temperature: τ; the positive logit is s_ii/τ.
-        hardness: LLaVE's α; a negative's logit is s_ij/τ + α·stopgrad(s_ij).
-        false_negative_margin: UniME's β; a negative with s_ij > s_ii + β leaves the softmax.
+        temperature: τ; the positive logit is s_ii/τ. A number, or a 0-d floating tensor on the
+            embeddings' device that may require grad (a learnable τ, e.g. 1 / logit_scale.exp()):
+            it then gets dLoss/dτ = -(1/τ)·Σ_ij G_ij·s_ij (G = dLoss/dS). Its value is checked
+            (> 0) only on the CPU, where that costs no device sync.
+        hardness: LLaVE's α; a negative's logit is s_ij/τ + α·stopgrad(s_ij). The α term reads the
+            raw similarity: it does not depend on τ and gives a learned τ no gradient.
+        false_negative_margin: UniME's β; a negative with s_ij > s_ii + β leaves the softmax (raw
+            similarities: the filter does not depend on τ).
         topk: UniME's k; after the margin filter only the k highest-scoring negatives per row stay
             (ties go to the lower candidate index; the selection is not differentiated).
         symmetric: average with the loss of each target against the B queries (same rules).
@@ -277,8 +311,10 @@ def contrastive_loss(
             group: this process's batch, with one warning.
 
     Returns the loss in float32 (float64 for float64 inputs). Gradients reach query, target and
-    negatives in their own dtypes. The B×N score matrix is never held: memory is one chunk of
-    score rows (a fixed byte budget) plus O(B·k) for top-k.
+    negatives in their own dtypes (a tensor τ's in its dtype). A second backward (retain_graph)
+    recomputes; the gradient is not differentiable again (create_graph: a clear error if used).
+    The B×N score matrix is never held: memory is one chunk of score rows (a fixed byte budget)
+    plus O(B·k) for top-k. Under cross_device a tensor τ gets d(this rank's loss)/dτ.
 
     Bad input raises ValueError/TypeError naming the argument. Under torch.compile(fullgraph=True)
     torch reports it as torch._dynamo.exc.Unsupported ("Observed exception"), with this message on
@@ -297,8 +333,16 @@ def contrastive_loss(
     return _contrastive_loss(query, target, negatives, weight, options)
 
 
+def _split_temperature(options: ContrastiveLossOptions) -> tuple[ContrastiveLossOptions, torch.Tensor | None]:
+    """(options holding numbers only, the tensor τ or None): autograd and the custom op take tensors
+    as direct arguments only. With a tensor τ the options' temperature is a placeholder 1.0."""
+    if not isinstance(options.temperature, torch.Tensor):
+        return options, None
+    return dataclasses.replace(options, temperature=1.0), options.temperature
+
+
 def _contrastive_loss(query, target, negatives, weight, options: ContrastiveLossOptions) -> torch.Tensor:
-    flat_negatives = _check_inputs(query, target, negatives, weight)
+    flat_negatives = _check_inputs(query, target, negatives, weight, options.temperature)
     backend = resolve_backend(options.backend, query.device)
     gathered = None
     if options.cross_device:
@@ -314,25 +358,31 @@ def _contrastive_loss(query, target, negatives, weight, options: ContrastiveLoss
         ).to(compute_dtype(query.dtype))  # fmt: skip
     # Autograd tracks tensors only as direct arguments: the Function takes the Gathered's parts.
     negatives, gathered_targets, gathered_queries, offset = _flat(gathered, flat_negatives)
-    inputs = [t for t in (query, target, negatives, weight, gathered_targets, gathered_queries) if t is not None]
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
+    options, temperature = _split_temperature(options)
+    tensors = (query, target, negatives, weight, gathered_targets, gathered_queries, temperature)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
         # No gradient wanted: the loss alone, one GEMM per chunk and no gradient buffers.
-        rows = _rows(query, target, flat_negatives, gathered, options, backend)[0]
+        rows = _rows(query, target, flat_negatives, gathered, options, backend, temperature)[0]
         return reduce_rows(rows, weight, options.reduction)
-    return ContrastiveLossFunction.apply(
-        query, target, negatives, weight, gathered_targets, gathered_queries, offset, options, backend
-    )
+    return ContrastiveLossFunction.apply(*tensors, offset, options, backend)
 
 
 class ContrastiveLoss(torch.nn.Module):
-    """nn.Module form of `contrastive_loss`; the keyword options are fixed at construction."""
+    """nn.Module form of `contrastive_loss`; the keyword options are fixed at construction. A
+    temperature that is an nn.Parameter is registered as the module's `temperature` parameter (so
+    it is in .parameters(), the state dict and .to())."""
 
     def __init__(self, **options):
         super().__init__()
         self.options = ContrastiveLossOptions(**options)
+        if isinstance(self.options.temperature, torch.nn.Parameter):
+            self.temperature = self.options.temperature
 
     def forward(self, query, target, negatives=None, weight=None):
-        return _contrastive_loss(query, target, negatives, weight, self.options)
+        options = self.options
+        if isinstance(getattr(self, "temperature", None), torch.nn.Parameter):  # whatever .to() made of it
+            options = dataclasses.replace(options, temperature=self.temperature)
+        return _contrastive_loss(query, target, negatives, weight, options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in vars(self.options).items())

@@ -10,6 +10,7 @@ torch.ops.mmfast.distillation_loss_rows (custom op) -> mmfast/backends/distillat
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -17,22 +18,32 @@ import torch
 from mmfast.backends import autocast_disabled, resolve_backend
 from mmfast.backends.distillation_loss import NO_GRADIENTS, GradientNeeds, distillation_loss_rows
 from mmfast.distributed import gather, process_group_active, warn_single_process
-from mmfast.fused_gradients import reduce_rows, row_scale, scale_saved_gradients
+from mmfast.fused_gradients import once_differentiable, reduce_rows, row_scale, take_fused_gradients
 from mmfast.kernel_contract import compute_dtype
 from mmfast.reference.distillation_loss import distillation_loss_reference
-from mmfast.validation import check_backend_name, check_float_dtype, check_real, check_reduction
+from mmfast.validation import (
+    check_backend_name,
+    check_float_dtype,
+    check_real,
+    check_reduction,
+    check_temperature,
+    check_temperature_value,
+)
 
 
 @dataclass(frozen=True)
 class DistillationLossOptions:
-    student_temperature: float = 0.02
+    """Every option of the loss. `student_temperature` may be a 0-d tensor (a learnable τ_s); the
+    teacher's temperature is a number (its distribution is a fixed target)."""
+
+    student_temperature: float | torch.Tensor = 0.02
     teacher_temperature: float = 0.02
     reduction: str = "mean"
     backend: str = "auto"
     cross_device: bool = False
 
     def __post_init__(self):
-        check_real("student_temperature", self.student_temperature, positive=True)
+        check_temperature("student_temperature", self.student_temperature, device=None)
         check_real("teacher_temperature", self.teacher_temperature, positive=True)
         check_reduction(self.reduction)
         check_backend_name(self.backend)
@@ -75,66 +86,81 @@ def _distillation_loss_rows_op(
     teacher_query: torch.Tensor,
     teacher_target: torch.Tensor,
     row_scale: torch.Tensor | None,
+    student_temperature_tensor: torch.Tensor | None,
     student_temperature: float,
     teacher_temperature: float,
     backend: str,
-    grad_query: bool,
-    grad_target: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The chunked loss as a custom op (torch.compile traces through it); with a tensor τ_s the
+    number `student_temperature` is unused."""
+    if student_temperature_tensor is not None:
+        if student_temperature_tensor.device.type == "cpu":
+            check_temperature_value("student_temperature", student_temperature_tensor)  # also under torch.compile
+        student_temperature = student_temperature_tensor
     with autocast_disabled(student_query.device):
         loss, *grads = distillation_loss_rows(
             backend, student_query, student_target, teacher_query, teacher_target,
             student_temperature=student_temperature, teacher_temperature=teacher_temperature, row_scale=row_scale,
-            needs=GradientNeeds(grad_query, grad_target),
+            needs=GradientNeeds(*needs),
         )  # fmt: skip
     return (loss, *(g if g is not None else student_query.new_empty(0) for g in grads))
 
 
 @_distillation_loss_rows_op.register_fake
-def _(student_query, student_target, teacher_query, teacher_target, row_scale, student_temperature,
-      teacher_temperature, backend, grad_query, grad_target):  # fmt: skip
+def _(student_query, student_target, teacher_query, teacher_target, row_scale, student_temperature_tensor,
+      student_temperature, teacher_temperature, backend, needs):  # fmt: skip
     def grad(flag, like):
-        return like.new_empty(like.shape) if row_scale is not None and flag else like.new_empty(0)
+        return like.new_empty(like.shape) if row_scale is not None and flag and like is not None else \
+            student_query.new_empty(0)  # fmt: skip
 
     loss = student_query.new_empty(student_query.shape[0], dtype=compute_dtype(student_query.dtype))
-    return loss, grad(grad_query, student_query), grad(grad_target, student_target)
+    like = (student_query, student_target, student_temperature_tensor)
+    return loss, *(grad(flag, t) for flag, t in zip(needs, like, strict=True))
 
 
-def _rows(sq, st, tq, tt, options: DistillationLossOptions, backend: str, scale=None, needs=NO_GRADIENTS):
+def _rows(sq, st, tq, tt, options: DistillationLossOptions, backend: str, temperature: torch.Tensor | None,
+          scale=None, needs=NO_GRADIENTS):  # fmt: skip
+    """The custom op; `temperature` is the tensor τ_s, or None when it is the number in `options`."""
     return _distillation_loss_rows_op(
-        sq, st, tq, tt, scale, options.student_temperature, options.teacher_temperature, backend, *needs
-    )
+        sq, st, tq, tt, scale, temperature, options.student_temperature, options.teacher_temperature, backend,
+        list(needs),
+    )  # fmt: skip
 
 
 class DistillationLossFunction(torch.autograd.Function):
     """One Function for every backend. The teacher's inputs get no gradient; student_target and
-    teacher_target are the candidates (the global batches under cross_device)."""
+    teacher_target are the candidates (the global batches under cross_device). As for
+    contrastive_loss, mean/sum compute the gradients in forward and a second backward recomputes.
+    `temperature` is the tensor τ_s (None for a number, which is in `options`)."""
 
     @staticmethod
-    def forward(ctx, student_query, student_target, teacher_query, teacher_target, options, backend):
-        needs = GradientNeeds(*ctx.needs_input_grad[:2])
-        ctx.options, ctx.backend, ctx.fused, ctx.needs = options, backend, options.reduction != "none", needs
-        if ctx.fused:
+    def forward(ctx, student_query, student_target, teacher_query, teacher_target, temperature, options, backend):
+        needs = GradientNeeds(*(ctx.needs_input_grad[i] for i in (0, 1, 4)))
+        ctx.options, ctx.backend, ctx.needs = options, backend, needs
+        inputs = (student_query, student_target, teacher_query, teacher_target)
+        if options.reduction != "none":
             dtype = compute_dtype(student_query.dtype)
             scale = row_scale(options.reduction, student_query.shape[0], None, dtype, student_query.device)
-            rows, *grads = _rows(student_query, student_target, teacher_query, teacher_target, options, backend,
-                                 scale, needs)  # fmt: skip
-            ctx.save_for_backward(*grads)
+            rows, *ctx.fused_gradients = _rows(*inputs, options, backend, temperature, scale, needs)
         else:
-            rows = _rows(student_query, student_target, teacher_query, teacher_target, options, backend)[0]
-            ctx.save_for_backward(student_query, student_target, teacher_query, teacher_target)
+            rows = _rows(*inputs, options, backend, temperature)[0]
+        ctx.save_for_backward(*inputs, temperature)
         return reduce_rows(rows, None, options.reduction)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable("distillation_loss")
     def backward(ctx, grad_output):
-        if ctx.fused:
-            grads = scale_saved_gradients(ctx, "distillation_loss", grad_output)
-        else:
-            sq, st, tq, tt = ctx.saved_tensors
-            grads = _rows(sq, st, tq, tt, ctx.options, ctx.backend, grad_output.detach(), ctx.needs)[1:]
-        grads = [g if need else None for g, need in zip(grads, ctx.needs, strict=True)]
-        return (*grads, None, None, None, None)
+        sq, st, tq, tt, temperature = ctx.saved_tensors
+        grads = take_fused_gradients(ctx, grad_output)
+        if grads is None:  # reduction "none", or a second backward
+            scale = row_scale(ctx.options.reduction, sq.shape[0], None, compute_dtype(sq.dtype), sq.device)
+            grads = _rows(sq, st, tq, tt, ctx.options, ctx.backend, temperature, scale * grad_output.detach(),
+                          ctx.needs)[1:]  # fmt: skip
+        grad_sq, grad_st, grad_temperature = (
+            g if need and g.dim() != 1 else None for g, need in zip(grads, ctx.needs, strict=True)
+        )
+        return grad_sq, grad_st, None, None, grad_temperature, None, None
 
 
 def distillation_loss(
@@ -143,7 +169,7 @@ def distillation_loss(
     teacher_query: torch.Tensor,
     teacher_target: torch.Tensor,
     *,
-    student_temperature: float = 0.02,
+    student_temperature: float | torch.Tensor = 0.02,
     teacher_temperature: float = 0.02,
     reduction: str = "mean",
     backend: str = "auto",
@@ -155,7 +181,9 @@ def distillation_loss(
         student_query, student_target: [B, D_s], the student's embeddings (gradients flow here).
         teacher_query, teacher_target: [B, D_t], the teacher's (e.g. precomputed NV-Embed-v2 vectors;
             D_t may differ from D_s, and so may the dtype). No gradient reaches them.
-        student_temperature, teacher_temperature: τ_s and τ_t.
+        student_temperature, teacher_temperature: τ_s and τ_t. τ_s may be a 0-d floating tensor
+            that requires grad (a learnable τ_s; gradient -Σ_ij G_ij·z_ij over the student logits
+            z = s/τ_s); τ_t is a number.
         reduction: "mean", "sum" or "none" ([B]).
         backend: "auto", "triton", "cpu", "torch" or "reference".
         cross_device: with an initialised torch.distributed group, every rank's targets are
@@ -172,6 +200,7 @@ def distillation_loss(
 
 def _distillation_loss(sq, st, tq, tt, options: DistillationLossOptions) -> torch.Tensor:
     _check_inputs(sq, st, tq, tt)
+    check_temperature("student_temperature", options.student_temperature, device=sq.device)
     backend = resolve_backend(options.backend, sq.device)
     if options.cross_device:
         if process_group_active():
@@ -184,9 +213,13 @@ def _distillation_loss(sq, st, tq, tt, options: DistillationLossOptions) -> torc
             sq, st, tq, tt, student_temperature=options.student_temperature,
             teacher_temperature=options.teacher_temperature, reduction=options.reduction,
         ).to(compute_dtype(sq.dtype))  # fmt: skip
-    if not (torch.is_grad_enabled() and (sq.requires_grad or st.requires_grad)):
-        return reduce_rows(_rows(sq, st, tq, tt, options, backend)[0], None, options.reduction)
-    return DistillationLossFunction.apply(sq, st, tq, tt, options, backend)
+    temperature = options.student_temperature if isinstance(options.student_temperature, torch.Tensor) else None
+    if temperature is not None:  # autograd and the custom op take tensors as direct arguments only
+        options = dataclasses.replace(options, student_temperature=1.0)
+    wanted = (sq, st, temperature)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in wanted)):
+        return reduce_rows(_rows(sq, st, tq, tt, options, backend, temperature)[0], None, options.reduction)
+    return DistillationLossFunction.apply(sq, st, tq, tt, temperature, options, backend)
 
 
 class DistillationLoss(torch.nn.Module):
@@ -195,9 +228,14 @@ class DistillationLoss(torch.nn.Module):
     def __init__(self, **options):
         super().__init__()
         self.options = DistillationLossOptions(**options)
+        if isinstance(self.options.student_temperature, torch.nn.Parameter):  # in .parameters(), the state dict
+            self.student_temperature = self.options.student_temperature
 
     def forward(self, student_query, student_target, teacher_query, teacher_target):
-        return _distillation_loss(student_query, student_target, teacher_query, teacher_target, self.options)
+        options = self.options
+        if isinstance(getattr(self, "student_temperature", None), torch.nn.Parameter):
+            options = dataclasses.replace(options, student_temperature=self.student_temperature)
+        return _distillation_loss(student_query, student_target, teacher_query, teacher_target, options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in vars(self.options).items())

@@ -18,6 +18,7 @@ import torch
 
 from mmfast.backends import autocast_disabled, resolve_backend
 from mmfast.backends.pooling import pooling_kernels
+from mmfast.fused_gradients import once_differentiable
 from mmfast.kernel_contract import pooling_forward_outputs
 from mmfast.reference.pooling import pool_reference
 from mmfast.validation import check_backend_name, check_float_dtype
@@ -126,7 +127,7 @@ class PoolingFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable("last_token_pool / mean_pool")
     def backward(ctx, grad_output):
         unit, norm, index, count, mask = ctx.saved_tensors
         grad = _pool_backward_op(grad_output, unit, norm, index, count, mask, ctx.options.mode, ctx.options.normalize,

@@ -53,3 +53,28 @@ def check_backend_name(backend: object) -> None:
 def check_reduction(reduction: object) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_temperature(name: str, value: object, device: torch.device | None) -> object:
+    """A temperature: a positive finite number, or a 0-d floating tensor on `device` (a learnable τ,
+    with or without grad; `device` None: not checked yet). A tensor's value is checked only on the
+    CPU and outside torch.compile, where reading it costs no device sync (the CPU kernels check it
+    under torch.compile); on a GPU a τ <= 0 is the caller's to prevent (clamp it)."""
+    if not isinstance(value, torch.Tensor):
+        return check_real(name, value, positive=True)
+    if value.dim() != 0:
+        raise ValueError(f"{name} must be a number or a 0-d tensor, got a tensor of shape {tuple(value.shape)}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    if device is not None and value.device != device:
+        raise ValueError(f"{name} is on {value.device} but the embeddings are on {device}")
+    if value.device.type == "cpu" and not torch.compiler.is_compiling():
+        check_temperature_value(name, value)
+    return value
+
+
+def check_temperature_value(name: str, value: torch.Tensor) -> None:
+    """A CPU tensor temperature's value (reading it is free there)."""
+    number = float(value.detach())
+    if not (0 < number < math.inf):
+        raise ValueError(f"{name} must be a positive finite number, got tensor({number!r})")

@@ -45,6 +45,12 @@ def cases():
                         "op": "contrastive", "backend": backend, "options": options, "reduction": reduction,
                         "weighted": name == "plain", "negatives": with_negatives,
                     }  # fmt: skip
+        for name in ("plain", "everything"):  # a learnable τ: each rank's gradient is d(its loss)/dτ
+            for reduction in ("mean", "none"):
+                yield f"contrastive-{backend}-{name}-{reduction}-tau", {
+                    "op": "contrastive", "backend": backend, "options": CONTRASTIVE_OPTIONS[name],
+                    "reduction": reduction, "weighted": True, "negatives": True, "tensor_temperature": True,
+                }  # fmt: skip
         for reduction in ("mean", "none"):
             yield (
                 f"distillation-{backend}-{reduction}",
@@ -55,10 +61,13 @@ def cases():
 def run_case(case: dict, local: dict[str, torch.Tensor]) -> dict:
     if case["op"] == "contrastive":
         leaves = {k: local[k].clone().requires_grad_() for k in ("query", "target", "negatives")}
+        options = dict(case["options"])
+        if case.get("tensor_temperature"):
+            leaves["temperature"] = options["temperature"] = temperature_leaf(options)
         loss = mmfast.contrastive_loss(
             leaves["query"], leaves["target"], leaves["negatives"] if case["negatives"] else None,
             weight=local["weight"] if case["weighted"] else None, reduction=case["reduction"],
-            backend=case["backend"], cross_device=True, **case["options"],
+            backend=case["backend"], cross_device=True, **options,
         )  # fmt: skip
     else:
         leaves = {k: local[k].clone().requires_grad_() for k in ("query", "target")}
@@ -71,6 +80,10 @@ def run_case(case: dict, local: dict[str, torch.Tensor]) -> dict:
     loss.backward(grad_out.to(loss.dtype))
     grads = {k: (v.grad.clone() if v.grad is not None else None) for k, v in leaves.items()}
     return {"loss": loss.detach().clone(), "grads": grads}
+
+
+def temperature_leaf(options: dict) -> torch.Tensor:
+    return torch.tensor(options.get("temperature", 0.02), dtype=torch.float64, requires_grad=True)
 
 
 def worker(rank: int, sizes: list[int], init_file: str, out_dir: str) -> None:

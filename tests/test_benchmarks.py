@@ -26,16 +26,20 @@ def grads_of(loss, leaves):
 def test_naive_contrastive_baseline_matches_the_reference(option_name, k):
     options = {"hardness": 3.0, "symmetric": True, "false_negative_margin": 0.05, "topk": 4}
     options = options if option_name == "everything" else contrastive_benchmark.OPTIONS[option_name]
+    learned = options.get("temperature") == "learned"  # the *_tau cases: a 0-d tensor τ that gets a gradient
+    options = {key: value for key, value in options.items() if key != "temperature"}
     g = torch.Generator().manual_seed(7)
     b, d = 13, 7
     leaves = [unit_rows(b, d, generator=g).requires_grad_(), unit_rows(b, d, generator=g).requires_grad_()]
     if k:
         leaves.append(unit_rows(b * k, d, generator=g).requires_grad_())
     negatives = leaves[2] if k else None
-    expected = contrastive_loss_reference(*leaves[:2], negatives, temperature=0.1, **options)
-    actual = contrastive_benchmark.naive_contrastive_loss(*leaves[:2], negatives, temperature=0.1, **options)
+    tau = torch.tensor(0.1, dtype=torch.float64, requires_grad=True) if learned else 0.1
+    wrt = leaves + ([tau] if learned else [])
+    expected = contrastive_loss_reference(*leaves[:2], negatives, temperature=tau, **options)
+    actual = contrastive_benchmark.naive_contrastive_loss(*leaves[:2], negatives, temperature=tau, **options)
     torch.testing.assert_close(actual, expected)
-    for got, want in zip(grads_of(actual, leaves), grads_of(expected, leaves), strict=True):
+    for got, want in zip(grads_of(actual, wrt), grads_of(expected, wrt), strict=True):
         torch.testing.assert_close(got, want)
 
 

@@ -41,16 +41,27 @@ def make_inputs(b, d, k, seed, *, m=None, peaky=False):
     return q, t, n
 
 
-def run(backend, q, t, n, dtype, *, weight=None, reduction="mean", seed=0, **options):
-    """Loss and gradients of (query, target, negatives) for `backend` in `dtype`."""
+def temperature_dtype(dtype: torch.dtype) -> torch.dtype:
+    """A learned τ's dtype in the tests: float64 for float64 inputs, float32 otherwise (its gradient
+    comes from float32 arithmetic; the error criterion follows the gradient's dtype)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def run(backend, q, t, n, dtype, *, weight=None, reduction="mean", seed=0, learned_temperature=None, **options):
+    """Loss and gradients of (query, target, negatives[, temperature]) for `backend` in `dtype`; with
+    `learned_temperature` τ is a 0-d tensor leaf of that value."""
     inputs = [x.detach().to(dtype).requires_grad_() for x in (q, t, n) if x is not None]
     negatives = inputs[2] if n is not None else None
+    leaves = list(inputs)
+    if learned_temperature is not None:
+        options["temperature"] = torch.tensor(learned_temperature, dtype=temperature_dtype(dtype), requires_grad=True)
+        leaves.append(options["temperature"])
     loss = mmfast.contrastive_loss(
         inputs[0], inputs[1], negatives, weight=weight, reduction=reduction, backend=backend, **options
     )
     g = torch.Generator().manual_seed(seed + 1)
     grad_out = torch.rand(loss.shape, generator=g, dtype=torch.float64).to(loss.dtype) + 0.5
-    grads = torch.autograd.grad(loss, inputs, grad_out)
+    grads = torch.autograd.grad(loss, leaves, grad_out)
     return loss.detach(), grads
 
 
@@ -63,8 +74,10 @@ def check_against_reference(backend, q, t, n, dtype, **kwargs):
     expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     assert ours[0].dtype == expected_dtype
     assert_within_torch_error("loss", ours[0], truth[0], own[0])
-    for name, a, r, o in zip(("query", "target", "negatives"), ours[1], truth[1], own[1], strict=False):
-        assert a.dtype == dtype and a.shape == r.shape
+    names = ["query", "target", "negatives"][: 3 if n is not None else 2]
+    names += ["temperature"] if kwargs.get("learned_temperature") is not None else []
+    for name, a, r, o in zip(names, ours[1], truth[1], own[1], strict=True):
+        assert a.dtype == (temperature_dtype(dtype) if name == "temperature" else dtype) and a.shape == r.shape
         assert_within_torch_error(f"grad {name}", a, r, o)
 
 
@@ -205,11 +218,3 @@ def test_weight_gradient(backend, reduction, embeddings_need_grad):
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-10, atol=1e-12)
     if embeddings_need_grad:
         torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-10, atol=1e-12)
-
-
-def test_second_backward_through_fused_loss_raises():
-    q, t, _ = (x.requires_grad_() if x is not None else None for x in make_inputs(5, 8, 0, seed=14))
-    loss = mmfast.contrastive_loss(q, t, backend="cpu")
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="reduction='none'"):
-        loss.backward()

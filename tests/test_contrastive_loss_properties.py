@@ -87,8 +87,10 @@ def test_custom_op_passes_opcheck_with_non_contiguous_inputs():
     t = torch.randn(16, 8, generator=g, dtype=torch.float64)
     n = torch.randn(16, 8, generator=g, dtype=torch.float64)
     scale = torch.full((16,), 1 / 16, dtype=torch.float64)
-    args = (q, t, n, scale, None, None, 0, 0.05, True, 1.0, 0.1, 3, "cpu", [True, True, True, False, False])
-    torch.library.opcheck(torch.ops.mmfast.contrastive_loss_rows.default, args)
+    for tau in (None, torch.tensor(0.05, dtype=torch.float32)):  # a learnable τ: its gradient in its dtype
+        needs = [True, True, True, False, False, tau is not None]
+        args = (q, t, n, scale, None, None, tau, 0, 0.05, True, 1.0, 0.1, 3, "cpu", needs)
+        torch.library.opcheck(torch.ops.mmfast.contrastive_loss_rows.default, args)
 
 
 @pytest.mark.no_poison

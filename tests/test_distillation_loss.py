@@ -199,5 +199,6 @@ def test_custom_op_passes_opcheck(with_grads):
     sq, st_, tq, tt = make_inputs(7, 5, 9, seed=12)
     student_query = sq.T.contiguous().T  # [7, 5] with transposed strides
     scale = torch.full((7,), 1 / 7, dtype=torch.float64) if with_grads else None
-    args = (student_query, st_, tq.float(), tt.float(), scale, 0.05, 0.1, "cpu", with_grads, with_grads)
-    torch.library.opcheck(torch.ops.mmfast.distillation_loss_rows.default, args)
+    for tau in (None, torch.tensor(0.05, dtype=torch.float32)):  # a learnable τ_s: its gradient in its dtype
+        args = (student_query, st_, tq.float(), tt.float(), scale, tau, 0.05, 0.1, "cpu", [with_grads] * 3)
+        torch.library.opcheck(torch.ops.mmfast.distillation_loss_rows.default, args)

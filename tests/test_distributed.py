@@ -35,9 +35,12 @@ def expected(case: dict, everything: dict, sizes: list[int]):
     """Per-rank losses and the gradient of Σ_rank loss_rank, from one process over the whole batch."""
     if case["op"] == "contrastive":
         leaves = {k: everything[k].clone().requires_grad_() for k in ("query", "target", "negatives")}
+        options = dict(case["options"])
+        if case.get("tensor_temperature"):
+            leaves["temperature"] = options["temperature"] = worker.temperature_leaf(options)
         rows = contrastive_loss_reference(
             leaves["query"], leaves["target"], leaves["negatives"] if case["negatives"] else None,
-            reduction="none", **case["options"],
+            reduction="none", **options,
         )  # fmt: skip
         if case["weighted"]:
             rows = rows * everything["weight"]
@@ -76,6 +79,8 @@ def test_cross_device_matches_single_process_over_the_global_batch(sizes, tmp_pa
             for key, grad in grads.items():
                 if case["op"] == "contrastive" and key == "negatives" and not case["negatives"]:
                     continue
+                if key == "temperature":  # one τ per rank: the ranks' gradients sum to the total's
+                    continue
                 want = grad[start : start + n]
                 have = got["grads"][key]
                 assert have is not None, f"{name} rank {rank}: no gradient for {key}"
@@ -84,3 +89,7 @@ def test_cross_device_matches_single_process_over_the_global_batch(sizes, tmp_pa
                     have, want, rtol=1e-9, atol=1e-11, msg=lambda m, label=label: f"{label}: {m}"
                 )
             start += n
+        if "temperature" in grads:
+            total = sum(results[rank][name]["grads"]["temperature"] for rank in range(len(sizes)))
+            torch.testing.assert_close(total, grads["temperature"], rtol=1e-9, atol=1e-11,
+                                       msg=lambda m, name=name: f"{name} τ: {m}")  # fmt: skip

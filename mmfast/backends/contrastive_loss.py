@@ -9,6 +9,11 @@ One direction of the loss ("rows x against candidates y") is computed a chunk of
 With the UniME top-k option the row kernel instead selects k negatives per row and the gradient is
 sparse (k+1 entries per row), so GEMMs 2 and 3 become gathers and scatter-adds.
 
+A temperature tensor that wants a gradient adds one reduction per row to the row kernel:
+w_i = Σ_j G_ij·s_ij (the logits' gradient times the raw scores), and dTotal/dτ = -(1/τ)·Σ_i w_i. Every
+logit that depends on τ is s/τ; the hardness term α·sg(s), the margin and the top-k selection read
+the raw scores and do not depend on τ.
+
 The candidates y are kept as a list of pieces ([targets, negatives]) and never concatenated. The rows
 per chunk come from a byte budget (mmfast/backends/chunked.py), so memory is flat in B. Backends
 differ only in their kernel set (`contrastive_kernels`): how S and the gradient GEMMs are computed
@@ -37,6 +42,7 @@ class GradientNeeds(NamedTuple):
     negatives: bool = False
     gathered_targets: bool = False
     gathered_queries: bool = False
+    temperature: bool = False
 
     def returned(self, *, local: bool, symmetric: bool) -> GradientNeeds:
         """The gradients the op returns: those asked for, of inputs the loss reads. Across devices
@@ -48,6 +54,7 @@ class GradientNeeds(NamedTuple):
             negatives=self.negatives,
             gathered_targets=self.gathered_targets and not local,
             gathered_queries=self.gathered_queries and not local and symmetric,
+            temperature=self.temperature,
         )
 
 
@@ -58,14 +65,19 @@ class TorchContrastiveKernels(TorchGemms):
     """Pure-PyTorch row kernels; GEMMs through torch.mm (MKL on CPU, cuBLAS on CUDA)."""
 
     # Scratch bytes per score element: S plus logsumexp's temporary and the margin mask (dense), or
-    # S plus a stable sort's values and int64 indices (top-k).
+    # S plus a stable sort's values and int64 indices (top-k); plus, for the dense temperature
+    # reduction, what a kernel keeps of the raw scores (here a copy).
     dense_bytes_per_score = 9
     topk_bytes_per_score = 17
+    temperature_bytes_per_score = 4
 
-    def softmax_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, grad_out):
-        """Loss of each row into `loss`; with row_scale, G into grad_out (here always `scores`)."""
+    def softmax_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, grad_out,
+                     temperature_grad=None):  # fmt: skip
+        """Loss of each row into `loss`; with row_scale, G into grad_out (here always `scores`), and
+        with `temperature_grad` w_i = Σ_j G_ij·s_ij into it."""
         rows = torch.arange(scores.shape[0], device=scores.device)
         cols = rows + row_offset
+        raw = scores.clone() if temperature_grad is not None else None
         pos = scores[rows, cols].clone()
         margin = opts.false_negative_margin
         excluded = scores > (pos + margin)[:, None] if margin is not None else None
@@ -78,10 +90,15 @@ class TorchContrastiveKernels(TorchGemms):
         if row_scale is not None:
             coef = row_scale * opts.inv_temperature
             scores.sub_(lse[:, None]).exp_().mul_(coef[:, None])
+            if raw is not None:
+                # Σ_j G_j·s_j = Σ_j coef·p_j·(s_j - s_pos), as Σ_j G_j = 0: no cancellation against
+                # the positive's coef·(p_pos - 1).
+                temperature_grad.copy_(torch.einsum("rn,rn->r", scores, raw.sub_(pos[:, None])))
             scores[rows, cols] -= coef
         torch.sub(lse, pos_logit, out=loss)
 
-    def topk_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, index, coef):
+    def topk_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, index, coef,
+                  temperature_grad=None):  # fmt: skip
         rows = torch.arange(scores.shape[0], device=scores.device)
         cols = rows + row_offset
         pos = scores[rows, cols].clone()
@@ -108,6 +125,12 @@ class TorchContrastiveKernels(TorchGemms):
             torch.exp(logits - lse[:, None], out=coef)
             coef[:, 0] -= 1.0
             coef.mul_((row_scale * opts.inv_temperature)[:, None])
+            if temperature_grad is not None:
+                # Σ_t coef_t·(s_t - s_pos), as for softmax_rows
+                selected = torch.cat(
+                    [torch.zeros_like(pos)[:, None], (values - pos[:, None]).masked_fill(~valid, 0.0)], 1
+                )
+                torch.sum(coef * selected, dim=1, out=temperature_grad)
 
     def sparse_grads(self, x, pieces, index, coef, grad_x, grad_pieces):
         valid = index >= 0
@@ -130,28 +153,25 @@ class CpuContrastiveKernels(TorchContrastiveKernels):
 
     dense_bytes_per_score = 4
     topk_bytes_per_score = 4
+    temperature_bytes_per_score = 0  # the kernel keeps S intact until G overwrites it
 
     def __init__(self, extension):
         self.ext = extension
 
-    def softmax_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, grad_out):
+    # A temperature tensor is on the CPU here: float() reads it without a device sync.
+    def softmax_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, grad_out,
+                     temperature_grad=None):  # fmt: skip
         self.ext.contrastive_softmax_rows(
-            scores, row_offset, opts.inv_temperature, opts.hardness, opts.false_negative_margin, row_scale, loss
-        )
+            scores, row_offset, float(opts.inv_temperature), opts.hardness, opts.false_negative_margin, row_scale,
+            loss, temperature_grad,
+        )  # fmt: skip
 
-    def topk_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, index, coef):
+    def topk_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, index, coef,
+                  temperature_grad=None):  # fmt: skip
         self.ext.contrastive_topk_rows(
-            scores,
-            row_offset,
-            opts.inv_temperature,
-            opts.hardness,
-            opts.false_negative_margin,
-            opts.topk,
-            row_scale,
-            loss,
-            index,
-            coef,
-        )
+            scores, row_offset, float(opts.inv_temperature), opts.hardness, opts.false_negative_margin, opts.topk,
+            row_scale, loss, index, coef, temperature_grad,
+        )  # fmt: skip
 
     def sparse_grads(self, x, pieces, index, coef, grad_x, grad_pieces):
         negatives = pieces[1] if len(pieces) > 1 else None
@@ -183,13 +203,14 @@ def directional_loss(
     accumulate: bool,
     score_dtype: torch.dtype,
     positive_offset: int = 0,
+    temperature_grad: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-row loss of `x` against the candidates `pieces`; row i's positive is candidate
     positive_offset + i (the offset is this rank's place in gathered candidates).
 
     With `row_scale` (dTotal/dLoss_row), gradients go into `grad_x` / `grad_pieces` (None entries are
     skipped): written, or added to when `accumulate` (the top-k path always adds, so its buffers
-    must start at zero).
+    must start at zero); and, when `temperature_grad` [rows] is given, w_i = Σ_j G_ij·s_ij into it.
     """
     n_rows = x.shape[0]
     n_candidates = sum(p.shape[0] for p in pieces)
@@ -197,6 +218,8 @@ def directional_loss(
         # More slots than negatives would only cost memory: a row has at most N - 1 of them.
         opts = dataclasses.replace(opts, topk=max(1, min(opts.topk, n_candidates - 1)))
     per_score = kernels.topk_bytes_per_score if opts.topk is not None else kernels.dense_bytes_per_score
+    if temperature_grad is not None and opts.topk is None:  # the top-k kernels have the selected scores
+        per_score += kernels.temperature_bytes_per_score
     chunk = chunk_rows(n_rows, n_candidates, per_score, score_dtype, x.device)
     scratch = torch.empty(chunk, n_candidates, dtype=score_dtype, device=x.device)
     grad_dtype = kernels.grad_dtype(score_dtype, x.dtype)
@@ -208,10 +231,11 @@ def directional_loss(
         x_chunk, scores = x[start:stop], scratch[: stop - start]
         scale = None if row_scale is None else row_scale[start:stop]
         grad_x_chunk = None if grad_x is None else grad_x[start:stop]
+        w = None if temperature_grad is None else temperature_grad[start:stop]
         kernels.scores(x_chunk, pieces, scores)
         if opts.topk is None:
             grads = None if scale is None else scores if grad_scratch is None else grad_scratch[: stop - start]
-            kernels.softmax_rows(scores, positive_offset + start, opts, scale, loss[start:stop], grads)
+            kernels.softmax_rows(scores, positive_offset + start, opts, scale, loss[start:stop], grads, w)
             if grads is not None:
                 kernels.dense_grads(
                     grads, x_chunk, pieces, grad_x_chunk, grad_pieces, accumulate, accumulate or start > 0
@@ -220,7 +244,7 @@ def directional_loss(
             slots = (stop - start, opts.topk + 1)
             index = torch.empty(slots, dtype=torch.int64, device=x.device)
             coef = None if scale is None else torch.empty(slots, dtype=score_dtype, device=x.device)
-            kernels.topk_rows(scores, positive_offset + start, opts, scale, loss[start:stop], index, coef)
+            kernels.topk_rows(scores, positive_offset + start, opts, scale, loss[start:stop], index, coef, w)
             if scale is not None:
                 kernels.sparse_grads(x_chunk, pieces, index, coef, grad_x_chunk, grad_pieces)
     return loss
@@ -237,11 +261,14 @@ def contrastive_loss_rows(
     row_scale: torch.Tensor | None,
     needs: GradientNeeds,
     gathered: Gathered | None = None,
+    temperature: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Per-row loss [B] (in compute_dtype: float32, or float64 for float64 inputs) and, when
     `row_scale` is given, the gradients of Σ_i row_scale_i·loss_i for the inputs flagged in `needs`,
-    in its order (query, target, negatives, gathered targets, gathered queries). Gradients not asked
-    for, or of inputs the loss does not read (GradientNeeds.returned), are None.
+    in its order (query, target, negatives, gathered targets, gathered queries, temperature).
+    Gradients not asked for, or of inputs the loss does not read (GradientNeeds.returned), are None.
+    `temperature` is the 0-d tensor τ when there is one (direction.inv_temperature is then 1/τ, a
+    0-d tensor in the compute dtype); its gradient comes back in its own dtype.
 
     On one process (`gathered` None) the candidates are [target; negatives] and, for the symmetric
     half, query; the gradient buffers are shared between the two halves. Across devices they are
@@ -271,17 +298,25 @@ def contrastive_loss_rows(
     # A new contiguous tensor: the per-row grad_output of reduction='none' can be an expanded view.
     scale = None if row_scale is None else (row_scale.to(score_dtype) * (0.5 if symmetric else 1.0)).contiguous()
     pieces = [cand_t] if n is None else [cand_t, n]
+    want_temperature = returned.temperature and temperature is not None
+    # w_i of each direction (mmfast/backends docstring): a [B] vector each, summed at the end.
+    w = None
+    if want_temperature:
+        w = torch.empty((2 if symmetric else 1, q.shape[0]), dtype=score_dtype, device=q.device)
     loss = directional_loss(
         kernels, q, pieces, direction, row_scale=scale, grad_x=grad_q, grad_pieces=[grad_ct, grad_n][: len(pieces)],
         accumulate=False, score_dtype=score_dtype, positive_offset=positive_offset,
+        temperature_grad=None if w is None else w[0],
     )  # fmt: skip
     if symmetric:
         # On one process the second half adds into the buffers the first one wrote.
         reverse = directional_loss(
             kernels, t, [cand_q], direction, row_scale=scale, grad_x=grad_t, grad_pieces=[grad_cq], accumulate=local,
-            score_dtype=score_dtype, positive_offset=positive_offset,
+            score_dtype=score_dtype, positive_offset=positive_offset, temperature_grad=None if w is None else w[1],
         )  # fmt: skip
         loss = 0.5 * (loss + reverse)
+    # dTotal/dτ = -(1/τ)·Σ_ij G_ij·s_ij: every τ-dependent logit is s/τ. Summed in float64 (B numbers).
+    grad_temperature = None if w is None else (-w.sum(dtype=torch.float64) / temperature.double()).to(temperature.dtype)
 
     def finish(grad: torch.Tensor | None, like: torch.Tensor | None, flag: bool) -> torch.Tensor | None:
         if not (flag and like is not None):
@@ -296,4 +331,5 @@ def contrastive_loss_rows(
         finish(grad_n, negatives, returned.negatives),
         finish(grad_ct, None if local else gathered.targets, returned.gathered_targets),
         finish(grad_cq, None if local else gathered.queries, returned.gathered_queries),
+        grad_temperature,
     )

@@ -10,6 +10,7 @@ as their "reference" provider; their "naive" baseline is the F.cross_entropy cod
     of the rest, only the topk highest s_ij stay (ties: lower index)   (UniME hard negatives)
     loss_i = logsumexp(kept logits) - s_ii / τ
     symmetric: the mean of that and the same loss for target_i over the B queries.
+A tensor τ is differentiated by autograd like any input (only the s/τ terms depend on it).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def directional_loss_reference(
     x: torch.Tensor,
     candidates: torch.Tensor,
     *,
-    temperature: float,
+    temperature: float | torch.Tensor,
     hardness: float = 0.0,
     false_negative_margin: float | None = None,
     topk: int | None = None,
@@ -56,7 +57,7 @@ def contrastive_loss_reference(
     target: torch.Tensor,
     negatives: torch.Tensor | None = None,
     *,
-    temperature: float = 0.02,
+    temperature: float | torch.Tensor = 0.02,
     symmetric: bool = False,
     hardness: float = 0.0,
     false_negative_margin: float | None = None,

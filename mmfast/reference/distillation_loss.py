@@ -18,7 +18,7 @@ def distillation_loss_reference(
     teacher_query: torch.Tensor,
     teacher_target: torch.Tensor,
     *,
-    student_temperature: float = 0.02,
+    student_temperature: float | torch.Tensor = 0.02,
     teacher_temperature: float = 0.02,
     reduction: str = "mean",
 ) -> torch.Tensor:
