@@ -9,6 +9,13 @@ Providers:
   reference  mmfast.reference.contrastive_loss_reference (the tests' masked oracle), input dtype
   gemm       the bare GEMMs: S = Q·Cᵀ, G·C, Gᵀ·Q (and the same for the B×B block when symmetric)
 
+Options ending in "+ids" pass duplicate ids (candidate_ids, and query_ids when symmetric): the
+targets carry one of B/8 label ids, as in a batch of MMEB classification rows, so about 7 copies of
+each positive leave every row's softmax; naive and reference mask them too, gemm ignores them.
+
+    python benchmarks/contrastive_loss.py --paired --options plain plain+ids llave llave+ids unime unime+ids \
+        --batch 4096 --dim 256         # the cost of the ids over each option set, timed in alternation
+
 Effective GFLOP/s = the FLOPs of those GEMMs over a provider's fwd+bwd time; the gemm row is the
 machine's own rate for the same shapes (top-k's sparse gradient can take mmfast past it).
 
@@ -26,8 +33,11 @@ i.e. the extra memory over inputs + grads.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -60,6 +70,10 @@ OPTIONS = {
     "plain_tau": {"temperature": "learned"},
     "llave_tau": {"hardness": 9.0, "symmetric": True, "temperature": "learned"},
     "unime_tau": {"false_negative_margin": 0.1, "topk": 8, "temperature": "learned"},
+    # duplicate ids (see `duplicate_ids`): the cost of masking copies of the positives
+    "plain+ids": {"ids": True},
+    "llave+ids": {"hardness": 9.0, "symmetric": True, "ids": True},
+    "unime+ids": {"false_negative_margin": 0.1, "topk": 8, "ids": True},
 }
 DEFAULT_OPTIONS = ["plain", "llave", "unime"]
 PROVIDERS = ("mmfast", "naive", "compiled", "reference", "gemm")
@@ -75,35 +89,50 @@ def make_inputs(b: int, k: int, d: int, seed: int = 0):
     return unit(b, d), unit(b, d), (unit(b * k, d) if k else None)
 
 
+def duplicate_ids(options: dict, b: int, m: int) -> dict:
+    """The ids keyword arguments for an option set with "ids": B/8 label ids over the targets (about
+    8 rows share each), distinct ids for the negatives and the queries."""
+    if not options.get("ids"):
+        return {}
+    g = torch.Generator().manual_seed(1)
+    targets = torch.randint(0, max(2, b // 8), (b,), generator=g)
+    ids = {"candidate_ids": torch.cat([targets, b + torch.arange(m)])}
+    if options.get("symmetric"):
+        ids["query_ids"] = torch.arange(b)
+    return ids
+
+
 def naive_bytes(b: int, k: int) -> int:
     # scores, logits, exp/softmax and their gradients: ~6 float32 copies of B×N.
     return 6 * 4 * b * b * (1 + k)
 
 
 def naive_contrastive_loss(query, target, negatives=None, *, temperature=0.02, symmetric=False, hardness=0.0,
-                           false_negative_margin=None, topk=None):  # fmt: skip
+                           false_negative_margin=None, topk=None, candidate_ids=None, query_ids=None):  # fmt: skip
     """The loss as a user writes it in PyTorch (the benchmark's honest baseline, not the project's
     oracle): cross-entropy over the materialised logits, the positive of row i in column i."""
     candidates = target if negatives is None else torch.cat([target, negatives])
     options = dict(temperature=temperature, hardness=hardness, margin=false_negative_margin, topk=topk)
-    loss = _naive_direction(query, candidates, **options)
+    loss = _naive_direction(query, candidates, ids=candidate_ids, **options)
     if symmetric:
-        loss = 0.5 * (loss + _naive_direction(target, query, **options))
+        loss = 0.5 * (loss + _naive_direction(target, query, ids=query_ids, **options))
     return loss
 
 
-def _naive_direction(x, candidates, *, temperature, hardness, margin, topk):
+def _naive_direction(x, candidates, *, temperature, hardness, margin, topk, ids=None):
     scores = x @ candidates.T
     labels = torch.arange(x.shape[0], device=x.device)
-    if not hardness and margin is None and topk is None:
+    if not hardness and margin is None and topk is None and ids is None:
         return F.cross_entropy(scores / temperature, labels)
     logits = scores / temperature
     positive = torch.zeros_like(scores, dtype=torch.bool).fill_diagonal_(True)
     if hardness:  # LLaVE: negatives weighted by exp(α·s), i.e. α·stopgrad(s) added to their logits
         logits = logits + hardness * scores.detach().masked_fill(positive, 0.0)
     dropped = torch.zeros_like(positive)
+    if ids is not None:  # copies of the positive are no negatives
+        dropped = (ids[None, :] == ids[labels][:, None]) & ~positive
     if margin is not None:  # UniME: likely false negatives, scoring above the positive + margin
-        dropped = (scores.detach() > scores.detach().diagonal()[:, None] + margin) & ~positive
+        dropped |= (scores.detach() > scores.detach().diagonal()[:, None] + margin) & ~positive
     if topk is not None:  # UniME: only the k hardest remaining negatives
         ranked = scores.detach().masked_fill(dropped | positive, float("-inf"))
         hardest = ranked.topk(min(topk, scores.shape[1]), dim=1).indices
@@ -145,6 +174,8 @@ def gemm_flops(options: dict, b: int, k: int, d: int) -> int:
 def step_functions(provider: str, options: dict, q, t, n):
     """(forward, backward) closures; backward uses the loss of the last forward."""
     state = {}
+    ids = duplicate_ids(options, q.shape[0], 0 if n is None else n.shape[0])
+    options = {key: value for key, value in options.items() if key != "ids"} | ids
     leaves = [x.detach().requires_grad_() for x in (q, t, n) if x is not None]
     extra_leaves = []
     if options.get("temperature") == "learned":
@@ -179,6 +210,30 @@ def step_functions(provider: str, options: dict, q, t, n):
 def time_case(provider: str, options: dict, b: int, k: int, d: int, repeats: int) -> dict:
     forward, backward, _ = step_functions(provider, options, *make_inputs(b, k, d))
     return median_times(forward, backward, repeats)
+
+
+def paired_times(option_names: list[str], b: int, k: int, d: int, repeats: int) -> list[dict]:
+    """mmfast's fwd+bwd for each option set, timed in alternation (one step of each in turn, after one
+    warm-up each), so that the load of a shared machine hits all alike: min and median ms, and the
+    median step-by-step ratio to its base (the same name without "+ids" when given, else the first)."""
+    inputs = make_inputs(b, k, d)
+    steps = {name: step_functions("mmfast", OPTIONS[name], *inputs)[:2] for name in option_names}
+    times = {name: [] for name in option_names}
+    for i in range(repeats + 1):
+        for name, (forward, backward) in steps.items():
+            start = time.perf_counter()
+            forward()
+            backward()
+            if i:
+                times[name].append(1e3 * (time.perf_counter() - start))
+            gc.collect()
+    rows = []
+    for name, ms in times.items():
+        base = name.removesuffix("+ids") if name.removesuffix("+ids") in times else option_names[0]
+        ratio = statistics.median(t / f for t, f in zip(ms, times[base], strict=True))
+        rows.append({"provider": "mmfast", "options": name, "B": b, "K": k, "D": d, "min_ms": min(ms),
+                     "median_ms": statistics.median(ms), "base": base, "median_ratio": ratio})  # fmt: skip
+    return rows
 
 
 def measure_memory_here(provider: str, options: dict, b: int, k: int, d: int) -> dict:
@@ -283,6 +338,11 @@ def main(argv=None) -> int:
     parser.add_argument("--plot", type=Path, help="write a PNG plot here")
     parser.add_argument("--summary", action="store_true", help="a few minutes: B = 4096, D = 256 (make bench-summary)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="time mmfast's option sets in alternation; ratios to the first (e.g. plain plain+ids)",
+    )
     parser.add_argument("--memory-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
@@ -293,6 +353,15 @@ def main(argv=None) -> int:
         args.batch, args.negatives, args.dim, args.repeats, args.memory = [4096], [1], [256], 3, True
         args.providers = ["mmfast", "naive", "compiled", "gemm"]
     print(f"# {machine()} | float32, CPU")
+    if args.paired:
+        rows = [row for b in args.batch for k in args.negatives for d in args.dim
+                for row in paired_times(args.options, b, k, d, args.repeats)]  # fmt: skip
+        for r in rows:
+            print(f"{r['options']:10s} B={r['B']} K={r['K']} D={r['D']}  min {r['min_ms']:.1f} ms  median "
+                  f"{r['median_ms']:.1f} ms  ÷{r['base']} {r['median_ratio']:.3f}")  # fmt: skip
+        if args.json:
+            write_json(args.json, rows)
+        return 0
     rows = run_grid(args)
     add_ratios(rows)
     print_table(rows)

@@ -6,6 +6,12 @@ Providers (each case in a fresh process, so peak memory is its own):
   mmfast     GradCache (mini-batches of --mini-batch rows) + the fused loss
   reference  GradCache + the float64 reference loss (it holds the B × N score matrix)
   naive      one autograd graph over the whole batch + the reference loss (no GradCache)
+Against sentence-transformers (--providers mmfast-text st-cached), on a tiny text-only Qwen2 built from
+its config, E5-V's NLI triplets (one hard negative per row), τ 0.05, last-token pooling, no prompt:
+  mmfast-text  the e5v recipe's step: GradCache + the fused loss (full fine-tune)
+  st-cached    sentence-transformers' CachedMultipleNegativesRankingLoss (GradCache with a
+               [mini-batch, N] score block per mini-batch), scale 1/τ, the same mini-batch and rows
+               (past the 2000 rows of the default NLI set, rows repeat)
 Peak memory is the resident high-water mark of the timed steps over what was resident before them
 (VmHWM after clear_refs), so the model, optimizer state and data are not counted.
 """
@@ -24,11 +30,59 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import _status_kib, machine, write_json  # noqa: E402
 
+TEXT_PROVIDERS = ("mmfast-text", "st-cached")
+TEXT_TEMPERATURE = 0.05
 PROVIDERS = {
     "mmfast": lambda mini: ["--gradcache_mini_batch_size", str(mini)],
     "reference": lambda mini: ["--gradcache_mini_batch_size", str(mini), "--loss_backend", "reference"],
     "naive": lambda mini: ["--gradcache_mini_batch_size", "0", "--loss_backend", "reference"],
+    "mmfast-text": lambda mini: ["--gradcache_mini_batch_size", str(mini)],
+    "st-cached": lambda mini: ["--gradcache_mini_batch_size", str(mini)],
 }
+
+
+def text_backbone(root: Path) -> Path:
+    """A tiny text-only Qwen2 (the default's sizes and tokenizer), built once under root."""
+    from mmfast.train.default.model import build_tiny_backbone, default_corpus
+    from mmfast.train.default.tokenizer import train_tokenizer
+
+    folder = root / "text-backbone"
+    if not (folder / "config.json").is_file():
+        build_tiny_backbone("causal_lm", folder, tokenizer=train_tokenizer(default_corpus()))
+    return folder
+
+
+def text_trainer(backbone: Path, batch: int, mini: int, output_dir: str):
+    """The e5v recipe on `backbone`, full fine-tune, no prompt (so both sides embed the same tokens); one
+    thread, as the embedded default (a second thread only spins on a model this small)."""
+    from mmfast.train import build_trainer, parse_arguments
+
+    argv = ["--recipe", "e5v", "--model_name_or_path", str(backbone), "--lora", "False", "--text_prompt", "{text}",
+            "--max_length", "512", "--padding_side", "right", "--output_dir", output_dir,
+            "--per_device_train_batch_size", str(batch), "--gradcache_mini_batch_size", str(mini),
+            "--max_steps", "1", "--report_to", "none", "--cpu_threads", "1"]  # fmt: skip
+    return build_trainer(*parse_arguments(argv))
+
+
+def sentence_transformers_step(backbone: Path, mini: int, examples):
+    """(model, step): sentence-transformers on the same backbone and rows; step() runs forward + backward."""
+    from sentence_transformers import SentenceTransformer, losses, models
+
+    transformer = models.Transformer(str(backbone), max_seq_length=512, tokenizer_args={"padding_side": "right"})
+    pooling = models.Pooling(transformer.get_embedding_dimension(), pooling_mode="lasttoken")
+    model = SentenceTransformer(modules=[transformer, pooling, models.Normalize()], device="cpu")
+    loss = losses.CachedMultipleNegativesRankingLoss(model, scale=1 / TEXT_TEMPERATURE, mini_batch_size=mini)
+    columns = ([e.query.text for e in examples], [e.positive.text for e in examples],
+               [e.negatives[0].text for e in examples])  # fmt: skip
+    features = [model.tokenize(column) for column in columns]
+    model.train()
+
+    def step():
+        value = loss([dict(f) for f in features], None)
+        value.backward()
+        return value.detach()
+
+    return model, step
 
 
 def child(provider: str, batch: int, mini: int, repeats: int) -> dict:
@@ -38,25 +92,42 @@ def child(provider: str, batch: int, mini: int, repeats: int) -> dict:
     from mmfast.train import build_trainer, parse_arguments
     from mmfast.train.default import PROFILE
 
-    argv = ["--output_dir", "/tmp/mmfast-bench-train", "--per_device_train_batch_size", str(batch),
-            "--max_steps", "1", "--report_to", "none", *PROVIDERS[provider](mini)]  # fmt: skip
-    trainer = build_trainer(*parse_arguments(argv, profile=PROFILE))
-    step_inputs = trainer.data_collator([trainer.train_dataset[i] for i in range(batch)])
-    trainer.current_gradient_accumulation_steps = 1
-    model = trainer.model
-    trainer.training_step(model, step_inputs)  # warm-up: kernels loaded, buffers sized
+    if provider in TEXT_PROVIDERS:
+        # The default NLI set has 2000 rows: the sampler gets a batch it can fill; the step's rows cycle.
+        backbone = text_backbone(Path("/tmp/mmfast-bench-train"))
+        trainer = text_trainer(backbone, min(batch, 1024), mini, "/tmp/mmfast-bench-train")
+    else:
+        argv = ["--output_dir", "/tmp/mmfast-bench-train", "--per_device_train_batch_size", str(batch),
+                "--max_steps", "1", "--report_to", "none", *PROVIDERS[provider](mini)]  # fmt: skip
+        trainer = build_trainer(*parse_arguments(argv, profile=PROFILE))
+    examples = [trainer.train_dataset[i % len(trainer.train_dataset)] for i in range(batch)]
+    if provider == "st-cached":
+        model, st_step = sentence_transformers_step(backbone, mini, examples)
+        del trainer
+
+        def step():
+            st_step()
+    else:
+        step_inputs = trainer.data_collator(examples)
+        trainer.current_gradient_accumulation_steps = 1
+        model = trainer.model
+
+        def step():
+            trainer.training_step(model, step_inputs)
+
+    step()  # warm-up: kernels loaded, buffers sized
     model.zero_grad(set_to_none=False)
     baseline = _status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        trainer.training_step(model, step_inputs)
+        step()
         times.append(time.perf_counter() - start)
         model.zero_grad(set_to_none=False)
     peak = _status_kib("VmHWM")
     seconds = statistics.median(times)
-    return {"provider": provider, "batch": batch, "mini_batch": mini if provider != "naive" else 0,
+    return {"provider": provider, "batch": batch, "mini_batch": 0 if provider == "naive" else mini,
             "step_s": seconds, "samples_per_s": batch / seconds, "extra_peak_mib": (peak - baseline) / 1024,
             "threads": torch.get_num_threads()}  # fmt: skip
 

@@ -46,4 +46,13 @@ inline void check_row_scale(const char* op, const at::Tensor& row_scale, int64_t
               " tensor, got ", row_scale.scalar_type(), " ", row_scale.sizes());
 }
 
+// A per-candidate vector the kernel reads (duplicate ids): 1-D, `length` entries, contiguous, `dtype`.
+inline void check_vector(const char* op, const at::Tensor& t, const char* name, int64_t length,
+                         at::ScalarType dtype) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == length && t.scalar_type() == dtype && t.is_contiguous() &&
+                  t.device().is_cpu(),
+              "mmfast cpu ", op, ": ", name, " must be a contiguous CPU ", dtype, " tensor of shape [", length,
+              "], got ", t.scalar_type(), " ", t.sizes());
+}
+
 }  // namespace mmfast

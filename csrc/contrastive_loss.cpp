@@ -10,6 +10,9 @@
 //                 the lower candidate index), and returns the loss plus the k+1 sparse gradient
 //                 coefficients per row.
 //   sparse_grads: applies those sparse coefficients to dX and dY without any dense B×N tensor.
+// With duplicate ids (mmfast/duplicate_ids.py) both row kernels read one int32 class index per
+// candidate and leave out every candidate whose index equals the positive's, before the margin
+// filter and the top-k selection.
 // With a learnable temperature both row kernels also write w_r = Σ_j G_rj·s_rj per row (one more
 // reduction over the row; the caller turns it into dLoss/dτ = -(1/τ)·Σ_r w_r). It needs the raw
 // scores next to the softmax weights, so that variant keeps S intact until G overwrites it.
@@ -44,6 +47,7 @@ struct RowProblem {
   const T* grad_scale;  // null: loss only; else dLoss_total/dLoss_row, and S is overwritten by G
   T* loss;
   T* temperature_grad;  // null, or per row Σ_j G_rj·s_rj (needs grad_scale)
+  const int32_t* ids;   // null: no duplicate masking; else [n] class indices, equal = same content
 };
 
 // Generic (scalar) row kernel; used for float64, where accuracy matters more than speed. The scores
@@ -57,9 +61,10 @@ void softmax_rows_range(const RowProblem<T>& p, int64_t begin, int64_t end) {
     const T pos = s[pos_col];
     const T pos_logit = pos * p.inv_temperature;
     const T limit = p.has_margin ? pos + p.margin : std::numeric_limits<T>::infinity();
+    const int32_t pos_id = p.ids ? p.ids[pos_col] : 0;
     auto logit = [&](int64_t j) {
       if (j == pos_col) return pos_logit;
-      return s[j] > limit ? minus_inf : s[j] * p.negative_scale;
+      return (s[j] > limit || (p.ids && p.ids[j] == pos_id)) ? minus_inf : s[j] * p.negative_scale;
     };
     T m = pos_logit;
     for (int64_t j = 0; j < p.n; ++j) m = std::max(m, logit(j));  // NaN scores do not raise the max
@@ -100,7 +105,12 @@ __attribute__((always_inline)) inline void softmax_rows_f32_body(const RowProble
     const float limit = p.has_margin ? pos + p.margin : std::numeric_limits<float>::infinity();
     const f32x16 limit16 = splat16(limit);
     const f32x16 minus_inf16 = splat16(minus_inf);
-    auto negative_logit = [&](float v) { return v > limit ? minus_inf : v * p.negative_scale; };
+    const int32_t* ids = p.ids;  // duplicates of the positive: -inf like false negatives
+    const int32_t pos_id = ids ? ids[pos_col] : 0;
+    const i32x16 pos_id16 = splat16i(pos_id);
+    auto negative_logit = [&](int32_t j) {
+      return (s[j] > limit || (ids && ids[j] == pos_id)) ? minus_inf : s[j] * p.negative_scale;
+    };
 
     // Pass 1: logits in place (-inf for false negatives), and their max. The positive's slot holds
     // NaN meanwhile: it fails every comparison, so it neither passes the margin test nor raises the
@@ -110,13 +120,15 @@ __attribute__((always_inline)) inline void softmax_rows_f32_body(const RowProble
     f32x16 m16 = splat16(pos_logit);
     for (int32_t j = 0; j < n_vec; j += kLanes) {
       const f32x16 v = load16(s + j);
-      const f32x16 logit = select16(v > limit16, minus_inf16, v * p.negative_scale);
+      i32x16 drop = v > limit16;
+      if (ids) drop |= equal16i(load16i(ids + j), pos_id16);  // the same branch for every block of a row
+      const f32x16 logit = select16(drop, minus_inf16, v * p.negative_scale);
       if (!kTemperatureGrad) store16(s + j, logit);
       m16 = max16(logit, m16);
     }
     float m = max_lane(m16);
     for (int32_t j = n_vec; j < n; ++j) {
-      const float logit = negative_logit(s[j]);
+      const float logit = negative_logit(j);
       if (!kTemperatureGrad) s[j] = logit;
       m = logit > m ? logit : m;
     }
@@ -132,14 +144,19 @@ __attribute__((always_inline)) inline void softmax_rows_f32_body(const RowProble
     for (int32_t j = 0; j < n_vec; j += kLanes) {
       if (kTemperatureGrad && j == pos_block) continue;
       const f32x16 v = load16(s + j);
-      const f32x16 logit = kTemperatureGrad ? select16(v > limit16, minus_inf16, v * p.negative_scale) : v;
+      f32x16 logit = v;
+      if (kTemperatureGrad) {
+        i32x16 drop = v > limit16;
+        if (ids) drop |= equal16i(load16i(ids + j), pos_id16);
+        logit = select16(drop, minus_inf16, v * p.negative_scale);
+      }
       const f32x16 e = exp_flush(logit - m);
       if (kTemperatureGrad) weighted16.add(e * v);
       if (write) store16(s + j, e);
       sum16.add(e);
     }
     auto scalar_term = [&](int32_t j) {
-      const float logit = !kTemperatureGrad ? s[j] : j == pos_col ? pos_logit : negative_logit(s[j]);
+      const float logit = !kTemperatureGrad ? s[j] : j == pos_col ? pos_logit : negative_logit(j);
       const float e = exp_flush(logit - m);
       if (kTemperatureGrad) weighted += static_cast<double>(e) * s[j];
       if (write) s[j] = e;
@@ -186,7 +203,8 @@ void softmax_rows_dispatch(const RowProblem<double>& p, int64_t begin, int64_t e
   softmax_rows_range<double>(p, begin, end);
 }
 
-void check_scores(const at::Tensor& scores, int64_t row_offset, const c10::optional<at::Tensor>& row_scale) {
+void check_scores(const at::Tensor& scores, int64_t row_offset, const c10::optional<at::Tensor>& row_scale,
+                  const c10::optional<at::Tensor>& ids) {
   TORCH_CHECK(scores.device().is_cpu(), "mmfast cpu ", kOp, ": scores must be a CPU tensor, got ", scores.device());
   TORCH_CHECK(scores.dim() == 2, "mmfast cpu ", kOp, ": scores must be 2-D [rows, N], got shape ", scores.sizes());
   check_float_or_double(kOp, scores, "scores");
@@ -195,6 +213,7 @@ void check_scores(const at::Tensor& scores, int64_t row_offset, const c10::optio
   TORCH_CHECK(row_offset >= 0 && row_offset + scores.size(0) <= scores.size(1), "mmfast cpu ", kOp, ": row_offset ",
               row_offset, " + rows ", scores.size(0), " exceeds the number of candidates ", scores.size(1));
   if (row_scale.has_value()) check_row_scale(kOp, *row_scale, scores.size(0), scores.scalar_type());
+  if (ids.has_value()) check_vector(kOp, *ids, "ids", scores.size(1), at::kInt);
 }
 
 // The optional per-row output of the temperature reduction: only with a gradient (row_scale).
@@ -214,8 +233,8 @@ int64_t row_grain(int64_t n) {
 
 void contrastive_softmax_rows(at::Tensor scores, int64_t row_offset, double inv_temperature, double hardness,
                               c10::optional<double> margin, c10::optional<at::Tensor> row_scale, at::Tensor loss,
-                              c10::optional<at::Tensor> temperature_grad) {
-  check_scores(scores, row_offset, row_scale);
+                              c10::optional<at::Tensor> temperature_grad, c10::optional<at::Tensor> ids) {
+  check_scores(scores, row_offset, row_scale, ids);
   const int64_t rows = scores.size(0);
   check_output(kOp, loss, "loss", {rows}, scores.scalar_type());
   check_temperature_grad(temperature_grad, row_scale, rows, scores.scalar_type());
@@ -230,7 +249,8 @@ void contrastive_softmax_rows(at::Tensor scores, int64_t row_offset, double inv_
                            static_cast<scalar_t>(margin.value_or(0.0)),
                            row_scale.has_value() ? row_scale->data_ptr<scalar_t>() : nullptr,
                            loss.data_ptr<scalar_t>(),
-                           temperature_grad.has_value() ? temperature_grad->data_ptr<scalar_t>() : nullptr};
+                           temperature_grad.has_value() ? temperature_grad->data_ptr<scalar_t>() : nullptr,
+                           ids.has_value() ? ids->data_ptr<int32_t>() : nullptr};
     at::parallel_for(0, rows, row_grain(p.n),
                      [&](int64_t begin, int64_t end) { softmax_rows_dispatch(p, begin, end); });
   });
@@ -262,10 +282,12 @@ void topk_rows_range(const RowProblem<T>& p, int64_t k, int64_t* index_out, T* c
     const int64_t pos_col = p.row_offset + r;
     const T pos = s[pos_col];
     const T limit = p.has_margin ? pos + p.margin : std::numeric_limits<T>::infinity();
+    const int32_t pos_id = p.ids ? p.ids[pos_col] : 0;
     heap.clear();
     for (int64_t j = 0; j < p.n; ++j) {
       const T v = s[j];
       if (j == pos_col || !(v <= limit)) continue;  // the positive, a false negative, or NaN
+      if (p.ids && p.ids[j] == pos_id) continue;     // a duplicate of the positive
       if (static_cast<int64_t>(heap.size()) < k) {
         heap.push_back({v, j});
         std::push_heap(heap.begin(), heap.end(), weaker_first);
@@ -312,8 +334,8 @@ void topk_rows_range(const RowProblem<T>& p, int64_t k, int64_t* index_out, T* c
 void contrastive_topk_rows(at::Tensor scores, int64_t row_offset, double inv_temperature, double hardness,
                            c10::optional<double> margin, int64_t topk, c10::optional<at::Tensor> row_scale,
                            at::Tensor loss, at::Tensor index, c10::optional<at::Tensor> coef_out,
-                           c10::optional<at::Tensor> temperature_grad) {
-  check_scores(scores, row_offset, row_scale);
+                           c10::optional<at::Tensor> temperature_grad, c10::optional<at::Tensor> ids) {
+  check_scores(scores, row_offset, row_scale, ids);
   TORCH_CHECK(topk >= 1, "mmfast cpu ", kOp, ": topk must be >= 1, got ", topk);
   const int64_t rows = scores.size(0);
   check_output(kOp, loss, "loss", {rows}, scores.scalar_type());
@@ -334,7 +356,8 @@ void contrastive_topk_rows(at::Tensor scores, int64_t row_offset, double inv_tem
                            static_cast<scalar_t>(margin.value_or(0.0)),
                            row_scale.has_value() ? row_scale->data_ptr<scalar_t>() : nullptr,
                            loss.data_ptr<scalar_t>(),
-                           temperature_grad.has_value() ? temperature_grad->data_ptr<scalar_t>() : nullptr};
+                           temperature_grad.has_value() ? temperature_grad->data_ptr<scalar_t>() : nullptr,
+                           ids.has_value() ? ids->data_ptr<int32_t>() : nullptr};
     scalar_t* coef_ptr = coef.defined() ? coef.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, rows, row_grain(p.n), [&](int64_t begin, int64_t end) {
       topk_rows_range<scalar_t>(p, topk, index.data_ptr<int64_t>(), coef_ptr, begin, end);

@@ -38,6 +38,19 @@ inline float max_lane(f32x16 v) {
 }
 inline f32x16 splat16(float x);
 inline i32x16 splat16i(int32_t x) { return i32x16{} + x; }
+inline i32x16 load16i(const int32_t* p) {
+  i32x16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+// Lane-wise a == b as a comparison mask, for non-negative a and b. GCC 12 lowers the vector == of
+// integers lane by lane (a scalar compare and insert per lane, 3-4x slower kernels); a signed
+// comparison compiles to one vector compare: a ^ b is 0 exactly when neither it nor its negation
+// has the sign bit set.
+inline i32x16 equal16i(i32x16 a, i32x16 b) {
+  const i32x16 diff = a ^ b;
+  return (diff | -diff) >= 0;
+}
 
 // Accumulates float lanes in double: two 8-lane halves, so both stay in registers.
 struct DoubleSum16 {

@@ -7,11 +7,11 @@
 namespace mmfast {
 void contrastive_softmax_rows(at::Tensor scores, int64_t row_offset, double inv_temperature, double hardness,
                               c10::optional<double> margin, c10::optional<at::Tensor> row_scale, at::Tensor loss,
-                              c10::optional<at::Tensor> temperature_grad);
+                              c10::optional<at::Tensor> temperature_grad, c10::optional<at::Tensor> ids);
 void contrastive_topk_rows(at::Tensor scores, int64_t row_offset, double inv_temperature, double hardness,
                            c10::optional<double> margin, int64_t topk, c10::optional<at::Tensor> row_scale,
                            at::Tensor loss, at::Tensor index, c10::optional<at::Tensor> coef,
-                           c10::optional<at::Tensor> temperature_grad);
+                           c10::optional<at::Tensor> temperature_grad, c10::optional<at::Tensor> ids);
 void contrastive_sparse_grads(at::Tensor x, at::Tensor targets, c10::optional<at::Tensor> negatives, at::Tensor index,
                               at::Tensor coef, c10::optional<at::Tensor> grad_x, c10::optional<at::Tensor> grad_targets,
                               c10::optional<at::Tensor> grad_negatives);

@@ -4,7 +4,9 @@ which builds TritonContrastiveKernels with the torch kernel set as its fallback)
 Per chunk of rows:
   scores      S = X·Yᵀ in float32                     kernels/matmul.py, DOT_DTYPE = input dtype
   row kernel  masks + hardness + exact logsumexp,      softmax_rows_kernel below: one program per
-              then G = dLoss/dS in the input dtype       row, two passes over it (online max/sum, then G)
+              then G = dLoss/dS in the input dtype       row, two passes over it (online max/sum, then G);
+                                                         with duplicate ids it reads one int32 per
+                                                         candidate (HAS_IDS) and leaves out copies
   gradients   dX = G·Y, dY += Gᵀ·X into float32        kernels/matmul.py (bf16/fp16 G and inputs:
                                                          tensor cores)
 The top-k path selects with torch.sort on the same float32 chunk (a stable sort: ties to the lower
@@ -23,7 +25,8 @@ from mmfast.kernels import CompileSpec
 from mmfast.kernels.matmul import TritonGemms
 
 # One program per row, BLOCK_N candidates per step. Every launchable combination is compiled by
-# tests/test_compile.py: scores dtype {fp32, fp64} × G dtype × HAS_MARGIN × HAS_GRAD × TEMPERATURE_GRAD.
+# tests/test_compile.py: scores dtype {fp32, fp64} × G dtype × HAS_MARGIN × HAS_GRAD × TEMPERATURE_GRAD
+# × HAS_IDS.
 ROW_BLOCK_N = 1024
 ROW_NUM_WARPS = 4
 
@@ -31,7 +34,8 @@ ROW_NUM_WARPS = 4
 @triton.jit
 def softmax_rows_kernel(
     s_ptr, stride_s, g_ptr, stride_g, n, row_offset, params_ptr, row_scale_ptr, loss_ptr, temperature_grad_ptr,
-    BLOCK_N: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_GRAD: tl.constexpr, TEMPERATURE_GRAD: tl.constexpr,
+    ids_ptr, BLOCK_N: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_GRAD: tl.constexpr, TEMPERATURE_GRAD: tl.constexpr,
+    HAS_IDS: tl.constexpr,
 ):  # fmt: skip
     # The scalars come through memory in the scores' dtype: a Python float argument would arrive as
     # float32 and cost float64 inputs seven digits.
@@ -44,6 +48,8 @@ def softmax_rows_kernel(
     pos = tl.load(s_row + pos_col)
     pos_logit = pos * inv_temperature
     limit = pos + margin
+    # A candidate whose class index is the positive's is a copy of it, never a negative.
+    pos_id = tl.load(ids_ptr + pos_col) if HAS_IDS else 0
     offsets = tl.arange(0, BLOCK_N)  # [BN]
 
     # Pass 1: online max and sum of exp over the negatives, seeded with the positive (running_max =
@@ -56,6 +62,8 @@ def softmax_rows_kernel(
         keep = (cols < n) & (cols != pos_col)
         if HAS_MARGIN:
             keep = keep & ~(s > limit)  # NaN scores are kept and poison the loss, as in torch
+        if HAS_IDS:
+            keep = keep & (tl.load(ids_ptr + cols, mask=cols < n, other=0) != pos_id)  # [BN]
         logit = tl.where(keep, s * negative_scale, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(logit, axis=0))
         running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(logit - new_max), axis=0)
@@ -80,6 +88,8 @@ def softmax_rows_kernel(
             keep = cols != pos_col
             if HAS_MARGIN:
                 keep = keep & ~(s > limit)
+            if HAS_IDS:
+                keep = keep & (tl.load(ids_ptr + cols, mask=cols < n, other=0) != pos_id)
             g = tl.where(keep, tl.exp(s * negative_scale - lse) * coef, 0.0)
             g = tl.where(cols == pos_col, pos_grad, g)
             if TEMPERATURE_GRAD:
@@ -102,14 +112,14 @@ class TritonContrastiveKernels(TritonGemms):
     temperature_bytes_per_score = 0  # the row kernel reads S again in its second pass
 
     def topk_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, index, coef,
-                  temperature_grad=None):  # fmt: skip
-        self.fallback.topk_rows(scores, row_offset, opts, row_scale, loss, index, coef, temperature_grad)
+                  temperature_grad=None, ids=None):  # fmt: skip
+        self.fallback.topk_rows(scores, row_offset, opts, row_scale, loss, index, coef, temperature_grad, ids)
 
     def sparse_grads(self, x, pieces, index, coef, grad_x, grad_pieces):
         self.fallback.sparse_grads(x, pieces, index, coef, grad_x, grad_pieces)
 
     def softmax_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, grad_out,
-                     temperature_grad=None):  # fmt: skip
+                     temperature_grad=None, ids=None):  # fmt: skip
         rows = scores.shape[0]
         has_grad = row_scale is not None
         grad_out = scores if grad_out is None else grad_out
@@ -122,29 +132,34 @@ class TritonContrastiveKernels(TritonGemms):
         softmax_rows_kernel[(rows,)](
             scores, scores.stride(0), grad_out, grad_out.stride(0), scores.shape[1], row_offset, params,
             row_scale if has_grad else loss, loss, loss if temperature_grad is None else temperature_grad,
+            loss if ids is None else ids,
             BLOCK_N=ROW_BLOCK_N, HAS_MARGIN=opts.false_negative_margin is not None, HAS_GRAD=has_grad,
-            TEMPERATURE_GRAD=temperature_grad is not None, num_warps=ROW_NUM_WARPS,
+            TEMPERATURE_GRAD=temperature_grad is not None, HAS_IDS=ids is not None, num_warps=ROW_NUM_WARPS,
         )  # fmt: skip
 
 
 def compile_specs():
     """Every variant of the row kernel: scores dtype × G dtype × HAS_MARGIN × HAS_GRAD × TEMPERATURE_GRAD
-    (the temperature reduction only exists with a gradient)."""
+    × HAS_IDS (the temperature reduction only exists with a gradient; without ids the launcher passes
+    the loss buffer as ids_ptr, unread)."""
     variants = [("fp32", None), ("fp32", "fp32"), ("fp32", "bf16"), ("fp32", "fp16"), ("fp64", None), ("fp64", "fp64")]
     for scores, grads in variants:
         for has_margin in (False, True):
             for temperature_grad in (False, True) if grads else (False,):
-                signature = {
-                    "s_ptr": f"*{scores}", "stride_s": "i32", "g_ptr": f"*{grads or scores}", "stride_g": "i32",
-                    "n": "i32", "row_offset": "i32", "params_ptr": f"*{scores}", "row_scale_ptr": f"*{scores}",
-                    "loss_ptr": f"*{scores}", "temperature_grad_ptr": f"*{scores}", "BLOCK_N": "constexpr",
-                    "HAS_MARGIN": "constexpr", "HAS_GRAD": "constexpr", "TEMPERATURE_GRAD": "constexpr",
-                }  # fmt: skip
-                constexprs = {"BLOCK_N": ROW_BLOCK_N, "HAS_MARGIN": has_margin, "HAS_GRAD": grads is not None,
-                              "TEMPERATURE_GRAD": temperature_grad}  # fmt: skip
-                yield CompileSpec(
-                    name=f"contrastive_softmax_rows[{scores},grad={grads},margin={int(has_margin)}"
-                    f"{',temperature' if temperature_grad else ''}]",
-                    kernel=softmax_rows_kernel, signature=signature, constexprs=constexprs,
-                    num_warps=ROW_NUM_WARPS, num_stages=1,
-                )  # fmt: skip
+                for has_ids in (False, True):
+                    signature = {
+                        "s_ptr": f"*{scores}", "stride_s": "i32", "g_ptr": f"*{grads or scores}", "stride_g": "i32",
+                        "n": "i32", "row_offset": "i32", "params_ptr": f"*{scores}", "row_scale_ptr": f"*{scores}",
+                        "loss_ptr": f"*{scores}", "temperature_grad_ptr": f"*{scores}",
+                        "ids_ptr": "*i32" if has_ids else f"*{scores}", "BLOCK_N": "constexpr",
+                        "HAS_MARGIN": "constexpr", "HAS_GRAD": "constexpr", "TEMPERATURE_GRAD": "constexpr",
+                        "HAS_IDS": "constexpr",
+                    }  # fmt: skip
+                    constexprs = {"BLOCK_N": ROW_BLOCK_N, "HAS_MARGIN": has_margin, "HAS_GRAD": grads is not None,
+                                  "TEMPERATURE_GRAD": temperature_grad, "HAS_IDS": has_ids}  # fmt: skip
+                    yield CompileSpec(
+                        name=f"contrastive_softmax_rows[{scores},grad={grads},margin={int(has_margin)}"
+                        f"{',temperature' if temperature_grad else ''},ids={int(has_ids)}]",
+                        kernel=softmax_rows_kernel, signature=signature, constexprs=constexprs,
+                        num_warps=ROW_NUM_WARPS, num_stages=1,
+                    )  # fmt: skip

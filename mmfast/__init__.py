@@ -13,6 +13,7 @@ from mmfast.distillation_loss import (
     DistillationLossOptions,
     distillation_loss,
 )
+from mmfast.duplicate_ids import masked_candidate_counts
 from mmfast.pooling import Pooler, PoolingFunction, PoolingOptions, last_token_pool, mean_pool
 from mmfast.similarity_topk import SimilarityTopK, SimilarityTopkOptions, similarity_topk
 
@@ -27,6 +28,7 @@ __all__ = [
     "DistillationLossFunction",
     "DistillationLossOptions",
     "distillation_loss",
+    "masked_candidate_counts",
     "Pooler",
     "PoolingFunction",
     "PoolingOptions",

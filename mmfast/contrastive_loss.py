@@ -1,6 +1,7 @@
 """mmfast.contrastive_loss: InfoNCE with shared hard negatives, LLaVE hardness weighting, UniME
-false-negative filtering and top-k hard negatives, optionally symmetric; fused and chunked so the
-B×N score matrix never exists, forward or backward.
+false-negative filtering and top-k hard negatives, optionally symmetric, optionally leaving out
+candidates that duplicate a positive (mmfast/duplicate_ids.py); fused and chunked so the B×N score
+matrix never exists, forward or backward.
 
 Layers, top to bottom:
   contrastive_loss() / ContrastiveLoss     validate inputs, build ContrastiveLossOptions
@@ -19,6 +20,7 @@ import torch
 from mmfast.backends import autocast_disabled, resolve_backend
 from mmfast.backends.contrastive_loss import NO_GRADIENTS, GradientNeeds, contrastive_loss_rows
 from mmfast.distributed import Gathered, gather_candidates, process_group_active, warn_single_process
+from mmfast.duplicate_ids import NO_IDS, DuplicateIds, check_duplicate_ids, gather_duplicate_ids
 from mmfast.fused_gradients import once_differentiable, reduce_rows, row_scale, take_fused_gradients
 from mmfast.kernel_contract import DirectionOptions, compute_dtype
 from mmfast.reference.contrastive_loss import contrastive_loss_reference
@@ -145,11 +147,14 @@ def _contrastive_loss_rows_op(
     topk: int | None,
     backend: str,
     needs: list[bool],
+    candidate_ids: torch.Tensor | None = None,
+    query_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The chunked loss as a custom op, so torch.compile traces through it. A schema takes tensors and
     scalars only: the arguments are ContrastiveLossOptions' fields, the parts of a Gathered (across
     devices `negatives` is Gathered.negatives), the temperature tensor when τ is one (`temperature`
-    is then unused) and GradientNeeds as a list; `_rows` fills them."""
+    is then unused), GradientNeeds as a list and the DuplicateIds of the candidates the rows see;
+    `_rows` fills them."""
     if temperature_tensor is not None:
         if temperature_tensor.device.type == "cpu":
             check_temperature_value("temperature", temperature_tensor)  # also under torch.compile
@@ -160,7 +165,7 @@ def _contrastive_loss_rows_op(
             direction=DirectionOptions.of(temperature, hardness, false_negative_margin, topk), symmetric=symmetric,
             row_scale=row_scale, needs=GradientNeeds(*needs),
             gathered=_gathered(negatives, gathered_targets, gathered_queries, positive_offset),
-            temperature=temperature_tensor,
+            temperature=temperature_tensor, ids=DuplicateIds(candidate_ids, query_ids),
         )  # fmt: skip
     # A custom op returns tensors only: a gradient that was not computed comes back empty.
     return (loss, *(g if g is not None else query.new_empty(0) for g in grads))
@@ -168,7 +173,8 @@ def _contrastive_loss_rows_op(
 
 @_contrastive_loss_rows_op.register_fake
 def _(query, target, negatives, row_scale, gathered_targets, gathered_queries, temperature_tensor, positive_offset,
-      temperature, symmetric, hardness, false_negative_margin, topk, backend, needs):  # fmt: skip
+      temperature, symmetric, hardness, false_negative_margin, topk, backend, needs, candidate_ids=None,
+      query_ids=None):  # fmt: skip
     returned = GradientNeeds(*needs).returned(local=gathered_targets is None, symmetric=symmetric)
     inputs = (query, target, negatives, gathered_targets, gathered_queries, temperature_tensor)
 
@@ -182,10 +188,12 @@ def _(query, target, negatives, row_scale, gathered_targets, gathered_queries, t
 
 
 def _rows(query, target, negatives, gathered: Gathered | None, options: ContrastiveLossOptions, backend: str,
-          temperature: torch.Tensor | None, row_scale=None, needs: GradientNeeds = NO_GRADIENTS):  # fmt: skip
+          temperature: torch.Tensor | None, row_scale=None, needs: GradientNeeds = NO_GRADIENTS,
+          ids: DuplicateIds = NO_IDS):  # fmt: skip
     """The custom op on named arguments: the loss of each row and, with row_scale, the gradients in
-    `needs`. `negatives` are the local ones; across devices the rows see gathered.negatives.
-    `temperature`: the tensor τ, or None when τ is the number options.temperature."""
+    `needs`. `negatives` are the local ones; across devices the rows see gathered.negatives (and
+    `ids` are the gathered ones). `temperature`: the tensor τ, or None when τ is the number
+    options.temperature."""
     negatives, gathered_targets, gathered_queries, offset = _flat(gathered, negatives)
     return _contrastive_loss_rows_op(
         query,
@@ -203,6 +211,8 @@ def _rows(query, target, negatives, gathered: Gathered | None, options: Contrast
         options.topk,
         backend,
         list(needs),
+        ids.candidate,
+        ids.query,
     )
 
 
@@ -221,22 +231,24 @@ class ContrastiveLossFunction(torch.autograd.Function):
     Across devices, gathered_targets / gathered_queries (and negatives) are all ranks' tensors from
     an autograd-aware all-gather, and query i's positive is gathered target positive_offset + i.
     `temperature` is the 0-d tensor τ (None for a number τ, which is in `options`; see
-    _split_temperature).
+    _split_temperature). `ids` (DuplicateIds, no gradient) are those of the candidates the rows see.
     """
 
     @staticmethod
     def forward(ctx, query, target, negatives, weight, gathered_targets, gathered_queries, temperature,
-                positive_offset, options: ContrastiveLossOptions, backend: str):  # fmt: skip
+                positive_offset, options: ContrastiveLossOptions, backend: str,
+                ids: DuplicateIds = NO_IDS):  # fmt: skip
         needs = GradientNeeds(*(ctx.needs_input_grad[i] for i in _NEEDS_INPUTS))
         gathered = _gathered(negatives, gathered_targets, gathered_queries, positive_offset)
         ctx.options, ctx.backend, ctx.needs, ctx.gathered_offset = options, backend, needs, positive_offset
+        ctx.ids = ids
         if options.reduction != "none":
             scale = row_scale(options.reduction, query.shape[0], weight, compute_dtype(query.dtype), query.device)
             rows, *ctx.fused_gradients = _rows(
-                query, target, negatives, gathered, options, backend, temperature, scale, needs
+                query, target, negatives, gathered, options, backend, temperature, scale, needs, ids
             )
         else:
-            rows = _rows(query, target, negatives, gathered, options, backend, temperature)[0]
+            rows = _rows(query, target, negatives, gathered, options, backend, temperature, ids=ids)[0]
         # d loss / d weight_i is row i's loss (over B for "mean"): keep the [B] rows when asked. The
         # inputs ([B, D] and smaller) are kept for a backward that recomputes.
         ctx.weight_grad = weight is not None and ctx.needs_input_grad[3]
@@ -254,7 +266,7 @@ class ContrastiveLossFunction(torch.autograd.Function):
             scale = row_scale(ctx.options.reduction, query.shape[0], weight, dtype, query.device) * grad_output
             gathered = _gathered(negatives, gathered_targets, gathered_queries, ctx.gathered_offset)
             grads = _rows(query, target, negatives, gathered, ctx.options, ctx.backend, temperature, scale.detach(),
-                          ctx.needs)[1:]  # fmt: skip
+                          ctx.needs, ctx.ids)[1:]  # fmt: skip
         # Real gradients are 2-D (τ's 0-d); the custom op's 1-D empty placeholders mean "not computed".
         grad_query, grad_target, grad_negatives, grad_gathered_targets, grad_gathered_queries, grad_temperature = (
             g if need and g.dim() != 1 else None for g, need in zip(grads, ctx.needs, strict=True)
@@ -263,7 +275,7 @@ class ContrastiveLossFunction(torch.autograd.Function):
         if ctx.weight_grad:
             grad_weight = grad_output * (rows / rows.shape[0] if ctx.options.reduction == "mean" else rows)
         return (grad_query, grad_target, grad_negatives, grad_weight, grad_gathered_targets, grad_gathered_queries,
-                grad_temperature, None, None, None)  # fmt: skip
+                grad_temperature, None, None, None, None)  # fmt: skip
 
 
 def contrastive_loss(
@@ -280,6 +292,8 @@ def contrastive_loss(
     reduction: str = "mean",
     backend: str = "auto",
     cross_device: bool = False,
+    candidate_ids: torch.Tensor | None = None,
+    query_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Contrastive loss of B queries against their B targets plus shared hard negatives.
 
@@ -309,6 +323,14 @@ def contrastive_loss(
             after every rank's backward each rank holds the gradient of the sum of all ranks'
             losses, which DDP's gradient averaging turns into the global-batch mean. Without a
             group: this process's batch, with one warning.
+        candidate_ids: None or [N] integer ids of the candidates (the B targets, then the negatives
+            flattened). For query i every candidate j ≠ i with candidate_ids[j] == candidate_ids[i]
+            (a copy of its positive: the same label text of another row, say) is left out: of the
+            softmax, of the margin filter and of the top-k selection, as if it were not there. A row
+            with no negative left has loss 0. Ids are compared for equality only; across devices
+            they are gathered with the candidates. The rule in full: mmfast/duplicate_ids.py.
+        query_ids: None or [B] integer ids of the queries, for symmetric=True only: target i leaves
+            out query j ≠ i with query_ids[j] == query_ids[i] in the same way.
 
     Returns the loss in float32 (float64 for float64 inputs). Gradients reach query, target and
     negatives in their own dtypes (a tensor τ's in its dtype). A second backward (retain_graph)
@@ -330,7 +352,7 @@ def contrastive_loss(
         backend=backend,
         cross_device=cross_device,
     )
-    return _contrastive_loss(query, target, negatives, weight, options)
+    return _contrastive_loss(query, target, negatives, weight, options, candidate_ids, query_ids)
 
 
 def _split_temperature(options: ContrastiveLossOptions) -> tuple[ContrastiveLossOptions, torch.Tensor | None]:
@@ -341,20 +363,26 @@ def _split_temperature(options: ContrastiveLossOptions) -> tuple[ContrastiveLoss
     return dataclasses.replace(options, temperature=1.0), options.temperature
 
 
-def _contrastive_loss(query, target, negatives, weight, options: ContrastiveLossOptions) -> torch.Tensor:
+def _contrastive_loss(query, target, negatives, weight, options: ContrastiveLossOptions, candidate_ids=None,
+                      query_ids=None) -> torch.Tensor:  # fmt: skip
     flat_negatives = _check_inputs(query, target, negatives, weight, options.temperature)
+    n_candidates = query.shape[0] + (0 if flat_negatives is None else flat_negatives.shape[0])
+    ids = check_duplicate_ids(candidate_ids, query_ids, batch_size=query.shape[0], n_candidates=n_candidates,
+                              symmetric=options.symmetric, device=query.device)  # fmt: skip
     backend = resolve_backend(options.backend, query.device)
     gathered = None
     if options.cross_device:
         if process_group_active():
             gathered = gather_candidates(query, target, flat_negatives, symmetric=options.symmetric)
+            ids = gather_duplicate_ids(ids, query.shape[0])[0]
         else:
             warn_single_process("contrastive_loss")
     if backend == "reference":
         return contrastive_loss_reference(
             query, target, flat_negatives, temperature=options.temperature, symmetric=options.symmetric,
             hardness=options.hardness, false_negative_margin=options.false_negative_margin, topk=options.topk,
-            weight=weight, reduction=options.reduction, gathered=gathered,
+            weight=weight, reduction=options.reduction, candidate_ids=ids.candidate, query_ids=ids.query,
+            gathered=gathered,
         ).to(compute_dtype(query.dtype))  # fmt: skip
     # Autograd tracks tensors only as direct arguments: the Function takes the Gathered's parts.
     negatives, gathered_targets, gathered_queries, offset = _flat(gathered, flat_negatives)
@@ -362,9 +390,9 @@ def _contrastive_loss(query, target, negatives, weight, options: ContrastiveLoss
     tensors = (query, target, negatives, weight, gathered_targets, gathered_queries, temperature)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
         # No gradient wanted: the loss alone, one GEMM per chunk and no gradient buffers.
-        rows = _rows(query, target, flat_negatives, gathered, options, backend, temperature)[0]
+        rows = _rows(query, target, flat_negatives, gathered, options, backend, temperature, ids=ids)[0]
         return reduce_rows(rows, weight, options.reduction)
-    return ContrastiveLossFunction.apply(*tensors, offset, options, backend)
+    return ContrastiveLossFunction.apply(*tensors, offset, options, backend, ids)
 
 
 class ContrastiveLoss(torch.nn.Module):
@@ -378,11 +406,11 @@ class ContrastiveLoss(torch.nn.Module):
         if isinstance(self.options.temperature, torch.nn.Parameter):
             self.temperature = self.options.temperature
 
-    def forward(self, query, target, negatives=None, weight=None):
+    def forward(self, query, target, negatives=None, weight=None, candidate_ids=None, query_ids=None):
         options = self.options
         if isinstance(getattr(self, "temperature", None), torch.nn.Parameter):  # whatever .to() made of it
             options = dataclasses.replace(options, temperature=self.temperature)
-        return _contrastive_loss(query, target, negatives, weight, options)
+        return _contrastive_loss(query, target, negatives, weight, options, candidate_ids, query_ids)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in vars(self.options).items())

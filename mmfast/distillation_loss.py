@@ -4,6 +4,14 @@ in-batch similarity distributions, fused and chunked so neither B×B matrix exis
     p_teacher_i = softmax_j(tq_i · tt_j / τ_t),  p_student_i = softmax_j(sq_i · st_j / τ_s)
     loss_i = KL(p_teacher_i ‖ p_student_i)
 
+No duplicate ids (unlike contrastive_loss's candidate_ids), by choice: there is no positive to
+protect. A copy j of candidate i has the same teacher score and, with equal student embeddings, the
+same student score as i, so both distributions give the two equal shares; KL(p_t ‖ p_s) is then
+exactly the KL over the distinct candidates with each copy's share merged into one. No copy pulls
+the student away from what the teacher says (a duplicate positive in the contrastive loss pushes
+the query from its own answer). Masking copies from both distributions would be consistent too,
+but it would only reweight the target (each content once rather than by its copies), for a cost.
+
 Layers: distillation_loss() / DistillationLoss -> DistillationLossFunction ->
 torch.ops.mmfast.distillation_loss_rows (custom op) -> mmfast/backends/distillation_loss.py.
 """

@@ -55,6 +55,22 @@ def check_reduction(reduction: object) -> None:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
+INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def check_ids(name: str, ids: object, length: int, what: str, device: torch.device) -> torch.Tensor:
+    """A [length] integer tensor on `device` (`what` says what its entries identify)."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of integer ids or None, got {type(ids).__name__}")
+    if ids.dtype not in INTEGER_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor (int64, int32, ...), got {ids.dtype}")
+    if ids.shape != (length,):
+        raise ValueError(f"{name} must have shape [{length}] (one id per {what}), got {tuple(ids.shape)}")
+    if ids.device != device:
+        raise ValueError(f"{name} is on {ids.device} but query is on {device}")
+    return ids
+
+
 def check_temperature(name: str, value: object, device: torch.device | None) -> object:
     """A temperature: a positive finite number, or a 0-d floating tensor on `device` (a learnable τ,
     with or without grad; `device` None: not checked yet). A tensor's value is checked only on the

@@ -22,6 +22,7 @@ CONTRASTIVE_OPTIONS = {
     "everything": {"temperature": 0.05, "hardness": 2.0, "false_negative_margin": 0.05, "topk": 2, "symmetric": True},
 }
 BACKENDS = ["reference", "torch", "cpu", "triton"]
+IDS_OPTIONS = ("plain", "everything")  # also run with duplicate ids (few distinct values: copies across ranks)
 
 
 def global_inputs(total: int) -> dict[str, torch.Tensor]:
@@ -33,7 +34,22 @@ def global_inputs(total: int) -> dict[str, torch.Tensor]:
     return {"query": unit(total, D), "target": unit(total, D), "negatives": unit(total, K, D),
             "weight": torch.rand(total, generator=g, dtype=torch.float64) + 0.5,
             "grad_out": torch.rand(total, generator=g, dtype=torch.float64) + 0.5,
-            "teacher_query": unit(total, D_TEACHER), "teacher_target": unit(total, D_TEACHER)}  # fmt: skip
+            "teacher_query": unit(total, D_TEACHER), "teacher_target": unit(total, D_TEACHER),
+            "target_ids": torch.randint(0, 4, (total,), generator=g),
+            "negative_ids": torch.randint(0, 4, (total, K), generator=g),
+            "query_ids": torch.randint(0, 3, (total,), generator=g)}  # fmt: skip
+
+
+def duplicate_ids(inputs: dict, case: dict) -> dict:
+    """The ids keyword arguments of a case, from `inputs` (one rank's rows, or the global batch):
+    candidate_ids are the targets' then the flattened negatives' ids, as the loss lays them out."""
+    if not case.get("ids"):
+        return {}
+    parts = [inputs["target_ids"]] + ([inputs["negative_ids"].flatten()] if case["negatives"] else [])
+    ids = {"candidate_ids": torch.cat(parts)}
+    if case["options"].get("symmetric"):
+        ids["query_ids"] = inputs["query_ids"]
+    return ids
 
 
 def cases():
@@ -41,10 +57,12 @@ def cases():
         for name, options in CONTRASTIVE_OPTIONS.items():
             for reduction in ("mean", "none"):
                 for with_negatives in (True, False):
-                    yield f"contrastive-{backend}-{name}-{reduction}-{'K' if with_negatives else 'noK'}", {
-                        "op": "contrastive", "backend": backend, "options": options, "reduction": reduction,
-                        "weighted": name == "plain", "negatives": with_negatives,
-                    }  # fmt: skip
+                    for ids in (False, True) if name in IDS_OPTIONS else (False,):
+                        label = f"{name}{'-ids' if ids else ''}-{reduction}-{'K' if with_negatives else 'noK'}"
+                        yield f"contrastive-{backend}-{label}", {
+                            "op": "contrastive", "backend": backend, "options": options, "reduction": reduction,
+                            "weighted": name == "plain", "negatives": with_negatives, "ids": ids,
+                        }  # fmt: skip
         for name in ("plain", "everything"):  # a learnable τ: each rank's gradient is d(its loss)/dτ
             for reduction in ("mean", "none"):
                 yield f"contrastive-{backend}-{name}-{reduction}-tau", {
@@ -67,7 +85,7 @@ def run_case(case: dict, local: dict[str, torch.Tensor]) -> dict:
         loss = mmfast.contrastive_loss(
             leaves["query"], leaves["target"], leaves["negatives"] if case["negatives"] else None,
             weight=local["weight"] if case["weighted"] else None, reduction=case["reduction"],
-            backend=case["backend"], cross_device=True, **options,
+            backend=case["backend"], cross_device=True, **options, **duplicate_ids(local, case),
         )  # fmt: skip
     else:
         leaves = {k: local[k].clone().requires_grad_() for k in ("query", "target")}
@@ -95,6 +113,11 @@ def worker(rank: int, sizes: list[int], init_file: str, out_dir: str) -> None:
         start = sum(sizes[:rank])
         local = {k: v[start : start + sizes[rank]] for k, v in everything.items()}
         results = {name: run_case(case, local) for name, case in cases()}
+        for with_negatives in (False, True):
+            ids = duplicate_ids(local, {"ids": True, "negatives": with_negatives, "options": {"symmetric": True}})
+            counts = mmfast.masked_candidate_counts(sizes[rank], ids["candidate_ids"], ids["query_ids"],
+                                                    cross_device=True)  # fmt: skip
+            results[f"masked_counts-{'K' if with_negatives else 'noK'}"] = counts
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         # A rank that tears gloo down while a peer is still inside its last collective can make
         # that peer's gloo thread call std::terminate (SIGABRT); every rank leaves together.

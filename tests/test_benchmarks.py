@@ -36,6 +36,8 @@ def test_naive_contrastive_baseline_matches_the_reference(option_name, k):
     negatives = leaves[2] if k else None
     tau = torch.tensor(0.1, dtype=torch.float64, requires_grad=True) if learned else 0.1
     wrt = leaves + ([tau] if learned else [])
+    ids = contrastive_benchmark.duplicate_ids(options, b, b * k)
+    options = {key: value for key, value in options.items() if key != "ids"} | ids
     expected = contrastive_loss_reference(*leaves[:2], negatives, temperature=tau, **options)
     actual = contrastive_benchmark.naive_contrastive_loss(*leaves[:2], negatives, temperature=tau, **options)
     torch.testing.assert_close(actual, expected)

@@ -131,20 +131,20 @@ def test_cpp_checks_raise_instead_of_crashing():
     ext = load_extension()
     scores = torch.randn(4, 6)
     with pytest.raises(RuntimeError, match="row_offset 5 \\+ rows 4 exceeds"):
-        ext.contrastive_softmax_rows(scores, 5, 1.0, 0.0, None, None, torch.empty(4), None)
+        ext.contrastive_softmax_rows(scores, 5, 1.0, 0.0, None, None, torch.empty(4), None, None)
     with pytest.raises(RuntimeError, match="scores must be float32 or float64"):
-        ext.contrastive_softmax_rows(scores.half(), 0, 1.0, 0.0, None, None, torch.empty(4), None)
+        ext.contrastive_softmax_rows(scores.half(), 0, 1.0, 0.0, None, None, torch.empty(4), None, None)
     with pytest.raises(RuntimeError, match="loss must be a contiguous CPU"):
-        ext.contrastive_softmax_rows(scores, 0, 1.0, 0.0, None, None, torch.empty(3), None)
+        ext.contrastive_softmax_rows(scores, 0, 1.0, 0.0, None, None, torch.empty(3), None, None)
     with pytest.raises(RuntimeError, match="row_scale must have shape"):
-        ext.contrastive_softmax_rows(scores, 0, 1.0, 0.0, None, torch.ones(2), torch.empty(4), None)
+        ext.contrastive_softmax_rows(scores, 0, 1.0, 0.0, None, torch.ones(2), torch.empty(4), None, None)
     with pytest.raises(RuntimeError, match="topk must be >= 1"):
         ext.contrastive_topk_rows(scores, 0, 1.0, 0.0, None, 0, None, torch.empty(4), torch.empty(4, 1).long(), None,
-                                  None)  # fmt: skip
+                                  None, None)  # fmt: skip
     with pytest.raises(RuntimeError, match="temperature_grad needs row_scale"):
-        ext.contrastive_softmax_rows(scores, 0, 1.0, 0.0, None, None, torch.empty(4), torch.empty(4))
+        ext.contrastive_softmax_rows(scores, 0, 1.0, 0.0, None, None, torch.empty(4), torch.empty(4), None)
     with pytest.raises(RuntimeError, match="temperature_grad must be a contiguous CPU"):
-        ext.contrastive_softmax_rows(scores, 0, 1.0, 0.0, None, torch.ones(4), torch.empty(4), torch.empty(3))
+        ext.contrastive_softmax_rows(scores, 0, 1.0, 0.0, None, torch.ones(4), torch.empty(4), torch.empty(3), None)
     x, y = torch.randn(4, 3), torch.randn(6, 3)
     index = torch.full((4, 2), 7)
     with pytest.raises(RuntimeError, match="index entries must lie in"):

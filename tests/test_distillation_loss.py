@@ -202,3 +202,23 @@ def test_custom_op_passes_opcheck(with_grads):
     for tau in (None, torch.tensor(0.05, dtype=torch.float32)):  # a learnable τ_s: its gradient in its dtype
         args = (student_query, st_, tq.float(), tt.float(), scale, tau, 0.05, 0.1, "cpu", [with_grads] * 3)
         torch.library.opcheck(torch.ops.mmfast.distillation_loss_rows.default, args)
+
+
+def test_copies_of_a_candidate_only_merge_their_shares():
+    """Why distillation_loss takes no duplicate ids (its module docstring): a copy of a candidate, in
+    the teacher's and the student's embeddings alike, gives exactly the KL over the distinct
+    candidates with the copy's probability merged into the original's."""
+    g = torch.Generator().manual_seed(3)
+    student = [torch.randn(5, 6, generator=g, dtype=torch.float64) for _ in range(2)]
+    teacher = [torch.randn(5, 4, generator=g, dtype=torch.float64) for _ in range(2)]
+    student[1][3], teacher[1][3] = student[1][1], teacher[1][1]  # candidate 3 is a copy of candidate 1
+    rows = mmfast.distillation_loss(*student, *teacher, student_temperature=0.1, teacher_temperature=0.2,
+                                    reduction="none", backend="cpu")  # fmt: skip
+    p_student = torch.softmax(student[0] @ student[1].T / 0.1, dim=1)
+    p_teacher = torch.softmax(teacher[0] @ teacher[1].T / 0.2, dim=1)
+    keep = [0, 1, 2, 4]
+    merged_student, merged_teacher = p_student[:, keep].clone(), p_teacher[:, keep].clone()
+    merged_student[:, 1] += p_student[:, 3]
+    merged_teacher[:, 1] += p_teacher[:, 3]
+    expected = (merged_teacher * (merged_teacher.log() - merged_student.log())).sum(1)
+    torch.testing.assert_close(rows, expected, rtol=1e-10, atol=1e-12)

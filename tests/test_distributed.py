@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import mmfast
 from mmfast.reference import contrastive_loss_reference, distillation_loss_reference
 from tests import distributed_worker as worker
 
@@ -40,7 +41,7 @@ def expected(case: dict, everything: dict, sizes: list[int]):
             leaves["temperature"] = options["temperature"] = worker.temperature_leaf(options)
         rows = contrastive_loss_reference(
             leaves["query"], leaves["target"], leaves["negatives"] if case["negatives"] else None,
-            reduction="none", **options,
+            reduction="none", **options, **worker.duplicate_ids(everything, case),
         )  # fmt: skip
         if case["weighted"]:
             rows = rows * everything["weight"]
@@ -69,6 +70,15 @@ def expected(case: dict, everything: dict, sizes: list[int]):
 def test_cross_device_matches_single_process_over_the_global_batch(sizes, tmp_path):
     results = run_ranks(sizes, tmp_path)
     everything = worker.global_inputs(sum(sizes))
+    for with_negatives in (False, True):
+        ids = worker.duplicate_ids(
+            everything, {"ids": True, "negatives": with_negatives, "options": {"symmetric": True}}
+        )
+        counts = mmfast.masked_candidate_counts(sum(sizes), ids["candidate_ids"], ids["query_ids"])
+        got = torch.cat(
+            [results[rank][f"masked_counts-{'K' if with_negatives else 'noK'}"] for rank in range(len(sizes))]
+        )
+        assert torch.equal(got, counts), (with_negatives, got, counts)
     for name, case in worker.cases():
         losses, grads = expected(case, everything, sizes)
         start = 0

@@ -9,6 +9,10 @@ One direction of the loss ("rows x against candidates y") is computed a chunk of
 With the UniME top-k option the row kernel instead selects k negatives per row and the gradient is
 sparse (k+1 entries per row), so GEMMs 2 and 3 become gathers and scatter-adds.
 
+With duplicate ids (mmfast/duplicate_ids.py) every row kernel also reads one int32 class index per
+candidate (`ids`, [N], None without ids) and leaves out the candidates whose index equals that of the
+row's positive, before the margin filter and the top-k selection.
+
 A temperature tensor that wants a gradient adds one reduction per row to the row kernel:
 w_i = Σ_j G_ij·s_ij (the logits' gradient times the raw scores), and dTotal/dτ = -(1/τ)·Σ_i w_i. Every
 logit that depends on τ is s/τ; the hardness term α·sg(s), the margin and the top-k selection read
@@ -31,6 +35,7 @@ import torch
 from mmfast._extension import load_extension
 from mmfast.backends.chunked import TorchGemms, chunk_rows, work_copy
 from mmfast.distributed import Gathered
+from mmfast.duplicate_ids import NO_IDS, DuplicateIds, class_index
 from mmfast.kernel_contract import DirectionOptions, compute_dtype
 
 
@@ -72,7 +77,7 @@ class TorchContrastiveKernels(TorchGemms):
     temperature_bytes_per_score = 4
 
     def softmax_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, grad_out,
-                     temperature_grad=None):  # fmt: skip
+                     temperature_grad=None, ids=None):  # fmt: skip
         """Loss of each row into `loss`; with row_scale, G into grad_out (here always `scores`), and
         with `temperature_grad` w_i = Σ_j G_ij·s_ij into it."""
         rows = torch.arange(scores.shape[0], device=scores.device)
@@ -81,6 +86,9 @@ class TorchContrastiveKernels(TorchGemms):
         pos = scores[rows, cols].clone()
         margin = opts.false_negative_margin
         excluded = scores > (pos + margin)[:, None] if margin is not None else None
+        if ids is not None:
+            duplicates = ids[None, :] == ids[cols][:, None]
+            excluded = duplicates if excluded is None else excluded.logical_or_(duplicates)
         scores.mul_(opts.inv_temperature + opts.hardness)
         if excluded is not None:
             scores.masked_fill_(excluded, float("-inf"))
@@ -98,12 +106,14 @@ class TorchContrastiveKernels(TorchGemms):
         torch.sub(lse, pos_logit, out=loss)
 
     def topk_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, index, coef,
-                  temperature_grad=None):  # fmt: skip
+                  temperature_grad=None, ids=None):  # fmt: skip
         rows = torch.arange(scores.shape[0], device=scores.device)
         cols = rows + row_offset
         pos = scores[rows, cols].clone()
         if opts.false_negative_margin is not None:
             scores.masked_fill_(scores > (pos + opts.false_negative_margin)[:, None], float("-inf"))
+        if ids is not None:
+            scores.masked_fill_(ids[None, :] == ids[cols][:, None], float("-inf"))
         scores[rows, cols] = float("-inf")
         # A stable descending sort breaks ties toward the lower index, as the C++ kernel does.
         ranked = torch.sort(scores, dim=1, descending=True, stable=True)
@@ -160,17 +170,17 @@ class CpuContrastiveKernels(TorchContrastiveKernels):
 
     # A temperature tensor is on the CPU here: float() reads it without a device sync.
     def softmax_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, grad_out,
-                     temperature_grad=None):  # fmt: skip
+                     temperature_grad=None, ids=None):  # fmt: skip
         self.ext.contrastive_softmax_rows(
             scores, row_offset, float(opts.inv_temperature), opts.hardness, opts.false_negative_margin, row_scale,
-            loss, temperature_grad,
+            loss, temperature_grad, ids,
         )  # fmt: skip
 
     def topk_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, index, coef,
-                  temperature_grad=None):  # fmt: skip
+                  temperature_grad=None, ids=None):  # fmt: skip
         self.ext.contrastive_topk_rows(
             scores, row_offset, float(opts.inv_temperature), opts.hardness, opts.false_negative_margin, opts.topk,
-            row_scale, loss, index, coef, temperature_grad,
+            row_scale, loss, index, coef, temperature_grad, ids,
         )  # fmt: skip
 
     def sparse_grads(self, x, pieces, index, coef, grad_x, grad_pieces):
@@ -204,9 +214,11 @@ def directional_loss(
     score_dtype: torch.dtype,
     positive_offset: int = 0,
     temperature_grad: torch.Tensor | None = None,
+    ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-row loss of `x` against the candidates `pieces`; row i's positive is candidate
-    positive_offset + i (the offset is this rank's place in gathered candidates).
+    positive_offset + i (the offset is this rank's place in gathered candidates). `ids`: the
+    candidates' int32 class indices [N] (duplicate_ids.class_index), or None.
 
     With `row_scale` (dTotal/dLoss_row), gradients go into `grad_x` / `grad_pieces` (None entries are
     skipped): written, or added to when `accumulate` (the top-k path always adds, so its buffers
@@ -235,7 +247,7 @@ def directional_loss(
         kernels.scores(x_chunk, pieces, scores)
         if opts.topk is None:
             grads = None if scale is None else scores if grad_scratch is None else grad_scratch[: stop - start]
-            kernels.softmax_rows(scores, positive_offset + start, opts, scale, loss[start:stop], grads, w)
+            kernels.softmax_rows(scores, positive_offset + start, opts, scale, loss[start:stop], grads, w, ids)
             if grads is not None:
                 kernels.dense_grads(
                     grads, x_chunk, pieces, grad_x_chunk, grad_pieces, accumulate, accumulate or start > 0
@@ -244,7 +256,7 @@ def directional_loss(
             slots = (stop - start, opts.topk + 1)
             index = torch.empty(slots, dtype=torch.int64, device=x.device)
             coef = None if scale is None else torch.empty(slots, dtype=score_dtype, device=x.device)
-            kernels.topk_rows(scores, positive_offset + start, opts, scale, loss[start:stop], index, coef, w)
+            kernels.topk_rows(scores, positive_offset + start, opts, scale, loss[start:stop], index, coef, w, ids)
             if scale is not None:
                 kernels.sparse_grads(x_chunk, pieces, index, coef, grad_x_chunk, grad_pieces)
     return loss
@@ -262,6 +274,7 @@ def contrastive_loss_rows(
     needs: GradientNeeds,
     gathered: Gathered | None = None,
     temperature: torch.Tensor | None = None,
+    ids: DuplicateIds = NO_IDS,
 ) -> tuple[torch.Tensor, ...]:
     """Per-row loss [B] (in compute_dtype: float32, or float64 for float64 inputs) and, when
     `row_scale` is given, the gradients of Σ_i row_scale_i·loss_i for the inputs flagged in `needs`,
@@ -273,7 +286,8 @@ def contrastive_loss_rows(
     On one process (`gathered` None) the candidates are [target; negatives] and, for the symmetric
     half, query; the gradient buffers are shared between the two halves. Across devices they are
     [gathered.targets; gathered.negatives] (`negatives` is then gathered.negatives) and
-    gathered.queries, and query i's positive is gathered target gathered.offset + i.
+    gathered.queries, and query i's positive is gathered target gathered.offset + i. `ids` are the
+    DuplicateIds of those candidates (gathered ones across devices).
     """
     kernels = contrastive_kernels(backend)
     score_dtype = compute_dtype(query.dtype)
@@ -306,13 +320,14 @@ def contrastive_loss_rows(
     loss = directional_loss(
         kernels, q, pieces, direction, row_scale=scale, grad_x=grad_q, grad_pieces=[grad_ct, grad_n][: len(pieces)],
         accumulate=False, score_dtype=score_dtype, positive_offset=positive_offset,
-        temperature_grad=None if w is None else w[0],
+        temperature_grad=None if w is None else w[0], ids=class_index(ids.candidate),
     )  # fmt: skip
     if symmetric:
         # On one process the second half adds into the buffers the first one wrote.
         reverse = directional_loss(
             kernels, t, [cand_q], direction, row_scale=scale, grad_x=grad_t, grad_pieces=[grad_cq], accumulate=local,
             score_dtype=score_dtype, positive_offset=positive_offset, temperature_grad=None if w is None else w[1],
+            ids=class_index(ids.query),
         )  # fmt: skip
         loss = 0.5 * (loss + reverse)
     # dTotal/dτ = -(1/τ)·Σ_ij G_ij·s_ij: every τ-dependent logit is s/τ. Summed in float64 (B numbers).

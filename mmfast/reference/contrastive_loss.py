@@ -11,6 +11,11 @@ as their "reference" provider; their "naive" baseline is the F.cross_entropy cod
     loss_i = logsumexp(kept logits) - s_ii / τ
     symmetric: the mean of that and the same loss for target_i over the B queries.
 A tensor τ is differentiated by autograd like any input (only the s/τ terms depend on it).
+
+Duplicate ids: with candidate_ids, a candidate j whose id equals the positive's (candidate_ids[j] ==
+candidate_ids[i], j ≠ i) is no negative of row i at all: it leaves the softmax before the margin filter
+and the top-k selection (so it takes no top-k slot). query_ids do the same for the symmetric half.
+A row left with no negative has loss 0 and no gradient.
 """
 
 from __future__ import annotations
@@ -29,9 +34,11 @@ def directional_loss_reference(
     false_negative_margin: float | None = None,
     topk: int | None = None,
     positive_offset: int = 0,
+    candidate_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-row loss of rows `x` [B, D] against `candidates` [N, D]; row i's positive is candidate
-    positive_offset + i (nonzero when the candidates were gathered from several ranks)."""
+    positive_offset + i (nonzero when the candidates were gathered from several ranks).
+    `candidate_ids` [N]: candidates sharing the positive's id are left out."""
     rows = torch.arange(x.shape[0], device=x.device)
     scores = x @ candidates.T
     eye = torch.zeros_like(scores, dtype=torch.bool)
@@ -39,6 +46,8 @@ def directional_loss_reference(
     pos = scores[rows, rows + positive_offset]
     detached = scores.detach()
     keep = ~eye
+    if candidate_ids is not None:
+        keep &= candidate_ids[None, :] != candidate_ids[rows + positive_offset][:, None]
     if false_negative_margin is not None:
         keep &= ~(detached > pos.detach()[:, None] + false_negative_margin)
     if topk is not None:
@@ -64,21 +73,26 @@ def contrastive_loss_reference(
     topk: int | None = None,
     weight: torch.Tensor | None = None,
     reduction: str = "mean",
+    candidate_ids: torch.Tensor | None = None,
+    query_ids: torch.Tensor | None = None,
     gathered: Gathered | None = None,
 ) -> torch.Tensor:
     """Same signature and semantics as `mmfast.contrastive_loss`, computed naively.
 
     `gathered` (mmfast.distributed.Gathered: all ranks' targets, negatives or None, queries or None,
-    and this rank's offset): the cross-device case, where the candidates are the gathered ones."""
+    and this rank's offset): the cross-device case, where the candidates are the gathered ones (and
+    candidate_ids / query_ids are then the gathered ids, in the same order)."""
     options = dict(temperature=temperature, hardness=hardness, false_negative_margin=false_negative_margin, topk=topk)
     if gathered is None:
         flat = None if negatives is None else negatives.reshape(-1, target.shape[-1])
         gathered = Gathered(target, flat, query, 0)
     all_targets, all_negatives, all_queries, offset = gathered
     candidates = all_targets if all_negatives is None else torch.cat([all_targets, all_negatives])
-    rows = directional_loss_reference(query, candidates, positive_offset=offset, **options)
+    rows = directional_loss_reference(query, candidates, positive_offset=offset, candidate_ids=candidate_ids, **options)
     if symmetric:
-        rows = 0.5 * (rows + directional_loss_reference(target, all_queries, positive_offset=offset, **options))
+        reverse = directional_loss_reference(target, all_queries, positive_offset=offset, candidate_ids=query_ids,
+                                             **options)  # fmt: skip
+        rows = 0.5 * (rows + reverse)
     if weight is not None:
         rows = rows * weight
     if reduction == "mean":

@@ -71,6 +71,11 @@ class TrainingArguments(transformers.TrainingArguments):
         default=0, metadata={"help": "GradCache mini-batch (rows encoded at once); 0 = no GradCache"}
     )
     loss_backend: str = field(default="auto", metadata={"help": "auto, cpu, triton, torch or reference"})
+    mask_duplicate_candidates: bool = field(
+        default=True,
+        metadata={"help": "Leave copies of a positive (same text and image) out of each row's negatives; logged "
+                  "per step as masked_candidates"},
+    )  # fmt: skip
     cpu_threads: int | None = field(
         default=None,
         metadata={"help": "torch intra-op threads on CPU (none = torch's default); tiny models run best on 1"},

@@ -3,18 +3,36 @@
 Images are decoded here, in the data loader's workers. A row whose image cannot be read is left out
 of the batch and reported in the batch itself (`skipped`), so the trainer's count survives worker
 processes; with `strict` it is an error naming the file and row.
+
+Every side also gets a content id (`content_id`: its text and its image's path), so the loss can
+leave out the copies of a positive among the candidates (mmfast.contrastive_loss's candidate_ids):
+in a batch of MMEB classification rows many queries share one label text as their positive.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
-from .data import BadImageError, DataReport, Example, load_image
+import torch
+
+from .data import BadImageError, DataReport, Example, Input, load_image
 from .encoder import InputBuilder
 
 
+def content_id(side: Input) -> int:
+    """A stable 63-bit id of what the encoder sees of `side`: its text and its image's path. Equal
+    inputs get equal ids in every process and run (no Python hash seed); distinct ones collide with
+    odds of about 2^-64 per pair."""
+    digest = hashlib.blake2b(f"{side.text}\0{side.image or ''}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
 class EmbeddingCollator:
-    """examples -> {"mini_batches": [{"query", "target"[, "negatives"]}], "teacher", "report", "rows"}.
+    """examples -> {"mini_batches": [{"query", "target"[, "negatives"]}], "ids", "teacher", "report", "rows"}.
+
+    ids: {"candidate": int64 [B + M] content ids of the targets then of the negatives (in the order
+    the mini-batches' embeddings concatenate to), "query": int64 [B] of the queries}.
 
     mini_batch_size: rows per GradCache mini-batch (0 = the whole batch in one).
     teacher: the teacher embeddings (UniME stage 1), indexed by each example's `teacher` row.
@@ -48,6 +66,17 @@ class EmbeddingCollator:
                 return None
         return sides, images
 
+    @staticmethod
+    def _ids(loaded) -> dict[str, torch.Tensor]:
+        targets = [sides[1] for _, (sides, _) in loaded]
+        negatives = [side for _, (sides, _) in loaded for side in sides[2:]]
+        queries = [sides[0] for _, (sides, _) in loaded]
+
+        def ids(sides):
+            return torch.tensor([content_id(side) for side in sides], dtype=torch.int64)
+
+        return {"candidate": ids(targets + negatives), "query": ids(queries)}
+
     def __call__(self, examples: Sequence[Example]) -> dict:
         report = DataReport(strict=self.strict)
         loaded = [(example, got) for example in examples if (got := self._load(example, report)) is not None]
@@ -64,7 +93,7 @@ class EmbeddingCollator:
                 negative_images = [image for _, (_, images) in part for image in images[2:]]
                 mini_batch["negatives"] = self.builder(negative_items, negative_images)
             mini_batches.append(mini_batch)
-        batch = {"mini_batches": mini_batches, "report": report, "rows": len(loaded)}
+        batch = {"mini_batches": mini_batches, "report": report, "rows": len(loaded), "ids": self._ids(loaded)}
         if self.teacher is not None and loaded:
             query, positive = self.teacher.rows([example for example, _ in loaded])
             batch["teacher"] = {"query": query, "target": positive}

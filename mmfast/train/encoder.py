@@ -7,6 +7,9 @@ backbone (`backbones.rewrite_image_tokens`).
 
 A folder written by `save_pretrained` holds the model (or a PEFT adapter over a named base), the
 processor and `mmfast_encoder.json`; `Encoder.from_pretrained` also takes a plain HF model folder.
+An adapter trained over a merged adapter (UniME stage 2 continuing from stage 1) records the merged
+adapter's folder (`merged_adapters`): loading folds it into the base again before applying its own,
+so that folder must stay where it was.
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ class EncoderConfig:
     text_prompt / image_prompt: format strings with `{text}`, for inputs without / with an image.
     For an image input, the placeholder goes where the prompt puts it; if the prompt has none, where
     the text has it; if neither has one, before the text.
+    base_model: for an adapter, the folder of the weights it was trained over (a full model loaded
+    from a folder takes that folder's path, so an adapter trained over it is saved naming it).
+    merged_adapters: for an adapter, the folders of earlier adapters folded into `base_model` (in
+    order) before it was trained; absolute paths.
     """
 
     base_model: str
@@ -47,8 +54,15 @@ class EncoderConfig:
     padding_side: str | None = None
     pooling: str = "last"
     adapter: bool = False
+    merged_adapters: tuple[str, ...] = ()
 
     def __post_init__(self):
+        # None stands for an adapter merged before it was saved (see Encoder.merged).
+        if isinstance(self.merged_adapters, str) or not all(
+            p is None or isinstance(p, str) for p in self.merged_adapters
+        ):
+            raise ValueError(f"merged_adapters must be a list of folder paths, got {self.merged_adapters!r}")
+        object.__setattr__(self, "merged_adapters", tuple(self.merged_adapters))  # a JSON list becomes a tuple
         for name in ("text_prompt", "image_prompt"):
             prompt = getattr(self, name)
             if not isinstance(prompt, str) or "{text}" not in prompt and IMAGE_PLACEHOLDER not in prompt:
@@ -98,9 +112,11 @@ class InputBuilder:
 class Encoder(torch.nn.Module):
     """An embedding model: `forward({side: batch}) -> {side: [n, D] embeddings}`, `encode(...)`."""
 
-    def __init__(self, model, processor, family, config: EncoderConfig):
+    def __init__(self, model, processor, family, config: EncoderConfig, *, adapter_source: str | None = None):
+        """adapter_source: the folder an adapter was loaded from (what `merged()` records)."""
         super().__init__()
         self.model, self.processor, self.family, self.encoder_config = model, processor, family, config
+        self.adapter_source = adapter_source
         self.builder = InputBuilder(processor, family, config)
 
     @property
@@ -132,11 +148,21 @@ class Encoder(torch.nn.Module):
             from peft import PeftModel
 
             base, _, family = backbones.load_backbone(config.base_model, **load_options)
+            for earlier in config.merged_adapters:
+                if earlier is None or not (Path(earlier) / "adapter_config.json").is_file():
+                    raise FileNotFoundError(
+                        f"{path}: its adapter was trained over the adapter in {earlier}, merged into the base; "
+                        "that folder holds no adapter_config.json (moved or deleted?)"
+                    )
+                base = PeftModel.from_pretrained(base, earlier).merge_and_unload()
             model = PeftModel.from_pretrained(base, path)
             processor = backbones.load_processor(path, family)
-        else:
-            model, processor, family = backbones.load_backbone(path, **load_options)
-        return cls(model, processor, family, config)
+            return cls(model, processor, family, config, adapter_source=os.path.abspath(path))
+        model, processor, family = backbones.load_backbone(path, **load_options)
+        # These weights are the base of any adapter trained over them, whatever base they came from
+        # (a hub id stays a hub id).
+        base_model = os.path.abspath(path) if os.path.isdir(path) else path
+        return cls(model, processor, family, dataclasses.replace(config, base_model=base_model))
 
     def save_pretrained(self, out_dir: str | os.PathLike, state_dict: Mapping | None = None) -> None:
         """Writes the adapter (over `config.base_model`) or the full model, the processor and the
@@ -146,12 +172,20 @@ class Encoder(torch.nn.Module):
         out_dir.mkdir(parents=True, exist_ok=True)
         if state_dict is not None:
             state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}
+        if self.is_adapter and None in self.encoder_config.merged_adapters:
+            raise ValueError(
+                "this adapter was trained over an adapter merged before it was ever saved, so its base cannot be "
+                "rebuilt from files: save the adapter before merging it (or save the merged encoder first and "
+                "train the new adapter over that folder)"
+            )
         if self.is_adapter:
             self.model.save_pretrained(out_dir)
         else:
             self.model.save_pretrained(out_dir, state_dict=state_dict)
         backbones.save_backbone_processor(self.processor, out_dir)
-        config = dataclasses.replace(self.encoder_config, adapter=self.is_adapter)
+        # A full model already holds every merged adapter; only an adapter needs them named.
+        merged = self.encoder_config.merged_adapters if self.is_adapter else ()
+        config = dataclasses.replace(self.encoder_config, adapter=self.is_adapter, merged_adapters=merged)
         (out_dir / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
 
     def load_weights(self, path: str | os.PathLike) -> None:
@@ -173,11 +207,17 @@ class Encoder(torch.nn.Module):
             raise ValueError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")
 
     def merged(self) -> Encoder:
-        """The same encoder with its adapter folded into the weights (peft's merge_and_unload)."""
+        """The same encoder with its adapter folded into the weights (peft's merge_and_unload).
+
+        An adapter trained next over the merged weights is saved naming this adapter's folder (so it
+        reloads over the same base); for an adapter never saved there is no folder to name, and
+        saving such a second adapter is refused."""
         if not self.is_adapter:
             return self
         model = self.model.merge_and_unload()
-        return Encoder(model, self.processor, self.family, dataclasses.replace(self.encoder_config, adapter=False))
+        merged = (*self.encoder_config.merged_adapters, self.adapter_source)
+        config = dataclasses.replace(self.encoder_config, adapter=False, merged_adapters=merged)
+        return Encoder(model, self.processor, self.family, config)
 
     @property
     def config(self):

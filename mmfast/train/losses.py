@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, replace
 
 import torch
@@ -21,16 +22,22 @@ class Objective:
     """Calls `mmfast.contrastive_loss` or `mmfast.distillation_loss` with a recipe's options.
 
     backend: overrides the options' backend (the trainer's `--loss_backend`).
+    mask_duplicates: pass the batch's content ids to the contrastive loss, which then leaves the
+        copies of each positive out of its softmax (`--mask_duplicate_candidates`). Distillation
+        takes none: a copy has the same teacher and student scores, so it cannot pull the student
+        away from its teacher (mmfast.distillation_loss's docstring).
     Cross-device gathering is asked for only when more than one process trains, so a single
     process runs without the core's "no process group" warning.
     """
 
-    def __init__(self, options: ContrastiveLossOptions | DistillationLossOptions, *, backend: str | None = None):
+    def __init__(self, options: ContrastiveLossOptions | DistillationLossOptions, *, backend: str | None = None,
+                 mask_duplicates: bool = True):  # fmt: skip
         if not isinstance(options, (ContrastiveLossOptions, DistillationLossOptions)):
             raise TypeError(f"options must be ContrastiveLossOptions or DistillationLossOptions, got {options!r}")
         if backend is not None:
             options = replace(options, backend=backend)
         self.options = options
+        self.mask_duplicates = mask_duplicates and not self.is_distillation
 
     @property
     def is_distillation(self) -> bool:
@@ -41,7 +48,24 @@ class Objective:
         options["cross_device"] = options["cross_device"] and distributed_world_size() > 1
         return options
 
-    def __call__(self, embeddings: Embeddings, teacher: Embeddings | None = None) -> torch.Tensor:
+    def _ids(self, ids: Mapping[str, torch.Tensor] | None) -> dict:
+        """The loss's id arguments from the collator's ids (query ids for the symmetric half only)."""
+        if ids is None or not self.mask_duplicates:
+            return {}
+        return {"candidate_ids": ids["candidate"], **({"query_ids": ids["query"]} if self.options.symmetric else {})}
+
+    def masked_candidates(self, ids: Mapping[str, torch.Tensor] | None, batch_size: int) -> int:
+        """How many candidates the loss leaves out for this process's rows (0 when nothing is masked).
+        A collective across devices, like the loss: every rank calls it."""
+        arguments = self._ids(ids)
+        if not arguments:
+            return 0
+        counts = mmfast.masked_candidate_counts(batch_size, arguments["candidate_ids"], arguments.get("query_ids"),
+                                                cross_device=self._options()["cross_device"])  # fmt: skip
+        return int(counts.sum())
+
+    def __call__(self, embeddings: Embeddings, teacher: Embeddings | None = None, ids=None) -> torch.Tensor:
+        """The loss of a batch; `ids` are the collator's content ids (used when mask_duplicates)."""
         if self.is_distillation:
             if teacher is None:
                 raise ValueError("a distillation objective needs the teacher's embeddings of the batch")
@@ -49,5 +73,5 @@ class Objective:
                 embeddings["query"], embeddings["target"], teacher["query"], teacher["target"], **self._options()
             )
         return mmfast.contrastive_loss(
-            embeddings["query"], embeddings["target"], embeddings.get("negatives"), **self._options()
+            embeddings["query"], embeddings["target"], embeddings.get("negatives"), **self._options(), **self._ids(ids)
         )

@@ -130,7 +130,8 @@ def build_trainer(
         logger.warning("%s", report.summary())
     return EmbeddingTrainer(
         model=encoder, args=training_args, train_dataset=data.dataset, data_collator=collator,
-        objective=Objective(recipe.loss, backend=backend), batch_sampler=sampler, data_report=report,
+        objective=Objective(recipe.loss, backend=backend, mask_duplicates=training_args.mask_duplicate_candidates),
+        batch_sampler=sampler, data_report=report,
     )  # fmt: skip
 
 

@@ -57,7 +57,7 @@ class EmbeddingTrainer(transformers.Trainer):
             )
         self.objective, self.batch_sampler = objective, batch_sampler
         self.data_report = data_report if data_report is not None else DataReport()
-        self._window = {"time": time.perf_counter(), "rows": 0}
+        self._window = {"time": time.perf_counter(), "rows": 0, "batches": 0, "masked": 0}
 
     # --- data ---
 
@@ -100,8 +100,10 @@ class EmbeddingTrainer(transformers.Trainer):
         # by their number, so the accumulated gradient is their mean.
         scale = 1.0 / self.current_gradient_accumulation_steps
 
+        ids = inputs.get("ids")
+
         def loss_fn(embeddings):
-            return self.objective(embeddings, teacher)
+            return self.objective(embeddings, teacher, ids)
 
         # As Trainer.training_step: the loss is already divided by the accumulation steps, so DeepSpeed
         # must not divide it again.
@@ -117,6 +119,8 @@ class EmbeddingTrainer(transformers.Trainer):
             else:
                 loss, _ = full_batch_step(model, inputs["mini_batches"], loss_fn, backward=backward)
         self._window["rows"] += inputs["rows"]
+        self._window["batches"] += 1
+        self._window["masked"] += self.objective.masked_candidates(ids, inputs["rows"])
         return loss * scale
 
     # --- logging ---
@@ -129,7 +133,11 @@ class EmbeddingTrainer(transformers.Trainer):
             logs["samples_per_second"] = round(self._window["rows"] * world / elapsed, 2) if elapsed > 0 else 0.0
             logs["peak_memory_mb"] = round(peak_memory_mb(self.args.device), 1)
             logs["skipped_rows"] = self.data_report.total
-            self._window = {"time": now, "rows": 0}
+            if self.objective.mask_duplicates:
+                # Per contrastive batch of this process (the copies of its positives the loss left out).
+                batches = max(self._window["batches"], 1)
+                logs["masked_candidates"] = round(self._window["masked"] / batches, 2)
+            self._window = {"time": now, "rows": 0, "batches": 0, "masked": 0}
         super().log(logs, start_time)
 
     # --- saving and loading: the Encoder's own format, for checkpoints and the final model ---

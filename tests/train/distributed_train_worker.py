@@ -1,8 +1,8 @@
-"""Run by torchrun from test_distributed_train.py: one EmbeddingTrainer.training_step per recipe on
-this rank's half of a fixed batch, under DDP with GradCache; writes the averaged gradients and the
-number of gradient all-reduces.
+"""Run by torchrun from test_distributed_train.py: one EmbeddingTrainer.training_step per case on
+this rank's half of a fixed batch, under DDP with GradCache; writes the averaged gradients, the
+number of gradient all-reduces and the number of hard negatives each rank's batch held.
 
-    torchrun --standalone --nproc-per-node 2 distributed_train_worker.py OUT_DIR ROWS_PER_RANK RECIPE...
+    torchrun --standalone --nproc-per-node 2 distributed_train_worker.py OUT_DIR ROWS_PER_RANK CASE...
 """
 
 import os
@@ -16,6 +16,16 @@ from mmfast.train.arguments import parse_arguments
 from mmfast.train.default import PROFILE
 from mmfast.train.run import build_trainer
 
+# A case: a recipe plus extra command-line arguments (one line per new option to prove, e.g. a
+# duplicate-masking flag over a recipe with hard negatives).
+CASES = {
+    "llave": ("llave", ()),
+    "vlm2vec": ("vlm2vec", ()),
+    "unime-stage2": ("unime-stage2", ()),
+    "e5v": ("e5v", ()),
+    "unime-stage1": ("unime-stage1", ()),
+}
+
 
 def batch_rows(trainer, start: int, count: int, total: int):
     """Rows start..start+count of a fixed, seed-independent pick of `total` rows spread over every subset."""
@@ -24,9 +34,11 @@ def batch_rows(trainer, start: int, count: int, total: int):
     return [dataset[i * stride] for i in range(start, start + count)]
 
 
-def trainer_for(recipe: str, out_dir: str, rows: int, mini_batch: int):
+def trainer_for(case: str, out_dir: str, rows: int, mini_batch: int):
+    recipe, extra = CASES[case]
     argv = ["--recipe", recipe, "--output_dir", out_dir, "--per_device_train_batch_size", str(rows),
-            "--gradcache_mini_batch_size", str(mini_batch), "--max_steps", "1", "--report_to", "none"]  # fmt: skip
+            "--gradcache_mini_batch_size", str(mini_batch), "--max_steps", "1", "--report_to", "none",
+            *extra]  # fmt: skip
     return build_trainer(*parse_arguments(argv, profile=PROFILE))
 
 
@@ -40,8 +52,7 @@ def counting_hook(counter):
 
 def main():
     out_dir, rows = sys.argv[1], int(sys.argv[2])
-    recipes = sys.argv[3:]
-    for recipe in recipes:
+    for recipe in sys.argv[3:]:
         trainer = trainer_for(recipe, os.path.join(out_dir, recipe), rows, mini_batch=max(rows // 2, 1))
         rank = dist.get_rank()
         model = trainer.accelerator.prepare(trainer.model)
@@ -50,6 +61,10 @@ def main():
         inputs = trainer.data_collator(batch_rows(trainer, rank * rows, rows, 2 * rows))
         trainer.current_gradient_accumulation_steps = 1
         loss = trainer.training_step(model, inputs)
+        negatives = torch.tensor([sum(mb["negatives"]["input_ids"].shape[0] for mb in inputs["mini_batches"]
+                                      if "negatives" in mb)])  # fmt: skip
+        per_rank = [torch.zeros_like(negatives) for _ in range(dist.get_world_size())]
+        dist.all_gather(per_rank, negatives)
         grads = {name: p.grad.detach().clone() for name, p in model.module.named_parameters() if p.grad is not None}
         # The same batch without GradCache: one backward, so the all-reduces of exactly one sync.
         one_graph = trainer_for(recipe, os.path.join(out_dir, recipe + "-plain"), rows, mini_batch=0)
@@ -59,7 +74,8 @@ def main():
         one_graph.current_gradient_accumulation_steps = 1
         one_graph.training_step(plain, one_graph.data_collator(batch_rows(one_graph, rank * rows, rows, 2 * rows)))
         if rank == 0:
-            result = {"grads": grads, "allreduces": counter[0], "one_sync": one_sync[0], "loss": loss}
+            result = {"grads": grads, "allreduces": counter[0], "one_sync": one_sync[0], "loss": loss,
+                      "negatives_per_rank": [int(n) for n in per_rank]}  # fmt: skip
             torch.save(result, os.path.join(out_dir, f"{recipe}.pt"))
         dist.barrier()
     dist.destroy_process_group()

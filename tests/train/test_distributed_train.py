@@ -1,5 +1,7 @@
 """Data-parallel training on the CPU (gloo): torchrun runs the default and the LLaVE example, and 2 ranks ×
-B rows give the gradients of 1 process × 2B rows, for every recipe, with GradCache and one all-reduce per step."""
+B rows give the gradients of 1 process × 2B rows, for every recipe, with GradCache and one all-reduce per step; every
+contrastive recipe's batch holds hard negatives on both ranks (uneven counts: the gather pads them).
+New cases (a recipe plus options) go in distributed_train_worker.CASES."""
 
 import json
 from pathlib import Path
@@ -7,12 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train.distributed_train_worker import batch_rows, trainer_for
+from tests.train.distributed_train_worker import CASES, batch_rows, trainer_for
 from tests.train.torchrun import REPOSITORY, torchrun
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 WORKER = Path(__file__).with_name("distributed_train_worker.py")
-RECIPES = ("llave", "vlm2vec", "unime-stage2", "e5v", "unime-stage1")
 ROWS_PER_RANK = 6
 
 
@@ -42,11 +43,14 @@ def test_torchrun_runs_the_llave_example(tmp_path):
 
 
 def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
-    torchrun(str(WORKER), str(tmp_path), str(ROWS_PER_RANK), *RECIPES, cwd=tmp_path)
-    for recipe in RECIPES:
+    torchrun(str(WORKER), str(tmp_path), str(ROWS_PER_RANK), *CASES, cwd=tmp_path)
+    for recipe in CASES:
         got = torch.load(tmp_path / f"{recipe}.pt")
         # GradCache ran two mini-batches per rank, yet synchronised gradients exactly once.
         assert got["allreduces"] == got["one_sync"] >= 1, recipe
+        # Hard negatives on both ranks for every contrastive recipe (distillation takes none).
+        if CASES[recipe][0] != "unime-stage1":
+            assert all(n > 0 for n in got["negatives_per_rank"]), (recipe, got["negatives_per_rank"])
         trainer = trainer_for(recipe, str(tmp_path / f"{recipe}-single"), 2 * ROWS_PER_RANK, mini_batch=0)
         trainer.current_gradient_accumulation_steps = 1
         trainer.training_step(

@@ -161,3 +161,26 @@ def test_objective_rejects_bad_options_and_missing_teacher():
         Objective({"temperature": 0.02})
     with pytest.raises(ValueError, match="teacher"):
         Objective(DistillationLossOptions())({"query": torch.randn(2, 3), "target": torch.randn(2, 3)})
+
+
+@pytest.mark.parametrize("chunks", [1, 3])
+@pytest.mark.parametrize("negatives_per_row", [0, 2])
+def test_grad_cache_with_duplicate_ids_equals_one_graph(chunks, negatives_per_row):
+    """The collator's batch-level ids reach the loss once, over the concatenated mini-batches, so
+    GradCache masks the same candidates as one graph (and masking does change the loss)."""
+    torch.manual_seed(0)
+    model = ToyEncoder().double()
+    mini_batches = [{k: v.double() for k, v in mb.items()} for mb in _mini_batches(9, negatives_per_row, chunks)]
+    g = torch.Generator().manual_seed(1)
+    ids = {"candidate": torch.randint(0, 3, (9 + 9 * negatives_per_row,), generator=g),
+           "query": torch.randint(0, 4, (9,), generator=g)}  # fmt: skip
+    options = ContrastiveLossOptions(hardness=9.0, symmetric=True)
+    masked, plain = Objective(options, backend="cpu"), Objective(options, backend="cpu", mask_duplicates=False)
+    ref = _step(full_batch_step, model, mini_batches, lambda e: masked(e, None, ids), seed=5)
+    got = _step(grad_cache_step, model, mini_batches, lambda e: masked(e, None, ids), seed=5)
+    unmasked = _step(full_batch_step, model, mini_batches, lambda e: plain(e, None, ids), seed=5)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-12, atol=1e-12)
+    for name in ref[2]:
+        torch.testing.assert_close(got[2][name], ref[2][name], rtol=1e-10, atol=1e-12, msg=name)
+    assert not torch.allclose(ref[0], unmasked[0])
+    assert masked.masked_candidates(ids, 9) > 0 and plain.masked_candidates(ids, 9) == 0

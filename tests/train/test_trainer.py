@@ -124,3 +124,59 @@ def test_grad_cache_on_a_real_backbone_with_lora_dropout_and_checkpointing(tmp_p
     for name, grad in ref.items():
         scale = grad.abs().max().item()
         torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+def _group_ids(sides) -> torch.Tensor:
+    """Ids by equal (text, image), computed apart from the collator's hashing."""
+    seen = {}
+    return torch.tensor([seen.setdefault((side.text, side.image), len(seen)) for side in sides])
+
+
+def test_duplicate_positives_are_masked_by_default_and_the_option_turns_it_off(tmp_path):
+    """MMEB classification-like rows: several queries share a label text as their positive. By default
+    the copies leave each other's softmax (the loss equals the reference given ids by content), the
+    count is logged, and --mask_duplicate_candidates False restores the plain loss."""
+    from dataclasses import asdict, replace
+
+    from mmfast.reference import contrastive_loss_reference
+    from mmfast.train.data import Input
+    from mmfast.train.grad_cache import concatenate
+    from mmfast.train.losses import Objective
+
+    trainer = _trainer(tmp_path / "on", "--max_steps", "1", "--gradcache_mini_batch_size", "4")
+    examples = [trainer.train_dataset[i * 97] for i in range(8)]
+    labels = ["a photo of a circle", "a photo of a square"]
+    examples = [replace(e, positive=Input(labels[i % 2])) if i < 5 else e for i, e in enumerate(examples)]
+    examples[7] = replace(examples[7], query=examples[6].query)  # a repeated query, for the symmetric half
+    batch = trainer.data_collator(examples)
+    encoder = trainer.model.eval()
+    with torch.no_grad():
+        embeddings = concatenate([encoder(mini_batch) for mini_batch in batch["mini_batches"]])
+    candidates = [e.positive for e in examples] + [side for e in examples for side in e.negatives]
+    candidate_ids, query_ids = _group_ids(candidates), _group_ids([e.query for e in examples])
+    options = {k: v for k, v in asdict(trainer.objective.options).items() if k not in ("backend", "cross_device")}
+    assert options["symmetric"]  # the default recipe (LLaVE) is symmetric: query ids are used too
+    inputs = [embeddings[side].double() for side in ("query", "target", "negatives") if side in embeddings]
+    inputs += [None] * (3 - len(inputs))
+    expected = contrastive_loss_reference(*inputs, candidate_ids=candidate_ids, query_ids=query_ids, **options)
+    plain = contrastive_loss_reference(*inputs, **options)
+
+    masked = trainer.objective(embeddings, None, batch["ids"])
+    torch.testing.assert_close(masked.double(), expected, rtol=1e-5, atol=1e-6)
+    off = Objective(trainer.objective.options, mask_duplicates=False)(embeddings, None, batch["ids"])
+    torch.testing.assert_close(off.double(), plain, rtol=1e-5, atol=1e-6)
+    assert masked < off  # fewer negatives
+    rows = torch.arange(8)
+    count = (candidate_ids[None, :] == candidate_ids[rows, None]).sum() + (query_ids[None] == query_ids[:, None]).sum()
+    # Each of rows 0, 2, 4 masks 2 copies, rows 1 and 3 one each, and queries 6 and 7 each other (≥ 10).
+    assert trainer.objective.masked_candidates(batch["ids"], 8) == int(count) - 16
+    assert int(count) - 16 >= 10
+
+    # Training logs the count per step (here with GradCache); the option turns masking and the log off.
+    trainer.train()
+    logged = [e for e in trainer.state.log_history if "loss" in e]
+    assert logged and all(e["masked_candidates"] >= 0 for e in logged)
+    unmasked = _trainer(tmp_path / "off", "--max_steps", "1", "--mask_duplicate_candidates", "False")
+    assert not unmasked.objective.mask_duplicates
+    unmasked.train()
+    assert all("masked_candidates" not in e for e in unmasked.state.log_history)
