@@ -153,7 +153,7 @@ def to_tokens(values: Mapping) -> list[str]:
     return tokens
 
 
-def _option_value(argv: Sequence[str], name: str) -> str | None:
+def option_value(argv: Sequence[str], name: str) -> str | None:
     """The last value given to --name on the command line (--name V or --name=V), or None."""
     value = None
     for i, token in enumerate(argv):
@@ -164,7 +164,7 @@ def _option_value(argv: Sequence[str], name: str) -> str | None:
     return value
 
 
-def _without_option(argv: Sequence[str], name: str) -> list[str]:
+def without_option(argv: Sequence[str], name: str) -> list[str]:
     out, skip = [], False
     for i, token in enumerate(argv):
         if skip:
@@ -185,13 +185,13 @@ def parse_arguments(
     --data is given anywhere.
     """
     argv = list(argv or [])
-    config_path = _option_value(argv, "config")
-    argv = _without_option(argv, "config")
+    config_path = option_value(argv, "config")
+    argv = without_option(argv, "config")
     config = read_config(config_path) if config_path else {}
-    recipe = get_recipe(_option_value(argv, "recipe") or config.get("recipe") or DEFAULT_RECIPE)
+    recipe = get_recipe(option_value(argv, "recipe") or config.get("recipe") or DEFAULT_RECIPE)
 
     layers = [dict(recipe.model_defaults), dict(recipe.training_defaults)]
-    chosen = {**config, **{name: True for name in known_fields() if _option_value(argv, name) is not None}}
+    chosen = {**config, **{name: True for name in known_fields() if option_value(argv, name) is not None}}
     if profile and not any(key in chosen for key in ("model_name_or_path", "data")):
         layers.append(dict(profile))
     layers.append(

@@ -4,6 +4,7 @@
     mmfast-train --recipe llave --model_name_or_path DIR --data train.jsonl --image_dir DIR --output_dir OUT
     mmfast-train --config run.yaml --learning_rate 1e-5   # a YAML/JSON config plus overrides
     mmfast-train --config run.yaml --dry-run [--num_processes 8]   # check it and print the plan, no weights
+    mmfast-train --config run.yaml --dry-run --accelerate_config examples/configs/accelerate-fsdp.yaml
     torchrun --nproc-per-node 2 -m mmfast.train ...       # data-parallel
 
 A user error (a bad argument, a missing file, a malformed data file) prints one line naming it and

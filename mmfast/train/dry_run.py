@@ -8,8 +8,11 @@ otherwise find only once it started, and prints the plan:
   a distillation recipe has its teacher file; a text-only model is not given images;
 - the model class: from the model's config.json when it is on this machine (a folder, or the local
   HF cache), else from the model id's family name; nothing is downloaded and no weights are loaded;
+- the launcher: an `accelerate launch` config file, if given (`launch_config`), and what it means for
+  this run (precision, GradCache under FSDP or DeepSpeed);
 - the batches: the contrastive batch, the negatives of each query, the GradCache mini-batch
-  (`plan.BatchPlan`), for `processes` ranks (default: $WORLD_SIZE, else 1).
+  (`plan.BatchPlan`), for `processes` ranks (default: the accelerate config's num_processes, else
+  $WORLD_SIZE, else 1).
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .arguments import DataArguments, ModelArguments, TrainingArguments, parse_arguments
+from .arguments import DataArguments, ModelArguments, TrainingArguments, option_value, parse_arguments, without_option
 from .backbones import Family, auto_model_class, family_of
 from .data import load_mmeb_train, load_nli_triplets
 from .data_report import DataReport
 from .data_spec import parse_data_spec
+from .launch_config import check_against_training, check_launch_config
 from .recipes import Recipe
 from .run import DTYPES, batch_plan
 
@@ -238,8 +242,10 @@ def _training_text(args: TrainingArguments) -> str:
     return text + f"\noutput_dir {args.output_dir}, seed {args.seed}"
 
 
-def dry_run(argv: Sequence[str] | None = None, *, processes: int | None = None, profile=None) -> Plan:
-    """The plan of `mmfast-train argv` (see the module docstring); never loads weights or trains."""
+def dry_run(argv: Sequence[str] | None = None, *, processes: int | None = None, profile=None,
+            accelerate_config: str | None = None) -> Plan:  # fmt: skip
+    """The plan of `mmfast-train argv` (see the module docstring); never loads weights or trains.
+    processes (given) wins over the accelerate config's num_processes, as `accelerate launch --num_processes`."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     plan = Plan()
     try:
@@ -250,6 +256,16 @@ def dry_run(argv: Sequence[str] | None = None, *, processes: int | None = None, 
     except (ValueError, TypeError, FileNotFoundError, KeyError, ImportError) as error:
         plan.errors.append(str(error))
         return plan
+    launch = check_launch_config(accelerate_config) if accelerate_config is not None else None
+    if launch is not None:
+        check_against_training(launch, training_args)
+        plan.errors += launch.errors
+        if launch.errors:
+            return plan
+        plan.add("launcher", f"{accelerate_config}: {launch.text(processes)}")
+        plan.warnings += launch.warnings
+        if processes is None:
+            processes = launch.processes
     if processes is None:
         processes = int(os.environ.get("WORLD_SIZE", "1"))
     if not isinstance(processes, int) or processes < 1:
@@ -270,16 +286,21 @@ def dry_run(argv: Sequence[str] | None = None, *, processes: int | None = None, 
 
 def dry_run_main(argv: Sequence[str], *, program: str, profile=None) -> int:
     """Prints the plan; 0 when valid, 2 (each error on its own line on stderr) when not.
-    argv may hold `--num_processes N`: plan for N data-parallel ranks."""
+    argv may hold `--num_processes N` (plan for N data-parallel ranks) and `--accelerate_config FILE`
+    (check the `accelerate launch` config file and plan for its processes)."""
     argv, processes = list(argv), None
-    if "--num_processes" in argv:
-        i = argv.index("--num_processes")
-        value = argv[i + 1] if i + 1 < len(argv) else ""
-        if not value.isdigit() or int(value) < 1:
+    value = option_value(argv, "num_processes")
+    if value is not None or "--num_processes" in argv:
+        if value is None or not value.isdigit() or int(value) < 1:
             print(f"{program}: error: --num_processes needs a positive integer, got {value!r}", file=sys.stderr)
             return 2
-        processes, argv = int(value), argv[:i] + argv[i + 2 :]
-    plan = dry_run(argv, processes=processes, profile=profile)
+        processes, argv = int(value), without_option(argv, "num_processes")
+    accelerate_config = option_value(argv, "accelerate_config")
+    if accelerate_config is None and "--accelerate_config" in argv:
+        print(f"{program}: error: --accelerate_config needs a file", file=sys.stderr)
+        return 2
+    argv = without_option(argv, "accelerate_config")
+    plan = dry_run(argv, processes=processes, profile=profile, accelerate_config=accelerate_config)
     print(plan.format())
     for error in plan.errors:
         print(f"{program}: error: {error}", file=sys.stderr)

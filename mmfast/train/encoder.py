@@ -119,6 +119,11 @@ class Encoder(torch.nn.Module):
         self.adapter_source = adapter_source
         self.builder = InputBuilder(processor, family, config)
 
+    @property
+    def _no_split_modules(self) -> set[str] | list[str] | None:
+        # The backbone's own: FSDP's TRANSFORMER_BASED_WRAP makes each of these layers an FSDP unit.
+        return getattr(self.model, "_no_split_modules", None)
+
     # --- construction, saving, loading ---
 
     @classmethod

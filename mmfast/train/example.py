@@ -11,6 +11,7 @@ the held-out sets before and after training, and the outputs of a run.
 The example's own flags:
     --dry-run            check the config and print the plan (`mmfast.train.dry_run`); no weights loaded
     --num_processes N    with --dry-run: plan for N data-parallel ranks
+    --accelerate_config F  with --dry-run: check the `accelerate launch` config file F, plan for its processes
     --eval_tasks T...    held-out tasks to evaluate (mmeb retrieval sugarcrepe video, all or none); default:
                          all of them when training the embedded default, none for your own model or data
                          (evaluate those with mmfast-eval on the real benchmark)

@@ -19,6 +19,7 @@ import time
 
 import torch
 import transformers
+from accelerate.utils import DistributedType
 from torch.utils.data import DataLoader
 
 from .data import ContrastiveBatchSampler, DataReport
@@ -47,6 +48,13 @@ class EmbeddingTrainer(transformers.Trainer):
 
     def __init__(self, *args, objective: Objective, batch_sampler: ContrastiveBatchSampler, data_report=None, **kw):
         super().__init__(*args, **kw)
+        if self.is_deepspeed_enabled and self.args.gradcache_mini_batch_size > 0:
+            # accelerate's backward runs the engine's optimizer step after every backward at a step's end:
+            # GradCache's one backward per mini-batch would step it once per mini-batch.
+            raise ValueError(
+                "gradcache_mini_batch_size > 0 is not supported under DeepSpeed (each GradCache mini-batch's "
+                "backward would step the optimizer); use FSDP or DDP, or gradcache_mini_batch_size 0"
+            )
         self.objective, self.batch_sampler = objective, batch_sampler
         self.data_report = data_report if data_report is not None else DataReport()
         self._window = {"time": time.perf_counter(), "rows": 0, "batches": 0, "masked": 0}
@@ -97,8 +105,12 @@ class EmbeddingTrainer(transformers.Trainer):
         def loss_fn(embeddings):
             return self.objective(embeddings, teacher, ids)
 
+        # As Trainer.training_step: the loss is already divided by the accumulation steps, so DeepSpeed
+        # must not divide it again.
+        options = {"scale_wrt_gas": False} if self.accelerator.distributed_type == DistributedType.DEEPSPEED else {}
+
         def backward(surrogate):
-            self.accelerator.backward(surrogate * scale)
+            self.accelerator.backward(surrogate * scale, **options)
 
         with self.compute_loss_context_manager():
             if self.args.gradcache_mini_batch_size > 0:

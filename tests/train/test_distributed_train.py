@@ -1,41 +1,25 @@
-"""Data-parallel training on the CPU (gloo): torchrun runs the default, and 2 ranks × B rows give the
-gradients of 1 process × 2B rows, for every recipe, with GradCache and one all-reduce per step; every
+"""Data-parallel training on the CPU (gloo): torchrun runs the default and the LLaVE example, and 2 ranks ×
+B rows give the gradients of 1 process × 2B rows, for every recipe, with GradCache and one all-reduce per step; every
 contrastive recipe's batch holds hard negatives on both ranks (uneven counts: the gather pads them).
 New cases (a recipe plus options) go in distributed_train_worker.CASES."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from mmfast.train.default import default_backbone, default_data
-from mmfast.train.default.teacher import default_teacher
 from tests.train.distributed_train_worker import CASES, batch_rows, trainer_for
+from tests.train.torchrun import REPOSITORY, torchrun
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 WORKER = Path(__file__).with_name("distributed_train_worker.py")
 ROWS_PER_RANK = 6
-TIMEOUT = 600
-
-
-def _torchrun(*args, cwd):
-    # The default is built before the ranks start, so they only read it.
-    default_teacher(default_data())
-    default_backbone()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
-    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return done
 
 
 def test_torchrun_trains_the_default(tmp_path):
     out = tmp_path / "run"
-    done = _torchrun("-m", "mmfast.train", "--output_dir", str(out), "--max_steps", "2", "--save_steps", "2",
+    done = torchrun("-m", "mmfast.train", "--output_dir", str(out), "--max_steps", "2", "--save_steps", "2",
                      "--per_device_train_batch_size", "8", "--logging_steps", "1", cwd=tmp_path)  # fmt: skip
     # Data-parallel for real: both ranks in one process group, negatives gathered across them.
     assert "contrastive batch: 16 (8 per device × 2 process(es), gathered across devices)" in done.stderr
@@ -44,8 +28,22 @@ def test_torchrun_trains_the_default(tmp_path):
     assert (out / "mmfast_encoder.json").is_file()
 
 
+def test_torchrun_runs_the_llave_example(tmp_path):
+    out = tmp_path / "run"
+    done = torchrun(str(REPOSITORY / "examples" / "train_llave.py"), "--output_dir", str(out), "--max_steps", "2",
+                    "--per_device_train_batch_size", "8", "--eval_size", "tiny", "--logging_steps", "1",
+                    "--save_steps", "10", "--report_to", "none", cwd=tmp_path)  # fmt: skip
+    assert "contrastive batch: 16 (8 per device × 2 process(es), gathered across devices)" in done.stderr
+    # rank 0 alone evaluates and writes the results, before and after the 2 data-parallel steps
+    results = json.loads((out / "results.json").read_text())
+    assert list(results) == ["before", "after"]
+    assert 0 <= results["after"]["retrieval"]["flickr30k"]["t2i_R@1"] <= 100
+    assert done.stdout.count("results: ") == 1 and (out / "loss.png").is_file()
+    assert (out / "mmfast_encoder.json").is_file()
+
+
 def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
-    _torchrun(str(WORKER), str(tmp_path), str(ROWS_PER_RANK), *CASES, cwd=tmp_path)
+    torchrun(str(WORKER), str(tmp_path), str(ROWS_PER_RANK), *CASES, cwd=tmp_path)
     for recipe in CASES:
         got = torch.load(tmp_path / f"{recipe}.pt")
         # GradCache ran two mini-batches per rank, yet synchronised gradients exactly once.

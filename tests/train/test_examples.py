@@ -178,4 +178,18 @@ def test_dry_run_counts_rows_that_training_would_skip(tmp_path, capsys):
 def test_example_flags_do_not_collide_with_training_arguments():
     from mmfast.train.arguments import known_fields
 
-    assert not {"eval_tasks", "eval_size", "stage2_config", "dry_run", "num_processes"} & known_fields()
+    assert (
+        not {"eval_tasks", "eval_size", "stage2_config", "dry_run", "num_processes", "accelerate_config"}
+        & known_fields()
+    )
+
+
+def test_published_config_with_an_accelerate_config(local_data, capsys, monkeypatch):
+    monkeypatch.chdir(EXAMPLES.parent)  # the accelerate config names its DeepSpeed file from the repository root
+    argv = ["--config", str(CONFIGS / "llave-llava-onevision-0.5b.yaml"), "--dry-run", *local_data["mmeb"],
+            "--accelerate_config", str(CONFIGS / "accelerate-zero3.yaml")]  # fmt: skip
+    assert _main("train_llave")(argv) == 0
+    out = capsys.readouterr().out
+    assert "ZeRO-3 from examples/configs/deepspeed-zero3.json" in out
+    assert "contrastive batch: 32 (4 per device × 8 process(es), gathered across devices)" in out
+    assert "gradient_accumulation_steps=8 averages gradients" in out  # the published LLaVE run's, still warned
