@@ -46,7 +46,7 @@ class ModelArguments:
     model_dtype: str | None = field(default=None, metadata={"help": "float32, bfloat16 or float16 weights"})
     text_prompt: str | None = field(default=None, metadata={"help": "Prompt for text inputs, with {text}"})
     image_prompt: str | None = field(default=None, metadata={"help": "Prompt for image inputs, with {text}"})
-    max_length: int | None = field(default=None, metadata={"help": "Token limit; text is cut, never an image"})
+    max_length: int | None = field(default=None, metadata={"help": "Token limit; cuts text, not images"})
     padding_side: str | None = field(default=None, metadata={"help": "left or right; none = the processor's"})
     trust_remote_code: bool = field(default=False, metadata={"help": "Needed for Phi-3.5-V (untested offline)"})
 

@@ -100,6 +100,7 @@ class InputBuilder:
         self.processor, self.family, self.encoder_config = processor, family, config
 
     def __call__(self, items: Sequence[Input], images: Sequence[Image.Image | None]) -> Mapping:
+        items = [self._fitted(item) for item in items]
         texts = [backbones.rewrite_image_tokens(self.encoder_config.render(item), self.family) for item in items]
         flat_images = [image for image in images if image is not None]
         padding_side = self.encoder_config.padding_side or getattr(self.processor, "padding_side", None) or "right"
@@ -107,6 +108,32 @@ class InputBuilder:
             self.processor, self.family, texts, flat_images, padding_side=padding_side,
             max_length=self.encoder_config.max_length,
         )  # fmt: skip
+
+    def _fitted(self, item: Input) -> Input:
+        """A text-only input over max_length loses tokens from the end of its text, not from the end
+        of its template: a template that goes on after {text} (E5-V's "\nSummary above sentence in
+        one word:") ends where last-token pooling reads, so cutting the prompt's end would pool a
+        token in the middle of the sentence. Inputs with an image, templates that end with {text},
+        and a template too long on its own keep the processor's rule (text cut from the end)."""
+        limit, template = self.encoder_config.max_length, self.encoder_config.text_prompt
+        if limit is None or item.image is not None or template.endswith("{text}"):
+            return item
+        tokenizer = backbones.tokenizer_of(self.processor)
+
+        def length(text: str) -> int:
+            return len(tokenizer(template.format(text=text))["input_ids"])
+
+        if length(item.text) <= limit:
+            return item
+        text_ids = tokenizer(item.text, add_special_tokens=False)["input_ids"]
+        # Token counts add up only roughly across the seam between text and template: step down.
+        keep = min(len(text_ids), max(limit - (length(item.text) - len(text_ids)), 0))
+        while keep > 0:
+            text = tokenizer.decode(text_ids[:keep])
+            if length(text) <= limit:
+                return dataclasses.replace(item, text=text)
+            keep -= 1
+        return item
 
 
 class Encoder(torch.nn.Module):

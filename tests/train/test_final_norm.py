@@ -90,3 +90,30 @@ def test_max_length_cuts_text_not_the_image_span(tiny_dirs, case):
     too_short = Encoder.from_pretrained(tiny_dirs[case], max_length=n_span - 1)
     with pytest.raises(ValueError, match=rf"row 0: its image span alone is {n_span} tokens"):
         too_short.encode([long_text], [image], show_progress=False)
+
+
+ONE_WORD = "{text}\nSummary above sentence in one word:"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_max_length_cuts_the_text_not_the_end_of_its_template(tiny_dirs, case):
+    """E5-V's template goes on after the text and ends where last-token pooling reads: a too-long
+    text is shortened so that the template's ending survives; a short text is left as it is."""
+    limit = 24
+    encoder = Encoder.from_pretrained(tiny_dirs[case], text_prompt=ONE_WORD, max_length=limit, padding_side="right")
+    plain = Encoder.from_pretrained(tiny_dirs[case], text_prompt=ONE_WORD, padding_side="right")
+    tokenizer = tokenizer_of(encoder.processor)
+    long_text, short_text = "a red circle above a blue square " * 8, "a red circle"
+    ending = tokenizer("\nSummary above sentence in one word:", add_special_tokens=False)["input_ids"][-4:]
+    cut = encoder.builder([Input(long_text), Input(short_text)], [None, None])
+    real = cut["attention_mask"][0].bool()
+    assert int(real.sum()) <= limit < plain.builder([Input(long_text)], [None])["input_ids"].shape[1]
+    assert cut["input_ids"][0][real][-4:].tolist() == ending
+    short_alone = plain.builder([Input(short_text)], [None])["input_ids"][0]
+    assert cut["input_ids"][1][cut["attention_mask"][1].bool()].tolist() == short_alone.tolist()
+    # The shortened text is a prefix of the text: a row keeps its start, as the old rule did.
+    fitted = encoder.builder._fitted(Input(long_text))
+    assert long_text.startswith(fitted.text.strip()[:20]) and len(fitted.text) < len(long_text)
+    embeddings = encoder.encode([long_text, short_text], show_progress=False)
+    alone = encoder.encode([long_text], show_progress=False)
+    torch.testing.assert_close(embeddings[:1], alone, rtol=0, atol=1e-5)
