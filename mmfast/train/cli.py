@@ -41,15 +41,16 @@ def train(argv: Sequence[str] | None = None):
     return trainer
 
 
-def _main(command, program: str, argv: Sequence[str] | None) -> int:
-    """Runs a command; a user error becomes one line naming it and exit status 2."""
+def run_command(command, program: str, argv: Sequence[str] | None) -> int:
+    """Runs command(argv) and returns its exit status (its result when that is an int, else 0); a
+    user error becomes one line naming it and exit status 2, never a traceback."""
     configure_logging()
     try:
-        command(sys.argv[1:] if argv is None else argv)
+        status = command(sys.argv[1:] if argv is None else argv)
     except USER_ERRORS as error:
         print(f"{program}: error: {error}", file=sys.stderr)
         return 2
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 DRY_RUN_FLAGS = ("--dry-run", "--dry_run")
@@ -63,7 +64,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         configure_logging()
         rest = [token for token in argv if token not in DRY_RUN_FLAGS]
         return dry_run_main(rest, program="mmfast-train --dry-run", profile=PROFILE)
-    return _main(train, "mmfast-train", argv)
+    return run_command(train, "mmfast-train", argv)
 
 
 DEFAULT_TRAINED = os.path.join("runs", "llave")
@@ -136,4 +137,4 @@ def evaluate(argv: Sequence[str] | None = None) -> dict:
 
 
 def eval_main(argv: Sequence[str] | None = None) -> int:
-    return _main(evaluate, "mmfast-eval", argv)
+    return run_command(evaluate, "mmfast-eval", argv)

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from .arguments import parse_arguments, read_config, to_tokens
-from .cli import DRY_RUN_FLAGS, USER_ERRORS, configure_logging
+from .cli import DRY_RUN_FLAGS, configure_logging, run_command
 from .default import PROFILE
 from .default.sizes import Sizes
 from .default.synthetic import GENERATOR_VERSION, cache_home, default_data
@@ -214,11 +214,7 @@ class Example:
 def run(main, argv: Sequence[str] | None = None) -> int:
     """Runs an example's main(argv); a user error (a bad argument, a missing file, malformed data)
     becomes one line naming it and exit status 2, as with mmfast-train."""
-    try:
-        return main(argv)
-    except USER_ERRORS as error:
-        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
-        return 2
+    return run_command(main, Path(sys.argv[0]).name, argv)
 
 
 def losses(log_history: Sequence[dict]) -> list[tuple[int, float]]:

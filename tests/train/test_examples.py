@@ -4,6 +4,8 @@ config passes --dry-run with data in place, and fails it (exit 2, naming the pat
 
 import json
 import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -193,3 +195,13 @@ def test_published_config_with_an_accelerate_config(local_data, capsys, monkeypa
     assert "ZeRO-3 from examples/configs/deepspeed-zero3.json" in out
     assert "contrastive batch: 32 (4 per device × 8 process(es), gathered across devices)" in out
     assert "gradient_accumulation_steps=8 averages gradients" in out  # the published LLaVE run's, still warned
+
+
+def test_a_user_error_is_one_line_and_exit_status_2(tmp_path):
+    """Run as a user runs it: a missing data file is one line naming it, exit 2, no traceback."""
+    missing = tmp_path / "nowhere.jsonl"
+    argv = [sys.executable, str(EXAMPLES / "train_llave.py"), "--data", str(missing), "--output_dir", str(tmp_path)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == f"train_llave.py: error: --data: {missing} does not exist"
