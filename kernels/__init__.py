@@ -19,3 +19,6 @@ class CompileSpec:
     constexprs: dict
     num_warps: int
     num_stages: int
+    # Arguments the launches pass as multiples of 16 (pointers: 16-byte aligned), which Triton
+    # specialises on (wider vector loads): compiled with that divisibility, as they launch.
+    divisible_by_16: tuple[str, ...] = ()

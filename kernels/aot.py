@@ -25,14 +25,23 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from mmfast.kernels import CompileSpec, contrastive_loss, distillation_loss, matmul, pooling, similarity_topk
+from mmfast.kernels import (
+    CompileSpec,
+    contrastive_loss,
+    contrastive_loss_fused,
+    distillation_loss,
+    matmul,
+    pooling,
+    similarity_topk,
+)
 
 ARCHS = (80, 90)
 
 
 def all_specs() -> list[CompileSpec]:
     """Every kernel module's variants: a new kernel module is listed here."""
-    return [*matmul.compile_specs(), *contrastive_loss.compile_specs(), *distillation_loss.compile_specs(),
+    return [*matmul.compile_specs(), *contrastive_loss.compile_specs(), *contrastive_loss_fused.compile_specs(),
+            *distillation_loss.compile_specs(),
             *pooling.compile_specs(), *similarity_topk.compile_specs()]  # fmt: skip
 
 
@@ -65,7 +74,9 @@ def resource_usage(ptx: str, arch: int) -> dict:
 
 def compile_spec(spec: CompileSpec, arch: int) -> dict:
     start = time.perf_counter()
-    source = ASTSource(spec.kernel, spec.signature, spec.constexprs)
+    names = spec.kernel.arg_names
+    divisible = {(names.index(arg),): [["tt.divisibility", 16]] for arg in spec.divisible_by_16}
+    source = ASTSource(spec.kernel, spec.signature, spec.constexprs, divisible)
     compiled = triton.compile(
         source,
         target=GPUTarget("cuda", arch, 32),

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from mmfast.kernel_contract import DirectionOptions
 from mmfast.kernels import CompileSpec
+from mmfast.kernels.contrastive_loss_fused import buffer_columns, direction_params, fused_direction_chunk
 from mmfast.kernels.matmul import TritonGemms
 
 # One program per row, BLOCK_N candidates per step. Every launchable combination is compiled by
@@ -110,6 +111,22 @@ class TritonContrastiveKernels(TritonGemms):
         return self.fallback.topk_bytes_per_score
 
     temperature_bytes_per_score = 0  # the row kernel reads S again in its second pass
+    fused_bytes_per_score = {torch.float32: 8, torch.bfloat16: 6, torch.float16: 6}  # S + G, by input dtype
+
+    def path(self, n_rows: int, n_candidates: int, dim: int, dtype: torch.dtype, opts: DirectionOptions) -> str:
+        """Which path a direction of the loss takes: "fused" (kernels/contrastive_loss_fused.py, the
+        row work inside the GEMMs) or "chunked" (GEMM, row kernel, GEMMs). For now: fused whenever it
+        supports the problem (no top-k, a tl.dot dtype, D a multiple of 16: the launches the AOT
+        compile checks); tests monkeypatch this to force a path."""
+        supported = opts.topk is None and dtype in self.fused_bytes_per_score and dim % 16 == 0
+        return "fused" if supported else "chunked"
+
+    def fused_buffer_width(self, pieces) -> int:
+        """Columns of the fused path's S and G buffers (buffer_columns: 16-aligned pieces)."""
+        return buffer_columns(pieces)[1]
+
+    def fused_chunk(self, x, pieces, opts: DirectionOptions, row_offset, loss, ids, **grads):
+        fused_direction_chunk(x, pieces, opts, row_offset, loss, ids, **grads)
 
     def topk_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, index, coef,
                   temperature_grad=None, ids=None):  # fmt: skip
@@ -123,12 +140,7 @@ class TritonContrastiveKernels(TritonGemms):
         rows = scores.shape[0]
         has_grad = row_scale is not None
         grad_out = scores if grad_out is None else grad_out
-        margin = 0.0 if opts.false_negative_margin is None else opts.false_negative_margin
-        inv_t = opts.inv_temperature
-        if isinstance(inv_t, torch.Tensor):  # a temperature tensor: the parameters stay on the device, no sync
-            params = torch.stack([inv_t, inv_t + opts.hardness, inv_t * 0.0 + margin]).to(scores.dtype)
-        else:
-            params = torch.tensor([inv_t, inv_t + opts.hardness, margin], dtype=scores.dtype).to(scores.device)
+        params = direction_params(opts, scores.dtype, scores.device, no_margin=0.0)
         softmax_rows_kernel[(rows,)](
             scores, scores.stride(0), grad_out, grad_out.stride(0), scores.shape[1], row_offset, params,
             row_scale if has_grad else loss, loss, loss if temperature_grad is None else temperature_grad,

@@ -1,0 +1,348 @@
+"""The tile-fused Triton path of mmfast.contrastive_loss: the three GEMMs carry the row statistics and
+the gradient in their epilogue and prologue, so no memory-bound row kernel runs between them.
+
+Per chunk of rows (the chunk loop, mmfast/backends/contrastive_loss.py, still holds a [rows, N]
+buffer of float32 S and one of G: the dX kernel forms G from S, it cannot have it before the row's
+logsumexp is known):
+  diag        s_pos = row-wise x_r·y_pos in float32 (torch, [rows]): the margin needs the positive
+              before the tile that holds it is seen
+  scores      fused_scores_kernel: S_tile = X_blk·Y_tileᵀ (a GEMM); its epilogue applies the masks
+              (positive, margin, duplicate ids) and hardness and writes the tile's row max and sum of
+              exp [rows, cdiv(N, BLOCK_N)] (and, when a gradient is wanted, S itself in float32;
+              without one only the tile statistics leave the kernel)
+  merge       lse = the tiles' statistics and the positive merged (torch, [rows, tiles]); loss
+  grad_x      fused_grad_x_kernel: dX_blk = G·Y (a GEMM over the candidates) with G formed in the
+              A-operand prologue from the S tile: masks, exp(logit - lse)·c/τ, (p - 1)·c/τ at the
+              positive; the programs of the first D block also store G (input dtype) and the tensor-τ
+              reduction Σ_j G_rj·(s_rj - s_pos)
+  grad_y      dY += Gᵀ·X_c: kernels/matmul.py on the stored G
+Candidates in pieces ([targets, negatives]) are launched piece by piece with a column offset; the
+positive is global candidate positive_offset + row. Not here (the chunked path keeps them): top-k
+(a sparse gradient) and float64 (tl.dot has no float64).
+
+Per score (e = bytes per input element; DX = D / BLOCK_D of the grad_x config, 4 for D = 1024 and
+16 for D = 4096 at BLOCK_D = 256):
+  kernel    tensor FLOPs   MUFU exps   CUDA-core ops   HBM/L2 bytes written + read
+  scores    2·D            1           ~10             4 (S, only with a gradient) + 8/BLOCK_N
+  grad_x    2·D            DX          ~12·DX          4·DX read of S (the first from HBM, the
+                                                       others from L2) + e (G written)
+  grad_y    2·D            0           0               e (G read)
+  plus, per row: the diag (D multiply-adds), the merge (~4 per tile), nothing per score.
+On an H100 (989 dense bf16 TFLOP/s, 16 MUFU exps per SM per clock: ~256 tensor FLOPs per exp) the
+grad_x prologue costs 2·D / DX = 2·BLOCK_D = 512 tensor FLOPs per exp, i.e. its exps alone take half
+the time of its GEMM unless they overlap with it. Unproven on hardware: estimates only.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mmfast.kernel_contract import DirectionOptions, triton_interpreter_enabled
+from mmfast.kernels import CompileSpec
+from mmfast.kernels.matmul import (
+    TORCH_TO_TRITON,
+    MatmulConfig,
+    accumulate_dot,
+    dot_dtype_for,
+    grouped_tile,
+    input_precision_for,
+    matmul,
+)
+
+# (scores config, grad_x config) per kind of dot. scores: a block_m × block_n tile of S, block_k of
+# D per step. grad_x: block_m rows × block_k columns of dX, block_n candidates per step. Every pair
+# is compiled by tests/test_compile.py for sm_80 and sm_90 with no spill (regs and shared memory:
+# `python -m mmfast.kernels.aot --filter contrastive_fused`). The interpreter's tiles are small so
+# the tests' odd sizes span several tiles in every direction.
+FUSED_CONFIGS = {
+    "tensor_core": (MatmulConfig(128, 128, 64, 8, 8, 3), MatmulConfig(64, 32, 256, 1, 8, 4)),  # bf16/fp16
+    "tf32": (MatmulConfig(128, 64, 32, 8, 8, 3), MatmulConfig(64, 32, 128, 1, 8, 2)),
+    "fp32": (MatmulConfig(64, 64, 16, 8, 8, 3), MatmulConfig(64, 16, 64, 1, 4, 3)),  # full fp32 (FMA)
+    "interpreter": (MatmulConfig(16, 16, 32, 2, 1, 1), MatmulConfig(16, 16, 32, 1, 1, 1)),
+}
+
+
+def fused_configs(dot_dtype, input_precision: str) -> tuple[MatmulConfig, MatmulConfig]:
+    if triton_interpreter_enabled():
+        return FUSED_CONFIGS["interpreter"]
+    if dot_dtype != tl.float32:
+        return FUSED_CONFIGS["tensor_core"]
+    return FUSED_CONFIGS["tf32" if input_precision == "tf32" else "fp32"]
+
+
+def direction_params(opts: DirectionOptions, dtype: torch.dtype, device, no_margin: float) -> torch.Tensor:
+    """[1/τ, 1/τ + α, margin] as a device tensor in `dtype` (`no_margin` without a margin). The
+    scalars go through memory: a Python float argument would arrive as float32 and cost float64
+    inputs seven digits, and a tensor τ stays on the device (no sync)."""
+    margin = no_margin if opts.false_negative_margin is None else opts.false_negative_margin
+    inv_t = opts.inv_temperature
+    if isinstance(inv_t, torch.Tensor):
+        return torch.stack([inv_t, inv_t + opts.hardness, inv_t * 0.0 + margin]).to(dtype)
+    return torch.tensor([inv_t, inv_t + opts.hardness, margin], dtype=dtype).to(device)
+
+
+# Flags and offsets stay runtime i32 (a Python int 1 would otherwise be specialised into another
+# compiled variant than the ones compile_specs lists).
+@triton.jit(do_not_specialize=["col_offset", "pos_offset", "first_tile", "store_scores"])
+def fused_scores_kernel(
+    x_ptr, y_ptr, s_ptr, tile_max_ptr, tile_sum_ptr, pos_ptr, params_ptr, ids_ptr,
+    M, N, K, col_offset, pos_offset, first_tile, store_scores,
+    stride_xm, stride_xk, stride_yn, stride_yk, stride_sm, stride_sn, stride_tm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_IDS: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN], in this piece
+    rk = tl.arange(0, BLOCK_K)
+    # Loads wrap around past the edges (as in matmul_kernel); the masks below drop what wrapped.
+    x_ptrs = x_ptr + (rows % M)[:, None].to(tl.int64) * stride_xm + rk[None, :] * stride_xk  # [BM, BK]
+    y_ptrs = y_ptr + rk[:, None] * stride_yk + (cols % N)[None, :].to(tl.int64) * stride_yn  # [BK, BN]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    s = accumulate_dot(acc, x_ptrs, y_ptrs, K, stride_xk, stride_yk, BLOCK_K, DOT_DTYPE, INPUT_PRECISION)
+
+    # Epilogue: the row kernel's masks and hardness on the tile in registers.
+    negative_scale = tl.load(params_ptr + 1)
+    margin = tl.load(params_ptr + 2)  # +inf without a margin: nothing is above it, NaN stays in
+    row_ok = rows < M
+    col_ok = cols < N
+    pos = tl.load(pos_ptr + rows, mask=row_ok, other=0.0)  # [BM]
+    pos_col = pos_offset + rows - col_offset  # the positive's column in this piece (maybe outside it)
+    keep = col_ok[None, :] & (cols[None, :] != pos_col[:, None]) & ~(s > (pos + margin)[:, None])
+    if HAS_IDS:  # a copy of the positive (its class index) is no negative
+        pos_id = tl.load(ids_ptr + pos_offset + rows, mask=row_ok, other=0)
+        col_id = tl.load(ids_ptr + col_offset + cols, mask=col_ok, other=0)
+        keep = keep & (col_id[None, :] != pos_id[:, None])
+    logit = tl.where(keep, s * negative_scale, float("-inf"))
+    tile_max = tl.max(logit, axis=1)  # [BM]; -inf when the tile has no negative of the row
+    shift = tl.where(tile_max == float("-inf"), 0.0, tile_max)
+    tile_sum = tl.sum(tl.exp(logit - shift[:, None]), axis=1)  # a NaN score makes it NaN, as in torch
+    stats = rows.to(tl.int64) * stride_tm + first_tile + pid_n
+    tl.store(tile_max_ptr + stats, tile_max, mask=row_ok)
+    tl.store(tile_sum_ptr + stats, tile_sum, mask=row_ok)
+    # S for the gradient: a masked-off store (store_scores = 0, no gradient) moves no bytes.
+    s_ptrs = s_ptr + rows[:, None].to(tl.int64) * stride_sm + cols[None, :] * stride_sn
+    store_rows = row_ok & (tl.full((BLOCK_M,), store_scores, tl.int32) != 0)  # a runtime flag as a mask
+    tl.store(s_ptrs, s, mask=store_rows[:, None] & col_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["col_offset", "pos_offset", "accumulate", "store_dx", "store_grads"])
+def fused_grad_x_kernel(
+    s_ptr, y_ptr, dx_ptr, g_ptr, lse_ptr, pos_ptr, row_scale_ptr, params_ptr, ids_ptr, w_ptr,
+    M, N, D, col_offset, pos_offset, accumulate, store_dx, store_grads,
+    stride_sm, stride_sn, stride_yn, stride_yd, stride_dm, stride_dd, stride_gm, stride_gn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_IDS: tl.constexpr,
+    TEMPERATURE_GRAD: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    # The D blocks of one row block are neighbours in launch order: they read the same S rows while
+    # those are in L2, and the row blocks running at once share each Y tile.
+    blocks_d = tl.cdiv(D, BLOCK_D)
+    pid_m = tl.program_id(0) // blocks_d
+    pid_d = tl.program_id(0) % blocks_d
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    dcols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD]
+    rn = tl.arange(0, BLOCK_N)  # [BN]
+    row_ok = rows < M
+    inv_temperature = tl.load(params_ptr)
+    negative_scale = tl.load(params_ptr + 1)
+    margin = tl.load(params_ptr + 2)
+    pos = tl.load(pos_ptr + rows, mask=row_ok, other=0.0)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    coef = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0) * inv_temperature  # 0 past the edge
+    pos_grad = (tl.exp(pos * inv_temperature - lse) - 1.0) * coef
+    limit = pos + margin
+    pos_col = pos_offset + rows - col_offset
+    if HAS_IDS:
+        pos_id = tl.load(ids_ptr + pos_offset + rows, mask=row_ok, other=0)
+
+    # Scalar 64-bit bases advanced per step, 32-bit offsets within a tile: tensors of 64-bit pointers
+    # cost two registers per element and spilled this kernel.
+    first_row = (pid_m * BLOCK_M).to(tl.int64)
+    s_base = s_ptr + first_row * stride_sm
+    g_base = g_ptr + first_row * stride_gm
+    y_base = y_ptr
+    local = tl.arange(0, BLOCK_M)
+    s_offsets = local[:, None] * stride_sm + rn[None, :] * stride_sn  # [BM, BN]
+    g_offsets = local[:, None] * stride_gm + rn[None, :] * stride_gn  # [BM, BN]
+    y_offsets = rn[:, None] * stride_yn + (dcols % D)[None, :] * stride_yd  # [BN, BD]
+    # G is stored once, by the first D block (and not at all when no candidate wants a gradient).
+    # The runtime flags become row masks: a masked-off load or store moves no bytes.
+    g_rows = row_ok & (tl.full((BLOCK_M,), store_grads, tl.int32) != 0) & (rows * 0 + pid_d == 0)
+    dx_rows = row_ok & (tl.full((BLOCK_M,), store_dx, tl.int32) != 0)
+    add_rows = dx_rows & (tl.full((BLOCK_M,), accumulate, tl.int32) != 0)
+    dx_ptrs = dx_ptr + rows[:, None].to(tl.int64) * stride_dm + dcols[None, :] * stride_dd
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    weighted = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for start in range(0, N, BLOCK_N):
+        cols = start + rn
+        col_ok = cols < N
+        s = tl.load(s_base + s_offsets, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        # Prologue: G from S in registers, the row kernel's formula.
+        keep = col_ok[None, :] & (cols[None, :] != pos_col[:, None]) & ~(s > limit[:, None])
+        if HAS_IDS:
+            col_id = tl.load(ids_ptr + col_offset + cols, mask=col_ok, other=0)
+            keep = keep & (col_id[None, :] != pos_id[:, None])
+        g = tl.where(keep, tl.exp(s * negative_scale - lse[:, None]) * coef[:, None], 0.0)
+        g = tl.where(cols[None, :] == pos_col[:, None], pos_grad[:, None], g)
+        if TEMPERATURE_GRAD:  # Σ_j G_j·(s_j - s_pos): the positive's own term is 0
+            weighted += tl.sum(tl.where(keep, g * (s - pos[:, None]), 0.0), axis=1)
+        tl.store(g_base + g_offsets, g.to(g_ptr.dtype.element_ty), mask=g_rows[:, None] & col_ok[None, :])
+        y = tl.load(y_base + y_offsets, mask=col_ok[:, None], other=0.0)
+        acc = tl.dot(g.to(DOT_DTYPE), y.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+        s_base += BLOCK_N * stride_sn
+        g_base += BLOCK_N * stride_gn
+        y_base += BLOCK_N * stride_yn
+    # Added at the end, in the accumulator's layout: loaded at the start it stays live in a second
+    # layout through the loop (spills, as in matmul_kernel's 128×128 tiles).
+    acc += tl.load(dx_ptrs, mask=add_rows[:, None] & (dcols[None, :] < D), other=0.0)
+    tl.store(dx_ptrs, acc, mask=dx_rows[:, None] & (dcols[None, :] < D))
+    if TEMPERATURE_GRAD:
+        tl.store(w_ptr + rows, weighted, mask=row_ok & (rows * 0 + pid_d == 0))
+
+
+def merge_tiles(tile_max: torch.Tensor, tile_sum: torch.Tensor, pos_logit: torch.Tensor) -> torch.Tensor:
+    """Each row's logsumexp over its positive and the tiles' (max, sum of exp)."""
+    top = torch.maximum(tile_max.amax(dim=1), pos_logit) if tile_max.shape[1] else pos_logit
+    total = torch.exp(pos_logit - top) + (tile_sum * torch.exp(tile_max - top[:, None])).sum(dim=1)
+    return top + torch.log(total)
+
+
+def buffer_columns(pieces) -> tuple[list[int], int]:
+    """Where each piece's columns start in the [rows, width] S and G buffers, and the width: every
+    start and the row stride are multiples of 16, so every launch sees 16-byte-aligned slices (the
+    variants compile_specs compiles)."""
+    starts, width = [], 0
+    for piece in pieces:
+        starts.append(width)
+        width += triton.cdiv(piece.shape[0], 16) * 16
+    return starts, width
+
+
+def fused_direction_chunk(x, pieces, opts: DirectionOptions, row_offset: int, loss, ids=None, *, scores=None,
+                          grads=None, row_scale=None, grad_x=None, grad_pieces=(), accumulate_x=False,
+                          accumulate_pieces=False, temperature_grad=None):  # fmt: skip
+    """One chunk of rows x [rows, D] (row r's positive: candidate row_offset + r) against the
+    candidate pieces: the loss into `loss`; with `row_scale`, S into `scores` and G into `grads`
+    ([rows, width] buffers, laid out by buffer_columns), dX into (or, accumulate_x, onto) grad_x, dY onto (accumulate_pieces) or into
+    grad_pieces[i] (None: skipped), and w_r = Σ_j G_rj·s_rj into temperature_grad."""
+    rows, dim = x.shape
+    device = x.device
+    dot_dtype = dot_dtype_for(x.dtype)
+    precision = input_precision_for(dot_dtype)
+    score_cfg, grad_cfg = fused_configs(dot_dtype, precision)
+    params = direction_params(opts, torch.float32, device, no_margin=float("inf"))
+    # The positive's raw score, row-wise in float32 (the GEMM's own s_ii may round differently).
+    pos = torch.einsum("rd,rd->r", x.float(), pieces[0][row_offset : row_offset + rows].float()).contiguous()
+    ids_arg = pos if ids is None else ids
+    tiles = [triton.cdiv(p.shape[0], score_cfg.block_n) for p in pieces]
+    tile_max = torch.empty(rows, sum(tiles), dtype=torch.float32, device=device)
+    tile_sum = torch.empty_like(tile_max)
+    want_grad = row_scale is not None
+    starts = buffer_columns(pieces)[0]
+    col = first_tile = 0  # col: the piece's first candidate
+    for piece, n_tiles, start in zip(pieces, tiles, starts, strict=True):
+        n = piece.shape[0]
+        out = scores[:, start : start + n] if want_grad else tile_max  # unwritten without a gradient
+        grid = (triton.cdiv(rows, score_cfg.block_m) * n_tiles,)
+        fused_scores_kernel[grid](
+            x, piece, out, tile_max, tile_sum, pos, params, ids_arg,
+            rows, n, dim, col, row_offset, first_tile, int(want_grad),
+            x.stride(0), x.stride(1), piece.stride(0), piece.stride(1), out.stride(0), out.stride(1),
+            tile_max.stride(0),
+            BLOCK_M=score_cfg.block_m, BLOCK_N=score_cfg.block_n, BLOCK_K=score_cfg.block_k,
+            GROUP_M=score_cfg.group_m, HAS_IDS=ids is not None, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
+            num_warps=score_cfg.num_warps, num_stages=score_cfg.num_stages,
+        )  # fmt: skip
+        col += n
+        first_tile += n_tiles
+    pos_logit = pos * opts.inv_temperature
+    lse = merge_tiles(tile_max, tile_sum, pos_logit)
+    torch.sub(lse, pos_logit, out=loss)
+    if not want_grad:
+        return
+    lse = lse.contiguous()
+    w = None if temperature_grad is None else torch.empty(len(pieces), rows, dtype=torch.float32, device=device)
+    blocks_d = triton.cdiv(dim, grad_cfg.block_k) if grad_x is not None else 1  # one block forms G alone
+    col = 0
+    for i, (piece, start) in enumerate(zip(pieces, starts, strict=True)):
+        n = piece.shape[0]
+        s, g = scores[:, start : start + n], grads[:, start : start + n]
+        dx = lse if grad_x is None else grad_x
+        fused_grad_x_kernel[(triton.cdiv(rows, grad_cfg.block_m) * blocks_d,)](
+            s, piece, dx, g, lse, pos, row_scale, params, ids_arg, lse if w is None else w[i],
+            rows, n, dim, col, row_offset, int(accumulate_x or i > 0), int(grad_x is not None),
+            int(grad_pieces[i] is not None),
+            s.stride(0), s.stride(1), piece.stride(0), piece.stride(1), dx.stride(0), dx.stride(-1),
+            g.stride(0), g.stride(1),
+            BLOCK_M=grad_cfg.block_m, BLOCK_N=grad_cfg.block_n, BLOCK_D=grad_cfg.block_k, HAS_IDS=ids is not None,
+            TEMPERATURE_GRAD=w is not None, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
+            num_warps=grad_cfg.num_warps, num_stages=grad_cfg.num_stages,
+        )  # fmt: skip
+        if grad_pieces[i] is not None:
+            matmul(g.T, x, grad_pieces[i], accumulate=accumulate_pieces, embedding_dtype=x.dtype)
+        col += n
+    if w is not None:
+        torch.sum(w, dim=0, out=temperature_grad)
+
+
+_TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# Unit strides of the launches: x, the pieces, S, G and dX are row-major (S and G as column slices).
+_SCORE_ARGS = ["x_ptr", "y_ptr", "s_ptr", "tile_max_ptr", "tile_sum_ptr", "pos_ptr", "params_ptr", "ids_ptr", "M", "N",
+               "K", "col_offset", "pos_offset", "first_tile", "store_scores", "stride_xm", "stride_xk", "stride_yn",
+               "stride_yk", "stride_sm", "stride_sn", "stride_tm"]  # fmt: skip
+_GRAD_ARGS = ["s_ptr", "y_ptr", "dx_ptr", "g_ptr", "lse_ptr", "pos_ptr", "row_scale_ptr", "params_ptr", "ids_ptr",
+              "w_ptr", "M", "N", "D", "col_offset", "pos_offset", "accumulate", "store_dx", "store_grads",
+              "stride_sm", "stride_sn", "stride_yn", "stride_yd", "stride_dm", "stride_dd", "stride_gm",
+              "stride_gn"]  # fmt: skip
+
+
+def _signature(args, pointers: dict, unit_strides, constexprs: dict) -> dict:
+    signature = {arg: pointers.get(arg, "*fp32" if arg.endswith("_ptr") else "i32") for arg in args}
+    signature.update({stride: "constexpr" for stride in unit_strides})
+    signature.update({name: "constexpr" for name in constexprs})
+    return signature
+
+
+def _aligned(args, *names) -> tuple[str, ...]:
+    """What every launch passes as a multiple of 16: the pointers (torch allocations, and slices at
+    buffer_columns' starts), D and the row strides (the path runs only for D % 16 == 0)."""
+    return (*(arg for arg in args if arg.endswith("_ptr") and arg not in ("params_ptr", "ids_ptr")), *names)
+
+
+def compile_specs():
+    """Every launchable variant: input dtype (fp32 in both precisions) × HAS_IDS (× TEMPERATURE_GRAD
+    for grad_x). Accumulating, storing S, dX and G are runtime flags (masked stores and loads), so
+    they multiply no variant."""
+    for dtype, name in _TYPE_NAMES.items():
+        dot = TORCH_TO_TRITON[dtype]
+        for precision in ["ieee", "tf32"] if dtype == torch.float32 else ["ieee"]:
+            score_cfg, grad_cfg = (
+                FUSED_CONFIGS["tensor_core"] if dtype != torch.float32 else FUSED_CONFIGS["tf32" if precision == "tf32" else "fp32"]
+            )  # fmt: skip
+            for has_ids in (False, True):
+                ids = "*i32" if has_ids else "*fp32"
+                common = {"HAS_IDS": has_ids, "DOT_DTYPE": dot, "INPUT_PRECISION": precision}
+                constexprs = {"stride_xk": 1, "stride_yk": 1, "stride_sn": 1, "BLOCK_M": score_cfg.block_m,
+                              "BLOCK_N": score_cfg.block_n, "BLOCK_K": score_cfg.block_k,
+                              "GROUP_M": score_cfg.group_m, **common}  # fmt: skip
+                pointers = {"x_ptr": f"*{name}", "y_ptr": f"*{name}", "ids_ptr": ids}
+                yield CompileSpec(
+                    name=f"contrastive_fused_scores[{name},{precision},ids={int(has_ids)}]", kernel=fused_scores_kernel,
+                    signature=_signature(_SCORE_ARGS, pointers, ("stride_xk", "stride_yk", "stride_sn"), constexprs),
+                    constexprs=constexprs, num_warps=score_cfg.num_warps, num_stages=score_cfg.num_stages,
+                    divisible_by_16=_aligned(_SCORE_ARGS, "K", "stride_xm", "stride_yn", "stride_sm"),
+                )  # fmt: skip
+                for temperature in (False, True):
+                    unit = ("stride_sn", "stride_yd", "stride_dd", "stride_gn")
+                    constexprs = {**dict.fromkeys(unit, 1), "BLOCK_M": grad_cfg.block_m, "BLOCK_N": grad_cfg.block_n,
+                                  "BLOCK_D": grad_cfg.block_k, "TEMPERATURE_GRAD": temperature, **common}  # fmt: skip
+                    pointers = {"y_ptr": f"*{name}", "g_ptr": f"*{name}", "ids_ptr": ids}
+                    yield CompileSpec(
+                        name=f"contrastive_fused_grad_x[{name},{precision},ids={int(has_ids)}"
+                        f"{',temperature' if temperature else ''}]",
+                        kernel=fused_grad_x_kernel, signature=_signature(_GRAD_ARGS, pointers, unit, constexprs),
+                        constexprs=constexprs, num_warps=grad_cfg.num_warps, num_stages=grad_cfg.num_stages,
+                        divisible_by_16=_aligned(_GRAD_ARGS, "D", "stride_sm", "stride_yn", "stride_dm", "stride_gm"),
+                    )  # fmt: skip
