@@ -64,12 +64,14 @@ FUSED_CONFIGS = {
 }
 
 
-def fused_configs(dot_dtype, input_precision: str) -> tuple[MatmulConfig, MatmulConfig]:
-    if triton_interpreter_enabled():
-        return FUSED_CONFIGS["interpreter"]
+def gpu_configs(dot_dtype, input_precision: str) -> tuple[MatmulConfig, MatmulConfig]:
     if dot_dtype != tl.float32:
         return FUSED_CONFIGS["tensor_core"]
     return FUSED_CONFIGS["tf32" if input_precision == "tf32" else "fp32"]
+
+
+def fused_configs(dot_dtype, input_precision: str) -> tuple[MatmulConfig, MatmulConfig]:
+    return FUSED_CONFIGS["interpreter"] if triton_interpreter_enabled() else gpu_configs(dot_dtype, input_precision)
 
 
 def direction_params(opts: DirectionOptions, dtype: torch.dtype, device, no_margin: float) -> torch.Tensor:
@@ -225,8 +227,9 @@ def fused_direction_chunk(x, pieces, opts: DirectionOptions, row_offset: int, lo
                           accumulate_pieces=False, temperature_grad=None):  # fmt: skip
     """One chunk of rows x [rows, D] (row r's positive: candidate row_offset + r) against the
     candidate pieces: the loss into `loss`; with `row_scale`, S into `scores` and G into `grads`
-    ([rows, width] buffers, laid out by buffer_columns), dX into (or, accumulate_x, onto) grad_x, dY onto (accumulate_pieces) or into
-    grad_pieces[i] (None: skipped), and w_r = Σ_j G_rj·s_rj into temperature_grad."""
+    ([rows, width] buffers, laid out by buffer_columns), dX into (or, accumulate_x, onto) grad_x,
+    dY onto (accumulate_pieces) or into grad_pieces[i] (None: skipped), and w_r = Σ_j G_rj·s_rj into
+    temperature_grad."""
     rows, dim = x.shape
     device = x.device
     dot_dtype = dot_dtype_for(x.dtype)
@@ -318,9 +321,7 @@ def compile_specs():
     for dtype, name in _TYPE_NAMES.items():
         dot = TORCH_TO_TRITON[dtype]
         for precision in ["ieee", "tf32"] if dtype == torch.float32 else ["ieee"]:
-            score_cfg, grad_cfg = (
-                FUSED_CONFIGS["tensor_core"] if dtype != torch.float32 else FUSED_CONFIGS["tf32" if precision == "tf32" else "fp32"]
-            )  # fmt: skip
+            score_cfg, grad_cfg = gpu_configs(dot, precision)
             for has_ids in (False, True):
                 ids = "*i32" if has_ids else "*fp32"
                 common = {"HAS_IDS": has_ids, "DOT_DTYPE": dot, "INPUT_PRECISION": precision}
