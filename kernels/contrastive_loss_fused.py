@@ -51,6 +51,8 @@ from mmfast.kernels.matmul import (
     matmul,
 )
 
+_TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # what tl.dot takes
+
 # (scores config, grad_x config) per kind of dot. scores: a block_m × block_n tile of S, block_k of
 # D per step. grad_x: block_m rows × block_k columns of dX, block_n candidates per step. Every pair
 # is compiled by tests/test_compile.py for sm_80 and sm_90 with no spill (regs and shared memory:
@@ -230,6 +232,8 @@ def fused_direction_chunk(x, pieces, opts: DirectionOptions, row_offset: int, lo
     ([rows, width] buffers, laid out by buffer_columns), dX into (or, accumulate_x, onto) grad_x,
     dY onto (accumulate_pieces) or into grad_pieces[i] (None: skipped), and w_r = Σ_j G_rj·s_rj into
     temperature_grad."""
+    if opts.topk is not None or x.dtype not in _TYPE_NAMES:  # a path choice's mistake, not the user's
+        raise NotImplementedError(f"the fused contrastive path has no top-k and no {x.dtype}: use the chunked one")
     rows, dim = x.shape
     device = x.device
     dot_dtype = dot_dtype_for(x.dtype)
@@ -290,7 +294,6 @@ def fused_direction_chunk(x, pieces, opts: DirectionOptions, row_offset: int, lo
         torch.sum(w, dim=0, out=temperature_grad)
 
 
-_TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # Unit strides of the launches: x, the pieces, S, G and dX are row-major (S and G as column slices).
 _SCORE_ARGS = ["x_ptr", "y_ptr", "s_ptr", "tile_max_ptr", "tile_sum_ptr", "pos_ptr", "params_ptr", "ids_ptr", "M", "N",
                "K", "col_offset", "pos_offset", "first_tile", "store_scores", "stride_xm", "stride_xk", "stride_yn",
