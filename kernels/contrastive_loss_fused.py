@@ -61,7 +61,7 @@ _TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 FUSED_CONFIGS = {
     "tensor_core": (MatmulConfig(128, 128, 64, 8, 8, 3), MatmulConfig(64, 32, 256, 1, 8, 4)),  # bf16/fp16
     "tf32": (MatmulConfig(128, 64, 32, 8, 8, 3), MatmulConfig(64, 32, 128, 1, 8, 2)),
-    "fp32": (MatmulConfig(64, 64, 16, 8, 8, 3), MatmulConfig(64, 16, 64, 1, 4, 3)),  # full fp32 (FMA)
+    "fp32": (MatmulConfig(64, 64, 16, 8, 8, 3), MatmulConfig(32, 16, 64, 1, 4, 3)),  # full fp32 (FMA)
     "interpreter": (MatmulConfig(16, 16, 32, 2, 1, 1), MatmulConfig(16, 16, 32, 1, 1, 1)),
 }
 
@@ -92,7 +92,7 @@ def direction_params(opts: DirectionOptions, dtype: torch.dtype, device, no_marg
 @triton.jit(do_not_specialize=["col_offset", "pos_offset", "first_tile", "store_scores"])
 def fused_scores_kernel(
     x_ptr, y_ptr, s_ptr, tile_max_ptr, tile_sum_ptr, pos_ptr, params_ptr, ids_ptr,
-    M, N, K, col_offset, pos_offset, first_tile, store_scores,
+    M, N, n_padded, K, col_offset, pos_offset, first_tile, store_scores,
     stride_xm, stride_xk, stride_yn, stride_yk, stride_sm, stride_sn, stride_tm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_IDS: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -126,16 +126,19 @@ def fused_scores_kernel(
     stats = rows.to(tl.int64) * stride_tm + first_tile + pid_n
     tl.store(tile_max_ptr + stats, tile_max, mask=row_ok)
     tl.store(tile_sum_ptr + stats, tile_sum, mask=row_ok)
-    # S for the gradient: a masked-off store (store_scores = 0, no gradient) moves no bytes.
+    # S for the gradient: a masked-off store (store_scores = 0, no gradient) moves no bytes. The
+    # padding columns up to n_padded (a multiple of 16) get -inf, whose exp is 0: grad_x then loads
+    # S in 16-byte vectors and needs no column mask of its own.
     s_ptrs = s_ptr + rows[:, None].to(tl.int64) * stride_sm + cols[None, :] * stride_sn
     store_rows = row_ok & (tl.full((BLOCK_M,), store_scores, tl.int32) != 0)  # a runtime flag as a mask
-    tl.store(s_ptrs, s, mask=store_rows[:, None] & col_ok[None, :])
+    padded = tl.where(col_ok[None, :], s, float("-inf"))
+    tl.store(s_ptrs, padded, mask=store_rows[:, None] & (cols[None, :] < n_padded))
 
 
 @triton.jit(do_not_specialize=["col_offset", "pos_offset", "accumulate", "store_dx", "store_grads"])
 def fused_grad_x_kernel(
     s_ptr, y_ptr, dx_ptr, g_ptr, lse_ptr, pos_ptr, row_scale_ptr, params_ptr, ids_ptr, w_ptr,
-    M, N, D, col_offset, pos_offset, accumulate, store_dx, store_grads,
+    M, N, n_padded, D, col_offset, pos_offset, accumulate, store_dx, store_grads,
     stride_sm, stride_sn, stride_yn, stride_yd, stride_dm, stride_dd, stride_gm, stride_gn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_IDS: tl.constexpr,
     TEMPERATURE_GRAD: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -182,17 +185,22 @@ def fused_grad_x_kernel(
     for start in range(0, N, BLOCK_N):
         cols = start + rn
         col_ok = cols < N
-        s = tl.load(s_base + s_offsets, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        # S is -inf past N (the score kernel's padding, and this load's `other`): its exp is 0, so G
+        # needs no column mask, and the masks here are whole 16-byte vectors.
+        s = tl.load(s_base + s_offsets, mask=row_ok[:, None] & (cols < n_padded)[None, :], other=float("-inf"))
         # Prologue: G from S in registers, the row kernel's formula.
-        keep = col_ok[None, :] & (cols[None, :] != pos_col[:, None]) & ~(s > limit[:, None])
+        keep = (cols[None, :] != pos_col[:, None]) & ~(s > limit[:, None])
         if HAS_IDS:
             col_id = tl.load(ids_ptr + col_offset + cols, mask=col_ok, other=0)
             keep = keep & (col_id[None, :] != pos_id[:, None])
-        g = tl.where(keep, tl.exp(s * negative_scale - lse[:, None]) * coef[:, None], 0.0)
+        # exp2 of (logit - lse)·log2 e: the ex2 instruction alone (tl.exp adds a range fix-up sequence),
+        # and exact where it matters, as logit - lse is near 0 for the large terms.
+        g = tl.where(keep, tl.exp2((s * negative_scale - lse[:, None]) * 1.4426950408889634) * coef[:, None], 0.0)
         g = tl.where(cols[None, :] == pos_col[:, None], pos_grad[:, None], g)
         if TEMPERATURE_GRAD:  # Σ_j G_j·(s_j - s_pos): the positive's own term is 0
-            weighted += tl.sum(tl.where(keep, g * (s - pos[:, None]), 0.0), axis=1)
-        tl.store(g_base + g_offsets, g.to(g_ptr.dtype.element_ty), mask=g_rows[:, None] & col_ok[None, :])
+            above = tl.where(s == float("-inf"), 0.0, s - pos[:, None])  # no 0·(-inf) past the edges
+            weighted += tl.sum(tl.where(keep, g * above, 0.0), axis=1)
+        tl.store(g_base + g_offsets, g.to(g_ptr.dtype.element_ty), mask=g_rows[:, None] & (cols < n_padded)[None, :])
         y = tl.load(y_base + y_offsets, mask=col_ok[:, None], other=0.0)
         acc = tl.dot(g.to(DOT_DTYPE), y.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
         s_base += BLOCK_N * stride_sn
@@ -220,8 +228,12 @@ def buffer_columns(pieces) -> tuple[list[int], int]:
     starts, width = [], 0
     for piece in pieces:
         starts.append(width)
-        width += triton.cdiv(piece.shape[0], 16) * 16
+        width += padded_width(piece.shape[0])
     return starts, width
+
+
+def padded_width(n: int) -> int:
+    return triton.cdiv(n, 16) * 16
 
 
 def fused_direction_chunk(x, pieces, opts: DirectionOptions, row_offset: int, loss, ids=None, *, scores=None,
@@ -255,7 +267,7 @@ def fused_direction_chunk(x, pieces, opts: DirectionOptions, row_offset: int, lo
         grid = (triton.cdiv(rows, score_cfg.block_m) * n_tiles,)
         fused_scores_kernel[grid](
             x, piece, out, tile_max, tile_sum, pos, params, ids_arg,
-            rows, n, dim, col, row_offset, first_tile, int(want_grad),
+            rows, n, padded_width(n), dim, col, row_offset, first_tile, int(want_grad),
             x.stride(0), x.stride(1), piece.stride(0), piece.stride(1), out.stride(0), out.stride(1),
             tile_max.stride(0),
             BLOCK_M=score_cfg.block_m, BLOCK_N=score_cfg.block_n, BLOCK_K=score_cfg.block_k,
@@ -279,7 +291,7 @@ def fused_direction_chunk(x, pieces, opts: DirectionOptions, row_offset: int, lo
         dx = lse if grad_x is None else grad_x
         fused_grad_x_kernel[(triton.cdiv(rows, grad_cfg.block_m) * blocks_d,)](
             s, piece, dx, g, lse, pos, row_scale, params, ids_arg, lse if w is None else w[i],
-            rows, n, dim, col, row_offset, int(accumulate_x or i > 0), int(grad_x is not None),
+            rows, n, padded_width(n), dim, col, row_offset, int(accumulate_x or i > 0), int(grad_x is not None),
             int(grad_pieces[i] is not None),
             s.stride(0), s.stride(1), piece.stride(0), piece.stride(1), dx.stride(0), dx.stride(-1),
             g.stride(0), g.stride(1),
@@ -295,26 +307,20 @@ def fused_direction_chunk(x, pieces, opts: DirectionOptions, row_offset: int, lo
 
 
 # Unit strides of the launches: x, the pieces, S, G and dX are row-major (S and G as column slices).
-_SCORE_ARGS = ["x_ptr", "y_ptr", "s_ptr", "tile_max_ptr", "tile_sum_ptr", "pos_ptr", "params_ptr", "ids_ptr", "M", "N",
-               "K", "col_offset", "pos_offset", "first_tile", "store_scores", "stride_xm", "stride_xk", "stride_yn",
-               "stride_yk", "stride_sm", "stride_sn", "stride_tm"]  # fmt: skip
-_GRAD_ARGS = ["s_ptr", "y_ptr", "dx_ptr", "g_ptr", "lse_ptr", "pos_ptr", "row_scale_ptr", "params_ptr", "ids_ptr",
-              "w_ptr", "M", "N", "D", "col_offset", "pos_offset", "accumulate", "store_dx", "store_grads",
-              "stride_sm", "stride_sn", "stride_yn", "stride_yd", "stride_dm", "stride_dd", "stride_gm",
-              "stride_gn"]  # fmt: skip
+# Every launch passes x, the pieces, S, G and dX row-major (S and G as column slices): unit strides.
 
 
-def _signature(args, pointers: dict, unit_strides, constexprs: dict) -> dict:
-    signature = {arg: pointers.get(arg, "*fp32" if arg.endswith("_ptr") else "i32") for arg in args}
+def _signature(kernel, pointers: dict, unit_strides, constexprs: dict) -> dict:
+    signature = {arg: pointers.get(arg, "*fp32" if arg.endswith("_ptr") else "i32") for arg in kernel.arg_names}
     signature.update({stride: "constexpr" for stride in unit_strides})
     signature.update({name: "constexpr" for name in constexprs})
     return signature
 
 
-def _aligned(args, *names) -> tuple[str, ...]:
+def _aligned(kernel, *names) -> tuple[str, ...]:
     """What every launch passes as a multiple of 16: the pointers (torch allocations, and slices at
     buffer_columns' starts), D and the row strides (the path runs only for D % 16 == 0)."""
-    return (*(arg for arg in args if arg.endswith("_ptr") and arg not in ("params_ptr", "ids_ptr")), *names)
+    return (*(arg for arg in kernel.arg_names if arg.endswith("_ptr") and arg not in ("params_ptr", "ids_ptr")), *names)
 
 
 def compile_specs():
@@ -332,12 +338,14 @@ def compile_specs():
                               "BLOCK_N": score_cfg.block_n, "BLOCK_K": score_cfg.block_k,
                               "GROUP_M": score_cfg.group_m, **common}  # fmt: skip
                 pointers = {"x_ptr": f"*{name}", "y_ptr": f"*{name}", "ids_ptr": ids}
+                kernel = fused_scores_kernel
                 yield CompileSpec(
-                    name=f"contrastive_fused_scores[{name},{precision},ids={int(has_ids)}]", kernel=fused_scores_kernel,
-                    signature=_signature(_SCORE_ARGS, pointers, ("stride_xk", "stride_yk", "stride_sn"), constexprs),
+                    name=f"contrastive_fused_scores[{name},{precision},ids={int(has_ids)}]", kernel=kernel,
+                    signature=_signature(kernel, pointers, ("stride_xk", "stride_yk", "stride_sn"), constexprs),
                     constexprs=constexprs, num_warps=score_cfg.num_warps, num_stages=score_cfg.num_stages,
-                    divisible_by_16=_aligned(_SCORE_ARGS, "K", "stride_xm", "stride_yn", "stride_sm"),
+                    divisible_by_16=_aligned(kernel, "n_padded", "K", "stride_xm", "stride_yn", "stride_sm"),
                 )  # fmt: skip
+                kernel = fused_grad_x_kernel
                 for temperature in (False, True):
                     unit = ("stride_sn", "stride_yd", "stride_dd", "stride_gn")
                     constexprs = {**dict.fromkeys(unit, 1), "BLOCK_M": grad_cfg.block_m, "BLOCK_N": grad_cfg.block_n,
@@ -346,7 +354,8 @@ def compile_specs():
                     yield CompileSpec(
                         name=f"contrastive_fused_grad_x[{name},{precision},ids={int(has_ids)}"
                         f"{',temperature' if temperature else ''}]",
-                        kernel=fused_grad_x_kernel, signature=_signature(_GRAD_ARGS, pointers, unit, constexprs),
+                        kernel=kernel, signature=_signature(kernel, pointers, unit, constexprs),
                         constexprs=constexprs, num_warps=grad_cfg.num_warps, num_stages=grad_cfg.num_stages,
-                        divisible_by_16=_aligned(_GRAD_ARGS, "D", "stride_sm", "stride_yn", "stride_dm", "stride_gm"),
+                        divisible_by_16=_aligned(kernel, "n_padded", "D", "stride_sm", "stride_yn", "stride_dm",
+                                                 "stride_gm"),
                     )  # fmt: skip

@@ -38,7 +38,8 @@ def test_every_variant_compiles_for_sm80_and_sm90(compiled):
     for arch in ("sm_80", "sm_90"):
         assert {r["kernel"] for r in compiled if r["arch"] == arch} == {r["kernel"] for r in compiled}
     names = {r["kernel"] for r in compiled}
-    for kernel in ("matmul[", "contrastive_softmax_rows[", "similarity_topk["):
+    for kernel in ("matmul[", "contrastive_softmax_rows[", "contrastive_fused_scores[", "contrastive_fused_grad_x[",
+                   "similarity_topk["):  # fmt: skip
         assert any(n.startswith(kernel) for n in names), kernel
 
 
@@ -47,8 +48,9 @@ def test_no_variant_spills_registers(compiled):
     assert not spilled, "register spills:\n" + "\n".join(spilled)
 
 
-def test_tensor_core_matmuls_use_wgmma_on_sm90_and_mma_on_sm80(compiled):
+def test_tensor_core_gemms_use_wgmma_on_sm90_and_mma_on_sm80(compiled):
     for r in compiled:
-        tensor_core = r["kernel"].startswith("matmul[") and (",bf16," in r["kernel"] or ",fp16," in r["kernel"])
+        gemm = r["kernel"].startswith(("matmul[", "contrastive_fused_"))
+        tensor_core = gemm and ("bf16," in r["kernel"] or "fp16," in r["kernel"])
         if tensor_core:
             assert r["wgmma"] if r["arch"] == "sm_90" else r["mma_sync"], r

@@ -21,7 +21,9 @@ the raw scores and do not depend on τ.
 The candidates y are kept as a list of pieces ([targets, negatives]) and never concatenated. The rows
 per chunk come from a byte budget (mmfast/backends/chunked.py), so memory is flat in B. Backends
 differ only in their kernel set (`contrastive_kernels`): how S and the gradient GEMMs are computed
-(chunked.TorchGemms or kernels/matmul.TritonGemms) and which row kernel runs.
+(chunked.TorchGemms or kernels/matmul.TritonGemms) and which row kernel runs. The Triton set can
+also take a whole direction down its fused path (its `path` method; mmfast/backends/contrastive_loss_fused.py),
+where the row kernel's work happens inside the GEMMs.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 
 from mmfast._extension import load_extension
 from mmfast.backends.chunked import TorchGemms, chunk_rows, work_copy
+from mmfast.backends.contrastive_loss_fused import fused_directional_loss
 from mmfast.distributed import Gathered
 from mmfast.duplicate_ids import NO_IDS, DuplicateIds, class_index
 from mmfast.kernel_contract import DirectionOptions, compute_dtype
@@ -234,7 +237,7 @@ def directional_loss(
         # More slots than negatives would only cost memory: a row has at most N - 1 of them.
         opts = dataclasses.replace(opts, topk=max(1, min(opts.topk, n_candidates - 1)))
     if kernels.path(n_rows, n_candidates, x.shape[1], x.dtype, opts) == "fused":
-        return _fused_directional_loss(
+        return fused_directional_loss(
             kernels, x, pieces, opts, row_scale=row_scale, grad_x=grad_x, grad_pieces=grad_pieces,
             accumulate=accumulate, positive_offset=positive_offset, temperature_grad=temperature_grad, ids=ids,
         )  # fmt: skip
@@ -268,33 +271,6 @@ def directional_loss(
             kernels.topk_rows(scores, positive_offset + start, opts, scale, loss[start:stop], index, coef, w, ids)
             if scale is not None:
                 kernels.sparse_grads(x_chunk, pieces, index, coef, grad_x_chunk, grad_pieces)
-    return loss
-
-
-def _fused_directional_loss(kernels, x, pieces, opts, *, row_scale, grad_x, grad_pieces, accumulate, positive_offset,
-                            temperature_grad, ids) -> torch.Tensor:  # fmt: skip
-    """directional_loss on the fused path (kernels.fused_chunk): float32 S and G buffers per chunk of
-    rows when a gradient is wanted; without one the kernels keep only per-tile row statistics and
-    every row is one chunk."""
-    n_rows, width = x.shape[0], kernels.fused_buffer_width(pieces)
-    want_grad = row_scale is not None
-    per_score = kernels.fused_bytes_per_score[x.dtype] if want_grad else 0
-    chunk = chunk_rows(n_rows, width, per_score, torch.float32, x.device) if want_grad else n_rows
-    new = functools.partial(torch.empty, device=x.device)
-    scratch = new(chunk, width, dtype=torch.float32) if want_grad else None
-    grad_scratch = new(chunk, width, dtype=x.dtype) if want_grad else None
-    loss = new(n_rows, dtype=torch.float32)
-    for start in range(0, n_rows, chunk):
-        stop = min(n_rows, start + chunk)
-        grads = {}
-        if want_grad:
-            grads = dict(
-                scores=scratch[: stop - start], grads=grad_scratch[: stop - start], row_scale=row_scale[start:stop],
-                grad_x=None if grad_x is None else grad_x[start:stop], grad_pieces=grad_pieces,
-                accumulate_x=accumulate, accumulate_pieces=accumulate or start > 0,
-                temperature_grad=None if temperature_grad is None else temperature_grad[start:stop],
-            )  # fmt: skip
-        kernels.fused_chunk(x[start:stop], pieces, opts, positive_offset + start, loss[start:stop], ids, **grads)
     return loss
 
 
