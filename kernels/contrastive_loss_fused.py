@@ -35,6 +35,8 @@ the time of its GEMM unless they overlap with it. Unproven on hardware: estimate
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -64,6 +66,13 @@ FUSED_CONFIGS = {
     "fp32": (MatmulConfig(64, 64, 16, 8, 8, 3), MatmulConfig(32, 16, 64, 1, 4, 3)),  # full fp32 (FMA)
     "interpreter": (MatmulConfig(16, 16, 32, 2, 1, 1), MatmulConfig(16, 16, 32, 1, 1, 1)),
 }
+
+
+# dX in the prologue of its GEMM forms each G tile D / BLOCK_D times, and the prologue costs ~32
+# instructions per score (sm_90 SASS of the loop), so from about D = 1024 on (H100: the D / 256
+# recomputations take as many issue slots as a 6-byte-per-score pass moves bytes) G is formed once
+# by the same kernel without its GEMM and dX = G·Y is a plain GEMM (kernels/matmul.py).
+PROLOGUE_MAX_DIM = 1024
 
 
 def gpu_configs(dot_dtype, input_precision: str) -> tuple[MatmulConfig, MatmulConfig]:
@@ -141,13 +150,14 @@ def fused_grad_x_kernel(
     M, N, n_padded, D, col_offset, pos_offset, accumulate, store_dx, store_grads,
     stride_sm, stride_sn, stride_yn, stride_yd, stride_dm, stride_dd, stride_gm, stride_gn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_IDS: tl.constexpr,
-    TEMPERATURE_GRAD: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    TEMPERATURE_GRAD: tl.constexpr, DX_IN_PROLOGUE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    # The D blocks of one row block are neighbours in launch order: they read the same S rows while
-    # those are in L2, and the row blocks running at once share each Y tile.
-    blocks_d = tl.cdiv(D, BLOCK_D)
-    pid_m = tl.program_id(0) // blocks_d
-    pid_d = tl.program_id(0) % blocks_d
+    # Grid (D blocks, row blocks): the D blocks of one row block are neighbours in launch order, so
+    # they read the same S rows while those are in L2, and the row blocks running at once share each
+    # Y tile. Without DX_IN_PROLOGUE (G only: dX is a GEMM on the stored G) there is one D block.
+    pid_d = tl.program_id(0)
+    pid_m = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     dcols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD]
     rn = tl.arange(0, BLOCK_N)  # [BN]
@@ -201,15 +211,17 @@ def fused_grad_x_kernel(
             above = tl.where(s == float("-inf"), 0.0, s - pos[:, None])  # no 0·(-inf) past the edges
             weighted += tl.sum(tl.where(keep, g * above, 0.0), axis=1)
         tl.store(g_base + g_offsets, g.to(g_ptr.dtype.element_ty), mask=g_rows[:, None] & (cols < n_padded)[None, :])
-        y = tl.load(y_base + y_offsets, mask=col_ok[:, None], other=0.0)
-        acc = tl.dot(g.to(DOT_DTYPE), y.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+        if DX_IN_PROLOGUE:
+            y = tl.load(y_base + y_offsets, mask=col_ok[:, None], other=0.0)
+            acc = tl.dot(g.to(DOT_DTYPE), y.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
         s_base += BLOCK_N * stride_sn
         g_base += BLOCK_N * stride_gn
         y_base += BLOCK_N * stride_yn
-    # Added at the end, in the accumulator's layout: loaded at the start it stays live in a second
-    # layout through the loop (spills, as in matmul_kernel's 128×128 tiles).
-    acc += tl.load(dx_ptrs, mask=add_rows[:, None] & (dcols[None, :] < D), other=0.0)
-    tl.store(dx_ptrs, acc, mask=dx_rows[:, None] & (dcols[None, :] < D))
+    if DX_IN_PROLOGUE:
+        # Added at the end, in the accumulator's layout: loaded at the start it stays live in a
+        # second layout through the loop (spills, as in matmul_kernel's 128×128 tiles).
+        acc += tl.load(dx_ptrs, mask=add_rows[:, None] & (dcols[None, :] < D), other=0.0)
+        tl.store(dx_ptrs, acc, mask=dx_rows[:, None] & (dcols[None, :] < D))
     if TEMPERATURE_GRAD:
         tl.store(w_ptr + rows, weighted, mask=row_ok & (rows * 0 + pid_d == 0))
 
@@ -283,22 +295,25 @@ def fused_direction_chunk(x, pieces, opts: DirectionOptions, row_offset: int, lo
         return
     lse = lse.contiguous()
     w = None if temperature_grad is None else torch.empty(len(pieces), rows, dtype=torch.float32, device=device)
-    blocks_d = triton.cdiv(dim, grad_cfg.block_k) if grad_x is not None else 1  # one block forms G alone
+    in_prologue = grad_x is not None and dim <= PROLOGUE_MAX_DIM
+    blocks_d = triton.cdiv(dim, grad_cfg.block_k) if in_prologue else 1  # one block forms G alone
     col = 0
     for i, (piece, start) in enumerate(zip(pieces, starts, strict=True)):
         n = piece.shape[0]
         s, g = scores[:, start : start + n], grads[:, start : start + n]
         dx = lse if grad_x is None else grad_x
-        fused_grad_x_kernel[(triton.cdiv(rows, grad_cfg.block_m) * blocks_d,)](
+        fused_grad_x_kernel[(blocks_d, triton.cdiv(rows, grad_cfg.block_m))](
             s, piece, dx, g, lse, pos, row_scale, params, ids_arg, lse if w is None else w[i],
-            rows, n, padded_width(n), dim, col, row_offset, int(accumulate_x or i > 0), int(grad_x is not None),
-            int(grad_pieces[i] is not None),
+            rows, n, padded_width(n), dim, col, row_offset, int(accumulate_x or i > 0), int(in_prologue),
+            int(grad_pieces[i] is not None or (grad_x is not None and not in_prologue)),
             s.stride(0), s.stride(1), piece.stride(0), piece.stride(1), dx.stride(0), dx.stride(-1),
             g.stride(0), g.stride(1),
             BLOCK_M=grad_cfg.block_m, BLOCK_N=grad_cfg.block_n, BLOCK_D=grad_cfg.block_k, HAS_IDS=ids is not None,
-            TEMPERATURE_GRAD=w is not None, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
-            num_warps=grad_cfg.num_warps, num_stages=grad_cfg.num_stages,
+            TEMPERATURE_GRAD=w is not None, DX_IN_PROLOGUE=in_prologue, DOT_DTYPE=dot_dtype,
+            INPUT_PRECISION=precision, num_warps=grad_cfg.num_warps, num_stages=grad_cfg.num_stages,
         )  # fmt: skip
+        if grad_x is not None and not in_prologue:
+            matmul(g, piece, grad_x, accumulate=accumulate_x or i > 0, embedding_dtype=x.dtype)
         if grad_pieces[i] is not None:
             matmul(g.T, x, grad_pieces[i], accumulate=accumulate_pieces, embedding_dtype=x.dtype)
         col += n
@@ -346,13 +361,15 @@ def compile_specs():
                     divisible_by_16=_aligned(kernel, "n_padded", "K", "stride_xm", "stride_yn", "stride_sm"),
                 )  # fmt: skip
                 kernel = fused_grad_x_kernel
-                for temperature in (False, True):
+                for temperature, in_prologue in itertools.product((False, True), (True, False)):
                     unit = ("stride_sn", "stride_yd", "stride_dd", "stride_gn")
+                    role = "grad_x" if in_prologue else "grads"  # grads: G alone, no GEMM
                     constexprs = {**dict.fromkeys(unit, 1), "BLOCK_M": grad_cfg.block_m, "BLOCK_N": grad_cfg.block_n,
-                                  "BLOCK_D": grad_cfg.block_k, "TEMPERATURE_GRAD": temperature, **common}  # fmt: skip
+                                  "BLOCK_D": grad_cfg.block_k, "TEMPERATURE_GRAD": temperature,
+                                  "DX_IN_PROLOGUE": in_prologue, **common}  # fmt: skip
                     pointers = {"y_ptr": f"*{name}", "g_ptr": f"*{name}", "ids_ptr": ids}
                     yield CompileSpec(
-                        name=f"contrastive_fused_grad_x[{name},{precision},ids={int(has_ids)}"
+                        name=f"contrastive_fused_{role}[{name},{precision},ids={int(has_ids)}"
                         f"{',temperature' if temperature else ''}]",
                         kernel=kernel, signature=_signature(kernel, pointers, unit, constexprs),
                         constexprs=constexprs, num_warps=grad_cfg.num_warps, num_stages=grad_cfg.num_stages,

@@ -39,7 +39,7 @@ def test_every_variant_compiles_for_sm80_and_sm90(compiled):
         assert {r["kernel"] for r in compiled if r["arch"] == arch} == {r["kernel"] for r in compiled}
     names = {r["kernel"] for r in compiled}
     for kernel in ("matmul[", "contrastive_softmax_rows[", "contrastive_fused_scores[", "contrastive_fused_grad_x[",
-                   "similarity_topk["):  # fmt: skip
+                   "contrastive_fused_grads[", "similarity_topk["):  # fmt: skip
         assert any(n.startswith(kernel) for n in names), kernel
 
 
@@ -50,7 +50,7 @@ def test_no_variant_spills_registers(compiled):
 
 def test_tensor_core_gemms_use_wgmma_on_sm90_and_mma_on_sm80(compiled):
     for r in compiled:
-        gemm = r["kernel"].startswith(("matmul[", "contrastive_fused_"))
+        gemm = r["kernel"].startswith(("matmul[", "contrastive_fused_scores[", "contrastive_fused_grad_x["))
         tensor_core = gemm and ("bf16," in r["kernel"] or "fp16," in r["kernel"])
         if tensor_core:
             assert r["wgmma"] if r["arch"] == "sm_90" else r["mma_sync"], r

@@ -27,7 +27,8 @@ FUSED_OPTIONS["all"] = {"temperature": 0.05, "hardness": 4.0, "false_negative_ma
 
 @pytest.fixture
 def force_path(monkeypatch):
-    """force_path("fused" | "chunked") -> a list that grows by one per fused chunk run."""
+    """force_path("fused" | "chunked", dx="prologue" | "gemm") -> a list that grows by one per fused
+    chunk run. dx: where the fused path computes dX = G·Y (PROLOGUE_MAX_DIM picks it by D)."""
     chunks = []
     run_chunk = contrastive_loss_fused.fused_direction_chunk
 
@@ -37,8 +38,9 @@ def force_path(monkeypatch):
 
     monkeypatch.setattr("mmfast.kernels.contrastive_loss.fused_direction_chunk", counted)
 
-    def force(path: str) -> list:
+    def force(path: str, dx: str = "prologue") -> list:
         monkeypatch.setattr(TritonContrastiveKernels, "path", lambda self, *args: path)
+        monkeypatch.setattr(contrastive_loss_fused, "PROLOGUE_MAX_DIM", 1 << 30 if dx == "prologue" else 0)
         return chunks
 
     return force
@@ -59,10 +61,14 @@ def test_every_option_and_reduction(force_path, path, options):
     assert bool(chunks) == (path == "fused")
 
 
-@pytest.mark.parametrize("path", ["fused", "chunked"])
+PATHS = [("fused", "prologue"), ("fused", "gemm"), ("chunked", "-")]
+DX = ["prologue", "gemm"]
+
+
+@pytest.mark.parametrize(("path", "dx"), PATHS, ids=["fused-prologue", "fused-gemm", "chunked"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-def test_dtypes_with_ids_and_a_learned_temperature(force_path, path, dtype):
-    force_path(path)
+def test_dtypes_with_ids_and_a_learned_temperature(force_path, path, dx, dtype):
+    force_path(path, dx)
     q, t, n = make_inputs(21, 32, 1, seed=32, peaky=True)
     ids = make_ids(21, 21, seed=33)
     options = with_ids(FUSED_OPTIONS["all"], *ids)
@@ -72,16 +78,18 @@ def test_dtypes_with_ids_and_a_learned_temperature(force_path, path, dtype):
 
 
 @pytest.mark.parametrize(("b", "d", "k"), [(1, 3, 0), (7, 100, 1), (37, 16, 0), (33, 17, 3), (18, 48, 2)])
-def test_odd_sizes(force_path, b, d, k):
+@pytest.mark.parametrize("dx", DX)
+def test_odd_sizes(force_path, dx, b, d, k):
     """Rows, candidates and D that fill no tile (the interpreter's tiles are 16 × 16 × 32)."""
-    force_path("fused")
+    force_path("fused", dx)
     q, t, n = make_inputs(b, d, k, seed=b + d + k)
     check(q, t, n, torch.float32, learned_temperature=0.05, hardness=2.0, false_negative_margin=0.1)
     check(q, t, n, torch.float16, reduction="none")
 
 
-def test_shared_negatives_across_many_chunks(force_path, monkeypatch):
-    chunks = force_path("fused")
+@pytest.mark.parametrize("dx", DX)
+def test_shared_negatives_across_many_chunks(force_path, monkeypatch, dx):
+    chunks = force_path("fused", dx)
     monkeypatch.setattr(chunked, "SCORE_CHUNK_BYTES", 4096)  # a few rows per chunk
     q, t, n = make_inputs(37, 32, 0, seed=34, m=29)
     ids = make_ids(37, 29, seed=35)
@@ -93,10 +101,11 @@ def test_shared_negatives_across_many_chunks(force_path, monkeypatch):
     "which", [(True, False, False), (False, True, False), (False, False, True), (False, False, False)],
     ids=["query", "target", "negatives", "temperature_only"],
 )  # fmt: skip
-def test_gradient_of_any_subset_of_inputs(force_path, which):
+@pytest.mark.parametrize("dx", DX)
+def test_gradient_of_any_subset_of_inputs(force_path, dx, which):
     """dX, G and dY are each written only when wanted (and G still formed for τ alone)."""
-    force_path("fused")
-    q, t, n = make_inputs(9, 32, 2, seed=36)
+    force_path("fused", dx)
+    q, t, n = make_inputs(9, 70, 2, seed=36)  # D spans three of the interpreter's D blocks
     results = []
     for backend in ("triton", "reference"):
         inputs = [x.clone().float().requires_grad_(flag) for x, flag in zip((q, t, n), which, strict=True)]
@@ -122,10 +131,11 @@ def test_no_grad_keeps_only_tile_statistics(force_path):
     assert len(chunks) == 1 and chunks[0] == {}
 
 
+@pytest.mark.parametrize("dx", DX)
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_positive_offset_across_devices(force_path, symmetric):
+def test_positive_offset_across_devices(force_path, symmetric, dx):
     """This rank's rows see every rank's gathered candidates; its positives start at offset 4."""
-    force_path("fused")
+    force_path("fused", dx)
     g = torch.Generator().manual_seed(38)
     targets, negatives, queries = (unit_rows(r, 32, generator=g) for r in (12, 7, 12))
     offset, rows = 4, 5
