@@ -1,36 +1,47 @@
-"""The tile-fused Triton path of mmfast.contrastive_loss: the three GEMMs carry the row statistics and
-the gradient in their epilogue and prologue, so no memory-bound row kernel runs between them.
+"""The tile-fused Triton path of mmfast.contrastive_loss: the row kernel's work moves into the GEMMs'
+epilogue and prologue, or into one pass over S, so S is written once and read once.
 
-Per chunk of rows (the chunk loop, mmfast/backends/contrastive_loss.py, still holds a [rows, N]
-buffer of float32 S and one of G: the dX kernel forms G from S, it cannot have it before the row's
-logsumexp is known):
+Per chunk of rows (mmfast/backends/contrastive_loss_fused.py; it still holds a [rows, N] float32 S
+and a G buffer: G needs each row's final logsumexp, so it cannot be formed while S is):
   diag        s_pos = row-wise x_r·y_pos in float32 (torch, [rows]): the margin needs the positive
               before the tile that holds it is seen
   scores      fused_scores_kernel: S_tile = X_blk·Y_tileᵀ (a GEMM); its epilogue applies the masks
               (positive, margin, duplicate ids) and hardness and writes the tile's row max and sum of
-              exp [rows, cdiv(N, BLOCK_N)] (and, when a gradient is wanted, S itself in float32;
-              without one only the tile statistics leave the kernel)
+              exp [rows, cdiv(N, BLOCK_N)], and, when a gradient is wanted, S in float32 (-inf in
+              the padding to 16 columns); without one only the tile statistics leave the kernel
   merge       lse = the tiles' statistics and the positive merged (torch, [rows, tiles]); loss
-  grad_x      fused_grad_x_kernel: dX_blk = G·Y (a GEMM over the candidates) with G formed in the
-              A-operand prologue from the S tile: masks, exp(logit - lse)·c/τ, (p - 1)·c/τ at the
-              positive; the programs of the first D block also store G (input dtype) and the tensor-τ
-              reduction Σ_j G_rj·(s_rj - s_pos)
-  grad_y      dY += Gᵀ·X_c: kernels/matmul.py on the stored G
+  G, dX       D <= PROLOGUE_MAX_DIM: fused_grad_x_kernel, dX_blk = G·Y with G formed in the A-operand
+              prologue from the S tile (masks, exp(logit - lse)·c/τ, (p - 1)·c/τ at the positive); its
+              first D block stores G and the tensor-τ reduction Σ_j G_rj·(s_rj - s_pos).
+              Larger D: the same kernel without its GEMM ("grads": G and the τ reduction, once per
+              score), then dX = G·Y with kernels/matmul.py
+  dY          dY += Gᵀ·X_c: kernels/matmul.py on the stored G
 Candidates in pieces ([targets, negatives]) are launched piece by piece with a column offset; the
 positive is global candidate positive_offset + row. Not here (the chunked path keeps them): top-k
 (a sparse gradient) and float64 (tl.dot has no float64).
 
-Per score (e = bytes per input element; DX = D / BLOCK_D of the grad_x config, 4 for D = 1024 and
-16 for D = 4096 at BLOCK_D = 256):
-  kernel    tensor FLOPs   MUFU exps   CUDA-core ops   HBM/L2 bytes written + read
-  scores    2·D            1           ~10             4 (S, only with a gradient) + 8/BLOCK_N
-  grad_x    2·D            DX          ~12·DX          4·DX read of S (the first from HBM, the
-                                                       others from L2) + e (G written)
-  grad_y    2·D            0           0               e (G read)
-  plus, per row: the diag (D multiply-adds), the merge (~4 per tile), nothing per score.
-On an H100 (989 dense bf16 TFLOP/s, 16 MUFU exps per SM per clock: ~256 tensor FLOPs per exp) the
-grad_x prologue costs 2·D / DX = 2·BLOCK_D = 512 tensor FLOPs per exp, i.e. its exps alone take half
-the time of its GEMM unless they overlap with it. Unproven on hardware: estimates only.
+Per score (bf16; DX = D / 256, the grad_x tile's D blocks; instructions are sm_90 SASS of each loop
+per tile element, plain / with ids and tensor τ):
+  kernel      tensor FLOPs  MUFU exps  instructions  HBM bytes (per score; + Y re-read per chunk)
+  scores      2·D           1          ~15 (est.)    4 (S, with a gradient) + 8/128 (statistics)
+  grad_x      2·D           DX         32 / 44 · DX  4 (S) + 2 (G); DX - 1 more S reads from L2
+  grads       0             1          15 / 26       4 (S) + 2 (G)
+  dX GEMM     2·D           0          0             2 (G)
+  dY GEMM     2·D           0          0             2 (G) + the float32 dY read and written per chunk
+The prologue's 32 instructions per element and D block against 2·256 tensor FLOPs make grad_x bound
+by instruction issue at ~1.85× its GEMM on an H100 (132 SMs × 4 schedulers × 32 lanes × 1.98 GHz =
+3.3e13 instructions/s against 989 bf16 TFLOP/s), for every D; the "grads" pass instead costs 6 bytes
+per score at 3.35 TB/s. The two break even near D = 1000 if the prologue overlaps the tensor cores
+perfectly, near D = 500 if it does not: hence PROLOGUE_MAX_DIM = 512.
+H100 estimates (max of tensor, bytes, MUFU and issue per kernel; bf16, fwd + bwd, reduction mean),
+against the three GEMMs at peak and today's chunked path:
+  B = 4096,  K = 1, D = 4096 (1 chunk):  ideal 0.834 ms; chunked 0.934 (1.12×); fused with grads +
+      dX GEMM 0.894 (1.07×); with dX in the prologue 1.07 (1.28×), 1.36 (1.63×) without overlap
+  B = 32768, K = 3, D = 1024 (25 chunks of 1365 rows): ideal 26.7 ms; chunked 41.2 (1.54×); fused
+      with grads 36.1 (1.35×); prologue 35.9 (1.35×), 46.7 (1.75×) without overlap. The rest over
+      1× is the grads pass (7.7 ms) and dY's float32 read-modify-write per chunk (10.6 ms against
+      its 8.9 ms GEMM).
+Unproven on hardware: estimates only (the chunked path stays).
 """
 
 from __future__ import annotations
@@ -68,11 +79,10 @@ FUSED_CONFIGS = {
 }
 
 
-# dX in the prologue of its GEMM forms each G tile D / BLOCK_D times, and the prologue costs ~32
-# instructions per score (sm_90 SASS of the loop), so from about D = 1024 on (H100: the D / 256
-# recomputations take as many issue slots as a 6-byte-per-score pass moves bytes) G is formed once
-# by the same kernel without its GEMM and dX = G·Y is a plain GEMM (kernels/matmul.py).
-PROLOGUE_MAX_DIM = 1024
+# dX in the prologue of its GEMM forms each G tile D / BLOCK_D times at ~32 instructions each (sm_90
+# SASS), which costs more than one 6-byte-per-score pass forming G once beyond D ≈ 500-1000 (see the
+# module docstring); there the same kernel forms G alone and dX = G·Y is a plain GEMM.
+PROLOGUE_MAX_DIM = 512
 
 
 def gpu_configs(dot_dtype, input_precision: str) -> tuple[MatmulConfig, MatmulConfig]:
