@@ -83,6 +83,7 @@ FUSED_CONFIGS = {
 # SASS), which costs more than one 6-byte-per-score pass forming G once beyond D ≈ 500-1000 (see the
 # module docstring); there the same kernel forms G alone and dX = G·Y is a plain GEMM.
 PROLOGUE_MAX_DIM = 512
+GRADS_PROGRAMS = 1024  # enough programs of the G-alone kernel to fill an H100 (132 SMs) several times
 
 
 def gpu_configs(dot_dtype, input_precision: str) -> tuple[MatmulConfig, MatmulConfig]:
@@ -154,10 +155,10 @@ def fused_scores_kernel(
     tl.store(s_ptrs, padded, mask=store_rows[:, None] & (cols[None, :] < n_padded))
 
 
-@triton.jit(do_not_specialize=["col_offset", "pos_offset", "accumulate", "store_dx", "store_grads"])
+@triton.jit(do_not_specialize=["col_offset", "pos_offset", "accumulate", "store_dx", "store_grads", "split_cols"])
 def fused_grad_x_kernel(
     s_ptr, y_ptr, dx_ptr, g_ptr, lse_ptr, pos_ptr, row_scale_ptr, params_ptr, ids_ptr, w_ptr,
-    M, N, n_padded, D, col_offset, pos_offset, accumulate, store_dx, store_grads,
+    M, N, n_padded, D, col_offset, pos_offset, accumulate, store_dx, store_grads, split_cols,
     stride_sm, stride_sn, stride_yn, stride_yd, stride_dm, stride_dd, stride_gm, stride_gn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_IDS: tl.constexpr,
     TEMPERATURE_GRAD: tl.constexpr, DX_IN_PROLOGUE: tl.constexpr, DOT_DTYPE: tl.constexpr,
@@ -165,10 +166,22 @@ def fused_grad_x_kernel(
 ):  # fmt: skip
     # Grid (D blocks, row blocks): the D blocks of one row block are neighbours in launch order, so
     # they read the same S rows while those are in L2, and the row blocks running at once share each
-    # Y tile. Without DX_IN_PROLOGUE (G only: dX is a GEMM on the stored G) there is one D block.
+    # Y tile. Without DX_IN_PROLOGUE (G alone; dX is a GEMM on the stored G) axis 0 splits the
+    # candidates instead, split_cols each (a multiple of BLOCK_N), so that a chunk of few rows still
+    # fills the GPU; each split writes its own partial τ reduction.
     pid_d = tl.program_id(0)
     pid_m = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    if DX_IN_PROLOGUE:
+        first_col = 0
+        last_col = N
+        first_block = rows * 0 + pid_d == 0  # [BM]: the D block that stores G and the τ reduction
+        w_row = 0
+    else:
+        first_col = pid_d * split_cols
+        last_col = tl.minimum(N, first_col + split_cols)
+        first_block = rows >= 0
+        w_row = pid_d
     dcols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD]
     rn = tl.arange(0, BLOCK_N)  # [BN]
     row_ok = rows < M
@@ -187,22 +200,22 @@ def fused_grad_x_kernel(
     # Scalar 64-bit bases advanced per step, 32-bit offsets within a tile: tensors of 64-bit pointers
     # cost two registers per element and spilled this kernel.
     first_row = (pid_m * BLOCK_M).to(tl.int64)
-    s_base = s_ptr + first_row * stride_sm
-    g_base = g_ptr + first_row * stride_gm
-    y_base = y_ptr
+    s_base = s_ptr + first_row * stride_sm + first_col * stride_sn
+    g_base = g_ptr + first_row * stride_gm + first_col * stride_gn
+    y_base = y_ptr + first_col.to(tl.int64) * stride_yn
     local = tl.arange(0, BLOCK_M)
     s_offsets = local[:, None] * stride_sm + rn[None, :] * stride_sn  # [BM, BN]
     g_offsets = local[:, None] * stride_gm + rn[None, :] * stride_gn  # [BM, BN]
     y_offsets = rn[:, None] * stride_yn + (dcols % D)[None, :] * stride_yd  # [BN, BD]
     # G is stored once, by the first D block (and not at all when no candidate wants a gradient).
     # The runtime flags become row masks: a masked-off load or store moves no bytes.
-    g_rows = row_ok & (tl.full((BLOCK_M,), store_grads, tl.int32) != 0) & (rows * 0 + pid_d == 0)
+    g_rows = row_ok & (tl.full((BLOCK_M,), store_grads, tl.int32) != 0) & first_block
     dx_rows = row_ok & (tl.full((BLOCK_M,), store_dx, tl.int32) != 0)
     add_rows = dx_rows & (tl.full((BLOCK_M,), accumulate, tl.int32) != 0)
     dx_ptrs = dx_ptr + rows[:, None].to(tl.int64) * stride_dm + dcols[None, :] * stride_dd
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     weighted = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for start in range(0, N, BLOCK_N):
+    for start in range(first_col, last_col, BLOCK_N):
         cols = start + rn
         col_ok = cols < N
         # S is -inf past N (the score kernel's padding, and this load's `other`): its exp is 0, so G
@@ -233,7 +246,7 @@ def fused_grad_x_kernel(
         acc += tl.load(dx_ptrs, mask=add_rows[:, None] & (dcols[None, :] < D), other=0.0)
         tl.store(dx_ptrs, acc, mask=dx_rows[:, None] & (dcols[None, :] < D))
     if TEMPERATURE_GRAD:
-        tl.store(w_ptr + rows, weighted, mask=row_ok & (rows * 0 + pid_d == 0))
+        tl.store(w_ptr + w_row * M + rows, weighted, mask=row_ok & first_block)
 
 
 def merge_tiles(tile_max: torch.Tensor, tile_sum: torch.Tensor, pos_logit: torch.Tensor) -> torch.Tensor:
@@ -304,31 +317,40 @@ def fused_direction_chunk(x, pieces, opts: DirectionOptions, row_offset: int, lo
     if not want_grad:
         return
     lse = lse.contiguous()
-    w = None if temperature_grad is None else torch.empty(len(pieces), rows, dtype=torch.float32, device=device)
     in_prologue = grad_x is not None and dim <= PROLOGUE_MAX_DIM
-    blocks_d = triton.cdiv(dim, grad_cfg.block_k) if in_prologue else 1  # one block forms G alone
+    row_blocks = triton.cdiv(rows, grad_cfg.block_m)
+    w_parts = []
     col = 0
     for i, (piece, start) in enumerate(zip(pieces, starts, strict=True)):
         n = piece.shape[0]
         s, g = scores[:, start : start + n], grads[:, start : start + n]
         dx = lse if grad_x is None else grad_x
-        fused_grad_x_kernel[(blocks_d, triton.cdiv(rows, grad_cfg.block_m))](
-            s, piece, dx, g, lse, pos, row_scale, params, ids_arg, lse if w is None else w[i],
+        if in_prologue:
+            blocks, split_cols = triton.cdiv(dim, grad_cfg.block_k), n
+        else:  # G alone: split the candidates until there are ~GRADS_PROGRAMS programs
+            tiles = triton.cdiv(n, grad_cfg.block_n)
+            split_cols = triton.cdiv(tiles, min(tiles, triton.cdiv(GRADS_PROGRAMS, row_blocks))) * grad_cfg.block_n
+            blocks = triton.cdiv(n, split_cols)
+        w = None if temperature_grad is None else torch.empty(1 if in_prologue else blocks, rows, device=device)
+        fused_grad_x_kernel[(blocks, row_blocks)](
+            s, piece, dx, g, lse, pos, row_scale, params, ids_arg, lse if w is None else w,
             rows, n, padded_width(n), dim, col, row_offset, int(accumulate_x or i > 0), int(in_prologue),
-            int(grad_pieces[i] is not None or (grad_x is not None and not in_prologue)),
+            int(grad_pieces[i] is not None or (grad_x is not None and not in_prologue)), split_cols,
             s.stride(0), s.stride(1), piece.stride(0), piece.stride(1), dx.stride(0), dx.stride(-1),
             g.stride(0), g.stride(1),
             BLOCK_M=grad_cfg.block_m, BLOCK_N=grad_cfg.block_n, BLOCK_D=grad_cfg.block_k, HAS_IDS=ids is not None,
             TEMPERATURE_GRAD=w is not None, DX_IN_PROLOGUE=in_prologue, DOT_DTYPE=dot_dtype,
             INPUT_PRECISION=precision, num_warps=grad_cfg.num_warps, num_stages=grad_cfg.num_stages,
         )  # fmt: skip
+        if w is not None:
+            w_parts.append(w.sum(dim=0))
         if grad_x is not None and not in_prologue:
             matmul(g, piece, grad_x, accumulate=accumulate_x or i > 0, embedding_dtype=x.dtype)
         if grad_pieces[i] is not None:
             matmul(g.T, x, grad_pieces[i], accumulate=accumulate_pieces, embedding_dtype=x.dtype)
         col += n
-    if w is not None:
-        torch.sum(w, dim=0, out=temperature_grad)
+    if temperature_grad is not None:
+        torch.sum(torch.stack(w_parts), dim=0, out=temperature_grad)
 
 
 # Unit strides of the launches: x, the pieces, S, G and dX are row-major (S and G as column slices).
