@@ -20,12 +20,12 @@ Candidates in pieces ([targets, negatives]) are launched piece by piece with a c
 positive is global candidate positive_offset + row. Not here (the chunked path keeps them): top-k
 (a sparse gradient) and float64 (tl.dot has no float64).
 
-Per score (bf16; DX = D / 256, the grad_x tile's D blocks; instructions are sm_90 SASS of each loop
-per tile element, plain / with ids and tensor τ):
+Per score (bf16; DX = D / 256, the grad_x tile's D blocks; instructions: sm_90 SASS per tile element
+of the score epilogue and of the G loops, plain / with ids (and tensor τ)):
   kernel      tensor FLOPs  MUFU exps  instructions  HBM bytes (per score; + Y re-read per chunk)
-  scores      2·D           1          ~15 (est.)    4 (S, with a gradient) + 8/128 (statistics)
+  scores      2·D           1          28 / 35       4 (S, with a gradient) + 8/128 (statistics)
   grad_x      2·D           DX         32 / 44 · DX  4 (S) + 2 (G); DX - 1 more S reads from L2
-  grads       0             1          15 / 26       4 (S) + 2 (G)
+  grads       0             1          21 / 38       4 (S) + 2 (G)
   dX GEMM     2·D           0          0             2 (G)
   dY GEMM     2·D           0          0             2 (G) + the float32 dY read and written per chunk
 The prologue's 32 instructions per element and D block against 2·256 tensor FLOPs make grad_x bound
@@ -33,14 +33,15 @@ by instruction issue at ~1.85× its GEMM on an H100 (132 SMs × 4 schedulers × 
 3.3e13 instructions/s against 989 bf16 TFLOP/s), for every D; the "grads" pass instead costs 6 bytes
 per score at 3.35 TB/s. The two break even near D = 1000 if the prologue overlaps the tensor cores
 perfectly, near D = 500 if it does not: hence PROLOGUE_MAX_DIM = 512.
-H100 estimates (max of tensor, bytes, MUFU and issue per kernel; bf16, fwd + bwd, reduction mean),
+H100 estimates (per kernel the max of tensor, bytes, MUFU and issue time, i.e. perfect overlap;
+"serial": epilogue/prologue issue added to the tensor time instead; bf16, fwd + bwd, reduction mean),
 against the three GEMMs at peak and today's chunked path:
   B = 4096,  K = 1, D = 4096 (1 chunk):  ideal 0.834 ms; chunked 0.934 (1.12×); fused with grads +
-      dX GEMM 0.894 (1.07×); with dX in the prologue 1.07 (1.28×), 1.36 (1.63×) without overlap
+      dX GEMM 0.894 (1.07×; serial 1.11×); with dX in the prologue 1.07 (1.28×; serial 1.65×)
   B = 32768, K = 3, D = 1024 (25 chunks of 1365 rows): ideal 26.7 ms; chunked 41.2 (1.54×); fused
-      with grads 36.1 (1.35×); prologue 35.9 (1.35×), 46.7 (1.75×) without overlap. The rest over
-      1× is the grads pass (7.7 ms) and dY's float32 read-modify-write per chunk (10.6 ms against
-      its 8.9 ms GEMM).
+      with grads 36.1 (1.35×; serial 1.49×); prologue 35.9 (1.35×; serial 1.81×). The rest over 1×
+      is the grads pass (7.7 ms) and dY's float32 read-modify-write per chunk (10.6 ms against its
+      8.9 ms GEMM).
 Unproven on hardware: estimates only (the chunked path stays).
 """
 
