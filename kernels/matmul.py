@@ -122,11 +122,11 @@ def launch_is_aligned(tensors, integers) -> bool:
     return all(t.data_ptr() % 16 == 0 for t in tensors) and all(i % 16 == 0 for i in integers if i != 1)
 
 
-def device_arch(t: torch.Tensor) -> int:
-    """The compute capability of `t`'s device as an integer (90 for sm_90); 0 off CUDA."""
-    if t.device.type != "cuda":
+def device_arch(device: torch.device) -> int:
+    """The compute capability of `device` as an integer (90 for sm_90); 0 off CUDA."""
+    if device.type != "cuda":
         return 0
-    major, minor = torch.cuda.get_device_capability(t.device)
+    major, minor = torch.cuda.get_device_capability(device)
     return 10 * major + minor
 
 
@@ -164,7 +164,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, accumulate: boo
     precision = input_precision_for(dot_dtype)
     strides = (a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
     aligned = launch_is_aligned((a, b, c), (m, n, k, *strides))
-    cfg = matmul_config(m, n, dot_dtype, precision, device_arch(a), aligned)
+    cfg = matmul_config(m, n, dot_dtype, precision, device_arch(a.device), aligned)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     matmul_kernel[grid](
         a, b, c, m, n, k,

@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 
 from mmfast._extension import load_extension
-from mmfast.backends.chunked import TorchGemms, chunk_rows, work_copy
+from mmfast.backends.chunked import CublasGemms, TorchGemms, chunk_rows, work_copy
 from mmfast.distributed import Gathered
 from mmfast.duplicate_ids import NO_IDS, DuplicateIds, class_index
 from mmfast.kernel_contract import DirectionOptions, compute_dtype
@@ -75,6 +75,15 @@ class TorchContrastiveKernels(TorchGemms):
     dense_bytes_per_score = 9
     topk_bytes_per_score = 17
     temperature_bytes_per_score = 4
+
+    def path(self, n_rows, n_candidates, dim, dtype, opts, *, chunk, device, gradients=True) -> str:
+        """Which path runs this problem: the torch and cpu kernel sets have one, the chunk loop around
+        their own GEMMs (the triton set chooses among several, kernels/contrastive_loss.py)."""
+        return "chunked"
+
+    def gemms(self, path: str):
+        """The GEMMs the chunk loop calls on `path`."""
+        return self
 
     def softmax_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, grad_out,
                      temperature_grad=None, ids=None):  # fmt: skip
@@ -197,7 +206,7 @@ def contrastive_kernels(backend: str):
     if backend == "triton":
         from mmfast.kernels.contrastive_loss import TritonContrastiveKernels  # needs triton: imported when asked
 
-        return TritonContrastiveKernels(fallback=TorchContrastiveKernels())
+        return TritonContrastiveKernels(fallback=TorchContrastiveKernels(), cublas=CublasGemms())
     return TorchContrastiveKernels()
 
 
@@ -238,18 +247,21 @@ def directional_loss(
     separate_grads = row_scale is not None and opts.topk is None and grad_dtype != score_dtype
     grad_scratch = torch.empty(chunk, n_candidates, dtype=grad_dtype, device=x.device) if separate_grads else None
     loss = torch.empty(n_rows, dtype=score_dtype, device=x.device)
+    path = kernels.path(n_rows, n_candidates, x.shape[1], x.dtype, opts, chunk=chunk, device=x.device,
+                        gradients=row_scale is not None)  # fmt: skip
+    gemms = kernels.gemms(path)
     for start in range(0, n_rows, chunk):
         stop = min(n_rows, start + chunk)
         x_chunk, scores = x[start:stop], scratch[: stop - start]
         scale = None if row_scale is None else row_scale[start:stop]
         grad_x_chunk = None if grad_x is None else grad_x[start:stop]
         w = None if temperature_grad is None else temperature_grad[start:stop]
-        kernels.scores(x_chunk, pieces, scores)
+        gemms.scores(x_chunk, pieces, scores)
         if opts.topk is None:
             grads = None if scale is None else scores if grad_scratch is None else grad_scratch[: stop - start]
             kernels.softmax_rows(scores, positive_offset + start, opts, scale, loss[start:stop], grads, w, ids)
             if grads is not None:
-                kernels.dense_grads(
+                gemms.dense_grads(
                     grads, x_chunk, pieces, grad_x_chunk, grad_pieces, accumulate, accumulate or start > 0
                 )
         else:
