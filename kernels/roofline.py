@@ -190,9 +190,10 @@ def triton_tile(precision: str, aligned: bool, role: str) -> GemmTile:
 # design: (a) the score GEMM's epilogue applies the masks and writes per-tile row max / sum-of-exp
 # partials [rows, N / FUSED_BLOCK_N] and S in float32; a merge gives the logsumexp; (b) dX = G·Y with
 # G formed in registers from the float32 S tile (one exp per score per D block of FUSED_BLOCK_D), the
-# first D block storing G in 16 bits; (c) dY += Gᵀ·X, a plain GEMM on that G. Its tiles are not
-# compiled yet: (a) and (c) are priced with the "hopper" tile, (b) with a 64 × 256 × 64 tile at 3
-# stages and one CTA per SM (assumptions until the kernel exists).
+# first D block storing G in 16 bits; (c) dY += Gᵀ·X, a plain GEMM on that G. Not compiled on this
+# branch: (a) and (c) are priced with the "hopper" tile, (b) with 64 rows × 256 columns of dX and 64
+# candidates per step at 3 stages, the configs of the fused branch's work in progress (FUSED_CONFIGS,
+# bf16), at one CTA per SM (its registers are not known here: assumed 255).
 FUSED_BLOCK_N = 128
 FUSED_BLOCK_D = 256
 FUSED_GRAD_X_TILE = GemmTile(64, FUSED_BLOCK_D, 64, 8, 3, 255, 3 * (64 * 64 * 4 + 64 * FUSED_BLOCK_D * 2))
@@ -216,7 +217,8 @@ def path_kernels(path: str, rows: int, n: int, d: int, precision: str, chunk: in
         gemm = 2.0 * r * n * d
         plain, accumulate = triton_tile(precision, aligned, "plain"), triton_tile(precision, aligned, "accumulate")
         scores.add_gemm(gemm, _gemm_fraction(path, plain, r, n, precision), precision)
-        scores.bytes += (r + n) * d * e + 4.0 * r * n
+        # S written in float32; the fused forward without a gradient keeps only the tile statistics
+        scores.bytes += (r + n) * d * e + (4.0 * r * n if gradients or path != "fused" else 0.0)
         if path == "fused":
             partials = 8.0 * r * math.ceil(n / FUSED_BLOCK_N)
             scores.exps += r * n

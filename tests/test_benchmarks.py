@@ -3,6 +3,7 @@ baseline must be a correct one), and the benchmark CLI fills every column it pri
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from tests.helpers import unit_rows
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import contrastive_loss as contrastive_benchmark  # noqa: E402
 import distillation_loss as distillation_benchmark  # noqa: E402
+import gpu_report  # noqa: E402
 
 
 def grads_of(loss, leaves):
@@ -72,3 +74,15 @@ def test_benchmark_table_prints_every_measured_column(capsys):
     mmfast_rows = [line.split() for line in out.splitlines() if " mmfast " in line]
     assert len(mmfast_rows) == 2 and all("-" not in row for row in mmfast_rows)
     assert "{" not in out  # no raw JSON lines
+
+
+def test_gpu_report_prices_every_path_and_says_what_auto_runs(tmp_path, capsys):
+    """The cost-model part of benchmarks/gpu_report.py (the AOT part is tests/test_compile.py's)."""
+    assert gpu_report.main(["--skip-compile", "--json", str(tmp_path / "report.json")]) == 0
+    text = capsys.readouterr().out
+    assert "auto runs: cublas" in text or "auto runs: chunked" in text
+    report = json.loads((tmp_path / "report.json").read_text())
+    for row in report["roofline"]:
+        assert set(row["paths"]) == {"chunked", "cublas", "fused"} and row["auto"] in ("chunked", "cublas")
+        for path in row["paths"].values():
+            assert path["predicted_ms"] >= row["gemm_bound_at_peak_ms"]
