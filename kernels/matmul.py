@@ -1,9 +1,11 @@
 """A strided Triton GEMM, C (+)= A·B with float32 accumulation, used by every chunked op.
 
-Why not torch.mm on CUDA: the chunked losses need (1) float32 scores from bf16/fp16 inputs, which
-cuBLAS through torch.mm would round back to 16 bits, and (2) `grad += Gᵀ·X` with bf16 operands
-accumulated into a float32 buffer across chunks, which torch.addmm cannot do (its output has the
-inputs' dtype). Transposes are free: every operand is addressed through its strides.
+It is the triton backend's "chunked" path. The contrastive loss also has a "cublas" path
+(mmfast.backends.chunked.CublasGemms): torch.mm / torch.addmm with out_dtype=torch.float32, which
+give float32 scores and accumulate bf16/fp16 products into a float32 gradient on CUDA (the two
+things plain torch.mm cannot: it rounds its output to the inputs' dtype). Which one runs is the cost
+model's choice (kernels/roofline.py). Transposes are free here: every operand is addressed through
+its strides.
 
 Both operands are cast to DOT_DTYPE (the embeddings' dtype) before tl.dot, so bf16/fp16 run on tensor
 cores (wgmma on sm_90). Under the Triton interpreter (TRITON_INTERPRET=1) a bf16×bf16 tl.dot returns
