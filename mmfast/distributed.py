@@ -11,13 +11,13 @@ mean (exactly so when the per-rank batches are equal).
 
 How the reduce-scatter is done depends on the backend, because its bytes do. Per rank, for a gathered
 gradient of n bytes over p ranks, a ring all-reduce sends 2(p−1)/p·n and a ring reduce-scatter
-(p−1)/p·n. On gloo (torch 2.13), `reduce_scatter_tensor` sends as many bytes as the all-reduce
-(counted with the process's write counter, benchmarks/contrastive_loss_cross_device.py), so there each
-rank sends every other rank that rank's rows with `all_to_all_single` and sums what it receives:
-(ΣB − B_rank)·row bytes sent and (p−1)·B_rank·row received, the ring reduce-scatter's (p−1)/p·n
-for equal batches, and no padding for uneven ones. Other backends (NCCL) get `reduce_scatter_tensor`,
-each rank's rows padded to the largest batch. Only gloo is tested here (both paths give the same
-values on it); the NCCL path has not run on GPUs.
+(p−1)/p·n. On gloo (torch 2.13) the reduce-scatter (`reduce_scatter_single`) sends as many bytes as
+the all-reduce (counted with the process's write counter: benchmarks/contrastive_loss_cross_device.py),
+so there each rank sends every other rank that rank's rows with `all_to_all_single` and sums what it
+receives: (ΣB − B_rank)·row bytes sent and (p−1)·B_rank·row received, the ring reduce-scatter's
+(p−1)/p·n for equal batches, and no padding for uneven ones. Other backends (NCCL) get the
+reduce-scatter, each rank's rows padded with zeros to the largest batch. Only gloo is tested here
+(both ways, same values); the reduce-scatter has never run on NCCL or GPUs in this project.
 """
 
 from __future__ import annotations
@@ -99,7 +99,9 @@ def _sum_to_owner_by_reduce_scatter(grad: torch.Tensor, sizes: list[int]) -> tor
         rows = torch.cat([torch.arange(n) + rank * largest for rank, n in enumerate(sizes)])
         padded.index_copy_(0, rows.to(grad.device), grad)
     mine = grad.new_empty((largest, *grad.shape[1:]))
-    dist.reduce_scatter_tensor(mine, padded)
+    # torch 2.13 renames reduce_scatter_tensor (and warns on the old name); torch >= 2.4 has the old one
+    reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    reduce_scatter(mine, padded)
     return mine[: sizes[dist.get_rank()]]
 
 
