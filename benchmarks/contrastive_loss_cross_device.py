@@ -37,6 +37,7 @@ import mmfast.distributed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import machine, write_json  # noqa: E402
+from report import cross_device_table  # noqa: E402
 
 # reduce_scatter_single is torch 2.13's name for reduce_scatter_tensor (mmfast calls the one there is)
 COLLECTIVES = ("all_gather", "all_reduce", "reduce_scatter_single", "reduce_scatter_tensor", "all_to_all_single")
@@ -182,23 +183,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    started = machine()  # the load before the ranks start (they are the load afterwards)
     with tempfile.TemporaryDirectory() as tmp:
         mp.start_processes(rank_main, args=(args, os.path.join(tmp, "rendezvous"), tmp), nprocs=args.ranks,
                            start_method="spawn")  # fmt: skip
         per_rank = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(args.ranks)]
     rows = summarise(per_rank, args)
-    print(machine())
-    print(f"{args.ranks} gloo ranks, B = {args.batch} per rank, K = {args.negatives}, D = {args.dim}, {args.dtype}; "
-          "bytes sent per rank (max over ranks), counted, and on paper for a ring")  # fmt: skip
-    print(f"{'symmetric':>9}  {'backward method':<32} {'fwd sent':>10} {'bwd sent':>10} {'bwd paper':>10} "
-          f"{'step ms':>8}")  # fmt: skip
-    for row in rows:
-        paper = row["paper"]["backward_all_reduce" if row["method"].startswith("all_reduce") else
-                             "backward_reduce_scatter"]  # fmt: skip
-        print(f"{row['symmetric']!s:>9}  {row['method']:<32} {row['forward_sent_bytes_per_rank_max']:>10} "
-              f"{row['backward_sent_bytes_per_rank_max']:>10} {paper:>10.0f} {row['step_ms_rank0']:>8.1f}")  # fmt: skip
+    load_after = os.getloadavg()[0]
+    print(f"{started}; load {load_after:.1f} after the run")
+    print(f"{args.ranks} gloo ranks, B = {args.batch} per rank, K = {args.negatives}, D = {args.dim}, {args.dtype}\n")
+    print(cross_device_table(rows))
     if args.json:
-        write_json(args.json, [{"args": vars(args) | {"json": str(args.json)}}] + rows)
+        write_json(
+            args.json,
+            [{"args": vars(args) | {"json": str(args.json)}, "started": started, "load_after": load_after}] + rows,
+        )
 
 
 if __name__ == "__main__":
