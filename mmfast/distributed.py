@@ -81,7 +81,7 @@ def _sum_to_owner(grad: torch.Tensor, sizes: list[int]) -> torch.Tensor:
 
 
 def _sum_to_owner_by_all_to_all(grad: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """Each rank's rows go to it (uneven splits, no padding); the owner sums the p copies in rank order."""
+    """Each rank's rows go to it (uneven splits, no padding), and it sums the p copies it receives."""
     rows = sizes[dist.get_rank()]
     received = grad.new_empty((len(sizes) * rows, *grad.shape[1:]))
     dist.all_to_all_single(received, grad.contiguous(), output_split_sizes=[rows] * len(sizes),

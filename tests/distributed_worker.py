@@ -102,9 +102,17 @@ SUM_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
 def sums_to_owner(sizes: list[int]) -> dict:
-    """Both ways of summing a gathered gradient to its owner, per dtype, on rows where rank 1 has none,
-    from a non-contiguous gradient of small integers (exact in every dtype): (got, want) pairs."""
-    rank, rows = dist.get_rank(), [0 if r == 1 else n for r, n in enumerate(sizes)]
+    """Both ways of summing a gathered gradient to its owner, per dtype, on rows where rank 1 has none
+    and on equal rows (no padding), from a non-contiguous gradient of small integers (exact in every
+    dtype): (got, want) pairs."""
+    out = {}
+    for layout, rows in (("ragged", [0 if r == 1 else n for r, n in enumerate(sizes)]), ("equal", [2] * len(sizes))):
+        out |= {f"{layout}-{label}": pair for label, pair in _sums_to_owner(rows).items()}
+    return out
+
+
+def _sums_to_owner(rows: list[int]) -> dict:
+    rank = dist.get_rank()
     start = sum(rows[:rank])
 
     def gradient_of(r, dtype):  # rank r's gradient for the whole gathered [Σrows, 2, 3] tensor
@@ -113,7 +121,7 @@ def sums_to_owner(sizes: list[int]) -> dict:
 
     out = {}
     for dtype in SUM_DTYPES:
-        want = sum(gradient_of(r, torch.float64) for r in range(len(sizes)))[start : start + rows[rank]]
+        want = sum(gradient_of(r, torch.float64) for r in range(len(rows)))[start : start + rows[rank]]
         for how, sum_to_owner in (("all_to_all", _sum_to_owner_by_all_to_all),
                                   ("reduce_scatter", _sum_to_owner_by_reduce_scatter)):  # fmt: skip
             out[f"{how}-{dtype}"] = (sum_to_owner(gradient_of(rank, dtype), rows), want)
