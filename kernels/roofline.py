@@ -36,6 +36,7 @@ compute, memory and transcendentals overlap perfectly (an optimistic floor).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -255,6 +256,7 @@ def gemm_bound_seconds(rows: int, n: int, d: int, precision: str, *, at_peak: bo
     return 3 * 2.0 * rows * n * d / (H100.peak(precision) * fraction)
 
 
+@functools.lru_cache(maxsize=4096)  # asked on every loss call: the same few shapes, priced once
 def choose_path(rows: int, n: int, d: int, precision: str, chunk: int, *, candidates=("chunked", "cublas"),
                 **kw) -> str:  # fmt: skip
     """The candidate path this model predicts fastest (ties to the first)."""
