@@ -4,10 +4,7 @@ baseline must be a correct one), and the benchmark CLI fills every column it pri
 from __future__ import annotations
 
 import json
-<<<<<<< HEAD
-=======
 import subprocess
->>>>>>> main
 import sys
 from pathlib import Path
 
@@ -80,7 +77,6 @@ def test_benchmark_table_prints_every_measured_column(capsys):
     assert "{" not in out  # no raw JSON lines
 
 
-<<<<<<< HEAD
 def test_gpu_report_prices_every_path_and_says_what_auto_runs(tmp_path, capsys):
     """The cost-model part of benchmarks/gpu_report.py (the AOT part is tests/test_compile.py's)."""
     assert gpu_report.main(["--skip-compile", "--json", str(tmp_path / "report.json")]) == 0
@@ -91,7 +87,8 @@ def test_gpu_report_prices_every_path_and_says_what_auto_runs(tmp_path, capsys):
         assert set(row["paths"]) == {"chunked", "cublas", "fused"} and row["auto"] in ("chunked", "cublas")
         for path in row["paths"].values():
             assert path["predicted_ms"] >= row["gemm_bound_at_peak_ms"]
-=======
+
+
 @pytest.mark.distributed
 def test_cross_device_benchmark_counts_half_the_bytes_of_the_all_reduce(tmp_path):
     """Two gloo ranks, tiny: every row filled, the paper's ring bytes, and the all-to-all backward
@@ -113,4 +110,3 @@ def test_cross_device_benchmark_counts_half_the_bytes_of_the_all_reduce(tmp_path
         assert n <= before["backward_sent_bytes_per_rank_max"] < n + 2048
         assert n / 2 <= after["backward_sent_bytes_per_rank_max"] < n / 2 + 2048
         assert all(r["step_ms_rank0"] > 0 for r in rows.values())
->>>>>>> main
