@@ -41,8 +41,7 @@ ARCHS = (80, 90)
 def all_specs() -> list[CompileSpec]:
     """Every kernel module's variants: a new kernel module is listed here."""
     return [*matmul.compile_specs(), *contrastive_loss.compile_specs(), *contrastive_loss_fused.compile_specs(),
-            *distillation_loss.compile_specs(),
-            *pooling.compile_specs(), *similarity_topk.compile_specs()]  # fmt: skip
+            *distillation_loss.compile_specs(), *pooling.compile_specs(), *similarity_topk.compile_specs()]  # fmt: skip
 
 
 def _tool(name: str) -> str:
@@ -74,8 +73,7 @@ def resource_usage(ptx: str, arch: int) -> dict:
 
 def compile_spec(spec: CompileSpec, arch: int) -> dict:
     start = time.perf_counter()
-    names = spec.kernel.arg_names
-    divisible = {(names.index(arg),): [["tt.divisibility", 16]] for arg in spec.divisible_by_16}
+    divisible = {(spec.kernel.arg_names.index(arg),): [["tt.divisibility", 16]] for arg in spec.divisible_by_16}
     source = ASTSource(spec.kernel, spec.signature, spec.constexprs, divisible)
     compiled = triton.compile(
         source,
@@ -89,6 +87,7 @@ def compile_spec(spec: CompileSpec, arch: int) -> dict:
         "arch": f"sm_{arch}",
         "num_warps": spec.num_warps,
         "num_stages": spec.num_stages,
+        "aligned": bool(spec.divisible_by_16),
         **usage,
         "spilled": usage["spill_store_bytes"] > 0 or usage["spill_load_bytes"] > 0,
         "shared_bytes": compiled.metadata.shared,
@@ -110,7 +109,7 @@ def main(argv=None) -> int:
     for spec in all_specs():
         if args.filter not in spec.name:
             continue
-        for arch in args.arch:
+        for arch in (a for a in args.arch if a in spec.archs):
             try:
                 results.append(compile_spec(spec, arch))
             except Exception as error:  # report every failure, not just the first

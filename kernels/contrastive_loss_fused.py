@@ -3,8 +3,8 @@ epilogue and prologue, or into one pass over S, so S is written once and read on
 
 Per chunk of rows (mmfast/backends/contrastive_loss_fused.py; it still holds a [rows, N] float32 S
 and a G buffer: G needs each row's final logsumexp, so it cannot be formed while S is):
-  diag        s_pos = row-wise x_r·y_pos in float32 (torch, [rows]): the margin needs the positive
-              before the tile that holds it is seen
+  diag        s_pos = row-wise x_r·y_pos (torch, float64 sums rounded to float32, [rows]): the margin
+              needs the positive before the tile that holds it is seen
   scores      fused_scores_kernel: S_tile = X_blk·Y_tileᵀ (a GEMM); its epilogue applies the masks
               (positive, margin, duplicate ids) and hardness and writes the tile's row max and sum of
               exp [rows, cdiv(N, BLOCK_N)], and, when a gradient is wanted, S in float32 (-inf in
@@ -257,6 +257,17 @@ def merge_tiles(tile_max: torch.Tensor, tile_sum: torch.Tensor, pos_logit: torch
     return top + torch.log(total)
 
 
+def positive_scores(x: torch.Tensor, y: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """s_pos = x_r·y_r in float32, summed in float64 and rounded once: the loss and the τ gradient
+    (Σ_j G_j·(s_j - s_pos)) are sensitive to it, and a float32 row-dot's rounding differs from the
+    GEMM's (it cost the τ gradient 2-3× torch's own error). Blocks of rows bound the float64 copies."""
+    out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    for start in range(0, x.shape[0], block):
+        rows = slice(start, start + block)
+        out[rows] = torch.einsum("rd,rd->r", x[rows].double(), y[rows].double())
+    return out
+
+
 def buffer_columns(pieces) -> tuple[list[int], int]:
     """Where each piece's columns start in the [rows, width] S and G buffers, and the width: every
     start and the row stride are multiples of 16, so every launch sees 16-byte-aligned slices (the
@@ -288,8 +299,7 @@ def fused_direction_chunk(x, pieces, opts: DirectionOptions, row_offset: int, lo
     precision = input_precision_for(dot_dtype)
     score_cfg, grad_cfg = fused_configs(dot_dtype, precision)
     params = direction_params(opts, torch.float32, device, no_margin=float("inf"))
-    # The positive's raw score, row-wise in float32 (the GEMM's own s_ii may round differently).
-    pos = torch.einsum("rd,rd->r", x.float(), pieces[0][row_offset : row_offset + rows].float()).contiguous()
+    pos = positive_scores(x, pieces[0][row_offset : row_offset + rows])
     ids_arg = pos if ids is None else ids
     tiles = [triton.cdiv(p.shape[0], score_cfg.block_n) for p in pieces]
     tile_max = torch.empty(rows, sum(tiles), dtype=torch.float32, device=device)

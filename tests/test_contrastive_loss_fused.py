@@ -39,7 +39,8 @@ def force_path(monkeypatch):
     monkeypatch.setattr("mmfast.kernels.contrastive_loss.fused_direction_chunk", counted)
 
     def force(path: str, dx: str = "prologue") -> list:
-        monkeypatch.setattr(TritonContrastiveKernels, "path", lambda self, *args: path)
+        # "fused" through the variable would keep odd D on the chunked path: force it everywhere.
+        monkeypatch.setattr(TritonContrastiveKernels, "path", lambda self, *args, **kwargs: path)
         monkeypatch.setattr(contrastive_loss_fused, "PROLOGUE_MAX_DIM", 1 << 30 if dx == "prologue" else 0)
         return chunks
 
@@ -55,7 +56,7 @@ def check(q, t, n, dtype, **kwargs):
 def test_every_option_and_reduction(force_path, path, options):
     chunks = force_path(path)
     q, t, n = make_inputs(19, 40, 2, seed=31, peaky=True)
-    weight = torch.rand(19, dtype=torch.float64) + 0.5
+    weight = torch.rand(19, generator=torch.Generator().manual_seed(19), dtype=torch.float64) + 0.5
     check(q, t, n, torch.float32, weight=weight, **FUSED_OPTIONS[options])
     check(q, t, n, torch.float32, reduction="none", **FUSED_OPTIONS[options])
     assert bool(chunks) == (path == "fused")
@@ -73,7 +74,15 @@ def test_dtypes_with_ids_and_a_learned_temperature(force_path, path, dx, dtype):
     ids = make_ids(21, 21, seed=33)
     options = with_ids(FUSED_OPTIONS["all"], *ids)
     del options["temperature"]
-    check(q, t, n, dtype, learned_temperature=0.07, weight=torch.rand(21, dtype=torch.float64) + 0.5, **options)
+    check(
+        q,
+        t,
+        n,
+        dtype,
+        learned_temperature=0.07,
+        weight=torch.rand(21, generator=torch.Generator().manual_seed(21), dtype=torch.float64) + 0.5,
+        **options,
+    )
     check(q, t, n, dtype, reduction="sum", **with_ids(FUSED_OPTIONS["margin"], *ids))
 
 
@@ -161,14 +170,22 @@ def test_positive_offset_across_devices(force_path, symmetric, dx):
             torch.testing.assert_close(ours.double(), ref, rtol=1e-4, atol=1e-5)
 
 
-def test_the_default_path_rule():
+def test_the_path_rule(monkeypatch):
+    """MMFAST_CONTRASTIVE_PATH=fused sends what the fused path supports there, the rest to the chunked
+    path; "auto" does not pick it (unproven on hardware)."""
     kernels = contrastive_kernels("triton")
     plain = DirectionOptions.of(0.05, 0.0, None, None)
-    assert kernels.path(64, 128, 1024, torch.bfloat16, plain) == "fused"
-    assert kernels.path(64, 128, 1024, torch.float32, plain) == "fused"
-    assert kernels.path(64, 128, 1024, torch.float64, plain) == "chunked"  # tl.dot has no float64
-    assert kernels.path(64, 128, 100, torch.float16, plain) == "chunked"  # D not a multiple of 16
-    assert kernels.path(64, 128, 1024, torch.float16, DirectionOptions.of(0.05, 0.0, None, 3)) == "chunked"
+
+    def path(dim, dtype, opts=plain):
+        return kernels.path(64, 128, dim, dtype, opts, chunk=64, device=torch.device("cpu"))
+
+    monkeypatch.setenv("MMFAST_CONTRASTIVE_PATH", "fused")
+    assert path(1024, torch.bfloat16) == path(1024, torch.float32) == "fused"
+    assert path(1024, torch.float64) == "chunked"  # tl.dot has no float64
+    assert path(100, torch.float16) == "chunked"  # D not a multiple of 16
+    assert path(1024, torch.float16, DirectionOptions.of(0.05, 0.0, None, 3)) == "chunked"  # top-k
+    monkeypatch.setenv("MMFAST_CONTRASTIVE_PATH", "auto")
+    assert path(1024, torch.bfloat16) == "chunked"
     with pytest.raises(NotImplementedError, match="top-k"):
         x = torch.zeros(2, 16)
         contrastive_loss_fused.fused_direction_chunk(x, [x], DirectionOptions.of(0.05, 0.0, None, 1), 0, torch.empty(2))

@@ -21,8 +21,8 @@ the raw scores and do not depend on τ.
 The candidates y are kept as a list of pieces ([targets, negatives]) and never concatenated. The rows
 per chunk come from a byte budget (mmfast/backends/chunked.py), so memory is flat in B. Backends
 differ only in their kernel set (`contrastive_kernels`): how S and the gradient GEMMs are computed
-(chunked.TorchGemms or kernels/matmul.TritonGemms) and which row kernel runs. The Triton set can
-also take a whole direction down its fused path (its `path` method; mmfast/backends/contrastive_loss_fused.py),
+(chunked.TorchGemms or kernels/matmul.TritonGemms) and which row kernel runs. The Triton set's
+`path` can also send a whole direction down its fused path (mmfast/backends/contrastive_loss_fused.py),
 where the row kernel's work happens inside the GEMMs.
 """
 
@@ -35,7 +35,7 @@ from typing import NamedTuple
 import torch
 
 from mmfast._extension import load_extension
-from mmfast.backends.chunked import TorchGemms, chunk_rows, work_copy
+from mmfast.backends.chunked import CublasGemms, TorchGemms, chunk_rows, work_copy
 from mmfast.backends.contrastive_loss_fused import fused_directional_loss
 from mmfast.distributed import Gathered
 from mmfast.duplicate_ids import NO_IDS, DuplicateIds, class_index
@@ -79,9 +79,14 @@ class TorchContrastiveKernels(TorchGemms):
     topk_bytes_per_score = 17
     temperature_bytes_per_score = 4
 
-    def path(self, n_rows: int, n_candidates: int, dim: int, dtype: torch.dtype, opts: DirectionOptions) -> str:
-        """Only the Triton kernel set has another path than the chunk loop's (see its `path`)."""
+    def path(self, n_rows, n_candidates, dim, dtype, opts, *, chunk, device, gradients=True) -> str:
+        """Which path runs this problem: the torch and cpu kernel sets have one, the chunk loop around
+        their own GEMMs (the triton set chooses among several, kernels/contrastive_loss.py)."""
         return "chunked"
+
+    def gemms(self, path: str):
+        """The GEMMs the chunk loop calls on `path`."""
+        return self
 
     def softmax_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, grad_out,
                      temperature_grad=None, ids=None):  # fmt: skip
@@ -204,7 +209,7 @@ def contrastive_kernels(backend: str):
     if backend == "triton":
         from mmfast.kernels.contrastive_loss import TritonContrastiveKernels  # needs triton: imported when asked
 
-        return TritonContrastiveKernels(fallback=TorchContrastiveKernels())
+        return TritonContrastiveKernels(fallback=TorchContrastiveKernels(), cublas=CublasGemms())
     return TorchContrastiveKernels()
 
 
@@ -236,32 +241,35 @@ def directional_loss(
     if opts.topk is not None:
         # More slots than negatives would only cost memory: a row has at most N - 1 of them.
         opts = dataclasses.replace(opts, topk=max(1, min(opts.topk, n_candidates - 1)))
-    if kernels.path(n_rows, n_candidates, x.shape[1], x.dtype, opts) == "fused":
-        return fused_directional_loss(
-            kernels, x, pieces, opts, row_scale=row_scale, grad_x=grad_x, grad_pieces=grad_pieces,
-            accumulate=accumulate, positive_offset=positive_offset, temperature_grad=temperature_grad, ids=ids,
-        )  # fmt: skip
     per_score = kernels.topk_bytes_per_score if opts.topk is not None else kernels.dense_bytes_per_score
     if temperature_grad is not None and opts.topk is None:  # the top-k kernels have the selected scores
         per_score += kernels.temperature_bytes_per_score
     chunk = chunk_rows(n_rows, n_candidates, per_score, score_dtype, x.device)
+    path = kernels.path(n_rows, n_candidates, x.shape[1], x.dtype, opts, chunk=chunk, device=x.device,
+                        gradients=row_scale is not None)  # fmt: skip
+    if path == "fused":  # its own chunk loop and buffers
+        return fused_directional_loss(
+            kernels, x, pieces, opts, row_scale=row_scale, grad_x=grad_x, grad_pieces=grad_pieces,
+            accumulate=accumulate, positive_offset=positive_offset, temperature_grad=temperature_grad, ids=ids,
+        )  # fmt: skip
     scratch = torch.empty(chunk, n_candidates, dtype=score_dtype, device=x.device)
     grad_dtype = kernels.grad_dtype(score_dtype, x.dtype)
     separate_grads = row_scale is not None and opts.topk is None and grad_dtype != score_dtype
     grad_scratch = torch.empty(chunk, n_candidates, dtype=grad_dtype, device=x.device) if separate_grads else None
     loss = torch.empty(n_rows, dtype=score_dtype, device=x.device)
+    gemms = kernels.gemms(path)
     for start in range(0, n_rows, chunk):
         stop = min(n_rows, start + chunk)
         x_chunk, scores = x[start:stop], scratch[: stop - start]
         scale = None if row_scale is None else row_scale[start:stop]
         grad_x_chunk = None if grad_x is None else grad_x[start:stop]
         w = None if temperature_grad is None else temperature_grad[start:stop]
-        kernels.scores(x_chunk, pieces, scores)
+        gemms.scores(x_chunk, pieces, scores)
         if opts.topk is None:
             grads = None if scale is None else scores if grad_scratch is None else grad_scratch[: stop - start]
             kernels.softmax_rows(scores, positive_offset + start, opts, scale, loss[start:stop], grads, w, ids)
             if grads is not None:
-                kernels.dense_grads(
+                gemms.dense_grads(
                     grads, x_chunk, pieces, grad_x_chunk, grad_pieces, accumulate, accumulate or start > 0
                 )
         else:
