@@ -19,9 +19,10 @@ Part 2, the cost model (mmfast.kernels.roofline, which also drives the triton ba
 path): each GEMM config's fraction of H100 peak (shared-memory feed, L2, latency at its compiled
 occupancy, waves, sustained clocks; its docstring gives the sources and assumptions), then per loss
 evaluation (forward + backward, reduction "mean") every kernel of each path (chunked Triton GEMMs,
-cuBLAS GEMMs, the fused design) with its FLOPs, bytes, exps and predicted time
-max(FLOPs / (peak × fraction), bytes / bandwidth, exps / MUFU rate), against the three GEMMs at
-cuBLAS's rate and at peak. Estimates, not measurements.
+cuBLAS GEMMs, the fused path as built) with its FLOPs, bytes, exps, instructions and predicted time
+max(FLOPs / (peak × fraction), bytes / bandwidth, exps / MUFU rate, instructions / issue rate), the
+same with every GEMM at peak, against the three GEMMs at cuBLAS's rate and at peak; then the fused
+path's two ways of forming G (the dX prologue, the G pass) against D. Estimates, not measurements.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import torch
 from mmfast.backends.chunked import chunk_rows
 from mmfast.kernels import roofline
 
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 H100 = {name: roofline.H100.peak(name) for name in ("bf16", "tf32", "fp32")} | {
     "bandwidth": roofline.H100.hbm_bytes_per_s
 }
@@ -44,36 +46,46 @@ H100 = {name: roofline.H100.peak(name) for name in ("bf16", "tf32", "fp32")} | {
 
 def contrastive_roofline(b: int, k: int, d: int, dtype: str) -> dict:
     """One plain fwd+bwd (mean) of the loss on each path of the Triton backend, from the cost model
-    (mmfast.kernels.roofline), with the chunk rows the chunk loop itself would use on CUDA."""
+    (mmfast.kernels.roofline), with the chunk rows each path's chunk loop would use on CUDA."""
     from mmfast.kernels.contrastive_loss import TritonContrastiveKernels  # imports triton: after main()'s setup
 
     n = b * (1 + k)
-    rows = chunk_rows(b, n, TritonContrastiveKernels.dense_bytes_per_score, torch.float32, torch.device("cuda"))
-    out = {"B": b, "K": k, "D": d, "dtype": dtype, "chunk_rows": rows, "paths": {}}
+    dense, fused = TritonContrastiveKernels.dense_bytes_per_score, TritonContrastiveKernels.fused_bytes_per_score
+    per_score = {"chunked": dense, "cublas": dense, "fused": fused[TORCH_DTYPES[dtype]]}
+    cuda = torch.device("cuda")
+    out = {"B": b, "K": k, "D": d, "dtype": dtype, "paths": {}}
     for path in roofline.PATHS:
+        rows = chunk_rows(b, n, per_score[path], torch.float32, cuda)
         kernels = {}
         for kernel in roofline.path_kernels(path, b, n, d, dtype, rows):
             seconds, bound = kernel.seconds(dtype)
             kernels[kernel.name] = {"gflop": kernel.flops / 1e9, "gbyte": kernel.bytes / 1e9,
-                                    "gexp": kernel.exps / 1e9, "fraction_of_peak": kernel.fraction(dtype),
-                                    "ms": 1e3 * seconds, "bound": bound}  # fmt: skip
-        out["paths"][path] = {"kernels": kernels, "predicted_ms": sum(k["ms"] for k in kernels.values())}
+                                    "gexp": kernel.exps / 1e9, "ginstr": kernel.instructions / 1e9,
+                                    "fraction_of_peak": kernel.fraction(dtype), "ms": 1e3 * seconds,
+                                    "bound": bound}  # fmt: skip
+        at_peak = 1e3 * roofline.path_seconds(path, b, n, d, dtype, rows, at_peak=True)
+        out["paths"][path] = {"chunk_rows": rows, "kernels": kernels, "gemms_at_peak_ms": at_peak,
+                              "predicted_ms": sum(k["ms"] for k in kernels.values())}  # fmt: skip
+    out["chunk_rows"] = out["paths"]["chunked"]["chunk_rows"]
     out["gemm_bound_ms"] = 1e3 * roofline.gemm_bound_seconds(b, n, d, dtype)
     out["gemm_bound_at_peak_ms"] = 1e3 * roofline.gemm_bound_seconds(b, n, d, dtype, at_peak=True)
-    out["auto"] = roofline.choose_path(b, n, d, dtype, rows)
+    out["auto"] = roofline.choose_path(b, n, d, dtype, out["chunk_rows"])
+    out["fastest"] = min(roofline.PATHS, key=lambda path: out["paths"][path]["predicted_ms"])
     return out
 
 
 def emit_contrastive(emit, report) -> None:
     emit("\nH100 cost model, plain contrastive loss fwd+bwd, per path of the triton backend (estimates; ms)")
     emit("  chunked = Triton GEMMs + Triton row kernel, cublas = torch.mm GEMMs + Triton row kernel, fused =")
-    emit("  the tile-fused design (kernels not built yet on this branch); bound = the 3 GEMMs at cuBLAS's 0.75")
-    emit('  of peak / at peak; auto = what "auto" runs (chunked or cublas; fused is forced only)')
-    emit("B      K  D     dtype chunk  chunked  cublas   fused    bound  @peak   chunked/bound  cublas/bound  auto")
+    emit("  the fused path as built (score epilogue, G pass or dX prologue, Triton GEMMs); bound = the 3 GEMMs")
+    emit('  at cuBLAS\'s 0.75 of peak / at peak; auto = what "auto" runs (chunked or cublas: fused is forced')
+    emit("  only); fastest = the model's fastest of all three")
+    emit("B      K  D     dtype chunk  chunked  cublas   fused    bound  @peak   chunked/bound  cublas/bound  "
+         "fused/bound  auto     fastest")  # fmt: skip
     report["roofline"] = []
     for b in (4096, 32768):
         for k in (0, 1, 3):
-            for d in (1024, 4096):
+            for d in (512, 1024, 4096):
                 for dtype in ("bf16", "fp32"):
                     r = contrastive_roofline(b, k, d, dtype)
                     report["roofline"].append(r)
@@ -82,37 +94,65 @@ def emit_contrastive(emit, report) -> None:
                     bound = r["gemm_bound_ms"]
                     emit(f"{b:<6d} {k}  {d:<5d} {dtype:5s} {r['chunk_rows']:5d} {times} {bound:8.2f} "
                           f"{r['gemm_bound_at_peak_ms']:6.2f}   {ms[0] / bound:13.2f}  {ms[1] / bound:12.2f}  "
-                          f"{r['auto']}")  # fmt: skip
+                          f"{ms[2] / bound:11.2f}  {r['auto']:8s} {r['fastest']}")  # fmt: skip
     emit("  (fp32 rows: full-precision fp32 GEMMs, torch's default; bf16 peak 989, fp32 67 TFLOP/s)")
     for b, k, d in ((4096, 1, 4096), (32768, 3, 1024)):
         r = next(x for x in report["roofline"] if (x["B"], x["K"], x["D"], x["dtype"]) == (b, k, d, "bf16"))
         emit(f"\nB = {b}, K = {k}, D = {d}, bf16, {r['chunk_rows']} rows per chunk: per kernel")
-        emit("path     kernel      GFLOP     GB   Gexp  of peak      ms  bound")
+        emit("path     kernel            GFLOP     GB   Gexp  Ginstr  of peak      ms  bound")
         for path in roofline.PATHS:
             for name, kern in r["paths"][path]["kernels"].items():
                 fraction = f"{kern['fraction_of_peak']:8.2f}" if kern["gflop"] else "       -"
-                emit(f"{path:8s} {name:10s} {kern['gflop']:7.0f} {kern['gbyte']:6.2f} {kern['gexp']:6.2f} "
-                      f"{fraction} {kern['ms']:7.2f}  {kern['bound']}")  # fmt: skip
-            total = r["paths"][path]["predicted_ms"]
-            emit(f"{path:8s} total {total:48.2f}  = {total / r['gemm_bound_ms']:.2f}× the GEMM bound "
+                emit(f"{path:8s} {name:15s} {kern['gflop']:7.0f} {kern['gbyte']:6.2f} {kern['gexp']:6.2f} "
+                      f"{kern['ginstr']:7.1f} {fraction} {kern['ms']:7.2f}  {kern['bound']}")  # fmt: skip
+            total, peak = r["paths"][path]["predicted_ms"], r["paths"][path]["gemms_at_peak_ms"]
+            emit(f"{path:8s} total {total:62.2f}  = {total / r['gemm_bound_ms']:.2f}× the GEMM bound "
                   f"({r['gemm_bound_ms']:.2f} ms), {total / r['gemm_bound_at_peak_ms']:.2f}× at peak")  # fmt: skip
-        emit(f"auto runs: {r['auto']}")
+            emit(f"{path:8s} every GEMM at peak {peak:49.2f}  = {peak / r['gemm_bound_at_peak_ms']:.2f}× the "
+                  f"GEMMs at peak ({r['gemm_bound_at_peak_ms']:.2f} ms)")  # fmt: skip
+        emit(f"auto runs: {r['auto']}; the model's fastest: {r['fastest']}")
+    emit_fused_modes(emit, report)
+
+
+def emit_fused_modes(emit, report) -> None:
+    """The fused path's two ways of forming G against D: the chunk loop takes the prologue up to
+    PROLOGUE_MAX_DIM."""
+    emit(f"\nFused path, bf16: dX in the prologue vs the G pass + a dX GEMM (ms; the chunk loop takes the prologue "
+         f"for D <= {roofline.PROLOGUE_MAX_DIM})")  # fmt: skip
+    emit("B      K  D     prologue  G pass   | every GEMM at peak: prologue  G pass")
+    report["fused_modes"] = []
+    for b, k in ((4096, 1), (32768, 3)):
+        n = b * (1 + k)
+        rows = chunk_rows(b, n, 6, torch.float32, torch.device("cuda"))
+        for d in (256, 512, 768, 1024, 2048):
+            ms = {f"{mode}{'_at_peak' if peak else ''}_ms": 1e3 * roofline.path_seconds(
+                "fused", b, n, d, "bf16", rows, at_peak=peak, prologue_max_dim=limit)
+                for peak in (False, True) for mode, limit in (("prologue", d), ("grads", 0))}  # fmt: skip
+            report["fused_modes"].append({"B": b, "K": k, "D": d, "chunk_rows": rows, **ms})
+            emit(f"{b:<6d} {k}  {d:<5d} {ms['prologue_ms']:8.2f}  {ms['grads_ms']:7.2f}  |"
+                 f" {ms['prologue_at_peak_ms']:28.2f}  {ms['grads_at_peak_ms']:6.2f}")  # fmt: skip
 
 
 def emit_tiles(emit, report) -> None:
     emit("\nGEMM tiles on H100 (cost model): fraction of bf16 peak on an 8192 × 8192 output, and its limits")
-    emit("config           role       tile            regs  smem KiB  CTAs/SM  sustained  smem   L2  latency  waves"
+    emit("config             role       tile            regs  smem KiB  CTAs/SM  sustained  smem   L2  latency  waves"
          "  fraction")  # fmt: skip
     report["tiles"] = []
-    for (name, role), tile in roofline.MATMUL_TILES.items():
-        precision = "fp32" if name == "fp32" else "tf32" if name.endswith("_tf32") else "bf16"
-        r = roofline.tile_fraction(tile, 8192, 8192, precision)
+    tiles = [(name, role, tile, {}) for (name, role), tile in roofline.MATMUL_TILES.items()]
+    tiles += [(f"fused:{kind}", role, tile, {"a_bytes": 4, "a_in_registers": True} if role == "grad_x" else {})
+              for (kind, role), tile in roofline.FUSED_TILES.items()]  # fmt: skip
+    for name, role, tile, operands in tiles:
+        kind = name.removeprefix("fused:")
+        precision = "fp32" if kind == "fp32" else "tf32" if kind.endswith("tf32") else "bf16"
+        r = roofline.tile_fraction(tile, 8192, 8192, precision, **operands)
         report["tiles"].append({"config": name, "role": role, **r})
         shape = f"{tile.block_m}×{tile.block_n}×{tile.block_k}/{tile.num_stages}st"
         smem = f"{r['shared_memory']:5.2f}" if "shared_memory" in r else "    -"
         resources = f"{tile.registers:4d} {tile.shared_bytes / 1024:9.0f} {r['occupancy']:8d}"
         limits = f"{r['sustained']:10.2f} {smem} {r['l2']:4.2f} {r['latency']:8.2f} {r['waves']:6.2f}"
-        emit(f"{name:16s} {role:10s} {shape:14s} {resources} {limits} {r['fraction']:9.2f}")
+        emit(f"{name:18s} {role:10s} {shape:14s} {resources} {limits} {r['fraction']:9.2f}")
+    emit("  (fused grad_x: M = rows, N = its D block, K = candidates per step; its A operand is the float32 S,")
+    emit("  turned into G in registers)")
     emit(f"  (fp32 and tf32 rows against their own peaks; cuBLAS is priced at {roofline.CUBLAS_FRACTION} of peak)")
 
 

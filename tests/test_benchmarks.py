@@ -85,8 +85,10 @@ def test_gpu_report_prices_every_path_and_says_what_auto_runs(tmp_path, capsys):
     report = json.loads((tmp_path / "report.json").read_text())
     for row in report["roofline"]:
         assert set(row["paths"]) == {"chunked", "cublas", "fused"} and row["auto"] in ("chunked", "cublas")
+        assert row["paths"][row["fastest"]]["predicted_ms"] == min(p["predicted_ms"] for p in row["paths"].values())
         for path in row["paths"].values():
-            assert path["predicted_ms"] >= row["gemm_bound_at_peak_ms"]
+            assert path["predicted_ms"] > path["gemms_at_peak_ms"] > row["gemm_bound_at_peak_ms"]
+    assert {row["D"] for row in report["fused_modes"]} > {512, 1024}
 
 
 @pytest.mark.distributed

@@ -82,3 +82,18 @@ def test_cost_model_tiles_match_the_compiled_resources(compiled):
         ), name  # fmt: skip
         assert tile.registers == max(r["registers"] for r in matches), (name, role)
         assert tile.shared_bytes == max(r["shared_bytes"] for r in matches), (name, role)
+
+
+def test_fused_cost_model_tiles_match_the_compiled_resources(compiled):
+    """The fused path's tiles in mmfast.kernels.roofline (their shapes: tests/test_roofline.py) carry the
+    sm_90 registers and shared memory of kernels/contrastive_loss_fused.py's variants, the worst over
+    ids / τ and the dtypes of the config (bf16/fp16; TF32; full fp32)."""
+    from mmfast.kernels.roofline import FUSED_TILES
+
+    dtypes = {"tensor_core": ("bf16,ieee", "fp16,ieee"), "tf32": ("fp32,tf32",), "fp32": ("fp32,ieee",)}
+    for (kind, role), tile in FUSED_TILES.items():
+        matches = [r for r in compiled if r["arch"] == "sm_90" and r["kernel"].startswith(f"contrastive_fused_{role}[")
+                   and r["kernel"].split("[")[1].startswith(dtypes[kind])]  # fmt: skip
+        assert matches, (kind, role)
+        assert tile.registers == max(r["registers"] for r in matches), (kind, role)
+        assert tile.shared_bytes == max(r["shared_bytes"] for r in matches), (kind, role)

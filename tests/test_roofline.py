@@ -28,15 +28,56 @@ def test_wave_quantisation_counts_the_idle_slots_of_the_last_wave():
     assert roofline.wave_efficiency(128 * 133, 128, 128, 128, 1) == pytest.approx(133 / 264)
 
 
+@pytest.mark.parametrize("d", [1000, 496])  # the fused path's G pass and its dX prologue
 @pytest.mark.parametrize("path", roofline.PATHS)
-def test_every_path_does_the_three_gemms_and_is_above_the_peak_bound(path):
-    rows, n, d = 4097, 8194, 1000
+def test_every_path_does_the_three_gemms_and_is_above_the_peak_bound(path, d):
+    rows, n = 4097, 8194
     kernels = roofline.path_kernels(path, rows, n, d, "bf16", chunk=1000)
     assert sum(k.flops for k in kernels) == pytest.approx(3 * 2.0 * rows * n * d)
     seconds = roofline.path_seconds(path, rows, n, d, "bf16", chunk=1000)
     assert seconds > roofline.gemm_bound_seconds(rows, n, d, "bf16", at_peak=True)
     forward = roofline.path_kernels(path, rows, n, d, "bf16", chunk=1000, gradients=False)
     assert sum(k.flops for k in forward) == pytest.approx(2.0 * rows * n * d)
+    ideal = roofline.path_seconds(path, rows, n, d, "bf16", chunk=1000, at_peak=True)
+    assert roofline.gemm_bound_seconds(rows, n, d, "bf16", at_peak=True) < ideal < seconds
+
+
+def test_the_fused_models_tiles_and_mode_switch_are_the_built_paths():
+    """Its tiles are kernels/contrastive_loss_fused.FUSED_CONFIGS (grad_x's D block as the tile's N, its
+    candidates per step as K; registers and shared memory: tests/test_compile.py), and it forms G where
+    the chunk loop does: in the dX prologue up to PROLOGUE_MAX_DIM, in a G pass beyond it."""
+    from mmfast.kernels.contrastive_loss_fused import FUSED_CONFIGS, PROLOGUE_MAX_DIM
+
+    assert roofline.PROLOGUE_MAX_DIM == PROLOGUE_MAX_DIM
+    for (kind, role), tile in roofline.FUSED_TILES.items():
+        cfg = FUSED_CONFIGS[kind][role == "grad_x"]
+        k, n = (cfg.block_n, cfg.block_k) if role == "grad_x" else (cfg.block_k, cfg.block_n)
+        assert (tile.block_m, tile.block_n, tile.block_k, tile.num_warps, tile.num_stages) == (
+            cfg.block_m, n, k, cfg.num_warps, cfg.num_stages
+        ), (kind, role)  # fmt: skip
+    rows, n = 1000, 4000
+    names = {d: [k.name for k in roofline.path_kernels("fused", rows, n, d, "bf16", 300)] for d in (512, 528)}
+    assert names[512] == ["positive", "scores", "lse_merge", "grad_x_prologue", "grad_y"]
+    assert names[528] == ["positive", "scores", "lse_merge", "grads", "grad_x", "grad_y"]
+    switched = roofline.path_kernels("fused", rows, n, 512, "bf16", 300, prologue_max_dim=0)
+    assert [k.name for k in switched] == names[528]
+    # The prologue forms G once per 256-column D block: 2 blocks' exps and 32 instructions per score each,
+    # and it is issue-bound at ~1.85× its GEMM at peak (the 3.3e13 lane-instructions/s of the docstring).
+    prologue = next(k for k in roofline.path_kernels("fused", rows, n, 512, "bf16", 300, at_peak=True)
+                    if k.name == "grad_x_prologue")  # fmt: skip
+    assert prologue.exps == 2 * rows * n and prologue.instructions == 32 * 2 * rows * n
+    assert roofline.H100.issue_per_s == pytest.approx(3.345e13, rel=1e-3)
+    assert prologue.issue_seconds == pytest.approx(1.85 * prologue.compute_seconds, rel=0.01)
+    with_ids = roofline.path_kernels("fused", rows, n, 512, "bf16", 300, ids=True)
+    assert next(k for k in with_ids if k.name == "grad_x_prologue").instructions == 44 * 2 * rows * n
+
+
+def test_the_fused_score_epilogue_at_one_cta_per_sm_adds_to_its_gemm():
+    tile = roofline.FUSED_TILES[("tensor_core", "scores")]
+    assert roofline.occupancy(tile) == 1
+    scores = roofline.path_kernels("fused", 4096, 8192, 1024, "bf16", 4096)[1]
+    assert scores.name == "scores" and scores.serial_epilogue
+    assert scores.seconds("bf16") == (pytest.approx(scores.compute_seconds + scores.issue_seconds), "compute+epilogue")
 
 
 def test_choose_path_picks_the_cheapest_candidate():
