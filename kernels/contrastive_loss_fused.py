@@ -33,15 +33,8 @@ by instruction issue at ~1.85× its GEMM on an H100 (132 SMs × 4 schedulers × 
 3.3e13 instructions/s against 989 bf16 TFLOP/s), for every D; the "grads" pass instead costs 6 bytes
 per score at 3.35 TB/s. The two break even near D = 1000 if the prologue overlaps the tensor cores
 perfectly, near D = 500 if it does not: hence PROLOGUE_MAX_DIM = 512.
-H100 estimates (per kernel the max of tensor, bytes, MUFU and issue time, i.e. perfect overlap;
-"serial": epilogue/prologue issue added to the tensor time instead; bf16, fwd + bwd, reduction mean),
-against the three GEMMs at peak and today's chunked path:
-  B = 4096,  K = 1, D = 4096 (1 chunk):  ideal 0.834 ms; chunked 0.934 (1.12×); fused with grads +
-      dX GEMM 0.894 (1.07×; serial 1.11×); with dX in the prologue 1.07 (1.28×; serial 1.65×)
-  B = 32768, K = 3, D = 1024 (25 chunks of 1365 rows): ideal 26.7 ms; chunked 41.2 (1.54×); fused
-      with grads 36.1 (1.35×; serial 1.49×); prologue 35.9 (1.35×; serial 1.81×). The rest over 1×
-      is the grads pass (7.7 ms) and dY's float32 read-modify-write per chunk (10.6 ms against its
-      8.9 ms GEMM).
+The H100 cost model prices this path from these counts and the compiled tiles (kernels/roofline_fused.py;
+per shape and kernel in benchmarks/results/gpu_report.txt, summarised in the README's GPU section).
 Unproven on hardware: estimates only (the chunked path stays).
 """
 
