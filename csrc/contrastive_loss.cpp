@@ -16,6 +16,8 @@
 // With a learnable temperature both row kernels also write w_r = Σ_j G_rj·s_rj per row (one more
 // reduction over the row; the caller turns it into dLoss/dτ = -(1/τ)·Σ_r w_r). It needs the raw
 // scores next to the softmax weights, so that variant keeps S intact until G overwrites it.
+// A symmetric loss on one process also hands softmax_rows its column half (contrastive_columns.h):
+// each row's G then gets the column gradient on the block, computed from the raw row first.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -23,9 +25,12 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "checks.h"
+#include "contrastive_columns.h"
 #include "fast_math.h"
 
 namespace mmfast {
@@ -48,15 +53,29 @@ struct RowProblem {
   T* loss;
   T* temperature_grad;  // null, or per row Σ_j G_rj·s_rj (needs grad_scale)
   const int32_t* ids;   // null: no duplicate masking; else [n] class indices, equal = same content
+  const ColumnTerms<T>* columns = nullptr;  // null, or the column half (needs grad_scale)
 };
+
+// Row r's column gradient (none without columns) into `out`, from its raw scores.
+template <typename T>
+__attribute__((always_inline)) inline void row_column_grads(const RowProblem<T>& p, int64_t r, const T* s, T* out) {
+  const ColumnTerms<T>& c = *p.columns;
+  if constexpr (std::is_same_v<T, float>) {
+    column_grads_f32(c, p.row_offset + r, s, p.negative_scale, p.has_margin, p.margin, out);
+  } else {
+    column_grads_generic(c, p.row_offset + r, s, p.negative_scale, p.has_margin, p.margin, out);
+  }
+}
 
 // Generic (scalar) row kernel; used for float64, where accuracy matters more than speed. The scores
 // stay as they are until G overwrites them, so the temperature reduction can read them.
 template <typename T>
 void softmax_rows_range(const RowProblem<T>& p, int64_t begin, int64_t end) {
   const T minus_inf = -std::numeric_limits<T>::infinity();
+  std::vector<T> column_grads(p.columns ? p.columns->n : 0);
   for (int64_t r = begin; r < end; ++r) {
     T* s = p.scores + r * p.row_stride;
+    if (p.columns) row_column_grads(p, r, s, column_grads.data());
     const int64_t pos_col = p.row_offset + r;
     const T pos = s[pos_col];
     const T pos_logit = pos * p.inv_temperature;
@@ -83,6 +102,7 @@ void softmax_rows_range(const RowProblem<T>& p, int64_t begin, int64_t end) {
       for (int64_t j = 0; j < p.n; ++j) s[j] *= c;
       s[pos_col] -= row_coef;
       if (p.temperature_grad) p.temperature_grad[r] = static_cast<T>(row_coef * (weighted / sum - pos));
+      for (int64_t j = 0; j < static_cast<int64_t>(column_grads.size()); ++j) s[j] += column_grads[j];
     }
   }
 }
@@ -97,8 +117,10 @@ __attribute__((always_inline)) inline void softmax_rows_f32_body(const RowProble
   const float minus_inf = -std::numeric_limits<float>::infinity();
   const int32_t n = static_cast<int32_t>(p.n);
   const int32_t n_vec = n - n % kLanes;
+  std::vector<float> column_grads(p.columns ? p.columns->n : 0);
   for (int64_t r = begin; r < end; ++r) {
     float* s = p.scores + r * p.row_stride;
+    if (p.columns) row_column_grads(p, r, s, column_grads.data());
     const int32_t pos_col = static_cast<int32_t>(p.row_offset + r);
     const float pos = s[pos_col];
     const float pos_logit = pos * p.inv_temperature;
@@ -177,6 +199,12 @@ __attribute__((always_inline)) inline void softmax_rows_f32_body(const RowProble
       for (int32_t j = 0; j < n_vec; j += kLanes) store16(s + j, load16(s + j) * c);
       for (int32_t j = n_vec; j < n; ++j) s[j] *= c;
       s[pos_col] -= row_coef;
+      if (p.columns) {
+        const int32_t n_block = static_cast<int32_t>(column_grads.size());
+        const int32_t block_vec = n_block - n_block % kLanes;
+        for (int32_t j = 0; j < block_vec; j += kLanes) store16(s + j, load16(s + j) + load16(column_grads.data() + j));
+        for (int32_t j = block_vec; j < n_block; ++j) s[j] += column_grads[j];
+      }
       // Σ_j G_j·s_j = row_coef·(Σ_j p_j·s_j - s_pos), the softmax weights times the raw scores.
       if (kTemperatureGrad) p.temperature_grad[r] = static_cast<float>(row_coef * (weighted / sum - pos));
     }
@@ -233,11 +261,30 @@ int64_t row_grain(int64_t n) {
 
 void contrastive_softmax_rows(at::Tensor scores, int64_t row_offset, double inv_temperature, double hardness,
                               c10::optional<double> margin, c10::optional<at::Tensor> row_scale, at::Tensor loss,
-                              c10::optional<at::Tensor> temperature_grad, c10::optional<at::Tensor> ids) {
+                              c10::optional<at::Tensor> temperature_grad, c10::optional<at::Tensor> ids,
+                              c10::optional<at::Tensor> column_diag, c10::optional<at::Tensor> column_lse,
+                              c10::optional<at::Tensor> column_coef, c10::optional<at::Tensor> column_positive,
+                              c10::optional<at::Tensor> column_ids) {
   check_scores(scores, row_offset, row_scale, ids);
   const int64_t rows = scores.size(0);
   check_output(kOp, loss, "loss", {rows}, scores.scalar_type());
   check_temperature_grad(temperature_grad, row_scale, rows, scores.scalar_type());
+  const bool has_columns = column_diag.has_value();
+  TORCH_CHECK(has_columns == column_lse.has_value() && has_columns == column_coef.has_value() &&
+                  has_columns == column_positive.has_value() && (has_columns || !column_ids.has_value()),
+              "mmfast cpu ", kOp,
+              ": column_diag, column_lse, column_coef and column_positive go together (column_ids with them)");
+  if (has_columns) {
+    TORCH_CHECK(row_scale.has_value(), "mmfast cpu ", kOp, ": the column terms need row_scale");
+    const int64_t n_block = column_diag->numel();
+    TORCH_CHECK(n_block <= scores.size(1) && row_offset + rows <= n_block, "mmfast cpu ", kOp, ": the block of ",
+                n_block, " columns must hold the rows' positives (row_offset ", row_offset, " + rows ", rows, ")");
+    for (const auto& [t, name] : {std::pair{*column_diag, "column_diag"}, std::pair{*column_lse, "column_lse"},
+                                  std::pair{*column_coef, "column_coef"}, std::pair{*column_positive, "column_positive"}}) {
+      check_vector(kOp, t, name, n_block, scores.scalar_type());
+    }
+    if (column_ids.has_value()) check_vector(kOp, *column_ids, "column_ids", n_block, at::kInt);
+  }
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "mmfast_softmax_rows", [&] {
     RowProblem<scalar_t> p{scores.data_ptr<scalar_t>(),
                            scores.stride(0),
@@ -251,6 +298,13 @@ void contrastive_softmax_rows(at::Tensor scores, int64_t row_offset, double inv_
                            loss.data_ptr<scalar_t>(),
                            temperature_grad.has_value() ? temperature_grad->data_ptr<scalar_t>() : nullptr,
                            ids.has_value() ? ids->data_ptr<int32_t>() : nullptr};
+    ColumnTerms<scalar_t> columns{};
+    if (has_columns) {
+      columns = {column_diag->numel(), column_diag->data_ptr<scalar_t>(), column_lse->data_ptr<scalar_t>(),
+                 column_coef->data_ptr<scalar_t>(), column_positive->data_ptr<scalar_t>(),
+                 column_ids.has_value() ? column_ids->data_ptr<int32_t>() : nullptr};
+      p.columns = &columns;
+    }
     at::parallel_for(0, rows, row_grain(p.n),
                      [&](int64_t begin, int64_t end) { softmax_rows_dispatch(p, begin, end); });
   });
