@@ -203,7 +203,9 @@ class SymmetricColumns:
         loss = torch.empty(b, dtype=wide, device=device)
         w = None if self.temperature_grad is None else torch.empty(b, dtype=wide, device=device)
         inv_t = self.opts.inv_temperature
-        opts = dataclasses.replace(self.opts, inv_temperature=inv_t.double() if isinstance(inv_t, torch.Tensor) else inv_t)
+        opts = dataclasses.replace(
+            self.opts, inv_temperature=inv_t.double() if isinstance(inv_t, torch.Tensor) else inv_t
+        )
         row_scale = None if self.row_scale is None else self.row_scale.double()
         topk_loss(self.diag.double(), self.values.double(), self.index, torch.arange(b, device=device), opts, row_scale,
                   loss, index, coef, w)  # fmt: skip
