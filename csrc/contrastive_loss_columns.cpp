@@ -3,7 +3,7 @@
 // query row_offset + r, column i = target i) while it is still raw, before the row kernel runs:
 //   column_stats: merges the chunk into each column's running max and float64 sum of exp(logit - max)
 //                 (and, for a learnable temperature, Σ exp(logit - max)·(s - d_i)); vectorised across
-//                 16 columns, two passes over the chunk's rows per 16 columns (the second from L1).
+//                 16 columns, row-major, a tile of rows at a time (its max, then its sum of exp).
 //   column_topk:  merges the chunk into each column's running top-k selection (descending, ties to the
 //                 lower query index, as later chunks hold higher rows and an equal score never displaces).
 // Column i leaves out query j = i (its positive, d_i/τ, seeds the statistics), queries with
@@ -14,7 +14,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <vector>
 
 #include "checks.h"
 #include "contrastive_columns.h"
@@ -39,75 +41,104 @@ struct ColumnStatsProblem {
   double* weighted;  // null, or the temperature reduction
 };
 
-// Generic (scalar) version over columns [begin, end): float64, and the float32 tails.
+// Generic (scalar) version over columns [begin, end): float64, and the float32 tails. Row-major (the
+// block's rows are contiguous; a walk down one column would touch one page per row), with the online
+// update per score: a new max rescales the column's sum (and weighted sum) by exp(old - new).
 template <typename T>
 void column_stats_range(const ColumnStatsProblem<T>& p, int64_t begin, int64_t end) {
-  const T minus_inf = -std::numeric_limits<T>::infinity();
-  for (int64_t i = begin; i < end; ++i) {
-    const T limit = p.has_margin ? p.diag[i] + p.margin : std::numeric_limits<T>::infinity();
-    const int32_t own_id = p.ids ? p.ids[i] : 0;
-    auto logit = [&](int64_t r) {
-      const int64_t j = p.row_offset + r;
-      const T v = p.block[r * p.row_stride + i];
-      return (j == i || v > limit || (p.ids && p.ids[j] == own_id)) ? minus_inf : v * p.negative_scale;
-    };
-    const T old_max = p.running_max[i];
-    T m = old_max;
-    for (int64_t r = 0; r < p.rows; ++r) m = std::max(m, logit(r));  // NaN does not raise the max
-    const double rescale = std::exp(static_cast<double>(old_max) - static_cast<double>(m));
-    double sum = 0.0, weighted = 0.0;
-    for (int64_t r = 0; r < p.rows; ++r) {
-      const T e = kernel_exp(logit(r) - m);
-      sum += e;
-      if (p.weighted) weighted += static_cast<double>(e) * (p.block[r * p.row_stride + i] - p.diag[i]);
+  for (int64_t r = 0; r < p.rows; ++r) {
+    const T* s = p.block + r * p.row_stride;
+    const int64_t j = p.row_offset + r;
+    const int32_t row_id = p.ids ? p.ids[j] : 0;
+    for (int64_t i = begin; i < end; ++i) {
+      const T v = s[i];
+      if (j == i || (p.has_margin && v > p.diag[i] + p.margin) || (p.ids && p.ids[i] == row_id)) continue;
+      const T logit = v * p.negative_scale;
+      if (logit > p.running_max[i]) {  // NaN does not raise the max (and poisons the sum below)
+        const double rescale = std::exp(static_cast<double>(p.running_max[i]) - static_cast<double>(logit));
+        p.running_sum[i] *= rescale;
+        if (p.weighted) p.weighted[i] *= rescale;
+        p.running_max[i] = logit;
+      }
+      const T e = kernel_exp(logit - p.running_max[i]);
+      p.running_sum[i] += e;
+      if (p.weighted) p.weighted[i] += static_cast<double>(e) * (v - p.diag[i]);
     }
-    p.running_sum[i] = p.running_sum[i] * rescale + sum;
-    if (p.weighted) p.weighted[i] = p.weighted[i] * rescale + weighted;
-    p.running_max[i] = m;
   }
 }
 
-// Sixteen float32 columns [i, i + 16) at a time; kWeighted: the temperature variant.
+// Sixteen float32 columns at a time, row-major, a tile of kRowTile rows at a time: first the tile
+// raises each column's max, then the float64 sums of the columns whose max rose are rescaled, then a
+// second pass over the tile (now in L2) sums exp(logit - max) in float over the tile's rows and adds
+// that to the float64 sums. One exp per score; kWeighted: the temperature variant.
+constexpr int64_t kRowTile = 64;
+
 template <bool kWeighted>
 __attribute__((always_inline)) inline void column_stats_f32_body(const ColumnStatsProblem<float>& p, int64_t begin,
                                                                  int64_t end) {
-  const f32x16 minus_inf16 = splat16(-std::numeric_limits<float>::infinity());
+  const float minus_inf = -std::numeric_limits<float>::infinity();
+  const float inf = std::numeric_limits<float>::infinity();
   const i32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  int64_t i = begin;
-  for (; i + kLanes <= end; i += kLanes) {
-    const f32x16 diag16 = load16(p.diag + i);
-    const f32x16 limit16 = p.has_margin ? diag16 + p.margin : splat16(std::numeric_limits<float>::infinity());
-    const i32x16 column16 = lane + static_cast<int32_t>(i);
-    const i32x16 own_id16 = p.ids ? load16i(p.ids + i) : i32x16{};
-    auto logit = [&](int64_t r, f32x16 v) {
+  const int64_t vec_end = begin + (end - begin) / kLanes * kLanes;
+  const int64_t width = end - begin;
+  std::vector<float> old_max(width), tile_sum(width), tile_weighted(kWeighted ? width : 0), limit(width);
+  for (int64_t i = begin; i < end; ++i) limit[i - begin] = p.has_margin ? p.diag[i] + p.margin : inf;
+  // The column's own query j = i is masked only in the one block of 16 that holds it (a branch that
+  // is false for all but one block per row).
+  auto logit16 = [&](const float* s, int32_t j, int64_t i) {
+    const f32x16 v = load16(s + i);
+    i32x16 drop = v > load16(limit.data() + (i - begin));
+    if (p.ids) drop |= equal16i(load16i(p.ids + i), splat16i(p.ids[j]));
+    if (j >= i && j < i + kLanes) drop |= equal16i(lane, splat16i(static_cast<int32_t>(j - i)));
+    return select16(drop, splat16(minus_inf), v * p.negative_scale);
+  };
+  auto logit = [&](const float* s, int64_t j, int64_t i) {
+    const float v = s[i];
+    const bool drop = j == i || (p.has_margin && v > p.diag[i] + p.margin) || (p.ids && p.ids[i] == p.ids[j]);
+    return drop ? minus_inf : v * p.negative_scale;
+  };
+  for (int64_t r0 = 0; r0 < p.rows; r0 += kRowTile) {
+    const int64_t r1 = std::min(p.rows, r0 + kRowTile);
+    std::copy(p.running_max + begin, p.running_max + end, old_max.begin());
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* s = p.block + r * p.row_stride;
       const int32_t j = static_cast<int32_t>(p.row_offset + r);
-      i32x16 drop = (v > limit16) | equal16i(column16, splat16i(j));
-      if (p.ids) drop |= equal16i(own_id16, splat16i(p.ids[j]));
-      return select16(drop, minus_inf16, v * p.negative_scale);
-    };
-    const f32x16 old_max = load16(p.running_max + i);
-    f32x16 m16 = old_max;
-    for (int64_t r = 0; r < p.rows; ++r) m16 = max16(logit(r, load16(p.block + r * p.row_stride + i)), m16);
-    f64x8 sum_lo{}, sum_hi{}, weighted_lo{}, weighted_hi{};
-    for (int64_t r = 0; r < p.rows; ++r) {
-      const f32x16 v = load16(p.block + r * p.row_stride + i);
-      const f32x16 e = exp_flush(logit(r, v) - m16);
-      sum_lo += __builtin_convertvector(__builtin_shufflevector(e, e, 0, 1, 2, 3, 4, 5, 6, 7), f64x8);
-      sum_hi += __builtin_convertvector(__builtin_shufflevector(e, e, 8, 9, 10, 11, 12, 13, 14, 15), f64x8);
-      if (kWeighted) {
-        const f32x16 w = e * (v - diag16);
-        weighted_lo += __builtin_convertvector(__builtin_shufflevector(w, w, 0, 1, 2, 3, 4, 5, 6, 7), f64x8);
-        weighted_hi += __builtin_convertvector(__builtin_shufflevector(w, w, 8, 9, 10, 11, 12, 13, 14, 15), f64x8);
+      for (int64_t i = begin; i < vec_end; i += kLanes) {
+        store16(p.running_max + i, max16(logit16(s, j, i), load16(p.running_max + i)));
+      }
+      for (int64_t i = vec_end; i < end; ++i) p.running_max[i] = std::max(p.running_max[i], logit(s, j, i));
+    }
+    for (int64_t i = begin; i < end; ++i) {
+      if (p.running_max[i] != old_max[i - begin]) {
+        const double rescale = std::exp(static_cast<double>(old_max[i - begin]) - p.running_max[i]);
+        p.running_sum[i] *= rescale;
+        if (kWeighted) p.weighted[i] *= rescale;
       }
     }
-    for (int l = 0; l < kLanes; ++l) {
-      const double rescale = std::exp(static_cast<double>(old_max[l]) - static_cast<double>(m16[l]));
-      p.running_sum[i + l] = p.running_sum[i + l] * rescale + (l < 8 ? sum_lo[l] : sum_hi[l - 8]);
-      if (kWeighted) p.weighted[i + l] = p.weighted[i + l] * rescale + (l < 8 ? weighted_lo[l] : weighted_hi[l - 8]);
+    std::fill(tile_sum.begin(), tile_sum.end(), 0.0f);
+    std::fill(tile_weighted.begin(), tile_weighted.end(), 0.0f);
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* s = p.block + r * p.row_stride;
+      const int32_t j = static_cast<int32_t>(p.row_offset + r);
+      for (int64_t i = begin; i < vec_end; i += kLanes) {
+        const f32x16 e = exp_flush(logit16(s, j, i) - load16(p.running_max + i));
+        store16(tile_sum.data() + (i - begin), load16(tile_sum.data() + (i - begin)) + e);
+        if (kWeighted) {
+          float* w = tile_weighted.data() + (i - begin);
+          store16(w, load16(w) + e * (load16(s + i) - load16(p.diag + i)));
+        }
+      }
+      for (int64_t i = vec_end; i < end; ++i) {
+        const float e = exp_flush(logit(s, j, i) - p.running_max[i]);
+        tile_sum[i - begin] += e;
+        if (kWeighted) tile_weighted[i - begin] += e * (s[i] - p.diag[i]);
+      }
     }
-    store16(p.running_max + i, m16);
+    for (int64_t i = begin; i < end; ++i) {
+      p.running_sum[i] += tile_sum[i - begin];
+      if (kWeighted) p.weighted[i] += tile_weighted[i - begin];
+    }
   }
-  column_stats_range<float>(p, i, end);
 }
 
 __attribute__((target_clones("avx512f", "avx2", "default"))) void column_stats_range_f32(

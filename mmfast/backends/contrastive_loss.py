@@ -18,6 +18,10 @@ w_i = Σ_j G_ij·s_ij (the logits' gradient times the raw scores), and dTotal/d�
 logit that depends on τ is s/τ; the hardness term α·sg(s), the margin and the top-k selection read
 the raw scores and do not depend on τ.
 
+A symmetric loss on one process does not run the second direction: its target→queries half is the
+B × B block of these scores read by columns (contrastive_columns.py), whose statistics a first pass
+over the same chunks gathers (dense with a gradient), and whose gradient the row kernel adds to G.
+
 The candidates y are kept as a list of pieces ([targets, negatives]) and never concatenated. The rows
 per chunk come from a byte budget (mmfast/backends/chunked.py), so memory is flat in B. Backends
 differ only in their kernel set (`contrastive_kernels`): how S and the gradient GEMMs are computed
