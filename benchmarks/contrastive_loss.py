@@ -377,7 +377,8 @@ def main(argv=None) -> int:
                 for row in paired_times(args.options, b, k, d, args.repeats)]  # fmt: skip
         for r in rows:
             print(f"{r['options']:10s} B={r['B']} K={r['K']} D={r['D']}  min {r['min_ms']:.1f} ms  median "
-                  f"{r['median_ms']:.1f} ms  ÷{r['base']} {r['median_ratio']:.3f}  ÷gemm1 {r['over_gemm1']:.3f}")  # fmt: skip
+                  f"{r['median_ms']:.1f} ms  ÷{r['base']} {r['median_ratio']:.3f}  "
+                  f"÷gemm1 {r['over_gemm1']:.3f}")  # fmt: skip
         if args.json:
             write_json(args.json, rows)
         return 0

@@ -226,8 +226,9 @@ class ContrastiveLossFunction(torch.autograd.Function):
     """One Function for every backend; `backend` is already resolved to a concrete one.
 
     With reduction "mean"/"sum" the forward also computes the gradients (three GEMMs in all, no
-    recomputation; a symmetric loss on one process adds one, the B × B block's statistics pass) and the first backward only scales them. With "none" the per-row output gradient
-    is only known in backward, which then recomputes the scores chunk by chunk (four GEMMs in all), as
+    recomputation; a symmetric loss on one process adds one, the B × B block's statistics pass) and
+    the first backward only scales them. With "none" the per-row output gradient is only known in
+    backward, which then recomputes the scores chunk by chunk (four GEMMs in all), as
     does a second backward through a mean/sum loss (retain_graph=True, gradcheck).
     Across devices, gathered_targets / gathered_queries (and negatives) are all ranks' tensors from
     an autograd-aware all-gather, and query i's positive is gathered target positive_offset + i.

