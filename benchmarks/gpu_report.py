@@ -15,11 +15,13 @@ Part 3: the pooling ops are memory-bound; their bytes against naive PyTorch's.
 
 Part 4: similarity_topk, its GEMM at peak plus its merge's CUDA-core operations.
 
-Part 2, per loss evaluation (forward + backward, reduction "mean", so the Triton backend runs
-three GEMMs and one row kernel per chunk): FLOPs and bytes of each kernel, and the predicted time
-max(FLOPs / peak, bytes / bandwidth) on an H100 SXM, against the ideal of the three GEMMs alone
-at peak. Peaks (NVIDIA H100 SXM5 datasheet, dense): bf16 989 TFLOP/s, TF32 495, FP32 67, HBM3
-3.35 TB/s. These are estimates, not measurements.
+Part 2, the cost model (mmfast.kernels.roofline, which also drives the triton backend's "auto"
+path): each GEMM config's fraction of H100 peak (shared-memory feed, L2, latency at its compiled
+occupancy, waves, sustained clocks; its docstring gives the sources and assumptions), then per loss
+evaluation (forward + backward, reduction "mean") every kernel of each path (chunked Triton GEMMs,
+cuBLAS GEMMs, the fused design) with its FLOPs, bytes, exps and predicted time
+max(FLOPs / (peak × fraction), bytes / bandwidth, exps / MUFU rate), against the three GEMMs at
+cuBLAS's rate and at peak. Estimates, not measurements.
 """
 
 from __future__ import annotations
@@ -33,42 +35,85 @@ from pathlib import Path
 import torch
 
 from mmfast.backends.chunked import chunk_rows
+from mmfast.kernels import roofline
 
-H100 = {"bf16": 989e12, "tf32": 495e12, "fp32": 67e12, "bandwidth": 3.35e12}
+H100 = {name: roofline.H100.peak(name) for name in ("bf16", "tf32", "fp32")} | {
+    "bandwidth": roofline.H100.hbm_bytes_per_s
+}
 
 
-def roofline(b: int, k: int, d: int, dtype: str) -> dict:
-    """Per-kernel FLOPs/bytes of one plain fwd+bwd of the chunked loss (Triton backend)."""
-    e = 2 if dtype in ("bf16", "fp16") else 4
-    peak = H100["bf16"] if e == 2 else H100["tf32"]
+def contrastive_roofline(b: int, k: int, d: int, dtype: str) -> dict:
+    """One plain fwd+bwd (mean) of the loss on each path of the Triton backend, from the cost model
+    (mmfast.kernels.roofline), with the chunk rows the chunk loop itself would use on CUDA."""
+    from mmfast.kernels.contrastive_loss import TritonContrastiveKernels  # imports triton: after main()'s setup
+
     n = b * (1 + k)
-    # The chunk loop's own rule and CUDA budget; per score: float32 S + G in the input dtype.
-    rows = chunk_rows(b, n, 4 + e, torch.float32, torch.device("cuda"))
-    chunks = -(-b // rows)
-    gemm_flops = 2.0 * b * n * d
-    kernels = {
-        # S chunk = X_c·Yᵀ: Y re-read per chunk, S written in float32.
-        "scores": (gemm_flops, chunks * n * d * e + b * d * e + 4.0 * b * n),
-        # two passes over S (read twice), G written in the input dtype; ~12 flops per score (exp...).
-        "softmax_rows": (12.0 * b * n, 8.0 * b * n + e * b * n),
-        # dX_c = G·Y: G read, Y re-read per chunk, dX written in float32.
-        "grad_x": (gemm_flops, e * b * n + chunks * n * d * e + 4.0 * b * d),
-        # dY += Gᵀ·X_c: G read, float32 dY read and written per chunk.
-        "grad_y": (gemm_flops, e * b * n + chunks * 8.0 * n * d + b * d * e),
-    }
-    out = {"B": b, "K": k, "D": d, "dtype": dtype, "chunk_rows": rows, "kernels": {}}
-    total = 0.0
-    for name, (flops, nbytes) in kernels.items():
-        compute = flops / (peak if name != "softmax_rows" else H100["fp32"])
-        memory = nbytes / H100["bandwidth"]
-        predicted = max(compute, memory)
-        total += predicted
-        out["kernels"][name] = {"gflop": flops / 1e9, "gbyte": nbytes / 1e9, "ms": 1e3 * predicted,
-                                "bound": "compute" if compute >= memory else "memory"}  # fmt: skip
-    out["predicted_ms"] = 1e3 * total
-    out["ideal_3_gemms_ms"] = 1e3 * 3 * gemm_flops / peak
-    out["over_ideal"] = total / (3 * gemm_flops / peak)
+    rows = chunk_rows(b, n, TritonContrastiveKernels.dense_bytes_per_score, torch.float32, torch.device("cuda"))
+    out = {"B": b, "K": k, "D": d, "dtype": dtype, "chunk_rows": rows, "paths": {}}
+    for path in roofline.PATHS:
+        kernels = {}
+        for kernel in roofline.path_kernels(path, b, n, d, dtype, rows):
+            seconds, bound = kernel.seconds(dtype)
+            kernels[kernel.name] = {"gflop": kernel.flops / 1e9, "gbyte": kernel.bytes / 1e9,
+                                    "gexp": kernel.exps / 1e9, "fraction_of_peak": kernel.fraction(dtype),
+                                    "ms": 1e3 * seconds, "bound": bound}  # fmt: skip
+        out["paths"][path] = {"kernels": kernels, "predicted_ms": sum(k["ms"] for k in kernels.values())}
+    out["gemm_bound_ms"] = 1e3 * roofline.gemm_bound_seconds(b, n, d, dtype)
+    out["gemm_bound_at_peak_ms"] = 1e3 * roofline.gemm_bound_seconds(b, n, d, dtype, at_peak=True)
+    out["auto"] = roofline.choose_path(b, n, d, dtype, rows)
     return out
+
+
+def emit_contrastive(emit, report) -> None:
+    emit("\nH100 cost model, plain contrastive loss fwd+bwd, per path of the triton backend (estimates; ms)")
+    emit("  chunked = Triton GEMMs + Triton row kernel, cublas = torch.mm GEMMs + Triton row kernel, fused =")
+    emit("  the tile-fused design (kernels not built yet on this branch); bound = the 3 GEMMs at cuBLAS's 0.75")
+    emit('  of peak / at peak; auto = what "auto" runs (chunked or cublas; fused is forced only)')
+    emit("B      K  D     dtype chunk  chunked  cublas   fused    bound  @peak   chunked/bound  cublas/bound  auto")
+    report["roofline"] = []
+    for b in (4096, 32768):
+        for k in (0, 1, 3):
+            for d in (1024, 4096):
+                for dtype in ("bf16", "fp32"):
+                    r = contrastive_roofline(b, k, d, dtype)
+                    report["roofline"].append(r)
+                    ms = [r["paths"][path]["predicted_ms"] for path in roofline.PATHS]
+                    times = " ".join(f"{m:8.2f}" for m in ms)
+                    bound = r["gemm_bound_ms"]
+                    emit(f"{b:<6d} {k}  {d:<5d} {dtype:5s} {r['chunk_rows']:5d} {times} {bound:8.2f} "
+                          f"{r['gemm_bound_at_peak_ms']:6.2f}   {ms[0] / bound:13.2f}  {ms[1] / bound:12.2f}  "
+                          f"{r['auto']}")  # fmt: skip
+    emit("  (fp32 rows: full-precision fp32 GEMMs, torch's default; bf16 peak 989, fp32 67 TFLOP/s)")
+    for b, k, d in ((4096, 1, 4096), (32768, 3, 1024)):
+        r = next(x for x in report["roofline"] if (x["B"], x["K"], x["D"], x["dtype"]) == (b, k, d, "bf16"))
+        emit(f"\nB = {b}, K = {k}, D = {d}, bf16, {r['chunk_rows']} rows per chunk: per kernel")
+        emit("path     kernel      GFLOP     GB   Gexp  of peak      ms  bound")
+        for path in roofline.PATHS:
+            for name, kern in r["paths"][path]["kernels"].items():
+                fraction = f"{kern['fraction_of_peak']:8.2f}" if kern["gflop"] else "       -"
+                emit(f"{path:8s} {name:10s} {kern['gflop']:7.0f} {kern['gbyte']:6.2f} {kern['gexp']:6.2f} "
+                      f"{fraction} {kern['ms']:7.2f}  {kern['bound']}")  # fmt: skip
+            total = r["paths"][path]["predicted_ms"]
+            emit(f"{path:8s} total {total:48.2f}  = {total / r['gemm_bound_ms']:.2f}× the GEMM bound "
+                  f"({r['gemm_bound_ms']:.2f} ms), {total / r['gemm_bound_at_peak_ms']:.2f}× at peak")  # fmt: skip
+        emit(f"auto runs: {r['auto']}")
+
+
+def emit_tiles(emit, report) -> None:
+    emit("\nGEMM tiles on H100 (cost model): fraction of bf16 peak on an 8192 × 8192 output, and its limits")
+    emit("config           role       tile            regs  smem KiB  CTAs/SM  sustained  smem   L2  latency  waves"
+         "  fraction")  # fmt: skip
+    report["tiles"] = []
+    for (name, role), tile in roofline.MATMUL_TILES.items():
+        precision = "fp32" if name == "fp32" else "tf32" if name.endswith("_tf32") else "bf16"
+        r = roofline.tile_fraction(tile, 8192, 8192, precision)
+        report["tiles"].append({"config": name, "role": role, **r})
+        shape = f"{tile.block_m}×{tile.block_n}×{tile.block_k}/{tile.num_stages}st"
+        smem = f"{r['shared_memory']:5.2f}" if "shared_memory" in r else "    -"
+        resources = f"{tile.registers:4d} {tile.shared_bytes / 1024:9.0f} {r['occupancy']:8d}"
+        limits = f"{r['sustained']:10.2f} {smem} {r['l2']:4.2f} {r['latency']:8.2f} {r['waves']:6.2f}"
+        emit(f"{name:16s} {role:10s} {shape:14s} {resources} {limits} {r['fraction']:9.2f}")
+    emit(f"  (fp32 and tf32 rows against their own peaks; cuBLAS is priced at {roofline.CUBLAS_FRACTION} of peak)")
 
 
 def pooling_roofline(b: int, t: int, d: int, dtype: str, mode: str, real: float = 0.75) -> dict:
@@ -129,24 +174,14 @@ def main(argv=None) -> int:
 
         emit("kernel variant                                              arch   regs spill  smem KiB  tensor cores")
         for spec in all_specs():
-            for arch in ARCHS:
+            for arch in (a for a in ARCHS if a in spec.archs):
                 r = compile_spec(spec, arch)
                 report["compiled"].append(r)
                 cores = "wgmma" if r["wgmma"] else "mma.sync" if r["mma_sync"] else "-"
                 emit(f"{r['kernel']:59s} {r['arch']}  {r['registers']:4d} {r['spill_store_bytes']:5d} "
                       f"{r['shared_bytes'] / 1024:8.0f}  {cores}")  # fmt: skip
-    emit("\nH100 roofline, plain loss fwd+bwd (estimates)")
-    emit("B      K  D     dtype chunk  scores ms  rows ms  grad_x ms  grad_y ms  total ms  ideal ms  ×ideal")
-    for b in (4096, 32768):
-        for k in (0, 1, 3):
-            for d in (1024, 4096):
-                for dtype in ("bf16", "fp32"):
-                    r = roofline(b, k, d, dtype)
-                    report["roofline"].append(r)
-                    ms = [r["kernels"][name]["ms"] for name in ("scores", "softmax_rows", "grad_x", "grad_y")]
-                    times = "  ".join(f"{m:9.2f}" for m in ms)
-                    emit(f"{b:<6d} {k}  {d:<5d} {dtype:5s} {r['chunk_rows']:5d}  {times}  {r['predicted_ms']:8.2f}  "
-                          f"{r['ideal_3_gemms_ms']:8.2f}  {r['over_ideal']:.2f}")  # fmt: skip
+    emit_tiles(emit, report)
+    emit_contrastive(emit, report)
     emit("\nH100 roofline, distillation fwd+bwd, bf16 (estimates): teacher GEMM + student's three + row kernel")
     report["distillation_roofline"] = []
     for b, d, d_teacher in ((4096, 1536, 4096), (32768, 1536, 4096)):

@@ -80,7 +80,24 @@ def similarity_topk_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-TABLES = {"pooling": pooling_table, "distillation_loss": distillation_table, "similarity_topk": similarity_topk_table}
+def cross_device_table(rows: list[dict]) -> str:
+    """benchmarks/contrastive_loss_cross_device.py: bytes sent per rank (max over ranks) and on paper."""
+    out = ["| symmetric | backward | forward bytes sent | backward bytes sent | backward on paper (ring) "
+           "| step ms (rank 0) |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in (r for r in rows if "method" in r):
+        ring = "backward_all_reduce" if r["method"].startswith("all_reduce") else "backward_reduce_scatter"
+        out.append(f"| {r['symmetric']} | {r['method']} | {r['forward_sent_bytes_per_rank_max']:,} "
+                   f"| {r['backward_sent_bytes_per_rank_max']:,} | {r['paper'][ring]:,.0f} "
+                   f"| {r['step_ms_rank0']:.0f} |")  # fmt: skip
+    return "\n".join(out)
+
+
+TABLES = {
+    "contrastive_loss_cross_device": cross_device_table,
+    "pooling": pooling_table,
+    "distillation_loss": distillation_table,
+    "similarity_topk": similarity_topk_table,
+}
 
 
 def main(argv=None) -> int:

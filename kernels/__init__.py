@@ -19,3 +19,7 @@ class CompileSpec:
     constexprs: dict
     num_warps: int
     num_stages: int
+    # The targets (compute capability × 10) the variant launches on, hence is compiled for.
+    archs: tuple[int, ...] = (80, 90)
+    # Arguments Triton's JIT would see as multiples of 16 (tt.divisibility): an aligned launch.
+    divisible_by_16: tuple[str, ...] = ()

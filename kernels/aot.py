@@ -65,7 +65,8 @@ def resource_usage(ptx: str, arch: int) -> dict:
 
 def compile_spec(spec: CompileSpec, arch: int) -> dict:
     start = time.perf_counter()
-    source = ASTSource(spec.kernel, spec.signature, spec.constexprs)
+    divisible = {(spec.kernel.arg_names.index(arg),): [["tt.divisibility", 16]] for arg in spec.divisible_by_16}
+    source = ASTSource(spec.kernel, spec.signature, spec.constexprs, divisible)
     compiled = triton.compile(
         source,
         target=GPUTarget("cuda", arch, 32),
@@ -78,6 +79,7 @@ def compile_spec(spec: CompileSpec, arch: int) -> dict:
         "arch": f"sm_{arch}",
         "num_warps": spec.num_warps,
         "num_stages": spec.num_stages,
+        "aligned": bool(spec.divisible_by_16),
         **usage,
         "spilled": usage["spill_store_bytes"] > 0 or usage["spill_load_bytes"] > 0,
         "shared_bytes": compiled.metadata.shared,
@@ -99,7 +101,7 @@ def main(argv=None) -> int:
     for spec in all_specs():
         if args.filter not in spec.name:
             continue
-        for arch in args.arch:
+        for arch in (a for a in args.arch if a in spec.archs):
             try:
                 results.append(compile_spec(spec, arch))
             except Exception as error:  # report every failure, not just the first

@@ -16,13 +16,25 @@ float64 inputs use torch.mm for the GEMMs (tl.dot has no float64) and the row ke
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from mmfast.kernel_contract import DirectionOptions
-from mmfast.kernels import CompileSpec
-from mmfast.kernels.matmul import TritonGemms
+from mmfast.kernels import CompileSpec, roofline
+from mmfast.kernels.matmul import TritonGemms, device_arch, fp32_matmul_allows_tf32
+
+# The paths of the dense loss (the chunk loop of mmfast/backends/contrastive_loss.py either way):
+#   "chunked"  Triton GEMMs (kernels/matmul.py) around the Triton row kernel
+#   "cublas"   torch.mm GEMMs (cuBLAS, float32 output from bf16/fp16) around the same row kernel
+# "auto" asks the cost model (kernels/roofline.py) on sm_90+ CUDA devices, the only GPU it models;
+# elsewhere (sm_80, float64, CPU tensors under the interpreter) it keeps "chunked". The variable
+# forces a path (the tests run every one).
+PATH_VARIABLE = "MMFAST_CONTRASTIVE_PATH"
+PATH_CHOICES = ("auto", "chunked", "cublas")
+ROOFLINE_PRECISION = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 # One program per row, BLOCK_N candidates per step. Every launchable combination is compiled by
 # tests/test_compile.py: scores dtype {fp32, fp64} × G dtype × HAS_MARGIN × HAS_GRAD × TEMPERATURE_GRAD
@@ -180,6 +192,27 @@ class TritonContrastiveKernels(TritonGemms):
     kernel set's (`fallback`, mmfast.backends.contrastive_loss.TorchContrastiveKernels)."""
 
     dense_bytes_per_score = 6  # float32 scores + a 16-bit G
+
+    def __init__(self, fallback, cublas):
+        super().__init__(fallback)
+        self.cublas = cublas  # mmfast.backends.chunked.CublasGemms, handed in by the chunk loop's module
+
+    def path(self, n_rows, n_candidates, dim, dtype, opts: DirectionOptions, *, chunk, device, gradients=True) -> str:
+        """The path for this problem: the one MMFAST_CONTRASTIVE_PATH forces, or "auto"'s choice."""
+        forced = os.environ.get(PATH_VARIABLE, "").strip() or "auto"
+        if forced not in PATH_CHOICES:
+            raise ValueError(f"{PATH_VARIABLE}={forced!r}: expected one of {', '.join(PATH_CHOICES)}")
+        if forced != "auto":
+            return forced
+        if dtype == torch.float64 or device.type != "cuda" or device_arch(device) < 90:
+            return "chunked"
+        precision = ROOFLINE_PRECISION.get(dtype) or ("tf32" if fp32_matmul_allows_tf32() else "fp32")
+        aligned = dim % 16 == 0 and n_candidates % 16 == 0
+        dense = gradients and opts.topk is None  # top-k's gradient is sparse: only its score GEMM counts
+        return roofline.choose_path(n_rows, n_candidates, dim, precision, chunk, gradients=dense, aligned=aligned)
+
+    def gemms(self, path: str):
+        return self.cublas if path == "cublas" else self
 
     @property
     def topk_bytes_per_score(self) -> int:

@@ -1,9 +1,11 @@
 """A strided Triton GEMM, C (+)= A·B with float32 accumulation, used by every chunked op.
 
-Why not torch.mm on CUDA: the chunked losses need (1) float32 scores from bf16/fp16 inputs, which
-cuBLAS through torch.mm would round back to 16 bits, and (2) `grad += Gᵀ·X` with bf16 operands
-accumulated into a float32 buffer across chunks, which torch.addmm cannot do (its output has the
-inputs' dtype). Transposes are free: every operand is addressed through its strides.
+It is the triton backend's "chunked" path. The contrastive loss also has a "cublas" path
+(mmfast.backends.chunked.CublasGemms): torch.mm / torch.addmm with out_dtype=torch.float32, which
+give float32 scores and accumulate bf16/fp16 products into a float32 gradient on CUDA (the two
+things plain torch.mm cannot: it rounds its output to the inputs' dtype). Which one runs is the cost
+model's choice (kernels/roofline.py). Transposes are free here: every operand is addressed through
+its strides.
 
 Both operands are cast to DOT_DTYPE (the embeddings' dtype) before tl.dot, so bf16/fp16 run on tensor
 cores (wgmma on sm_90). Under the Triton interpreter (TRITON_INTERPRET=1) a bf16×bf16 tl.dot returns
@@ -33,15 +35,26 @@ class MatmulConfig:
     num_stages: int
 
 
-# Every config `matmul_config` can return; tests/test_compile.py compiles each for sm_80 and sm_90,
-# and none spills a register on either (ptxas -v; see benchmarks/gpu_report.py). 128×128 tiles spill
-# once C is accumulated into, and full-fp32 ("ieee") dots run on FMA units with far more registers
-# per product, hence the shapes below.
+# Every config `matmul_config` can return; tests/test_compile.py compiles each for the targets it
+# launches on, and none spills a register (ptxas -v; see benchmarks/gpu_report.py). Full-fp32
+# ("ieee") dots run on FMA units with far more registers per product, hence their small tile.
+#
+# "hopper" (sm_90 and newer, bf16/fp16 dots, aligned operands; TF32 operands would need 256 KiB of
+# shared memory at 4 stages): the tile of Triton's own matmul
+# tutorial family (128×128×64, 8 warps) with 4 stages. It needs the launch to be *aligned*: every
+# pointer 16-byte aligned and every integer argument a multiple of 16, which is what Triton's JIT
+# specialises on (tt.divisibility = 16) and what lets the loads go straight to shared memory with
+# cp.async. Compiled so, it uses <= 172 registers and 128 KiB of shared memory, 0 spills, in every
+# role; compiled without that knowledge (an odd D or N), a 128×128×64 tile spills 376 bytes once C
+# is accumulated into, so unaligned launches keep the 128×64×32 "tensor_core" tile.
 MATMUL_CONFIGS = {
+    "hopper": MatmulConfig(128, 128, 64, 8, 8, 4),  # sm_90+, aligned launches
     "tensor_core": MatmulConfig(128, 64, 32, 8, 8, 3),  # bf16/fp16, and fp32 with TF32 allowed
     "fp32": MatmulConfig(64, 64, 16, 8, 8, 3),  # full-precision fp32 (FMA)
     "small": MatmulConfig(64, 64, 16, 8, 4, 2),  # small problems, and the interpreter
 }
+# The smallest compute capability each config is compiled for and launched on.
+CONFIG_MIN_ARCH = {"hopper": 90}
 
 TORCH_TO_TRITON = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -92,13 +105,31 @@ def matmul_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
-def matmul_config(m: int, n: int, dot_dtype, input_precision: str) -> MatmulConfig:
+def matmul_config(m: int, n: int, dot_dtype, input_precision: str, arch: int = 80, aligned: bool = False):
+    """The launch config for an [m, n] output; `arch` is the device's compute capability as an integer
+    (90 for sm_90), `aligned` whether Triton specialises the launch as aligned (`launch_is_aligned`)."""
     full_fp32 = dot_dtype == tl.float32 and input_precision == "ieee"
     if full_fp32 and not triton_interpreter_enabled():
         return MATMUL_CONFIGS["fp32"]
     if triton_interpreter_enabled() or m * n <= 256 * 256:
         return MATMUL_CONFIGS["small"]
+    if arch >= CONFIG_MIN_ARCH["hopper"] and aligned and dot_dtype != tl.float32:
+        return MATMUL_CONFIGS["hopper"]
     return MATMUL_CONFIGS["tensor_core"]
+
+
+def launch_is_aligned(tensors, integers) -> bool:
+    """Triton's own rule for tt.divisibility = 16: pointers 16-byte aligned, integers multiples of 16
+    (a stride of 1 is a constexpr and does not count)."""
+    return all(t.data_ptr() % 16 == 0 for t in tensors) and all(i % 16 == 0 for i in integers if i != 1)
+
+
+def device_arch(device: torch.device) -> int:
+    """The compute capability of `device` as an integer (90 for sm_90); 0 off CUDA."""
+    if device.type != "cuda":
+        return 0
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 def dot_dtype_for(embedding_dtype: torch.dtype):
@@ -133,7 +164,9 @@ def matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, accumulate: boo
         return
     dot_dtype = dot_dtype_for(embedding_dtype)
     precision = input_precision_for(dot_dtype)
-    cfg = matmul_config(m, n, dot_dtype, precision)
+    strides = (a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
+    aligned = launch_is_aligned((a, b, c), (m, n, k, *strides))
+    cfg = matmul_config(m, n, dot_dtype, precision, device_arch(a.device), aligned)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     matmul_kernel[grid](
         a, b, c, m, n, k,
@@ -197,17 +230,24 @@ _TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 
 
 def compile_specs():
-    """Every (role, dtype, config, accumulate, precision) `matmul` can launch on a GPU."""
+    """Every (role, dtype, config, accumulate, precision) `matmul` can launch on a GPU. The "hopper"
+    config only launches aligned on sm_90+, so it is compiled so (for sm_90, with every non-constexpr
+    argument marked divisible by 16); the others are compiled without alignment knowledge, the worst
+    case for registers (aligned launches of the same tile use fewer)."""
     for role, unit_strides in MATMUL_ROLES.items():
         for dtype, name in _TYPE_NAMES.items():
             # fp32 dots follow torch.backends.cuda.matmul.allow_tf32: both precisions can launch.
             precisions = ["ieee", "tf32"] if dtype == torch.float32 else ["ieee"]
             for precision in precisions:
                 dot = TORCH_TO_TRITON[dtype]
-                launchable = {matmul_config(size, size, dot, precision) for size in (1, 1 << 20)}
+                launchable = {
+                    matmul_config(size, size, dot, precision, arch, aligned)
+                    for size in (1, 1 << 20) for arch in (80, 90) for aligned in (False, True)
+                }  # fmt: skip
                 for config_name, cfg in MATMUL_CONFIGS.items():
                     if cfg not in launchable:
                         continue
+                    min_arch = CONFIG_MIN_ARCH.get(config_name)
                     for accumulate in (False,) if role == "scores" else (False, True):
                         signature = {arg: "i32" for arg in _ARGS}
                         signature.update({"a_ptr": f"*{name}", "b_ptr": f"*{name}", "c_ptr": "*fp32"})
@@ -218,8 +258,10 @@ def compile_specs():
                             ACCUMULATE=accumulate, DOT_DTYPE=TORCH_TO_TRITON[dtype], INPUT_PRECISION=precision,
                         )  # fmt: skip
                         signature.update({k: "constexpr" for k in constexprs})
+                        divisible = [arg for arg in _ARGS if signature[arg] != "constexpr"] if min_arch else []
                         yield CompileSpec(
                             name=f"matmul[{role},{name},{config_name},acc={int(accumulate)},{precision}]",
                             kernel=matmul_kernel, signature=signature, constexprs=constexprs,
                             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                            archs=(min_arch,) if min_arch else (80, 90), divisible_by_16=tuple(divisible),
                         )  # fmt: skip

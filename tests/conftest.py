@@ -39,3 +39,13 @@ def poison_allocations(monkeypatch, request):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "no_poison: do not NaN-fill fresh allocations in this test")
+
+
+@pytest.fixture
+def backend(request, monkeypatch):
+    """A backend as the tests parametrise it (indirect=True): "triton+<path>" is the triton backend
+    with MMFAST_CONTRASTIVE_PATH forcing <path> (kernels/contrastive_loss.py PATH_CHOICES)."""
+    base, _, path = request.param.partition("+")
+    if path:
+        monkeypatch.setenv("MMFAST_CONTRASTIVE_PATH", path)
+    return base

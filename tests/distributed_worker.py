@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 import mmfast
+from mmfast.distributed import _sum_to_owner_by_all_to_all, _sum_to_owner_by_reduce_scatter, gather
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from contrastive_loss_cross_device import CollectiveLog  # noqa: E402
 
 D, K, D_TEACHER = 6, 2, 5
 CONTRASTIVE_OPTIONS = {
@@ -76,6 +82,72 @@ def cases():
             )
 
 
+def ragged_negatives(sizes: list[int]) -> tuple[list[int], torch.Tensor]:
+    """Every rank's count M of [M, D] negatives (rank 0 has none, the others differ) and all of them."""
+    counts = [0] + [(3 * rank) % 4 + 1 for rank in range(1, len(sizes))]
+    g = torch.Generator().manual_seed(99)
+    return counts, torch.nn.functional.normalize(torch.randn(sum(counts), D, generator=g, dtype=torch.float64), dim=-1)
+
+
+def ragged_cases():
+    """Negatives as [M, D] with a different M per rank, and none on rank 0."""
+    for backend in BACKENDS:
+        for name in ("plain", "everything"):
+            options = CONTRASTIVE_OPTIONS[name]
+            yield f"ragged-{backend}-{name}", {"op": "contrastive", "backend": backend, "options": options,
+                                               "reduction": "mean", "weighted": False, "negatives": True}  # fmt: skip
+
+
+SUM_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def sums_to_owner(sizes: list[int]) -> dict:
+    """Both ways of summing a gathered gradient to its owner, per dtype, on rows where rank 1 has none
+    and on equal rows (no padding), from a non-contiguous gradient of small integers (exact in every
+    dtype): (got, want) pairs."""
+    out = {}
+    for layout, rows in (("ragged", [0 if r == 1 else n for r, n in enumerate(sizes)]), ("equal", [2] * len(sizes))):
+        out |= {f"{layout}-{label}": pair for label, pair in _sums_to_owner(rows).items()}
+    return out
+
+
+def _sums_to_owner(rows: list[int]) -> dict:
+    rank = dist.get_rank()
+    start = sum(rows[:rank])
+
+    def gradient_of(r, dtype):  # rank r's gradient for the whole gathered [Σrows, 2, 3] tensor
+        g = torch.Generator().manual_seed(r)
+        return torch.randint(-4, 5, (sum(rows), 2, 6), generator=g).to(dtype)[..., ::2]
+
+    out = {}
+    for dtype in SUM_DTYPES:
+        want = sum(gradient_of(r, torch.float64) for r in range(len(rows)))[start : start + rows[rank]]
+        for how, sum_to_owner in (("all_to_all", _sum_to_owner_by_all_to_all),
+                                  ("reduce_scatter", _sum_to_owner_by_reduce_scatter)):  # fmt: skip
+            out[f"{how}-{dtype}"] = (sum_to_owner(gradient_of(rank, dtype), rows), want)
+        # and through the autograd gather itself, this rank's x holding its rows only
+        x = (torch.arange(rows[rank] * 3, dtype=torch.float64).view(-1, 3) + start * 3).to(dtype).requires_grad_()
+        gathered, offset = gather(x, with_grad=True)
+        (gathered * gradient_of(rank, dtype)[:, 0]).sum().backward()
+        all_x = torch.arange(sum(rows) * 3, dtype=torch.float64).view(-1, 3)
+        out[f"gather-{dtype}"] = (torch.cat([gathered.detach().double().flatten(), x.grad.double().flatten()]),
+                                  torch.cat([all_x.flatten(), want[:, 0].flatten()]))  # fmt: skip
+        out[f"offset-{dtype}"] = (torch.tensor(offset), torch.tensor(start))
+    return out
+
+
+def collectives_of_one_step(local: dict) -> list[dict]:
+    """Every collective (and the bytes sent) of a symmetric loss with negatives, forward and backward."""
+    leaves = {k: local[k].float().requires_grad_() for k in ("query", "target", "negatives")}
+    with CollectiveLog() as log:
+        log.phase = "forward"
+        loss = mmfast.contrastive_loss(leaves["query"], leaves["target"], leaves["negatives"], symmetric=True,
+                                       backend="torch", cross_device=True)  # fmt: skip
+        log.phase = "backward"
+        loss.backward()
+    return log.calls
+
+
 def run_case(case: dict, local: dict[str, torch.Tensor]) -> dict:
     if case["op"] == "contrastive":
         leaves = {k: local[k].clone().requires_grad_() for k in ("query", "target", "negatives")}
@@ -113,6 +185,11 @@ def worker(rank: int, sizes: list[int], init_file: str, out_dir: str) -> None:
         start = sum(sizes[:rank])
         local = {k: v[start : start + sizes[rank]] for k, v in everything.items()}
         results = {name: run_case(case, local) for name, case in cases()}
+        counts, negatives = ragged_negatives(sizes)
+        mine = negatives[sum(counts[:rank]) : sum(counts[: rank + 1])]
+        results |= {name: run_case(case, local | {"negatives": mine}) for name, case in ragged_cases()}
+        results["sums_to_owner"] = sums_to_owner(sizes)
+        results["collectives"] = collectives_of_one_step(local)
         for with_negatives in (False, True):
             ids = duplicate_ids(local, {"ids": True, "negatives": with_negatives, "options": {"symmetric": True}})
             counts = mmfast.masked_candidate_counts(sizes[rank], ids["candidate_ids"], ids["query_ids"],

@@ -7,6 +7,10 @@ import torch
 from mmfast.backends import cpu_unavailable_reason
 
 BACKENDS = ["torch", "cpu", "triton"]
+# The contrastive loss's backends and the triton backend's other paths, "triton+<path>" (tests/conftest.py
+# `backend` fixture: parametrise with indirect=True). Plain "triton" is "auto": under the interpreter,
+# the chunked Triton GEMMs.
+CONTRASTIVE_BACKENDS = [*BACKENDS, "triton+cublas"]
 if cpu_unavailable_reason(torch.device("cpu")) is not None:
     raise RuntimeError("the C++ CPU kernels must build for the tests: " + cpu_unavailable_reason(torch.device("cpu")))
 

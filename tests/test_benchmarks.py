@@ -3,6 +3,8 @@ baseline must be a correct one), and the benchmark CLI fills every column it pri
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from tests.helpers import unit_rows
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import contrastive_loss as contrastive_benchmark  # noqa: E402
 import distillation_loss as distillation_benchmark  # noqa: E402
+import gpu_report  # noqa: E402
 
 
 def grads_of(loss, leaves):
@@ -72,3 +75,38 @@ def test_benchmark_table_prints_every_measured_column(capsys):
     mmfast_rows = [line.split() for line in out.splitlines() if " mmfast " in line]
     assert len(mmfast_rows) == 2 and all("-" not in row for row in mmfast_rows)
     assert "{" not in out  # no raw JSON lines
+
+
+def test_gpu_report_prices_every_path_and_says_what_auto_runs(tmp_path, capsys):
+    """The cost-model part of benchmarks/gpu_report.py (the AOT part is tests/test_compile.py's)."""
+    assert gpu_report.main(["--skip-compile", "--json", str(tmp_path / "report.json")]) == 0
+    text = capsys.readouterr().out
+    assert "auto runs: cublas" in text or "auto runs: chunked" in text
+    report = json.loads((tmp_path / "report.json").read_text())
+    for row in report["roofline"]:
+        assert set(row["paths"]) == {"chunked", "cublas", "fused"} and row["auto"] in ("chunked", "cublas")
+        for path in row["paths"].values():
+            assert path["predicted_ms"] >= row["gemm_bound_at_peak_ms"]
+
+
+@pytest.mark.distributed
+def test_cross_device_benchmark_counts_half_the_bytes_of_the_all_reduce(tmp_path):
+    """Two gloo ranks, tiny: every row filled, the paper's ring bytes, and the all-to-all backward
+    sending about half what the all-reduce did (the other rank's rows against the whole gradient)."""
+    out = tmp_path / "cross_device.json"
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "contrastive_loss_cross_device.py"
+    subprocess.run([sys.executable, str(script), "--ranks", "2", "--batch", "16", "--dim", "64", "--repeats", "1",
+                    "--json", str(out)], check=True, capture_output=True, timeout=300)  # fmt: skip
+    rows = {(r["symmetric"], r["method"]): r for r in json.loads(out.read_text())["rows"] if "method" in r}
+    assert len(rows) == 6
+    for symmetric in (False, True):
+        n = 2 * 16 * ((2 if symmetric else 1) + 1) * 64 * 4  # gathered rows × D × float32 bytes
+        before, after = rows[symmetric, "all_reduce (before)"], rows[symmetric, "all_to_all_single (after, gloo)"]
+        assert before["paper"] == {
+            "forward_all_gather": n / 2,
+            "backward_all_reduce": n,
+            "backward_reduce_scatter": n / 2,
+        }
+        assert n <= before["backward_sent_bytes_per_rank_max"] < n + 2048
+        assert n / 2 <= after["backward_sent_bytes_per_rank_max"] < n / 2 + 2048
+        assert all(r["step_ms_rank0"] > 0 for r in rows.values())

@@ -35,8 +35,11 @@ def compiled(tmp_path_factory):
 def test_every_variant_compiles_for_sm80_and_sm90(compiled):
     errors = [f"{r['kernel']} {r['arch']}: {r['error']}" for r in compiled if "error" in r]
     assert not errors, "\n".join(errors)
-    for arch in ("sm_80", "sm_90"):
-        assert {r["kernel"] for r in compiled if r["arch"] == arch} == {r["kernel"] for r in compiled}
+    # Every variant is compiled for sm_90; the Hopper-only tiles (kernels/matmul.py CONFIG_MIN_ARCH) are
+    # not compiled for sm_80, where they never launch.
+    assert {r["kernel"] for r in compiled if r["arch"] == "sm_90"} == {r["kernel"] for r in compiled}
+    sm80_only_missing = {r["kernel"] for r in compiled} - {r["kernel"] for r in compiled if r["arch"] == "sm_80"}
+    assert sm80_only_missing and all(",hopper," in name for name in sm80_only_missing), sorted(sm80_only_missing)
     names = {r["kernel"] for r in compiled}
     for kernel in ("matmul[", "contrastive_softmax_rows[", "similarity_topk["):
         assert any(n.startswith(kernel) for n in names), kernel
@@ -52,3 +55,28 @@ def test_tensor_core_matmuls_use_wgmma_on_sm90_and_mma_on_sm80(compiled):
         tensor_core = r["kernel"].startswith("matmul[") and (",bf16," in r["kernel"] or ",fp16," in r["kernel"])
         if tensor_core:
             assert r["wgmma"] if r["arch"] == "sm_90" else r["mma_sync"], r
+
+
+def test_cost_model_tiles_match_the_compiled_resources(compiled):
+    """mmfast.kernels.roofline prices each GEMM config by its sm_90 registers and shared memory (its
+    occupancy): they must be the compiled ones, the worst over roles and 16-bit dtypes (TF32 for the
+    *_tf32 entry, full fp32 for "fp32")."""
+    from mmfast.kernels.matmul import MATMUL_CONFIGS
+    from mmfast.kernels.roofline import MATMUL_TILES
+
+    for (name, role), tile in MATMUL_TILES.items():
+        config, dtypes = name.removesuffix("_tf32"), ("fp32",) if name.startswith("tensor_core_tf32") else None
+        dtypes = dtypes or (("fp32",) if config == "fp32" else ("bf16", "fp16"))
+        variants = [(r, r["kernel"].removeprefix("matmul[").rstrip("]").split(",")) for r in compiled]
+        matches = [
+            r for r, fields in variants
+            if r["arch"] == "sm_90" and r["kernel"].startswith("matmul[") and fields[2] == config
+            and fields[1] in dtypes and fields[3] == ("acc=1" if role == "accumulate" else "acc=0")
+        ]  # fmt: skip
+        assert matches, (name, role)
+        cfg = MATMUL_CONFIGS[config]
+        assert (tile.block_m, tile.block_n, tile.block_k, tile.num_warps, tile.num_stages) == (
+            cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages
+        ), name  # fmt: skip
+        assert tile.registers == max(r["registers"] for r in matches), (name, role)
+        assert tile.shared_bytes == max(r["shared_bytes"] for r in matches), (name, role)

@@ -8,7 +8,7 @@ import torch
 import mmfast
 from mmfast.backends import chunked
 from mmfast.backends.contrastive_loss import contrastive_kernels
-from tests.helpers import BACKENDS, assert_within_torch_error, unit_rows
+from tests.helpers import CONTRASTIVE_BACKENDS, assert_within_torch_error, unit_rows
 
 OPTION_SETS = {
     "plain": {},
@@ -84,7 +84,7 @@ def check_against_reference(backend, q, t, n, dtype, **kwargs):
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("options", OPTION_SETS.values(), ids=OPTION_SETS.keys())
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CONTRASTIVE_BACKENDS, indirect=True)
 def test_every_option_float64(backend, options, reduction, weighted):
     q, t, n = make_inputs(7, 100, 3, seed=1)
     weight = torch.rand(7, dtype=torch.float64) + 0.5 if weighted else None
@@ -94,7 +94,7 @@ def test_every_option_float64(backend, options, reduction, weighted):
 @pytest.mark.parametrize("k", [0, 1, 3], ids=lambda k: f"K{k}")
 @pytest.mark.parametrize("d", [3, 100, 257], ids=lambda d: f"D{d}")
 @pytest.mark.parametrize("b", [1, 7, 129], ids=lambda b: f"B{b}")
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CONTRASTIVE_BACKENDS, indirect=True)
 def test_odd_sizes_float32(backend, b, d, k):
     q, t, n = make_inputs(b, d, k, seed=b * 1000 + d * 10 + k)
     check_against_reference(backend, q, t, n, torch.float32, **OPTION_SETS["everything"])
@@ -103,14 +103,14 @@ def test_odd_sizes_float32(backend, b, d, k):
 
 @pytest.mark.parametrize("options", ["plain", "llave", "unime"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CONTRASTIVE_BACKENDS, indirect=True)
 def test_dtypes(backend, dtype, options):
     q, t, n = make_inputs(33, 64, 1, seed=7)
     check_against_reference(backend, q, t, n, dtype, **OPTION_SETS[options])
     check_against_reference(backend, q, t, n, dtype, reduction="none", **OPTION_SETS[options])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CONTRASTIVE_BACKENDS, indirect=True)
 def test_negatives_not_per_query(backend):
     """[M, D] negatives with M ≠ B·K, shared by every query."""
     q, t, n = make_inputs(7, 33, 0, seed=3, m=5)
@@ -120,14 +120,14 @@ def test_negatives_not_per_query(backend):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("options", ["margin", "unime", "everything", "llave"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CONTRASTIVE_BACKENDS, indirect=True)
 def test_peaky_inputs(backend, options, dtype):
     q, t, n = make_inputs(17, 48, 3, seed=11, peaky=True)
     check_against_reference(backend, q, t, n, dtype, **OPTION_SETS[options])
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CONTRASTIVE_BACKENDS, indirect=True)
 def test_topk_ties_go_to_the_lower_index(backend, symmetric):
     """Exact duplicates among the negatives tie exactly; the kept one must be the lower index.
 
@@ -149,7 +149,7 @@ def test_topk_ties_go_to_the_lower_index(backend, symmetric):
     "which", [(True, False, False), (False, True, False), (False, False, True), (True, True, False)]
 )
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CONTRASTIVE_BACKENDS, indirect=True)
 def test_gradient_of_any_subset_of_inputs(backend, reduction, which):
     q, t, n = make_inputs(9, 20, 2, seed=2)
     inputs = [x.clone().requires_grad_(flag) for x, flag in zip((q, t, n), which, strict=True)]
@@ -166,7 +166,7 @@ def test_gradient_of_any_subset_of_inputs(backend, reduction, which):
 
 
 @pytest.mark.parametrize("topk", [None, 3])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CONTRASTIVE_BACKENDS, indirect=True)
 def test_no_grad_does_no_gradient_work(backend, topk, monkeypatch):
     q, t, n = (x.requires_grad_() for x in make_inputs(9, 20, 2, seed=4))
     expected = mmfast.contrastive_loss(q, t, n, topk=topk, backend="reference")
@@ -184,7 +184,7 @@ def test_no_grad_does_no_gradient_work(backend, topk, monkeypatch):
 
 
 @pytest.mark.parametrize("options", ["plain", "everything"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CONTRASTIVE_BACKENDS, indirect=True)
 def test_many_chunks(backend, options, monkeypatch):
     """A tiny scratch budget forces chunks of a few rows: positives must follow the row offset."""
     monkeypatch.setattr(chunked, "SCORE_CHUNK_BYTES", 4096)
@@ -203,7 +203,7 @@ def test_module_matches_functional():
 
 @pytest.mark.parametrize("embeddings_need_grad", [True, False])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CONTRASTIVE_BACKENDS, indirect=True)
 def test_weight_gradient(backend, reduction, embeddings_need_grad):
     """A weight that requires grad gets d loss / d weight (each row's unweighted loss, over B for
     "mean"), whether or not the embeddings need a gradient too."""

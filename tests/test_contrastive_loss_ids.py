@@ -12,7 +12,7 @@ import mmfast
 from mmfast._extension import load_extension
 from mmfast.backends import chunked
 from mmfast.reference import contrastive_loss_reference
-from tests.helpers import BACKENDS, unit_rows
+from tests.helpers import BACKENDS, CONTRASTIVE_BACKENDS, unit_rows
 from tests.test_contrastive_loss import OPTION_SETS, check_against_reference, make_inputs, run
 
 
@@ -45,7 +45,7 @@ def with_ids(options: dict, candidate_ids, query_ids) -> dict:
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("options", OPTION_SETS.values(), ids=OPTION_SETS.keys())
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CONTRASTIVE_BACKENDS, indirect=True)
 def test_every_option_float64(backend, options, reduction):
     q, t, n = make_inputs(7, 100, 3, seed=1, peaky=True)
     ids = make_ids(7, 21, seed=2)
@@ -56,7 +56,7 @@ def test_every_option_float64(backend, options, reduction):
 
 @pytest.mark.parametrize("k", [0, 1, 3], ids=lambda k: f"K{k}")
 @pytest.mark.parametrize("b", [1, 7, 129], ids=lambda b: f"B{b}")
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CONTRASTIVE_BACKENDS, indirect=True)
 def test_odd_sizes_float32(backend, b, k):
     q, t, n = make_inputs(b, 37, k, seed=b * 10 + k)
     ids = make_ids(b, b * k, seed=b + k)
@@ -66,7 +66,7 @@ def test_odd_sizes_float32(backend, b, k):
 
 @pytest.mark.parametrize("options", ["plain", "llave", "unime"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CONTRASTIVE_BACKENDS, indirect=True)
 def test_dtypes(backend, dtype, options):
     q, t, n = make_inputs(33, 64, 1, seed=7)
     ids = make_ids(33, 33, seed=8)
@@ -75,7 +75,7 @@ def test_dtypes(backend, dtype, options):
 
 
 @pytest.mark.parametrize("options", ["plain", "everything"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CONTRASTIVE_BACKENDS, indirect=True)
 def test_many_chunks(backend, options, monkeypatch):
     """Chunks of a few rows: each row must compare against its own positive's id (row offset)."""
     monkeypatch.setattr(chunked, "SCORE_CHUNK_BYTES", 4096)
@@ -83,7 +83,7 @@ def test_many_chunks(backend, options, monkeypatch):
     check_against_reference(backend, q, t, n, torch.float64, **with_ids(OPTION_SETS[options], *make_ids(129, 129, 3)))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CONTRASTIVE_BACKENDS, indirect=True)
 def test_negatives_not_per_query(backend):
     q, t, n = make_inputs(7, 33, 0, seed=3, m=5)
     ids = make_ids(7, 5, seed=4)
@@ -91,7 +91,7 @@ def test_negatives_not_per_query(backend):
 
 
 @pytest.mark.parametrize("options", OPTION_SETS.values(), ids=OPTION_SETS.keys())
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CONTRASTIVE_BACKENDS, indirect=True)
 def test_every_negative_masked_gives_zero(backend, options):
     """One id for every candidate and query: no row has a negative left, so every row's loss is 0
     and no input gets a gradient (exactly: logsumexp of the positive alone is the positive)."""
@@ -104,7 +104,7 @@ def test_every_negative_masked_gives_zero(backend, options):
     check_against_reference(backend, q, t, n, torch.float64, **ids)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CONTRASTIVE_BACKENDS, indirect=True)
 def test_only_the_symmetric_half_fully_masked(backend):
     """query_ids all equal: every target's negatives (the other queries) are masked, the queries'
     candidates not: the loss is half the forward direction's."""
@@ -136,7 +136,7 @@ def test_duplicate_positives_are_not_negatives():
     "which", [(True, False, False), (False, True, False), (False, False, True), (True, True, True)]
 )
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CONTRASTIVE_BACKENDS, indirect=True)
 def test_gradient_of_any_subset_of_inputs(backend, reduction, which):
     q, t, n = make_inputs(9, 20, 2, seed=2)
     candidate_ids, query_ids = make_ids(9, 18, seed=3)
@@ -328,7 +328,7 @@ def test_masked_candidate_counts_checks_its_arguments():
 
 
 @pytest.mark.parametrize("options", ["plain", "everything"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CONTRASTIVE_BACKENDS, indirect=True)
 def test_learnable_temperature_with_ids(backend, options):
     """A tensor τ with grad and duplicate ids together: τ's gradient only sees the unmasked logits."""
     q, t, n = make_inputs(9, 16, 2, seed=16)

@@ -8,7 +8,7 @@ import torch
 
 import mmfast
 from mmfast.reference import distillation_loss_reference
-from tests.helpers import BACKENDS, assert_within_torch_error
+from tests.helpers import CONTRASTIVE_BACKENDS, assert_within_torch_error
 from tests.test_contrastive_loss import OPTION_SETS, check_against_reference, make_inputs, temperature_dtype
 from tests.test_distillation_loss import make_inputs as distillation_inputs
 
@@ -24,7 +24,7 @@ def check_contrastive(backend, q, t, n, dtype, tau=0.05, **kwargs):
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("options", OPTION_SETS.values(), ids=OPTION_SETS.keys())
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CONTRASTIVE_BACKENDS, indirect=True)
 def test_contrastive_temperature_gradient_float64(backend, options, reduction, weighted):
     q, t, n = make_inputs(7, 12, 2, seed=21)
     weight = torch.linspace(0.5, 1.5, 7, dtype=torch.float64) if weighted else None
@@ -34,12 +34,14 @@ def test_contrastive_temperature_gradient_float64(backend, options, reduction, w
 
 # Every backend in every 16/32-bit dtype, except Triton in bf16: the interpreter's bf16 dot is wrong
 # (Triton's bf16 numerics are proven in fp32/fp16 under the interpreter and compiled by the AOT tests).
-DTYPE_CASES = [(b, d) for b in BACKENDS for d in (torch.float32, torch.float16, torch.bfloat16)
+DTYPE_CASES = [(b, d) for b in CONTRASTIVE_BACKENDS for d in (torch.float32, torch.float16, torch.bfloat16)
                if not (b == "triton" and d == torch.bfloat16)]  # fmt: skip
 
 
 @pytest.mark.parametrize("options", ["plain", "llave", "unime", "everything"])
-@pytest.mark.parametrize(("backend", "dtype"), DTYPE_CASES, ids=[f"{b}-{d}" for b, d in DTYPE_CASES])
+@pytest.mark.parametrize(
+    ("backend", "dtype"), DTYPE_CASES, ids=[f"{b}-{d}" for b, d in DTYPE_CASES], indirect=["backend"]
+)
 def test_contrastive_temperature_gradient_dtypes(backend, dtype, options):
     q, t, n = make_inputs(33, 40, 1, seed=22, peaky=True)
     options = {k: v for k, v in OPTION_SETS[options].items() if k != "temperature"}
@@ -48,7 +50,7 @@ def test_contrastive_temperature_gradient_dtypes(backend, dtype, options):
 
 
 @pytest.mark.parametrize("options", ["plain", "everything"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CONTRASTIVE_BACKENDS, indirect=True)
 def test_contrastive_temperature_gradient_across_chunks_and_shared_negatives(backend, options, monkeypatch):
     from mmfast.backends import chunked
 
@@ -59,7 +61,7 @@ def test_contrastive_temperature_gradient_across_chunks_and_shared_negatives(bac
     check_contrastive(backend, q, t, n, torch.float32, 0.03, **options)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CONTRASTIVE_BACKENDS, indirect=True)
 def test_contrastive_temperature_finite_difference(backend):
     """dLoss/dτ against a central difference of the loss itself (no reference involved)."""
     q, t, n = make_inputs(9, 10, 2, seed=24)
@@ -72,7 +74,7 @@ def test_contrastive_temperature_finite_difference(backend):
     torch.testing.assert_close(grad, (up - down) / (2 * h), rtol=1e-6, atol=1e-8)
 
 
-@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+@pytest.mark.parametrize("backend", ["reference", *CONTRASTIVE_BACKENDS], indirect=True)
 def test_tensor_temperature_without_grad_equals_the_number(backend):
     q, t, n = make_inputs(7, 8, 1, seed=25)
     leaves = [x.clone().requires_grad_() for x in (q, t, n)]
@@ -88,7 +90,7 @@ def test_tensor_temperature_without_grad_equals_the_number(backend):
                                    mmfast.contrastive_loss(q, t, n, temperature=0.05, backend=backend))  # fmt: skip
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CONTRASTIVE_BACKENDS, indirect=True)
 def test_only_the_temperature_wants_a_gradient(backend):
     q, t, n = make_inputs(7, 8, 1, seed=26)
     results = []
@@ -161,7 +163,7 @@ def distillation(backend, inputs, dtype, tau, reduction="mean"):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CONTRASTIVE_BACKENDS, indirect=True)
 def test_distillation_student_temperature_gradient(backend, reduction, dtype):
     inputs = distillation_inputs(19, 12, 7, seed=29)
     ours = distillation(backend, inputs, dtype, 0.06, reduction)

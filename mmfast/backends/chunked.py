@@ -3,12 +3,15 @@
 A chunked op computes a [rows, N] block of scores at a time (S = X_chunk·Yᵀ, with the candidates Y
 kept as a list of pieces that are never concatenated), runs its fused row kernel over the block, and
 finishes with two GEMMs (dX_chunk = G·Y, dY += Gᵀ·X_chunk). TorchGemms does the GEMMs with torch.mm
-(MKL on CPU, cuBLAS on CUDA); kernels/matmul.TritonGemms with Triton (and TorchGemms for float64).
+(MKL on CPU, cuBLAS on CUDA) in the compute dtype; CublasGemms with torch.mm on bf16/fp16 operands
+into float32 (the triton backend's "cublas" path); kernels/matmul.TritonGemms with Triton (and
+TorchGemms for float64).
 Scores, losses and gradient buffers are in mmfast.kernel_contract.compute_dtype of the inputs.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -66,10 +69,17 @@ class TorchGemms:
         """The dtype of G = dLoss/dS; when it is the scores' dtype, G overwrites the scores."""
         return score_dtype
 
+    def matmul(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
+        """out (+)= a @ b, in out's dtype."""
+        if accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
+
     def scores(self, x: torch.Tensor, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
         col = 0
         for piece in pieces:
-            torch.mm(x, piece.T, out=out[:, col : col + piece.shape[0]])
+            self.matmul(x, piece.T, out[:, col : col + piece.shape[0]], accumulate=False)
             col += piece.shape[0]
 
     def dense_grads(self, grad_scores, x, pieces, grad_x, grad_pieces, accumulate_x, accumulate_pieces):
@@ -78,12 +88,45 @@ class TorchGemms:
             g = grad_scores[:, col : col + piece.shape[0]]
             col += piece.shape[0]
             if grad_x is not None:
-                if i == 0 and not accumulate_x:
-                    torch.mm(g, piece, out=grad_x)
-                else:
-                    grad_x.addmm_(g, piece)
+                self.matmul(g, piece, grad_x, accumulate=accumulate_x or i > 0)
             if grad_pieces[i] is not None:
-                if accumulate_pieces:
-                    grad_pieces[i].addmm_(g.T, x)
-                else:
-                    torch.mm(g.T, x, out=grad_pieces[i])
+                self.matmul(g.T, x, grad_pieces[i], accumulate=accumulate_pieces)
+
+
+class CublasGemms(TorchGemms):
+    """torch.mm GEMMs that read bf16/fp16 operands as they are (G too, in the embeddings' dtype) and
+    write float32 scores and gradients. On CUDA through cuBLAS's float32 output from 16-bit inputs
+    (torch.mm / torch.addmm with out_dtype=torch.float32, pytorch#150812; float32 accumulation). That
+    overload exists only on CUDA: elsewhere (the tests, on CPU under the Triton interpreter) the
+    operands are copied to float32 first, which rounds nothing (bf16/fp16 → float32 is exact) and
+    costs one float32 copy of each operand per GEMM."""
+
+    native_low_precision = True
+
+    def grad_dtype(self, score_dtype: torch.dtype, embedding_dtype: torch.dtype) -> torch.dtype:
+        return score_dtype if embedding_dtype == torch.float64 else embedding_dtype
+
+    def matmul(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
+        if a.dtype == out.dtype:
+            return super().matmul(a, b, out, accumulate)
+        if not a.is_cuda:
+            return super().matmul(a.to(out.dtype), b.to(out.dtype), out, accumulate)
+        if not accumulate:
+            torch.mm(a, b, out_dtype=out.dtype, out=out)
+        elif cublas_adds_into_float32(out.device):
+            torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+        else:  # an older torch wants C in the inputs' dtype: the product through a float32 temporary
+            out.add_(torch.mm(a, b, out_dtype=out.dtype))
+
+
+@functools.cache
+def cublas_adds_into_float32(device: torch.device) -> bool:
+    """Whether torch.addmm(c, a, b, out_dtype=float32, out=c) takes a float32 C with bf16 a, b here
+    (newer torch does; some versions required C in the inputs' dtype). Asked once per device."""
+    c = torch.zeros(1, 1, device=device)
+    one = torch.ones(1, 1, dtype=torch.bfloat16, device=device)
+    try:
+        torch.addmm(c, one, one, out_dtype=torch.float32, out=c)
+    except RuntimeError:
+        return False
+    return c.item() == 1.0

@@ -37,7 +37,7 @@ from typing import NamedTuple
 import torch
 
 from mmfast._extension import load_extension
-from mmfast.backends.chunked import TorchGemms, chunk_rows, work_copy
+from mmfast.backends.chunked import CublasGemms, TorchGemms, chunk_rows, work_copy
 from mmfast.backends.contrastive_columns import (
     ColumnTerms,
     SymmetricColumns,
@@ -91,6 +91,15 @@ class TorchContrastiveKernels(TorchGemms):
     # exclusion mask (dense); the merge's candidates, a stable sort's values and indices (top-k).
     column_dense_bytes_per_score = 5
     column_topk_bytes_per_score = 17
+
+    def path(self, n_rows, n_candidates, dim, dtype, opts, *, chunk, device, gradients=True) -> str:
+        """Which path runs this problem: the torch and cpu kernel sets have one, the chunk loop around
+        their own GEMMs (the triton set chooses among several, kernels/contrastive_loss.py)."""
+        return "chunked"
+
+    def gemms(self, path: str):
+        """The GEMMs the chunk loop calls on `path`."""
+        return self
 
     def softmax_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, grad_out,
                      temperature_grad=None, ids=None, columns: ColumnTerms | None = None):  # fmt: skip
@@ -220,7 +229,7 @@ def contrastive_kernels(backend: str):
     if backend == "triton":
         from mmfast.kernels.contrastive_loss import TritonContrastiveKernels  # needs triton: imported when asked
 
-        return TritonContrastiveKernels(fallback=TorchContrastiveKernels())
+        return TritonContrastiveKernels(fallback=TorchContrastiveKernels(), cublas=CublasGemms())
     return TorchContrastiveKernels()
 
 
@@ -268,6 +277,9 @@ def directional_loss(
     separate_grads = row_scale is not None and opts.topk is None and grad_dtype != score_dtype
     grad_scratch = torch.empty(chunk, n_candidates, dtype=grad_dtype, device=x.device) if separate_grads else None
     loss = torch.empty(n_rows, dtype=score_dtype, device=x.device)
+    path = kernels.path(n_rows, n_candidates, x.shape[1], x.dtype, opts, chunk=chunk, device=x.device,
+                        gradients=row_scale is not None)  # fmt: skip
+    gemms = kernels.gemms(path)
     n_block = pieces[0].shape[0]
     if columns is not None and columns.first_pass:
         # The same chunks, scratch and GEMM call on the targets piece as the row pass below: the
@@ -275,7 +287,7 @@ def directional_loss(
         for start in range(0, n_rows, chunk):
             stop = min(n_rows, start + chunk)
             block = scratch[: stop - start, :n_block]
-            kernels.scores(x[start:stop], pieces[:1], block)
+            gemms.scores(x[start:stop], pieces[:1], block)
             columns.see(start, block)
         columns.finish_stats()
     column_terms = {} if columns is None or columns.terms is None else {"columns": columns.terms}
@@ -285,7 +297,7 @@ def directional_loss(
         scale = None if row_scale is None else row_scale[start:stop]
         grad_x_chunk = None if grad_x is None else grad_x[start:stop]
         w = None if temperature_grad is None else temperature_grad[start:stop]
-        kernels.scores(x_chunk, pieces, scores)
+        gemms.scores(x_chunk, pieces, scores)
         if columns is not None and not columns.first_pass:
             columns.see(start, scores[:, :n_block])
         if opts.topk is None:
@@ -293,7 +305,7 @@ def directional_loss(
             kernels.softmax_rows(scores, positive_offset + start, opts, scale, loss[start:stop], grads, w, ids,
                                  **column_terms)  # fmt: skip
             if grads is not None:
-                kernels.dense_grads(
+                gemms.dense_grads(
                     grads, x_chunk, pieces, grad_x_chunk, grad_pieces, accumulate, accumulate or start > 0
                 )
         else:
