@@ -25,15 +25,23 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from mmfast.kernels import CompileSpec, contrastive_loss, distillation_loss, matmul, pooling, similarity_topk
+from mmfast.kernels import (
+    CompileSpec,
+    contrastive_loss,
+    contrastive_loss_fused,
+    distillation_loss,
+    matmul,
+    pooling,
+    similarity_topk,
+)
 
 ARCHS = (80, 90)
 
 
 def all_specs() -> list[CompileSpec]:
     """Every kernel module's variants: a new kernel module is listed here."""
-    return [*matmul.compile_specs(), *contrastive_loss.compile_specs(), *distillation_loss.compile_specs(),
-            *pooling.compile_specs(), *similarity_topk.compile_specs()]  # fmt: skip
+    return [*matmul.compile_specs(), *contrastive_loss.compile_specs(), *contrastive_loss_fused.compile_specs(),
+            *distillation_loss.compile_specs(), *pooling.compile_specs(), *similarity_topk.compile_specs()]  # fmt: skip
 
 
 def _tool(name: str) -> str:

@@ -24,16 +24,21 @@ import triton.language as tl
 
 from mmfast.kernel_contract import DirectionOptions
 from mmfast.kernels import CompileSpec, roofline
+from mmfast.kernels.contrastive_loss_fused import buffer_columns, direction_params, fused_direction_chunk
 from mmfast.kernels.matmul import TritonGemms, device_arch, fp32_matmul_allows_tf32
 
 # The paths of the dense loss (the chunk loop of mmfast/backends/contrastive_loss.py either way):
 #   "chunked"  Triton GEMMs (kernels/matmul.py) around the Triton row kernel
 #   "cublas"   torch.mm GEMMs (cuBLAS, float32 output from bf16/fp16) around the same row kernel
+#   "fused"    kernels/contrastive_loss_fused.py: the row kernel's work in the GEMMs' epilogue and
+#              prologue (its own chunk loop, mmfast/backends/contrastive_loss_fused.py); no top-k,
+#              no float64, D a multiple of 16
 # "auto" asks the cost model (kernels/roofline.py) on sm_90+ CUDA devices, the only GPU it models;
-# elsewhere (sm_80, float64, CPU tensors under the interpreter) it keeps "chunked". The variable
-# forces a path (the tests run every one).
+# elsewhere (sm_80, float64, CPU tensors under the interpreter) it keeps "chunked". It does not pick
+# "fused" yet: unproven on hardware, it runs when forced. The variable forces a path (the tests run
+# every one).
 PATH_VARIABLE = "MMFAST_CONTRASTIVE_PATH"
-PATH_CHOICES = ("auto", "chunked", "cublas")
+PATH_CHOICES = ("auto", "chunked", "cublas", "fused")
 ROOFLINE_PRECISION = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 # One program per row, BLOCK_N candidates per step. Every launchable combination is compiled by
@@ -178,15 +183,6 @@ def column_stats_kernel(
     tl.store(max_ptr + cols, running_max, mask=col_ok)
 
 
-def _row_params(opts: DirectionOptions, dtype: torch.dtype, device) -> torch.Tensor:
-    """[1/τ, 1/τ + α, margin] in the scores' dtype, on the device (no sync for a tensor τ)."""
-    margin = 0.0 if opts.false_negative_margin is None else opts.false_negative_margin
-    inv_t = opts.inv_temperature
-    if isinstance(inv_t, torch.Tensor):
-        return torch.stack([inv_t, inv_t + opts.hardness, inv_t * 0.0 + margin]).to(dtype)
-    return torch.tensor([inv_t, inv_t + opts.hardness, margin], dtype=dtype).to(device)
-
-
 class TritonContrastiveKernels(TritonGemms):
     """Triton GEMMs and row kernel; the top-k selection and its sparse gradient are the torch
     kernel set's (`fallback`, mmfast.backends.contrastive_loss.TorchContrastiveKernels)."""
@@ -202,6 +198,8 @@ class TritonContrastiveKernels(TritonGemms):
         forced = os.environ.get(PATH_VARIABLE, "").strip() or "auto"
         if forced not in PATH_CHOICES:
             raise ValueError(f"{PATH_VARIABLE}={forced!r}: expected one of {', '.join(PATH_CHOICES)}")
+        if forced == "fused":  # where it applies; the rest (top-k, float64, other D) stays chunked
+            return "fused" if self.fused_supports(dim, dtype, opts) else "chunked"
         if forced != "auto":
             return forced
         if dtype == torch.float64 or device.type != "cuda" or device_arch(device) < 90:
@@ -231,13 +229,27 @@ class TritonContrastiveKernels(TritonGemms):
     def column_stats(self, block, row_offset, opts: DirectionOptions, diag, ids, running_max, running_sum,
                      weighted=None):  # fmt: skip
         n_cols = block.shape[1]
-        params = _row_params(opts, block.dtype, block.device)
+        params = direction_params(opts, block.dtype, block.device, no_margin=0.0)
         column_stats_kernel[(triton.cdiv(n_cols, COLUMN_BLOCK_C),)](
             block, block.stride(0), block.shape[0], n_cols, row_offset, params, diag,
             diag if ids is None else ids, running_max, running_sum, running_sum if weighted is None else weighted,
             BLOCK_R=COLUMN_BLOCK_R, BLOCK_C=COLUMN_BLOCK_C, HAS_MARGIN=opts.false_negative_margin is not None,
             HAS_IDS=ids is not None, WEIGHTED=weighted is not None, num_warps=COLUMN_NUM_WARPS,
         )  # fmt: skip
+
+    fused_bytes_per_score = {torch.float32: 8, torch.bfloat16: 6, torch.float16: 6}  # S + G, by input dtype
+
+    def fused_supports(self, dim: int, dtype: torch.dtype, opts: DirectionOptions) -> bool:
+        """The fused path takes no top-k, only tl.dot dtypes, and D a multiple of 16 (the aligned
+        launches its AOT variants are compiled as)."""
+        return opts.topk is None and dtype in self.fused_bytes_per_score and dim % 16 == 0
+
+    def fused_buffer_width(self, pieces) -> int:
+        """Columns of the fused path's S and G buffers (buffer_columns: 16-aligned pieces)."""
+        return buffer_columns(pieces)[1]
+
+    def fused_chunk(self, x, pieces, opts: DirectionOptions, row_offset, loss, ids, **grads):
+        fused_direction_chunk(x, pieces, opts, row_offset, loss, ids, **grads)
 
     def topk_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, index, coef,
                   temperature_grad=None, ids=None):  # fmt: skip
@@ -251,7 +263,7 @@ class TritonContrastiveKernels(TritonGemms):
         rows = scores.shape[0]
         has_grad = row_scale is not None
         grad_out = scores if grad_out is None else grad_out
-        params = _row_params(opts, scores.dtype, scores.device)
+        params = direction_params(opts, scores.dtype, scores.device, no_margin=0.0)
         has_columns = columns is not None and has_grad
         column_args = (0, loss, loss, loss, loss, loss)  # unread placeholders
         if has_columns:

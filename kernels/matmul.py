@@ -60,6 +60,32 @@ TORCH_TO_TRITON = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch
 
 
 @triton.jit
+def grouped_tile(pid, blocks_m, blocks_n, GROUP_M: tl.constexpr):
+    """(row block, column block) of program `pid` in grouped launch order: GROUP_M row blocks share
+    each B column block while it is in L2."""
+    per_group = GROUP_M * blocks_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = min(blocks_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % group_size, (pid % per_group) // group_size
+
+
+@triton.jit
+def accumulate_dot(acc, a_ptrs, b_ptrs, K, stride_ak, stride_bk, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                   INPUT_PRECISION: tl.constexpr):  # fmt: skip
+    """acc + A·B over the shared dimension K, BLOCK_K at a time: a_ptrs [BM, BK] and b_ptrs [BK, BN]
+    point at the first step; steps past K load zeros."""
+    rk = tl.arange(0, BLOCK_K)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=rk[None, :] < k_left, other=0.0)
+        b = tl.load(b_ptrs, mask=rk[:, None] < k_left, other=0.0)
+        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
+@triton.jit
 def matmul_kernel(
     a_ptr, b_ptr, c_ptr,
     M, N, K,
@@ -67,15 +93,7 @@ def matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ACCUMULATE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    # Grouped launch order: GROUP_M row blocks share each B column block while it is in L2.
-    pid = tl.program_id(0)
-    blocks_m = tl.cdiv(M, BLOCK_M)
-    blocks_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * blocks_n
-    first_m = (pid // per_group) * GROUP_M
-    group_size = min(blocks_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_size
-    pid_n = (pid % per_group) // group_size
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     # Rows and columns past the edge wrap around (modulo) instead of being masked: the loads stay
     # unmasked along M and N, which keeps the 128×128 tiles free of register spills; the store below
@@ -95,13 +113,7 @@ def matmul_kernel(
         acc = tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)  # [BM, BN]
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=rk[None, :] < k_left, other=0.0)
-        b = tl.load(b_ptrs, mask=rk[:, None] < k_left, other=0.0)
-        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+    acc = accumulate_dot(acc, a_ptrs, b_ptrs, K, stride_ak, stride_bk, BLOCK_K, DOT_DTYPE, INPUT_PRECISION)
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 

@@ -9,8 +9,9 @@ from mmfast.backends import cpu_unavailable_reason
 BACKENDS = ["torch", "cpu", "triton"]
 # The contrastive loss's backends and the triton backend's other paths, "triton+<path>" (tests/conftest.py
 # `backend` fixture: parametrise with indirect=True). Plain "triton" is "auto": under the interpreter,
-# the chunked Triton GEMMs.
-CONTRASTIVE_BACKENDS = [*BACKENDS, "triton+cublas"]
+# the chunked Triton GEMMs. "triton+fused" runs the fused path where it applies (D a multiple of 16,
+# no top-k, no float64) and the chunked one elsewhere.
+CONTRASTIVE_BACKENDS = [*BACKENDS, "triton+cublas", "triton+fused"]
 if cpu_unavailable_reason(torch.device("cpu")) is not None:
     raise RuntimeError("the C++ CPU kernels must build for the tests: " + cpu_unavailable_reason(torch.device("cpu")))
 

@@ -41,7 +41,8 @@ def test_every_variant_compiles_for_sm80_and_sm90(compiled):
     sm80_only_missing = {r["kernel"] for r in compiled} - {r["kernel"] for r in compiled if r["arch"] == "sm_80"}
     assert sm80_only_missing and all(",hopper," in name for name in sm80_only_missing), sorted(sm80_only_missing)
     names = {r["kernel"] for r in compiled}
-    for kernel in ("matmul[", "contrastive_softmax_rows[", "similarity_topk["):
+    for kernel in ("matmul[", "contrastive_softmax_rows[", "contrastive_fused_scores[", "contrastive_fused_grad_x[",
+                   "contrastive_fused_grads[", "similarity_topk["):  # fmt: skip
         assert any(n.startswith(kernel) for n in names), kernel
 
 
@@ -50,9 +51,10 @@ def test_no_variant_spills_registers(compiled):
     assert not spilled, "register spills:\n" + "\n".join(spilled)
 
 
-def test_tensor_core_matmuls_use_wgmma_on_sm90_and_mma_on_sm80(compiled):
+def test_tensor_core_gemms_use_wgmma_on_sm90_and_mma_on_sm80(compiled):
     for r in compiled:
-        tensor_core = r["kernel"].startswith("matmul[") and (",bf16," in r["kernel"] or ",fp16," in r["kernel"])
+        gemm = r["kernel"].startswith(("matmul[", "contrastive_fused_scores[", "contrastive_fused_grad_x["))
+        tensor_core = gemm and ("bf16," in r["kernel"] or "fp16," in r["kernel"])
         if tensor_core:
             assert r["wgmma"] if r["arch"] == "sm_90" else r["mma_sync"], r
 

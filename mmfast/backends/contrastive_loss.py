@@ -25,7 +25,9 @@ over the same chunks gathers (dense with a gradient), and whose gradient the row
 The candidates y are kept as a list of pieces ([targets, negatives]) and never concatenated. The rows
 per chunk come from a byte budget (mmfast/backends/chunked.py), so memory is flat in B. Backends
 differ only in their kernel set (`contrastive_kernels`): how S and the gradient GEMMs are computed
-(chunked.TorchGemms or kernels/matmul.TritonGemms) and which row kernel runs.
+(chunked.TorchGemms or kernels/matmul.TritonGemms) and which row kernel runs. The Triton set's
+`path` can also send a whole direction down its fused path (mmfast/backends/contrastive_loss_fused.py),
+where the row kernel's work happens inside the GEMMs.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from mmfast.backends.contrastive_columns import (
     torch_column_stats,
     torch_column_topk,
 )
+from mmfast.backends.contrastive_loss_fused import fused_directional_loss
 from mmfast.distributed import Gathered
 from mmfast.duplicate_ids import NO_IDS, DuplicateIds, class_index
 from mmfast.kernel_contract import DirectionOptions, compute_dtype
@@ -272,13 +275,20 @@ def directional_loss(
         per_score += kernels.temperature_bytes_per_score
     per_score += 0 if columns is None else columns.bytes_per_score
     chunk = chunk_rows(n_rows, n_candidates, per_score, score_dtype, x.device)
+    path = kernels.path(n_rows, n_candidates, x.shape[1], x.dtype, opts, chunk=chunk, device=x.device,
+                        gradients=row_scale is not None)  # fmt: skip
+    if path == "fused" and columns is not None:  # the fused kernel has no column half: a symmetric loss stays chunked
+        path = "chunked"
+    if path == "fused":  # its own chunk loop and buffers
+        return fused_directional_loss(
+            kernels, x, pieces, opts, row_scale=row_scale, grad_x=grad_x, grad_pieces=grad_pieces,
+            accumulate=accumulate, positive_offset=positive_offset, temperature_grad=temperature_grad, ids=ids,
+        )  # fmt: skip
     scratch = torch.empty(chunk, n_candidates, dtype=score_dtype, device=x.device)
     grad_dtype = kernels.grad_dtype(score_dtype, x.dtype)
     separate_grads = row_scale is not None and opts.topk is None and grad_dtype != score_dtype
     grad_scratch = torch.empty(chunk, n_candidates, dtype=grad_dtype, device=x.device) if separate_grads else None
     loss = torch.empty(n_rows, dtype=score_dtype, device=x.device)
-    path = kernels.path(n_rows, n_candidates, x.shape[1], x.dtype, opts, chunk=chunk, device=x.device,
-                        gradients=row_scale is not None)  # fmt: skip
     gemms = kernels.gemms(path)
     n_block = pieces[0].shape[0]
     if columns is not None and columns.first_pass:
