@@ -155,6 +155,7 @@ class SymmetricColumns:
         self.diag = torch.linalg.vecdot(query.to(score_dtype), target.to(score_dtype))
         self.loss = torch.empty(b, dtype=score_dtype, device=query.device)
         self.terms = None
+        self.fused_rows = False  # set when the row pass took the fused Triton path (no column half)
         if opts.topk is None:
             self.opts = opts
             self.first_pass = row_scale is not None

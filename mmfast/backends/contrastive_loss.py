@@ -277,9 +277,9 @@ def directional_loss(
     chunk = chunk_rows(n_rows, n_candidates, per_score, score_dtype, x.device)
     path = kernels.path(n_rows, n_candidates, x.shape[1], x.dtype, opts, chunk=chunk, device=x.device,
                         gradients=row_scale is not None)  # fmt: skip
-    if path == "fused" and columns is not None:  # the fused kernel has no column half: a symmetric loss stays chunked
-        path = "chunked"
     if path == "fused":  # its own chunk loop and buffers
+        if columns is not None:  # the fused kernel has no column half: the caller runs the second direction
+            columns.fused_rows = True
         return fused_directional_loss(
             kernels, x, pieces, opts, row_scale=row_scale, grad_x=grad_x, grad_pieces=grad_pieces,
             accumulate=accumulate, positive_offset=positive_offset, temperature_grad=temperature_grad, ids=ids,
@@ -398,12 +398,13 @@ def contrastive_loss_rows(
         accumulate=False, score_dtype=score_dtype, positive_offset=positive_offset,
         temperature_grad=w_rows, ids=class_index(ids.candidate), columns=columns,
     )  # fmt: skip
-    if columns is not None:
+    if columns is not None and not columns.fused_rows:
         loss = 0.5 * (loss + columns.finish(grad_t, grad_q))
     elif symmetric:
-        # Across devices the halves read disjoint scores: the targets' pass against the gathered queries.
+        # Across devices the halves read disjoint scores, and the fused Triton path has no column half:
+        # the targets' pass against the (gathered) queries, adding on one process to what the first wrote.
         reverse = directional_loss(
-            kernels, t, [cand_q], direction, row_scale=scale, grad_x=grad_t, grad_pieces=[grad_cq], accumulate=False,
+            kernels, t, [cand_q], direction, row_scale=scale, grad_x=grad_t, grad_pieces=[grad_cq], accumulate=local,
             score_dtype=score_dtype, positive_offset=positive_offset, temperature_grad=w_columns,
             ids=class_index(ids.query),
         )  # fmt: skip
