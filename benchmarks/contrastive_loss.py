@@ -8,6 +8,9 @@ Providers:
   compiled   torch.compile(naive), compile time excluded
   reference  mmfast.reference.contrastive_loss_reference (the tests' masked oracle), input dtype
   gemm       the bare GEMMs: S = Q·Cᵀ, G·C, Gᵀ·Q (and the same for the B×B block when symmetric)
+  gemm1      the three bare GEMMs of the one-directional loss (S = Q·Cᵀ, G·C, Gᵀ·Q), whatever the
+             options: the yardstick of the symmetric loss's cost (÷gemm1), which on one process
+             fuses the B×B block's half into the row pass (4 + 3K GEMMs instead of 6 + 3K)
 
 Options ending in "+ids" pass duplicate ids (candidate_ids, and query_ids when symmetric): the
 targets carry one of B/8 label ids, as in a batch of MMEB classification rows, so about 7 copies of
@@ -15,6 +18,9 @@ each positive leave every row's softmax; naive and reference mask them too, gemm
 
     python benchmarks/contrastive_loss.py --paired --options plain plain+ids llave llave+ids unime unime+ids \
         --batch 4096 --dim 256         # the cost of the ids over each option set, timed in alternation
+    python benchmarks/contrastive_loss.py --paired --options symmetric llave --negatives 0 1 --batch 4096 \
+        --dim 256 1024 --json benchmarks/results/contrastive_loss_symmetric.json
+                                       # symmetric over the one-directional GEMMs (gemm1), in alternation
 
 Effective GFLOP/s = the FLOPs of those GEMMs over a provider's fwd+bwd time; the gemm row is the
 machine's own rate for the same shapes (top-k's sparse gradient can take mmfast past it).
@@ -76,7 +82,7 @@ OPTIONS = {
     "unime+ids": {"false_negative_margin": 0.1, "topk": 8, "ids": True},
 }
 DEFAULT_OPTIONS = ["plain", "llave", "unime"]
-PROVIDERS = ("mmfast", "naive", "compiled", "reference", "gemm")
+PROVIDERS = ("mmfast", "naive", "compiled", "reference", "gemm", "gemm1")
 NAIVE_MEMORY_LIMIT = 12 << 30  # skip the materialising providers where the B×N matrices alone would exceed this
 
 
@@ -158,10 +164,11 @@ def loss_fn(provider: str, options: dict):
     raise ValueError(provider)
 
 
-def gemm_shapes(options: dict, q, t, n) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(rows, candidates) of each score matrix the loss needs: [Q; C], plus [T; Q] when symmetric."""
+def gemm_shapes(options: dict, q, t, n, *, one_direction: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(rows, candidates) of each score matrix the loss needs: [Q; C], plus [T; Q] when symmetric
+    (unless `one_direction`)."""
     pairs = [(q, torch.cat([t, n]) if n is not None else t)]
-    if options.get("symmetric"):
+    if options.get("symmetric") and not one_direction:
         pairs.append((t, q))
     return pairs
 
@@ -181,8 +188,8 @@ def step_functions(provider: str, options: dict, q, t, n):
     if options.get("temperature") == "learned":
         extra_leaves = [torch.tensor(0.02, requires_grad=True)]
         options = {**options, "temperature": extra_leaves[0]}
-    if provider == "gemm":
-        pairs = gemm_shapes(options, q, t, n)
+    if provider in ("gemm", "gemm1"):
+        pairs = gemm_shapes(options, q, t, n, one_direction=provider == "gemm1")
         scores = [torch.empty(x.shape[0], c.shape[0]) for x, c in pairs]
         grads = [(torch.empty_like(x), torch.empty_like(c)) for x, c in pairs]
 
@@ -212,13 +219,18 @@ def time_case(provider: str, options: dict, b: int, k: int, d: int, repeats: int
     return median_times(forward, backward, repeats)
 
 
+GEMM1 = "gemm1"  # the paired runs' yardstick: the one-directional loss's three bare GEMMs
+
+
 def paired_times(option_names: list[str], b: int, k: int, d: int, repeats: int) -> list[dict]:
     """mmfast's fwd+bwd for each option set, timed in alternation (one step of each in turn, after one
-    warm-up each), so that the load of a shared machine hits all alike: min and median ms, and the
-    median step-by-step ratio to its base (the same name without "+ids" when given, else the first)."""
+    warm-up each), so that the load of a shared machine hits all alike: min and median ms, the
+    median step-by-step ratio to its base (the same name without "+ids" when given, else the first)
+    and to the one-directional loss's three bare GEMMs, timed in the same alternation (gemm1)."""
     inputs = make_inputs(b, k, d)
     steps = {name: step_functions("mmfast", OPTIONS[name], *inputs)[:2] for name in option_names}
-    times = {name: [] for name in option_names}
+    steps[GEMM1] = step_functions(GEMM1, {}, *inputs)[:2]
+    times = {name: [] for name in steps}
     for i in range(repeats + 1):
         for name, (forward, backward) in steps.items():
             start = time.perf_counter()
@@ -231,8 +243,11 @@ def paired_times(option_names: list[str], b: int, k: int, d: int, repeats: int) 
     for name, ms in times.items():
         base = name.removesuffix("+ids") if name.removesuffix("+ids") in times else option_names[0]
         ratio = statistics.median(t / f for t, f in zip(ms, times[base], strict=True))
-        rows.append({"provider": "mmfast", "options": name, "B": b, "K": k, "D": d, "min_ms": min(ms),
-                     "median_ms": statistics.median(ms), "base": base, "median_ratio": ratio})  # fmt: skip
+        over_gemm1 = statistics.median(t / f for t, f in zip(ms, times[GEMM1], strict=True))
+        provider = GEMM1 if name == GEMM1 else "mmfast"
+        rows.append({"provider": provider, "options": name, "B": b, "K": k, "D": d, "min_ms": min(ms),
+                     "median_ms": statistics.median(ms), "base": base, "median_ratio": ratio,
+                     "over_gemm1": over_gemm1})  # fmt: skip
     return rows
 
 
@@ -255,8 +270,9 @@ def run_grid(args) -> list[dict]:
                             row["skipped"] = f"needs ~{naive_bytes(b, k) / 2**30:.0f} GiB"
                         else:
                             row.update(time_case(provider, OPTIONS[option_name], b, k, d, args.repeats))
-                            row["gflops"] = gemm_flops(OPTIONS[option_name], b, k, d) / row["fwd_bwd_ms"] / 1e6
-                            if args.memory and provider != "gemm":
+                            flops = gemm_flops({} if provider == "gemm1" else OPTIONS[option_name], b, k, d)
+                            row["gflops"] = flops / row["fwd_bwd_ms"] / 1e6
+                            if args.memory and provider not in ("gemm", "gemm1"):
                                 child = [provider, option_name, str(b), str(k), str(d)]
                                 row.update(memory_in_subprocess(__file__, child))
                         rows.append(row)
@@ -278,8 +294,9 @@ def add_ratios(rows: list[dict]) -> None:
         for r in case.values():
             if "fwd_bwd_ms" not in r:
                 continue
-            if "fwd_bwd_ms" in case.get("gemm", {}):
-                r["over_gemm"] = r["fwd_bwd_ms"] / case["gemm"]["fwd_bwd_ms"]
+            for gemm in ("gemm", "gemm1"):
+                if "fwd_bwd_ms" in case.get(gemm, {}):
+                    r[f"over_{gemm}"] = r["fwd_bwd_ms"] / case[gemm]["fwd_bwd_ms"]
             for other in BASELINES:
                 if "fwd_bwd_ms" in case.get(other, {}):
                     r[f"speedup_vs_{other}"] = case[other]["fwd_bwd_ms"] / r["fwd_bwd_ms"]
@@ -288,7 +305,8 @@ def add_ratios(rows: list[dict]) -> None:
 def print_table(rows: list[dict]) -> None:
     """One line per provider and case; a column that no row has a value for is left out."""
     columns = [("fwd ms", "fwd_ms", "{:.1f}"), ("bwd ms", "bwd_ms", "{:.1f}"), ("fwd+bwd", "fwd_bwd_ms", "{:.1f}"),
-               ("GFLOP/s", "gflops", "{:.0f}"), ("÷gemm", "over_gemm", "{:.2f}")]  # fmt: skip
+               ("GFLOP/s", "gflops", "{:.0f}"), ("÷gemm", "over_gemm", "{:.2f}"),
+               ("÷gemm1", "over_gemm1", "{:.2f}")]  # fmt: skip
     columns += [(f"{other}÷", f"speedup_vs_{other}", "{:.2f}") for other in BASELINES]
     columns.append(("extra MiB", "extra_peak_mib", "{:.0f}"))
     columns = [c for c in columns if any(r.get(c[1]) is not None for r in rows)]
@@ -301,7 +319,8 @@ def print_table(rows: list[dict]) -> None:
         cells = ("-" if r.get(key) is None else fmt.format(r[key]) for _, key, fmt in columns)
         print(case + "".join(f"{cell:>11s}" for cell in cells))
     print("GFLOP/s: the dense GEMMs' FLOPs over fwd+bwd time (the gemm row is this machine's GEMM rate); "
-          "÷gemm: fwd+bwd time over the bare GEMMs'; naive÷ etc.: that provider's time over this one's")  # fmt: skip
+          "÷gemm: fwd+bwd time over the bare GEMMs'; ÷gemm1: over the one-directional loss's three GEMMs; "
+          "naive÷ etc.: that provider's time over this one's")  # fmt: skip
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -358,7 +377,8 @@ def main(argv=None) -> int:
                 for row in paired_times(args.options, b, k, d, args.repeats)]  # fmt: skip
         for r in rows:
             print(f"{r['options']:10s} B={r['B']} K={r['K']} D={r['D']}  min {r['min_ms']:.1f} ms  median "
-                  f"{r['median_ms']:.1f} ms  ÷{r['base']} {r['median_ratio']:.3f}")  # fmt: skip
+                  f"{r['median_ms']:.1f} ms  ÷{r['base']} {r['median_ratio']:.3f}  "
+                  f"÷gemm1 {r['over_gemm1']:.3f}")  # fmt: skip
         if args.json:
             write_json(args.json, rows)
         return 0

@@ -9,13 +9,16 @@
 //   topk_rows:    the UniME top-k path: selects the k hardest surviving negatives per row (ties go to
 //                 the lower candidate index), and returns the loss plus the k+1 sparse gradient
 //                 coefficients per row.
-//   sparse_grads: applies those sparse coefficients to dX and dY without any dense B×N tensor.
+//   sparse_grads: applies those sparse coefficients to dX and dY without any dense B×N tensor
+//                 (csrc/contrastive_loss_sparse.cpp).
 // With duplicate ids (mmfast/duplicate_ids.py) both row kernels read one int32 class index per
 // candidate and leave out every candidate whose index equals the positive's, before the margin
 // filter and the top-k selection.
 // With a learnable temperature both row kernels also write w_r = Σ_j G_rj·s_rj per row (one more
 // reduction over the row; the caller turns it into dLoss/dτ = -(1/τ)·Σ_r w_r). It needs the raw
 // scores next to the softmax weights, so that variant keeps S intact until G overwrites it.
+// A symmetric loss on one process also hands softmax_rows its column half (contrastive_columns.h):
+// each row's G then gets the column gradient on the block, computed from the raw row first.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -23,9 +26,12 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "checks.h"
+#include "contrastive_columns.h"
 #include "fast_math.h"
 
 namespace mmfast {
@@ -48,15 +54,29 @@ struct RowProblem {
   T* loss;
   T* temperature_grad;  // null, or per row Σ_j G_rj·s_rj (needs grad_scale)
   const int32_t* ids;   // null: no duplicate masking; else [n] class indices, equal = same content
+  const ColumnTerms<T>* columns = nullptr;  // null, or the column half (needs grad_scale)
 };
+
+// Row r's column gradient (none without columns) into `out`, from its raw scores.
+template <typename T>
+__attribute__((always_inline)) inline void row_column_grads(const RowProblem<T>& p, int64_t r, const T* s, T* out) {
+  const ColumnTerms<T>& c = *p.columns;
+  if constexpr (std::is_same_v<T, float>) {
+    column_grads_f32(c, p.row_offset + r, s, p.negative_scale, p.has_margin, p.margin, out);
+  } else {
+    column_grads_generic(c, p.row_offset + r, s, p.negative_scale, p.has_margin, p.margin, out);
+  }
+}
 
 // Generic (scalar) row kernel; used for float64, where accuracy matters more than speed. The scores
 // stay as they are until G overwrites them, so the temperature reduction can read them.
 template <typename T>
 void softmax_rows_range(const RowProblem<T>& p, int64_t begin, int64_t end) {
   const T minus_inf = -std::numeric_limits<T>::infinity();
+  std::vector<T> column_grads(p.columns ? p.columns->n : 0);
   for (int64_t r = begin; r < end; ++r) {
     T* s = p.scores + r * p.row_stride;
+    if (p.columns) row_column_grads(p, r, s, column_grads.data());
     const int64_t pos_col = p.row_offset + r;
     const T pos = s[pos_col];
     const T pos_logit = pos * p.inv_temperature;
@@ -83,6 +103,7 @@ void softmax_rows_range(const RowProblem<T>& p, int64_t begin, int64_t end) {
       for (int64_t j = 0; j < p.n; ++j) s[j] *= c;
       s[pos_col] -= row_coef;
       if (p.temperature_grad) p.temperature_grad[r] = static_cast<T>(row_coef * (weighted / sum - pos));
+      for (int64_t j = 0; j < static_cast<int64_t>(column_grads.size()); ++j) s[j] += column_grads[j];
     }
   }
 }
@@ -97,8 +118,10 @@ __attribute__((always_inline)) inline void softmax_rows_f32_body(const RowProble
   const float minus_inf = -std::numeric_limits<float>::infinity();
   const int32_t n = static_cast<int32_t>(p.n);
   const int32_t n_vec = n - n % kLanes;
+  std::vector<float> column_grads(p.columns ? p.columns->n : 0);
   for (int64_t r = begin; r < end; ++r) {
     float* s = p.scores + r * p.row_stride;
+    if (p.columns) row_column_grads(p, r, s, column_grads.data());
     const int32_t pos_col = static_cast<int32_t>(p.row_offset + r);
     const float pos = s[pos_col];
     const float pos_logit = pos * p.inv_temperature;
@@ -177,6 +200,12 @@ __attribute__((always_inline)) inline void softmax_rows_f32_body(const RowProble
       for (int32_t j = 0; j < n_vec; j += kLanes) store16(s + j, load16(s + j) * c);
       for (int32_t j = n_vec; j < n; ++j) s[j] *= c;
       s[pos_col] -= row_coef;
+      if (p.columns) {
+        const int32_t n_block = static_cast<int32_t>(column_grads.size());
+        const int32_t block_vec = n_block - n_block % kLanes;
+        for (int32_t j = 0; j < block_vec; j += kLanes) store16(s + j, load16(s + j) + load16(column_grads.data() + j));
+        for (int32_t j = block_vec; j < n_block; ++j) s[j] += column_grads[j];
+      }
       // Σ_j G_j·s_j = row_coef·(Σ_j p_j·s_j - s_pos), the softmax weights times the raw scores.
       if (kTemperatureGrad) p.temperature_grad[r] = static_cast<float>(row_coef * (weighted / sum - pos));
     }
@@ -233,11 +262,30 @@ int64_t row_grain(int64_t n) {
 
 void contrastive_softmax_rows(at::Tensor scores, int64_t row_offset, double inv_temperature, double hardness,
                               c10::optional<double> margin, c10::optional<at::Tensor> row_scale, at::Tensor loss,
-                              c10::optional<at::Tensor> temperature_grad, c10::optional<at::Tensor> ids) {
+                              c10::optional<at::Tensor> temperature_grad, c10::optional<at::Tensor> ids,
+                              c10::optional<at::Tensor> column_diag, c10::optional<at::Tensor> column_lse,
+                              c10::optional<at::Tensor> column_coef, c10::optional<at::Tensor> column_positive,
+                              c10::optional<at::Tensor> column_ids) {
   check_scores(scores, row_offset, row_scale, ids);
   const int64_t rows = scores.size(0);
   check_output(kOp, loss, "loss", {rows}, scores.scalar_type());
   check_temperature_grad(temperature_grad, row_scale, rows, scores.scalar_type());
+  const bool has_columns = column_diag.has_value();
+  TORCH_CHECK(has_columns == column_lse.has_value() && has_columns == column_coef.has_value() &&
+                  has_columns == column_positive.has_value() && (has_columns || !column_ids.has_value()),
+              "mmfast cpu ", kOp,
+              ": column_diag, column_lse, column_coef and column_positive go together (column_ids with them)");
+  if (has_columns) {
+    TORCH_CHECK(row_scale.has_value(), "mmfast cpu ", kOp, ": the column terms need row_scale");
+    const int64_t n_block = column_diag->numel();
+    TORCH_CHECK(n_block <= scores.size(1) && row_offset + rows <= n_block, "mmfast cpu ", kOp, ": the block of ",
+                n_block, " columns must hold the rows' positives (row_offset ", row_offset, " + rows ", rows, ")");
+    for (const auto& [t, name] : {std::pair{*column_diag, "column_diag"}, std::pair{*column_lse, "column_lse"},
+                                  std::pair{*column_coef, "column_coef"}, std::pair{*column_positive, "column_positive"}}) {
+      check_vector(kOp, t, name, n_block, scores.scalar_type());
+    }
+    if (column_ids.has_value()) check_vector(kOp, *column_ids, "column_ids", n_block, at::kInt);
+  }
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "mmfast_softmax_rows", [&] {
     RowProblem<scalar_t> p{scores.data_ptr<scalar_t>(),
                            scores.stride(0),
@@ -251,6 +299,13 @@ void contrastive_softmax_rows(at::Tensor scores, int64_t row_offset, double inv_
                            loss.data_ptr<scalar_t>(),
                            temperature_grad.has_value() ? temperature_grad->data_ptr<scalar_t>() : nullptr,
                            ids.has_value() ? ids->data_ptr<int32_t>() : nullptr};
+    ColumnTerms<scalar_t> columns{};
+    if (has_columns) {
+      columns = {column_diag->numel(), column_diag->data_ptr<scalar_t>(), column_lse->data_ptr<scalar_t>(),
+                 column_coef->data_ptr<scalar_t>(), column_positive->data_ptr<scalar_t>(),
+                 column_ids.has_value() ? column_ids->data_ptr<int32_t>() : nullptr};
+      p.columns = &columns;
+    }
     at::parallel_for(0, rows, row_grain(p.n),
                      [&](int64_t begin, int64_t end) { softmax_rows_dispatch(p, begin, end); });
   });
@@ -362,83 +417,6 @@ void contrastive_topk_rows(at::Tensor scores, int64_t row_offset, double inv_tem
     at::parallel_for(0, rows, row_grain(p.n), [&](int64_t begin, int64_t end) {
       topk_rows_range<scalar_t>(p, topk, index.data_ptr<int64_t>(), coef_ptr, begin, end);
     });
-  });
-}
-
-namespace {
-
-template <typename T>
-void sparse_grads_impl(const at::Tensor& x, const at::Tensor& targets, const c10::optional<at::Tensor>& negatives,
-                       const at::Tensor& index, const at::Tensor& coef, const c10::optional<at::Tensor>& grad_x,
-                       const c10::optional<at::Tensor>& grad_targets,
-                       const c10::optional<at::Tensor>& grad_negatives) {
-  const int64_t dim = x.size(1), rows = x.size(0), slots = index.size(1), n_targets = targets.size(0);
-  const int64_t* idx = index.data_ptr<int64_t>();
-  const T* c = coef.data_ptr<T>();
-  auto row_of = [](const at::Tensor& t, int64_t j) { return t.data_ptr<T>() + j * t.stride(0); };
-  if (grad_x.has_value()) {
-    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        T* g = row_of(*grad_x, r);
-        for (int64_t t = 0; t < slots; ++t) {
-          const int64_t j = idx[r * slots + t];
-          if (j < 0) continue;
-          const T* y = j < n_targets ? row_of(targets, j) : row_of(*negatives, j - n_targets);
-          const T w = c[r * slots + t];
-#pragma omp simd
-          for (int64_t d = 0; d < dim; ++d) g[d] += w * y[d];
-        }
-      }
-    });
-  }
-  if (!grad_targets.has_value() && !grad_negatives.has_value()) return;
-  // Split the embedding dimension across threads: every thread sees every (row, slot) pair, so
-  // there are no write conflicts and the summation order is fixed (deterministic).
-  at::parallel_for(0, dim, 64, [&](int64_t d0, int64_t d1) {
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* xr = row_of(x, r);
-      for (int64_t t = 0; t < slots; ++t) {
-        const int64_t j = idx[r * slots + t];
-        T* g = nullptr;
-        if (j >= 0 && j < n_targets && grad_targets.has_value()) g = row_of(*grad_targets, j);
-        if (j >= n_targets && grad_negatives.has_value()) g = row_of(*grad_negatives, j - n_targets);
-        if (!g) continue;
-        const T w = c[r * slots + t];
-#pragma omp simd
-        for (int64_t d = d0; d < d1; ++d) g[d] += w * xr[d];
-      }
-    }
-  });
-}
-
-}  // namespace
-
-// grad_x[r] += Σ_t coef[r,t]·y[index[r,t]], and y's gradient += coef[r,t]·x[r], where y is the
-// concatenation [targets; negatives] (never built). Slots with index -1 are unused.
-void contrastive_sparse_grads(at::Tensor x, at::Tensor targets, c10::optional<at::Tensor> negatives, at::Tensor index,
-                              at::Tensor coef, c10::optional<at::Tensor> grad_x, c10::optional<at::Tensor> grad_targets,
-                              c10::optional<at::Tensor> grad_negatives) {
-  const int64_t dim = x.size(-1);
-  const auto dtype = x.scalar_type();
-  check_float_or_double(kOp, x, "x");
-  check_rows(kOp, x, "x", kAnyRows, dim, dtype);
-  check_rows(kOp, targets, "targets", kAnyRows, dim, dtype);
-  if (negatives.has_value()) check_rows(kOp, *negatives, "negatives", kAnyRows, dim, dtype);
-  const int64_t rows = x.size(0), slots = index.size(1);
-  const int64_t n_targets = targets.size(0);
-  const int64_t n_total = n_targets + (negatives.has_value() ? negatives->size(0) : 0);
-  TORCH_CHECK(index.dim() == 2 && index.size(0) == rows && index.scalar_type() == at::kLong && index.is_contiguous(),
-              "mmfast cpu ", kOp, ": index must be a contiguous int64 tensor [", rows, ", slots]");
-  TORCH_CHECK(coef.sizes() == index.sizes() && coef.scalar_type() == dtype && coef.is_contiguous(),
-              "mmfast cpu ", kOp, ": coef must match index's shape and x's dtype");
-  TORCH_CHECK(index.numel() == 0 || (index.max().item<int64_t>() < n_total && index.min().item<int64_t>() >= -1),
-              "mmfast cpu ", kOp, ": index entries must lie in [-1, ", n_total, ")");
-  if (grad_x.has_value()) check_rows(kOp, *grad_x, "grad_x", kAnyRows, dim, dtype);
-  if (grad_targets.has_value()) check_rows(kOp, *grad_targets, "grad_targets", kAnyRows, dim, dtype);
-  if (grad_negatives.has_value()) check_rows(kOp, *grad_negatives, "grad_negatives", kAnyRows, dim, dtype);
-
-  AT_DISPATCH_FLOATING_TYPES(dtype, "mmfast_sparse_grads", [&] {
-    sparse_grads_impl<scalar_t>(x, targets, negatives, index, coef, grad_x, grad_targets, grad_negatives);
   });
 }
 

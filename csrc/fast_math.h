@@ -70,8 +70,10 @@ struct DoubleSum16 {
 // Inputs below -87.33, including -inf (our "masked" logit), give exactly 0; NaN stays NaN.
 // Rounding uses the 1.5·2^23 trick, which needs no floor instruction and yields the integer in the
 // low mantissa bits.
+// always_inline: called from target_clones copies, a 64-byte vector argument must never cross a call
+// into the default-target copy of this function (its ABI passes vectors differently).
 template <typename V, typename I>
-inline V exp_flush(V x) {
+__attribute__((always_inline)) inline V exp_flush(V x) {
   const V hi = V{} + 88.37626f, lo = V{} + -87.33654f;
   // NaN compares false both ways, so it passes through the clamps and stays NaN.
   const V c = select16(x > hi, hi, select16(x < lo, lo, x));
@@ -92,7 +94,7 @@ inline V exp_flush(V x) {
   return select16(x < lo, V{}, scaled);
 }
 
-inline f32x16 exp_flush(f32x16 x) { return exp_flush<f32x16, i32x16>(x); }
+__attribute__((always_inline)) inline f32x16 exp_flush(f32x16 x) { return exp_flush<f32x16, i32x16>(x); }
 inline float exp_flush(float x) {
   // The scalar tail goes through lane 0 of the vector code, so tails and bodies round alike.
   return exp_flush<f32x16, i32x16>(splat16(x))[0];

@@ -7,7 +7,15 @@
 namespace mmfast {
 void contrastive_softmax_rows(at::Tensor scores, int64_t row_offset, double inv_temperature, double hardness,
                               c10::optional<double> margin, c10::optional<at::Tensor> row_scale, at::Tensor loss,
-                              c10::optional<at::Tensor> temperature_grad, c10::optional<at::Tensor> ids);
+                              c10::optional<at::Tensor> temperature_grad, c10::optional<at::Tensor> ids,
+                              c10::optional<at::Tensor> column_diag, c10::optional<at::Tensor> column_lse,
+                              c10::optional<at::Tensor> column_coef, c10::optional<at::Tensor> column_positive,
+                              c10::optional<at::Tensor> column_ids);
+void contrastive_column_stats(at::Tensor block, int64_t row_offset, double inv_temperature, double hardness,
+                              c10::optional<double> margin, at::Tensor diag, c10::optional<at::Tensor> ids,
+                              at::Tensor running_max, at::Tensor running_sum, c10::optional<at::Tensor> weighted);
+void contrastive_column_topk(at::Tensor block, int64_t row_offset, c10::optional<double> margin, at::Tensor diag,
+                             c10::optional<at::Tensor> ids, at::Tensor values, at::Tensor index);
 void contrastive_topk_rows(at::Tensor scores, int64_t row_offset, double inv_temperature, double hardness,
                            c10::optional<double> margin, int64_t topk, c10::optional<at::Tensor> row_scale,
                            at::Tensor loss, at::Tensor index, c10::optional<at::Tensor> coef,
@@ -30,7 +38,16 @@ void similarity_topk_rows(at::Tensor scores, int64_t col_offset, at::Tensor valu
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "mmfast CPU kernels";
   m.def("contrastive_softmax_rows", &mmfast::contrastive_softmax_rows,
-        "Fused masked/hardness-weighted row logsumexp and in-place gradient over one score chunk");
+        "Fused masked/hardness-weighted row logsumexp and in-place gradient over one score chunk (and, for a "
+        "symmetric loss, the column gradient on its B x B block)",
+        py::arg("scores"), py::arg("row_offset"), py::arg("inv_temperature"), py::arg("hardness"), py::arg("margin"),
+        py::arg("row_scale"), py::arg("loss"), py::arg("temperature_grad"), py::arg("ids"),
+        py::arg("column_diag") = py::none(), py::arg("column_lse") = py::none(), py::arg("column_coef") = py::none(),
+        py::arg("column_positive") = py::none(), py::arg("column_ids") = py::none());
+  m.def("contrastive_column_stats", &mmfast::contrastive_column_stats,
+        "Merge one chunk's B x B block into the symmetric loss's running column max and sum of exp");
+  m.def("contrastive_column_topk", &mmfast::contrastive_column_topk,
+        "Merge one chunk's B x B block into the symmetric loss's running top-k per column");
   m.def("contrastive_topk_rows", &mmfast::contrastive_topk_rows,
         "Top-k hard-negative selection, loss and sparse gradient coefficients over one score chunk");
   m.def("contrastive_sparse_grads", &mmfast::contrastive_sparse_grads,

@@ -7,7 +7,8 @@ Layers, top to bottom:
   contrastive_loss() / ContrastiveLoss     validate inputs, build ContrastiveLossOptions
   ContrastiveLossFunction                  the one autograd.Function, for every backend
   torch.ops.mmfast.contrastive_loss_rows   a custom op, so torch.compile traces through
-  mmfast.backends.contrastive_loss         the chunk loop; kernels per backend (csrc/, kernels/)
+  mmfast.backends.contrastive_loss         the chunk loop; kernels per backend (csrc/, kernels/);
+                                           the symmetric half in mmfast/backends/contrastive_columns.py
 """
 
 from __future__ import annotations
@@ -225,8 +226,9 @@ class ContrastiveLossFunction(torch.autograd.Function):
     """One Function for every backend; `backend` is already resolved to a concrete one.
 
     With reduction "mean"/"sum" the forward also computes the gradients (three GEMMs in all, no
-    recomputation) and the first backward only scales them. With "none" the per-row output gradient
-    is only known in backward, which then recomputes the scores chunk by chunk (four GEMMs in all), as
+    recomputation; a symmetric loss on one process adds one, the B × B block's statistics pass) and
+    the first backward only scales them. With "none" the per-row output gradient is only known in
+    backward, which then recomputes the scores chunk by chunk (four GEMMs in all), as
     does a second backward through a mean/sum loss (retain_graph=True, gradcheck).
     Across devices, gathered_targets / gathered_queries (and negatives) are all ranks' tensors from
     an autograd-aware all-gather, and query i's positive is gathered target positive_offset + i.
@@ -311,7 +313,10 @@ def contrastive_loss(
             similarities: the filter does not depend on τ).
         topk: UniME's k; after the margin filter only the k highest-scoring negatives per row stay
             (ties go to the lower candidate index; the selection is not differentiated).
-        symmetric: average with the loss of each target against the B queries (same rules).
+        symmetric: average with the loss of each target against the B queries (same rules). On one
+            process that half is read from the same B × B block of scores, by columns, fused into
+            the row pass (4 + 3K GEMMs with a gradient, K negatives per row, instead of 6 + 3K);
+            across devices it is a second pass (all queries against the local targets).
         weight: [B] per-row multipliers applied before the reduction; "mean" divides the weighted
             sum by B. It gets a gradient when it requires one (each row's unweighted loss).
         reduction: "mean", "sum" or "none" ([B]).

@@ -18,6 +18,10 @@ w_i = Σ_j G_ij·s_ij (the logits' gradient times the raw scores), and dTotal/d�
 logit that depends on τ is s/τ; the hardness term α·sg(s), the margin and the top-k selection read
 the raw scores and do not depend on τ.
 
+A symmetric loss on one process does not run the second direction: its target→queries half is the
+B × B block of these scores read by columns (contrastive_columns.py), whose statistics a first pass
+over the same chunks gathers (dense with a gradient), and whose gradient the row kernel adds to G.
+
 The candidates y are kept as a list of pieces ([targets, negatives]) and never concatenated. The rows
 per chunk come from a byte budget (mmfast/backends/chunked.py), so memory is flat in B. Backends
 differ only in their kernel set (`contrastive_kernels`): how S and the gradient GEMMs are computed
@@ -36,6 +40,14 @@ import torch
 
 from mmfast._extension import load_extension
 from mmfast.backends.chunked import CublasGemms, TorchGemms, chunk_rows, work_copy
+from mmfast.backends.contrastive_columns import (
+    ColumnTerms,
+    SymmetricColumns,
+    topk_loss,
+    torch_column_grads,
+    torch_column_stats,
+    torch_column_topk,
+)
 from mmfast.backends.contrastive_loss_fused import fused_directional_loss
 from mmfast.distributed import Gathered
 from mmfast.duplicate_ids import NO_IDS, DuplicateIds, class_index
@@ -78,6 +90,10 @@ class TorchContrastiveKernels(TorchGemms):
     dense_bytes_per_score = 9
     topk_bytes_per_score = 17
     temperature_bytes_per_score = 4
+    # The symmetric loss's column half (contrastive_columns.py): its gradient on the block and the
+    # exclusion mask (dense); the merge's candidates, a stable sort's values and indices (top-k).
+    column_dense_bytes_per_score = 5
+    column_topk_bytes_per_score = 17
 
     def path(self, n_rows, n_candidates, dim, dtype, opts, *, chunk, device, gradients=True) -> str:
         """Which path runs this problem: the torch and cpu kernel sets have one, the chunk loop around
@@ -89,9 +105,14 @@ class TorchContrastiveKernels(TorchGemms):
         return self
 
     def softmax_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, grad_out,
-                     temperature_grad=None, ids=None):  # fmt: skip
+                     temperature_grad=None, ids=None, columns: ColumnTerms | None = None):  # fmt: skip
         """Loss of each row into `loss`; with row_scale, G into grad_out (here always `scores`), and
-        with `temperature_grad` w_i = Σ_j G_ij·s_ij into it."""
+        with `temperature_grad` w_i = Σ_j G_ij·s_ij into it. With `columns` (a symmetric loss's
+        column half, mmfast/backends/contrastive_columns.py) G also gets the column gradient on the
+        first B columns."""
+        column_grads = None
+        if columns is not None and row_scale is not None:  # from the raw scores, before they change
+            column_grads = torch_column_grads(scores[:, : columns.lse.shape[0]], row_offset, opts, columns)
         rows = torch.arange(scores.shape[0], device=scores.device)
         cols = rows + row_offset
         raw = scores.clone() if temperature_grad is not None else None
@@ -115,6 +136,8 @@ class TorchContrastiveKernels(TorchGemms):
                 # the positive's coef·(p_pos - 1).
                 temperature_grad.copy_(torch.einsum("rn,rn->r", scores, raw.sub_(pos[:, None])))
             scores[rows, cols] -= coef
+            if column_grads is not None:
+                scores[:, : column_grads.shape[1]] += column_grads
         torch.sub(lse, pos_logit, out=loss)
 
     def topk_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, index, coef,
@@ -133,26 +156,12 @@ class TorchContrastiveKernels(TorchGemms):
         kept = min(opts.topk, scores.shape[1])
         values = torch.full((scores.shape[0], opts.topk), float("-inf"), dtype=scores.dtype, device=scores.device)
         values[:, :kept] = ranked.values[:, :kept]
-        valid = values > float("-inf")
-        pos_logit = pos * opts.inv_temperature
-        logits = torch.cat([pos_logit[:, None], values * (opts.inv_temperature + opts.hardness)], dim=1)
-        logits[:, 1:].masked_fill_(~valid, float("-inf"))
-        lse = torch.logsumexp(logits, dim=1)
-        torch.sub(lse, pos_logit, out=loss)
-        index[:, 0] = cols
-        index[:, 1:] = -1
-        index[:, 1 : kept + 1] = ranked.indices[:, :kept]
-        index[:, 1:].masked_fill_(~valid, -1)
-        if coef is not None:
-            torch.exp(logits - lse[:, None], out=coef)
-            coef[:, 0] -= 1.0
-            coef.mul_((row_scale * opts.inv_temperature)[:, None])
-            if temperature_grad is not None:
-                # Σ_t coef_t·(s_t - s_pos), as for softmax_rows
-                selected = torch.cat(
-                    [torch.zeros_like(pos)[:, None], (values - pos[:, None]).masked_fill(~valid, 0.0)], 1
-                )
-                torch.sum(coef * selected, dim=1, out=temperature_grad)
+        indices = torch.full_like(values, -1, dtype=torch.int64)
+        indices[:, :kept] = ranked.indices[:, :kept]
+        topk_loss(pos, values, indices, cols, opts, row_scale, loss, index, coef, temperature_grad)
+
+    column_stats = staticmethod(torch_column_stats)
+    column_topk = staticmethod(torch_column_topk)
 
     def sparse_grads(self, x, pieces, index, coef, grad_x, grad_pieces):
         valid = index >= 0
@@ -176,17 +185,31 @@ class CpuContrastiveKernels(TorchContrastiveKernels):
     dense_bytes_per_score = 4
     topk_bytes_per_score = 4
     temperature_bytes_per_score = 0  # the kernel keeps S intact until G overwrites it
+    column_dense_bytes_per_score = 0  # the row kernel keeps one row of column gradients per thread
+    column_topk_bytes_per_score = 0
 
     def __init__(self, extension):
         self.ext = extension
 
     # A temperature tensor is on the CPU here: float() reads it without a device sync.
     def softmax_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, grad_out,
-                     temperature_grad=None, ids=None):  # fmt: skip
+                     temperature_grad=None, ids=None, columns: ColumnTerms | None = None):  # fmt: skip
+        terms = (None,) * 5 if columns is None else (columns.diag, columns.lse, columns.coef, columns.positive,
+                                                     columns.ids)  # fmt: skip
         self.ext.contrastive_softmax_rows(
             scores, row_offset, float(opts.inv_temperature), opts.hardness, opts.false_negative_margin, row_scale,
-            loss, temperature_grad, ids,
+            loss, temperature_grad, ids, *terms,
         )  # fmt: skip
+
+    def column_stats(self, block, row_offset, opts: DirectionOptions, diag, ids, running_max, running_sum,
+                     weighted=None):  # fmt: skip
+        self.ext.contrastive_column_stats(
+            block, row_offset, float(opts.inv_temperature), opts.hardness, opts.false_negative_margin, diag, ids,
+            running_max, running_sum, weighted,
+        )  # fmt: skip
+
+    def column_topk(self, block, row_offset, opts: DirectionOptions, diag, ids, values, index):
+        self.ext.contrastive_column_topk(block, row_offset, opts.false_negative_margin, diag, ids, values, index)
 
     def topk_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, index, coef,
                   temperature_grad=None, ids=None):  # fmt: skip
@@ -227,6 +250,7 @@ def directional_loss(
     positive_offset: int = 0,
     temperature_grad: torch.Tensor | None = None,
     ids: torch.Tensor | None = None,
+    columns: SymmetricColumns | None = None,
 ) -> torch.Tensor:
     """Per-row loss of `x` against the candidates `pieces`; row i's positive is candidate
     positive_offset + i (the offset is this rank's place in gathered candidates). `ids`: the
@@ -235,6 +259,11 @@ def directional_loss(
     With `row_scale` (dTotal/dLoss_row), gradients go into `grad_x` / `grad_pieces` (None entries are
     skipped): written, or added to when `accumulate` (the top-k path always adds, so its buffers
     must start at zero); and, when `temperature_grad` [rows] is given, w_i = Σ_j G_ij·s_ij into it.
+
+    `columns`: the column half of a symmetric loss on one process (contrastive_columns.py), which
+    sees each chunk's block of scores against pieces[0] (the targets) before the row kernel does:
+    in a statistics pass over the same chunks first when it asks for one, and whose gradient the row
+    kernel then adds to G.
     """
     n_rows = x.shape[0]
     n_candidates = sum(p.shape[0] for p in pieces)
@@ -244,10 +273,13 @@ def directional_loss(
     per_score = kernels.topk_bytes_per_score if opts.topk is not None else kernels.dense_bytes_per_score
     if temperature_grad is not None and opts.topk is None:  # the top-k kernels have the selected scores
         per_score += kernels.temperature_bytes_per_score
+    per_score += 0 if columns is None else columns.bytes_per_score
     chunk = chunk_rows(n_rows, n_candidates, per_score, score_dtype, x.device)
     path = kernels.path(n_rows, n_candidates, x.shape[1], x.dtype, opts, chunk=chunk, device=x.device,
                         gradients=row_scale is not None)  # fmt: skip
     if path == "fused":  # its own chunk loop and buffers
+        if columns is not None:  # the fused kernel has no column half: the caller runs the second direction
+            columns.fused_rows = True
         return fused_directional_loss(
             kernels, x, pieces, opts, row_scale=row_scale, grad_x=grad_x, grad_pieces=grad_pieces,
             accumulate=accumulate, positive_offset=positive_offset, temperature_grad=temperature_grad, ids=ids,
@@ -258,6 +290,17 @@ def directional_loss(
     grad_scratch = torch.empty(chunk, n_candidates, dtype=grad_dtype, device=x.device) if separate_grads else None
     loss = torch.empty(n_rows, dtype=score_dtype, device=x.device)
     gemms = kernels.gemms(path)
+    n_block = pieces[0].shape[0]
+    if columns is not None and columns.first_pass:
+        # The same chunks, scratch and GEMM call on the targets piece as the row pass below: the
+        # block's scores come out bitwise the same in both passes (see contrastive_columns.py).
+        for start in range(0, n_rows, chunk):
+            stop = min(n_rows, start + chunk)
+            block = scratch[: stop - start, :n_block]
+            gemms.scores(x[start:stop], pieces[:1], block)
+            columns.see(start, block)
+        columns.finish_stats()
+    column_terms = {} if columns is None or columns.terms is None else {"columns": columns.terms}
     for start in range(0, n_rows, chunk):
         stop = min(n_rows, start + chunk)
         x_chunk, scores = x[start:stop], scratch[: stop - start]
@@ -265,9 +308,12 @@ def directional_loss(
         grad_x_chunk = None if grad_x is None else grad_x[start:stop]
         w = None if temperature_grad is None else temperature_grad[start:stop]
         gemms.scores(x_chunk, pieces, scores)
+        if columns is not None and not columns.first_pass:
+            columns.see(start, scores[:, :n_block])
         if opts.topk is None:
             grads = None if scale is None else scores if grad_scratch is None else grad_scratch[: stop - start]
-            kernels.softmax_rows(scores, positive_offset + start, opts, scale, loss[start:stop], grads, w, ids)
+            kernels.softmax_rows(scores, positive_offset + start, opts, scale, loss[start:stop], grads, w, ids,
+                                 **column_terms)  # fmt: skip
             if grads is not None:
                 gemms.dense_grads(
                     grads, x_chunk, pieces, grad_x_chunk, grad_pieces, accumulate, accumulate or start > 0
@@ -304,10 +350,12 @@ def contrastive_loss_rows(
     0-d tensor in the compute dtype); its gradient comes back in its own dtype.
 
     On one process (`gathered` None) the candidates are [target; negatives] and, for the symmetric
-    half, query; the gradient buffers are shared between the two halves. Across devices they are
+    half, query; that half is the B × B block of the row pass read by columns, fused into it
+    (contrastive_columns.py: 4 + 3K GEMMs with a gradient, not 6 + 3K). Across devices they are
     [gathered.targets; gathered.negatives] (`negatives` is then gathered.negatives) and
-    gathered.queries, and query i's positive is gathered target gathered.offset + i. `ids` are the
-    DuplicateIds of those candidates (gathered ones across devices).
+    gathered.queries, and query i's positive is gathered target gathered.offset + i; the symmetric
+    half then reads other scores (all queries × the local targets) and is a second pass. `ids` are
+    the DuplicateIds of those candidates (gathered ones across devices).
     """
     kernels = contrastive_kernels(backend)
     score_dtype = compute_dtype(query.dtype)
@@ -337,16 +385,27 @@ def contrastive_loss_rows(
     w = None
     if want_temperature:
         w = torch.empty((2 if symmetric else 1, q.shape[0]), dtype=score_dtype, device=q.device)
+    w_rows = None if w is None else w[0]
+    w_columns = None if w is None or not symmetric else w[1]
+    grad_pieces = [grad_ct, grad_n][: len(pieces)]
+    columns = None
+    if symmetric and local:
+        # The column half rides on the row pass (contrastive_columns.py); the buffers are shared.
+        columns = SymmetricColumns(kernels, q, t, direction, scale, score_dtype, ids=class_index(ids.query),
+                                   temperature_grad=w_columns)  # fmt: skip
     loss = directional_loss(
-        kernels, q, pieces, direction, row_scale=scale, grad_x=grad_q, grad_pieces=[grad_ct, grad_n][: len(pieces)],
+        kernels, q, pieces, direction, row_scale=scale, grad_x=grad_q, grad_pieces=grad_pieces,
         accumulate=False, score_dtype=score_dtype, positive_offset=positive_offset,
-        temperature_grad=None if w is None else w[0], ids=class_index(ids.candidate),
+        temperature_grad=w_rows, ids=class_index(ids.candidate), columns=columns,
     )  # fmt: skip
-    if symmetric:
-        # On one process the second half adds into the buffers the first one wrote.
+    if columns is not None and not columns.fused_rows:
+        loss = 0.5 * (loss + columns.finish(grad_t, grad_q))
+    elif symmetric:
+        # Across devices the halves read disjoint scores, and the fused Triton path has no column half:
+        # the targets' pass against the (gathered) queries, adding on one process to what the first wrote.
         reverse = directional_loss(
             kernels, t, [cand_q], direction, row_scale=scale, grad_x=grad_t, grad_pieces=[grad_cq], accumulate=local,
-            score_dtype=score_dtype, positive_offset=positive_offset, temperature_grad=None if w is None else w[1],
+            score_dtype=score_dtype, positive_offset=positive_offset, temperature_grad=w_columns,
             ids=class_index(ids.query),
         )  # fmt: skip
         loss = 0.5 * (loss + reverse)
