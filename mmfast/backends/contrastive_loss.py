@@ -39,7 +39,7 @@ from typing import NamedTuple
 import torch
 
 from mmfast._extension import load_extension
-from mmfast.backends.chunked import CublasGemms, TorchGemms, chunk_rows, work_copy
+from mmfast.backends.chunked import CublasGemms, TorchGemms, chunk_rows, scratch, work_copy
 from mmfast.backends.contrastive_columns import (
     ColumnTerms,
     SymmetricColumns,
@@ -284,10 +284,10 @@ def directional_loss(
             kernels, x, pieces, opts, row_scale=row_scale, grad_x=grad_x, grad_pieces=grad_pieces,
             accumulate=accumulate, positive_offset=positive_offset, temperature_grad=temperature_grad, ids=ids,
         )  # fmt: skip
-    scratch = torch.empty(chunk, n_candidates, dtype=score_dtype, device=x.device)
+    scores_buffer = scratch("scores", chunk, n_candidates, score_dtype, x.device)
     grad_dtype = kernels.grad_dtype(score_dtype, x.dtype)
     separate_grads = row_scale is not None and opts.topk is None and grad_dtype != score_dtype
-    grad_scratch = torch.empty(chunk, n_candidates, dtype=grad_dtype, device=x.device) if separate_grads else None
+    grad_scratch = scratch("grads", chunk, n_candidates, grad_dtype, x.device) if separate_grads else None
     loss = torch.empty(n_rows, dtype=score_dtype, device=x.device)
     gemms = kernels.gemms(path)
     n_block = pieces[0].shape[0]
@@ -300,7 +300,7 @@ def directional_loss(
         # The same chunks, scratch and GEMM call on the targets piece as the row pass below: the
         # block's scores come out bitwise the same in both passes (see contrastive_columns.py).
         for start, stop in bounds:
-            block = scratch[: stop - start, :n_block]
+            block = scores_buffer[: stop - start, :n_block]
             gemms.scores(x[start:stop], pieces[:1], block)
             columns.see(start, block)
         columns.finish_stats()
@@ -311,7 +311,7 @@ def directional_loss(
         bounds, resident_block = bounds[::-1], bounds[-1]
     column_terms = {} if columns is None or columns.terms is None else {"columns": columns.terms}
     for start, stop in bounds:
-        x_chunk, scores = x[start:stop], scratch[: stop - start]
+        x_chunk, scores = x[start:stop], scores_buffer[: stop - start]
         scale = None if row_scale is None else row_scale[start:stop]
         grad_x_chunk = None if grad_x is None else grad_x[start:stop]
         w = None if temperature_grad is None else temperature_grad[start:stop]
