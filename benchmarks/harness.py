@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from mmfast.backends.chunked import release_scratch
+
 
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
@@ -62,7 +64,9 @@ def _status_kib(field: str) -> int:
 
 def peak_extra_mib(forward, backward, outputs) -> float:
     """Resident-memory high-water mark of forward+backward over what was resident before, minus the
-    bytes of `outputs()` (the gradients the step must produce). Linux only (VmHWM, clear_refs)."""
+    bytes of `outputs()` (the gradients the step must produce). Linux only (VmHWM, clear_refs).
+    The chunk loops' kept CPU scratch is freed first, so the step's own scratch is counted."""
+    release_scratch()
     gc.collect()
     baseline = _status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS

@@ -1,5 +1,6 @@
 """mmfast: fused kernels for training multimodal embedding models."""
 
+from mmfast.backends.chunked import release_scratch
 from mmfast.config import show_config
 from mmfast.contrastive_loss import (
     ContrastiveLoss,
@@ -37,5 +38,6 @@ __all__ = [
     "SimilarityTopK",
     "SimilarityTopkOptions",
     "similarity_topk",
+    "release_scratch",
     "show_config",
 ]
