@@ -186,7 +186,7 @@ def column_stats_kernel(
 
 class TritonContrastiveKernels(TritonGemms):
     """Triton GEMMs and row kernel; the top-k selection and its sparse gradient are the torch
-    kernel set's (`fallback`, mmfast.backends.contrastive_loss.TorchContrastiveKernels)."""
+    kernel set's (`fallback`, mmfast.backends.contrastive_kernels.TorchContrastiveKernels)."""
 
     dense_bytes_per_score = 6  # float32 scores + a 16-bit G
 

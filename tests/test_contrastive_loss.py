@@ -7,7 +7,7 @@ import torch
 
 import mmfast
 from mmfast.backends import chunked
-from mmfast.backends.contrastive_loss import contrastive_kernels
+from mmfast.backends.contrastive_kernels import contrastive_kernels
 from tests.helpers import CONTRASTIVE_BACKENDS, assert_within_torch_error, unit_rows
 
 OPTION_SETS = {

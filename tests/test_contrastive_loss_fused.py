@@ -10,7 +10,8 @@ import torch
 
 import mmfast
 from mmfast.backends import chunked
-from mmfast.backends.contrastive_loss import GradientNeeds, contrastive_kernels, contrastive_loss_rows
+from mmfast.backends.contrastive_kernels import contrastive_kernels
+from mmfast.backends.contrastive_loss import GradientNeeds, contrastive_loss_rows
 from mmfast.distributed import Gathered
 from mmfast.duplicate_ids import DuplicateIds
 from mmfast.kernel_contract import DirectionOptions

@@ -12,7 +12,7 @@ from torch.autograd import gradcheck
 import mmfast
 from mmfast.backends import chunked
 from mmfast.backends import contrastive_loss as contrastive_loss_backend
-from mmfast.backends.contrastive_loss import contrastive_kernels
+from mmfast.backends.contrastive_kernels import contrastive_kernels
 from tests.helpers import BACKENDS
 from tests.test_contrastive_loss import check_against_reference, make_inputs, run
 from tests.test_contrastive_loss_ids import make_ids, with_ids
