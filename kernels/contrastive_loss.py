@@ -250,7 +250,8 @@ class TritonContrastiveKernels(TritonGemms):
         return buffer_columns(pieces)[1]
 
     def fused_chunk(self, x, pieces, opts: DirectionOptions, row_offset, loss, ids, **grads):
-        fused_direction_chunk(x, pieces, opts, row_offset, loss, ids, **grads)
+        # The GEMMs on its stored G are plain GEMMs: the cublas path's (kernels/contrastive_loss_fused_grads.py).
+        fused_direction_chunk(x, pieces, opts, row_offset, loss, ids, gemms=self.cublas, **grads)
 
     def topk_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, index, coef,
                   temperature_grad=None, ids=None):  # fmt: skip

@@ -16,8 +16,9 @@ for bf16/fp16, 4 for fp32):
              S read (4 B; once from HBM, the other D blocks from L2: the tile's A operand is priced
              at 4 bytes), G written once.
   D > PROLOGUE_MAX_DIM: grads, G alone (1 ex2, the instructions, S read, G written; its grid
-             splits the candidates, so every SM is busy), then grad_x = G·Y, a kernels/matmul.py GEMM
-  grad_y     dY (+)= Gᵀ·X, a kernels/matmul.py GEMM, dY's float32 read and written per chunk
+             splits the candidates, so every SM is busy), then grad_x = G·Y, a cuBLAS GEMM (the
+             chunk loop hands the fused kernels the cublas path's GEMMs: CUBLAS_FRACTION, no waves)
+  grad_y     dY (+)= Gᵀ·X, a cuBLAS GEMM, dY's float32 read and written per chunk
 Instruction counts: sm_90 SASS per score of the epilogue and of the G loops, counted by the fused
 path's author on the bf16 cubins, plain / with duplicate ids (and, for G, a tensor τ); the same
 counts are assumed for TF32 and fp32 (not counted). Issue rate: kernels/roofline_tiles.py.
@@ -96,6 +97,6 @@ def fused_kernels(rows: int, n: int, d: int, precision: str, chunk: int, *, grad
             out["grads"].add_work(exps=r * n, instructions=count["grads"] * r * n)
             out["grads"].bytes += (4.0 + g_bytes) * r * padded
             grad_x = out["grad_x"]
-        add_stored_g_gemms(None if in_prologue else grad_x, out["grad_y"], False, r, n, d, precision,
+        add_stored_g_gemms(None if in_prologue else grad_x, out["grad_y"], True, r, n, d, precision,
                            first=start == 0, aligned=aligned, at_peak=at_peak)  # fmt: skip
     return list(out.values())
