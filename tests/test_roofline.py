@@ -15,9 +15,10 @@ def test_every_tile_fraction_is_below_the_sustained_ceiling_and_bigger_tiles_do_
     for tile in roofline.MATMUL_TILES.values():
         r = roofline.tile_fraction(tile, 8192, 8192, "bf16")
         assert 0 < r["fraction"] <= roofline.TRITON_SOFTWARE * roofline.H100.sustained
-    big = roofline.tile_fraction(roofline.MATMUL_TILES[("hopper", "plain")], 8192, 8192, "bf16")
-    small = roofline.tile_fraction(roofline.MATMUL_TILES[("tensor_core", "plain")], 8192, 8192, "bf16")
-    assert big["fraction"] > small["fraction"]
+    tiles = [roofline.MATMUL_TILES[name] for name in (("hopper_wide", "plain"), ("hopper", "accumulate"),
+                                                      ("tensor_core", "plain"))]  # fmt: skip
+    fractions = [roofline.tile_fraction(tile, 8192, 8192, "bf16")["fraction"] for tile in tiles]
+    assert fractions == sorted(fractions, reverse=True) and fractions[0] > fractions[1] > fractions[2]
     # 172 registers × 256 threads: one CTA per SM; 128 × 256 threads at 128 registers: two.
     assert roofline.occupancy(roofline.MATMUL_TILES[("hopper", "accumulate")]) == 1
     assert roofline.occupancy(roofline.MATMUL_TILES[("tensor_core", "plain")]) == 2
