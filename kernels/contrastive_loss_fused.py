@@ -3,12 +3,14 @@ epilogue and prologue, or into one pass over S, so S is written once and read on
 
 Per chunk of rows (mmfast/backends/contrastive_loss_fused.py; it still holds a [rows, N] float32 S
 and a G buffer: G needs each row's final logsumexp, so it cannot be formed while S is):
-  diag        s_pos = row-wise x_r·y_pos (torch, float64 sums rounded to float32, [rows]): the margin
-              needs the positive before the tile that holds it is seen
+  diag        with a margin: s_pos = row-wise x_r·y_pos (torch, float64 sums rounded to float32,
+              [rows]): the margin needs the positive before the tile that holds it is seen
   scores      fused_scores_kernel: S_tile = X_blk·Y_tileᵀ (a GEMM); its epilogue applies the masks
               (positive, margin, duplicate ids) and hardness and writes the tile's row max and sum of
               exp [rows, cdiv(N, BLOCK_N)], and, when a gradient is wanted, S in float32 (-inf in
-              the padding to 16 columns); without one only the tile statistics leave the kernel
+              the padding to 16 columns); without one only the tile statistics leave the kernel.
+              Without a margin (HAS_MARGIN = 0) s_pos is the GEMM's own value: the tiles that hold a
+              row's positive (a branch per tile; at most 2 column tiles per row block) store it
   merge       lse = the tiles' statistics and the positive merged (torch, [rows, tiles]); loss
   G, dX, dY   kernels/contrastive_loss_fused_grads.py. D <= PROLOGUE_MAX_DIM: fused_grad_x_kernel,
               dX_blk = G·Y with G formed in the A-operand prologue from the S tile (masks,
@@ -21,9 +23,11 @@ positive is global candidate positive_offset + row. Not here (the chunked path k
 (a sparse gradient) and float64 (tl.dot has no float64).
 
 Per score (bf16; DX = D / 256, the grad_x tile's D blocks; instructions: sm_90 SASS per tile element
-of the score epilogue and of the G loops, plain / with ids (and tensor τ)):
+of the score epilogue (its tiles without a positive) and of the G loops, plain / with ids (and
+tensor τ); kernels/roofline_fused.py says how they are counted):
   kernel      tensor FLOPs  MUFU exps  instructions  HBM bytes (per score; + Y re-read per chunk)
-  scores      2·D           1          28 / 35       4 (S, with a gradient) + 8/128 (statistics)
+  scores      2·D           1          25 / 31       4 (S, with a gradient) + 8/128 (statistics)
+  (margin)                             28 / 35       (+ the float64 positive: ≥ 36 per element of X)
   grad_x      2·D           DX         32 / 44 · DX  4 (S) + 2 (G); DX - 1 more S reads from L2
   grads       0             1          21 / 38       4 (S) + 2 (G)
   dX GEMM     2·D           0          0             2 (G)
@@ -34,7 +38,15 @@ by instruction issue at ~1.85× its GEMM on an H100 (132 SMs × 4 schedulers × 
 per score at 3.35 TB/s. The two break even near D = 1000 if the prologue overlaps the tensor cores
 perfectly, near D = 500 if it does not: hence PROLOGUE_MAX_DIM = 512.
 The H100 cost model prices this path from these counts and the compiled tiles (kernels/roofline_fused.py;
-per shape and kernel in benchmarks/results/gpu_report.txt, summarised in the README's GPU section).
+per shape and kernel in benchmarks/results/gpu_report.txt, summarised in the README's GPU section):
+1.20× the GEMM bound (3 GEMMs at cuBLAS's 0.75 of peak) at B = 4096, K = 1, D = 4096 and 1.43× at
+B = 32768, K = 3, D = 1024 (bf16), behind the cublas path (1.09×, 1.36×); the issue's ≤ 1.15× is
+not met. This design's floor, every GEMM at cuBLAS's rate plus its work beyond them, is 1.08× and
+1.32×: at the large shape the G pass (7.7 ms), the epilogue issued after the K loop at one CTA per SM
+(3.2 ms) and the merge (0.4 ms) add 11.3 ms to 35.6 ms. Below 1.15× that work has to overlap the
+tensor cores: the epilogue by warp specialisation (FA3's producer warps and two consumer
+warpgroups alternating wgmma and epilogue), G formed on chip inside the dX/dY GEMMs by specialised
+warps (or S recomputed in the backward, flash-attention's way, at the price of a fourth GEMM).
 Unproven on hardware: estimates only (the chunked path stays).
 """
 
@@ -108,7 +120,7 @@ def fused_scores_kernel(
     M, N, n_padded, K, col_offset, pos_offset, first_tile, store_scores,
     stride_xm, stride_xk, stride_yn, stride_yk, stride_sm, stride_sn, stride_tm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    HAS_IDS: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_IDS: tl.constexpr, HAS_MARGIN: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
@@ -122,12 +134,19 @@ def fused_scores_kernel(
 
     # Epilogue: the row kernel's masks and hardness on the tile in registers.
     negative_scale = tl.load(params_ptr + 1)
-    margin = tl.load(params_ptr + 2)  # +inf without a margin: nothing is above it, NaN stays in
     row_ok = rows < M
     col_ok = cols < N
-    pos = tl.load(pos_ptr + rows, mask=row_ok, other=0.0)  # [BM]
     pos_col = pos_offset + rows - col_offset  # the positive's column in this piece (maybe outside it)
-    keep = col_ok[None, :] & (cols[None, :] != pos_col[:, None]) & ~(s > (pos + margin)[:, None])
+    at_pos = cols[None, :] == pos_col[:, None]
+    keep = col_ok[None, :] & ~at_pos
+    if HAS_MARGIN:  # s_pos was computed before (positive_scores): the margin needs it for every tile
+        pos = tl.load(pos_ptr + rows, mask=row_ok, other=0.0)  # [BM]
+        keep = keep & ~(s > (pos + tl.load(params_ptr + 2))[:, None])  # NaN stays in
+    else:  # s_pos is this GEMM's own value, taken by the tiles that hold a positive (a branch per tile)
+        first_pos = pos_offset + pid_m * BLOCK_M - col_offset
+        if (first_pos < pid_n * BLOCK_N + BLOCK_N) & (first_pos + BLOCK_M > pid_n * BLOCK_N):
+            held = row_ok & (pos_col >= pid_n * BLOCK_N) & (pos_col < pid_n * BLOCK_N + BLOCK_N) & (pos_col < N)
+            tl.store(pos_ptr + rows, tl.sum(tl.where(at_pos, s, 0.0), axis=1), mask=held)
     if HAS_IDS:  # a copy of the positive (its class index) is no negative
         pos_id = tl.load(ids_ptr + pos_offset + rows, mask=row_ok, other=0)
         col_id = tl.load(ids_ptr + col_offset + cols, mask=col_ok, other=0)
@@ -156,7 +175,8 @@ def merge_tiles(tile_max: torch.Tensor, tile_sum: torch.Tensor, pos_logit: torch
 
 
 def positive_scores(x: torch.Tensor, y: torch.Tensor, block: int = 1024) -> torch.Tensor:
-    """s_pos = x_r·y_r in float32, summed in float64 and rounded once: the loss and the τ gradient
+    """s_pos = x_r·y_r in float32, summed in float64 and rounded once, for a margin (needed before
+    the tiles; without one the score kernel stores the GEMM's own s_pos): the loss and the τ gradient
     (Σ_j G_j·(s_j - s_pos)) are sensitive to it, and a float32 row-dot's rounding differs from the
     GEMM's (it cost the τ gradient 2-3× torch's own error). Blocks of rows bound the float64 copies."""
     out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
@@ -193,7 +213,11 @@ def fused_direction_chunk(x, pieces, opts: DirectionOptions, row_offset: int, lo
     precision = input_precision_for(dot_dtype)
     score_cfg, grad_cfg = fused_configs(dot_dtype, precision)
     params = direction_params(opts, torch.float32, device, no_margin=float("inf"))
-    pos = positive_scores(x, pieces[0][row_offset : row_offset + rows])
+    has_margin = opts.false_negative_margin is not None
+    if has_margin:
+        pos = positive_scores(x, pieces[0][row_offset : row_offset + rows])
+    else:  # the score kernel writes each row's positive from the tile that holds it
+        pos = torch.empty(rows, dtype=torch.float32, device=device)
     ids_arg = pos if ids is None else ids
     tiles = [triton.cdiv(p.shape[0], score_cfg.block_n) for p in pieces]
     tile_max = torch.empty(rows, sum(tiles), dtype=torch.float32, device=device)
@@ -211,8 +235,8 @@ def fused_direction_chunk(x, pieces, opts: DirectionOptions, row_offset: int, lo
             x.stride(0), x.stride(1), piece.stride(0), piece.stride(1), out.stride(0), out.stride(1),
             tile_max.stride(0),
             BLOCK_M=score_cfg.block_m, BLOCK_N=score_cfg.block_n, BLOCK_K=score_cfg.block_k,
-            GROUP_M=score_cfg.group_m, HAS_IDS=ids is not None, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
-            num_warps=score_cfg.num_warps, num_stages=score_cfg.num_stages,
+            GROUP_M=score_cfg.group_m, HAS_IDS=ids is not None, HAS_MARGIN=has_margin, DOT_DTYPE=dot_dtype,
+            INPUT_PRECISION=precision, num_warps=score_cfg.num_warps, num_stages=score_cfg.num_stages,
         )  # fmt: skip
         col += n
         first_tile += n_tiles
@@ -246,9 +270,9 @@ def _aligned(kernel, *names) -> tuple[str, ...]:
 
 
 def compile_specs():
-    """Every launchable variant: input dtype (fp32 in both precisions) × HAS_IDS (× TEMPERATURE_GRAD
-    for grad_x). Accumulating, storing S, dX and G are runtime flags (masked stores and loads), so
-    they multiply no variant."""
+    """Every launchable variant: input dtype (fp32 in both precisions) × HAS_IDS (× HAS_MARGIN for
+    the scores, × TEMPERATURE_GRAD for grad_x). Accumulating, storing S, dX and G are runtime flags
+    (masked stores and loads), so they multiply no variant."""
     for dtype, name in _TYPE_NAMES.items():
         dot = TORCH_TO_TRITON[dtype]
         for precision in ["ieee", "tf32"] if dtype == torch.float32 else ["ieee"]:
@@ -256,17 +280,19 @@ def compile_specs():
             for has_ids in (False, True):
                 ids = "*i32" if has_ids else "*fp32"
                 common = {"HAS_IDS": has_ids, "DOT_DTYPE": dot, "INPUT_PRECISION": precision}
-                constexprs = {"stride_xk": 1, "stride_yk": 1, "stride_sn": 1, "BLOCK_M": score_cfg.block_m,
-                              "BLOCK_N": score_cfg.block_n, "BLOCK_K": score_cfg.block_k,
-                              "GROUP_M": score_cfg.group_m, **common}  # fmt: skip
                 pointers = {"x_ptr": f"*{name}", "y_ptr": f"*{name}", "ids_ptr": ids}
                 kernel = fused_scores_kernel
-                yield CompileSpec(
-                    name=f"contrastive_fused_scores[{name},{precision},ids={int(has_ids)}]", kernel=kernel,
-                    signature=_signature(kernel, pointers, ("stride_xk", "stride_yk", "stride_sn"), constexprs),
-                    constexprs=constexprs, num_warps=score_cfg.num_warps, num_stages=score_cfg.num_stages,
-                    divisible_by_16=_aligned(kernel, "n_padded", "K", "stride_xm", "stride_yn", "stride_sm"),
-                )  # fmt: skip
+                for has_margin in (False, True):
+                    constexprs = {"stride_xk": 1, "stride_yk": 1, "stride_sn": 1, "BLOCK_M": score_cfg.block_m,
+                                  "BLOCK_N": score_cfg.block_n, "BLOCK_K": score_cfg.block_k,
+                                  "GROUP_M": score_cfg.group_m, "HAS_MARGIN": has_margin, **common}  # fmt: skip
+                    yield CompileSpec(
+                        name=f"contrastive_fused_scores[{name},{precision},ids={int(has_ids)},margin={int(has_margin)}]",
+                        kernel=kernel, constexprs=constexprs, num_warps=score_cfg.num_warps,
+                        signature=_signature(kernel, pointers, ("stride_xk", "stride_yk", "stride_sn"), constexprs),
+                        num_stages=score_cfg.num_stages,
+                        divisible_by_16=_aligned(kernel, "n_padded", "K", "stride_xm", "stride_yn", "stride_sm"),
+                    )  # fmt: skip
                 kernel = fused_grad_x_kernel
                 for temperature, in_prologue in itertools.product((False, True), (True, False)):
                     unit = ("stride_sn", "stride_yd", "stride_dd", "stride_gn")
