@@ -10,7 +10,7 @@ Providers:
   gemm       the bare GEMMs: S = Q·Cᵀ, G·C, Gᵀ·Q (and the same for the B×B block when symmetric)
   gemm1      the three bare GEMMs of the one-directional loss (S = Q·Cᵀ, G·C, Gᵀ·Q), whatever the
              options: the yardstick of the symmetric loss's cost (÷gemm1), which on one process
-             fuses the B×B block's half into the row pass (4 + 3K GEMMs instead of 6 + 3K)
+             fuses the B×B block's half into the row pass (at most 4 + 3K GEMMs, not 6 + 3K)
 
 Options ending in "+ids" pass duplicate ids (candidate_ids, and query_ids when symmetric): the
 targets carry one of B/8 label ids, as in a batch of MMEB classification rows, so about 7 copies of

@@ -10,9 +10,15 @@ import sys
 from pathlib import Path
 
 
-def load(path: Path) -> tuple[str, list[dict]]:
-    data = json.loads(path.read_text())
-    return data["machine"], data["rows"]
+def runs(data: dict) -> list[tuple[str, str, list[dict]]]:
+    """(label, machine, rows) of each run a results file holds: one ({"machine", "rows"}), a list of
+    them ({"runs": [...]}, each with its command), or named sides ({"before": run, "after": run})."""
+    if "rows" in data:
+        return [("", data.get("machine", ""), data["rows"])]
+    if "runs" in data:
+        return [(r.get("command", ""), r.get("machine", ""), r["rows"]) for r in data["runs"]]
+    sides = [(name, run) for name, run in data.items() if isinstance(run, dict) and "rows" in run]
+    return [(name, run.get("machine", ""), run["rows"]) for name, run in sides]
 
 
 def contrastive_table(rows: list[dict]) -> str:
@@ -92,6 +98,40 @@ def cross_device_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def paired_table(rows: list[dict]) -> str:
+    """--paired runs: each provider's time and its step-by-step ratio to its base (and to gemm1)."""
+    out = ["| options | B | K | D | min ms | median ms | ÷ base | ÷ gemm1 |", "|---" * 8 + "|"]
+    for r in rows:
+        over_gemm1 = f"{r['over_gemm1']:.2f}×" if "over_gemm1" in r else "-"
+        out.append(f"| {r['options']} | {r['B']} | {r['K']} | {r['D']} | {r['min_ms']:.1f} | {r['median_ms']:.1f} "
+                   f"| {r['median_ratio']:.3f} ({r['base']}) | {over_gemm1} |")  # fmt: skip
+    return "\n".join(out)
+
+
+def generic_table(rows: list[dict]) -> str:
+    """Any other rows: one column per scalar field of the first row."""
+    keys = [k for k, v in rows[0].items() if isinstance(v, (str, int, float, bool))] if rows else []
+
+    def cell(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    out = ["| " + " | ".join(keys) + " |", "|---" * len(keys) + "|"]
+    out += ["| " + " | ".join(cell(r.get(k, "-")) for k in keys) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def table_for(stem: str, rows: list[dict]):
+    """The table function of a results file: by its name, else by the shape of its rows."""
+    by_name = next((fn for prefix, fn in TABLES.items() if stem.startswith(prefix)), None)
+    if by_name is not None:
+        return by_name
+    if rows and "median_ratio" in rows[0]:
+        return paired_table
+    if rows and {"provider", "options", "B", "K", "D"} <= rows[0].keys():
+        return contrastive_table
+    return generic_table
+
+
 TABLES = {
     "contrastive_loss_cross_device": cross_device_table,
     "pooling": pooling_table,
@@ -105,10 +145,9 @@ def main(argv=None) -> int:
     for path in sorted(root.glob("*.json")):
         if path.name.startswith("gpu_report"):
             continue
-        machine, rows = load(path)
-        print(f"\n### {path.stem}\n\n{machine}\n")
-        table = next((fn for prefix, fn in TABLES.items() if path.stem.startswith(prefix)), contrastive_table)
-        print(table(rows))
+        for label, machine, rows in runs(json.loads(path.read_text())):
+            print(f"\n### {path.stem}{f' ({label})' if label else ''}\n\n{machine}\n")
+            print(table_for(path.stem, rows)(rows))
     return 0
 
 

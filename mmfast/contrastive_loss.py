@@ -315,7 +315,8 @@ def contrastive_loss(
             (ties go to the lower candidate index; the selection is not differentiated).
         symmetric: average with the loss of each target against the B queries (same rules). On one
             process that half is read from the same B × B block of scores, by columns, fused into
-            the row pass (4 + 3K GEMMs with a gradient, K negatives per row, instead of 6 + 3K);
+            the row pass (at most 4 + 3K GEMMs with a gradient, K negatives per row, instead of
+            6 + 3K; 3 + 3K when the scores fit one chunk);
             across devices it is a second pass (all queries against the local targets).
         weight: [B] per-row multipliers applied before the reduction; "mean" divides the weighted
             sum by B. It gets a gradient when it requires one (each row's unweighted loss).

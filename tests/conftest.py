@@ -4,6 +4,8 @@
   tensors through the Triton interpreter. (The AOT compile tests run in a subprocess without it.)
 - `poison_allocations` (autouse) makes every torch.empty/empty_like/new_empty return NaN-filled
   floats and sentinel-filled integers, so an output element a kernel never writes fails the test.
+  It first drops the chunk loops' kept CPU scratch (mmfast/backends/chunked.scratch), so each test's
+  first loop gets a poisoned one too.
 """
 
 import os
@@ -30,6 +32,9 @@ def poison_allocations(monkeypatch, request):
     if request.node.get_closest_marker("no_poison"):
         yield
         return
+    from mmfast.backends.chunked import release_scratch
+
+    release_scratch()
     empty, empty_like, new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
     monkeypatch.setattr(torch, "empty", lambda *a, **k: _poison(empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _poison(empty_like(*a, **k)))

@@ -112,3 +112,22 @@ def test_cross_device_benchmark_counts_half_the_bytes_of_the_all_reduce(tmp_path
         assert n <= before["backward_sent_bytes_per_rank_max"] < n + 2048
         assert n / 2 <= after["backward_sent_bytes_per_rank_max"] < n / 2 + 2048
         assert all(r["step_ms_rank0"] > 0 for r in rows.values())
+
+
+def test_report_tabulates_every_results_file(capsys):
+    """benchmarks/report.py turns every committed results file into a table (the README's source):
+    one section per run, and no table without its rows."""
+    import report
+
+    results = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+    assert report.main([str(results)]) == 0
+    out = capsys.readouterr().out
+    for path in results.glob("*.json"):
+        data = json.loads(path.read_text())
+        if path.name.startswith("gpu_report"):
+            continue
+        heading = f"### {path.stem}"
+        sections = [line for line in out.splitlines() if line == heading or line.startswith(heading + " (")]
+        assert len(sections) == len(report.runs(data)) >= 1, path.name
+    tables = out.split("\n### ")
+    assert all(section.count("\n|") >= 3 for section in tables[1:]), "a section without rows"

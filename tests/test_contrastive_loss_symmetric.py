@@ -11,6 +11,7 @@ from torch.autograd import gradcheck
 
 import mmfast
 from mmfast.backends import chunked
+from mmfast.backends import contrastive_loss as contrastive_loss_backend
 from mmfast.backends.contrastive_loss import contrastive_kernels
 from tests.helpers import BACKENDS
 from tests.test_contrastive_loss import check_against_reference, make_inputs, run
@@ -153,21 +154,28 @@ def gemm_work(backend, monkeypatch, b, d, k, *, reduction="mean", **options) -> 
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_symmetric_does_four_gemms_not_six(backend, monkeypatch):
+@pytest.mark.parametrize("rows_per_chunk", [None, 5])
+def test_symmetric_does_four_gemms_not_six(backend, rows_per_chunk, monkeypatch):
     """K = 0: the statistics pass's block, the row pass's scores and the two gradient GEMMs (4 B×B×D,
-    where two directional passes took 6); K hard negatives per row: 4 + 3K; top-k: one score GEMM;
-    reduction "none": a loss-only forward (1 + K), then the fused backward (4 + 3K)."""
+    where two directional passes took 6), less the row pass's GEMM on the last chunk's block, which
+    the scratch still holds (B×B×D in all with one chunk; 24 rows in chunks of 4, 5, 5, 5, 5); K hard
+    negatives per row: 4 + 3K less the same; top-k: one score GEMM; reduction "none": a loss-only
+    forward (1 + K), then the fused backward."""
     b, d = 24, 8
-    assert gemm_work(backend, monkeypatch, b, d, 0) == 4
-    assert gemm_work(backend, monkeypatch, b, d, 1, hardness=9.0) == 7
-    assert gemm_work(backend, monkeypatch, b, d, 2, false_negative_margin=0.1) == 10
+    if rows_per_chunk is not None:
+        monkeypatch.setattr(contrastive_loss_backend, "chunk_rows", lambda n_rows, *args: min(n_rows, rows_per_chunk))
+    saved = min(b, rows_per_chunk or b) / b  # the last chunk, a full one (the partial chunk goes first)
+    assert gemm_work(backend, monkeypatch, b, d, 0) == pytest.approx(4 - saved)
+    assert gemm_work(backend, monkeypatch, b, d, 1, hardness=9.0) == pytest.approx(7 - saved)
+    assert gemm_work(backend, monkeypatch, b, d, 2, false_negative_margin=0.1) == pytest.approx(10 - saved)
     assert gemm_work(backend, monkeypatch, b, d, 1, topk=3) == 2  # [B, 2B] scores, sparse gradients
-    assert gemm_work(backend, monkeypatch, b, d, 1, reduction="none") == 2 + 7
+    assert gemm_work(backend, monkeypatch, b, d, 1, reduction="none") == pytest.approx(2 + 7 - saved)
 
 
 def test_torch_backend_calls_torch_mm_four_times_the_block(monkeypatch):
     """The same count at the bottom, for the GEMMs that really run on the torch backend (torch.mm and
-    addmm_ on one chunk): the symmetric K = 0 loss multiplies 4·B·B·D, not 6."""
+    addmm_ on one chunk): the symmetric K = 0 loss multiplies 3·B·B·D, not 6 (the one chunk's block
+    stays in the scratch from the statistics pass to the row pass)."""
     b, d = 20, 6
     work = []
     mm, addmm_ = torch.mm, torch.Tensor.addmm_
@@ -185,4 +193,4 @@ def test_torch_backend_calls_torch_mm_four_times_the_block(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "addmm_", counting_addmm_)
     mmfast.contrastive_loss(q, t, backend="torch", symmetric=True, hardness=9.0).backward()
     monkeypatch.undo()
-    assert sum(work) == 4 * b * b * d
+    assert sum(work) == 3 * b * b * d

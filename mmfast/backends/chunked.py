@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import warnings
 
 import torch
@@ -52,6 +53,40 @@ def chunk_rows(n_rows: int, n_candidates: int, bytes_per_score: int, score_dtype
     budget = SCORE_CHUNK_BYTES or DEFAULT_CHUNK_BYTES.get(device.type, DEFAULT_CHUNK_BYTES["cpu"])
     per_row = max(1, n_candidates * bytes_per_score * torch.finfo(score_dtype).bits // 32)
     return max(1, min(n_rows, budget // per_row))
+
+
+class _ScratchPool(threading.local):
+    """Per thread: one flat buffer per (role, dtype) on the CPU, grown to the largest request."""
+
+    def __init__(self):
+        self.buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+
+_SCRATCH = _ScratchPool()
+
+
+def scratch(role: str, rows: int, cols: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """A [rows, cols] scratch buffer for one chunk loop, its contents undefined (as torch.empty's).
+
+    On the CPU the buffer is kept between calls, per thread and `role` (each buffer a loop holds at
+    once has its own: "scores", "grads", "teacher"): a fresh 32 MiB allocation is mmap'ed by glibc and
+    its first write page-faults and zeroes every page, 7 ms at B = 4096 on 2 cores, 7% of a
+    contrastive loss's step. It holds at most the chunk budget per role (release_scratch frees it).
+    Elsewhere it is torch.empty: CUDA's caching allocator already reuses the memory."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        return torch.empty(rows, cols, dtype=dtype, device=device)
+    key, numel = (role, dtype), rows * cols
+    buffer = _SCRATCH.buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        _SCRATCH.buffers.pop(key, None)  # let the old one go before the new one is allocated
+        buffer = _SCRATCH.buffers[key] = torch.empty(numel, dtype=dtype)
+    return buffer[:numel].view(rows, cols)
+
+
+def release_scratch() -> None:
+    """Frees this thread's CPU scratch buffers (the next chunk loop allocates afresh)."""
+    _SCRATCH.buffers.clear()
 
 
 def work_copy(t: torch.Tensor, compute: torch.dtype, native_low_precision: bool) -> torch.Tensor:

@@ -17,8 +17,11 @@ targets piece) and merges each column's running max and sum of exp (sum in float
 then the row pass adds the column gradient on the block as its row kernel writes G. Both passes
 compute the block with the same GEMM calls into the same scratch, so its scores, and hence every
 exclusion decision, are bitwise the same in both. The positive and the margin limit use d_i in both
-passes, so the column softmax is self-consistent. GEMMs with a gradient: 4 + 3K instead of 6 + 3K
-(K hard negatives per row); without one, the statistics ride along the row pass (1 + K).
+passes, so the column softmax is self-consistent. The row pass walks the chunks backwards: the
+last chunk's block is still in the scratch, so its GEMM on the targets is not run again (the partial
+chunk goes first, so that the reused one is full). GEMMs with a gradient: 4 + 3K - r/B instead of
+6 + 3K (K hard negatives per row, r rows per chunk: 3 + 3K when the scores fit one chunk, 3.5 + 3K
+with two); without one, the statistics ride along the row pass (1 + K).
 
 With top-k the selection needs no statistics pass: before the row kernel touches a chunk, each
 column's running top-k (ties to the lower query index, as the reference's stable sort) takes in the

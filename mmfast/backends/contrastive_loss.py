@@ -39,7 +39,7 @@ from typing import NamedTuple
 import torch
 
 from mmfast._extension import load_extension
-from mmfast.backends.chunked import CublasGemms, TorchGemms, chunk_rows, work_copy
+from mmfast.backends.chunked import CublasGemms, TorchGemms, chunk_rows, scratch, work_copy
 from mmfast.backends.contrastive_columns import (
     ColumnTerms,
     SymmetricColumns,
@@ -284,30 +284,42 @@ def directional_loss(
             kernels, x, pieces, opts, row_scale=row_scale, grad_x=grad_x, grad_pieces=grad_pieces,
             accumulate=accumulate, positive_offset=positive_offset, temperature_grad=temperature_grad, ids=ids,
         )  # fmt: skip
-    scratch = torch.empty(chunk, n_candidates, dtype=score_dtype, device=x.device)
+    scores_buffer = scratch("scores", chunk, n_candidates, score_dtype, x.device)
     grad_dtype = kernels.grad_dtype(score_dtype, x.dtype)
     separate_grads = row_scale is not None and opts.topk is None and grad_dtype != score_dtype
-    grad_scratch = torch.empty(chunk, n_candidates, dtype=grad_dtype, device=x.device) if separate_grads else None
+    grad_scratch = scratch("grads", chunk, n_candidates, grad_dtype, x.device) if separate_grads else None
     loss = torch.empty(n_rows, dtype=score_dtype, device=x.device)
     gemms = kernels.gemms(path)
     n_block = pieces[0].shape[0]
+    bounds = [(start, min(n_rows, start + chunk)) for start in range(0, n_rows, chunk)]
+    resident_block = None  # the chunk whose block of scores the scratch still holds
     if columns is not None and columns.first_pass:
+        # The partial chunk goes first, so that the last one, whose block the row pass reuses, is full.
+        first = n_rows - chunk * (len(bounds) - 1)
+        bounds = [(0, first)] + [(start, start + chunk) for start in range(first, n_rows, chunk)]
         # The same chunks, scratch and GEMM call on the targets piece as the row pass below: the
         # block's scores come out bitwise the same in both passes (see contrastive_columns.py).
-        for start in range(0, n_rows, chunk):
-            stop = min(n_rows, start + chunk)
-            block = scratch[: stop - start, :n_block]
+        for start, stop in bounds:
+            block = scores_buffer[: stop - start, :n_block]
             gemms.scores(x[start:stop], pieces[:1], block)
             columns.see(start, block)
         columns.finish_stats()
+        # The row pass walks the chunks backwards: the last chunk's block is still in the scratch,
+        # so its GEMM on the targets is not run again (one of the 1 + K score GEMMs of that chunk;
+        # half the statistics pass's GEMM when there are 2 chunks). The order changes only the
+        # order in which dY's chunk contributions are summed.
+        bounds, resident_block = bounds[::-1], bounds[-1]
     column_terms = {} if columns is None or columns.terms is None else {"columns": columns.terms}
-    for start in range(0, n_rows, chunk):
-        stop = min(n_rows, start + chunk)
-        x_chunk, scores = x[start:stop], scratch[: stop - start]
+    for start, stop in bounds:
+        x_chunk, scores = x[start:stop], scores_buffer[: stop - start]
         scale = None if row_scale is None else row_scale[start:stop]
         grad_x_chunk = None if grad_x is None else grad_x[start:stop]
         w = None if temperature_grad is None else temperature_grad[start:stop]
-        gemms.scores(x_chunk, pieces, scores)
+        first_chunk = start == bounds[0][0]
+        if (start, stop) == resident_block:
+            gemms.scores(x_chunk, pieces[1:], scores[:, n_block:])
+        else:
+            gemms.scores(x_chunk, pieces, scores)
         if columns is not None and not columns.first_pass:
             columns.see(start, scores[:, :n_block])
         if opts.topk is None:
@@ -316,7 +328,7 @@ def directional_loss(
                                  **column_terms)  # fmt: skip
             if grads is not None:
                 gemms.dense_grads(
-                    grads, x_chunk, pieces, grad_x_chunk, grad_pieces, accumulate, accumulate or start > 0
+                    grads, x_chunk, pieces, grad_x_chunk, grad_pieces, accumulate, accumulate or not first_chunk
                 )
         else:
             slots = (stop - start, opts.topk + 1)
@@ -351,7 +363,7 @@ def contrastive_loss_rows(
 
     On one process (`gathered` None) the candidates are [target; negatives] and, for the symmetric
     half, query; that half is the B × B block of the row pass read by columns, fused into it
-    (contrastive_columns.py: 4 + 3K GEMMs with a gradient, not 6 + 3K). Across devices they are
+    (contrastive_columns.py: at most 4 + 3K GEMMs with a gradient, not 6 + 3K). Across devices they are
     [gathered.targets; gathered.negatives] (`negatives` is then gathered.negatives) and
     gathered.queries, and query i's positive is gathered target gathered.offset + i; the symmetric
     half then reads other scores (all queries × the local targets) and is a second pass. `ids` are

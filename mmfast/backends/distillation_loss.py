@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 
 from mmfast._extension import load_extension
-from mmfast.backends.chunked import TorchGemms, chunk_rows, work_copy
+from mmfast.backends.chunked import TorchGemms, chunk_rows, scratch, work_copy
 from mmfast.kernel_contract import compute_dtype
 
 
@@ -113,11 +113,11 @@ def distillation_loss_rows(
     grad_sq = torch.empty(sq.shape, dtype=score_dtype, device=sq.device) if want and needs.student_query else None
     grad_st = torch.empty(st.shape, dtype=score_dtype, device=sq.device) if want and needs.student_target else None
     chunk = chunk_rows(n_rows, n_candidates, kernels.bytes_per_score, score_dtype, sq.device)
-    student_scores = torch.empty(chunk, n_candidates, dtype=score_dtype, device=sq.device)
-    teacher_scores = torch.empty(chunk, n_candidates, dtype=score_dtype, device=sq.device)
+    student_scores = scratch("scores", chunk, n_candidates, score_dtype, sq.device)
+    teacher_scores = scratch("teacher", chunk, n_candidates, score_dtype, sq.device)
     grad_dtype = kernels.grad_dtype(score_dtype, sq.dtype)
     separate = want and grad_dtype != score_dtype
-    grad_scratch = torch.empty(chunk, n_candidates, dtype=grad_dtype, device=sq.device) if separate else None
+    grad_scratch = scratch("grads", chunk, n_candidates, grad_dtype, sq.device) if separate else None
     loss = torch.empty(n_rows, dtype=score_dtype, device=sq.device)
     scale = None if row_scale is None else row_scale.to(score_dtype).contiguous()
     tensor = isinstance(student_temperature, torch.Tensor)
