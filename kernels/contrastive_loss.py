@@ -35,9 +35,9 @@ from mmfast.kernels.matmul import TritonGemms, device_arch, fp32_matmul_allows_t
 #              no float64, D a multiple of 16
 # "auto" asks the cost model (kernels/roofline.py) on sm_90+ CUDA devices, the only GPU it models;
 # elsewhere (sm_80, float64, CPU tensors under the interpreter) it keeps "chunked". It does not pick
-# "fused": unproven on hardware, it runs when forced (and the model, which prices it, puts it behind
-# "cublas" at every shape of benchmarks/gpu_report.py). The variable forces a path (the tests run
-# every one).
+# "fused": unproven on hardware, it runs when forced, even where the model, which prices it, puts it
+# ahead (bf16 at B = 4096, D = 512 in benchmarks/gpu_report.py; "cublas" everywhere else). The
+# variable forces a path (the tests run every one).
 PATH_VARIABLE = "MMFAST_CONTRASTIVE_PATH"
 PATH_CHOICES = ("auto", "chunked", "cublas", "fused")
 ROOFLINE_PRECISION = {torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -250,7 +250,8 @@ class TritonContrastiveKernels(TritonGemms):
         return buffer_columns(pieces)[1]
 
     def fused_chunk(self, x, pieces, opts: DirectionOptions, row_offset, loss, ids, **grads):
-        fused_direction_chunk(x, pieces, opts, row_offset, loss, ids, **grads)
+        # The GEMMs on its stored G are plain GEMMs: the cublas path's (kernels/contrastive_loss_fused_grads.py).
+        fused_direction_chunk(x, pieces, opts, row_offset, loss, ids, gemms=self.cublas, **grads)
 
     def topk_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, index, coef,
                   temperature_grad=None, ids=None):  # fmt: skip

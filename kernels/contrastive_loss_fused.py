@@ -3,27 +3,31 @@ epilogue and prologue, or into one pass over S, so S is written once and read on
 
 Per chunk of rows (mmfast/backends/contrastive_loss_fused.py; it still holds a [rows, N] float32 S
 and a G buffer: G needs each row's final logsumexp, so it cannot be formed while S is):
-  diag        s_pos = row-wise x_r·y_pos (torch, float64 sums rounded to float32, [rows]): the margin
-              needs the positive before the tile that holds it is seen
+  diag        with a margin: s_pos = row-wise x_r·y_pos (torch, float64 sums rounded to float32,
+              [rows]): the margin needs the positive before the tile that holds it is seen
   scores      fused_scores_kernel: S_tile = X_blk·Y_tileᵀ (a GEMM); its epilogue applies the masks
               (positive, margin, duplicate ids) and hardness and writes the tile's row max and sum of
               exp [rows, cdiv(N, BLOCK_N)], and, when a gradient is wanted, S in float32 (-inf in
-              the padding to 16 columns); without one only the tile statistics leave the kernel
+              the padding to 16 columns); without one only the tile statistics leave the kernel.
+              Without a margin (HAS_MARGIN = 0) s_pos is the GEMM's own value: the tiles that hold a
+              row's positive (a branch per tile; at most 2 column tiles per row block) store it
   merge       lse = the tiles' statistics and the positive merged (torch, [rows, tiles]); loss
-  G, dX       D <= PROLOGUE_MAX_DIM: fused_grad_x_kernel, dX_blk = G·Y with G formed in the A-operand
-              prologue from the S tile (masks, exp(logit - lse)·c/τ, (p - 1)·c/τ at the positive); its
-              first D block stores G and the tensor-τ reduction Σ_j G_rj·(s_rj - s_pos).
-              Larger D: the same kernel without its GEMM ("grads": G and the τ reduction, once per
-              score), then dX = G·Y with kernels/matmul.py
-  dY          dY += Gᵀ·X_c: kernels/matmul.py on the stored G
+  G, dX, dY   kernels/contrastive_loss_fused_grads.py. D <= PROLOGUE_MAX_DIM: fused_grad_x_kernel,
+              dX_blk = G·Y with G formed in the A-operand prologue from the S tile (masks,
+              exp(logit - lse)·c/τ, (p - 1)·c/τ at the positive); its first D block stores G and the
+              tensor-τ reduction Σ_j G_rj·(s_rj - s_pos). Larger D: the same kernel without its GEMM
+              ("grads": G and the τ reduction, once per score), then dX = G·Y in cuBLAS. dY += Gᵀ·X_c
+              in cuBLAS on the stored G (the kernel set's CublasGemms, as the cublas path)
 Candidates in pieces ([targets, negatives]) are launched piece by piece with a column offset; the
 positive is global candidate positive_offset + row. Not here (the chunked path keeps them): top-k
 (a sparse gradient) and float64 (tl.dot has no float64).
 
 Per score (bf16; DX = D / 256, the grad_x tile's D blocks; instructions: sm_90 SASS per tile element
-of the score epilogue and of the G loops, plain / with ids (and tensor τ)):
+of the score epilogue (its tiles without a positive) and of the G loops, plain / with ids (and
+tensor τ); kernels/roofline_fused.py says how they are counted):
   kernel      tensor FLOPs  MUFU exps  instructions  HBM bytes (per score; + Y re-read per chunk)
-  scores      2·D           1          28 / 35       4 (S, with a gradient) + 8/128 (statistics)
+  scores      2·D           1          25 / 31       4 (S, with a gradient) + 8/128 (statistics)
+  (margin)                             28 / 35       (+ the float64 positive: ≥ 36 per element of X)
   grad_x      2·D           DX         32 / 44 · DX  4 (S) + 2 (G); DX - 1 more S reads from L2
   grads       0             1          21 / 38       4 (S) + 2 (G)
   dX GEMM     2·D           0          0             2 (G)
@@ -34,7 +38,15 @@ by instruction issue at ~1.85× its GEMM on an H100 (132 SMs × 4 schedulers × 
 per score at 3.35 TB/s. The two break even near D = 1000 if the prologue overlaps the tensor cores
 perfectly, near D = 500 if it does not: hence PROLOGUE_MAX_DIM = 512.
 The H100 cost model prices this path from these counts and the compiled tiles (kernels/roofline_fused.py;
-per shape and kernel in benchmarks/results/gpu_report.txt, summarised in the README's GPU section).
+per shape and kernel in benchmarks/results/gpu_report.txt, summarised in the README's GPU section):
+1.20× the GEMM bound (3 GEMMs at cuBLAS's 0.75 of peak) at B = 4096, K = 1, D = 4096 and 1.43× at
+B = 32768, K = 3, D = 1024 (bf16), behind the cublas path (1.09×, 1.36×); the issue's ≤ 1.15× is
+not met. This design's floor, every GEMM at cuBLAS's rate plus its work beyond them, is 1.08× and
+1.32×: at the large shape the G pass (7.7 ms), the epilogue issued after the K loop at one CTA per SM
+(3.2 ms) and the merge (0.4 ms) add 11.3 ms to 35.6 ms. Below 1.15× that work has to overlap the
+tensor cores: the epilogue by warp specialisation (FA3's producer warps and two consumer
+warpgroups alternating wgmma and epilogue), G formed on chip inside the dX/dY GEMMs by specialised
+warps (or S recomputed in the backward, flash-attention's way, at the price of a fourth GEMM).
 Unproven on hardware: estimates only (the chunked path stays).
 """
 
@@ -48,6 +60,7 @@ import triton.language as tl
 
 from mmfast.kernel_contract import DirectionOptions, triton_interpreter_enabled
 from mmfast.kernels import CompileSpec
+from mmfast.kernels.contrastive_loss_fused_grads import fused_grad_x_kernel, fused_grads, padded_width
 from mmfast.kernels.matmul import (
     TORCH_TO_TRITON,
     MatmulConfig,
@@ -55,7 +68,6 @@ from mmfast.kernels.matmul import (
     dot_dtype_for,
     grouped_tile,
     input_precision_for,
-    matmul,
 )
 
 _TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # what tl.dot takes
@@ -77,7 +89,6 @@ FUSED_CONFIGS = {
 # SASS), which costs more than one 6-byte-per-score pass forming G once beyond D ≈ 500-1000 (see the
 # module docstring); there the same kernel forms G alone and dX = G·Y is a plain GEMM.
 PROLOGUE_MAX_DIM = 512
-GRADS_PROGRAMS = 1024  # enough programs of the G-alone kernel to fill an H100 (132 SMs) several times
 
 
 def gpu_configs(dot_dtype, input_precision: str) -> tuple[MatmulConfig, MatmulConfig]:
@@ -109,7 +120,7 @@ def fused_scores_kernel(
     M, N, n_padded, K, col_offset, pos_offset, first_tile, store_scores,
     stride_xm, stride_xk, stride_yn, stride_yk, stride_sm, stride_sn, stride_tm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    HAS_IDS: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_IDS: tl.constexpr, HAS_MARGIN: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
@@ -123,12 +134,19 @@ def fused_scores_kernel(
 
     # Epilogue: the row kernel's masks and hardness on the tile in registers.
     negative_scale = tl.load(params_ptr + 1)
-    margin = tl.load(params_ptr + 2)  # +inf without a margin: nothing is above it, NaN stays in
     row_ok = rows < M
     col_ok = cols < N
-    pos = tl.load(pos_ptr + rows, mask=row_ok, other=0.0)  # [BM]
     pos_col = pos_offset + rows - col_offset  # the positive's column in this piece (maybe outside it)
-    keep = col_ok[None, :] & (cols[None, :] != pos_col[:, None]) & ~(s > (pos + margin)[:, None])
+    at_pos = cols[None, :] == pos_col[:, None]
+    keep = col_ok[None, :] & ~at_pos
+    if HAS_MARGIN:  # s_pos was computed before (positive_scores): the margin needs it for every tile
+        pos = tl.load(pos_ptr + rows, mask=row_ok, other=0.0)  # [BM]
+        keep = keep & ~(s > (pos + tl.load(params_ptr + 2))[:, None])  # NaN stays in
+    else:  # s_pos is this GEMM's own value, taken by the tiles that hold a positive (a branch per tile)
+        first_pos = pos_offset + pid_m * BLOCK_M - col_offset
+        if (first_pos < pid_n * BLOCK_N + BLOCK_N) & (first_pos + BLOCK_M > pid_n * BLOCK_N):
+            held = row_ok & (pos_col >= pid_n * BLOCK_N) & (pos_col < pid_n * BLOCK_N + BLOCK_N) & (pos_col < N)
+            tl.store(pos_ptr + rows, tl.sum(tl.where(at_pos, s, 0.0), axis=1), mask=held)
     if HAS_IDS:  # a copy of the positive (its class index) is no negative
         pos_id = tl.load(ids_ptr + pos_offset + rows, mask=row_ok, other=0)
         col_id = tl.load(ids_ptr + col_offset + cols, mask=col_ok, other=0)
@@ -149,100 +167,6 @@ def fused_scores_kernel(
     tl.store(s_ptrs, padded, mask=store_rows[:, None] & (cols[None, :] < n_padded))
 
 
-@triton.jit(do_not_specialize=["col_offset", "pos_offset", "accumulate", "store_dx", "store_grads", "split_cols"])
-def fused_grad_x_kernel(
-    s_ptr, y_ptr, dx_ptr, g_ptr, lse_ptr, pos_ptr, row_scale_ptr, params_ptr, ids_ptr, w_ptr,
-    M, N, n_padded, D, col_offset, pos_offset, accumulate, store_dx, store_grads, split_cols,
-    stride_sm, stride_sn, stride_yn, stride_yd, stride_dm, stride_dd, stride_gm, stride_gn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_IDS: tl.constexpr,
-    TEMPERATURE_GRAD: tl.constexpr, DX_IN_PROLOGUE: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-):  # fmt: skip
-    # Grid (D blocks, row blocks): the D blocks of one row block are neighbours in launch order, so
-    # they read the same S rows while those are in L2, and the row blocks running at once share each
-    # Y tile. Without DX_IN_PROLOGUE (G alone; dX is a GEMM on the stored G) axis 0 splits the
-    # candidates instead, split_cols each (a multiple of BLOCK_N), so that a chunk of few rows still
-    # fills the GPU; each split writes its own partial τ reduction.
-    pid_d = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
-    if DX_IN_PROLOGUE:
-        first_col = 0
-        last_col = N
-        first_block = rows * 0 + pid_d == 0  # [BM]: the D block that stores G and the τ reduction
-        w_row = 0
-    else:
-        first_col = pid_d * split_cols
-        last_col = tl.minimum(N, first_col + split_cols)
-        first_block = rows >= 0
-        w_row = pid_d
-    dcols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD]
-    rn = tl.arange(0, BLOCK_N)  # [BN]
-    row_ok = rows < M
-    inv_temperature = tl.load(params_ptr)
-    negative_scale = tl.load(params_ptr + 1)
-    margin = tl.load(params_ptr + 2)
-    pos = tl.load(pos_ptr + rows, mask=row_ok, other=0.0)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    coef = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0) * inv_temperature  # 0 past the edge
-    pos_grad = (tl.exp(pos * inv_temperature - lse) - 1.0) * coef
-    limit = pos + margin
-    pos_col = pos_offset + rows - col_offset
-    if HAS_IDS:
-        pos_id = tl.load(ids_ptr + pos_offset + rows, mask=row_ok, other=0)
-
-    # Scalar 64-bit bases advanced per step, 32-bit offsets within a tile: tensors of 64-bit pointers
-    # cost two registers per element and spilled this kernel.
-    first_row = (pid_m * BLOCK_M).to(tl.int64)
-    s_base = s_ptr + first_row * stride_sm + first_col * stride_sn
-    g_base = g_ptr + first_row * stride_gm + first_col * stride_gn
-    y_base = y_ptr + first_col.to(tl.int64) * stride_yn
-    local = tl.arange(0, BLOCK_M)
-    s_offsets = local[:, None] * stride_sm + rn[None, :] * stride_sn  # [BM, BN]
-    g_offsets = local[:, None] * stride_gm + rn[None, :] * stride_gn  # [BM, BN]
-    y_offsets = rn[:, None] * stride_yn + (dcols % D)[None, :] * stride_yd  # [BN, BD]
-    # G is stored once, by the first D block (and not at all when no candidate wants a gradient).
-    # The runtime flags become row masks: a masked-off load or store moves no bytes.
-    g_rows = row_ok & (tl.full((BLOCK_M,), store_grads, tl.int32) != 0) & first_block
-    dx_rows = row_ok & (tl.full((BLOCK_M,), store_dx, tl.int32) != 0)
-    add_rows = dx_rows & (tl.full((BLOCK_M,), accumulate, tl.int32) != 0)
-    dx_ptrs = dx_ptr + rows[:, None].to(tl.int64) * stride_dm + dcols[None, :] * stride_dd
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    weighted = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for start in range(first_col, last_col, BLOCK_N):
-        cols = start + rn
-        col_ok = cols < N
-        # S is -inf past N (the score kernel's padding, and this load's `other`): its exp is 0, so G
-        # needs no column mask, and the masks here are whole 16-byte vectors.
-        s = tl.load(s_base + s_offsets, mask=row_ok[:, None] & (cols < n_padded)[None, :], other=float("-inf"))
-        # Prologue: G from S in registers, the row kernel's formula.
-        keep = (cols[None, :] != pos_col[:, None]) & ~(s > limit[:, None])
-        if HAS_IDS:
-            col_id = tl.load(ids_ptr + col_offset + cols, mask=col_ok, other=0)
-            keep = keep & (col_id[None, :] != pos_id[:, None])
-        # exp2 of (logit - lse)·log2 e: the ex2 instruction alone (tl.exp adds a range fix-up sequence),
-        # and exact where it matters, as logit - lse is near 0 for the large terms.
-        g = tl.where(keep, tl.exp2((s * negative_scale - lse[:, None]) * 1.4426950408889634) * coef[:, None], 0.0)
-        g = tl.where(cols[None, :] == pos_col[:, None], pos_grad[:, None], g)
-        if TEMPERATURE_GRAD:  # Σ_j G_j·(s_j - s_pos): the positive's own term is 0
-            above = tl.where(s == float("-inf"), 0.0, s - pos[:, None])  # no 0·(-inf) past the edges
-            weighted += tl.sum(tl.where(keep, g * above, 0.0), axis=1)
-        tl.store(g_base + g_offsets, g.to(g_ptr.dtype.element_ty), mask=g_rows[:, None] & (cols < n_padded)[None, :])
-        if DX_IN_PROLOGUE:
-            y = tl.load(y_base + y_offsets, mask=col_ok[:, None], other=0.0)
-            acc = tl.dot(g.to(DOT_DTYPE), y.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
-        s_base += BLOCK_N * stride_sn
-        g_base += BLOCK_N * stride_gn
-        y_base += BLOCK_N * stride_yn
-    if DX_IN_PROLOGUE:
-        # Added at the end, in the accumulator's layout: loaded at the start it stays live in a
-        # second layout through the loop (spills, as in matmul_kernel's 128×128 tiles).
-        acc += tl.load(dx_ptrs, mask=add_rows[:, None] & (dcols[None, :] < D), other=0.0)
-        tl.store(dx_ptrs, acc, mask=dx_rows[:, None] & (dcols[None, :] < D))
-    if TEMPERATURE_GRAD:
-        tl.store(w_ptr + w_row * M + rows, weighted, mask=row_ok & first_block)
-
-
 def merge_tiles(tile_max: torch.Tensor, tile_sum: torch.Tensor, pos_logit: torch.Tensor) -> torch.Tensor:
     """Each row's logsumexp over its positive and the tiles' (max, sum of exp)."""
     top = torch.maximum(tile_max.amax(dim=1), pos_logit) if tile_max.shape[1] else pos_logit
@@ -251,7 +175,8 @@ def merge_tiles(tile_max: torch.Tensor, tile_sum: torch.Tensor, pos_logit: torch
 
 
 def positive_scores(x: torch.Tensor, y: torch.Tensor, block: int = 1024) -> torch.Tensor:
-    """s_pos = x_r·y_r in float32, summed in float64 and rounded once: the loss and the τ gradient
+    """s_pos = x_r·y_r in float32, summed in float64 and rounded once, for a margin (needed before
+    the tiles; without one the score kernel stores the GEMM's own s_pos): the loss and the τ gradient
     (Σ_j G_j·(s_j - s_pos)) are sensitive to it, and a float32 row-dot's rounding differs from the
     GEMM's (it cost the τ gradient 2-3× torch's own error). Blocks of rows bound the float64 copies."""
     out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
@@ -272,18 +197,14 @@ def buffer_columns(pieces) -> tuple[list[int], int]:
     return starts, width
 
 
-def padded_width(n: int) -> int:
-    return triton.cdiv(n, 16) * 16
-
-
 def fused_direction_chunk(x, pieces, opts: DirectionOptions, row_offset: int, loss, ids=None, *, scores=None,
                           grads=None, row_scale=None, grad_x=None, grad_pieces=(), accumulate_x=False,
-                          accumulate_pieces=False, temperature_grad=None):  # fmt: skip
+                          accumulate_pieces=False, temperature_grad=None, gemms=None):  # fmt: skip
     """One chunk of rows x [rows, D] (row r's positive: candidate row_offset + r) against the
     candidate pieces: the loss into `loss`; with `row_scale`, S into `scores` and G into `grads`
     ([rows, width] buffers, laid out by buffer_columns), dX into (or, accumulate_x, onto) grad_x,
     dY onto (accumulate_pieces) or into grad_pieces[i] (None: skipped), and w_r = Σ_j G_rj·s_rj into
-    temperature_grad."""
+    temperature_grad. `gemms.matmul` (the kernel set's cuBLAS GEMMs) runs the GEMMs on the stored G."""
     if opts.topk is not None or x.dtype not in _TYPE_NAMES:  # a path choice's mistake, not the user's
         raise NotImplementedError(f"the fused contrastive path has no top-k and no {x.dtype}: use the chunked one")
     rows, dim = x.shape
@@ -292,7 +213,11 @@ def fused_direction_chunk(x, pieces, opts: DirectionOptions, row_offset: int, lo
     precision = input_precision_for(dot_dtype)
     score_cfg, grad_cfg = fused_configs(dot_dtype, precision)
     params = direction_params(opts, torch.float32, device, no_margin=float("inf"))
-    pos = positive_scores(x, pieces[0][row_offset : row_offset + rows])
+    has_margin = opts.false_negative_margin is not None
+    if has_margin:
+        pos = positive_scores(x, pieces[0][row_offset : row_offset + rows])
+    else:  # the score kernel writes each row's positive from the tile that holds it
+        pos = torch.empty(rows, dtype=torch.float32, device=device)
     ids_arg = pos if ids is None else ids
     tiles = [triton.cdiv(p.shape[0], score_cfg.block_n) for p in pieces]
     tile_max = torch.empty(rows, sum(tiles), dtype=torch.float32, device=device)
@@ -310,8 +235,8 @@ def fused_direction_chunk(x, pieces, opts: DirectionOptions, row_offset: int, lo
             x.stride(0), x.stride(1), piece.stride(0), piece.stride(1), out.stride(0), out.stride(1),
             tile_max.stride(0),
             BLOCK_M=score_cfg.block_m, BLOCK_N=score_cfg.block_n, BLOCK_K=score_cfg.block_k,
-            GROUP_M=score_cfg.group_m, HAS_IDS=ids is not None, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
-            num_warps=score_cfg.num_warps, num_stages=score_cfg.num_stages,
+            GROUP_M=score_cfg.group_m, HAS_IDS=ids is not None, HAS_MARGIN=has_margin, DOT_DTYPE=dot_dtype,
+            INPUT_PRECISION=precision, num_warps=score_cfg.num_warps, num_stages=score_cfg.num_stages,
         )  # fmt: skip
         col += n
         first_tile += n_tiles
@@ -322,42 +247,12 @@ def fused_direction_chunk(x, pieces, opts: DirectionOptions, row_offset: int, lo
         return
     lse = lse.contiguous()
     in_prologue = grad_x is not None and dim <= PROLOGUE_MAX_DIM
-    row_blocks = triton.cdiv(rows, grad_cfg.block_m)
-    w_parts = []
-    col = 0
-    for i, (piece, start) in enumerate(zip(pieces, starts, strict=True)):
-        n = piece.shape[0]
-        s, g = scores[:, start : start + n], grads[:, start : start + n]
-        dx = lse if grad_x is None else grad_x
-        if in_prologue:
-            blocks, split_cols = triton.cdiv(dim, grad_cfg.block_k), n
-        else:  # G alone: split the candidates until there are ~GRADS_PROGRAMS programs
-            tiles = triton.cdiv(n, grad_cfg.block_n)
-            split_cols = triton.cdiv(tiles, min(tiles, triton.cdiv(GRADS_PROGRAMS, row_blocks))) * grad_cfg.block_n
-            blocks = triton.cdiv(n, split_cols)
-        w = None if temperature_grad is None else torch.empty(1 if in_prologue else blocks, rows, device=device)
-        fused_grad_x_kernel[(blocks, row_blocks)](
-            s, piece, dx, g, lse, pos, row_scale, params, ids_arg, lse if w is None else w,
-            rows, n, padded_width(n), dim, col, row_offset, int(accumulate_x or i > 0), int(in_prologue),
-            int(grad_pieces[i] is not None or (grad_x is not None and not in_prologue)), split_cols,
-            s.stride(0), s.stride(1), piece.stride(0), piece.stride(1), dx.stride(0), dx.stride(-1),
-            g.stride(0), g.stride(1),
-            BLOCK_M=grad_cfg.block_m, BLOCK_N=grad_cfg.block_n, BLOCK_D=grad_cfg.block_k, HAS_IDS=ids is not None,
-            TEMPERATURE_GRAD=w is not None, DX_IN_PROLOGUE=in_prologue, DOT_DTYPE=dot_dtype,
-            INPUT_PRECISION=precision, num_warps=grad_cfg.num_warps, num_stages=grad_cfg.num_stages,
-        )  # fmt: skip
-        if w is not None:
-            w_parts.append(w.sum(dim=0))
-        if grad_x is not None and not in_prologue:
-            matmul(g, piece, grad_x, accumulate=accumulate_x or i > 0, embedding_dtype=x.dtype)
-        if grad_pieces[i] is not None:
-            matmul(g.T, x, grad_pieces[i], accumulate=accumulate_pieces, embedding_dtype=x.dtype)
-        col += n
-    if temperature_grad is not None:
-        torch.sum(torch.stack(w_parts), dim=0, out=temperature_grad)
+    fused_grads(x, pieces, starts, scores, grads, lse, pos, params, ids, row_scale, grad_cfg, row_offset=row_offset,
+                in_prologue=in_prologue, gemms=gemms, grad_x=grad_x, grad_pieces=grad_pieces,
+                accumulate_x=accumulate_x, accumulate_pieces=accumulate_pieces, temperature_grad=temperature_grad,
+                dot_dtype=dot_dtype, precision=precision)  # fmt: skip
 
 
-# Unit strides of the launches: x, the pieces, S, G and dX are row-major (S and G as column slices).
 # Every launch passes x, the pieces, S, G and dX row-major (S and G as column slices): unit strides.
 
 
@@ -375,9 +270,9 @@ def _aligned(kernel, *names) -> tuple[str, ...]:
 
 
 def compile_specs():
-    """Every launchable variant: input dtype (fp32 in both precisions) × HAS_IDS (× TEMPERATURE_GRAD
-    for grad_x). Accumulating, storing S, dX and G are runtime flags (masked stores and loads), so
-    they multiply no variant."""
+    """Every launchable variant: input dtype (fp32 in both precisions) × HAS_IDS (× HAS_MARGIN for
+    the scores, × TEMPERATURE_GRAD for grad_x). Accumulating, storing S, dX and G are runtime flags
+    (masked stores and loads), so they multiply no variant."""
     for dtype, name in _TYPE_NAMES.items():
         dot = TORCH_TO_TRITON[dtype]
         for precision in ["ieee", "tf32"] if dtype == torch.float32 else ["ieee"]:
@@ -385,17 +280,19 @@ def compile_specs():
             for has_ids in (False, True):
                 ids = "*i32" if has_ids else "*fp32"
                 common = {"HAS_IDS": has_ids, "DOT_DTYPE": dot, "INPUT_PRECISION": precision}
-                constexprs = {"stride_xk": 1, "stride_yk": 1, "stride_sn": 1, "BLOCK_M": score_cfg.block_m,
-                              "BLOCK_N": score_cfg.block_n, "BLOCK_K": score_cfg.block_k,
-                              "GROUP_M": score_cfg.group_m, **common}  # fmt: skip
                 pointers = {"x_ptr": f"*{name}", "y_ptr": f"*{name}", "ids_ptr": ids}
                 kernel = fused_scores_kernel
-                yield CompileSpec(
-                    name=f"contrastive_fused_scores[{name},{precision},ids={int(has_ids)}]", kernel=kernel,
-                    signature=_signature(kernel, pointers, ("stride_xk", "stride_yk", "stride_sn"), constexprs),
-                    constexprs=constexprs, num_warps=score_cfg.num_warps, num_stages=score_cfg.num_stages,
-                    divisible_by_16=_aligned(kernel, "n_padded", "K", "stride_xm", "stride_yn", "stride_sm"),
-                )  # fmt: skip
+                for has_margin in (False, True):
+                    constexprs = {"stride_xk": 1, "stride_yk": 1, "stride_sn": 1, "BLOCK_M": score_cfg.block_m,
+                                  "BLOCK_N": score_cfg.block_n, "BLOCK_K": score_cfg.block_k,
+                                  "GROUP_M": score_cfg.group_m, "HAS_MARGIN": has_margin, **common}  # fmt: skip
+                    yield CompileSpec(
+                        name=f"contrastive_fused_scores[{name},{precision},ids={int(has_ids)},margin={int(has_margin)}]",
+                        kernel=kernel, constexprs=constexprs, num_warps=score_cfg.num_warps,
+                        signature=_signature(kernel, pointers, ("stride_xk", "stride_yk", "stride_sn"), constexprs),
+                        num_stages=score_cfg.num_stages,
+                        divisible_by_16=_aligned(kernel, "n_padded", "K", "stride_xm", "stride_yn", "stride_sm"),
+                    )  # fmt: skip
                 kernel = fused_grad_x_kernel
                 for temperature, in_prologue in itertools.product((False, True), (True, False)):
                     unit = ("stride_sn", "stride_yd", "stride_dd", "stride_gn")

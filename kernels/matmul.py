@@ -23,6 +23,7 @@ import triton.language as tl
 
 from mmfast.kernel_contract import triton_interpreter_enabled
 from mmfast.kernels import CompileSpec
+from mmfast.kernels.roofline_tiles import wide_tile_pays
 
 
 @dataclass(frozen=True)
@@ -39,22 +40,29 @@ class MatmulConfig:
 # launches on, and none spills a register (ptxas -v; see benchmarks/gpu_report.py). Full-fp32
 # ("ieee") dots run on FMA units with far more registers per product, hence their small tile.
 #
-# "hopper" (sm_90 and newer, bf16/fp16 dots, aligned operands; TF32 operands would need 256 KiB of
-# shared memory at 4 stages): the tile of Triton's own matmul
-# tutorial family (128×128×64, 8 warps) with 4 stages. It needs the launch to be *aligned*: every
-# pointer 16-byte aligned and every integer argument a multiple of 16, which is what Triton's JIT
-# specialises on (tt.divisibility = 16) and what lets the loads go straight to shared memory with
-# cp.async. Compiled so, it uses <= 172 registers and 128 KiB of shared memory, 0 spills, in every
-# role; compiled without that knowledge (an odd D or N), a 128×128×64 tile spills 376 bytes once C
-# is accumulated into, so unaligned launches keep the 128×64×32 "tensor_core" tile.
+# "hopper_wide" and "hopper" (sm_90 and newer, bf16/fp16 dots, aligned operands; TF32 operands would
+# need 256 KiB of shared memory at 4 stages): the tiles of Triton's own Hopper matmul tutorials.
+# They need the launch to be *aligned*: every pointer 16-byte aligned and every integer argument a
+# multiple of 16, which is what Triton's JIT specialises on (tt.divisibility = 16) and what lets the
+# loads go straight to shared memory with cp.async.
+# A launch that writes C (scores, and the first gradient GEMM of a chunk loop) takes 128×256×64 at 3
+# stages, 8 warps (the largest tile the tutorial's autotuner tries; compiled aligned: <= 208
+# registers, 144 KiB of shared memory, 0 spills) where the cost model (kernels/roofline_tiles.py
+# wide_tile_pays) puts it ahead of 128×128×64: an output of few tiles (dX = G·Y of a 1365-row chunk
+# at D = 1024: 44 wide tiles on 132 SMs) fills more SMs with the narrower one. A launch that
+# accumulates into C keeps 128×128×64 at 4 stages (<= 172 registers, 128 KiB, 0 spills): at
+# 128×256×64 the C tile loaded into the accumulator spills 8 bytes (255 registers). Compiled
+# without alignment knowledge (an odd D or N), a 128×128×64 tile spills 376 bytes once C is
+# accumulated into, so unaligned launches keep the 128×64×32 "tensor_core" tile.
 MATMUL_CONFIGS = {
-    "hopper": MatmulConfig(128, 128, 64, 8, 8, 4),  # sm_90+, aligned launches
+    "hopper_wide": MatmulConfig(128, 256, 64, 8, 8, 3),  # sm_90+, aligned launches that write C
+    "hopper": MatmulConfig(128, 128, 64, 8, 8, 4),  # sm_90+, aligned launches that accumulate into C
     "tensor_core": MatmulConfig(128, 64, 32, 8, 8, 3),  # bf16/fp16, and fp32 with TF32 allowed
     "fp32": MatmulConfig(64, 64, 16, 8, 8, 3),  # full-precision fp32 (FMA)
     "small": MatmulConfig(64, 64, 16, 8, 4, 2),  # small problems, and the interpreter
 }
 # The smallest compute capability each config is compiled for and launched on.
-CONFIG_MIN_ARCH = {"hopper": 90}
+CONFIG_MIN_ARCH = {"hopper_wide": 90, "hopper": 90}
 
 TORCH_TO_TRITON = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -117,16 +125,18 @@ def matmul_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
-def matmul_config(m: int, n: int, dot_dtype, input_precision: str, arch: int = 80, aligned: bool = False):
+def matmul_config(m: int, n: int, dot_dtype, input_precision: str, arch: int = 80, aligned: bool = False,
+                  accumulate: bool = False):  # fmt: skip
     """The launch config for an [m, n] output; `arch` is the device's compute capability as an integer
-    (90 for sm_90), `aligned` whether Triton specialises the launch as aligned (`launch_is_aligned`)."""
+    (90 for sm_90), `aligned` whether Triton specialises the launch as aligned (`launch_is_aligned`),
+    `accumulate` whether it adds into C."""
     full_fp32 = dot_dtype == tl.float32 and input_precision == "ieee"
     if full_fp32 and not triton_interpreter_enabled():
         return MATMUL_CONFIGS["fp32"]
     if triton_interpreter_enabled() or m * n <= 256 * 256:
         return MATMUL_CONFIGS["small"]
     if arch >= CONFIG_MIN_ARCH["hopper"] and aligned and dot_dtype != tl.float32:
-        return MATMUL_CONFIGS["hopper"]
+        return MATMUL_CONFIGS["hopper" if accumulate or not wide_tile_pays(m, n) else "hopper_wide"]
     return MATMUL_CONFIGS["tensor_core"]
 
 
@@ -178,7 +188,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, accumulate: boo
     precision = input_precision_for(dot_dtype)
     strides = (a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
     aligned = launch_is_aligned((a, b, c), (m, n, k, *strides))
-    cfg = matmul_config(m, n, dot_dtype, precision, device_arch(a.device), aligned)
+    cfg = matmul_config(m, n, dot_dtype, precision, device_arch(a.device), aligned, accumulate)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     matmul_kernel[grid](
         a, b, c, m, n, k,
@@ -241,9 +251,14 @@ _ARGS = ["a_ptr", "b_ptr", "c_ptr", "M", "N", "K", "stride_am", "stride_ak", "st
 _TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
+# Outputs that reach every config: small, huge, and one of few 128×256 tiles (a 1365-row chunk's dX
+# at D = 1024), where 128×128 fills more SMs.
+OUTPUT_SHAPES = ((1, 1), (1 << 20, 1 << 20), (1365, 1024))
+
+
 def compile_specs():
     """Every (role, dtype, config, accumulate, precision) `matmul` can launch on a GPU. The "hopper"
-    config only launches aligned on sm_90+, so it is compiled so (for sm_90, with every non-constexpr
+    configs only launch aligned on sm_90+, so they are compiled so (for sm_90, with every non-constexpr
     argument marked divisible by 16); the others are compiled without alignment knowledge, the worst
     case for registers (aligned launches of the same tile use fewer)."""
     for role, unit_strides in MATMUL_ROLES.items():
@@ -252,15 +267,15 @@ def compile_specs():
             precisions = ["ieee", "tf32"] if dtype == torch.float32 else ["ieee"]
             for precision in precisions:
                 dot = TORCH_TO_TRITON[dtype]
-                launchable = {
-                    matmul_config(size, size, dot, precision, arch, aligned)
-                    for size in (1, 1 << 20) for arch in (80, 90) for aligned in (False, True)
-                }  # fmt: skip
                 for config_name, cfg in MATMUL_CONFIGS.items():
-                    if cfg not in launchable:
-                        continue
                     min_arch = CONFIG_MIN_ARCH.get(config_name)
                     for accumulate in (False,) if role == "scores" else (False, True):
+                        launchable = {
+                            matmul_config(m, n, dot, precision, arch, aligned, accumulate)
+                            for m, n in OUTPUT_SHAPES for arch in (80, 90) for aligned in (False, True)
+                        }  # fmt: skip
+                        if cfg not in launchable:
+                            continue
                         signature = {arg: "i32" for arg in _ARGS}
                         signature.update({"a_ptr": f"*{name}", "b_ptr": f"*{name}", "c_ptr": "*fp32"})
                         constexprs = {stride: 1 for stride in unit_strides}

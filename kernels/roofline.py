@@ -57,7 +57,7 @@ def path_kernels(path: str, rows: int, n: int, d: int, precision: str, chunk: in
     out = {name: Kernel(name) for name in ("scores", "rows", "grad_x", "grad_y")}
     for start, r in chunks(rows, chunk):
         scores, row, grad_x, grad_y = out.values()
-        add_gemm_launch(scores, cublas, triton_tile(precision, aligned, "plain"), r, n, d, precision, at_peak)
+        add_gemm_launch(scores, cublas, triton_tile(precision, aligned, "plain", r, n), r, n, d, precision, at_peak)
         scores.bytes += (r + n) * d * e + 4.0 * r * n  # S written in float32
         row.bytes += (8.0 + g_bytes if gradients else 4.0) * r * n  # S read twice (once without G), G written
         row.add_work(exps=(2.0 if gradients else 1.0) * r * n)

@@ -94,8 +94,10 @@ class GemmTile:
 
 # The registers and shared memory of kernels/matmul.py's configs on sm_90, the worst over roles and
 # 16-bit dtypes ("plain": C written; "accumulate": C read and written), from the AOT compile
-# (tests/test_compile.py checks these numbers against it). "hopper" is compiled aligned.
+# (tests/test_compile.py checks these numbers against it). The "hopper" tiles are compiled aligned;
+# a launch that writes C takes "hopper_wide", one that accumulates into it "hopper".
 MATMUL_TILES = {
+    ("hopper_wide", "plain"): GemmTile(128, 256, 64, 8, 3, 208, 147456),
     ("hopper", "plain"): GemmTile(128, 128, 64, 8, 4, 126, 131072),
     ("hopper", "accumulate"): GemmTile(128, 128, 64, 8, 4, 172, 131072),
     ("tensor_core", "plain"): GemmTile(128, 64, 32, 8, 3, 128, 32768),
@@ -202,13 +204,22 @@ class Kernel:
         return times[bound], bound
 
 
-def triton_tile(precision: str, aligned: bool, role: str) -> GemmTile:
-    """The tile kernels/matmul.matmul_config picks on sm_90 for a large output."""
+def triton_tile(precision: str, aligned: bool, role: str, m: int = 1 << 20, n: int = 1 << 20) -> GemmTile:
+    """The tile kernels/matmul.matmul_config picks on sm_90 for an [m, n] output (not a small one)."""
     if precision == "fp32":
         return MATMUL_TILES[("fp32", role)]
     if precision == "tf32":
         return MATMUL_TILES[("tensor_core_tf32", role)]
-    return MATMUL_TILES[("hopper" if aligned else "tensor_core", role)]
+    if not aligned:
+        return MATMUL_TILES[("tensor_core", role)]
+    return MATMUL_TILES[("hopper_wide" if role == "plain" and wide_tile_pays(m, n) else "hopper", role)]
+
+
+def wide_tile_pays(m: int, n: int) -> bool:
+    """Whether the 128×256 Hopper tile reaches more of the peak than 128×128 on an [m, n] output
+    (kernels/matmul.matmul_config asks this for the launches that write C)."""
+    wide, narrow = (tile_fraction(MATMUL_TILES[(name, "plain")], m, n, "bf16") for name in ("hopper_wide", "hopper"))
+    return wide["fraction"] > narrow["fraction"]
 
 
 def gemm_fraction(cublas: bool, tile: GemmTile, m: int, n: int, precision: str, *, at_peak: bool = False,
@@ -245,8 +256,8 @@ def add_stored_g_gemms(grad_x: Kernel | None, grad_y: Kernel, cublas: bool, r: i
     e = PRECISION_BYTES[precision]
     g_bytes = 4 if e == 4 else 2  # G in the input dtype
     if grad_x is not None:
-        add_gemm_launch(grad_x, cublas, triton_tile(precision, aligned, "plain"), r, d, n, precision, at_peak)
+        add_gemm_launch(grad_x, cublas, triton_tile(precision, aligned, "plain", r, d), r, d, n, precision, at_peak)
         grad_x.bytes += g_bytes * r * n + n * d * e + 4.0 * r * d
     role = "plain" if first else "accumulate"
-    add_gemm_launch(grad_y, cublas, triton_tile(precision, aligned, role), n, d, r, precision, at_peak)
+    add_gemm_launch(grad_y, cublas, triton_tile(precision, aligned, role, n, d), n, d, r, precision, at_peak)
     grad_y.bytes += g_bytes * r * n + r * d * e + (4.0 if first else 8.0) * n * d

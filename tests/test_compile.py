@@ -39,7 +39,7 @@ def test_every_variant_compiles_for_sm80_and_sm90(compiled):
     # not compiled for sm_80, where they never launch.
     assert {r["kernel"] for r in compiled if r["arch"] == "sm_90"} == {r["kernel"] for r in compiled}
     sm80_only_missing = {r["kernel"] for r in compiled} - {r["kernel"] for r in compiled if r["arch"] == "sm_80"}
-    assert sm80_only_missing and all(",hopper," in name for name in sm80_only_missing), sorted(sm80_only_missing)
+    assert sm80_only_missing and all(",hopper" in name for name in sm80_only_missing), sorted(sm80_only_missing)
     names = {r["kernel"] for r in compiled}
     for kernel in ("matmul[", "contrastive_softmax_rows[", "contrastive_fused_scores[", "contrastive_fused_grad_x[",
                    "contrastive_fused_grads[", "similarity_topk["):  # fmt: skip

@@ -15,9 +15,10 @@ def test_every_tile_fraction_is_below_the_sustained_ceiling_and_bigger_tiles_do_
     for tile in roofline.MATMUL_TILES.values():
         r = roofline.tile_fraction(tile, 8192, 8192, "bf16")
         assert 0 < r["fraction"] <= roofline.TRITON_SOFTWARE * roofline.H100.sustained
-    big = roofline.tile_fraction(roofline.MATMUL_TILES[("hopper", "plain")], 8192, 8192, "bf16")
-    small = roofline.tile_fraction(roofline.MATMUL_TILES[("tensor_core", "plain")], 8192, 8192, "bf16")
-    assert big["fraction"] > small["fraction"]
+    tiles = [roofline.MATMUL_TILES[name] for name in (("hopper_wide", "plain"), ("hopper", "accumulate"),
+                                                      ("tensor_core", "plain"))]  # fmt: skip
+    fractions = [roofline.tile_fraction(tile, 8192, 8192, "bf16")["fraction"] for tile in tiles]
+    assert fractions == sorted(fractions, reverse=True) and fractions[0] > fractions[1] > fractions[2]
     # 172 registers × 256 threads: one CTA per SM; 128 × 256 threads at 128 registers: two.
     assert roofline.occupancy(roofline.MATMUL_TILES[("hopper", "accumulate")]) == 1
     assert roofline.occupancy(roofline.MATMUL_TILES[("tensor_core", "plain")]) == 2
@@ -57,8 +58,11 @@ def test_the_fused_models_tiles_and_mode_switch_are_the_built_paths():
         ), (kind, role)  # fmt: skip
     rows, n = 1000, 4000
     names = {d: [k.name for k in roofline.path_kernels("fused", rows, n, d, "bf16", 300)] for d in (512, 528)}
-    assert names[512] == ["positive", "scores", "lse_merge", "grad_x_prologue", "grad_y"]
-    assert names[528] == ["positive", "scores", "lse_merge", "grads", "grad_x", "grad_y"]
+    assert names[512] == ["scores", "lse_merge", "grad_x_prologue", "grad_y"]
+    assert names[528] == ["scores", "lse_merge", "grads", "grad_x", "grad_y"]
+    # A margin needs s_pos before the tiles: the float64 positive pass comes first.
+    with_margin = roofline.path_kernels("fused", rows, n, 528, "bf16", 300, margin=True)
+    assert [k.name for k in with_margin] == ["positive", *names[528]]
     switched = roofline.path_kernels("fused", rows, n, 512, "bf16", 300, prologue_max_dim=0)
     assert [k.name for k in switched] == names[528]
     # The prologue forms G once per 256-column D block: 2 blocks' exps and 32 instructions per score each,
@@ -75,7 +79,7 @@ def test_the_fused_models_tiles_and_mode_switch_are_the_built_paths():
 def test_the_fused_score_epilogue_at_one_cta_per_sm_adds_to_its_gemm():
     tile = roofline.FUSED_TILES[("tensor_core", "scores")]
     assert roofline.occupancy(tile) == 1
-    scores = roofline.path_kernels("fused", 4096, 8192, 1024, "bf16", 4096)[1]
+    scores = roofline.path_kernels("fused", 4096, 8192, 1024, "bf16", 4096)[0]
     assert scores.name == "scores" and scores.serial_epilogue
     assert scores.seconds("bf16") == (pytest.approx(scores.compute_seconds + scores.issue_seconds), "compute+epilogue")
 

@@ -1,7 +1,8 @@
 """The chunk loop of the Triton kernel set's fused path (kernels/contrastive_loss_fused.py), which
 mmfast.backends.contrastive_loss.directional_loss hands a direction to when the kernel set's `path`
-says "fused": per chunk of rows the score GEMM (row statistics in its epilogue), the dX GEMM (G formed
-in its prologue) and the dY GEMM, all in `kernels.fused_chunk`.
+says "fused": per chunk of rows the score GEMM (row statistics in its epilogue), G (in the dX GEMM's
+prologue, or in a pass of its own before a cuBLAS dX GEMM) and the cuBLAS dY GEMM, all in
+`kernels.fused_chunk`.
 """
 
 from __future__ import annotations
