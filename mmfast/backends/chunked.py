@@ -71,7 +71,8 @@ def scratch(role: str, rows: int, cols: int, dtype: torch.dtype, device) -> torc
     On the CPU the buffer is kept between calls, per thread and `role` (each buffer a loop holds at
     once has its own: "scores", "grads", "teacher"): a fresh 32 MiB allocation is mmap'ed by glibc and
     its first write page-faults and zeroes every page, 7 ms at B = 4096 on 2 cores, 7% of a
-    contrastive loss's step. It holds at most the chunk budget per role (release_scratch frees it).
+    contrastive loss's step. It holds at most the chunk budget per role, or one row of scores when a
+    row alone is larger (release_scratch frees it).
     Elsewhere it is torch.empty: CUDA's caching allocator already reuses the memory."""
     device = torch.device(device)
     if device.type != "cpu":
