@@ -90,3 +90,29 @@ def test_distillation_loss_ignores_stale_scratch(backend, monkeypatch):
     for got, want in zip(step(3), fresh, strict=True):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("inference_first", [True, False])
+def test_scratch_kept_across_inference_mode(inference_first):
+    """A loss evaluated under torch.inference_mode (an evaluation loop) and one trained outside it
+    share the kept scratch, in either order."""
+    chunked.release_scratch()
+    g = torch.Generator().manual_seed(5)
+    q, t = unit_rows(21, 6, generator=g), unit_rows(21, 6, generator=g)
+
+    def evaluate():
+        with torch.inference_mode():
+            return mmfast.contrastive_loss(q, t, backend="cpu", symmetric=True)
+
+    def train():
+        leaf = q.clone().requires_grad_()
+        loss = mmfast.contrastive_loss(leaf, t, backend="cpu", symmetric=True)
+        loss.backward()
+        return loss.detach(), leaf.grad
+
+    first, second = (evaluate, train) if inference_first else (train, evaluate)
+    first()
+    second()
+    evaluated, (trained, grad) = evaluate(), train()
+    torch.testing.assert_close(evaluated, trained, rtol=0, atol=0)
+    assert torch.isfinite(grad).all()

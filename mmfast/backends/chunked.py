@@ -81,7 +81,10 @@ def scratch(role: str, rows: int, cols: int, dtype: torch.dtype, device) -> torc
     buffer = _SCRATCH.buffers.get(key)
     if buffer is None or buffer.numel() < numel:
         _SCRATCH.buffers.pop(key, None)  # let the old one go before the new one is allocated
-        buffer = _SCRATCH.buffers[key] = torch.empty(numel, dtype=dtype)
+        # A normal tensor even when the first call runs under torch.inference_mode: an inference
+        # tensor could not be written outside it, and a normal one can be written inside it.
+        with torch.inference_mode(False):
+            buffer = _SCRATCH.buffers[key] = torch.empty(numel, dtype=dtype)
     return buffer[:numel].view(rows, cols)
 
 
