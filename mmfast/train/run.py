@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
+import sys
 
 import torch
 
@@ -148,8 +151,21 @@ def fit(trainer: EmbeddingTrainer) -> EmbeddingTrainer:
 
 
 def leave_process_group() -> None:
-    """Under torchrun, every rank leaves together: a rank that exits while a peer is still inside a
-    gloo collective can make the peer's gloo thread abort (SIGABRT) instead of exiting cleanly."""
+    """Under torchrun, the last thing a rank does once its run has succeeded: every rank leaves
+    together (a rank that exits while a peer is still inside a gloo collective can make the peer's
+    gloo thread abort, SIGABRT), then the process ends here.
+
+    It ends with os._exit, after the atexit handlers (a logger's final sync, say) and a flush of
+    stdout/stderr: the process group object outlives destroy_process_group (the trainer holds it),
+    and its destructor, run later with the GIL held, joins gloo's work thread, which may be waiting
+    for the GIL to drop the last Python reference of a finished work item. That deadlock left a rank
+    hanging after a finished run (seen in gdb: ~ProcessGroupGloo in std::thread::join, the
+    pt_gloo_runloop thread in take_gil)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+        atexit._run_exitfuncs()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

@@ -4,6 +4,9 @@ contrastive recipe's batch holds hard negatives on both ranks (uneven counts: th
 New cases (a recipe plus options) go in distributed_train_worker.CASES."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,3 +65,22 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
             # fp32 sums taken in another order: equal to ~1e-6 of the gradient's scale (measured 1.5e-6).
             scale = grad.abs().max().item()
             torch.testing.assert_close(got["grads"][name], grad, rtol=1e-4, atol=1e-5 * scale, msg=f"{recipe}: {name}")
+
+
+def test_a_rank_ends_in_leave_process_group_after_its_exit_handlers(tmp_path):
+    """Under a process group, leave_process_group ends the process itself (status 0) after the
+    atexit handlers and a flush, so that gloo's destructor never runs; nothing after it does."""
+    marker = tmp_path / "atexit-ran"
+    code = f"""
+import atexit, pathlib, torch.distributed as dist
+from mmfast.train.run import leave_process_group
+dist.init_process_group("gloo", init_method="file://{tmp_path / "store"}", rank=0, world_size=1)
+atexit.register(lambda: pathlib.Path({str(marker)!r}).write_text("yes"))
+print("trained", end="")  # no newline: only an explicit flush gets it out before os._exit
+leave_process_group()
+print("after leaving")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == "trained" and marker.read_text() == "yes"
