@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from mmfast.train import build_trainer, parse_arguments  # noqa: E402
-from mmfast.train.default import PROFILE, default_data  # noqa: E402
-from mmfast.train.evaluate import evaluate_retrieval  # noqa: E402
-from mmfast.train.evaluate.default_sets import CAPTION_PROMPT, IMAGE_PROMPT  # noqa: E402
+from mmfast.train import build_trainer, parse_arguments
+from mmfast.train.default import PROFILE, default_data
+from mmfast.train.evaluate import evaluate_retrieval
+from mmfast.train.evaluate.default_sets import CAPTION_PROMPT, IMAGE_PROMPT
 
 # Each loss as overrides of the default run's LLaVE recipe (τ 0.02, symmetric in every row, so only the
 # named options differ).

@@ -26,7 +26,6 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from mmfast.kernels import (
-    CompileSpec,
     contrastive_loss,
     contrastive_loss_fused,
     distillation_loss,
@@ -34,6 +33,7 @@ from mmfast.kernels import (
     pooling,
     similarity_topk,
 )
+from mmfast.kernels.compile_spec import CompileSpec
 
 ARCHS = (80, 90)
 

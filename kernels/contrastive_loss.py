@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 
 from mmfast.kernel_contract import DirectionOptions
-from mmfast.kernels import CompileSpec, roofline
+from mmfast.kernels import roofline
+from mmfast.kernels.compile_spec import CompileSpec
 from mmfast.kernels.contrastive_loss_fused import buffer_columns, direction_params, fused_direction_chunk
 from mmfast.kernels.matmul import TritonGemms, device_arch, fp32_matmul_allows_tf32
 

@@ -59,7 +59,7 @@ import triton
 import triton.language as tl
 
 from mmfast.kernel_contract import DirectionOptions, triton_interpreter_enabled
-from mmfast.kernels import CompileSpec
+from mmfast.kernels.compile_spec import CompileSpec
 from mmfast.kernels.contrastive_loss_fused_grads import fused_grad_x_kernel, fused_grads, padded_width
 from mmfast.kernels.matmul import (
     TORCH_TO_TRITON,

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mmfast.kernels import CompileSpec
+from mmfast.kernels.compile_spec import CompileSpec
 from mmfast.kernels.matmul import TritonGemms
 
 ROW_BLOCK_N = 1024

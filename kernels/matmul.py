@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from mmfast.kernel_contract import triton_interpreter_enabled
-from mmfast.kernels import CompileSpec
+from mmfast.kernels.compile_spec import CompileSpec
 from mmfast.kernels.roofline_tiles import wide_tile_pays
 
 

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from mmfast.kernel_contract import POOLING_EPS, POOLING_MODE_CODES, pooling_forward_outputs
-from mmfast.kernels import CompileSpec
+from mmfast.kernels.compile_spec import CompileSpec
 
 BLOCK_D = 256
 BLOCK_T = 32  # tokens per step of the forward's mean: 32×256 loads in flight per program

@@ -198,7 +198,7 @@ class TritonSimilarityTopk:
 
 def compile_specs():
     """Every variant `search` can launch: input dtype × slots (target or not is a runtime argument)."""
-    from mmfast.kernels import CompileSpec
+    from mmfast.kernels.compile_spec import CompileSpec
 
     for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16")):
         for (slots, tensor_cores), cfg in TOPK_CONFIGS.items():

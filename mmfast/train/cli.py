@@ -33,7 +33,6 @@ def configure_logging() -> None:
 
 def train(argv: Sequence[str] | None = None):
     """Parses, trains, saves the final model into output_dir; returns the trainer."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from .run import build_trainer, fit, leave_process_group
 
     trainer = fit(build_trainer(*parse_arguments(argv, profile=PROFILE)))
@@ -74,7 +73,6 @@ def evaluate(argv: Sequence[str] | None = None) -> dict:
     """Parses `mmfast-eval` arguments, evaluates, writes results.json/.csv, prints the table."""
     import argparse
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from .encoder import Encoder
     from .evaluate import TASKS, evaluate_task, print_table, write_results
     from .evaluate.default_sets import DEFAULT_TASKS, evaluate_default

