@@ -100,4 +100,26 @@ inline float exp_flush(float x) {
   return exp_flush<f32x16, i32x16>(splat16(x))[0];
 }
 
+// log(1 + e) for e in [0, 1], 16 lanes (the softplus of the sigmoid loss, csrc/sigmoid_loss.cpp), about
+// 1 ulp: w = 1 + e rounds, so log(w) (Cephes logf's polynomial on w or w/2, whichever is nearer 1)
+// is corrected by (e - (w - 1))/w, the first-order term of the rounding. `inv_w` is 1/w, which the
+// caller also needs. A tiny e gives w = 1 and exactly e.
+__attribute__((always_inline)) inline f32x16 log1p_unit(f32x16 e, f32x16 w, f32x16 inv_w) {
+  const i32x16 big = w > 1.41421356f;
+  const f32x16 k = select16(big, splat16(1.0f), f32x16{});
+  const f32x16 x = select16(big, w * 0.5f, w) - 1.0f;
+  const f32x16 z = x * x;
+  f32x16 p = splat16(7.0376836292e-2f);
+  p = p * x - 1.1514610310e-1f;
+  p = p * x + 1.1676998740e-1f;
+  p = p * x - 1.2420140846e-1f;
+  p = p * x + 1.4249322787e-1f;
+  p = p * x - 1.6668057665e-1f;
+  p = p * x + 2.0000714765e-1f;
+  p = p * x - 2.4999993993e-1f;
+  p = p * x + 3.3333331174e-1f;
+  const f32x16 y = p * x * z + k * -2.12194440e-4f - 0.5f * z;
+  return x + y + k * 0.693359375f + (e - (w - 1.0f)) * inv_w;
+}
+
 }  // namespace mmfast

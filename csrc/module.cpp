@@ -33,6 +33,9 @@ void pooling_backward(at::Tensor grad_out, at::Tensor unit, at::Tensor norm, at:
 void similarity_topk_rows(at::Tensor scores, int64_t col_offset, at::Tensor values, at::Tensor indices,
                           c10::optional<at::Tensor> targets, c10::optional<at::Tensor> target_score,
                           c10::optional<at::Tensor> count, bool last);
+void sigmoid_pair_rows(at::Tensor scores, int64_t row_offset, double scale, double bias,
+                       c10::optional<at::Tensor> row_scale, at::Tensor loss, c10::optional<at::Tensor> scale_grad,
+                       c10::optional<at::Tensor> bias_grad, c10::optional<at::Tensor> ids);
 }  // namespace mmfast
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -58,4 +61,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pooling_backward", &mmfast::pooling_backward, "Dense gradient of the fused pooling, in one pass");
   m.def("similarity_topk_rows", &mmfast::similarity_topk_rows,
         "Merge one score tile into each row's running top-k and count the scores above its target");
+  m.def("sigmoid_pair_rows", &mmfast::sigmoid_pair_rows,
+        "Fused SigLIP pairwise sigmoid loss and in-place gradient over one score chunk", py::arg("scores"),
+        py::arg("row_offset"), py::arg("scale"), py::arg("bias"), py::arg("row_scale"), py::arg("loss"),
+        py::arg("scale_grad"), py::arg("bias_grad"), py::arg("ids"));
 }

@@ -31,6 +31,7 @@ from mmfast.kernels import (
     distillation_loss,
     matmul,
     pooling,
+    sigmoid_loss,
     similarity_topk,
 )
 from mmfast.kernels.compile_spec import CompileSpec
@@ -41,7 +42,8 @@ ARCHS = (80, 90)
 def all_specs() -> list[CompileSpec]:
     """Every kernel module's variants: a new kernel module is listed here."""
     return [*matmul.compile_specs(), *contrastive_loss.compile_specs(), *contrastive_loss_fused.compile_specs(),
-            *distillation_loss.compile_specs(), *pooling.compile_specs(), *similarity_topk.compile_specs()]  # fmt: skip
+            *distillation_loss.compile_specs(), *pooling.compile_specs(), *similarity_topk.compile_specs(),
+            *sigmoid_loss.compile_specs()]  # fmt: skip
 
 
 def _tool(name: str) -> str:

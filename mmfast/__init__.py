@@ -16,6 +16,7 @@ from mmfast.distillation_loss import (
 )
 from mmfast.duplicate_ids import masked_candidate_counts
 from mmfast.pooling import Pooler, PoolingFunction, PoolingOptions, last_token_pool, mean_pool
+from mmfast.sigmoid_loss import SigmoidLoss, SigmoidLossFunction, SigmoidLossOptions, sigmoid_loss
 from mmfast.similarity_topk import SimilarityTopK, SimilarityTopkOptions, similarity_topk
 
 __version__ = "0.1.0"
@@ -35,6 +36,10 @@ __all__ = [
     "PoolingOptions",
     "last_token_pool",
     "mean_pool",
+    "SigmoidLoss",
+    "SigmoidLossFunction",
+    "SigmoidLossOptions",
+    "sigmoid_loss",
     "SimilarityTopK",
     "SimilarityTopkOptions",
     "similarity_topk",

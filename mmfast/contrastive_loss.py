@@ -27,7 +27,7 @@ from mmfast.kernel_contract import DirectionOptions, compute_dtype
 from mmfast.reference.contrastive_loss import contrastive_loss_reference
 from mmfast.validation import (
     check_backend_name,
-    check_float_dtype,
+    check_embeddings,
     check_positive_int,
     check_real,
     check_reduction,
@@ -67,52 +67,9 @@ class ContrastiveLossOptions:
 
 def _check_inputs(query, target, negatives, weight, temperature) -> torch.Tensor | None:
     """Validates the tensors; returns negatives flattened to [M, D] (a view) or None."""
-    for name, t in (("query", query), ("target", target)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D [B, D], got shape {tuple(t.shape)}")
-    if query.shape[0] == 0:
-        raise ValueError("query is empty: the batch needs at least one row (B >= 1)")
-    if query.shape[1] == 0:
-        raise ValueError("query has D = 0: the embedding dimension must be >= 1")
-    if target.shape != query.shape:
-        raise ValueError(f"target must have query's shape {tuple(query.shape)} [B, D], got {tuple(target.shape)}")
-    tensors = [("query", query), ("target", target)]
-    if negatives is not None:
-        if not isinstance(negatives, torch.Tensor):
-            raise TypeError(f"negatives must be a torch.Tensor or None, got {type(negatives).__name__}")
-        if negatives.dim() == 3:
-            if negatives.shape[0] != query.shape[0] or negatives.shape[2] != query.shape[1]:
-                raise ValueError(
-                    f"negatives [B, K, D] must have B = {query.shape[0]} and D = {query.shape[1]}, "
-                    f"got {tuple(negatives.shape)}"
-                )
-        elif negatives.dim() == 2:
-            if negatives.shape[1] != query.shape[1]:
-                raise ValueError(f"negatives [M, D] must have D = {query.shape[1]}, got {tuple(negatives.shape)}")
-        else:
-            raise ValueError(f"negatives must be [B, K, D] or [M, D], got shape {tuple(negatives.shape)}")
-        tensors.append(("negatives", negatives))
-    for name, t in tensors:
-        check_float_dtype(name, t)
-        if t.dtype != query.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but query has {query.dtype}: all inputs must share one dtype")
-        if t.device != query.device:
-            raise ValueError(f"{name} is on {t.device} but query is on {query.device}: all inputs must share a device")
-    if weight is not None:
-        if not isinstance(weight, torch.Tensor):
-            raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
-        if weight.shape != (query.shape[0],):
-            raise ValueError(f"weight must have shape [B] = [{query.shape[0]}], got {tuple(weight.shape)}")
-        if not weight.is_floating_point():
-            raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
-        if weight.device != query.device:
-            raise ValueError(f"weight is on {weight.device} but query is on {query.device}")
+    flat_negatives = check_embeddings(query, target, negatives, weight)
     check_temperature("temperature", temperature, device=query.device)
-    if negatives is None or negatives.dim() == 2:
-        return negatives
-    return negatives.reshape(-1, negatives.shape[-1])
+    return flat_negatives
 
 
 def _gathered(negatives, gathered_targets, gathered_queries, positive_offset: int) -> Gathered | None:

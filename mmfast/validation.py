@@ -94,3 +94,73 @@ def check_temperature_value(name: str, value: torch.Tensor) -> None:
     number = float(value.detach())
     if not (0 < number < math.inf):
         raise ValueError(f"{name} must be a positive finite number, got tensor({number!r})")
+
+
+def check_bias(name: str, value: object, device: torch.device | None) -> object:
+    """A logit bias: a finite number, or a 0-d floating tensor on `device` (learnable, with or without
+    grad; `device` None: not checked yet). A tensor's value is checked only on the CPU and outside
+    torch.compile, as for check_temperature."""
+    if not isinstance(value, torch.Tensor):
+        return check_real(name, value)
+    if value.dim() != 0:
+        raise ValueError(f"{name} must be a number or a 0-d tensor, got a tensor of shape {tuple(value.shape)}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    if device is not None and value.device != device:
+        raise ValueError(f"{name} is on {value.device} but the embeddings are on {device}")
+    if value.device.type == "cpu" and not torch.compiler.is_compiling():
+        number = float(value.detach())
+        if not (-math.inf < number < math.inf):
+            raise ValueError(f"{name} must be a finite number, got tensor({number!r})")
+    return value
+
+
+def check_embeddings(query, target, negatives, weight) -> torch.Tensor | None:
+    """The embeddings of a loss over queries, their targets and shared hard negatives: query and
+    target [B, D], negatives None, [B, K, D] or [M, D], one dtype and device; weight None or [B].
+    Returns negatives flattened to [M, D] (a view) or None."""
+    for name, t in (("query", query), ("target", target)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D [B, D], got shape {tuple(t.shape)}")
+    if query.shape[0] == 0:
+        raise ValueError("query is empty: the batch needs at least one row (B >= 1)")
+    if query.shape[1] == 0:
+        raise ValueError("query has D = 0: the embedding dimension must be >= 1")
+    if target.shape != query.shape:
+        raise ValueError(f"target must have query's shape {tuple(query.shape)} [B, D], got {tuple(target.shape)}")
+    tensors = [("query", query), ("target", target)]
+    if negatives is not None:
+        if not isinstance(negatives, torch.Tensor):
+            raise TypeError(f"negatives must be a torch.Tensor or None, got {type(negatives).__name__}")
+        if negatives.dim() == 3:
+            if negatives.shape[0] != query.shape[0] or negatives.shape[2] != query.shape[1]:
+                raise ValueError(
+                    f"negatives [B, K, D] must have B = {query.shape[0]} and D = {query.shape[1]}, "
+                    f"got {tuple(negatives.shape)}"
+                )
+        elif negatives.dim() == 2:
+            if negatives.shape[1] != query.shape[1]:
+                raise ValueError(f"negatives [M, D] must have D = {query.shape[1]}, got {tuple(negatives.shape)}")
+        else:
+            raise ValueError(f"negatives must be [B, K, D] or [M, D], got shape {tuple(negatives.shape)}")
+        tensors.append(("negatives", negatives))
+    for name, t in tensors:
+        check_float_dtype(name, t)
+        if t.dtype != query.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but query has {query.dtype}: all inputs must share one dtype")
+        if t.device != query.device:
+            raise ValueError(f"{name} is on {t.device} but query is on {query.device}: all inputs must share a device")
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
+        if weight.shape != (query.shape[0],):
+            raise ValueError(f"weight must have shape [B] = [{query.shape[0]}], got {tuple(weight.shape)}")
+        if not weight.is_floating_point():
+            raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
+        if weight.device != query.device:
+            raise ValueError(f"weight is on {weight.device} but query is on {query.device}")
+    if negatives is None or negatives.dim() == 2:
+        return negatives
+    return negatives.reshape(-1, negatives.shape[-1])

@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmfast.reference import contrastive_loss_reference, distillation_loss_reference
+from mmfast.reference import contrastive_loss_reference, distillation_loss_reference, sigmoid_loss_reference
 from tests.helpers import unit_rows
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import contrastive_loss as contrastive_benchmark  # noqa: E402
 import distillation_loss as distillation_benchmark  # noqa: E402
 import gpu_report  # noqa: E402
+import sigmoid_loss as sigmoid_benchmark  # noqa: E402
 
 
 def grads_of(loss, leaves):
@@ -43,6 +44,22 @@ def test_naive_contrastive_baseline_matches_the_reference(option_name, k):
     options = {key: value for key, value in options.items() if key != "ids"} | ids
     expected = contrastive_loss_reference(*leaves[:2], negatives, temperature=tau, **options)
     actual = contrastive_benchmark.naive_contrastive_loss(*leaves[:2], negatives, temperature=tau, **options)
+    torch.testing.assert_close(actual, expected)
+    for got, want in zip(grads_of(actual, wrt), grads_of(expected, wrt), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_naive_sigmoid_baseline_matches_the_reference(k):
+    g = torch.Generator().manual_seed(5)
+    leaves = [unit_rows(9, 6, generator=g).requires_grad_(), unit_rows(9, 6, generator=g).requires_grad_()]
+    negatives = unit_rows(9 * k, 6, generator=g).requires_grad_() if k else None
+    parameters = [torch.tensor(4.0, dtype=torch.float64, requires_grad=True),
+                  torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)]  # fmt: skip
+    wrt = leaves + ([negatives] if k else []) + parameters
+    expected = sigmoid_loss_reference(*leaves, negatives, logit_scale=parameters[0], logit_bias=parameters[1])
+    actual = sigmoid_benchmark.naive_sigmoid_loss(*leaves, negatives, logit_scale=parameters[0],
+                                                  logit_bias=parameters[1])  # fmt: skip
     torch.testing.assert_close(actual, expected)
     for got, want in zip(grads_of(actual, wrt), grads_of(expected, wrt), strict=True):
         torch.testing.assert_close(got, want)

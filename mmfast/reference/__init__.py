@@ -3,6 +3,7 @@
 from mmfast.reference.contrastive_loss import contrastive_loss_reference, directional_loss_reference
 from mmfast.reference.distillation_loss import distillation_loss_reference
 from mmfast.reference.pooling import last_token_index, pool_reference
+from mmfast.reference.sigmoid_loss import sigmoid_loss_reference
 
 __all__ = [
     "contrastive_loss_reference",
@@ -10,4 +11,5 @@ __all__ = [
     "distillation_loss_reference",
     "last_token_index",
     "pool_reference",
+    "sigmoid_loss_reference",
 ]
