@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -40,7 +41,8 @@ from harness import (  # noqa: E402
     write_json,
 )
 
-PROVIDERS = ("mmfast", "naive", "open_clip", "reference", "gemm")
+PROVIDERS = ("mmfast", "naive", "open_clip", "open_clip_chunked", "reference", "gemm")
+OPEN_CLIP_CHUNK = 512
 NAIVE_MEMORY_LIMIT = 12 << 30
 DEFAULT_OPEN_CLIP_DIR = Path(sys.prefix) / "peers" / "open_clip_torch-3.3.0"
 _open_clip_dir = DEFAULT_OPEN_CLIP_DIR
@@ -63,8 +65,12 @@ def open_clip_siglip_loss():
     return module.SigLipLoss
 
 
-def open_clip_loss_fn():
-    peer = open_clip_siglip_loss()()
+def open_clip_has_chunk_size() -> bool:
+    return "chunk_size" in inspect.signature(open_clip_siglip_loss()).parameters
+
+
+def open_clip_loss_fn(chunked: bool = False):
+    peer = open_clip_siglip_loss()(**({"chunk_size": OPEN_CLIP_CHUNK} if chunked else {}))
 
     def loss(query, target, negatives, *, logit_scale, logit_bias):
         total = peer(query, target, logit_scale, logit_bias)
@@ -104,7 +110,7 @@ def step_functions(provider: str, q, t, n):
         return forward, backward, lambda: list(grads)
     fn = {"mmfast": mmfast.sigmoid_loss, "naive": naive_sigmoid_loss, "reference": sigmoid_loss_reference}.get(
         provider
-    ) or open_clip_loss_fn()
+    ) or open_clip_loss_fn(chunked=provider == "open_clip_chunked")
 
     def forward():
         negatives = leaves[2] if len(leaves) > 2 else None
@@ -138,7 +144,7 @@ def main(argv=None) -> int:
         print(json.dumps(peak_after_warmup(make_step, make_inputs(64, d, k), make_inputs(b, d, k))))
         return 0
     print(f"# {machine()} | float32, CPU | D={args.dim}, K={args.negatives}, learnable scale and bias")
-    print("B      provider    fwd ms   bwd ms  fwd+bwd  ÷gemm  naive÷  extra MiB")
+    print("B      provider            fwd ms   bwd ms  fwd+bwd  ÷gemm  naive÷  extra MiB")
     rows = []
     for b in args.batch:
         case = {}
@@ -147,6 +153,11 @@ def main(argv=None) -> int:
             row = {"provider": provider, "B": b, "D": args.dim, "K": args.negatives}
             if provider in ("naive", "open_clip", "reference") and 5 * 4 * b * n_candidates > NAIVE_MEMORY_LIMIT:
                 row["skipped"] = "B×N matrices too large"
+            elif provider.startswith("open_clip") and not (args.open_clip_dir / "open_clip" / "loss.py").exists():
+                row["skipped"] = (f"no open_clip in {args.open_clip_dir} (pip install --no-deps --target "
+                                  f"{args.open_clip_dir} open_clip_torch==3.3.0)")  # fmt: skip
+            elif provider == "open_clip_chunked" and not open_clip_has_chunk_size():
+                row["skipped"] = f"the open_clip in {args.open_clip_dir} has no SigLipLoss(chunk_size=...)"
             else:
                 forward, backward, _ = step_functions(provider, *make_inputs(b, args.dim, args.negatives))
                 row.update(median_times(forward, backward, args.repeats))
@@ -157,14 +168,14 @@ def main(argv=None) -> int:
             rows.append(row)
         for row in case.values():
             if "fwd_bwd_ms" not in row:
-                print(f"{b:<6d} {row['provider']:10s} skipped: {row['skipped']}")
+                print(f"{b:<6d} {row['provider']:17s} skipped: {row['skipped']}")
                 continue
             gemm, naive = case.get("gemm", {}).get("fwd_bwd_ms"), case.get("naive", {}).get("fwd_bwd_ms")
             row["over_gemm"] = row["fwd_bwd_ms"] / gemm if gemm else None
             over_gemm = f"{row['over_gemm']:.2f}" if gemm else "-"
             speedup = f"{naive / row['fwd_bwd_ms']:.2f}" if naive else "-"
             mem = row.get("extra_peak_mib")
-            print(f"{b:<6d} {row['provider']:10s} {row['fwd_ms']:8.1f} {row['bwd_ms']:8.1f} {row['fwd_bwd_ms']:8.1f}  "
+            print(f"{b:<6d} {row['provider']:17s} {row['fwd_ms']:8.1f} {row['bwd_ms']:8.1f} {row['fwd_bwd_ms']:8.1f}  "
                   f"{over_gemm:5s}  {speedup:6s}  {'-' if mem is None else f'{mem:.0f}'}", flush=True)  # fmt: skip
     if args.json:
         write_json(args.json, rows)

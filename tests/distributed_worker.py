@@ -80,6 +80,12 @@ def cases():
                 f"distillation-{backend}-{reduction}",
                 {"op": "distillation", "backend": backend, "reduction": reduction},
             )
+        for reduction in ("mean", "none"):  # a learnable scale and bias: each rank gets d(its loss)/d them
+            for ids in (False, True):
+                yield f"sigmoid-{backend}{'-ids' if ids else ''}-{reduction}", {
+                    "op": "sigmoid", "backend": backend, "options": {}, "reduction": reduction, "negatives": True,
+                    "ids": ids,
+                }  # fmt: skip
 
 
 def ragged_negatives(sizes: list[int]) -> tuple[list[int], torch.Tensor]:
@@ -159,6 +165,14 @@ def run_case(case: dict, local: dict[str, torch.Tensor]) -> dict:
             weight=local["weight"] if case["weighted"] else None, reduction=case["reduction"],
             backend=case["backend"], cross_device=True, **options, **duplicate_ids(local, case),
         )  # fmt: skip
+    elif case["op"] == "sigmoid":
+        leaves = {k: local[k].clone().requires_grad_() for k in ("query", "target", "negatives")}
+        leaves |= sigmoid_parameter_leaves()
+        loss = mmfast.sigmoid_loss(
+            leaves["query"], leaves["target"], leaves["negatives"], logit_scale=leaves["logit_scale"],
+            logit_bias=leaves["logit_bias"], weight=local["weight"], reduction=case["reduction"],
+            backend=case["backend"], cross_device=True, **duplicate_ids(local, case),
+        )  # fmt: skip
     else:
         leaves = {k: local[k].clone().requires_grad_() for k in ("query", "target")}
         loss = mmfast.distillation_loss(
@@ -170,6 +184,12 @@ def run_case(case: dict, local: dict[str, torch.Tensor]) -> dict:
     loss.backward(grad_out.to(loss.dtype))
     grads = {k: (v.grad.clone() if v.grad is not None else None) for k, v in leaves.items()}
     return {"loss": loss.detach().clone(), "grads": grads}
+
+
+def sigmoid_parameter_leaves() -> dict[str, torch.Tensor]:
+    """The sigmoid loss's learnable scale and bias (values where every pair term matters)."""
+    return {"logit_scale": torch.tensor(4.0, dtype=torch.float64, requires_grad=True),
+            "logit_bias": torch.tensor(-1.5, dtype=torch.float64, requires_grad=True)}  # fmt: skip
 
 
 def temperature_leaf(options: dict) -> torch.Tensor:

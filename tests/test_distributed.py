@@ -10,10 +10,12 @@ import torch
 import torch.multiprocessing as mp
 
 import mmfast
-from mmfast.reference import contrastive_loss_reference, distillation_loss_reference
+from mmfast.reference import contrastive_loss_reference, distillation_loss_reference, sigmoid_loss_reference
 from tests import distributed_worker as worker
 
 TIMEOUT_SECONDS = 600
+# Scalars every rank holds a copy of (a learnable τ, the sigmoid loss's scale and bias).
+SHARED_PARAMETERS = {"temperature", "logit_scale", "logit_bias"}
 
 
 def run_ranks(sizes: list[int], tmp_path) -> list[dict]:
@@ -45,6 +47,13 @@ def expected(case: dict, everything: dict, sizes: list[int]):
         )  # fmt: skip
         if case["weighted"]:
             rows = rows * everything["weight"]
+    elif case["op"] == "sigmoid":
+        leaves = {k: everything[k].clone().requires_grad_() for k in ("query", "target", "negatives")}
+        leaves |= worker.sigmoid_parameter_leaves()
+        rows = sigmoid_loss_reference(
+            leaves["query"], leaves["target"], leaves["negatives"], logit_scale=leaves["logit_scale"],
+            logit_bias=leaves["logit_bias"], reduction="none", **worker.duplicate_ids(everything, case),
+        ) * everything["weight"]  # fmt: skip
     else:
         leaves = {k: everything[k].clone().requires_grad_() for k in ("query", "target")}
         rows = distillation_loss_reference(
@@ -106,7 +115,7 @@ def test_cross_device_matches_single_process_over_the_global_batch(ranks):
             for key, grad in grads.items():
                 if case["op"] == "contrastive" and key == "negatives" and not case["negatives"]:
                     continue
-                if key == "temperature":  # one τ per rank: the ranks' gradients sum to the total's
+                if key in SHARED_PARAMETERS:  # one per rank: the ranks' gradients sum to the total's
                     continue
                 want = grad[start : start + n]
                 have = got["grads"][key]
@@ -116,10 +125,10 @@ def test_cross_device_matches_single_process_over_the_global_batch(ranks):
                     have, want, rtol=1e-9, atol=1e-11, msg=lambda m, label=label: f"{label}: {m}"
                 )
             start += n
-        if "temperature" in grads:
-            total = sum(results[rank][name]["grads"]["temperature"] for rank in range(len(sizes)))
-            torch.testing.assert_close(total, grads["temperature"], rtol=1e-9, atol=1e-11,
-                                       msg=lambda m, name=name: f"{name} τ: {m}")  # fmt: skip
+        for key in SHARED_PARAMETERS & grads.keys():
+            total = sum(results[rank][name]["grads"][key] for rank in range(len(sizes)))
+            torch.testing.assert_close(total, grads[key], rtol=1e-9, atol=1e-11,
+                                       msg=lambda m, name=name, key=key: f"{name} {key}: {m}")  # fmt: skip
 
 
 @pytest.mark.distributed

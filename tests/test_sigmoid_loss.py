@@ -187,6 +187,24 @@ def test_no_grad_and_subsets_of_gradients(backend):
     torch.testing.assert_close(bias.grad, bias3.grad, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_subset_of_inputs_wanting_a_gradient(backend):
+    """Each of the 31 non-empty subsets of (query, target, negatives, logit_scale, logit_bias) that
+    require grad gets exactly the reference's gradients, and the others none."""
+    q, t, n = make_inputs(5, 6, 2, seed=23)
+    values = (q, t, n, torch.tensor(4.0, dtype=torch.float64), torch.tensor(-2.0, dtype=torch.float64))
+    for mask in range(1, 32):
+        wanted = [bool(mask >> i & 1) for i in range(5)]
+        ours = [v.clone().requires_grad_(w) for v, w in zip(values, wanted, strict=True)]
+        ref = [v.clone().requires_grad_(w) for v, w in zip(values, wanted, strict=True)]
+        mmfast.sigmoid_loss(*ours[:3], logit_scale=ours[3], logit_bias=ours[4], backend=backend).backward()
+        sigmoid_loss_reference(*ref[:3], logit_scale=ref[3], logit_bias=ref[4]).backward()
+        for name, a, r in zip(GRAD_NAMES, ours, ref, strict=True):
+            assert (a.grad is None) == (r.grad is None), (name, wanted)
+            if r.grad is not None:
+                torch.testing.assert_close(a.grad, r.grad, rtol=1e-12, atol=1e-14)
+
+
 def test_module_registers_learnable_parameters():
     scale = torch.nn.Parameter(torch.tensor(10.0, dtype=torch.float64))
     bias = torch.nn.Parameter(torch.tensor(-10.0, dtype=torch.float64))
