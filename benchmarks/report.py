@@ -73,6 +73,17 @@ def distillation_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def sigmoid_table(rows: list[dict]) -> str:
+    """benchmarks/sigmoid_loss.py: each provider's time, over the bare GEMMs', and its extra memory."""
+    out = ["| B | D | K | provider | fwd+bwd ms | ÷ GEMMs | extra MiB |", "|---" * 7 + "|"]
+    for r in rows:
+        ms = f"{r['fwd_bwd_ms']:.0f}" if "fwd_bwd_ms" in r else r.get("skipped", "-")
+        over = f"{r['over_gemm']:.2f}" if r.get("over_gemm") is not None else "-"
+        mib = f"{r['extra_peak_mib']:.0f}" if r.get("extra_peak_mib") is not None else "-"
+        out.append(f"| {r['B']} | {r['D']} | {r['K']} | {r['provider']} | {ms} | {over} | {mib} |")
+    return "\n".join(out)
+
+
 def similarity_topk_table(rows: list[dict]) -> str:
     out = ["| Q | G | D | k | provider | wall ms | CPU ms | GFLOP/s | naive ÷ mmfast | extra MiB |", "|---" * 10 + "|"]
     for r in rows:
@@ -136,6 +147,7 @@ TABLES = {
     "contrastive_loss_cross_device": cross_device_table,
     "pooling": pooling_table,
     "distillation_loss": distillation_table,
+    "sigmoid_loss": sigmoid_table,
     "similarity_topk": similarity_topk_table,
 }
 

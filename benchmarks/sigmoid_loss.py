@@ -157,7 +157,7 @@ def main(argv=None) -> int:
                 row["skipped"] = (f"no open_clip in {args.open_clip_dir} (pip install --no-deps --target "
                                   f"{args.open_clip_dir} open_clip_torch==3.3.0)")  # fmt: skip
             elif provider == "open_clip_chunked" and not open_clip_has_chunk_size():
-                row["skipped"] = f"the open_clip in {args.open_clip_dir} has no SigLipLoss(chunk_size=...)"
+                row["skipped"] = "this open_clip's SigLipLoss has no chunk_size (--open-clip-dir)"
             else:
                 forward, backward, _ = step_functions(provider, *make_inputs(b, args.dim, args.negatives))
                 row.update(median_times(forward, backward, args.repeats))
