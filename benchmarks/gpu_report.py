@@ -235,6 +235,16 @@ def main(argv=None) -> int:
         ms = 1e3 * (gemm / H100["bf16"] + row_bytes / H100["bandwidth"])
         report["distillation_roofline"].append({"B": b, "D": d, "D_teacher": d_teacher, "predicted_ms": ms})
         emit(f"B={b} D_s={d} D_t={d_teacher}: {ms:.2f} ms (GEMMs alone at peak: {1e3 * gemm / H100['bf16']:.2f} ms)")
+    emit("\nH100 roofline, sigmoid (SigLIP) loss fwd+bwd, bf16 (estimates): three GEMMs + row kernel")
+    report["sigmoid_roofline"] = []
+    for b, d in ((4096, 1024), (16384, 1024), (32768, 1152)):
+        gemm = 3 * 2.0 * b * b * d
+        # The float32 scores read once, a bf16 G written once; its exp, log and reciprocal per score take
+        # the SFUs (16/SM/clock) under half that memory time.
+        row_bytes = b * b * (4 + 2)
+        ms = 1e3 * (gemm / H100["bf16"] + row_bytes / H100["bandwidth"])
+        report["sigmoid_roofline"].append({"B": b, "D": d, "predicted_ms": ms})
+        emit(f"B={b} D={d}: {ms:.2f} ms (GEMMs alone at peak: {1e3 * gemm / H100['bf16']:.2f} ms)")
     emit("\nH100 roofline, pooling fwd+bwd (memory-bound; 75% real tokens; estimates)")
     emit("mode  dtype  B     T     D      fused us  naive us")
     report["pooling_roofline"] = []
