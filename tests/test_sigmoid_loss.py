@@ -205,6 +205,31 @@ def test_every_subset_of_inputs_wanting_a_gradient(backend):
                 torch.testing.assert_close(a.grad, r.grad, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("backend", [*BACKENDS, "reference"])
+def test_empty_negatives_get_an_empty_gradient(backend):
+    """[B, 0, D] negatives: the loss of the targets alone, and a gradient of the negatives' shape."""
+    q, t, _ = make_inputs(5, 6, 0, seed=24)
+    empty = torch.zeros(5, 0, 6, dtype=torch.float64, requires_grad=True)
+    loss = mmfast.sigmoid_loss(q, t, empty, backend=backend)
+    torch.testing.assert_close(loss, sigmoid_loss_reference(q, t), rtol=1e-12, atol=0)
+    (grad,) = torch.autograd.grad(loss, empty)
+    assert grad.shape == (5, 0, 6)
+
+
+def test_reference_backend_is_the_oracle():
+    q, t, n = make_inputs(6, 7, 2, seed=25)
+    ids = duplicate_ids(6, 18, seed=26)
+    ours = run("reference", (q, t, n), torch.float64, tensor_parameters=True, candidate_ids=ids, reduction="none")
+    scale, bias = (torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (10.0, -10.0))
+    leaves = [x.clone().requires_grad_() for x in (q, t, n)]
+    rows = mmfast.sigmoid_loss(*leaves, logit_scale=scale, logit_bias=bias, candidate_ids=ids, reduction="none",
+                               backend="reference")  # fmt: skip
+    grad_out = torch.rand(rows.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 0.5
+    torch.testing.assert_close(rows.detach(), ours[0], rtol=0, atol=0)
+    for a, r in zip(torch.autograd.grad(rows, [*leaves, scale, bias], grad_out), ours[1], strict=True):
+        torch.testing.assert_close(a, r, rtol=0, atol=0)
+
+
 def test_module_registers_learnable_parameters():
     scale = torch.nn.Parameter(torch.tensor(10.0, dtype=torch.float64))
     bias = torch.nn.Parameter(torch.tensor(-10.0, dtype=torch.float64))
