@@ -58,6 +58,13 @@ class DataArguments:
         metadata={"help": "MMEB-train .jsonl/.parquet files, an NLI .csv, or a mixture .yaml; none = embedded default"},
     )
     image_dir: str | None = field(default=None, metadata={"help": "Root of the image paths in the data"})
+    mmeb_split: str = field(
+        default="original",
+        metadata={"help": "MMEB-train instruction split to train on: original or diverse_instruction (never both)"},
+    )
+    num_sample_per_subset: int | None = field(
+        default=None, metadata={"help": "Train on the first N rows of each subset (VLM2Vec's cap); none = all"}
+    )
     teacher: str | None = field(
         default=None, metadata={"help": "Teacher embeddings (.npy/.safetensors), UniME stage 1"}
     )

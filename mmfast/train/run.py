@@ -96,6 +96,7 @@ def load_training_data(data_args: DataArguments, recipe: Recipe, report: DataRep
             default_teacher(defaults)
             data = defaults.teacher_spec
     loaded = load_data(data, image_dir=data_args.image_dir, teacher=data_args.teacher, strict=data_args.strict,
+                       mmeb_split=data_args.mmeb_split, num_sample_per_subset=data_args.num_sample_per_subset,
                        report=report)  # fmt: skip
     has_teacher = loaded.dataset.teacher is not None
     if recipe.is_distillation and not has_teacher:
