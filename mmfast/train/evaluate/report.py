@@ -2,7 +2,8 @@
 
 results.json merges the evaluators' parts (rates in %):
     {"mmeb": {"datasets": {<Subset>: {"acc", "num_correct", "num_pred", "num_missing_image_rows",
-                                      "num_missing_images", "missing_image_examples", "meta_task", "split"}},
+                                      "num_missing_images", "missing_image_examples", "layout" ("v1"/"v2"),
+                                      "columns_not_read", "meta_task", "split"}},
               "meta_tasks": {<task>: {"acc", "num_datasets"}}, "overall": {...}, "ind": {...},
               "ood": {...}, "unassigned": [...]},
      "retrieval": {<set>: {"t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", ..., "t2i_MdR", "t2i_MnR",
