@@ -49,6 +49,16 @@ class ModelArguments:
     max_length: int | None = field(default=None, metadata={"help": "Token limit; cuts text, not images"})
     padding_side: str | None = field(default=None, metadata={"help": "left or right; none = the processor's"})
     trust_remote_code: bool = field(default=False, metadata={"help": "Needed for Phi-3.5-V (untested offline)"})
+    image_resolution: str | None = field(
+        default=None, metadata={"help": "VLM2Vec V1's resize of every image: high 1344², mid 672², low 128²"}
+    )
+    min_pixels: int | None = field(default=None, metadata={"help": "Qwen-VL processor's min pixels (VLM2Vec V2: 3136)"})
+    max_pixels: int | None = field(
+        default=None, metadata={"help": "Qwen-VL processor's max pixels (VLM2Vec V2: 1003520)"}
+    )
+    image_token_style: str | None = field(
+        default=None, metadata={"help": "mmfast or vlm2vec (Qwen-VL gets a bare <|image_pad|>, as VLM2Vec)"}
+    )
 
 
 @dataclass

@@ -16,6 +16,7 @@ untested offline, since no tiny Phi-3.5-V can be built without downloading that 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import re
 from collections.abc import Mapping
@@ -181,6 +182,38 @@ def rewrite_image_tokens(text: str, family: Family) -> str:
     if count > 1:
         raise ValueError(f"the text holds {MMEB_IMAGE_PLACEHOLDER} {count} times; one image per text is supported")
     return text.replace(MMEB_IMAGE_PLACEHOLDER, family.image_token)
+
+
+def with_token_style(family: Family, style: str) -> Family:
+    """The family as an image-token style writes it: "vlm2vec" gives Qwen-VL VLM2Vec's bare
+    `<|image_pad|>` for `<|image_1|>` (no vision start/end tokens); LLaVA's `<image>` and Phi-3.5-V's
+    placeholder are VLM2Vec's already."""
+    if style == "mmfast" or not family.mrope:
+        return family
+    if style != "vlm2vec":
+        raise ValueError(f"image_token_style must be 'mmfast' or 'vlm2vec', got {style!r}")
+    return dataclasses.replace(
+        family, image_token=family.image_fill_token, image_span_tokens=(family.image_fill_token,)
+    )
+
+
+def set_pixel_range(processor, min_pixels: int | None, max_pixels: int | None) -> None:
+    """Sets a Qwen-VL image processor's pixel range, as VLM2Vec V2 builds its processor (`size` with
+    shortest_edge = min_pixels, longest_edge = max_pixels); None keeps the processor's value."""
+    if min_pixels is None and max_pixels is None:
+        return
+    image_processor = processor.image_processor
+    size = dict(image_processor.size)
+    if min_pixels is not None:
+        size["shortest_edge"] = min_pixels
+    if max_pixels is not None:
+        size["longest_edge"] = max_pixels
+    if size["shortest_edge"] > size["longest_edge"]:
+        raise ValueError(f"min_pixels {size['shortest_edge']} exceeds max_pixels {size['longest_edge']}")
+    image_processor.size = size
+    for name, value in (("min_pixels", size["shortest_edge"]), ("max_pixels", size["longest_edge"])):
+        if hasattr(image_processor, name):
+            setattr(image_processor, name, value)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -34,6 +34,9 @@ def build_encoder(model_args: ModelArguments, recipe: Recipe) -> Encoder:
         "padding_side": model_args.padding_side,
         "trust_remote_code": model_args.trust_remote_code,
     }
+    for name in ("image_resolution", "min_pixels", "max_pixels", "image_token_style"):
+        if getattr(model_args, name) is not None:  # else the saved encoder's own (or the default)
+            options[name] = getattr(model_args, name)
     if model_args.attn_implementation:
         options["attn_implementation"] = model_args.attn_implementation
     if model_args.model_dtype:
