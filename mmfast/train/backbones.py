@@ -186,8 +186,8 @@ def rewrite_image_tokens(text: str, family: Family) -> str:
 
 def with_token_style(family: Family, style: str) -> Family:
     """The family as an image-token style writes it: "vlm2vec" gives Qwen-VL VLM2Vec's bare
-    `<|image_pad|>` for `<|image_1|>` (no vision start/end tokens); LLaVA's `<image>` and Phi-3.5-V's
-    placeholder are VLM2Vec's already."""
+    `<|image_pad|>` for `<|image_1|>` (no vision start/end tokens), and with it VLM2Vec's positions
+    (`position_ids`); LLaVA's `<image>` and Phi-3.5-V's placeholder are VLM2Vec's already."""
     if style == "mmfast" or not family.mrope:
         return family
     if style != "vlm2vec":
@@ -228,6 +228,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 def position_ids(model: nn.Module, family: Family, batch: Mapping) -> torch.Tensor:
     """Position ids counted over each row's real tokens: `[B, T]`, or `[3, B, T]` (M-RoPE) for Qwen."""
     mask = batch["attention_mask"]
+    text_positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    if family.mrope and family.image_token == family.image_fill_token:
+        # VLM2Vec's bare <|image_pad|> (`with_token_style`): VLM2Vec's Qwen-VL models find an image by the
+        # <|vision_start|> before it, so without one every token, the image's too, gets text positions.
+        return text_positions.unsqueeze(0).expand(3, -1, -1)
     if family.mrope:
         if "mm_token_type_ids" not in batch:
             raise ValueError(
@@ -239,7 +244,7 @@ def position_ids(model: nn.Module, family: Family, batch: Mapping) -> torch.Tens
             batch["input_ids"], batch["mm_token_type_ids"], attention_mask=mask, **extra
         )
         return positions
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+    return text_positions
 
 
 def last_hidden_state(model: nn.Module, family: Family, batch: Mapping) -> torch.Tensor:

@@ -340,7 +340,7 @@ class Encoder(torch.nn.Module):
 
     def embed(self, batch: Mapping) -> torch.Tensor:
         """[n, D] unit embeddings of one prepared batch (differentiable)."""
-        hidden = backbones.last_hidden_state(self.model, self.family, batch)
+        hidden = backbones.last_hidden_state(self.model, self.builder.family, batch)  # the family as styled
         pool = mmfast.last_token_pool if self.encoder_config.pooling == "last" else mmfast.mean_pool
         return pool(hidden, batch["attention_mask"], normalize=True)
 

@@ -10,7 +10,9 @@ The reference below rebuilds VLM2Vec's Qwen2-VL rule from its source (read at 6e
   28 px to 56×56;
 - `load_processor` builds the Qwen2-VL image processor with `size={"shortest_edge": min_pixels,
   "longest_edge": max_pixels}` (V2's `resize_min_pixels` / `resize_max_pixels`);
-- V1's `process_image` resizes to (1344, 1344) / (672, 672) / (128, 128) for high / mid / low.
+- V1's `process_image` resizes to (1344, 1344) / (672, 672) / (128, 128) for high / mid / low;
+- its vendored Qwen2-VL `get_rope_index` counts a row's images by the `<|vision_start|>` tokens in it:
+  with the bare `<|image_pad|>` there are none, and every token gets text positions on all three axes.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from PIL import Image
 
 from mmfast.train.arguments import parse_arguments
-from mmfast.train.backbones import with_token_style
+from mmfast.train.backbones import position_ids, with_token_style
 from mmfast.train.data import Input
 from mmfast.train.encoder import Encoder, EncoderConfig
 from mmfast.train.processors import NO_VIDEO_PROCESSORS
@@ -153,3 +155,22 @@ def test_token_style_leaves_other_families_as_they_are(tiny_dirs):
     assert with_token_style(llava.family, "vlm2vec") == llava.family and llava.builder.family.image_token == "<image>"
     qwen = Encoder.from_pretrained(tiny_dirs["qwen2_5_vl"], image_token_style="vlm2vec")
     assert qwen.builder.family.image_token == "<|image_pad|>" and qwen.family.image_token.startswith("<|vision_start|>")
+
+
+def test_vlm2vec_style_gives_vlm2vecs_text_positions(tiny_dirs):
+    folder = tiny_dirs["qwen2_vl"]
+    texts = [text for text, _ in ROWS]
+    pictures = [None if i is None else images()[i] for _, i in ROWS]
+    styled = Encoder.from_pretrained(folder, image_token_style="vlm2vec", min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    ids, batch = mmfast_rows(styled, texts, pictures)
+    positions = position_ids(styled.model, styled.builder.family, batch)
+    mask = batch["attention_mask"].bool()
+    for row, row_ids in enumerate(ids):
+        expected = torch.arange(len(row_ids)).expand(3, -1)  # VLM2Vec's rule: no vision start, text positions
+        assert torch.equal(positions[:, row][:, mask[row]], expected)
+    own = Encoder.from_pretrained(folder, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    _, own_batch = mmfast_rows(own, texts[:1], pictures[:1])
+    own_positions = position_ids(own.model, own.family, own_batch)
+    assert not torch.equal(own_positions[1], own_positions[2])  # mmfast's style: the image's 2-D positions
+    embeddings = styled.encode(texts, pictures, show_progress=False)
+    assert embeddings.shape[0] == len(texts) and torch.isfinite(embeddings).all()
