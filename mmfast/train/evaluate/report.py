@@ -10,7 +10,8 @@ results.json merges the evaluators' parts (rates in %):
                            "i2t_MdR", "i2t_MnR", "num_images", "num_captions", "num_missing_images", ...}},
      "sugarcrepe": {<set>: {<file>: {"acc", "num_correct", "num_pred", ...}, "overall": {...},
                             "mean": {...}, "files_not_found": [...]}},
-     "video": {<set>: {"t2v_R@1", ..., "v2t_MnR", "num_videos", "num_captions", "num_missing_videos", ...}}}
+     "video": {<set>: {"t2v_R@1", ..., "v2t_MnR", "num_videos", "num_captions", "num_missing_videos", ...}},
+     "visdoc": {<set>: {"hit@1", ..., "ndcg_linear@5", ..., "mrr@10", "num_queries", "num_pages", ...}}}
 The CSV has one row per (task, set, metric) for every number in it; set is the path between the task
 and the metric, e.g. ("mmeb", "datasets/ImageNet-1K", "acc") or ("retrieval", "flickr30k", "t2i_R@1").
 """
@@ -23,7 +24,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-TASKS = ("mmeb", "retrieval", "sugarcrepe", "video")
+TASKS = ("mmeb", "retrieval", "sugarcrepe", "video", "visdoc")
 
 
 def merge_results(*parts: Mapping) -> dict:
@@ -132,6 +133,13 @@ def _sugarcrepe_lines(sets: Mapping) -> list[str]:
     return ["SugarCrepe (accuracy, %)", *table_lines(header, rows), *absent]
 
 
+def _visdoc_lines(sets: Mapping) -> list[str]:
+    header = ["set", "NDCG@5", "R@5", "hit@1", "queries", "pages", "missing images"]
+    rows = [[name, m["ndcg_linear@5"], m["recall@5"], m["hit@1"], m["num_queries"], m["num_pages"],
+             m["num_missing_images"]] for name, m in sets.items()]  # fmt: skip
+    return ["Visual-document retrieval (%, MMEB-V2's linear NDCG)", *table_lines(header, rows)]
+
+
 def format_table(results: Mapping) -> str:
     """A plain-text table of every task in the results, with num_pred (or its counts) for every set."""
     sections = []
@@ -147,6 +155,8 @@ def format_table(results: Mapping) -> str:
         )
     if "sugarcrepe" in results:
         sections.append(_sugarcrepe_lines(results["sugarcrepe"]))
+    if "visdoc" in results:
+        sections.append(_visdoc_lines(results["visdoc"]))
     return "\n\n".join("\n".join(lines) for lines in sections)
 
 
