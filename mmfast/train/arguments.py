@@ -49,6 +49,16 @@ class ModelArguments:
     max_length: int | None = field(default=None, metadata={"help": "Token limit; cuts text, not images"})
     padding_side: str | None = field(default=None, metadata={"help": "left or right; none = the processor's"})
     trust_remote_code: bool = field(default=False, metadata={"help": "Needed for Phi-3.5-V (untested offline)"})
+    image_resolution: str | None = field(
+        default=None, metadata={"help": "VLM2Vec V1's resize of every image: high 1344², mid 672², low 128²"}
+    )
+    min_pixels: int | None = field(default=None, metadata={"help": "Qwen-VL processor's min pixels (VLM2Vec V2: 3136)"})
+    max_pixels: int | None = field(
+        default=None, metadata={"help": "Qwen-VL processor's max pixels (VLM2Vec V2: 1003520)"}
+    )
+    image_token_style: str | None = field(
+        default=None, metadata={"help": "mmfast or vlm2vec (Qwen-VL gets a bare <|image_pad|>, as VLM2Vec)"}
+    )
 
 
 @dataclass
@@ -58,6 +68,13 @@ class DataArguments:
         metadata={"help": "MMEB-train .jsonl/.parquet files, an NLI .csv, or a mixture .yaml; none = embedded default"},
     )
     image_dir: str | None = field(default=None, metadata={"help": "Root of the image paths in the data"})
+    mmeb_split: str = field(
+        default="original",
+        metadata={"help": "MMEB-train instruction split to train on: original or diverse_instruction (never both)"},
+    )
+    num_sample_per_subset: int | None = field(
+        default=None, metadata={"help": "Train on the first N rows of each subset (VLM2Vec's cap); none = all"}
+    )
     teacher: str | None = field(
         default=None, metadata={"help": "Teacher embeddings (.npy/.safetensors), UniME stage 1"}
     )

@@ -16,6 +16,7 @@ untested offline, since no tiny Phi-3.5-V can be built without downloading that 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import re
 from collections.abc import Mapping
@@ -183,6 +184,38 @@ def rewrite_image_tokens(text: str, family: Family) -> str:
     return text.replace(MMEB_IMAGE_PLACEHOLDER, family.image_token)
 
 
+def with_token_style(family: Family, style: str) -> Family:
+    """The family as an image-token style writes it: "vlm2vec" gives Qwen-VL VLM2Vec's bare
+    `<|image_pad|>` for `<|image_1|>` (no vision start/end tokens), and with it VLM2Vec's positions
+    (`position_ids`); LLaVA's `<image>` and Phi-3.5-V's placeholder are VLM2Vec's already."""
+    if style == "mmfast" or not family.mrope:
+        return family
+    if style != "vlm2vec":
+        raise ValueError(f"image_token_style must be 'mmfast' or 'vlm2vec', got {style!r}")
+    return dataclasses.replace(
+        family, image_token=family.image_fill_token, image_span_tokens=(family.image_fill_token,)
+    )
+
+
+def set_pixel_range(processor, min_pixels: int | None, max_pixels: int | None) -> None:
+    """Sets a Qwen-VL image processor's pixel range, as VLM2Vec V2 builds its processor (`size` with
+    shortest_edge = min_pixels, longest_edge = max_pixels); None keeps the processor's value."""
+    if min_pixels is None and max_pixels is None:
+        return
+    image_processor = processor.image_processor
+    size = dict(image_processor.size)
+    if min_pixels is not None:
+        size["shortest_edge"] = min_pixels
+    if max_pixels is not None:
+        size["longest_edge"] = max_pixels
+    if size["shortest_edge"] > size["longest_edge"]:
+        raise ValueError(f"min_pixels {size['shortest_edge']} exceeds max_pixels {size['longest_edge']}")
+    image_processor.size = size
+    for name, value in (("min_pixels", size["shortest_edge"]), ("max_pixels", size["longest_edge"])):
+        if hasattr(image_processor, name):
+            setattr(image_processor, name, value)
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The transformers model inside DDP / FSDP / DeepSpeed / torch.compile and peft wrappers."""
     from accelerate.utils import extract_model_from_parallel
@@ -195,6 +228,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 def position_ids(model: nn.Module, family: Family, batch: Mapping) -> torch.Tensor:
     """Position ids counted over each row's real tokens: `[B, T]`, or `[3, B, T]` (M-RoPE) for Qwen."""
     mask = batch["attention_mask"]
+    text_positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    if family.mrope and family.image_token == family.image_fill_token:
+        # VLM2Vec's bare <|image_pad|> (`with_token_style`): VLM2Vec's Qwen-VL models find an image by the
+        # <|vision_start|> before it, so without one every token, the image's too, gets text positions.
+        return text_positions.unsqueeze(0).expand(3, -1, -1)
     if family.mrope:
         if "mm_token_type_ids" not in batch:
             raise ValueError(
@@ -206,7 +244,7 @@ def position_ids(model: nn.Module, family: Family, batch: Mapping) -> torch.Tens
             batch["input_ids"], batch["mm_token_type_ids"], attention_mask=mask, **extra
         )
         return positions
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+    return text_positions
 
 
 def last_hidden_state(model: nn.Module, family: Family, batch: Mapping) -> torch.Tensor:

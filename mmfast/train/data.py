@@ -8,7 +8,8 @@ Rows and rules
 - MMEB-train (`.jsonl` or `.parquet`): columns `qry`, `qry_image_path`, `pos_text`,
   `pos_image_path`, optional `neg_text`, `neg_image_path` (a string, or a list of strings for several
   hard negatives). Image paths are relative to `image_dir` ("" = no image; absolute paths are kept; with
-  `image_dir=None` they are relative to the data file's folder). `<|image_1|>` marks where an image goes
+  `image_dir=None` they are relative to the data file's folder, and a file none of whose relative image
+  paths is found there is an error that suggests `--image_dir`). `<|image_1|>` marks where an image goes
   and is kept verbatim; the encoder rewrites it for its backbone.
 - NLI triplets (`.csv`, E5-V's `nli_for_simcse.csv`): `sent0` (anchor), `sent1` (entailment),
   `hard_neg` (contradiction; may be empty).
@@ -152,10 +153,13 @@ def _parquet_rows(
             raise ValueError(
                 f"{path}: column {c!r} has type {t}, expected string" + (" or list<string>" * (c in optional))
             )
-    if limit is not None:  # the first rows only (a dry run's sample), without reading the whole file
+    if limit is not None:  # the first rows only, without reading the whole file (batches end at row groups)
         for batch in pq.ParquetFile(path).iter_batches(batch_size=max(limit, 1), columns=columns):
-            yield from batch.to_pylist()[:limit]
-            return
+            rows = batch.to_pylist()[:limit]
+            yield from rows
+            limit -= len(rows)
+            if limit <= 0:
+                return
         return
     table = pq.read_table(path, columns=columns)
     yield from table.to_pylist()
@@ -208,6 +212,26 @@ def _row_problem(example: Example) -> tuple[str, str | None] | None:
     return None
 
 
+def _check_images_beside(path: Path, records: Sequence[dict]) -> None:
+    """Without an image_dir, relative image paths are read beside the data file. When not one of them is
+    there, the data surely lives elsewhere (the HF layout keeps images apart): an error, not every image
+    row skipped."""
+    relative = [
+        image
+        for record in records
+        for column in ("qry_image_path", "pos_image_path", "neg_image_path")
+        for image in (record.get(column) if isinstance(record.get(column), list) else [record.get(column)])
+        if isinstance(image, str) and image and not os.path.isabs(image)
+    ]
+    if relative and not any(os.path.isfile(path.parent / image) for image in relative):
+        tried = os.path.abspath(path.parent / relative[0])
+        raise ValueError(
+            f"{path}: no image found beside the data file (tried {tried} for row paths like {relative[0]!r}, "
+            f"and {len(relative) - 1} more); give the folder the image paths start from with --image_dir "
+            "(or image_dir: in a data spec)"
+        )
+
+
 def _as_paths(files: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
     paths = [Path(files)] if isinstance(files, (str, os.PathLike)) else [Path(f) for f in files]
     if not paths:
@@ -240,7 +264,7 @@ def load_mmeb_train(
         else:
             raise ValueError(f"{path}: MMEB-train data must be .jsonl or .parquet")
         base = Path(image_dir) if image_dir is not None else path.parent
-        name, source, count = subset or subset_name(path), str(path), 0
+        name, source, count, read = subset or subset_name(path), str(path), 0, []
         for row, record in enumerate(rows):
             count += 1
             texts = {c: _text(path, row, record, c) for c in MMEB_REQUIRED}
@@ -256,6 +280,11 @@ def load_mmeb_train(
                 source=source,
                 row=row,
             )
+            read.append((example, record))
+        if image_dir is None:
+            _check_images_beside(path, [record for _, record in read])
+        for example, _ in read:
+            row = example.row
             problem = _row_problem(example)
             if problem is not None:
                 report.skip(source, row, problem[0], problem[1], strict=strict or None)

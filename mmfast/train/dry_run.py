@@ -181,7 +181,10 @@ def check_data(data_args: DataArguments, recipe: Recipe, family: Family | None, 
         plan.errors.append(f"{len(missing)} missing path(s):\n  " + "\n  ".join(missing))
         return None
     try:
-        sources = parse_data_spec(data_args.data, image_dir=data_args.image_dir, teacher=data_args.teacher)
+        sources = parse_data_spec(
+            data_args.data, image_dir=data_args.image_dir, teacher=data_args.teacher,
+            mmeb_split=data_args.mmeb_split, num_sample_per_subset=data_args.num_sample_per_subset,
+        )  # fmt: skip
     except (ValueError, FileNotFoundError) as error:
         plan.errors.append(str(error))
         return None

@@ -32,6 +32,9 @@ from .data import Input, load_image
 CONFIG_NAME = "mmfast_encoder.json"
 IMAGE_PLACEHOLDER = "<|image_1|>"
 POOLING = ("last", "mean")
+# VLM2Vec V1's `image_resolution`: every image resized to this square (its aspect ratio not kept).
+IMAGE_RESOLUTIONS = {"high": (1344, 1344), "mid": (672, 672), "low": (128, 128)}
+IMAGE_TOKEN_STYLES = ("mmfast", "vlm2vec")
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,14 @@ class EncoderConfig:
     from a folder takes that folder's path, so an adapter trained over it is saved naming it).
     merged_adapters: for an adapter, the folders of earlier adapters folded into `base_model` (in
     order) before it was trained; absolute paths.
+    image_resolution: VLM2Vec V1's high / mid / low, every image resized to 1344² / 672² / 128² before
+    the processor (None: as it is; V1 never resizes for Phi-3.5-V, so that family refuses it).
+    min_pixels / max_pixels: the Qwen-VL image processor's pixel range (VLM2Vec V2: 3136 and 1003520);
+    None keeps the processor's own.
+    image_token_style: "mmfast" (Qwen's `<|image_1|>` becomes `<|vision_start|><|image_pad|><|vision_end|>`)
+    or "vlm2vec", VLM2Vec's Qwen-VL inputs: a bare `<|image_pad|>`, and an image with a side under 28
+    pixels resized to 56×56 first. Other families' tokens are VLM2Vec's already.
+    All four are read on both sides, in training and in `mmfast-eval`, from this saved config.
     """
 
     base_model: str
@@ -55,6 +66,10 @@ class EncoderConfig:
     pooling: str = "last"
     adapter: bool = False
     merged_adapters: tuple[str, ...] = ()
+    image_resolution: str | None = None
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    image_token_style: str = "mmfast"
 
     def __post_init__(self):
         # None stands for an adapter merged before it was saved (see Encoder.merged).
@@ -75,6 +90,38 @@ class EncoderConfig:
             raise ValueError(f"pooling must be one of {POOLING}, got {self.pooling!r}")
         if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 1):
             raise ValueError(f"max_length must be a positive integer or None, got {self.max_length!r}")
+        if self.image_resolution not in (None, *IMAGE_RESOLUTIONS):
+            raise ValueError(f"image_resolution must be one of {', '.join(IMAGE_RESOLUTIONS)} or None, "
+                             f"got {self.image_resolution!r}")  # fmt: skip
+        for name in ("min_pixels", "max_pixels"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels ({self.min_pixels}) must not exceed max_pixels ({self.max_pixels})")
+        if self.image_token_style not in IMAGE_TOKEN_STYLES:
+            raise ValueError(f"image_token_style must be one of {', '.join(IMAGE_TOKEN_STYLES)}, "
+                             f"got {self.image_token_style!r}")  # fmt: skip
+
+    def check_family(self, family) -> None:
+        """The image options this backbone family cannot honour are errors, not silently ignored."""
+        if not family.multimodal and self.image_resolution is not None:
+            raise ValueError(f"image_resolution: a text-only {family.name} backbone reads no image")
+        if family.name == "phi3_v" and self.image_resolution is not None:
+            raise ValueError("image_resolution: VLM2Vec V1 never resizes Phi-3.5-V's images (its processor crops)")
+        if (self.min_pixels is not None or self.max_pixels is not None) and not family.mrope:
+            raise ValueError(f"min_pixels / max_pixels set the Qwen-VL image processor's range; a {family.name} "
+                             "backbone has no such setting")  # fmt: skip
+
+    def sized(self, image: Image.Image | None, family) -> Image.Image | None:
+        """An image resized as VLM2Vec would before its processor (see the class docstring)."""
+        if image is None:
+            return None
+        if self.image_resolution is not None:
+            image = image.resize(IMAGE_RESOLUTIONS[self.image_resolution])
+        if self.image_token_style == "vlm2vec" and family.mrope and min(image.size) < 28:
+            image = image.resize((56, 56))
+        return image
 
     def render(self, item: Input) -> str:
         """The prompt text of one input, with the image placeholder still in MMEB form."""
@@ -97,12 +144,13 @@ class InputBuilder:
     loader workers can run it. Images must already be loaded (PIL)."""
 
     def __init__(self, processor, family, config: EncoderConfig):
-        self.processor, self.family, self.encoder_config = processor, family, config
+        self.processor, self.encoder_config = processor, config
+        self.family = backbones.with_token_style(family, config.image_token_style)
 
     def __call__(self, items: Sequence[Input], images: Sequence[Image.Image | None]) -> Mapping:
         items = [self._fitted(item) for item in items]
         texts = [backbones.rewrite_image_tokens(self.encoder_config.render(item), self.family) for item in items]
-        flat_images = [image for image in images if image is not None]
+        flat_images = [self.encoder_config.sized(image, self.family) for image in images if image is not None]
         padding_side = self.encoder_config.padding_side or getattr(self.processor, "padding_side", None) or "right"
         return backbones.processor_inputs(
             self.processor, self.family, texts, flat_images, padding_side=padding_side,
@@ -142,6 +190,8 @@ class Encoder(torch.nn.Module):
     def __init__(self, model, processor, family, config: EncoderConfig, *, adapter_source: str | None = None):
         """adapter_source: the folder an adapter was loaded from (what `merged()` records)."""
         super().__init__()
+        config.check_family(family)
+        backbones.set_pixel_range(processor, config.min_pixels, config.max_pixels)
         self.model, self.processor, self.family, self.encoder_config = model, processor, family, config
         self.adapter_source = adapter_source
         self.builder = InputBuilder(processor, family, config)
@@ -290,7 +340,7 @@ class Encoder(torch.nn.Module):
 
     def embed(self, batch: Mapping) -> torch.Tensor:
         """[n, D] unit embeddings of one prepared batch (differentiable)."""
-        hidden = backbones.last_hidden_state(self.model, self.family, batch)
+        hidden = backbones.last_hidden_state(self.model, self.builder.family, batch)  # the family as styled
         pool = mmfast.last_token_pool if self.encoder_config.pooling == "last" else mmfast.mean_pool
         return pool(hidden, batch["attention_mask"], normalize=True)
 

@@ -34,6 +34,9 @@ def build_encoder(model_args: ModelArguments, recipe: Recipe) -> Encoder:
         "padding_side": model_args.padding_side,
         "trust_remote_code": model_args.trust_remote_code,
     }
+    for name in ("image_resolution", "min_pixels", "max_pixels", "image_token_style"):
+        if getattr(model_args, name) is not None:  # else the saved encoder's own (or the default)
+            options[name] = getattr(model_args, name)
     if model_args.attn_implementation:
         options["attn_implementation"] = model_args.attn_implementation
     if model_args.model_dtype:
@@ -96,6 +99,7 @@ def load_training_data(data_args: DataArguments, recipe: Recipe, report: DataRep
             default_teacher(defaults)
             data = defaults.teacher_spec
     loaded = load_data(data, image_dir=data_args.image_dir, teacher=data_args.teacher, strict=data_args.strict,
+                       mmeb_split=data_args.mmeb_split, num_sample_per_subset=data_args.num_sample_per_subset,
                        report=report)  # fmt: skip
     has_teacher = loaded.dataset.teacher is not None
     if recipe.is_distillation and not has_teacher:

@@ -309,16 +309,17 @@ def test_data_spec_list_folder_and_file(tmp_path, image_dir):
     )
     write_csv(tmp_path / "nli.csv", "sent0,sent1,hard_neg\na,b,c\n")
     sources = parse_data_spec([tmp_path / "A.jsonl", tmp_path / "B", tmp_path / "nli.csv"], image_dir=image_dir)
+    # B's two instruction splits are never merged: the original split only (issue 19).
     assert [(s.name, len(s.paths), s.format, s.weight) for s in sources] == [
         ("A", 1, "mmeb", None),
-        ("B", 2, "mmeb", None),
+        ("B", 1, "mmeb", None),
         ("nli", 1, "nli", None),
     ]
     data = load_data(sources)
-    assert data.mixture.names == ("A", "B", "nli") and data.mixture.sizes == (1, 5, 1)
+    assert data.mixture.names == ("A", "B", "nli") and data.mixture.sizes == (1, 3, 1)
     assert data.mixture.weights is None and data.report.counts == {"missing image": 1}
-    assert data.dataset.teacher is None and len(data.dataset) == 7
-    assert [data.mixture.subset_of(i) for i in range(7)] == ["A"] + ["B"] * 5 + ["nli"]
+    assert data.dataset.teacher is None and len(data.dataset) == 5
+    assert [data.mixture.subset_of(i) for i in range(5)] == ["A"] + ["B"] * 3 + ["nli"]
 
 
 def test_data_spec_yaml_weights_and_errors(tmp_path, image_dir):

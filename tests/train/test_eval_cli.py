@@ -50,7 +50,7 @@ def test_every_task_end_to_end_on_a_tiny_generated_set_with_the_tiny_default_mod
     data = generate(tmp_path / "data", sizes=Sizes.tiny())
     encoder = Encoder.from_pretrained(default_backbone())
     results = evaluate_default(encoder, data=data, output_dir=tmp_path / "eval", show_progress=False)
-    assert set(results) == {"mmeb", "retrieval", "sugarcrepe", "video"}
+    assert set(results) == {"mmeb", "retrieval", "sugarcrepe", "video", "visdoc"}
     datasets = results["mmeb"]["datasets"]
     assert datasets and all(d["num_pred"] > 0 and 0 <= d["acc"] <= 100 for d in datasets.values())
     assert {"classification", "vqa", "retrieval", "grounding"} <= set(results["mmeb"]["meta_tasks"])
@@ -60,3 +60,6 @@ def test_every_task_end_to_end_on_a_tiny_generated_set_with_the_tiny_default_mod
     assert 0 <= results["retrieval"]["flickr30k"]["t2i_R@1"] <= 100
     assert 0 <= results["sugarcrepe"]["sugarcrepe"]["overall"]["acc"] <= 100
     assert results["video"]["msrvtt"]["t2v_MdR"] >= 1
+    documents = results["visdoc"]["documents"]
+    assert documents["num_queries"] == documents["num_pages"] == 8 and 0 <= documents["ndcg_linear@5"] <= 100
+    assert (tmp_path / "eval" / "visdoc" / "documents_score.json").is_file()

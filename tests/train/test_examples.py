@@ -35,7 +35,7 @@ def _check_outputs(out: Path, columns: list[str]):
     results = json.loads((out / "results.json").read_text())
     assert list(results) == columns
     for results_of_one in results.values():  # mmfast-eval's shape, every task of the tiny held-out sets
-        assert set(results_of_one) == {"mmeb", "retrieval", "sugarcrepe", "video"}
+        assert set(results_of_one) == {"mmeb", "retrieval", "sugarcrepe", "video", "visdoc"}
         assert 0 <= results_of_one["retrieval"]["flickr30k"]["t2i_R@1"] <= 100
         assert results_of_one["mmeb"]["meta_tasks"]
     assert (out / "loss.png").read_bytes().startswith(b"\x89PNG")
@@ -48,7 +48,7 @@ def test_example_trains_and_evaluates_before_and_after(script, tmp_path, capsys)
     assert _main(script)(["--output_dir", str(out), *SHORT]) == 0
     printed = capsys.readouterr().out
     assert "metric (%)" in printed and "flickr30k t2i R@1" in printed and "MMEB overall P@1" in printed
-    assert "sugarcrepe accuracy" in printed
+    assert "sugarcrepe accuracy" in printed and "documents NDCG@5" in printed
     _check_outputs(out, ["before", "after"])
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2]

@@ -1,6 +1,7 @@
 """The default's held-out sets, fresh renders in the public layouts: MMEB-eval parquet with candidate
 lists (truth at index 0), a Flickr30K-style and an Urban1K-style retrieval split, SugarCrepe-style
-JSON, and MSR-VTT-style frame folders. Layouts: `mmfast.train.default.synthetic`."""
+JSON, MSR-VTT-style frame folders and a ViDoRe-style visual-document set (`heldout_visdoc`). Layouts:
+`mmfast.train.default.synthetic`."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from mmfast.train.default.captions import (
     REFER,
     Single,
 )
+from mmfast.train.default.heldout_visdoc import write_visdoc
 from mmfast.train.default.render import SHAPES, Obj, Scene, background, jitter_colour, render, save
 from mmfast.train.default.sizes import Sizes
 from mmfast.train.default.writing import Images, part_rng, write_json, write_parquet
@@ -268,3 +270,4 @@ def write_all(root: Path, seed: int, image_size: int, sizes: Sizes) -> None:
     _write_retrieval(root, seed, image_size, sizes)
     _write_sugarcrepe(root, seed, image_size, sizes)
     _write_video(root, seed, image_size, sizes)
+    write_visdoc(root, seed, image_size, sizes)

@@ -27,11 +27,12 @@ class Sizes:
     nli_rows: int = 2000
     videos: int = 50
     video_frames: int = 4
+    visdoc_pages: int = 100  # distinct pictures, one query each
 
     @classmethod
     def tiny(cls) -> Sizes:
         """A few rows of everything (tests)."""
-        return cls(12, 12, 12, 12, 8, 6, 5, 12, 6, 4, 12, 4, 3)
+        return cls(12, 12, 12, 12, 8, 6, 5, 12, 6, 4, 12, 4, 3, 8)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -39,7 +40,7 @@ class Sizes:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Sizes.{f.name} must be an int >= 1, got {value!r}")
         limit = len(world.ALL_SINGLES)
-        for name in ("flickr_images", "urban_pairs", "eval_rows"):
+        for name in ("flickr_images", "urban_pairs", "eval_rows", "visdoc_pages"):
             if getattr(self, name) > limit:
                 raise ValueError(f"Sizes.{name} = {getattr(self, name)}: the world has only {limit} distinct pictures")
         if not 2 <= self.eval_candidates <= 64:

@@ -1,4 +1,5 @@
-"""Evaluation: MMEB Precision@1, image-text retrieval R@K, SugarCrepe and text-to-video retrieval.
+"""Evaluation: MMEB Precision@1, image-text retrieval R@K, SugarCrepe, text-to-video retrieval and
+MMEB-V2's visual-document retrieval.
 
 Each task has one entry, returning its part of the results dict ({task: ...}); `merge_results`
 joins parts, `write_results` writes results.json and a CSV, `format_table` renders them. The encoder
@@ -26,6 +27,7 @@ from .report import TASKS, format_table, merge_results, print_table, result_rows
 from .retrieval import evaluate_retrieval
 from .sugarcrepe import SUGARCREPE_FILES, evaluate_sugarcrepe
 from .video import evaluate_video, video_decoder
+from .visdoc import evaluate_visdoc
 
 
 def evaluate(
@@ -44,7 +46,8 @@ def evaluate(
     task "mmeb": data = the MMEB-eval root, image_root = the images (default data); output_dir gets
     the per-dataset <Subset>_score.json. "retrieval": data = a record file or a folder (image_root
     for relative image paths). "sugarcrepe": data = the folder of the seven JSON files, image_root =
-    the COCO val2017 images. "video": data = the MSR-VTT CSV, image_root = the video root.
+    the COCO val2017 images. "video": data = the MSR-VTT CSV, image_root = the video root. "visdoc":
+    data = a BEIR folder (queries/, corpus/, qrels/), output_dir gets visdoc/<name>_score.json.
     options: the task's own keywords (name, batch_size, show_progress, prompts, max_frames, ...).
     """
     common = {"strict": strict, "cache": cache, **options}
@@ -56,6 +59,8 @@ def evaluate(
         return evaluate_sugarcrepe(encoder, data, image_root, **common)
     if task == "video":
         return evaluate_video(encoder, data, image_root, **common)
+    if task == "visdoc":
+        return evaluate_visdoc(encoder, data, image_root, output_dir=output_dir, **common)
     raise ValueError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
 
 
@@ -73,6 +78,7 @@ __all__ = [
     "evaluate_retrieval",
     "evaluate_sugarcrepe",
     "evaluate_video",
+    "evaluate_visdoc",
     "first_candidate_ranks",
     "format_table",
     "mean_rank",

@@ -2,7 +2,8 @@
 is measured over and its chance level, so that a gain can be read at a glance.
 
 Headlines: image-text retrieval t2i and i2t R@1 per set, MMEB Precision@1 per meta-task and overall,
-SugarCrepe accuracy over every pair, text-video t2v and v2t R@1 per set (all in %).
+SugarCrepe accuracy over every pair, text-video t2v and v2t R@1 per set, visual-document NDCG@5 per
+set (all in %).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def headlines(results: Mapping) -> dict[str, tuple[float, str, float | None]]:
         over, chance = f"{m['num_captions']} captions, {m['num_videos']} videos", 100.0 / max(m["num_videos"], 1)
         rows[f"{name} t2v R@1"] = (m["t2v_R@1"], over, chance)
         rows[f"{name} v2t R@1"] = (m["v2t_R@1"], over, chance)
+    for name, m in results.get("visdoc", {}).items():
+        rows[f"{name} NDCG@5"] = (m["ndcg_linear@5"], f"{m['num_queries']} queries, {m['num_pages']} pages", None)
     return rows
 
 

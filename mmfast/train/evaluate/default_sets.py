@@ -18,8 +18,9 @@ from .report import merge_results
 from .retrieval import evaluate_retrieval
 from .sugarcrepe import evaluate_sugarcrepe
 from .video import evaluate_video
+from .visdoc import evaluate_visdoc
 
-DEFAULT_TASKS = ("mmeb", "retrieval", "sugarcrepe", "video")
+DEFAULT_TASKS = ("mmeb", "retrieval", "sugarcrepe", "video", "visdoc")
 CAPTION_PROMPT = FIND_IMAGE.format("{text}")
 IMAGE_PROMPT = IMAGE
 
@@ -54,4 +55,6 @@ def evaluate_default(
     if "video" in tasks:
         video = {"query_prompt": caption, "video_prompt": IMAGE_PROMPT}
         parts.append(evaluate_video(encoder, data.video_csv, data.video_frames, name="msrvtt", **video, **common))
+    if "visdoc" in tasks:  # V2's own instructions (evaluate.visdoc), which the default never trains on
+        parts.append(evaluate_visdoc(encoder, data.visdoc, name="documents", output_dir=output_dir, **common))
     return merge_results(*parts)

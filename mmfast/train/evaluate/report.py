@@ -2,14 +2,16 @@
 
 results.json merges the evaluators' parts (rates in %):
     {"mmeb": {"datasets": {<Subset>: {"acc", "num_correct", "num_pred", "num_missing_image_rows",
-                                      "num_missing_images", "missing_image_examples", "meta_task", "split"}},
+                                      "num_missing_images", "missing_image_examples", "layout" ("v1"/"v2"),
+                                      "columns_not_read", "meta_task", "split"}},
               "meta_tasks": {<task>: {"acc", "num_datasets"}}, "overall": {...}, "ind": {...},
               "ood": {...}, "unassigned": [...]},
      "retrieval": {<set>: {"t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", ..., "t2i_MdR", "t2i_MnR",
                            "i2t_MdR", "i2t_MnR", "num_images", "num_captions", "num_missing_images", ...}},
      "sugarcrepe": {<set>: {<file>: {"acc", "num_correct", "num_pred", ...}, "overall": {...},
                             "mean": {...}, "files_not_found": [...]}},
-     "video": {<set>: {"t2v_R@1", ..., "v2t_MnR", "num_videos", "num_captions", "num_missing_videos", ...}}}
+     "video": {<set>: {"t2v_R@1", ..., "v2t_MnR", "num_videos", "num_captions", "num_missing_videos", ...}},
+     "visdoc": {<set>: {"hit@1", ..., "ndcg_linear@5", ..., "mrr@10", "num_queries", "num_pages", ...}}}
 The CSV has one row per (task, set, metric) for every number in it; set is the path between the task
 and the metric, e.g. ("mmeb", "datasets/ImageNet-1K", "acc") or ("retrieval", "flickr30k", "t2i_R@1").
 """
@@ -22,7 +24,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-TASKS = ("mmeb", "retrieval", "sugarcrepe", "video")
+TASKS = ("mmeb", "retrieval", "sugarcrepe", "video", "visdoc")
 
 
 def merge_results(*parts: Mapping) -> dict:
@@ -131,6 +133,13 @@ def _sugarcrepe_lines(sets: Mapping) -> list[str]:
     return ["SugarCrepe (accuracy, %)", *table_lines(header, rows), *absent]
 
 
+def _visdoc_lines(sets: Mapping) -> list[str]:
+    header = ["set", "NDCG@5", "R@5", "hit@1", "queries", "pages", "missing images"]
+    rows = [[name, m["ndcg_linear@5"], m["recall@5"], m["hit@1"], m["num_queries"], m["num_pages"],
+             m["num_missing_images"]] for name, m in sets.items()]  # fmt: skip
+    return ["Visual-document retrieval (%, MMEB-V2's linear NDCG)", *table_lines(header, rows)]
+
+
 def format_table(results: Mapping) -> str:
     """A plain-text table of every task in the results, with num_pred (or its counts) for every set."""
     sections = []
@@ -146,6 +155,8 @@ def format_table(results: Mapping) -> str:
         )
     if "sugarcrepe" in results:
         sections.append(_sugarcrepe_lines(results["sugarcrepe"]))
+    if "visdoc" in results:
+        sections.append(_visdoc_lines(results["visdoc"]))
     return "\n\n".join("\n".join(lines) for lines in sections)
 
 
