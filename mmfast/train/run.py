@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from . import default
+from . import checkpoints, default
 from .arguments import DataArguments, ModelArguments, TrainingArguments
 from .collator import EmbeddingCollator
 from .data import ContrastiveBatchSampler, DataReport
@@ -110,6 +110,10 @@ def build_trainer(
 ) -> EmbeddingTrainer:
     if training_args.cpu_threads is not None:
         torch.set_num_threads(training_args.cpu_threads)
+    # Before anything loads: "True"/"latest" becomes the newest complete checkpoint, a named one is checked.
+    training_args.resume_from_checkpoint = checkpoints.resolve_resume(
+        training_args.resume_from_checkpoint, training_args.output_dir
+    )
     report = DataReport(strict=data_args.strict)
     data = load_training_data(data_args, recipe, report)
     encoder = build_encoder(model_args, recipe)
