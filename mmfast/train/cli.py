@@ -76,6 +76,7 @@ def evaluate(argv: Sequence[str] | None = None) -> dict:
     from .encoder import Encoder
     from .evaluate import TASKS, evaluate_task, print_table, write_results
     from .evaluate.default_sets import DEFAULT_TASKS, evaluate_default
+    from .model_source import check_model_source
 
     parser = argparse.ArgumentParser(prog="mmfast-eval", description="Evaluate an embedding model.")
     parser.add_argument("--model", help=f"an Encoder or HF model folder; default: {DEFAULT_TRAINED} if it exists")
@@ -106,6 +107,7 @@ def evaluate(argv: Sequence[str] | None = None) -> dict:
 
     overrides = {k: getattr(args, k) for k in ("text_prompt", "image_prompt") if getattr(args, k)}
     if args.model:
+        check_model_source(args.model, "--model")
         model = args.model
     elif os.path.isfile(os.path.join(DEFAULT_TRAINED, "mmfast_encoder.json")):
         model = DEFAULT_TRAINED

@@ -16,6 +16,7 @@ from .data import ContrastiveBatchSampler, DataReport
 from .data_spec import TrainData, load_data
 from .encoder import Encoder
 from .losses import Objective, distributed_world_size
+from .model_source import check_model_source
 from .plan import BatchPlan
 from .recipes import Recipe
 from .trainer import EmbeddingTrainer
@@ -114,6 +115,8 @@ def build_trainer(
     training_args.resume_from_checkpoint = checkpoints.resolve_resume(
         training_args.resume_from_checkpoint, training_args.output_dir
     )
+    if model_args.model_name_or_path:
+        check_model_source(model_args.model_name_or_path, "--model_name_or_path")
     report = DataReport(strict=data_args.strict)
     data = load_training_data(data_args, recipe, report)
     encoder = build_encoder(model_args, recipe)
