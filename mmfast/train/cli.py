@@ -18,7 +18,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .arguments import parse_arguments
+from .arguments import HELP_FLAGS, parse_arguments, print_help
 from .default import PROFILE
 
 logger = logging.getLogger(__name__)
@@ -57,6 +57,9 @@ DRY_RUN_FLAGS = ("--dry-run", "--dry_run")
 
 def train_main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(flag in argv for flag in HELP_FLAGS):
+        rest = [token for token in argv if token not in DRY_RUN_FLAGS]
+        return run_command(lambda tokens: print_help(tokens, profile=PROFILE), "mmfast-train", rest)
     if any(flag in argv for flag in DRY_RUN_FLAGS):
         from .dry_run import dry_run_main
 
