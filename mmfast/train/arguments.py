@@ -8,6 +8,7 @@ from a file is checked exactly like one typed on the command line.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -36,7 +37,11 @@ class ModelArguments:
     lora_alpha: int = 32
     lora_dropout: float = 0.1
     lora_target_modules: list[str] | None = field(
-        default=None, metadata={"help": "Module names or one regex; none = the language model's attention projections"}
+        default=None,
+        metadata={
+            "help": "Module names or one regex; none = every projection of the language model's decoder "
+            "(attention and MLP)"
+        },
     )
     use_dora: bool = field(default=False, metadata={"help": "DoRA (weight-decomposed LoRA) via peft"})
     freeze_vision_tower: bool = False
@@ -221,3 +226,42 @@ def parse_arguments(
     parser = HfArgumentParser(ARGUMENT_CLASSES)
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=tokens)
     return model_args, data_args, training_args, recipe
+
+
+HELP_FLAGS = ("-h", "--help")
+
+
+def print_help(argv: Sequence[str], *, profile: Mapping | None = None, program: str = "mmfast-train") -> None:
+    """`--help`: every option the command takes, each default being the value this run would use (the
+    recipe's, the profile's, the config file's and the command line's, as `parse_arguments` layers them)."""
+    resolved = parse_arguments([token for token in argv if token not in HELP_FLAGS], profile=profile)[:3]
+    parser = HfArgumentParser(ARGUMENT_CLASSES, prog=program,
+                              description="Train an embedding model with a recipe. Each default shown is the value "
+                              "this run would use, given the other arguments on this command line.")  # fmt: skip
+    own = parser.add_argument_group(f"{program}'s own options")
+    hidden = {"default": argparse.SUPPRESS}  # no "(default: None)" after these
+    own.add_argument(
+        "--config", metavar="FILE", help="a YAML or JSON file of these arguments; the command line wins", **hidden
+    )
+    own.add_argument(
+        "--dry-run",
+        action="store_true",
+        **hidden,
+        help="check the run up to where weights would load and print its plan; exit 2 on an error",
+    )
+    own.add_argument(
+        "--num_processes",
+        metavar="N",
+        **hidden,
+        help="with --dry-run: plan for N data-parallel processes (default: --accelerate_config's, "
+        "else $WORLD_SIZE, else 1)",
+    )
+    own.add_argument(
+        "--accelerate_config",
+        metavar="FILE",
+        **hidden,
+        help="with --dry-run: check an `accelerate launch` config file and plan for its processes",
+    )
+    values = {f.name: getattr(args, f.name) for args in resolved for f in dataclasses.fields(args)}
+    parser.set_defaults(**{name: getattr(value, "value", value) for name, value in values.items()})
+    parser.print_help()

@@ -18,7 +18,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .arguments import parse_arguments
+from .arguments import HELP_FLAGS, parse_arguments, print_help
 from .default import PROFILE
 
 logger = logging.getLogger(__name__)
@@ -57,6 +57,9 @@ DRY_RUN_FLAGS = ("--dry-run", "--dry_run")
 
 def train_main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(flag in argv for flag in HELP_FLAGS):
+        rest = [token for token in argv if token not in DRY_RUN_FLAGS]
+        return run_command(lambda tokens: print_help(tokens, profile=PROFILE), "mmfast-train", rest)
     if any(flag in argv for flag in DRY_RUN_FLAGS):
         from .dry_run import dry_run_main
 
@@ -76,6 +79,7 @@ def evaluate(argv: Sequence[str] | None = None) -> dict:
     from .encoder import Encoder
     from .evaluate import TASKS, evaluate_task, print_table, write_results
     from .evaluate.default_sets import DEFAULT_TASKS, evaluate_default
+    from .model_source import check_model_source
 
     parser = argparse.ArgumentParser(prog="mmfast-eval", description="Evaluate an embedding model.")
     parser.add_argument("--model", help=f"an Encoder or HF model folder; default: {DEFAULT_TRAINED} if it exists")
@@ -106,6 +110,7 @@ def evaluate(argv: Sequence[str] | None = None) -> dict:
 
     overrides = {k: getattr(args, k) for k in ("text_prompt", "image_prompt") if getattr(args, k)}
     if args.model:
+        check_model_source(args.model, "--model")
         model = args.model
     elif os.path.isfile(os.path.join(DEFAULT_TRAINED, "mmfast_encoder.json")):
         model = DEFAULT_TRAINED

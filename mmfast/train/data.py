@@ -116,11 +116,26 @@ def subset_name(path: str | os.PathLike) -> str:
 # ---------------------------------------------------------------------------------------------- MMEB
 
 
-def _jsonl_rows(path: Path) -> Iterator[dict]:
-    with open(path, encoding="utf-8") as f:
+@dataclass(frozen=True)
+class UnreadableRow:
+    """A line of a .jsonl file that is a data error of its row (counted or, strict, raised), not of the file."""
+
+    reason: str
+
+
+def _jsonl_rows(path: Path) -> Iterator[dict | UnreadableRow]:
+    """The objects of a .jsonl file, one per non-empty line; a line that is not UTF-8 text is an
+    UnreadableRow in its place (a bad row), where a line that is not JSON rejects the file."""
+    with open(path, "rb") as f:
         row = 0
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
+        for line_number, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield UnreadableRow("not UTF-8 text")
+                row += 1
                 continue
             try:
                 record = json.loads(line)
@@ -207,6 +222,8 @@ def _row_problem(example: Example) -> tuple[str, str | None] | None:
             return f"empty {what}", None
         if side.image is None and IMAGE_TOKEN in side.text:
             return "image token without image", None
+        if side.text.count(IMAGE_TOKEN) > 1:
+            return f"several {IMAGE_TOKEN} in one {what}", None
         if side.image is not None and not os.path.isfile(side.image):
             return "missing image", side.image
     return None
@@ -267,6 +284,9 @@ def load_mmeb_train(
         name, source, count, read = subset or subset_name(path), str(path), 0, []
         for row, record in enumerate(rows):
             count += 1
+            if isinstance(record, UnreadableRow):
+                report.skip(source, row, record.reason, strict=strict or None)
+                continue
             texts = {c: _text(path, row, record, c) for c in MMEB_REQUIRED}
             negatives = _negatives(*(_text(path, row, record, c, optional=True) for c in MMEB_NEGATIVES))
             if negatives is None:

@@ -3,9 +3,12 @@
 `dry_run(argv)` parses the arguments exactly as `mmfast-train` does, then checks what a run would
 otherwise find only once it started, and prints the plan:
 - the fields (the parser's own checks, the recipe, the dtype);
-- the data: every path exists (all missing ones are listed at once); the first rows of every file
-  read with the real loaders (columns, types, images: rows that training would skip are a warning);
-  a distillation recipe has its teacher file; a text-only model is not given images;
+- the data: every path exists (all missing ones are listed at once); every row read as training
+  reads it (`run.load_training_data`: columns, types, bad rows, a subset with no usable row), and the
+  epoch cut into batches for the planned processes (`run.build_sampler`), so each data error is the
+  one training would give; rows training would skip are a warning;
+- the settings the Trainer would reject once started (`run.check_trainer_settings`) and the
+  `--resume_from_checkpoint` (`checkpoints.resolve_resume`);
 - the model class: from the model's config.json when it is on this machine (a folder, or the local
   HF cache), else from the model id's family name; nothing is downloaded and no weights are loaded;
 - the launcher: an `accelerate launch` config file, if given (`launch_config`), and what it means for
@@ -25,14 +28,13 @@ from pathlib import Path
 
 from .arguments import DataArguments, ModelArguments, TrainingArguments, option_value, parse_arguments, without_option
 from .backbones import Family, auto_model_class, family_of
-from .data import load_mmeb_train, load_nli_triplets
+from .checkpoints import resolve_resume
 from .data_report import DataReport
 from .data_spec import parse_data_spec
 from .launch_config import check_against_training, check_launch_config
 from .recipes import Recipe
-from .run import DTYPES, batch_plan
+from .run import DTYPES, batch_plan, build_sampler, check_trainer_settings, load_training_data
 
-SAMPLE_ROWS = 64
 # Family names as they appear in hub ids, most specific first ("llama3-llava-next" is LLaVA-NeXT).
 NAME_PATTERNS = (
     (("qwen2.5-vl", "qwen2_5_vl", "qwen2.5vl"), "qwen2_5_vl"),
@@ -70,7 +72,7 @@ class Plan:
             first, *rest = text.split("\n")
             lines.append(f"{label.ljust(width)}  {first}")
             lines += [f"{'':{width}}  {line}" for line in rest]
-        lines += [f"warning: {w}" for w in self.warnings] + [f"error: {e}" for e in self.errors]
+        lines += [f"warning: {w}" for w in self.warnings]  # the errors go to stderr, once (dry_run_main)
         verdict = "valid" if self.ok else f"NOT valid: {len(self.errors)} error(s)"
         lines.append(f"dry run: {verdict}, {len(self.warnings)} warning(s); no weights were loaded, nothing trained")
         return "\n".join(lines)
@@ -170,8 +172,10 @@ def _missing_paths(data_args: DataArguments) -> list[str]:
     return missing
 
 
-def check_data(data_args: DataArguments, recipe: Recipe, family: Family | None, plan: Plan) -> float | None:
-    """Checks every data path and samples every file; returns the hard negatives per row (None if unread)."""
+def check_data(data_args: DataArguments, training_args: TrainingArguments, recipe: Recipe, family: Family | None,
+               plan: Plan, processes: int) -> float | None:  # fmt: skip
+    """Checks every data path, reads every row as training does and cuts the epoch into batches for
+    `processes` ranks; returns the hard negatives per row (None if unread)."""
     if not data_args.data:
         kind = {"mmeb": "MMEB-train rows", "nli": "NLI triplets", "nli_teacher": "NLI pairs + the teacher file"}
         plan.add("data", f"the embedded default data ({kind[recipe.data]}), generated on first use")
@@ -196,39 +200,30 @@ def check_data(data_args: DataArguments, recipe: Recipe, family: Family | None, 
     if missing:
         plan.errors.append(f"{len(missing)} missing path(s):\n  " + "\n  ".join(missing))
         return None
-    if recipe.is_distillation and not all(s.teacher for s in sources):
-        plan.errors.append(f"recipe {recipe.name} distils from teacher embeddings: give --teacher FILE "
-                           "(or a data spec with one per subset)")  # fmt: skip
-    lines, negatives, rows, with_images = [], 0, 0, []
+    report = DataReport(strict=data_args.strict)
+    try:  # what training does before it loads weights: read every row, then cut the epoch into batches
+        data = load_training_data(data_args, recipe, report)
+        build_sampler(data, training_args, data_args, processes)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
+        plan.errors.append(str(error))
+        return None
+    mixture, lines = data.mixture, []
     for source in sources:
-        report = DataReport(keep=3)
-        try:
-            examples = [
-                example
-                for path in source.paths
-                for example in (
-                    load_nli_triplets(path, subset=source.name, report=report, limit=SAMPLE_ROWS)
-                    if source.format == "nli"
-                    else load_mmeb_train(path, source.image_dir, subset=source.name, report=report, limit=SAMPLE_ROWS)
-                )
-            ]
-        except (ValueError, FileNotFoundError) as error:
-            plan.errors.append(str(error))
-            continue
-        capped = [min(len(e.negatives), data_args.max_negatives or len(e.negatives)) for e in examples]
-        negatives, rows = negatives + sum(capped), rows + len(examples)
-        if any(side.image for e in examples for side in (e.query, e.positive, *e.negatives)):
-            with_images.append(source.name)
+        read = sum(report.rows.get(str(path), 0) for path in source.paths)
+        usable = mixture.sizes[mixture.names.index(source.name)]
         weight = "" if source.weight is None else f", weight {source.weight:g}"
         teacher = f", teacher {source.teacher}" if source.teacher else ""
-        lines.append(f"{source.name}: {len(source.paths)} {source.format} file(s){weight}{teacher}; first "
-                     f"{report.rows_read} row(s) per file read, {len(examples)} usable")  # fmt: skip
-        if report.total:
-            plan.warnings.append(f"subset {source.name}: training would skip rows of its sample\n  {report.summary()}")
-    plan.add("data", "\n".join(lines) or "no usable subset")
+        lines.append(f"{source.name}: {len(source.paths)} {source.format} file(s){weight}{teacher}; {read} row(s) "
+                     f"read, {usable} usable")  # fmt: skip
+    if report.total:
+        plan.warnings.append(f"training will skip rows:\n  {report.summary()}")
+    plan.add("data", "\n".join(lines))
+    examples = [mixture[i] for i in range(len(mixture))]
+    with_images = sorted({e.subset for e in examples if any(s.image for s in (e.query, e.positive, *e.negatives))})
     if family is not None and not family.multimodal and with_images:
         plan.errors.append(f"the model is text-only ({family.name}) but subset(s) {', '.join(with_images)} have images")
-    return negatives / rows if rows else None
+    capped = [min(len(e.negatives), data_args.max_negatives or len(e.negatives)) for e in examples]
+    return sum(capped) / len(examples)
 
 
 def _training_text(args: TrainingArguments) -> str:
@@ -278,7 +273,15 @@ def dry_run(argv: Sequence[str] | None = None, *, processes: int | None = None, 
     if model_args.model_dtype and model_args.model_dtype not in DTYPES:
         plan.errors.append(f"model_dtype must be one of {', '.join(DTYPES)}, got {model_args.model_dtype!r}")
     plan.add("adapter", _adapter_text(model_args))
-    negatives = check_data(data_args, recipe, family, plan)
+    for check in (
+        lambda: resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir),
+        lambda: check_trainer_settings(training_args),
+    ):
+        try:
+            check()
+        except (ValueError, FileNotFoundError, NotADirectoryError) as error:
+            plan.errors.append(str(error))
+    negatives = check_data(data_args, training_args, recipe, family, plan, processes)
     batches = batch_plan(training_args, recipe, negatives, processes)
     plan.add("batches", "\n".join(batches.lines()))
     plan.warnings += batches.warnings()

@@ -28,6 +28,7 @@ import mmfast
 
 from . import backbones
 from .data import Input, load_image
+from .model_source import check_model_source
 
 CONFIG_NAME = "mmfast_encoder.json"
 IMAGE_PLACEHOLDER = "<|image_1|>"
@@ -215,6 +216,7 @@ class Encoder(torch.nn.Module):
         if unknown:
             raise TypeError(f"Encoder.from_pretrained got unknown option(s): {', '.join(sorted(unknown))}")
         path = str(path)
+        check_model_source(path)
         config_file = Path(path) / CONFIG_NAME
         if config_file.is_file():
             saved = json.loads(config_file.read_text())
@@ -224,6 +226,7 @@ class Encoder(torch.nn.Module):
         if config.adapter:
             from peft import PeftModel
 
+            check_model_source(config.base_model, f"the adapter in {path}: base model")
             base, _, family = backbones.load_backbone(config.base_model, **load_options)
             for earlier in config.merged_adapters:
                 if earlier is None or not (Path(earlier) / "adapter_config.json").is_file():
@@ -357,15 +360,23 @@ class Encoder(torch.nn.Module):
     @torch.no_grad()
     def encode(
         self,
-        texts: Sequence[str],
-        images: Sequence[Image.Image | str | os.PathLike | None] | None = None,
+        texts: str | Sequence[str],
+        images: Sequence[Image.Image | str | os.PathLike | None] | Image.Image | str | os.PathLike | None = None,
         *,
         batch_size: int = 32,
         show_progress: bool = True,
     ) -> torch.Tensor:
-        """[n, D] float32 unit embeddings on the CPU, one per text (with its image, if any)."""
+        """[n, D] float32 unit embeddings on the CPU, one per text (with its image, if any); one string
+        (with at most one image) gives one [D] embedding, as in sentence-transformers.
+
+        A text marks where its image goes with <|image_1|> (added in front when absent). An empty text
+        without an image is an error, not an embedding: it has no tokens of its own (training skips
+        such rows too)."""
         if isinstance(texts, str):
-            raise TypeError("texts must be a sequence of strings, not one string")
+            image = images
+            if isinstance(image, (list, tuple)):
+                raise TypeError("with one text, give one image (or None), not a list")
+            return self.encode([texts], [image], batch_size=batch_size, show_progress=show_progress)[0]
         texts = list(texts)
         images = [None] * len(texts) if images is None else list(images)
         if len(images) != len(texts):
@@ -373,8 +384,7 @@ class Encoder(torch.nn.Module):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"texts[{i}] must be a string, got {type(text).__name__}")
+            _check_text(i, text, images[i])
         # Similar lengths together pad less; the embeddings do not depend on the batch, so the order is free.
         order = sorted(range(len(texts)), key=lambda i: (images[i] is not None, len(texts[i])))
         was_training = self.training
@@ -404,6 +414,20 @@ class Encoder(torch.nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+
+def _check_text(i: int, text, image) -> None:
+    """The errors of one encode input, quoting the text as the caller wrote it."""
+    if not isinstance(text, str):
+        raise TypeError(f"texts[{i}] must be a string, got {type(text).__name__}")
+    count = text.count(IMAGE_PLACEHOLDER)
+    if image is None:
+        if count:
+            raise ValueError(f"texts[{i}] {text!r:.100} holds {IMAGE_PLACEHOLDER} but images[{i}] is None")
+        if not text.strip():
+            raise ValueError(f"texts[{i}] is empty and has no image: there is nothing to embed")
+    elif count > 1:
+        raise ValueError(f"texts[{i}] {text!r:.100} holds {IMAGE_PLACEHOLDER} {count} times; one image per input")
 
 
 def _as_image(image, index: int) -> Image.Image | None:

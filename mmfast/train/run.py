@@ -9,13 +9,14 @@ import sys
 
 import torch
 
-from . import default
+from . import checkpoints, default
 from .arguments import DataArguments, ModelArguments, TrainingArguments
 from .collator import EmbeddingCollator
 from .data import ContrastiveBatchSampler, DataReport
 from .data_spec import TrainData, load_data
 from .encoder import Encoder
 from .losses import Objective, distributed_world_size
+from .model_source import check_model_source
 from .plan import BatchPlan
 from .recipes import Recipe
 from .trainer import EmbeddingTrainer
@@ -109,19 +110,53 @@ def load_training_data(data_args: DataArguments, recipe: Recipe, report: DataRep
     return loaded
 
 
+def check_trainer_settings(training_args: TrainingArguments) -> None:
+    """Settings the Trainer would reject only once it started (a run and its dry run both check them)."""
+    if training_args.eval_strategy != "no":
+        strategy = getattr(training_args.eval_strategy, "value", training_args.eval_strategy)
+        raise ValueError(
+            f"--eval_strategy {strategy}: mmfast-train takes no eval dataset (the Trainer would ask for one); "
+            "evaluate the checkpoints with mmfast-eval"
+        )
+    from transformers.integrations import get_available_reporting_integrations
+
+    available = set(get_available_reporting_integrations())
+    missing = [name for name in training_args.report_to or [] if name not in available]
+    if missing:
+        raise ValueError(
+            f"--report_to {' '.join(missing)}: not installed here (pip install {' '.join(missing)}), "
+            "or --report_to none"
+        )
+
+
+def build_sampler(
+    data: TrainData, training_args: TrainingArguments, data_args: DataArguments, processes: int | None = None
+) -> ContrastiveBatchSampler:
+    """The run's batches (an error when an epoch would hold none); processes: the live world size by default."""
+    return ContrastiveBatchSampler(
+        data.mixture, batch_size=training_args.per_device_train_batch_size, homogeneous=data_args.homogeneous_batches,
+        seed=training_args.data_seed if training_args.data_seed is not None else training_args.seed,
+        drop_last=training_args.dataloader_drop_last,
+        num_replicas=distributed_world_size() if processes is None else processes,
+    )  # fmt: skip
+
+
 def build_trainer(
     model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments, recipe: Recipe
 ) -> EmbeddingTrainer:
     if training_args.cpu_threads is not None:
         torch.set_num_threads(training_args.cpu_threads)
+    # Before anything loads: "True"/"latest" becomes the newest complete checkpoint, a named one is checked.
+    training_args.resume_from_checkpoint = checkpoints.resolve_resume(
+        training_args.resume_from_checkpoint, training_args.output_dir
+    )
+    check_trainer_settings(training_args)
+    if model_args.model_name_or_path:
+        check_model_source(model_args.model_name_or_path, "--model_name_or_path")
     report = DataReport(strict=data_args.strict)
     data = load_training_data(data_args, recipe, report)
+    sampler = build_sampler(data, training_args, data_args)
     encoder = build_encoder(model_args, recipe)
-    sampler = ContrastiveBatchSampler(
-        data.mixture, batch_size=training_args.per_device_train_batch_size, homogeneous=data_args.homogeneous_batches,
-        seed=training_args.data_seed if training_args.data_seed is not None else training_args.seed,
-        drop_last=training_args.dataloader_drop_last, num_replicas=distributed_world_size(),
-    )  # fmt: skip
     collator = EmbeddingCollator(
         encoder.builder, mini_batch_size=training_args.gradcache_mini_batch_size, teacher=data.dataset.teacher,
         max_negatives=data_args.max_negatives, strict=data_args.strict,

@@ -15,13 +15,17 @@ import json
 import logging
 import os
 import resource
+import shutil
 import time
+from pathlib import Path
 
 import torch
 import transformers
 from accelerate.utils import DistributedType
 from torch.utils.data import DataLoader
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from . import checkpoints
 from .data import ContrastiveBatchSampler, DataReport
 from .grad_cache import full_batch_step, grad_cache_step
 from .losses import Objective, distributed_world_size
@@ -58,6 +62,13 @@ class EmbeddingTrainer(transformers.Trainer):
         self.objective, self.batch_sampler = objective, batch_sampler
         self.data_report = data_report if data_report is not None else DataReport()
         self._window = {"time": time.perf_counter(), "rows": 0, "batches": 0, "masked": 0}
+        self._staging = False
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """As Trainer.train; resume_from_checkpoint True (or "True", "latest") is the newest *complete*
+        checkpoint in output_dir, and a named checkpoint must be complete (`checkpoints.resolve_resume`)."""
+        resume = checkpoints.resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        return super().train(resume_from_checkpoint=resume, **kwargs)
 
     # --- data ---
 
@@ -141,6 +152,36 @@ class EmbeddingTrainer(transformers.Trainer):
         super().log(logs, start_time)
 
     # --- saving and loading: the Encoder's own format, for checkpoints and the final model ---
+
+    def _get_output_dir(self, trial) -> str:
+        run_dir = super()._get_output_dir(trial)
+        return str(checkpoints.staging_dir(run_dir)) if self._staging else run_dir
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, written by every rank into <output_dir>/.partial/checkpoint-N and
+        renamed into place once all ranks are done (`checkpoints`): a killed save leaves no folder that
+        looks complete. The Trainer's own rotation then runs inside the staging folder, where it finds
+        nothing to delete; `checkpoints.rotate` applies save_total_limit to the published folders."""
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staged = checkpoints.staging_dir(run_dir) / name
+        if self.args.should_save:
+            shutil.rmtree(staged, ignore_errors=True)  # left by an earlier save of this step that was killed
+        self.accelerator.wait_for_everyone()
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = False
+        self.accelerator.wait_for_everyone()  # every rank's files (rng states, optimizer shards) are written
+        if self.args.should_save:
+            checkpoints.publish(staged, run_dir / name)
+            shutil.rmtree(checkpoints.staging_dir(run_dir), ignore_errors=True)  # older interrupted saves
+            if self.state.best_global_step:
+                best = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}"
+                self.state.best_model_checkpoint = str(best) if best.is_dir() else self.state.best_model_checkpoint
+            checkpoints.rotate(run_dir, self.args.save_total_limit, keep=self.state.best_model_checkpoint)
+        self.accelerator.wait_for_everyone()
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir or self.args.output_dir

@@ -32,3 +32,34 @@ def test_bad_overrides_are_errors_naming_the_argument(tmp_path):
         _loss(tmp_path, "--temperature", "0")
     with pytest.raises(ValueError, match="--hardness.*unime-stage1 distils"):
         _loss(tmp_path, "--recipe", "unime-stage1", "--hardness", "1")
+
+
+def _help(capsys, monkeypatch, *argv) -> str:
+    from mmfast.train.cli import train_main
+
+    monkeypatch.setenv("COLUMNS", "400")  # one line per option's help
+    assert train_main([*argv, "--help"]) == 0
+    return capsys.readouterr().out
+
+
+def _default(text: str, option: str) -> str:
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith(f"--{option} "))
+    described = " ".join(lines[start : start + 2])
+    return described.rsplit("(default: ", 1)[1].split(")")[0]
+
+
+def test_help_lists_every_option_with_the_defaults_the_run_uses(capsys, monkeypatch):
+    text = _help(capsys, monkeypatch)
+    for option in ("--config FILE", "--dry-run", "--num_processes N", "--accelerate_config FILE"):
+        assert option in text
+    # The embedded default's profile, not the Trainer's own defaults (batch 8, lr 5e-5, 3 epochs, linear).
+    assert _default(text, "per_device_train_batch_size") == "64"
+    assert _default(text, "learning_rate") == "0.001"
+    assert _default(text, "max_steps") == "400"
+    assert _default(text, "lr_scheduler_type") == "cosine"
+    assert "attention and MLP" in text
+    # With a recipe and data of one's own, the recipe's published defaults; the command line wins.
+    text = _help(capsys, monkeypatch, "--recipe", "vlm2vec", "--data", "x.jsonl", "--learning_rate", "3e-5")
+    assert _default(text, "learning_rate") == "3e-05" and _default(text, "recipe") == "vlm2vec"
+    assert _default(text, "per_device_train_batch_size") == "128"

@@ -29,6 +29,10 @@ def test_torchrun_trains_the_default(tmp_path):
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2]
     assert (out / "mmfast_encoder.json").is_file()
+    # The checkpoint was written aside by both ranks and published once complete, with every rank's files.
+    manifest = json.loads((out / "checkpoint-2" / "mmfast_checkpoint.json").read_text())["files"]
+    assert {"rng_state_0.pth", "rng_state_1.pth", "optimizer.pt", "trainer_state.json"} <= set(manifest)
+    assert not (out / ".partial").exists()
 
 
 def test_torchrun_runs_the_llave_example(tmp_path):

@@ -203,3 +203,27 @@ def test_video_bad_inputs(tmp_path, monkeypatch):
         evaluate_video(FakeEncoder(vectors), bad, videos, **QUIET)
     with pytest.raises(ValueError, match="max_frames must be a positive integer"):
         evaluate_video(FakeEncoder(vectors), csv_path, videos, max_frames=0, **QUIET)
+
+
+def test_mmeb_malformed_rows_are_counted_misses_or_strict_errors(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "q.jpg")
+    two = {**ROW, "qry_text": "<|image_1|> <|image_1|> what is it", "qry_img_path": "q.jpg"}
+    alone = {**ROW, "tgt_text": ["<|image_1|> a", "b"]}  # a placeholder without an image
+    root = mmeb_subset(tmp_path, [ROW, two, alone])
+    encoder = FakeEncoder()
+    custom = evaluate_mmeb(encoder, root, tmp_path / "images", **QUIET)["mmeb"]["datasets"]["Custom"]
+    assert (custom["num_pred"], custom["num_malformed_rows"], custom["num_missing_image_rows"]) == (3, 2, 0)
+    assert custom["num_correct"] <= 1
+    assert not any("<|image_1|>" in text for text, _ in encoder.inputs)  # never embedded
+    with pytest.raises(ValueError, match=r"MMEB dataset Custom row 1: <\|image_1\|> 2 times in one input"):
+        evaluate_mmeb(encoder, root, tmp_path / "images", strict=True, **QUIET)
+
+
+def test_retrieval_non_utf8_line_names_file_and_line(tmp_path):
+    path = tmp_path / "set.jsonl"
+    path.write_bytes(b'{"image": "a.jpg", "caption": "x"}\n{"image": "b.jpg", "caption": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match="set.jsonl: line 2 is not UTF-8 text"):
+        evaluate_retrieval(FakeEncoder(), path, **QUIET)

@@ -145,13 +145,34 @@ def test_sugarcrepe_end_to_end(tmp_path):
     part = evaluate_sugarcrepe(encoder, tmp_path / "sugarcrepe", tmp_path / "coco", text_prompt=PLAIN, **QUIET)
     results = part["sugarcrepe"]["sugarcrepe"]
     assert results["add_obj"] == {
-        "acc": 25.0, "num_correct": 1, "num_pred": 4, "num_missing_images": 1,
+        "acc": 25.0, "num_correct": 1, "num_pred": 4, "num_missing_images": 1, "length_only_acc": 50.0,
         "missing_image_examples": [f"{tmp_path / 'coco' / '33.jpg'} (is missing)"],
     }  # fmt: skip
     assert (results["swap_att"]["acc"], results["swap_att"]["num_pred"]) == (100.0, 2)
-    assert results["overall"] == {"acc": 50.0, "num_correct": 3, "num_pred": 6}
+    assert results["overall"] == {"acc": 50.0, "num_correct": 3, "num_pred": 6, "length_only_acc": 50.0}
     assert results["mean"] == {"acc": 62.5, "num_files": 2}
     assert results["files_not_found"] == ["add_att", "replace_obj", "replace_att", "replace_rel", "swap_obj"]
+
+
+def test_sugarcrepe_reports_a_blind_length_only_baseline(tmp_path):
+    """The shorter caption called right (a tie half right), per file and pooled, in the table and the
+    before/after comparison: where negatives are longer by construction it scores far above chance."""
+    from mmfast.train.evaluate.compare import format_comparison
+    from mmfast.train.evaluate.report import format_table
+
+    encoder = FakeEncoder(write_sugarcrepe(tmp_path))
+    folder = tmp_path / "sugarcrepe"
+    longer = {"filename": "30.jpg", "caption": "a cat", "negative_caption": "a cat and a dog"}
+    entries = {str(i): longer for i in range(3)}
+    entries["3"] = {"filename": "30.jpg", "caption": "a cat on a mat", "negative_caption": "a dog"}
+    (folder / "add_obj.json").write_text(json.dumps(entries))
+    results = evaluate_sugarcrepe(encoder, folder, tmp_path / "coco", text_prompt=PLAIN, **QUIET)
+    files = results["sugarcrepe"]["sugarcrepe"]
+    assert files["add_obj"]["length_only_acc"] == 75.0 and files["swap_att"]["length_only_acc"] == 50.0
+    assert files["overall"]["length_only_acc"] == pytest.approx(100 * (3 + 1) / 6)
+    table = format_table(results)
+    assert "length-only (blind)" in table and "75.00" in table
+    assert "blind length-only 66.67" in format_comparison({"before": results, "after": results})
 
 
 def test_video_frame_folders(tmp_path):

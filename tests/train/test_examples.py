@@ -88,12 +88,13 @@ def test_eval_tasks_none_skips_the_evaluation(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def local_data(tmp_path_factory):
-    """Stand-ins for the published data: the generator's tiny MMEB-train rows, NLI CSV and a teacher."""
-    data = default_data(tmp_path_factory.mktemp("tiny") / "data", sizes=Sizes.tiny())
-    teacher = data.root / "teacher.safetensors"
+    """Stand-ins for the published data: the generated default's MMEB-train rows, NLI CSV and a teacher,
+    enough rows for the configs' batches over 8 processes (the dry run cuts the epoch as training does)."""
+    data = default_data()
+    teacher = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
     import torch
 
-    rows = Sizes.tiny().nli_rows
+    rows = Sizes().nli_rows
     save_teacher(teacher, torch.randn(rows, 8), torch.randn(rows, 8))
     mmeb = ["--data", *map(str, data.train_files), "--image_dir", str(data.image_dir)]
     return {
@@ -168,13 +169,22 @@ def test_dry_run_of_a_broken_config_names_the_field_or_path(tmp_path, local_data
 
 
 def test_dry_run_counts_rows_that_training_would_skip(tmp_path, capsys):
+    from PIL import Image
+
     rows = [{"qry": "a red circle", "qry_image_path": "", "pos_text": "<|image_1|>", "pos_image_path": f"{i}.jpg"}
-            for i in range(3)]  # fmt: skip
+            for i in range(7)]  # fmt: skip
+    for i in range(3, 7):  # rows 0-2 name images that are not there
+        Image.new("RGB", (16, 16), (i * 30, 0, 0)).save(tmp_path / f"{i}.jpg")
     data = tmp_path / f"{TRAIN_SUBSETS[0]}.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert train_main(["--data", str(data), "--image_dir", str(tmp_path), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "missing image: 3" in out and "0 usable" in out
+    assert "missing image: 3" in out and "4 usable" in out
+    # With no usable row left, training would stop: so does the dry run, naming the subset.
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    assert train_main(["--data", str(data), "--image_dir", str(tmp_path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"subset '{TRAIN_SUBSETS[0]}' has no usable row" in err and "missing image: 3" in err
 
 
 def test_example_flags_do_not_collide_with_training_arguments():

@@ -108,6 +108,25 @@ def test_sugarcrepe(data):
             assert (data.sugarcrepe / "images" / item["filename"]).is_file()
 
 
+def _length_only_accuracy(items, length) -> float:
+    """A blind scorer that calls the shorter caption right (a tie is half right), in %."""
+    wins = [1.0 if length(p) < length(n) else 0.5 if length(p) == length(n) else 0.0 for p, n in items]
+    return 100 * sum(wins) / len(wins)
+
+
+def test_sugarcrepe_files_have_no_length_shortcut():
+    """On every file of the embedded default (40 pairs each; the tiny sizes' 4 are too few to measure),
+    a length-only scorer, in characters or in words, stays within 50 ± 15%: with the add_* positives
+    bare, "the shorter caption" scored 100% on both."""
+    folder = default_data().sugarcrepe
+    for kind in SUGARCREPE:
+        items = json.loads((folder / f"{kind}.json").read_text()).values()
+        pairs = [(item["caption"], item["negative_caption"]) for item in items]
+        for unit, length in (("characters", len), ("words", lambda text: len(text.split()))):
+            accuracy = _length_only_accuracy(pairs, length)
+            assert 35 <= accuracy <= 65, (kind, unit, accuracy)
+
+
 def test_video(data):
     with open(data.video_csv, newline="") as f:
         rows = list(csv.DictReader(f))

@@ -88,6 +88,12 @@ def position_words(quadrant: str, rng: np.random.Generator) -> str:
     return f"{_VERTICAL[vertical][int(rng.integers(2))]} {horizontal}"
 
 
+def position_variants(quadrant: str) -> tuple[str, ...]:
+    """Every wording of a quadrant ("top left", "upper left")."""
+    vertical, horizontal = quadrant.split()
+    return tuple(f"{word} {horizontal}" for word in _VERTICAL[vertical])
+
+
 def single_caption(single: Single, rng: np.random.Generator, template: int | None = None) -> str:
     index = int(rng.integers(len(SINGLE_TEMPLATES))) if template is None else template
     return articles(

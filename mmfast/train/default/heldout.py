@@ -190,22 +190,55 @@ def _write_retrieval(root: Path, seed: int, image_size: int, sizes: Sizes) -> No
         (folder / "caption" / f"{i}.txt").write_text(caption + "\n", encoding="utf-8")
 
 
-def _sugarcrepe_item(kind: str, rng: np.random.Generator) -> tuple[Scene, str, str]:
+# add_*: the negative adds a false detail, and the positive carries a true one of its own (the shape is
+# alone in the picture), so that neither caption is the longer by construction: with the positive bare,
+# "the shorter caption is right" scored 100% on both files.
+ALONE_AFTER = ("alone", "on its own", "with nothing around it", "on an empty background",
+               "with no other shape near it", "with empty space all around it")  # fmt: skip
+ALONE_BEFORE = ("lone", "single", "solitary")
+
+
+def _length_balanced(
+    rng: np.random.Generator, positives: list[str], negatives: list[str], longer: bool
+) -> tuple[str, str]:
+    """A (positive, negative) pair, the positive the longer (or the shorter) in characters, and in
+    words or as many words."""
+    sign = 1 if longer else -1
+
+    def fits(p: str, n: str) -> bool:
+        words = len(p.split()) - len(n.split())
+        return (len(p) - len(n)) * sign > 0 and words * sign >= 0
+
+    pairs = [(p, n) for p in positives for n in negatives if fits(p, n)]
+    pairs = pairs or [(p, n) for p in positives for n in negatives]
+    return pairs[int(rng.integers(len(pairs)))]
+
+
+def _sugarcrepe_item(kind: str, rng: np.random.Generator, longer: bool = True) -> tuple[Scene, str, str]:
+    """longer: whether an add_* positive is the longer caption (the writer alternates it)."""
     if kind.startswith(("add", "replace_obj", "replace_att")):
         single = world.random_single(rng)
         c, s, p = single.colour, single.shape, world.position_words(single.quadrant, rng)
         other_colour = world.another(c, world.COLOUR_NAMES, rng)
         other_shape = world.another(s, SHAPES, rng)
+        scene = world.single_scene(single, rng)
+        places = world.position_variants(single.quadrant)
+        if kind == "add_obj":
+            positives = [f"a {c} {s} {d} in the {q} corner" for d in ALONE_AFTER for q in places]
+            negatives = [f"a {c} {s} next to a {other_colour} {other_shape} in the {q} corner" for q in places]
+        elif kind == "add_att":
+            positives = [f"a {w} {s} in the {q} corner" for w in ALONE_BEFORE for q in places]
+            positives += [f"a {s} alone in the {q} corner" for q in places]
+            negatives = [f"a {other_colour} {s} in the {q} corner" for q in places]
+        if kind.startswith("add"):
+            caption, negative = _length_balanced(rng, [world.articles(t) for t in positives],
+                                                 [world.articles(t) for t in negatives], longer)  # fmt: skip
+            return scene, caption, negative
         caption, negative = {
-            "add_obj": (
-                f"a {c} {s} in the {p} corner",
-                f"a {c} {s} next to a {other_colour} {other_shape} in the {p} corner",
-            ),
-            "add_att": (f"a {s} in the {p} corner", f"a {other_colour} {s} in the {p} corner"),
             "replace_obj": (f"a {c} {s} in the {p} corner", f"a {c} {other_shape} in the {p} corner"),
             "replace_att": (f"a {c} {s} in the {p} corner", f"a {other_colour} {s} in the {p} corner"),
         }[kind]
-        return world.single_scene(single, rng), world.articles(caption), world.articles(negative)
+        return scene, world.articles(caption), world.articles(negative)
     a, b = world.two_labels(rng)
     relation = world.random_relation(rng)
     wrong = {
@@ -225,7 +258,7 @@ def _write_sugarcrepe(root: Path, seed: int, image_size: int, sizes: Sizes) -> N
     for kind in SUGARCREPE:
         rng, items = part_rng(seed, f"sugarcrepe/{kind}"), {}
         for i in range(sizes.sugarcrepe_rows):
-            scene, caption, negative = _sugarcrepe_item(kind, rng)
+            scene, caption, negative = _sugarcrepe_item(kind, rng, longer=i % 2 == 0)
             filename = f"{number:012d}.jpg"
             save(render(scene, image_size), folder / "images" / filename)
             items[str(i)] = {"filename": filename, "caption": caption, "negative_caption": negative}

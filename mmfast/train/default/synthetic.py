@@ -53,7 +53,7 @@ from mmfast.train.default.render import SHAPES
 from mmfast.train.default.sizes import Sizes
 from mmfast.train.default.writing import Images, part_rng, write_json, write_jsonl
 
-GENERATOR_VERSION = 5
+GENERATOR_VERSION = 6
 TRAIN_SUBSETS = ("ImageNet_1K", "OK-VQA", "MSCOCO_t2i", "MSCOCO_i2t", "MSCOCO")
 # Sampling weights of the mixture spec: the default trains on text-to-image pairs only (98% held-out R@1
 # at 400 steps). With the classification, VQA or grounding subsets in the mix (mixed or one-task batches,

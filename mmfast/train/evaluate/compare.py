@@ -31,7 +31,10 @@ def headlines(results: Mapping) -> dict[str, tuple[float, str, float | None]]:
                                         None)  # fmt: skip
     for name, files in results.get("sugarcrepe", {}).items():
         overall = files["overall"]
-        rows[f"{name} accuracy"] = (overall["acc"], f"{overall['num_pred']} image/caption pairs", 50.0)
+        over = f"{overall['num_pred']} image/caption pairs"
+        if "length_only_acc" in overall:  # a blind baseline: the shorter caption called right
+            over += f"; blind length-only {overall['length_only_acc']:.2f}"
+        rows[f"{name} accuracy"] = (overall["acc"], over, 50.0)
     for name, m in results.get("video", {}).items():
         over, chance = f"{m['num_captions']} captions, {m['num_videos']} videos", 100.0 / max(m["num_videos"], 1)
         rows[f"{name} t2v R@1"] = (m["t2v_R@1"], over, chance)

@@ -39,6 +39,16 @@ def caption_prompt_for(encoder, text_prompt: str | None) -> str:
 MISSING_EXAMPLES = 5
 
 
+def placeholder_problem(text: str, image) -> str | None:
+    """Why an input's text cannot go with its image (a malformed row, as in training), or None."""
+    count = text.count(IMAGE_TOKEN)
+    if count > 1:
+        return f"{IMAGE_TOKEN} {count} times in one input"
+    if count and not image:
+        return f"{IMAGE_TOKEN} without an image"
+    return None
+
+
 class BytesImage:
     """An image stored inline (HF datasets' Image feature: {"bytes", "path"}), keyed by its bytes."""
 
@@ -121,9 +131,13 @@ def read_records(path: Path) -> Iterator[tuple[int, dict]]:
         yield from enumerate(rows)
         return
     if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f):
-                if line.strip():
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f):
+                if raw.strip():
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError:
+                        raise ValueError(f"{path}: line {number + 1} is not UTF-8 text") from None
                     yield number, _json_object(line, path, f"line {number + 1}")
         return
     if suffix == ".json":

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from .cache import as_cache
-from .inputs import ImageChecker, load_json
+from .inputs import ImageChecker, load_json, placeholder_problem
 from .metrics import first_candidate_ranks
 from .mmeb_v2_metrics import KS, mean_metrics, query_metrics
 from .mmeb_v2_prompts import DATASET_RULES, RULE_COLUMNS, RULES, assemble
@@ -222,7 +222,8 @@ def _columns_not_read(name: str, rows: list[dict], extra: list[str], rule: str |
 def score_subset(
     name: str, files: list[Path], image_root: Path, embeddings, *, strict: bool = False, rule: str | None = None
 ) -> tuple[dict, dict]:
-    """({"acc" (%), "num_correct", "num_pred", "num_missing_image_rows", "num_missing_images", ...},
+    """({"acc" (%), "num_correct", "num_pred", "num_missing_image_rows", "num_malformed_rows",
+    "num_missing_images", ...},
     V2's score dict); `rule`: the V2 prompt rule, used when the files hold `qry_inst`."""
     rows, extra = read_subset(name, files)
     v2 = bool(rows) and "qry_inst" in rows[0]
@@ -240,7 +241,7 @@ def score_subset(
     def position(text: str, image: str | None) -> int:
         return inputs.setdefault((text, image or ""), len(inputs))
 
-    queries, candidates, usable = [], [], []
+    queries, candidates, usable, malformed = [], [], [], 0
     for number, row in enumerate(rows):
         where = f"MMEB dataset {name} row {number}"
         if v2:
@@ -249,7 +250,13 @@ def score_subset(
         else:
             pairs = [(row["qry_text"], row["qry_img_path"]), *zip(row["tgt_text"], row["tgt_img_path"], strict=True)]
         # Every image is checked (no short cut), so each missing file is counted.
-        usable.append(all([checker.usable(image_root / image if image else None, where) for _, image in pairs]))
+        images_ok = all([checker.usable(image_root / image if image else None, where) for _, image in pairs])
+        # A text with two image placeholders (or one without an image) is a malformed row: a miss, counted.
+        problem = next(filter(None, (placeholder_problem(text, image) for text, image in pairs)), None)
+        if problem is not None and strict:
+            raise ValueError(f"{where}: {problem}")
+        malformed += problem is not None
+        usable.append(images_ok and problem is None)
         # Rows with a missing image are misses: their inputs are not embedded.
         queries.append(position(*pairs[0]) if usable[-1] else -1)
         candidates.append([position(*pair) for pair in pairs[1:]] if usable[-1] else [-1])
@@ -280,7 +287,8 @@ def score_subset(
         "acc": 100.0 * correct / num_pred if num_pred else 0.0,
         "num_correct": correct,
         "num_pred": num_pred,
-        "num_missing_image_rows": num_pred - len(kept),
+        "num_missing_image_rows": num_pred - len(kept) - malformed,
+        "num_malformed_rows": malformed,
         **checker.report(),
         "layout": "v2" if v2 else "v1",
         "columns_not_read": not_read,

@@ -125,11 +125,12 @@ def _sugarcrepe_lines(sets: Mapping) -> list[str]:
         for stem, m in files.items():
             if isinstance(m, Mapping) and "num_pred" in m:
                 missing = m.get("num_missing_images", "-")
-                rows.append([f"{name}/{stem}", m["acc"], f"{m['num_correct']}/{m['num_pred']}", missing])
-        rows.append([f"{name}/mean of files", files["mean"]["acc"], f"{files['mean']['num_files']} files", "-"])
+                blind = m.get("length_only_acc", "-")
+                rows.append([f"{name}/{stem}", m["acc"], blind, f"{m['num_correct']}/{m['num_pred']}", missing])
+        rows.append([f"{name}/mean of files", files["mean"]["acc"], "-", f"{files['mean']['num_files']} files", "-"])
         if files.get("files_not_found"):
             absent.append(f"{name}: not found: {', '.join(files['files_not_found'])}")
-    header = ["set/file", "acc", "correct/num_pred", "missing images"]
+    header = ["set/file", "acc", "length-only (blind)", "correct/num_pred", "missing images"]
     return ["SugarCrepe (accuracy, %)", *table_lines(header, rows), *absent]
 
 

@@ -5,6 +5,10 @@ swap_obj, swap_att), each a dict "0", "1", ... of {filename, caption, negative_c
 (COCO val2017) at `<image_root>/<filename>`. An entry is correct when cos(image, caption) >
 cos(image, negative_caption) strictly: a tie is a miss (the model did not tell them apart).
 An entry whose image is missing is a miss, counted in `num_pred`.
+
+Beside each accuracy, `length_only_acc` is a blind baseline: the shorter caption called right, a tie
+half right (a random pick), over every entry. Real SugarCrepe's add_* negatives are longer by
+construction, so a model's accuracy means little until it is read against this.
 """
 
 from __future__ import annotations
@@ -58,19 +62,30 @@ def evaluate_sugarcrepe(
         raise FileNotFoundError(f"SugarCrepe: {', '.join(f'{s}.json' for s in absent)} not found in {folder}")
     embeddings = as_cache(encoder, cache, batch_size=batch_size, show_progress=show_progress)
     results: dict = {}
-    correct = total = 0
+    correct = total = blind = 0.0
     for stem in wanted:
         if stem in absent:
             continue
         checker = ImageChecker(strict)
+        entries = read_file(folder / f"{stem}.json")
         scores = score_file(folder / f"{stem}.json", root, embeddings, checker, image_prompt, text_prompt)
-        results[stem] = {**scores, **checker.report()}
-        correct, total = correct + scores["num_correct"], total + scores["num_pred"]
-    results["overall"] = accuracy(correct, total)
+        shorter_wins = length_only_wins(entry for _, entry in entries)
+        results[stem] = {**scores, "length_only_acc": 100.0 * shorter_wins / max(len(entries), 1), **checker.report()}
+        correct, total, blind = correct + scores["num_correct"], total + scores["num_pred"], blind + shorter_wins
+    results["overall"] = {**accuracy(int(correct), int(total)), "length_only_acc": 100.0 * blind / max(total, 1)}
     scored = [results[stem]["acc"] for stem in wanted if stem not in absent]
     results["mean"] = {"acc": sum(scored) / len(scored), "num_files": len(scored)}
     results["files_not_found"] = absent
     return {"sugarcrepe": {name or folder.name: results}}
+
+
+def length_only_wins(entries) -> float:
+    """How many entries a blind scorer gets right by calling the shorter caption right (a tie: half)."""
+    wins = 0.0
+    for entry in entries:
+        positive, negative = len(entry["caption"]), len(entry["negative_caption"])
+        wins += 1.0 if positive < negative else 0.5 if positive == negative else 0.0
+    return wins
 
 
 def read_file(path: Path) -> list[tuple[str, dict]]:
