@@ -85,11 +85,13 @@ def grad_cache_step(
     """
     if not mini_batches:
         raise ValueError("grad_cache_step needs at least one mini-batch")
+    # Each mini-batch is read by index where it is encoded and referenced nowhere else, so mini-batches
+    # built on read (`mini_batches.MiniBatches`) are held one at a time, in both passes.
     states, cached = [], []
     with torch.no_grad():
-        for mini_batch in mini_batches:
+        for index in range(len(mini_batches)):
             states.append(RandomState())
-            cached.append({side: e.detach() for side, e in forward(mini_batch).items()})
+            cached.append({side: e.detach() for side, e in forward(mini_batches[index]).items()})
 
     embeddings = {side: e.requires_grad_() for side, e in concatenate(cached).items()}
     with torch.enable_grad():
@@ -100,9 +102,9 @@ def grad_cache_step(
     }
 
     last = len(mini_batches) - 1
-    for i, (mini_batch, state, piece) in enumerate(zip(mini_batches, states, split_like(grads, cached), strict=True)):
-        with state.replay(), no_sync() if i < last else contextlib.nullcontext():
-            outputs = forward(mini_batch)
+    for index, (state, piece) in enumerate(zip(states, split_like(grads, cached), strict=True)):
+        with state.replay(), no_sync() if index < last else contextlib.nullcontext():
+            outputs = forward(mini_batches[index])
             surrogate = sum(_dot(outputs[side], piece[side]) for side in piece)
             backward(surrogate)
     return loss.detach(), {side: e.detach() for side, e in embeddings.items()}

@@ -95,6 +95,9 @@ class EmbeddingTrainer(transformers.Trainer):
             logger.warning("every row of a batch was skipped (unreadable images); the step is skipped")
             return torch.zeros((), device=self.args.device)
         inputs = self._prepare_inputs(inputs)
+        # Each mini-batch is built, and moved to the device, when it is encoded (mini_batches.py); a batch
+        # from a data-loader worker comes without the builder.
+        mini_batches = inputs["mini_batches"].bound(self.data_collator.builder, self._prepare_input)
         teacher = inputs.get("teacher")
         # The Trainer's own convention: the loss of one of several accumulated batches is divided
         # by their number, so the accumulated gradient is their mean.
@@ -115,9 +118,9 @@ class EmbeddingTrainer(transformers.Trainer):
         with self.compute_loss_context_manager():
             if self.args.gradcache_mini_batch_size > 0:
                 no_sync = functools.partial(self.accelerator.no_sync, model)
-                loss, _ = grad_cache_step(model, inputs["mini_batches"], loss_fn, backward=backward, no_sync=no_sync)
+                loss, _ = grad_cache_step(model, mini_batches, loss_fn, backward=backward, no_sync=no_sync)
             else:
-                loss, _ = full_batch_step(model, inputs["mini_batches"], loss_fn, backward=backward)
+                loss, _ = full_batch_step(model, mini_batches, loss_fn, backward=backward)
         self._window["rows"] += inputs["rows"]
         self._window["batches"] += 1
         self._window["masked"] += self.objective.masked_candidates(ids, inputs["rows"])
