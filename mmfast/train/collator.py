@@ -20,7 +20,9 @@ import torch
 
 from .data import BadImageError, DataReport, Example, Input, load_image
 from .encoder import InputBuilder
-from .mini_batches import MiniBatches
+from .mini_batches import MiniBatches, pack_by_tokens, padded_tokens
+
+CHUNK_ROWS = 64  # rows whose decoded images the collator holds at once
 
 
 def content_id(side: Input) -> int:
@@ -40,6 +42,10 @@ class EmbeddingCollator:
     the mini-batches' embeddings concatenate to), "query": int64 [B] of the queries}.
 
     mini_batch_size: rows per GradCache mini-batch (0 = the whole batch in one).
+    mini_batch_tokens: with > 0, rows are packed in order into mini-batches of at most this many tokens
+        (`mini_batches.pack_by_tokens`: every side, padded, image tokens included, counted by the
+        processor here), and of at most mini_batch_size rows when that is > 0 too. A row over the budget
+        alone gets a mini-batch of its own and is listed in the batch's "oversized" (source, row, tokens).
     teacher: the teacher embeddings (UniME stage 1), indexed by each example's `teacher` row.
     max_negatives: use at most this many hard negatives of each row.
     """
@@ -49,26 +55,41 @@ class EmbeddingCollator:
         builder: InputBuilder,
         *,
         mini_batch_size: int = 0,
+        mini_batch_tokens: int = 0,
         teacher=None,
         max_negatives: int | None = None,
         strict: bool = False,
     ):
         self.builder, self.mini_batch_size, self.teacher = builder, mini_batch_size, teacher
+        self.mini_batch_tokens = mini_batch_tokens
         self.max_negatives, self.strict = max_negatives, strict
 
-    def _load(self, example: Example, report: DataReport) -> tuple[Input, ...] | None:
-        """The row's sides once each image has been decoded; None, reported, when one cannot be."""
+    def _load(self, example: Example, report: DataReport) -> tuple[tuple[Input, ...], list] | None:
+        """The row's sides and their decoded images; None, reported, when an image cannot be decoded."""
         negatives = example.negatives if self.max_negatives is None else example.negatives[: self.max_negatives]
         sides = (example.query, example.positive, *negatives)
+        images = []
         for side in sides:
             if side.image is None:
+                images.append(None)
                 continue
             try:
-                load_image(side.image)
+                images.append(load_image(side.image))
             except BadImageError as error:
                 report.skip(example.source, example.row, "unreadable image", path=error.path)
                 return None
-        return sides
+        return sides, images
+
+    def _token_counts(self, loaded) -> list[tuple[int, ...]]:
+        """Each row's sides' token counts, as the processor makes them (image tokens, truncation)."""
+        sides = [side for sides, _ in loaded for side in sides]
+        images = [image for _, images in loaded for image in images]
+        counts = self.builder(sides, images)["attention_mask"].sum(dim=1).tolist()
+        out, start = [], 0
+        for row_sides, _ in loaded:
+            out.append(tuple(counts[start : start + len(row_sides)]))
+            start += len(row_sides)
+        return out
 
     @staticmethod
     def _ids(rows) -> dict[str, torch.Tensor]:
@@ -83,17 +104,26 @@ class EmbeddingCollator:
 
     def __call__(self, examples: Sequence[Example]) -> dict:
         report = DataReport(strict=self.strict)
-        kept, rows = [], []
-        for example in examples:
-            # Every image is decoded here to check it, and dropped at once: the step decodes it again.
-            sides = self._load(example, report)
-            if sides is not None:
-                kept.append(example)
-                rows.append(sides)
-        step = self.mini_batch_size or max(len(rows), 1)
-        bounds = [(start, min(start + step, len(rows))) for start in range(0, len(rows), step)]
+        kept, rows, lengths = [], [], []
+        # A chunk of rows at a time: every image is decoded once here, to check it (and, with a token
+        # budget, to count its tokens), and dropped with its chunk; the step decodes it again.
+        for start in range(0, len(examples), CHUNK_ROWS):
+            chunk = examples[start : start + CHUNK_ROWS]
+            loaded = [(example, got) for example in chunk if (got := self._load(example, report)) is not None]
+            if self.mini_batch_tokens and loaded:
+                lengths += self._token_counts([got for _, got in loaded])
+            kept += [example for example, _ in loaded]
+            rows += [sides for _, (sides, _) in loaded]
+        oversized = []
+        if self.mini_batch_tokens:
+            bounds, oversized = pack_by_tokens(lengths, self.mini_batch_tokens, self.mini_batch_size)
+        else:
+            step = self.mini_batch_size or max(len(rows), 1)
+            bounds = [(start, min(start + step, len(rows))) for start in range(0, len(rows), step)]
         mini_batches = MiniBatches(self.builder, rows, bounds)
         batch = {"mini_batches": mini_batches, "report": report, "rows": len(rows), "ids": self._ids(rows)}
+        if oversized:
+            batch["oversized"] = [(kept[i].source, kept[i].row, padded_tokens([lengths[i]])) for i in oversized]
         if self.teacher is not None and kept:
             query, positive = self.teacher.rows(kept)
             batch["teacher"] = {"query": query, "target": positive}

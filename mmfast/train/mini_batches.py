@@ -94,3 +94,39 @@ class MiniBatches(Sequence):
 def _to_device(inputs: Mapping, device: torch.device, non_blocking: bool) -> Mapping:
     moved = {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in inputs.items()}
     return type(inputs)(moved)
+
+
+# ------------------------------------------------------------------------------- token-budget packing
+
+
+def padded_tokens(lengths: Sequence[Sequence[int]]) -> int:
+    """The tokens a forward processes for these rows (each a tuple of its sides' token counts: query,
+    positive, negatives...): per side, the number of inputs times the longest of them, padding included."""
+    queries, targets = [row[0] for row in lengths], [row[1] for row in lengths]
+    negatives = [count for row in lengths for count in row[2:]]
+    return sum(len(group) * max(group) for group in (queries, targets, negatives) if group)
+
+
+def pack_by_tokens(
+    lengths: Sequence[Sequence[int]], budget: int, max_rows: int = 0
+) -> tuple[list[tuple[int, int]], list[int]]:
+    """(bounds, oversized): consecutive rows packed greedily, in order, into mini-batches of at most
+    `budget` padded tokens (`padded_tokens`) and, with max_rows > 0, at most max_rows rows. A row over
+    the budget on its own gets a mini-batch of its own; `oversized` lists those rows. The order is kept,
+    so the embeddings concatenate as the rows come (the content ids and teacher rows stay aligned)."""
+    bounds, oversized, start = [], [], 0
+    for index, row in enumerate(lengths):
+        if padded_tokens([row]) > budget:
+            if index > start:
+                bounds.append((start, index))
+            bounds.append((index, index + 1))
+            oversized.append(index)
+            start = index + 1
+            continue
+        full = max_rows and index - start == max_rows
+        if index > start and (full or padded_tokens(lengths[start : index + 1]) > budget):
+            bounds.append((start, index))
+            start = index
+    if start < len(lengths):
+        bounds.append((start, len(lengths)))
+    return bounds, oversized
