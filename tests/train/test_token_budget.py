@@ -118,3 +118,21 @@ def test_the_token_budget_is_checked_and_shown(tmp_path):
     assert trainer.args.grad_cache
     described = describe_batches(trainer.args, get_recipe(trainer.args.recipe), 0.5)
     assert "GradCache mini-batches: at most 512 tokens and 16 rows each" in described
+
+
+def test_a_skipped_row_leaves_counts_ids_and_the_long_row_aligned(token_trainer, tmp_path):
+    """An unreadable image drops its row before packing: the token counts, content ids and the oversized
+    row's name stay with the rows that remain."""
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8 not really a jpeg")
+    examples = _examples(token_trainer)
+    examples[1] = replace(examples[1], query=Input("<|image_1|> a picture", str(corrupt)))
+    batch = token_trainer.data_collator(examples)
+    assert batch["report"].total == 1 and batch["rows"] == 8
+    assert batch["ids"]["query"].shape == (8,)
+    ((_, row, _),) = batch["oversized"]
+    assert row == examples[4].row
+    mini_batches = batch["mini_batches"]
+    assert examples[4].query in [
+        mini_batches.rows[start][0] for start, stop in mini_batches.bounds if stop - start == 1
+    ]
