@@ -94,6 +94,11 @@ class TrainingArguments(transformers.TrainingArguments):
     gradcache_mini_batch_size: int = field(
         default=0, metadata={"help": "GradCache mini-batch (rows encoded at once); 0 = no GradCache"}
     )
+    gradcache_mini_batch_tokens: int = field(
+        default=0,
+        metadata={"help": "GradCache mini-batches of at most this many tokens (every side of their rows, padded, "
+                  "image tokens included; with gradcache_mini_batch_size, at most that many rows too); 0 = off"},
+    )  # fmt: skip
     loss_backend: str = field(default="auto", metadata={"help": "auto, cpu, triton, torch or reference"})
     mask_duplicate_candidates: bool = field(
         default=True,
@@ -124,6 +129,9 @@ class TrainingArguments(transformers.TrainingArguments):
         get_recipe(self.recipe)
         if not isinstance(self.gradcache_mini_batch_size, int) or self.gradcache_mini_batch_size < 0:
             raise ValueError(f"gradcache_mini_batch_size must be an integer >= 0, got {self.gradcache_mini_batch_size}")
+        tokens = self.gradcache_mini_batch_tokens
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+            raise ValueError(f"gradcache_mini_batch_tokens must be an integer >= 0, got {tokens!r}")
         if self.cpu_threads is not None and (not isinstance(self.cpu_threads, int) or self.cpu_threads < 1):
             raise ValueError(f"cpu_threads must be a positive integer, got {self.cpu_threads}")
         if self.loss_backend not in ("auto", "cpu", "triton", "torch", "reference"):
@@ -133,6 +141,17 @@ class TrainingArguments(transformers.TrainingArguments):
             # ranks would each train alone, silently.
             self.use_cpu = True
         super().__post_init__()
+
+    @property
+    def grad_cache(self) -> bool:
+        """Whether the step runs GradCache (mini-batches by rows, by tokens, or both)."""
+        return self.gradcache_mini_batch_size > 0 or self.gradcache_mini_batch_tokens > 0
+
+    @property
+    def grad_cache_setting(self) -> str:
+        """The GradCache options that are set, as a user writes them (for messages)."""
+        named = ("gradcache_mini_batch_size", "gradcache_mini_batch_tokens")
+        return " and ".join(f"{name} {getattr(self, name)}" for name in named if getattr(self, name)) or "off"
 
     def loss_options(self, recipe: Recipe) -> ContrastiveLossOptions | DistillationLossOptions:
         """The recipe's loss options with this run's overrides (checked by the options' own validation)."""

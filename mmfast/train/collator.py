@@ -1,8 +1,10 @@
-"""The collator: a list of Examples -> GradCache mini-batches of model-ready tensors.
+"""The collator: a list of Examples -> the rows of a contrastive batch and its GradCache mini-batches.
 
-Images are decoded here, in the data loader's workers. A row whose image cannot be read is left out
-of the batch and reported in the batch itself (`skipped`), so the trainer's count survives worker
-processes; with `strict` it is an error naming the file and row.
+Every image is decoded here once, in the data loader's workers, to check it: a row whose image cannot
+be read is left out of the batch and reported in the batch itself (`report`), so the trainer's count
+survives worker processes; with `strict` it is an error naming the file and row. The mini-batches'
+model inputs are not built here: `MiniBatches` builds each one when the step encodes it, so a step's
+memory does not grow with the contrastive batch (`mini_batches.py`).
 
 Every side also gets a content id (`content_id`: its text and its image's path), so the loss can
 leave out the copies of a positive among the candidates (mmfast.contrastive_loss's candidate_ids):
@@ -18,6 +20,9 @@ import torch
 
 from .data import BadImageError, DataReport, Example, Input, load_image
 from .encoder import InputBuilder
+from .mini_batches import MiniBatches, pack_by_tokens, padded_tokens
+
+CHUNK_ROWS = 64  # rows whose decoded images the collator holds at once
 
 
 def content_id(side: Input) -> int:
@@ -29,12 +34,18 @@ def content_id(side: Input) -> int:
 
 
 class EmbeddingCollator:
-    """examples -> {"mini_batches": [{"query", "target"[, "negatives"]}], "ids", "teacher", "report", "rows"}.
+    """examples -> {"mini_batches": MiniBatches, "ids", "teacher", "report", "rows"}.
+
+    mini_batches: a sequence of {"query", "target"[, "negatives"]: model inputs}, each built when read.
 
     ids: {"candidate": int64 [B + M] content ids of the targets then of the negatives (in the order
     the mini-batches' embeddings concatenate to), "query": int64 [B] of the queries}.
 
     mini_batch_size: rows per GradCache mini-batch (0 = the whole batch in one).
+    mini_batch_tokens: with > 0, rows are packed in order into mini-batches of at most this many tokens
+        (`mini_batches.pack_by_tokens`: every side, padded, image tokens included, counted by the
+        processor here), and of at most mini_batch_size rows when that is > 0 too. A row over the budget
+        alone gets a mini-batch of its own and is listed in the batch's "oversized" (source, row, tokens).
     teacher: the teacher embeddings (UniME stage 1), indexed by each example's `teacher` row.
     max_negatives: use at most this many hard negatives of each row.
     """
@@ -44,14 +55,17 @@ class EmbeddingCollator:
         builder: InputBuilder,
         *,
         mini_batch_size: int = 0,
+        mini_batch_tokens: int = 0,
         teacher=None,
         max_negatives: int | None = None,
         strict: bool = False,
     ):
         self.builder, self.mini_batch_size, self.teacher = builder, mini_batch_size, teacher
+        self.mini_batch_tokens = mini_batch_tokens
         self.max_negatives, self.strict = max_negatives, strict
 
-    def _load(self, example: Example, report: DataReport):
+    def _load(self, example: Example, report: DataReport) -> tuple[tuple[Input, ...], list] | None:
+        """The row's sides and their decoded images; None, reported, when an image cannot be decoded."""
         negatives = example.negatives if self.max_negatives is None else example.negatives[: self.max_negatives]
         sides = (example.query, example.positive, *negatives)
         images = []
@@ -66,11 +80,22 @@ class EmbeddingCollator:
                 return None
         return sides, images
 
+    def _token_counts(self, loaded) -> list[tuple[int, ...]]:
+        """Each row's sides' token counts, as the processor makes them (image tokens, truncation)."""
+        sides = [side for sides, _ in loaded for side in sides]
+        images = [image for _, images in loaded for image in images]
+        counts = self.builder(sides, images)["attention_mask"].sum(dim=1).tolist()
+        out, start = [], 0
+        for row_sides, _ in loaded:
+            out.append(tuple(counts[start : start + len(row_sides)]))
+            start += len(row_sides)
+        return out
+
     @staticmethod
-    def _ids(loaded) -> dict[str, torch.Tensor]:
-        targets = [sides[1] for _, (sides, _) in loaded]
-        negatives = [side for _, (sides, _) in loaded for side in sides[2:]]
-        queries = [sides[0] for _, (sides, _) in loaded]
+    def _ids(rows) -> dict[str, torch.Tensor]:
+        targets = [sides[1] for sides in rows]
+        negatives = [side for sides in rows for side in sides[2:]]
+        queries = [sides[0] for sides in rows]
 
         def ids(sides):
             return torch.tensor([content_id(side) for side in sides], dtype=torch.int64)
@@ -79,22 +104,27 @@ class EmbeddingCollator:
 
     def __call__(self, examples: Sequence[Example]) -> dict:
         report = DataReport(strict=self.strict)
-        loaded = [(example, got) for example in examples if (got := self._load(example, report)) is not None]
-        step = self.mini_batch_size or max(len(loaded), 1)
-        mini_batches = []
-        for start in range(0, len(loaded), step):
-            part = loaded[start : start + step]
-            mini_batch = {
-                "query": self.builder([sides[0] for _, (sides, _) in part], [images[0] for _, (_, images) in part]),
-                "target": self.builder([sides[1] for _, (sides, _) in part], [images[1] for _, (_, images) in part]),
-            }
-            negative_items = [item for _, (sides, _) in part for item in sides[2:]]
-            if negative_items:
-                negative_images = [image for _, (_, images) in part for image in images[2:]]
-                mini_batch["negatives"] = self.builder(negative_items, negative_images)
-            mini_batches.append(mini_batch)
-        batch = {"mini_batches": mini_batches, "report": report, "rows": len(loaded), "ids": self._ids(loaded)}
-        if self.teacher is not None and loaded:
-            query, positive = self.teacher.rows([example for example, _ in loaded])
+        kept, rows, lengths = [], [], []
+        # A chunk of rows at a time: every image is decoded once here, to check it (and, with a token
+        # budget, to count its tokens), and dropped with its chunk; the step decodes it again.
+        for start in range(0, len(examples), CHUNK_ROWS):
+            chunk = examples[start : start + CHUNK_ROWS]
+            loaded = [(example, got) for example in chunk if (got := self._load(example, report)) is not None]
+            if self.mini_batch_tokens and loaded:
+                lengths += self._token_counts([got for _, got in loaded])
+            kept += [example for example, _ in loaded]
+            rows += [sides for _, (sides, _) in loaded]
+        oversized = []
+        if self.mini_batch_tokens:
+            bounds, oversized = pack_by_tokens(lengths, self.mini_batch_tokens, self.mini_batch_size)
+        else:
+            step = self.mini_batch_size or max(len(rows), 1)
+            bounds = [(start, min(start + step, len(rows))) for start in range(0, len(rows), step)]
+        mini_batches = MiniBatches(self.builder, rows, bounds)
+        batch = {"mini_batches": mini_batches, "report": report, "rows": len(rows), "ids": self._ids(rows)}
+        if oversized:
+            batch["oversized"] = [(kept[i].source, kept[i].row, padded_tokens([lengths[i]])) for i in oversized]
+        if self.teacher is not None and kept:
+            query, positive = self.teacher.rows(kept)
             batch["teacher"] = {"query": query, "target": positive}
         return batch

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 
+import mmfast
+
 Embeddings = dict[str, torch.Tensor]
 
 
@@ -47,16 +49,18 @@ def concatenate(parts: Sequence[Embeddings]) -> Embeddings:
     return {side: torch.cat([part[side] for part in parts if side in part]) for side in sides}
 
 
-def split_like(grads: Embeddings, parts: Sequence[Embeddings]) -> list[Embeddings]:
-    """Undoes `concatenate` for gradients: each mini-batch gets the rows of its own embeddings."""
+def split_like(grads: Embeddings, parts: Sequence[Mapping[str, torch.Tensor | int]]) -> list[Embeddings]:
+    """Undoes `concatenate` for gradients: each mini-batch gets the rows of its own embeddings (given as
+    the embeddings, or as their row counts)."""
     offsets = dict.fromkeys(grads, 0)
     pieces = []
     for part in parts:
         piece = {}
         for side, embedding in part.items():
+            rows = embedding if isinstance(embedding, int) else embedding.shape[0]
             start = offsets[side]
-            piece[side] = grads[side][start : start + embedding.shape[0]]
-            offsets[side] = start + embedding.shape[0]
+            piece[side] = grads[side][start : start + rows]
+            offsets[side] = start + rows
         pieces.append(piece)
     return pieces
 
@@ -85,24 +89,32 @@ def grad_cache_step(
     """
     if not mini_batches:
         raise ValueError("grad_cache_step needs at least one mini-batch")
+    # Each mini-batch is read by index where it is encoded and referenced nowhere else, so mini-batches
+    # built on read (`mini_batches.MiniBatches`) are held one at a time, in both passes.
     states, cached = [], []
     with torch.no_grad():
-        for mini_batch in mini_batches:
+        for index in range(len(mini_batches)):
             states.append(RandomState())
-            cached.append({side: e.detach() for side, e in forward(mini_batch).items()})
+            cached.append({side: e.detach() for side, e in forward(mini_batches[index]).items()})
 
     embeddings = {side: e.requires_grad_() for side, e in concatenate(cached).items()}
+    # From here on only the parts' row counts are needed: their copies in `embeddings` are enough (B × D
+    # less at the step's peak, the loss).
+    cached = [{side: e.shape[0] for side, e in part.items()} for part in cached]
     with torch.enable_grad():
         loss = loss_fn(embeddings)
         grads = torch.autograd.grad(loss, list(embeddings.values()), allow_unused=True)
     grads = {
         side: torch.zeros_like(e) if g is None else g for (side, e), g in zip(embeddings.items(), grads, strict=True)
     }
+    # The fused loss keeps its CPU scratch between calls (up to 32 MiB a buffer once the batch is large);
+    # kept through the second pass it would add to the step's peak what the batch's size put there.
+    mmfast.release_scratch()
 
     last = len(mini_batches) - 1
-    for i, (mini_batch, state, piece) in enumerate(zip(mini_batches, states, split_like(grads, cached), strict=True)):
-        with state.replay(), no_sync() if i < last else contextlib.nullcontext():
-            outputs = forward(mini_batch)
+    for index, (state, piece) in enumerate(zip(states, split_like(grads, cached), strict=True)):
+        with state.replay(), no_sync() if index < last else contextlib.nullcontext():
+            outputs = forward(mini_batches[index])
             surrogate = sum(_dot(outputs[side], piece[side]) for side in piece)
             backward(surrogate)
     return loss.detach(), {side: e.detach() for side, e in embeddings.items()}

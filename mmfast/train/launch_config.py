@@ -166,12 +166,11 @@ def check_against_training(check: LaunchCheck, training_args) -> None:
     elif training is None and file_precision != "no":
         check.warnings.append(f"the training config sets neither bf16 nor fp16: the run uses the accelerate "
                               f"config's mixed_precision {file_precision}")  # fmt: skip
-    mini_batch = training_args.gradcache_mini_batch_size
-    if not mini_batch:
+    if not training_args.grad_cache:
         return
     if check.distributed_type == "DEEPSPEED":
         check.errors.append(
-            f"accelerate config {check.path}: DeepSpeed with gradcache_mini_batch_size {mini_batch}: accelerate's "
+            f"accelerate config {check.path}: DeepSpeed with {training_args.grad_cache_setting}: accelerate's "
             "backward runs the DeepSpeed engine's optimizer step after every backward, so each GradCache "
             "mini-batch would step it. Use the FSDP or DDP config, or gradcache_mini_batch_size 0"
         )

@@ -31,6 +31,7 @@ class BatchPlan:
     hard_per_row: float | None
     mini_batch: int
     gradient_accumulation: int = 1
+    mini_batch_tokens: int = 0
 
     @property
     def gathered(self) -> bool:
@@ -82,7 +83,11 @@ class BatchPlan:
                 lines.append(
                     f"  symmetric: each target is also contrasted with the other {self.contrastive - 1} queries"
                 )
-        if self.mini_batch:
+        if self.mini_batch_tokens:
+            rows = f" and {self.mini_batch} rows" if self.mini_batch else ""
+            lines.append(f"GradCache mini-batches: at most {self.mini_batch_tokens} tokens{rows} each (every side of "
+                         "their rows, padded, image tokens included)")  # fmt: skip
+        elif self.mini_batch:
             count = math.ceil(self.per_device / self.mini_batch)
             lines.append(f"GradCache mini-batch: {self.mini_batch} ({count} mini-batch(es) per device per step)")
         else:

@@ -67,7 +67,7 @@ def batch_plan(training_args: TrainingArguments, recipe: Recipe, negatives_per_r
     return BatchPlan(
         recipe=recipe, per_device=training_args.per_device_train_batch_size,
         processes=distributed_world_size() if processes is None else processes, hard_per_row=negatives_per_row,
-        mini_batch=training_args.gradcache_mini_batch_size,
+        mini_batch=training_args.gradcache_mini_batch_size, mini_batch_tokens=training_args.gradcache_mini_batch_tokens,
         gradient_accumulation=training_args.gradient_accumulation_steps,
     )  # fmt: skip
 
@@ -158,7 +158,8 @@ def build_trainer(
     sampler = build_sampler(data, training_args, data_args)
     encoder = build_encoder(model_args, recipe)
     collator = EmbeddingCollator(
-        encoder.builder, mini_batch_size=training_args.gradcache_mini_batch_size, teacher=data.dataset.teacher,
+        encoder.builder, mini_batch_size=training_args.gradcache_mini_batch_size,
+        mini_batch_tokens=training_args.gradcache_mini_batch_tokens, teacher=data.dataset.teacher,
         max_negatives=data_args.max_negatives, strict=data_args.strict,
     )  # fmt: skip
     backend = None if training_args.loss_backend == "auto" else training_args.loss_backend

@@ -52,12 +52,13 @@ class EmbeddingTrainer(transformers.Trainer):
 
     def __init__(self, *args, objective: Objective, batch_sampler: ContrastiveBatchSampler, data_report=None, **kw):
         super().__init__(*args, **kw)
-        if self.is_deepspeed_enabled and self.args.gradcache_mini_batch_size > 0:
+        if self.is_deepspeed_enabled and self.args.grad_cache:
             # accelerate's backward runs the engine's optimizer step after every backward at a step's end:
             # GradCache's one backward per mini-batch would step it once per mini-batch.
             raise ValueError(
-                "gradcache_mini_batch_size > 0 is not supported under DeepSpeed (each GradCache mini-batch's "
-                "backward would step the optimizer); use FSDP or DDP, or gradcache_mini_batch_size 0"
+                f"GradCache ({self.args.grad_cache_setting}) is not supported under DeepSpeed (each GradCache "
+                "mini-batch's backward would step the optimizer); use FSDP or DDP, or gradcache_mini_batch_size 0 "
+                "and gradcache_mini_batch_tokens 0"
             )
         self.objective, self.batch_sampler = objective, batch_sampler
         self.data_report = data_report if data_report is not None else DataReport()
@@ -105,7 +106,15 @@ class EmbeddingTrainer(transformers.Trainer):
                 )
             logger.warning("every row of a batch was skipped (unreadable images); the step is skipped")
             return torch.zeros((), device=self.args.device)
+        for source, row, tokens in inputs.get("oversized", ()):
+            logger.warning(
+                "%s, row %d: %d tokens, more than gradcache_mini_batch_tokens %d: encoded in a GradCache "
+                "mini-batch of its own", source, row, tokens, self.args.gradcache_mini_batch_tokens,
+            )  # fmt: skip
         inputs = self._prepare_inputs(inputs)
+        # Each mini-batch is built, and moved to the device, when it is encoded (mini_batches.py); a batch
+        # from a data-loader worker comes without the builder.
+        mini_batches = inputs["mini_batches"].bound(self.data_collator.builder, self._prepare_input)
         teacher = inputs.get("teacher")
         # The Trainer's own convention: the loss of one of several accumulated batches is divided
         # by their number, so the accumulated gradient is their mean.
@@ -124,11 +133,11 @@ class EmbeddingTrainer(transformers.Trainer):
             self.accelerator.backward(surrogate * scale, **options)
 
         with self.compute_loss_context_manager():
-            if self.args.gradcache_mini_batch_size > 0:
+            if self.args.grad_cache:
                 no_sync = functools.partial(self.accelerator.no_sync, model)
-                loss, _ = grad_cache_step(model, inputs["mini_batches"], loss_fn, backward=backward, no_sync=no_sync)
+                loss, _ = grad_cache_step(model, mini_batches, loss_fn, backward=backward, no_sync=no_sync)
             else:
-                loss, _ = full_batch_step(model, inputs["mini_batches"], loss_fn, backward=backward)
+                loss, _ = full_batch_step(model, mini_batches, loss_fn, backward=backward)
         self._window["rows"] += inputs["rows"]
         self._window["batches"] += 1
         self._window["masked"] += self.objective.masked_candidates(ids, inputs["rows"])
