@@ -160,3 +160,22 @@ def test_rank_shards_embed_each_share_once_and_every_rank_gets_all_in_order(tmp_
         mp.spawn(_shard_worker, args=(2, str(tmp_path / "init"), texts, results), nprocs=2)
         expected = [[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [4.0, 1.0], [5.0, 1.0]]
         assert results[0] == expected and results[1] == expected
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_under_torchrun_the_ranks_share_the_evaluation_and_rank_0_writes(tmp_path):
+    from tests.train.torchrun import torchrun
+
+    out = tmp_path / "run"
+    torchrun("-m", "mmfast.train", "--output_dir", str(out), "--max_steps", "2", "--save_steps", "10",
+             "--per_device_train_batch_size", "8", "--logging_steps", "1", "--report_to", "none",
+             "--eval_strategy", "steps", "--eval_steps", "2", "--eval_tasks", "retrieval", cwd=tmp_path)  # fmt: skip
+    (logged,) = [entry for entry in _state(out)["log_history"] if "eval_flickr30k_t2i_R@1" in entry]
+    assert logged["step"] == 2
+    # The evaluation at step 2 is of the final model: one process evaluating it alone gets the same scores.
+    alone = flat_metrics(HeldOutEvaluation(("retrieval",)).run(Encoder.from_pretrained(out)))
+    for name, value in alone.items():
+        assert logged[f"eval_{name}"] == pytest.approx(value, abs=1e-6), name
+    assert sorted(path.name for path in (out / "eval").iterdir()) == ["step-2"]
+    assert (out / "eval" / "step-2" / "results.json").is_file()
