@@ -66,6 +66,26 @@ def test_evaluation_every_two_steps_is_logged_and_the_best_checkpoint_is_reloade
     assert not torch.allclose(final, last, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_evaluation_on_the_users_data_with_its_image_root(tmp_path):
+    from mmfast.train.default import default_data
+    from mmfast.train.evaluate import evaluate_mmeb
+
+    data, out = default_data(), tmp_path / "run"
+    argv = ["--output_dir", str(out), *SHORT, "--max_steps", "2", "--save_steps", "10", "--eval_strategy", "steps",
+            "--eval_steps", "2", "--eval_tasks", "mmeb", "--eval_data", str(data.mmeb_eval),
+            "--eval_image_root", str(data.mmeb_eval_images)]  # fmt: skip
+    assert train_main(argv) == 0
+    (logged,) = [entry for entry in _state(out)["log_history"] if "eval_mmeb_overall_acc" in entry]
+    # The evaluation at step 2 is of the final model: mmfast-eval's own entry gets the same scores.
+    alone = flat_metrics(evaluate_mmeb(Encoder.from_pretrained(out), data.mmeb_eval, data.mmeb_eval_images,
+                                       show_progress=False))  # fmt: skip
+    assert {f"eval_{name}" for name in alone} <= set(logged)
+    for name, value in alone.items():
+        assert logged[f"eval_{name}"] == pytest.approx(value, abs=1e-6), name
+    assert list((out / "eval" / "step-2").glob("*_score.json"))  # the subsets' VLM2Vec score files
+
+
 def _run(argv, capsys):
     status = train_main(argv)
     return status, capsys.readouterr()
