@@ -121,6 +121,18 @@ class TrainingArguments(transformers.TrainingArguments):
     symmetric: bool | None = field(
         default=None, metadata={"help": "Also the loss of targets against queries; none = the recipe's"}
     )
+    # What `--eval_strategy` evaluates (`evaluate.during_training`): mmfast's tasks, not an eval loss.
+    eval_tasks: list[str] | None = field(
+        default=None,
+        metadata={"help": "Tasks evaluated at each --eval_strategy point (mmeb, retrieval, sugarcrepe, video, "
+                  "visdoc); logged as eval_<set>_<metric>, e.g. eval_flickr30k_t2i_R@1"},
+    )  # fmt: skip
+    eval_data: list[str] | None = field(
+        default=None, metadata={"help": "One data path per --eval_tasks entry; none = the embedded held-out sets"}
+    )
+    eval_image_root: list[str] | None = field(
+        default=None, metadata={"help": "One image root per --eval_tasks entry, with --eval_data"}
+    )
     # A contrastive batch must be whole: a partial last batch has fewer negatives and spikes the loss.
     dataloader_drop_last: bool = True
     remove_unused_columns: bool = False

@@ -15,6 +15,8 @@ from .collator import EmbeddingCollator
 from .data import ContrastiveBatchSampler, DataReport
 from .data_spec import TrainData, load_data
 from .encoder import Encoder
+from .evaluate.during_training import HeldOutEvaluation
+from .evaluate.report import TASKS
 from .losses import Objective, distributed_world_size
 from .model_source import check_model_source
 from .plan import BatchPlan
@@ -110,14 +112,35 @@ def load_training_data(data_args: DataArguments, recipe: Recipe, report: DataRep
     return loaded
 
 
-def check_trainer_settings(training_args: TrainingArguments) -> None:
-    """Settings the Trainer would reject only once it started (a run and its dry run both check them)."""
-    if training_args.eval_strategy != "no":
+def held_out_evaluation(training_args: TrainingArguments) -> HeldOutEvaluation | None:
+    """What `--eval_strategy` evaluates (`--eval_tasks` on the held-out sets or `--eval_data`), checked;
+    None when the run does not evaluate."""
+    if training_args.eval_strategy == "no":
+        if training_args.eval_tasks or training_args.eval_data:
+            raise ValueError("--eval_tasks: give --eval_strategy steps (or epoch) to say when to evaluate")
+        return None
+    if not training_args.eval_tasks:
         strategy = getattr(training_args.eval_strategy, "value", training_args.eval_strategy)
         raise ValueError(
             f"--eval_strategy {strategy}: mmfast-train takes no eval dataset (the Trainer would ask for one); "
-            "evaluate the checkpoints with mmfast-eval"
+            f"name what to evaluate with --eval_tasks ({', '.join(TASKS)}), or evaluate the checkpoints "
+            "with mmfast-eval"
         )
+    evaluation = HeldOutEvaluation.from_arguments(
+        training_args.eval_tasks, training_args.eval_data, training_args.eval_image_root,
+        training_args.per_device_eval_batch_size,
+    )  # fmt: skip
+    if training_args.load_best_model_at_end and training_args.metric_for_best_model in ("loss", "eval_loss", None):
+        raise ValueError(
+            "--load_best_model_at_end: name one of the evaluation's scores with --metric_for_best_model "
+            "(e.g. flickr30k_t2i_R@1); mmfast's evaluation has no eval loss"
+        )
+    return evaluation
+
+
+def check_trainer_settings(training_args: TrainingArguments) -> None:
+    """Settings the Trainer would reject only once it started (a run and its dry run both check them)."""
+    held_out_evaluation(training_args)
     from transformers.integrations import get_available_reporting_integrations
 
     available = set(get_available_reporting_integrations())
@@ -173,6 +196,7 @@ def build_trainer(
         logger.warning("%s", report.summary())
     return EmbeddingTrainer(
         model=encoder, args=training_args, train_dataset=data.dataset, data_collator=collator,
+        eval_dataset=held_out_evaluation(training_args),
         objective=Objective(training_args.loss_options(recipe), backend=backend,
                             mask_duplicates=training_args.mask_duplicate_candidates),
         batch_sampler=sampler, data_report=report,
@@ -181,9 +205,13 @@ def build_trainer(
 
 def fit(trainer: EmbeddingTrainer) -> EmbeddingTrainer:
     """Trains (resuming from `--resume_from_checkpoint` when given), saves the final encoder into
-    output_dir and logs the data report."""
-    trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
+    output_dir and logs the data report. As HF's example scripts, output_dir also gets the run's
+    `trainer_state.json`, `train_results.json` and `all_results.json` (rank 0 writes them)."""
+    result = trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
     trainer.save_model()
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
     if trainer.is_world_process_zero():
         logger.info("saved the trained encoder to %s", trainer.args.output_dir)
         logger.info("%s", trainer.data_report.summary())

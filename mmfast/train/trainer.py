@@ -1,7 +1,9 @@
 """EmbeddingTrainer: transformers.Trainer with a contrastive (or distillation) training step.
 
 Everything but the step is the Trainer's own: DDP/FSDP/DeepSpeed through accelerate, checkpoints
-and resume, schedules, logging, the progress bar. The step encodes the batch's GradCache
+and resume, schedules, logging, the progress bar, and evaluation at `--eval_strategy` points, where
+`evaluate` runs mmfast's own evaluation (`evaluate.during_training.HeldOutEvaluation`, given as the
+eval dataset) instead of an eval loss. The step encodes the batch's GradCache
 mini-batches and applies the recipe's fused loss (`grad_cache.py`); without GradCache it is one
 graph over the whole batch. Batches come from `ContrastiveBatchSampler` (whole batches only,
 optionally one subset per batch), so `per_device_train_batch_size` is the contrastive batch of
@@ -23,10 +25,12 @@ import torch
 import transformers
 from accelerate.utils import DistributedType
 from torch.utils.data import DataLoader
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, speed_metrics
 
 from . import checkpoints
 from .data import ContrastiveBatchSampler, DataReport
+from .evaluate.during_training import HeldOutEvaluation, RankShards, evaluation_output_dir, flat_metrics
+from .evaluate.report import write_results
 from .grad_cache import full_batch_step, grad_cache_step
 from .losses import Objective, distributed_world_size
 
@@ -159,6 +163,38 @@ class EmbeddingTrainer(transformers.Trainer):
                 logs["masked_candidates"] = round(self._window["masked"] / batches, 2)
             self._window = {"time": now, "rows": 0, "batches": 0, "masked": 0}
         super().log(logs, start_time)
+
+    # --- evaluation: mmfast's held-out tasks, through the Trainer's schedule, best-model tracking and callbacks ---
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """With a `HeldOutEvaluation` (the run's `--eval_tasks`), runs it on the model being trained and
+        logs its scores as `<prefix>_<set>_<metric>` (e.g. eval_flickr30k_t2i_R@1); any other eval
+        dataset goes to the Trainer's own loop. Every rank embeds its share; rank 0 writes the results
+        into <output_dir>/eval/step-N/."""
+        evaluation = self.eval_dataset if eval_dataset is None else eval_dataset
+        if not isinstance(evaluation, HeldOutEvaluation):
+            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        start_time = time.time()
+        encoder = self.accelerator.unwrap_model(self.model)
+        if self.args.world_size > 1:
+            encoder = RankShards(encoder, self.args.process_index, self.args.world_size)
+        output_dir = None
+        if self.args.should_save:  # rank 0 writes
+            output_dir = evaluation_output_dir(self.args.output_dir, self.state.global_step)
+        results = evaluation.run(encoder, output_dir=output_dir)
+        if output_dir is not None:
+            write_results(results, output_dir)
+        metrics = {f"{metric_key_prefix}_{name}": value for name, value in flat_metrics(results).items()}
+        metrics.update(speed_metrics(metric_key_prefix, start_time))
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def _load_best_model(self) -> None:
+        """The best checkpoint's weights, read in the Encoder's own format (as a resume reads them)."""
+        best = self.state.best_model_checkpoint
+        logger.info("loading the best model from %s (score %s)", best, self.state.best_metric)
+        self.accelerator.unwrap_model(self.model).load_weights(best)
 
     # --- saving and loading: the Encoder's own format, for checkpoints and the final model ---
 
