@@ -174,10 +174,11 @@ def build_trainer(
         max_negatives=data_args.max_negatives, strict=data_args.strict,
     )  # fmt: skip
     backend = None if training_args.loss_backend == "auto" else training_args.loss_backend
-    logger.warning("%s", describe_run(model_args, training_args, recipe, hard_negatives(data, data_args)))
-    check_batch_semantics(training_args, recipe)
-    if report.total:
-        logger.warning("%s", report.summary())
+    if training_args.process_index == 0:  # every rank holds the same plan and data: say it once
+        logger.warning("%s", describe_run(model_args, training_args, recipe, hard_negatives(data, data_args)))
+        check_batch_semantics(training_args, recipe)
+        if report.total:
+            logger.warning("%s", report.summary())
     return EmbeddingTrainer(
         model=encoder, args=training_args, train_dataset=data.dataset, data_collator=collator,
         objective=Objective(training_args.loss_options(recipe), backend=backend,
