@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 from .arguments import HELP_FLAGS, parse_arguments, print_help
 from .default import PROFILE
@@ -31,11 +32,29 @@ def configure_logging() -> None:
     logging.getLogger(__package__).setLevel(logging.INFO)
 
 
+@contextmanager
+def progress_bars(enabled: bool):
+    """transformers' own bars (the weight-loading one) on or off for the block, as the user asked."""
+    from transformers.utils import logging as hf_logging
+
+    turned_off = not enabled and hf_logging.is_progress_bar_enabled()
+    if turned_off:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if turned_off:
+            hf_logging.enable_progress_bar()
+
+
 def train(argv: Sequence[str] | None = None):
     """Parses, trains, saves the final model into output_dir; returns the trainer."""
     from .run import build_trainer, fit, leave_process_group
 
-    trainer = fit(build_trainer(*parse_arguments(argv, profile=PROFILE)))
+    arguments = parse_arguments(argv, profile=PROFILE)
+    with progress_bars(not arguments[2].disable_tqdm):  # --disable_tqdm: no weight-loading bar either
+        trainer = build_trainer(*arguments)
+    trainer = fit(trainer)
     leave_process_group()
     return trainer
 
@@ -72,6 +91,18 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 DEFAULT_TRAINED = os.path.join("runs", "llave")
 
 
+def eval_output(output: str | None, model: str, *, next_to_model: bool) -> str:
+    """Where `mmfast-eval` writes: --output, else <model>/eval when asked (never by default: the model
+    may be a shared or cached folder), else ./eval."""
+    if next_to_model:
+        if output is not None:
+            raise ValueError("--output and --output_next_to_model: give one of them")
+        if not os.path.isdir(model):
+            raise ValueError(f"--output_next_to_model: the model {model} is not a folder here")
+        return os.path.join(model, "eval")
+    return output or "eval"
+
+
 def evaluate(argv: Sequence[str] | None = None) -> dict:
     """Parses `mmfast-eval` arguments, evaluates, writes results.json/.csv, prints the table."""
     import argparse
@@ -88,13 +119,18 @@ def evaluate(argv: Sequence[str] | None = None) -> dict:
         "--data", help="the task's data (see mmfast.train.evaluate); default: the embedded held-out sets"
     )
     parser.add_argument("--image_root", help="root of relative image (or video) paths")
-    parser.add_argument("--output", default=None, help="folder for results.json, results.csv and score files")
+    parser.add_argument(
+        "--output", default=None, help="folder for results.json, results.csv and score files; default: ./eval"
+    )
+    parser.add_argument(
+        "--output_next_to_model", action="store_true", help="write into <model>/eval instead (a folder --model only)"
+    )
     parser.add_argument("--cache", default=None, help="embedding cache folder (default: <output>/embedding_cache)")
     parser.add_argument("--strict", action="store_true", help="a missing image is an error naming the file")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--text_prompt", help="the encoder's prompt for text inputs, with {text}")
     parser.add_argument("--image_prompt", help="the encoder's prompt for image inputs, with {text}")
-    parser.add_argument("--no_progress", action="store_true")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bars (embedding, weight loading)")
     parser.add_argument(
         "--cpu_threads", type=int, help="torch threads; default: 1 on the embedded sets (a tiny model), else torch's"
     )
@@ -119,9 +155,11 @@ def evaluate(argv: Sequence[str] | None = None) -> dict:
 
         model = str(default_backbone())
         logger.warning("no --model and no %s yet: evaluating the UNTRAINED default backbone", DEFAULT_TRAINED)
-    encoder = Encoder.from_pretrained(model, **overrides)
-    output = args.output or os.path.join(model if os.path.isdir(model) else ".", "eval")
+    output = eval_output(args.output, model, next_to_model=args.output_next_to_model)
+    with progress_bars(not args.no_progress):
+        encoder = Encoder.from_pretrained(model, **overrides)
     cache = args.cache or os.path.join(output, "embedding_cache")
+    print(f"mmfast-eval: writing results to {os.path.abspath(output)}, the embedding cache to {os.path.abspath(cache)}")
     common = {"cache": cache, "batch_size": args.batch_size, "show_progress": not args.no_progress}
     if args.data is None:
         if args.image_root:

@@ -32,8 +32,9 @@ from .checkpoints import resolve_resume
 from .data_report import DataReport
 from .data_spec import parse_data_spec
 from .launch_config import check_against_training, check_launch_config
+from .plan import HardNegatives, describe_adapter, describe_recipe
 from .recipes import Recipe
-from .run import DTYPES, batch_plan, build_sampler, check_trainer_settings, load_training_data
+from .run import DTYPES, batch_plan, build_sampler, check_trainer_settings, hard_negatives, load_training_data
 
 # Family names as they appear in hub ids, most specific first ("llama3-llava-next" is LLaVA-NeXT).
 NAME_PATTERNS = (
@@ -151,18 +152,6 @@ def resolve_model(model_args: ModelArguments, plan: Plan) -> Family | None:
     return family
 
 
-def _adapter_text(model_args: ModelArguments) -> str:
-    if model_args.lora:
-        kind = "DoRA" if model_args.use_dora else "LoRA"
-        targets = model_args.lora_target_modules or "the language model's projections"
-        text = f"{kind} r{model_args.lora_r} α{model_args.lora_alpha} dropout {model_args.lora_dropout:g} on {targets}"
-    else:
-        text = "full fine-tune"
-    if model_args.freeze_vision_tower:
-        text += ", vision tower frozen"
-    return text
-
-
 def _missing_paths(data_args: DataArguments) -> list[str]:
     missing = [f"--data {p}" for p in data_args.data or [] if not Path(p).exists()]
     if data_args.image_dir is not None and not Path(data_args.image_dir).is_dir():
@@ -173,13 +162,14 @@ def _missing_paths(data_args: DataArguments) -> list[str]:
 
 
 def check_data(data_args: DataArguments, training_args: TrainingArguments, recipe: Recipe, family: Family | None,
-               plan: Plan, processes: int) -> float | None:  # fmt: skip
+               plan: Plan, processes: int) -> HardNegatives | None:  # fmt: skip
     """Checks every data path, reads every row as training does and cuts the epoch into batches for
-    `processes` ranks; returns the hard negatives per row (None if unread)."""
+    `processes` ranks; returns the rows' hard negatives (None if unread)."""
     if not data_args.data:
         kind = {"mmeb": "MMEB-train rows", "nli": "NLI triplets", "nli_teacher": "NLI pairs + the teacher file"}
         plan.add("data", f"the embedded default data ({kind[recipe.data]}), generated on first use")
-        return {"mmeb": None, "nli": 1.0, "nli_teacher": 0.0}[recipe.data]
+        per_row = {"mmeb": None, "nli": 1, "nli_teacher": 0}[recipe.data]  # the generated MMEB rows vary
+        return None if per_row is None else HardNegatives.of([per_row])
     missing = _missing_paths(data_args)
     if missing:
         plan.errors.append(f"{len(missing)} missing path(s):\n  " + "\n  ".join(missing))
@@ -222,8 +212,7 @@ def check_data(data_args: DataArguments, training_args: TrainingArguments, recip
     with_images = sorted({e.subset for e in examples if any(s.image for s in (e.query, e.positive, *e.negatives))})
     if family is not None and not family.multimodal and with_images:
         plan.errors.append(f"the model is text-only ({family.name}) but subset(s) {', '.join(with_images)} have images")
-    capped = [min(len(e.negatives), data_args.max_negatives or len(e.negatives)) for e in examples]
-    return sum(capped) / len(examples)
+    return hard_negatives(data, data_args)
 
 
 def _training_text(args: TrainingArguments) -> str:
@@ -268,11 +257,16 @@ def dry_run(argv: Sequence[str] | None = None, *, processes: int | None = None, 
     if not isinstance(processes, int) or processes < 1:
         plan.errors.append(f"processes must be a positive integer, got {processes!r}")
         return plan
-    plan.add("recipe", f"{recipe.name}: {recipe.summary}")
+    try:
+        loss = training_args.loss_options(recipe)
+    except ValueError as error:  # the loss options' own validation of the overrides
+        plan.errors.append(str(error))
+        return plan
+    plan.add("recipe", describe_recipe(recipe, loss))
     family = resolve_model(model_args, plan)
     if model_args.model_dtype and model_args.model_dtype not in DTYPES:
         plan.errors.append(f"model_dtype must be one of {', '.join(DTYPES)}, got {model_args.model_dtype!r}")
-    plan.add("adapter", _adapter_text(model_args))
+    plan.add("adapter", describe_adapter(model_args))
     for check in (
         lambda: resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir),
         lambda: check_trainer_settings(training_args),

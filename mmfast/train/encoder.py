@@ -17,7 +17,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +30,7 @@ import mmfast
 
 from . import backbones
 from .data import Input, load_image
-from .model_source import check_model_source
+from .model_source import check_model_source, portable_source, resolve_source
 
 CONFIG_NAME = "mmfast_encoder.json"
 IMAGE_PLACEHOLDER = "<|image_1|>"
@@ -38,6 +40,34 @@ IMAGE_RESOLUTIONS = {"high": (1344, 1344), "mid": (672, 672), "low": (128, 128)}
 IMAGE_TOKEN_STYLES = ("mmfast", "vlm2vec")
 
 
+@contextmanager
+def peft_over_transformers():
+    """peft reads `model.is_gradient_checkpointing`, which transformers 5 deprecates with a FutureWarning
+    the user cannot act on (peft's to change): that warning only, around peft's calls."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
+def _name_adapter_base(folder: Path, base_model: str) -> None:
+    """peft writes the base's absolute path into adapter_config.json and README.md; name it as
+    mmfast_encoder.json does instead (the README's card takes a hub id only, so a folder is left out)."""
+    from huggingface_hub import ModelCard
+
+    adapter_config = folder / "adapter_config.json"
+    saved = json.loads(adapter_config.read_text())
+    saved["base_model_name_or_path"] = base_model
+    adapter_config.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    readme = folder / "README.md"
+    if readme.is_file():
+        card = ModelCard.load(readme)
+        hub_id = None if base_model.startswith(".") else base_model
+        card.data.base_model = hub_id
+        tags = [tag for tag in card.data.tags or [] if not tag.startswith("base_model:adapter:")]
+        card.data.tags = sorted(tags + ([f"base_model:adapter:{hub_id}"] if hub_id else [])) or None
+        card.save(readme)
+
+
 @dataclass(frozen=True)
 class EncoderConfig:
     """How inputs become embeddings; saved beside the model as mmfast_encoder.json.
@@ -45,10 +75,11 @@ class EncoderConfig:
     text_prompt / image_prompt: format strings with `{text}`, for inputs without / with an image.
     For an image input, the placeholder goes where the prompt puts it; if the prompt has none, where
     the text has it; if neither has one, before the text.
-    base_model: for an adapter, the folder of the weights it was trained over (a full model loaded
-    from a folder takes that folder's path, so an adapter trained over it is saved naming it).
+    base_model: for an adapter, the folder or hub id of the weights it was trained over (a full model
+    loaded from a folder takes that folder's path, so an adapter trained over it is saved naming it).
     merged_adapters: for an adapter, the folders of earlier adapters folded into `base_model` (in
-    order) before it was trained; absolute paths.
+    order) before it was trained. In memory both are absolute paths or hub ids; the saved file names
+    them portably (`model_source.portable_source`: a hub id, or a path relative to the folder).
     image_resolution: VLM2Vec V1's high / mid / low, every image resized to 1344² / 672² / 128² before
     the processor (None: as it is; V1 never resizes for Phi-3.5-V, so that family refuses it).
     min_pixels / max_pixels: the Qwen-VL image processor's pixel range (VLM2Vec V2: 3136 and 1003520);
@@ -220,6 +251,10 @@ class Encoder(torch.nn.Module):
         config_file = Path(path) / CONFIG_NAME
         if config_file.is_file():
             saved = json.loads(config_file.read_text())
+            saved["base_model"] = resolve_source(saved["base_model"], path)
+            saved["merged_adapters"] = [
+                None if p is None else resolve_source(p, path) for p in saved.get("merged_adapters") or ()
+            ]
             config = EncoderConfig(**{**saved, **overrides})
         else:
             config = EncoderConfig(base_model=path, **{k: v for k, v in overrides.items() if k != "base_model"})
@@ -234,8 +269,12 @@ class Encoder(torch.nn.Module):
                         f"{path}: its adapter was trained over the adapter in {earlier}, merged into the base; "
                         "that folder holds no adapter_config.json (moved or deleted?)"
                     )
-                base = PeftModel.from_pretrained(base, earlier).merge_and_unload()
-            model = PeftModel.from_pretrained(base, path)
+                with peft_over_transformers():
+                    base = PeftModel.from_pretrained(base, earlier).merge_and_unload()
+            with peft_over_transformers():
+                model = PeftModel.from_pretrained(base, path)
+            for adapter_config in model.peft_config.values():  # the file's may be relative to the folder
+                adapter_config.base_model_name_or_path = config.base_model
             processor = backbones.load_processor(path, family)
             return cls(model, processor, family, config, adapter_source=os.path.abspath(path))
         model, processor, family = backbones.load_backbone(path, **load_options)
@@ -265,8 +304,15 @@ class Encoder(torch.nn.Module):
         backbones.save_backbone_processor(self.processor, out_dir)
         # A full model already holds every merged adapter; only an adapter needs them named.
         merged = self.encoder_config.merged_adapters if self.is_adapter else ()
-        config = dataclasses.replace(self.encoder_config, adapter=self.is_adapter, merged_adapters=merged)
+        # Named portably (a hub id, or a path relative to out_dir), so a copied folder still loads.
+        config = dataclasses.replace(
+            self.encoder_config, adapter=self.is_adapter,
+            base_model=portable_source(self.encoder_config.base_model, out_dir),
+            merged_adapters=tuple(portable_source(p, out_dir) for p in merged),
+        )  # fmt: skip
         (out_dir / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+        if self.is_adapter:
+            _name_adapter_base(out_dir, config.base_model)
 
     def load_weights(self, path: str | os.PathLike) -> None:
         """Loads the trained weights of a folder from `save_pretrained` into this encoder (resume)."""
@@ -318,7 +364,8 @@ class Encoder(torch.nn.Module):
         if isinstance(targets, (list, tuple)) and len(targets) == 1:
             targets = targets[0]
         lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, use_dora=use_dora)
-        self.model = get_peft_model(self.model, lora)
+        with peft_over_transformers():
+            self.model = get_peft_model(self.model, lora)
 
     def freeze_vision_tower(self) -> None:
         tower = backbones.vision_tower(self.model, self.family)

@@ -47,3 +47,30 @@ def check_model_source(name: str | os.PathLike, what: str = "model") -> None:
             f"{what} {text}: no such folder here, and not a hub model in the local cache (mmfast never downloads); "
             f"get it with `hf download {text}`, or give the path of a local copy"
         )
+
+
+# A folder inside the local HF cache: <cache>/models--<owner>--<name>/snapshots/<revision>/.
+HUB_CACHE_SNAPSHOT = re.compile(r"(?:^|/)models--(?P<repo>[^/]+)/snapshots/[^/]+/?$")
+
+
+def portable_source(source: str, folder: str | os.PathLike) -> str:
+    """How a folder saved in `folder` names the model it builds on, so that it still loads once copied
+    elsewhere: a hub id stays a hub id (a snapshot folder of the HF cache becomes its hub id again); a
+    local folder becomes a path relative to `folder` ("./…" or "../…"), so the two move together."""
+    text = str(source)
+    if not os.path.isdir(text):
+        return text
+    absolute = os.path.abspath(text)
+    cached = HUB_CACHE_SNAPSHOT.search(absolute.replace(os.sep, "/"))
+    if cached:
+        return cached["repo"].replace("--", "/")
+    relative = Path(os.path.relpath(absolute, os.path.abspath(folder))).as_posix()
+    return relative if relative == "." or relative.startswith("..") else f"./{relative}"
+
+
+def resolve_source(recorded: str, folder: str | os.PathLike) -> str:
+    """The model a saved folder names (`portable_source`), as a path or hub id to load: a relative path
+    is taken from `folder`; an absolute path or a hub id is kept."""
+    if recorded.startswith(("./", "../")) or recorded in (".", ".."):
+        return os.path.normpath(os.path.join(os.path.abspath(folder), recorded))
+    return recorded

@@ -41,7 +41,7 @@ class Recipe:
     """
 
     name: str
-    summary: str
+    summary: str  # the method's name only: what a run does comes from its resolved options (plan.py)
     loss: ContrastiveLossOptions | DistillationLossOptions
     data: DataKind
     text_prompt: str = PLAIN_PROMPT
@@ -60,7 +60,7 @@ RECIPES: MappingProxyType = _frozen(
         for recipe in (
             Recipe(
                 name="vlm2vec",
-                summary="VLM2Vec: InfoNCE over in-batch and hard negatives, τ 0.02, LoRA r16 α64 (DoRA), GradCache",
+                summary="VLM2Vec",
                 loss=ContrastiveLossOptions(temperature=0.02, cross_device=True),
                 data="mmeb",
                 model_defaults=_frozen({"lora": True, "lora_r": 16, "lora_alpha": 64, "use_dora": True}),
@@ -77,7 +77,7 @@ RECIPES: MappingProxyType = _frozen(
             ),
             Recipe(
                 name="llave",
-                summary="LLaVE: hardness-weighted contrastive loss (α 9, τ 0.02), symmetric, cross-device",
+                summary="LLaVE",
                 loss=ContrastiveLossOptions(temperature=0.02, hardness=9.0, symmetric=True, cross_device=True),
                 data="mmeb",
                 model_defaults=_frozen({"lora": False, "freeze_vision_tower": True}),
@@ -93,7 +93,7 @@ RECIPES: MappingProxyType = _frozen(
             ),
             Recipe(
                 name="unime-stage1",
-                summary="UniME stage 1: KL(teacher ‖ student) of in-batch similarity distributions, text only",
+                summary="UniME stage 1",
                 loss=DistillationLossOptions(student_temperature=0.02, teacher_temperature=0.02, cross_device=True),
                 data="nli_teacher",
                 text_prompt=ONE_WORD_TEXT_PROMPT,
@@ -103,7 +103,7 @@ RECIPES: MappingProxyType = _frozen(
             ),
             Recipe(
                 name="unime-stage2",
-                summary="UniME stage 2: false-negative margin β 0.1, top-k 8 hard negatives, τ 0.02",
+                summary="UniME stage 2",
                 loss=ContrastiveLossOptions(temperature=0.02, false_negative_margin=0.1, topk=8, cross_device=True),
                 data="mmeb",
                 text_prompt=ONE_WORD_TEXT_PROMPT,
@@ -113,7 +113,7 @@ RECIPES: MappingProxyType = _frozen(
             ),
             Recipe(
                 name="e5v",
-                summary="E5-V: text-only NLI triplets, contradictions as hard negatives, τ 0.05, one-word prompts",
+                summary="E5-V",
                 loss=ContrastiveLossOptions(temperature=0.05, cross_device=True),
                 data="nli",
                 text_prompt=ONE_WORD_TEXT_PROMPT,

@@ -19,7 +19,7 @@ from .evaluate.during_training import HeldOutEvaluation
 from .evaluate.report import TASKS
 from .losses import Objective, distributed_world_size
 from .model_source import check_model_source
-from .plan import BatchPlan
+from .plan import BatchPlan, HardNegatives, describe_adapter, describe_recipe
 from .recipes import Recipe
 from .trainer import EmbeddingTrainer
 
@@ -63,21 +63,33 @@ def build_encoder(model_args: ModelArguments, recipe: Recipe) -> Encoder:
     return encoder
 
 
-def batch_plan(training_args: TrainingArguments, recipe: Recipe, negatives_per_row: float | None,
+def batch_plan(training_args: TrainingArguments, recipe: Recipe, hard: HardNegatives | None,
                processes: int | None = None) -> BatchPlan:  # fmt: skip
-    """The run's contrastive batch (`plan.BatchPlan`); processes: the live world size by default."""
+    """The run's contrastive batch (`plan.BatchPlan`) under its resolved loss options; processes: the
+    live world size by default."""
     return BatchPlan(
-        recipe=recipe, per_device=training_args.per_device_train_batch_size,
-        processes=distributed_world_size() if processes is None else processes, hard_per_row=negatives_per_row,
+        loss=training_args.loss_options(recipe), per_device=training_args.per_device_train_batch_size,
+        processes=distributed_world_size() if processes is None else processes, hard=hard,
         mini_batch=training_args.gradcache_mini_batch_size, mini_batch_tokens=training_args.gradcache_mini_batch_tokens,
         gradient_accumulation=training_args.gradient_accumulation_steps,
     )  # fmt: skip
 
 
-def describe_batches(training_args: TrainingArguments, recipe: Recipe, negatives_per_row: float) -> str:
-    """The contrastive batch in plain numbers, logged at start (what is per device, what is global)."""
-    plan = batch_plan(training_args, recipe, negatives_per_row)
-    return "\n".join([f"recipe {recipe.name}: {recipe.summary}", *plan.lines()])
+def hard_negatives(data: TrainData, data_args: DataArguments) -> HardNegatives:
+    """The hard negatives each row gives the loss (at most `--max_negatives`)."""
+    examples, cap = data.mixture, data_args.max_negatives
+    return HardNegatives.of(
+        len(examples[i].negatives) if cap is None else min(cap, len(examples[i].negatives))
+        for i in range(len(examples))
+    )
+
+
+def describe_run(model_args: ModelArguments, training_args: TrainingArguments, recipe: Recipe,
+                 hard: HardNegatives) -> str:  # fmt: skip
+    """The run in plain numbers, logged at start: its loss, its adapter, its contrastive batch."""
+    batches = batch_plan(training_args, recipe, hard)
+    lines = [f"recipe {describe_recipe(recipe, batches.loss)}", f"adapter {describe_adapter(model_args)}"]
+    return "\n".join(lines + batches.lines())
 
 
 def check_batch_semantics(training_args: TrainingArguments, recipe: Recipe) -> None:
@@ -186,14 +198,11 @@ def build_trainer(
         max_negatives=data_args.max_negatives, strict=data_args.strict,
     )  # fmt: skip
     backend = None if training_args.loss_backend == "auto" else training_args.loss_backend
-    examples = data.mixture
-    negatives = sum(len(examples[i].negatives) for i in range(len(examples))) / len(examples)
-    if data_args.max_negatives is not None:
-        negatives = min(negatives, data_args.max_negatives)
-    logger.warning("%s", describe_batches(training_args, recipe, negatives))
-    check_batch_semantics(training_args, recipe)
-    if report.total:
-        logger.warning("%s", report.summary())
+    if training_args.process_index == 0:  # every rank holds the same plan and data: say it once
+        logger.warning("%s", describe_run(model_args, training_args, recipe, hard_negatives(data, data_args)))
+        check_batch_semantics(training_args, recipe)
+        if report.total:
+            logger.warning("%s", report.summary())
     return EmbeddingTrainer(
         model=encoder, args=training_args, train_dataset=data.dataset, data_collator=collator,
         eval_dataset=held_out_evaluation(training_args),

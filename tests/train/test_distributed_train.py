@@ -26,6 +26,7 @@ def test_torchrun_trains_the_default(tmp_path):
                      "--per_device_train_batch_size", "8", "--logging_steps", "1", cwd=tmp_path)  # fmt: skip
     # Data-parallel for real: both ranks in one process group, negatives gathered across them.
     assert "contrastive batch: 16 (8 per device × 2 process(es), gathered across devices)" in done.stderr
+    assert done.stderr.count("contrastive batch: ") == 1 and done.stderr.count("adapter full fine-tune") == 1  # rank 0
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2]
     assert (out / "mmfast_encoder.json").is_file()
