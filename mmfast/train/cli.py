@@ -168,7 +168,7 @@ def evaluate(argv: Sequence[str] | None = None) -> dict:
         results = evaluate_default(encoder, tasks=tasks, output_dir=output, **common)
     else:
         if args.task == "all":
-            raise ValueError("with --data, name its --task (mmeb, retrieval, sugarcrepe or video)")
+            raise ValueError(f"with --data, name its --task ({', '.join(TASKS)})")
         results = evaluate_task(encoder, args.task, args.data, image_root=args.image_root, output_dir=output,
                                 strict=args.strict, **common)  # fmt: skip
     paths = write_results(results, output)
