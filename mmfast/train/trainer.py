@@ -12,6 +12,7 @@ each device.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -19,11 +20,13 @@ import os
 import resource
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import transformers
 from accelerate.utils import DistributedType
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import DataLoader
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, speed_metrics
 
@@ -138,7 +141,7 @@ class EmbeddingTrainer(transformers.Trainer):
 
         with self.compute_loss_context_manager():
             if self.args.grad_cache:
-                no_sync = functools.partial(self.accelerator.no_sync, model)
+                no_sync = functools.partial(self.defer_gradient_sync, model)
                 loss, _ = grad_cache_step(model, mini_batches, loss_fn, backward=backward, no_sync=no_sync)
             else:
                 loss, _ = full_batch_step(model, mini_batches, loss_fn, backward=backward)
@@ -146,6 +149,23 @@ class EmbeddingTrainer(transformers.Trainer):
         self._window["batches"] += 1
         self._window["masked"] += self.objective.masked_candidates(ids, inputs["rows"])
         return loss * scale
+
+    @contextlib.contextmanager
+    def defer_gradient_sync(self, model) -> Iterator[None]:
+        """Holds back the gradient sync of the backwards run inside it: DDP's all-reduce (`no_sync`), or
+        FSDP2's reduce-scatter (`set_requires_gradient_sync(False)`, as accelerate's FSDP2 plugin does; here
+        also for a model sharded with `fully_shard` outside accelerate). GradCache runs every mini-batch but
+        the last in it, so gradients are synced once per step: under FSDP2 each unit's gradient stays
+        unsharded (a whole unit's gradient per process) until the last mini-batch's backward reduce-scatters it."""
+        if not isinstance(model, FSDPModule):
+            with self.accelerator.no_sync(model):
+                yield
+            return
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
 
     # --- logging ---
 

@@ -1,0 +1,116 @@
+"""Run by torchrun from test_fsdp_train.py: per case, EmbeddingTrainer.training_step on this rank's half of
+a fixed batch, with the encoder sharded by FSDP2 (`fully_shard`: each backbone layer a unit, the encoder the
+root) and GradCache over two mini-batches; rank 0 writes the full (unsharded) gradients, each rank's loss and
+the number of gradient reduce-scatters, for the gradient sync held to the last mini-batch (the trainer's) and
+synced per mini-batch, and for the plain step without GradCache (one backward: one sync).
+
+    torchrun --standalone --nproc-per-node 2 fsdp_train_worker.py OUT_DIR ROWS_PER_RANK CASE...
+"""
+
+import contextlib
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+
+from tests.train.distributed_train_worker import trainer_for
+
+REDUCE_SCATTERS = [0]
+_reduce_scatter_single = dist.reduce_scatter_single
+
+
+def counting_reduce_scatter(*args, **kwargs):
+    # FSDP2 syncs each unit's gradient with one reduce_scatter_single (torch.distributed.fsdp's
+    # _fsdp_collectives, looked up on torch.distributed at call time).
+    REDUCE_SCATTERS[0] += 1
+    return _reduce_scatter_single(*args, **kwargs)
+
+
+def signature(example) -> tuple[bool, ...]:
+    """What decides which of the backbone's modules a row's sides run: an image on each side, hard negatives."""
+    negatives = example.negatives
+    return (example.query.image is None, example.positive.image is None, bool(negatives),
+            any(n.image is not None for n in negatives))  # fmt: skip
+
+
+def aligned_rows(trainer, rows: int) -> list:
+    """2 × `rows` rows of every subset, rank 1's half row for row like rank 0's in what modules it runs.
+
+    Under FSDP2 each layer's parameters are all-gathered when the layer runs, a collective every rank must
+    join: in each mini-batch the ranks must agree on which sides run the vision tower and whether there are
+    hard negatives (a rank whose side has no image skips the vision tower's layers and the collectives fall
+    out of step). Mixed batches that disagree are not supported under FSDP2 (README)."""
+    dataset = trainer.train_dataset
+    stride = max(len(dataset) // 200, 1)
+    buckets: dict[tuple, list] = {}
+    for index in range(0, len(dataset), stride):
+        buckets.setdefault(signature(dataset[index]), []).append(dataset[index])
+    pairs = [pair for bucket in buckets.values() for pair in zip(bucket[0::2], bucket[1::2], strict=False)]
+    # Round-robin over the kinds of row, so the batch mixes modalities and hard negatives.
+    by_kind = [[p for p in pairs if signature(p[0]) == kind] for kind in buckets]
+    picked = [kind[i] for i in range(len(pairs)) for kind in by_kind if i < len(kind)][:rows]
+    if len(picked) < rows:
+        raise ValueError(f"the data holds {len(picked)} aligned pairs of rows, fewer than {rows}")
+    return [first for first, _ in picked] + [second for _, second in picked]
+
+
+def sharded(trainer):
+    """The trainer's encoder under FSDP2: each of the backbone's _no_split_modules layers a unit, the
+    encoder (embeddings, norms, pooling) the root; as accelerate's TRANSFORMER_BASED_WRAP does."""
+    model = trainer.model
+    layers = set(model._no_split_modules or ())
+    for module in list(model.modules()):
+        if type(module).__name__ in layers:
+            fully_shard(module)
+    return fully_shard(model)
+
+
+def step(trainer, model, rows: int, per_mini_batch: bool = False) -> tuple[torch.Tensor, int]:
+    """One training step on this rank's rows; returns (loss, reduce-scatters it ran)."""
+    if per_mini_batch:
+        trainer.defer_gradient_sync = lambda model: contextlib.nullcontext()
+    rank = dist.get_rank()
+    inputs = trainer.data_collator(aligned_rows(trainer, rows)[rank * rows : (rank + 1) * rows])
+    trainer.current_gradient_accumulation_steps = 1
+    model.zero_grad(set_to_none=True)
+    before = REDUCE_SCATTERS[0]
+    loss = trainer.training_step(model, inputs)
+    return loss.detach(), REDUCE_SCATTERS[0] - before
+
+
+def full_gradients(model) -> dict[str, torch.Tensor]:
+    # full_tensor() all-gathers the shards: a collective every rank runs.
+    return {name: p.grad.full_tensor().clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def main():
+    dist.reduce_scatter_single = counting_reduce_scatter
+    out_dir, rows = sys.argv[1], int(sys.argv[2])
+    for case in sys.argv[3:]:
+        trainer = trainer_for(case, os.path.join(out_dir, case), rows, mini_batch=max(rows // 2, 1))
+        model = sharded(trainer)
+        loss, once = step(trainer, model, rows)
+        grads = full_gradients(model)
+        losses = [torch.zeros_like(loss) for _ in range(dist.get_world_size())]
+        dist.all_gather(losses, loss)
+        _, per_mini_batch = step(trainer, model, rows, per_mini_batch=True)
+        grads_per_mini_batch = full_gradients(model)
+        plain = trainer_for(case, os.path.join(out_dir, case + "-plain"), rows, mini_batch=0)
+        _, one_sync = step(plain, sharded(plain), rows)
+        if dist.get_rank() == 0:
+            mini_batches = len(trainer.data_collator(aligned_rows(trainer, rows)[:rows])["mini_batches"])
+            result = {"grads": grads, "grads_per_mini_batch": grads_per_mini_batch, "losses": losses,
+                      "reduce_scatters": once, "per_mini_batch": per_mini_batch, "one_sync": one_sync,
+                      "mini_batches": mini_batches}  # fmt: skip
+            torch.save(result, os.path.join(out_dir, f"{case}.pt"))
+        dist.barrier()
+    # As distributed_train_worker: leave without gloo's teardown once every result is written.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
