@@ -33,6 +33,11 @@ void pooling_backward(at::Tensor grad_out, at::Tensor unit, at::Tensor norm, at:
 void similarity_topk_rows(at::Tensor scores, int64_t col_offset, at::Tensor values, at::Tensor indices,
                           c10::optional<at::Tensor> targets, c10::optional<at::Tensor> target_score,
                           c10::optional<at::Tensor> count, bool last);
+void late_interaction_maxsim(at::Tensor tile, at::Tensor bias, at::Tensor query_mask, at::Tensor scores,
+                             at::Tensor argmax);
+void late_interaction_grads(at::Tensor grad_scores, at::Tensor query, at::Tensor query_mask, at::Tensor documents,
+                            at::Tensor argmax, int64_t doc_tokens, c10::optional<at::Tensor> grad_query,
+                            c10::optional<at::Tensor> grad_documents);
 }  // namespace mmfast
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -58,4 +63,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pooling_backward", &mmfast::pooling_backward, "Dense gradient of the fused pooling, in one pass");
   m.def("similarity_topk_rows", &mmfast::similarity_topk_rows,
         "Merge one score tile into each row's running top-k and count the scores above its target");
+  m.def("late_interaction_maxsim", &mmfast::late_interaction_maxsim,
+        "MaxSim of one token-score tile: max and first arg-max per (query token, document), summed per query");
+  m.def("late_interaction_grads", &mmfast::late_interaction_grads,
+        "Backward of the MaxSim scores through the stored arg-max: query and document token gradients");
 }
