@@ -36,6 +36,11 @@ void similarity_topk_rows(at::Tensor scores, int64_t col_offset, at::Tensor valu
 void sigmoid_pair_rows(at::Tensor scores, int64_t row_offset, double scale, double bias,
                        c10::optional<at::Tensor> row_scale, at::Tensor loss, c10::optional<at::Tensor> scale_grad,
                        c10::optional<at::Tensor> bias_grad, c10::optional<at::Tensor> ids);
+void late_interaction_maxsim(at::Tensor tile, at::Tensor bias, at::Tensor query_mask, at::Tensor scores,
+                             at::Tensor argmax);
+void late_interaction_grads(at::Tensor grad_scores, at::Tensor query, at::Tensor query_mask, at::Tensor documents,
+                            at::Tensor argmax, int64_t doc_tokens, c10::optional<at::Tensor> grad_query,
+                            c10::optional<at::Tensor> grad_documents);
 }  // namespace mmfast
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -65,4 +70,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Fused SigLIP pairwise sigmoid loss and in-place gradient over one score chunk", py::arg("scores"),
         py::arg("row_offset"), py::arg("scale"), py::arg("bias"), py::arg("row_scale"), py::arg("loss"),
         py::arg("scale_grad"), py::arg("bias_grad"), py::arg("ids"));
+  m.def("late_interaction_maxsim", &mmfast::late_interaction_maxsim,
+        "MaxSim of one token-score tile: max and first arg-max per (query token, document), summed per query");
+  m.def("late_interaction_grads", &mmfast::late_interaction_grads,
+        "Backward of the MaxSim scores through the stored arg-max: query and document token gradients");
 }

@@ -15,6 +15,7 @@ from mmfast.distillation_loss import (
     distillation_loss,
 )
 from mmfast.duplicate_ids import masked_candidate_counts
+from mmfast.late_interaction_loss import LateInteractionLoss, LateInteractionLossOptions, late_interaction_loss
 from mmfast.pooling import Pooler, PoolingFunction, PoolingOptions, last_token_pool, mean_pool
 from mmfast.sigmoid_loss import SigmoidLoss, SigmoidLossFunction, SigmoidLossOptions, sigmoid_loss
 from mmfast.similarity_topk import SimilarityTopK, SimilarityTopkOptions, similarity_topk
@@ -31,6 +32,9 @@ __all__ = [
     "DistillationLossOptions",
     "distillation_loss",
     "masked_candidate_counts",
+    "LateInteractionLoss",
+    "LateInteractionLossOptions",
+    "late_interaction_loss",
     "Pooler",
     "PoolingFunction",
     "PoolingOptions",

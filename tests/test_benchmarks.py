@@ -11,13 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmfast.reference import contrastive_loss_reference, distillation_loss_reference, sigmoid_loss_reference
+from mmfast.reference import (
+    contrastive_loss_reference,
+    distillation_loss_reference,
+    late_interaction_loss_reference,
+    sigmoid_loss_reference,
+)
 from tests.helpers import unit_rows
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import contrastive_loss as contrastive_benchmark  # noqa: E402
 import distillation_loss as distillation_benchmark  # noqa: E402
 import gpu_report  # noqa: E402
+import late_interaction_loss as late_interaction_benchmark  # noqa: E402
 import sigmoid_loss as sigmoid_benchmark  # noqa: E402
 
 
@@ -148,3 +154,13 @@ def test_report_tabulates_every_results_file(capsys):
         assert len(sections) == len(report.runs(data)) >= 1, path.name
     tables = out.split("\n### ")
     assert all(section.count("\n|") >= 3 for section in tables[1:]), "a section without rows"
+
+
+def test_colpali_einsum_baseline_matches_the_reference():
+    query, document = late_interaction_benchmark.make_inputs(5, 4, 7, 6)
+    leaves = [query.double().requires_grad_(), document.double().requires_grad_()]
+    actual = late_interaction_benchmark.colpali_einsum_loss(*leaves, temperature=0.1)
+    expected = late_interaction_loss_reference(*leaves, temperature=0.1)
+    torch.testing.assert_close(actual, expected)
+    for got, want in zip(grads_of(actual, leaves), grads_of(expected, leaves), strict=True):
+        torch.testing.assert_close(got, want)
