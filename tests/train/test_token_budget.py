@@ -13,7 +13,7 @@ from mmfast.train.data import Input
 from mmfast.train.grad_cache import full_batch_step, grad_cache_step
 from mmfast.train.mini_batches import pack_by_tokens, padded_tokens
 from mmfast.train.recipes import get_recipe
-from mmfast.train.run import describe_batches
+from mmfast.train.run import batch_plan
 from tests.train.test_trainer import _trainer
 
 
@@ -116,7 +116,7 @@ def test_the_token_budget_is_checked_and_shown(tmp_path):
         _trainer(tmp_path, "--gradcache_mini_batch_tokens", "-5")
     trainer = _trainer(tmp_path, "--gradcache_mini_batch_tokens", "512", "--gradcache_mini_batch_size", "16")
     assert trainer.args.grad_cache
-    described = describe_batches(trainer.args, get_recipe(trainer.args.recipe), 0.5)
+    described = "\n".join(batch_plan(trainer.args, get_recipe(trainer.args.recipe), None).lines())
     assert "GradCache mini-batches: at most 512 tokens and 16 rows each" in described
 
 
