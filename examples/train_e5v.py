@@ -19,13 +19,13 @@ from mmfast.train.example import Example, run
 
 
 def main(argv=None) -> int:
-    # the example's own flags: --dry-run, --eval_tasks, --eval_size; the rest is mmfast-train's
+    # the example's own flags: --dry-run, --heldout_tasks, --heldout_size; the rest is mmfast-train's
     example = Example("e5v", argv)
     if example.dry_run:
         return example.plan()  # checks the config (fields, paths, model class, batches) without weights
     # recipe defaults < the embedded default's profile < --config < the command line
     trainer = build_trainer(*example.arguments())
-    example.evaluate("before", trainer.model)  # the held-out sets (the default run; --eval_tasks for others)
+    example.evaluate("before", trainer.model)  # the held-out sets (the default run; --heldout_tasks for others)
     example.fit(trainer)  # transformers.Trainer.train, then the encoder is saved into --output_dir
     example.evaluate("after", trainer.model)
     return example.report(trainer)  # the before/after table, results.json and loss.png in --output_dir

@@ -20,7 +20,7 @@ from mmfast.train.example import Example, run
 
 
 def main(argv=None) -> int:
-    # its own flags: --dry-run, --eval_tasks, --eval_size, --stage2_config; the rest is mmfast-train's
+    # its own flags: --dry-run, --heldout_tasks, --heldout_size, --stage2_config; the rest is mmfast-train's
     example = Example("unime-stage1", argv, output_dir="runs/unime")
     if example.config and not example.stage2_config:
         raise ValueError("with --config (stage 1), give stage 2's too: --stage2_config FILE")

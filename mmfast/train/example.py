@@ -12,10 +12,10 @@ The example's own flags:
     --dry-run            check the config and print the plan (`mmfast.train.dry_run`); no weights loaded
     --num_processes N    with --dry-run: plan for N data-parallel ranks
     --accelerate_config F  with --dry-run: check the `accelerate launch` config file F, plan for its processes
-    --eval_tasks T...    held-out tasks to evaluate (mmeb retrieval sugarcrepe video, all or none); default:
+    --heldout_tasks T...    held-out tasks to evaluate (mmeb retrieval sugarcrepe video, all or none); default:
                          all of them when training the embedded default, none for your own model or data
                          (evaluate those with mmfast-eval on the real benchmark)
-    --eval_size tiny     a few rows of every held-out set instead of the full ones (fast checks, CI)
+    --heldout_size tiny     a few rows of every held-out set instead of the full ones (fast checks, CI)
 results.json holds one results dict per evaluation ("before", "after", ...), each in mmfast-eval's shape.
 """
 
@@ -65,12 +65,12 @@ class Example:
         configure_logging()
         parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
         parser.add_argument(*DRY_RUN_FLAGS, dest="dry_run", action="store_true")
-        parser.add_argument("--eval_tasks", nargs="+", choices=(*DEFAULT_TASKS, "all", "none"))
-        parser.add_argument("--eval_size", choices=("full", "tiny"), default="full")
+        parser.add_argument("--heldout_tasks", nargs="+", choices=(*DEFAULT_TASKS, "all", "none"))
+        parser.add_argument("--heldout_size", choices=("full", "tiny"), default="full")
         parser.add_argument("--stage2_config")
         options, self.argv = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
         self.recipe, self.dry_run, self.stage2_config = recipe, options.dry_run, options.stage2_config
-        self.eval_size, self._eval_tasks = options.eval_size, options.eval_tasks
+        self.heldout_size, self._heldout_tasks = options.heldout_size, options.heldout_tasks
         if output_dir and not self._sets_output_dir():
             self.argv += ["--output_dir", output_dir]
         self.results: dict[str, dict] = {}
@@ -156,23 +156,23 @@ class Example:
     # --- evaluation ---
 
     @property
-    def eval_tasks(self) -> tuple[str, ...]:
-        if self._eval_tasks is None:
+    def heldout_tasks(self) -> tuple[str, ...]:
+        if self._heldout_tasks is None:
             return DEFAULT_TASKS if self.trains_default else ()
-        if "none" in self._eval_tasks:
+        if "none" in self._heldout_tasks:
             return ()
-        return DEFAULT_TASKS if "all" in self._eval_tasks else tuple(self._eval_tasks)
+        return DEFAULT_TASKS if "all" in self._heldout_tasks else tuple(self._heldout_tasks)
 
     def evaluate(self, name: str, encoder) -> dict | None:
         """Evaluates `encoder` on the held-out sets (main process only) as results[name]."""
-        if not self.eval_tasks:
+        if not self.heldout_tasks:
             return None
         if _is_main_process():
             start = time.perf_counter()
             data = None
-            if self.eval_size == "tiny":
+            if self.heldout_size == "tiny":
                 data = default_data(cache_home() / f"default-data-tiny-v{GENERATOR_VERSION}", sizes=Sizes.tiny())
-            self.results[name] = evaluate_default(encoder, tasks=self.eval_tasks, data=data, show_progress=False)
+            self.results[name] = evaluate_default(encoder, tasks=self.heldout_tasks, data=data, show_progress=False)
             self.seconds[f"evaluation {name}"] = time.perf_counter() - start
         _wait_for_main_process()
         return self.results.get(name)
@@ -193,13 +193,13 @@ class Example:
             out = self.output_dir
             out.mkdir(parents=True, exist_ok=True)
             if self.results:
-                sets = "tiny held-out sets" if self.eval_size == "tiny" else "held-out sets"
+                sets = "tiny held-out sets" if self.heldout_size == "tiny" else "held-out sets"
                 print(f"\n{self.recipe}: the embedded default's {sets}, {' / '.join(self.results)}")
                 print(format_comparison(self.results))
                 (out / "results.json").write_text(json.dumps(self.results, indent=2) + "\n")
                 print(f"results: {out / 'results.json'}")
             else:
-                print("no held-out evaluation (--eval_tasks); evaluate with mmfast-eval --model", out)
+                print("no held-out evaluation (--heldout_tasks); evaluate with mmfast-eval --model", out)
             labels = list(labels or [f"stage {i + 1}" for i in range(len(trainers))])
             curve = plot_losses({label: t.state.log_history for label, t in zip(labels, trainers, strict=True)},
                                 out / LOSS_CURVE)  # fmt: skip

@@ -39,7 +39,7 @@ def test_torchrun_trains_the_default(tmp_path):
 def test_torchrun_runs_the_llave_example(tmp_path):
     out = tmp_path / "run"
     done = torchrun(str(REPOSITORY / "examples" / "train_llave.py"), "--output_dir", str(out), "--max_steps", "2",
-                    "--per_device_train_batch_size", "8", "--eval_size", "tiny", "--logging_steps", "1",
+                    "--per_device_train_batch_size", "8", "--heldout_size", "tiny", "--logging_steps", "1",
                     "--save_steps", "10", "--report_to", "none", cwd=tmp_path)  # fmt: skip
     assert "contrastive batch: 16 (8 per device × 2 process(es), gathered across devices)" in done.stderr
     # rank 0 alone evaluates and writes the results, before and after the 2 data-parallel steps

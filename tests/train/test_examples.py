@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 EXAMPLES = Path(__file__).parents[2] / "examples"
 CONFIGS = EXAMPLES / "configs"
 SHORT = ["--max_steps", "2", "--per_device_train_batch_size", "8", "--logging_steps", "1", "--save_steps", "10",
-         "--report_to", "none", "--eval_size", "tiny"]  # fmt: skip
+         "--report_to", "none", "--heldout_size", "tiny"]  # fmt: skip
 
 
 def _main(script: str):
@@ -76,9 +76,9 @@ def test_unime_example_runs_stage_2_from_stage_1(tmp_path, capsys, monkeypatch):
         assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2]
 
 
-def test_eval_tasks_none_skips_the_evaluation(tmp_path, capsys):
+def test_heldout_tasks_none_skips_the_evaluation(tmp_path, capsys):
     out = tmp_path / "run"
-    assert _main("train_llave")(["--output_dir", str(out), *SHORT, "--eval_tasks", "none"]) == 0
+    assert _main("train_llave")(["--output_dir", str(out), *SHORT, "--heldout_tasks", "none"]) == 0
     assert "no held-out evaluation" in capsys.readouterr().out
     assert not (out / "results.json").exists() and (out / "loss.png").is_file()
 
@@ -191,7 +191,7 @@ def test_example_flags_do_not_collide_with_training_arguments():
     from mmfast.train.arguments import known_fields
 
     assert (
-        not {"eval_tasks", "eval_size", "stage2_config", "dry_run", "num_processes", "accelerate_config"}
+        not {"heldout_tasks", "heldout_size", "stage2_config", "dry_run", "num_processes", "accelerate_config"}
         & known_fields()
     )
 
