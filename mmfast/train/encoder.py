@@ -31,6 +31,7 @@ import mmfast
 from . import backbones
 from .data import Input, load_image
 from .model_source import check_model_source, portable_source, resolve_source
+from .video_inputs import Video
 
 CONFIG_NAME = "mmfast_encoder.json"
 IMAGE_PLACEHOLDER = "<|image_1|>"
@@ -181,13 +182,22 @@ class InputBuilder:
 
     def __call__(self, items: Sequence[Input], images: Sequence[Image.Image | None]) -> Mapping:
         items = [self._fitted(item) for item in items]
-        texts = [backbones.rewrite_image_tokens(self.encoder_config.render(item), self.family) for item in items]
-        flat_images = [self.encoder_config.sized(image, self.family) for image in images if image is not None]
+        rendered = [self.encoder_config.render(item) for item in items]
+        texts = [
+            backbones.rewrite_image_tokens(text, self.family, video=isinstance(image, Video))
+            for text, image in zip(rendered, images, strict=True)
+        ]
+        flat_images = [self._sized(image) for image in images if image is not None]
         padding_side = self.encoder_config.padding_side or getattr(self.processor, "padding_side", None) or "right"
         return backbones.processor_inputs(
             self.processor, self.family, texts, flat_images, padding_side=padding_side,
             max_length=self.encoder_config.max_length,
         )  # fmt: skip
+
+    def _sized(self, image: Image.Image | Video) -> Image.Image | Video:
+        if isinstance(image, Video):  # every frame as an image would be
+            return Video(tuple(self.encoder_config.sized(frame, self.family) for frame in image.frames), image.label)
+        return self.encoder_config.sized(image, self.family)
 
     def _fitted(self, item: Input) -> Input:
         """A text-only input over max_length loses tokens from the end of its text, not from the end
@@ -477,12 +487,14 @@ def _check_text(i: int, text, image) -> None:
         raise ValueError(f"texts[{i}] {text!r:.100} holds {IMAGE_PLACEHOLDER} {count} times; one image per input")
 
 
-def _as_image(image, index: int) -> Image.Image | None:
+def _as_image(image, index: int) -> Image.Image | Video | None:
     if image is None or isinstance(image, Image.Image):
         return None if image is None else image.convert("RGB")
     if isinstance(image, (str, os.PathLike)):
         return load_image(image)
-    raise TypeError(f"images[{index}] must be a PIL image, a path or None, got {type(image).__name__}")
+    if isinstance(image, Video):
+        return image.load()
+    raise TypeError(f"images[{index}] must be a PIL image, a path, a Video or None, got {type(image).__name__}")
 
 
 def _to_device(batch: Mapping, device: torch.device) -> Mapping:

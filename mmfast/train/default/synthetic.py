@@ -21,6 +21,7 @@ the trainer and the evaluator read it through the same loaders as real data.
                                                negative_caption}, ...}
     root/video/MSRVTT_JSFUSION_test.csv        key, vid_key, video_id, sentence
     root/video/videos/<video_id>/000.jpg ...   frames of a shape moving (and changing)
+    root/video/MSR-VTT/test_1k/test-00000-of-00001.parquet   the same, MMEB-V2's layout: video_id, video, caption
     root/visdoc/documents/{queries,corpus,qrels}/test-00000-of-00001.parquet   BEIR layout (ViDoRe):
                                                pages as inline PNG bytes, graded qrels
 
@@ -53,7 +54,7 @@ from mmfast.train.default.render import SHAPES
 from mmfast.train.default.sizes import Sizes
 from mmfast.train.default.writing import Images, part_rng, write_json, write_jsonl
 
-GENERATOR_VERSION = 6
+GENERATOR_VERSION = 7
 TRAIN_SUBSETS = ("ImageNet_1K", "OK-VQA", "MSCOCO_t2i", "MSCOCO_i2t", "MSCOCO")
 # Sampling weights of the mixture spec: the default trains on text-to-image pairs only (98% held-out R@1
 # at 400 steps). With the classification, VQA or grounding subsets in the mix (mixed or one-task batches,
@@ -86,6 +87,7 @@ class DefaultData:
     sugarcrepe = property(lambda self: self.root / "sugarcrepe")
     video_csv = property(lambda self: self.root / "video" / "MSRVTT_JSFUSION_test.csv")
     video_frames = property(lambda self: self.root / "video" / "videos")
+    video_v2 = property(lambda self: self.root / "video" / "MSR-VTT" / "test_1k" / "test-00000-of-00001.parquet")
     visdoc = property(lambda self: self.root / "visdoc" / "documents")
     manifest = property(lambda self: self.root / "manifest.json")
 

@@ -11,6 +11,7 @@ or an EmbeddingCache).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from .cache import EmbeddingCache, model_fingerprint
 from .metrics import (
@@ -27,6 +28,7 @@ from .report import TASKS, format_table, merge_results, print_table, result_rows
 from .retrieval import evaluate_retrieval
 from .sugarcrepe import SUGARCREPE_FILES, evaluate_sugarcrepe
 from .video import evaluate_video, video_decoder
+from .video_v2 import evaluate_video_v2
 from .visdoc import evaluate_visdoc
 
 
@@ -46,7 +48,10 @@ def evaluate(
     task "mmeb": data = the MMEB-eval root, image_root = the images (default data); output_dir gets
     the per-dataset <Subset>_score.json. "retrieval": data = a record file or a folder (image_root
     for relative image paths). "sugarcrepe": data = the folder of the seven JSON files, image_root =
-    the COCO val2017 images. "video": data = the MSR-VTT CSV, image_root = the video root. "visdoc":
+    the COCO val2017 images. "video": data = the MSR-VTT JSFUSION CSV (LLaVE's protocol:
+    one embedding per frame, averaged), image_root = the video root; or an MMEB-V2 video retrieval file
+    (MSR-VTT, MSVD, DiDeMo, VATEX, YouCook2: one video input per video), image_root = V2's frame_root,
+    output_dir gets video/<name>_score.json. "visdoc":
     data = a BEIR folder (queries/, corpus/, qrels/), output_dir gets visdoc/<name>_score.json.
     options: the task's own keywords (name, batch_size, show_progress, prompts, max_frames, ...).
     """
@@ -57,8 +62,10 @@ def evaluate(
         return evaluate_retrieval(encoder, data, image_root, **common)
     if task == "sugarcrepe":
         return evaluate_sugarcrepe(encoder, data, image_root, **common)
-    if task == "video":
-        return evaluate_video(encoder, data, image_root, **common)
+    if task == "video":  # a .csv is MSR-VTT's JSFUSION list (LLaVE's protocol); else an MMEB-V2 set
+        if Path(data).suffix.lower() == ".csv":
+            return evaluate_video(encoder, data, image_root, **common)
+        return evaluate_video_v2(encoder, data, image_root, output_dir=output_dir, **common)
     if task == "visdoc":
         return evaluate_visdoc(encoder, data, image_root, output_dir=output_dir, **common)
     raise ValueError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
@@ -78,6 +85,7 @@ __all__ = [
     "evaluate_retrieval",
     "evaluate_sugarcrepe",
     "evaluate_video",
+    "evaluate_video_v2",
     "evaluate_visdoc",
     "first_candidate_ranks",
     "format_table",

@@ -3,7 +3,9 @@
 The caption and image prompts are the generator's own MMEB instructions, the exact strings the
 default trains on (a tiny model pools its last token, so a prompt that ends one token differently,
 e.g. without MMEB's closing newline, is an input it has never seen: t2i R@1 2.7% instead of 41%
-after 200 steps). Video frames take the image prompt: the default trains no video.
+after 200 steps). Video frames take the image prompt: the default trains no video. The same videos are
+also scored by MMEB-V2's protocol (`video_v2`: V2's instructions, one video input per video) when the
+backbone has a video input.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from .report import merge_results
 from .retrieval import evaluate_retrieval
 from .sugarcrepe import evaluate_sugarcrepe
 from .video import evaluate_video
+from .video_v2 import evaluate_video_v2
 from .visdoc import evaluate_visdoc
 
 DEFAULT_TASKS = ("mmeb", "retrieval", "sugarcrepe", "video", "visdoc")
@@ -55,6 +58,8 @@ def evaluate_default(
     if "video" in tasks:
         video = {"query_prompt": caption, "video_prompt": IMAGE_PROMPT}
         parts.append(evaluate_video(encoder, data.video_csv, data.video_frames, name="msrvtt", **video, **common))
+        if getattr(getattr(encoder, "family", None), "video_token", None):  # V2's protocol: the backbone's video input
+            parts.append(evaluate_video_v2(encoder, data.video_v2, data.video_frames, output_dir=output_dir, **common))
     if "visdoc" in tasks:  # V2's own instructions (evaluate.visdoc), which the default never trains on
         parts.append(evaluate_visdoc(encoder, data.visdoc, name="documents", output_dir=output_dir, **common))
     return merge_results(*parts)
