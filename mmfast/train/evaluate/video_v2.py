@@ -69,6 +69,17 @@ def _natural(path: Path):
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
 
 
+def v2_set_name(path: Path, name: str | None, known, kind: str) -> str:
+    """The V2 set a file holds: `name`, else the file's stem or the nearest folder above it named like
+    one (the HF layout keeps the name above the file: MSR-VTT/test_1k/test-….parquet)."""
+    name = name or next((p.stem for p in (path, *path.parents) if p.stem in known), path.stem)
+    if name not in known:
+        raise ValueError(f"{path}: name must be one of MMEB-V2's {kind} sets ({', '.join(known)}), got {name!r}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{kind} file {path} does not exist")
+    return name
+
+
 def read_retrieval_rows(path: Path, layout: RetrievalLayout) -> tuple[list[str], list[str], list[str | None]]:
     """(video ids, captions, video files) of a set, one per row; errors name the file and row."""
     ids, captions, files = [], [], []
@@ -102,8 +113,11 @@ def v2_frame_indices(total: int, num_frames: int) -> list[int]:
     return [saved[i] for i in sample_frame_positions(len(saved), num_frames)]
 
 
-def video_input(frame_root: Path, video_id: str, file: str | None, num_frames: int, checker: ImageChecker):
-    """(Video, None) of one video, or (None, reason) when it cannot be read."""
+def video_input(
+    frame_root: Path, video_id: str, file: str | None, num_frames: int, checker: ImageChecker, *, frame_indices=None
+):
+    """(Video, None) of one video, or (None, reason) when it cannot be read. frame_indices(count,
+    num_frames): the frames a video file is read at (default: V2's retrieval rule, `v2_frame_indices`)."""
     folder = frame_root / video_id
     if folder.is_dir():
         frames = sorted((p for p in folder.iterdir() if p.suffix.lower() in FRAME_SUFFIXES), key=_natural)
@@ -122,7 +136,7 @@ def video_input(frame_root: Path, video_id: str, file: str | None, num_frames: i
     if decoder is None:
         raise RuntimeError(f"video {found}: reading video files needs decord or PyAV (pip install av)")
     try:
-        decoded = VideoFile(found, decoder, num_frames, frame_indices=v2_frame_indices)
+        decoded = VideoFile(found, decoder, num_frames, frame_indices=frame_indices or v2_frame_indices)
     except Exception as error:  # decoders raise their own kinds for a damaged file
         return None, f"{found} cannot be read with {decoder} ({error})"
     if not decoded.indices:
@@ -147,13 +161,7 @@ def evaluate_video_v2(
     `name` is one of V2's set names and picks the layout; by default the file's stem or the nearest
     folder above it named like one."""
     path = Path(data)
-    # The HF layout keeps the set's name in a folder above the file (MSR-VTT/test_1k/test-….parquet).
-    name = name or next((p.stem for p in (path, *path.parents) if p.stem in V2_VIDEO_RETRIEVAL), path.stem)
-    if name not in V2_VIDEO_RETRIEVAL:
-        raise ValueError(f"{path}: name must be one of MMEB-V2's video retrieval sets "
-                         f"({', '.join(V2_VIDEO_RETRIEVAL)}), got {name!r}")  # fmt: skip
-    if not path.is_file():
-        raise FileNotFoundError(f"video retrieval file {path} does not exist")
+    name = v2_set_name(path, name, V2_VIDEO_RETRIEVAL, "video retrieval")
     layout = V2_VIDEO_RETRIEVAL[name]
     frame_root = path.parent if frame_root is None else Path(frame_root)
     ids, captions, files = read_retrieval_rows(path, layout)
@@ -195,4 +203,4 @@ def evaluate_video_v2(
     return {"video": {name: result}}
 
 
-__all__ = ["V2_VIDEO_RETRIEVAL", "evaluate_video_v2", "read_retrieval_rows"]
+__all__ = ["V2_VIDEO_RETRIEVAL", "evaluate_video_v2", "read_retrieval_rows", "v2_set_name", "video_input"]
