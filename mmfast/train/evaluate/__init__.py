@@ -28,7 +28,7 @@ from .report import TASKS, format_table, merge_results, print_table, result_rows
 from .retrieval import evaluate_retrieval
 from .sugarcrepe import SUGARCREPE_FILES, evaluate_sugarcrepe
 from .video import evaluate_video, video_decoder
-from .video_qa import V2_VIDEO_QA, evaluate_video_qa
+from .video_choice import V2_VIDEO_CHOICE, evaluate_video_choice
 from .video_v2 import V2_VIDEO_RETRIEVAL, evaluate_video_v2, v2_set_name
 from .visdoc import evaluate_visdoc
 
@@ -51,8 +51,9 @@ def evaluate(
     for relative image paths). "sugarcrepe": data = the folder of the seven JSON files, image_root =
     the COCO val2017 images. "video": data = the MSR-VTT JSFUSION CSV (LLaVE's protocol:
     one embedding per frame, averaged), image_root = the video root; or an MMEB-V2 video retrieval file
-    (MSR-VTT, MSVD, DiDeMo, VATEX, YouCook2: one video input per video) or question-answering file
-    (Video-MME, NExTQA, EgoSchema, ActivityNetQA), image_root = V2's frame_root, output_dir gets
+    (MSR-VTT, MSVD, DiDeMo, VATEX, YouCook2: one video input per video), question-answering file
+    (Video-MME, NExTQA, EgoSchema, ActivityNetQA) or classification file (K700, SmthSmthV2, HMDB51,
+    UCF101, Breakfast), image_root = V2's frame_root, output_dir gets
     video/<name>_score.json. "visdoc":
     data = a BEIR folder (queries/, corpus/, qrels/), output_dir gets visdoc/<name>_score.json.
     options: the task's own keywords (name, batch_size, show_progress, prompts, max_frames, ...).
@@ -67,8 +68,9 @@ def evaluate(
     if task == "video":  # a .csv is MSR-VTT's JSFUSION list (LLaVE's protocol); else an MMEB-V2 set
         if Path(data).suffix.lower() == ".csv":
             return evaluate_video(encoder, data, image_root, **common)
-        if v2_set_name(Path(data), options.get("name"), (*V2_VIDEO_RETRIEVAL, *V2_VIDEO_QA), "video") in V2_VIDEO_QA:
-            return evaluate_video_qa(encoder, data, image_root, output_dir=output_dir, **common)
+        known = (*V2_VIDEO_RETRIEVAL, *V2_VIDEO_CHOICE)
+        if v2_set_name(Path(data), options.get("name"), known, "video") in V2_VIDEO_CHOICE:
+            return evaluate_video_choice(encoder, data, image_root, output_dir=output_dir, **common)
         return evaluate_video_v2(encoder, data, image_root, output_dir=output_dir, **common)
     if task == "visdoc":
         return evaluate_visdoc(encoder, data, image_root, output_dir=output_dir, **common)
@@ -89,7 +91,7 @@ __all__ = [
     "evaluate_retrieval",
     "evaluate_sugarcrepe",
     "evaluate_video",
-    "evaluate_video_qa",
+    "evaluate_video_choice",
     "evaluate_video_v2",
     "evaluate_visdoc",
     "first_candidate_ranks",

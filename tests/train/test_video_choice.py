@@ -1,5 +1,5 @@
-"""MMEB-V2's video question answering (evaluate.video_qa): V2's query strings per layout, local ranking
-over each query's own options, checked against a float64 reference."""
+"""MMEB-V2's video QA and classification (evaluate.video_choice): V2's query strings per layout, each
+query ranking its own options or the set's labels, checked against a float64 reference."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from mmfast.train.encoder import Encoder
-from mmfast.train.evaluate import evaluate, evaluate_video_qa, format_table
-from mmfast.train.evaluate.video_qa import QA_INSTRUCTION, qa_frame_indices, read_qa_rows
+from mmfast.train.evaluate import evaluate, evaluate_video_choice, format_table
+from mmfast.train.evaluate.video_choice import QA_INSTRUCTION, qa_frame_indices, read_choice_rows
 from mmfast.train.video_inputs import Video
 
 QUIET = {"show_progress": False}
@@ -48,13 +48,13 @@ def test_v2_query_strings_of_every_layout(tmp_path):
     }
     for name, (row, expected) in cases.items():
         path = write_jsonl(tmp_path / f"{name}.jsonl", [row])
-        assert read_qa_rows(path, name) == [(0, *expected)], name
+        assert read_choice_rows(path, name) == ([(0, *expected)], None), name
     bad = write_jsonl(tmp_path / "ActivityNetQA.jsonl", [{"video_name": "a", "question": "q", "answer": "maybe"}])
     with pytest.raises(ValueError, match=r"ActivityNetQA.jsonl row 0: not a ActivityNetQA row"):
-        read_qa_rows(bad, "ActivityNetQA")
+        read_choice_rows(bad, "ActivityNetQA")
     bad = write_jsonl(tmp_path / "NExTQA.jsonl", [{**cases["NExTQA"][0], "answer": 7}])
-    with pytest.raises(ValueError, match="row 0: answer 7 is not one of its 5 options"):
-        read_qa_rows(bad, "NExTQA")
+    with pytest.raises(ValueError, match="row 0: its answer is not one of its 5 options"):
+        read_choice_rows(bad, "NExTQA")
 
 
 def test_qa_frames_follow_v2s_extraction():
@@ -98,4 +98,54 @@ def test_scores_equal_a_float64_reference(tiny_dirs, tmp_path):
     assert (score["num_pred"], score["num_data"]) == (4, 5)
     assert "ActivityNetQA" in format_table(out)
     with pytest.raises(FileNotFoundError, match=r"row 3: video 'v_clip3'"):
-        evaluate_video_qa(encoder, path, tmp_path / "frames", strict=True, **QUIET)
+        evaluate_video_choice(encoder, path, tmp_path / "frames", strict=True, **QUIET)
+
+
+def test_classification_layouts_and_their_labels(tmp_path):
+    ssv2 = write_jsonl(tmp_path / "SmthSmthV2.jsonl", [{"video_id": 7, "pos_text": "b", "neg_text": ["a", "b", "c"]}])
+    instruction = "What actions or object interactions are being performed by the person in the video?"
+    assert read_choice_rows(ssv2, "SmthSmthV2") == ([(0, "7", f"<|image_1|> {instruction}", ["a", "b", "c"], 1)], None)
+    rows = [
+        {"video_id": "x", "pos_text": "tea"},
+        {"video_id": "y", "pos_text": "milk"},
+        {"video_id": "z", "pos_text": "tea"},
+    ]
+    breakfast = write_jsonl(tmp_path / "Breakfast" / "test.jsonl", rows)
+    query = "<|image_1|> Recognize the breakfast type that the person is cooking in the video. "  # V2's trailing space
+    got, source = read_choice_rows(breakfast, "Breakfast")
+    assert [(r[2], r[3], r[4]) for r in got] == [
+        (query, ["tea", "milk"], 0),
+        (query, ["tea", "milk"], 1),
+        (query, ["tea", "milk"], 0),
+    ]
+    assert source == "the data's pos_text values"
+    (tmp_path / "Breakfast" / "labels.txt").write_text("pancake\nmilk\ntea\n")
+    got, source = read_choice_rows(breakfast, "Breakfast")
+    assert [r[4] for r in got] == [2, 1, 2] and source.endswith("labels.txt")
+    (tmp_path / "Breakfast" / "labels.txt").write_text("pancake\n")
+    with pytest.raises(
+        ValueError, match=r"test.jsonl row 0: not a Breakfast row .*'tea' is not among its 1 candidates"
+    ):
+        read_choice_rows(breakfast, "Breakfast")
+
+
+def test_a_global_set_ranks_every_label(tiny_dirs, tmp_path):
+    encoder = Encoder.from_pretrained(str(tiny_dirs["qwen2_vl"]))
+    rng = np.random.default_rng(1)
+    for video in ("x", "y"):
+        (tmp_path / "frames" / video).mkdir(parents=True)
+        for frame in range(3):
+            array = rng.integers(0, 256, (56, 56, 3), dtype=np.uint8)
+            Image.fromarray(array).save(tmp_path / "frames" / video / f"{frame}.jpg")
+    path = write_jsonl(
+        tmp_path / "UCF101.jsonl", [{"video_id": "x", "pos_text": "Rowing"}, {"video_id": "y", "pos_text": "Typing"}]
+    )
+    (tmp_path / "labels.txt").write_text("Typing\nRowing\nDiving\n")
+    metrics = evaluate(encoder, "video", path, image_root=tmp_path / "frames", **QUIET)["video"]["UCF101"]
+    labels = encoder.encode(["Typing", "Rowing", "Diving"], **QUIET).double()
+    instruction = "<|image_1|> What activities or sports are being performed by the person in the video?"
+    clips = [Video(tuple(sorted((tmp_path / "frames" / v).iterdir()))) for v in ("x", "y")]
+    queries = encoder.encode([instruction] * 2, clips, **QUIET).double()
+    ranks = [int((labels @ q > labels[answer] @ q).sum()) for q, answer in zip(queries, (1, 0), strict=True)]
+    assert metrics["hit@1"] == pytest.approx(50 * sum(rank == 0 for rank in ranks))
+    assert metrics["hit@5"] == 100.0 and metrics["labels_from"].endswith("labels.txt")
