@@ -29,6 +29,7 @@ from .retrieval import evaluate_retrieval
 from .sugarcrepe import SUGARCREPE_FILES, evaluate_sugarcrepe
 from .video import evaluate_video, video_decoder
 from .video_choice import V2_VIDEO_CHOICE, evaluate_video_choice
+from .video_moment import V2_MOMENT_SETS, evaluate_video_moment
 from .video_v2 import V2_VIDEO_RETRIEVAL, evaluate_video_v2, v2_set_name
 from .visdoc import evaluate_visdoc
 
@@ -52,9 +53,9 @@ def evaluate(
     the COCO val2017 images. "video": data = the MSR-VTT JSFUSION CSV (LLaVE's protocol:
     one embedding per frame, averaged), image_root = the video root; or an MMEB-V2 video retrieval file
     (MSR-VTT, MSVD, DiDeMo, VATEX, YouCook2: one video input per video), question-answering file
-    (Video-MME, NExTQA, EgoSchema, ActivityNetQA) or classification file (K700, SmthSmthV2, HMDB51,
-    UCF101, Breakfast), image_root = V2's frame_root, output_dir gets
-    video/<name>_score.json. "visdoc":
+    (Video-MME, NExTQA, EgoSchema, ActivityNetQA), classification file (K700, SmthSmthV2, HMDB51,
+    UCF101, Breakfast) or moment-retrieval file (QVHighlight, Charades-STA); image_root = V2's
+    frame_root; output_dir gets video/<name>_score.json. "visdoc":
     data = a BEIR folder (queries/, corpus/, qrels/), output_dir gets visdoc/<name>_score.json.
     options: the task's own keywords (name, batch_size, show_progress, prompts, max_frames, ...).
     """
@@ -68,9 +69,13 @@ def evaluate(
     if task == "video":  # a .csv is MSR-VTT's JSFUSION list (LLaVE's protocol); else an MMEB-V2 set
         if Path(data).suffix.lower() == ".csv":
             return evaluate_video(encoder, data, image_root, **common)
-        known = (*V2_VIDEO_RETRIEVAL, *V2_VIDEO_CHOICE)
-        if v2_set_name(Path(data), options.get("name"), known, "video") in V2_VIDEO_CHOICE:
+        name = v2_set_name(
+            Path(data), options.get("name"), (*V2_VIDEO_RETRIEVAL, *V2_VIDEO_CHOICE, *V2_MOMENT_SETS), "video"
+        )
+        if name in V2_VIDEO_CHOICE:
             return evaluate_video_choice(encoder, data, image_root, output_dir=output_dir, **common)
+        if name in V2_MOMENT_SETS:
+            return evaluate_video_moment(encoder, data, image_root, output_dir=output_dir, **common)
         return evaluate_video_v2(encoder, data, image_root, output_dir=output_dir, **common)
     if task == "visdoc":
         return evaluate_visdoc(encoder, data, image_root, output_dir=output_dir, **common)
@@ -92,6 +97,7 @@ __all__ = [
     "evaluate_sugarcrepe",
     "evaluate_video",
     "evaluate_video_choice",
+    "evaluate_video_moment",
     "evaluate_video_v2",
     "evaluate_visdoc",
     "first_candidate_ranks",
