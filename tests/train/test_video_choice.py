@@ -41,6 +41,16 @@ def test_v2_query_strings_of_every_layout(tmp_path):
             {"video_idx": "e1", "question": "who?", "option": ["A. me", "B. you"], "answer": "0"},
             ("e1", Q + "who?A. me B. you", ["me", "you"], 0),
         ),
+        "MVBench": (
+            {
+                "subset": "action_count",
+                "question": "how many",
+                "video": "c.mp4",
+                "candidates": ["1", "2"],
+                "answer": "2",
+            },
+            ("action_count/c.mp4", Q + "how many\nOptions:\n(A) 1\n(B) 2", ["(A) 1", "(B) 2"], 1),
+        ),
         "ActivityNetQA": (
             {"video_name": "abc", "question": "is it day", "answer": "no"},
             ("v_abc", Q + "is it day? (A) yes; (B) no.", ["yes", "no"], 1),

@@ -55,3 +55,42 @@ def test_moments_rank_their_videos_clips(tiny_dirs, tmp_path):
     (tmp_path / "frames" / "a" / "positive").rename(tmp_path / "frames" / "a" / "other")
     with pytest.raises(FileNotFoundError, match="holds no positive"):
         evaluate_video_moment(encoder, path, tmp_path / "frames", strict=True, **QUIET)
+
+
+def test_momentseeker_takes_video_image_and_text_queries(tiny_dirs, tmp_path):
+    encoder = Encoder.from_pretrained(str(tiny_dirs["qwen2_vl"]))
+    rng = np.random.default_rng(3)
+    frames = tmp_path / "frames"
+    clip_videos = {name: write_clip(frames / "video_frames" / name, 8, rng) for name in ("m_p1", "m_p2", "m_n1", "m_q")}
+    Image.fromarray(rng.integers(0, 256, (56, 56, 3), dtype=np.uint8)).save(frames / "query_still.jpg")
+    clips = {"positive_frames": [{"output_path": "m/p1.mp4"}, {"output_path": "m/p2.mp4"}],
+             "negative_frames": [{"output_path": "m/n1.mp4"}]}  # fmt: skip
+    rows = [
+        {"query": "a jump", "input_frames": "m/q.mp4", **clips},
+        {"query": "a jump", "input_frames": "still.jpg", **clips},
+        {"query": "a jump", "input_frames": "", **clips},
+    ]
+    path = tmp_path / "MomentSeeker.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    metrics = evaluate_video_moment(encoder, path, frames, **QUIET)["video"]["MomentSeeker"]
+    queries = encoder.encode(
+        [
+            "<|image_1|> Find the clip that corresponds to the given sentence and video segment: a jump",
+            "<|image_1|> Select the video clip that aligns with the given text and image: a jump",
+            "Find the clip that corresponds to the given text: a jump",
+        ],
+        [clip_videos["m_q"], frames / "query_still.jpg", None],
+        **QUIET,
+    ).double()
+    candidates = encoder.encode(
+        ["<|image_1|> Understand the content of the provided video clip."] * 3,
+        [clip_videos[name] for name in ("m_p1", "m_p2", "m_n1")],
+        **QUIET,
+    ).double()
+    top = torch.argmax(queries @ candidates.T, dim=1)
+    assert metrics["hit@1"] == pytest.approx(100 * float((top < 2).double().mean()))  # either positive is right
+    assert metrics["recall@5"] == 100.0 and (metrics["num_queries"], metrics["num_clips"]) == (3, 9)
+    rows[0]["positive_frames"] = []
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(ValueError, match="MomentSeeker.jsonl row 0: positive_frames is empty"):
+        evaluate_video_moment(encoder, path, frames, **QUIET)

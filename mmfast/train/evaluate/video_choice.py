@@ -1,5 +1,5 @@
 """MMEB-V2's video tasks where a video query chooses among texts, as VLM2Vec V2 scores them:
-question answering (Video-MME, NExT-QA, EgoSchema, ActivityNetQA: the video and the question are one
+question answering (Video-MME, NExT-QA, EgoSchema, ActivityNetQA, MVBench: the video and the question are one
 query ranking its own options, V2's `eval_type: local`) and classification (SmthSmthV2 ranks its own
 candidates; K700, HMDB51, UCF101 and Breakfast rank every class label, `eval_type: global`).
 
@@ -15,6 +15,10 @@ V2's shared QA instruction, "Given a video and a question, select the most accur
                    the question); an option's text without its "A. "
     ActivityNetQA  video_name, question, answer ("yes" or "no"); frames in `v_<video_name>/`
                    query: "<video> Q {question}? (A) yes; (B) no."; the options: yes, no
+    MVBench        subset, question, video, candidates, answer (the right candidate's text); frames in
+                   `<subset>/<video>/` (V2 saves them from 20 source sets with time bounds: only its
+                   saved frames are read); query: "<video> Q {question}\nOptions:\n(A) {c0}\n…";
+                   the options "(A) {c0}", …
     SmthSmthV2     video_id, pos_text, neg_text (the candidates); query: "<video> {the set's instruction}"
     K700, HMDB51, UCF101, Breakfast
                    video_id, pos_text; query as SmthSmthV2; the candidates: every class label
@@ -87,6 +91,13 @@ def _egoschema(row: Mapping):
     return str(row["video_idx"]), _query(body), [_option_text(o) for o in options], int(row["answer"])
 
 
+def _mvbench(row: Mapping):
+    options = [f"({LETTERS[i]}) {candidate}" for i, candidate in enumerate(row["candidates"])]
+    body = row["question"] + "\nOptions:\n" + "\n".join(options)
+    answer = options.index(f"({LETTERS[list(row['candidates']).index(row['answer'])]}) {row['answer']}")
+    return f"{row['subset']}/{row['video']}", _query(body), options, answer
+
+
 def _activitynetqa(row: Mapping):
     body = row["question"] + "? (A) yes; (B) no."
     return f"v_{row['video_name']}", _query(body), ["yes", "no"], ["yes", "no"].index(row["answer"])
@@ -135,6 +146,7 @@ V2_VIDEO_CHOICE: dict[str, ChoiceSet] = {
     "NExTQA": _qa(("video", "question", "a0", "a1", "a2", "a3", "a4", "answer"), _nextqa),
     "EgoSchema": _qa(("video_idx", "question", "option", "answer"), _egoschema),
     "ActivityNetQA": _qa(("video_name", "question", "answer"), _activitynetqa),
+    "MVBench": _qa(("subset", "question", "video", "candidates", "answer"), _mvbench),
     "SmthSmthV2": _classes("What actions or object interactions are being performed by the person in the video?",
                            global_labels=False),
     "K700": _classes("Recognize the category of the video content.", global_labels=True),

@@ -1,5 +1,6 @@
-"""MMEB-V2's moment retrieval (QVHighlight, Charades-STA), as VLM2Vec V2 scores it: a video and a
-description of one of its scenes are one query, which ranks that video's clips (V2's `eval_type: local`).
+"""MMEB-V2's moment retrieval (QVHighlight, Charades-STA, MomentSeeker), as VLM2Vec V2 scores it: a
+description of a scene (with its video, an image, or alone) is one query, which ranks its own candidate
+clips (V2's `eval_type: local`).
 
 Layout (V2's `moment_retrieval` sets; the HF file as .parquet, .jsonl or .json, the frames as V2
 saves them under its `frame_root`):
@@ -14,6 +15,15 @@ frames (`video_inputs.sample_frame_positions`). V2 lists the clip folders in the
 takes the last `positive…` one as the answer; mmfast sorts them by name first, so runs are repeatable.
 Frames must already be saved (V2's public configs ship them: `video_root: ""`).
 
+MomentSeeker (V2's `momentseeker` parser): rows hold query, input_frames, positive_frames and
+negative_frames (lists of {"output_path": clip}). A clip's frames are in
+`<frame_root>/video_frames/<its path, "/" as "_", without .mp4>/`, every saved frame used (V2 saves 8).
+The query is, by `input_frames`: a video ("….mp4", its frames found the same way) with "Find the clip
+that corresponds to the given sentence and video segment: {query}"; an image ("….jpg", the file
+`<frame_root>/query_<input_frames>`) with "Select the video clip that aligns with the given text and
+image: {query}"; else the text alone after "Find the clip that corresponds to the given text:". A clip
+is "<video> Understand the content of the provided video clip."; every positive clip is right.
+
 Scores: V2's metrics (hit@1 is its leaderboard's), in % in the results and as fractions in
 `<output_dir>/video/<name>_score.json`. A query whose video or clips cannot be read is left out and
 counted; with strict it is an error naming the file and row.
@@ -23,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -35,7 +46,12 @@ from .video_v2 import V2_SCORE_FOLDER, v2_set_name, video_input
 
 QUERY_INSTRUCTION = "Find the clip that corresponds to the described scene in the given video:"
 CLIP_TEXT = "<|image_1|> Understand the content of the provided video."
-V2_MOMENT_SETS = ("QVHighlight", "Charades-STA")
+V2_MOMENT_SETS = ("QVHighlight", "Charades-STA", "MomentSeeker")
+SEEKER_TEXT_INSTRUCTION = "Find the clip that corresponds to the given text:"
+SEEKER_IMAGE_INSTRUCTION = "Select the video clip that aligns with the given text and image:"
+SEEKER_VIDEO_INSTRUCTION = "Find the clip that corresponds to the given sentence and video segment:"
+SEEKER_CLIP_TEXT = "<|image_1|> Understand the content of the provided video clip."
+ALL_FRAMES = 2**31 - 1  # MomentSeeker reads every saved frame (V2 saves 8 a clip)
 
 
 def moment_query(frame_root: Path, video: str, num_frames: int, checker: ImageChecker):
@@ -57,6 +73,42 @@ def moment_query(frame_root: Path, video: str, num_frames: int, checker: ImageCh
             return None, None, None, problem
         clips.append(clip)
     return whole, clips, positives[-1], None
+
+
+def momentseeker_query(record: Mapping, frame_root: Path, where: str, checker: ImageChecker):
+    """(query text, query input, clips, indices of the right clips, None), or (…, reason)."""
+    text, source = string_field(record, "query", where), string_field(record, "input_frames", where)
+    clips, problem = [], None
+    for column in ("positive_frames", "negative_frames"):
+        entries = record.get(column)
+        if not isinstance(entries, list) or not all(isinstance(e, Mapping) and "output_path" in e for e in entries):
+            raise ValueError(f"{where}: column {column!r} must be a list of {{'output_path': …}}")
+        clips.append([str(entry["output_path"]) for entry in entries])
+    positives, negatives = clips
+    if not positives:
+        raise ValueError(f"{where}: positive_frames is empty")
+    inputs = []
+    for clip in positives + negatives:
+        video, problem = video_input(frame_root / "video_frames", _clip_folder(clip), None, ALL_FRAMES, checker)
+        if problem is not None:
+            return None, None, None, None, problem
+        inputs.append(video)
+    if source.endswith(".mp4"):
+        query_input, problem = video_input(frame_root / "video_frames", _clip_folder(source), None, ALL_FRAMES, checker)
+        query = f"<|image_1|> {SEEKER_VIDEO_INSTRUCTION} {text}"
+    elif source.endswith(".jpg"):
+        query_input = frame_root / f"query_{source}"
+        problem = None if checker.usable(query_input, where) else f"query image {query_input} is missing or unreadable"
+        query = f"<|image_1|> {SEEKER_IMAGE_INSTRUCTION} {text}"
+    else:
+        query_input, query = None, f"{SEEKER_TEXT_INSTRUCTION} {text}"
+    if problem is not None:
+        return None, None, None, None, problem
+    return query, query_input, inputs, list(range(len(positives))), None
+
+
+def _clip_folder(path: str) -> str:
+    return path.replace("/", "_").split(".mp4")[0]
 
 
 def evaluate_video_moment(
@@ -81,24 +133,30 @@ def evaluate_video_moment(
     for number, record in read_records(path):
         where = f"{path} row {number}"
         rows += 1
-        text, video = string_field(record, "query", where), Path(string_field(record, "video_path", where)).stem
-        whole, clips, answer, problem = moment_query(frame_root, video, num_frames, checker)
+        if name == "MomentSeeker":
+            query, query_input, clips, right, problem = momentseeker_query(record, frame_root, where, checker)
+            label = string_field(record, "input_frames", where) or f"row {number}"
+        else:
+            label = Path(string_field(record, "video_path", where)).stem
+            query_input, clips, answer, problem = moment_query(frame_root, label, num_frames, checker)
+            query, right = f"<|image_1|> {QUERY_INSTRUCTION} {string_field(record, 'query', where)}", [answer]
         if problem is not None:
             if strict:
-                raise FileNotFoundError(f"{where}: video {video!r}: {problem}")
-            missing.append(f"{video}: {problem}")
+                raise FileNotFoundError(f"{where}: video {label!r}: {problem}")
+            missing.append(f"{label}: {problem}")
             continue
-        asked.append((f"<|image_1|> {QUERY_INSTRUCTION} {text}", whole, clips, answer, video))
+        asked.append((query, query_input, clips, right, label))
 
     embeddings = as_cache(encoder, cache, batch_size=batch_size, show_progress=show_progress)
-    queries = embeddings.embed([query for query, *_ in asked], [whole for _, whole, *_ in asked])
+    queries = embeddings.embed([query for query, *_ in asked], [query_input for _, query_input, *_ in asked])
     every_clip = [clip for _, _, clips, _, _ in asked for clip in clips]
-    clip_vectors, start, per_query = embeddings.embed([CLIP_TEXT] * len(every_clip), every_clip), 0, []
-    for vector, (_, _, clips, answer, _) in zip(queries, asked, strict=True):
+    clip_text = SEEKER_CLIP_TEXT if name == "MomentSeeker" else CLIP_TEXT
+    clip_vectors, start, per_query = embeddings.embed([clip_text] * len(every_clip), every_clip), 0, []
+    for vector, (_, _, clips, right, _) in zip(queries, asked, strict=True):
         scores = clip_vectors[start : start + len(clips)] @ vector
         start += len(clips)
         ranked = torch.argsort(scores, descending=True, stable=True).tolist()
-        per_query.append(query_metrics(ranked, [answer]))
+        per_query.append(query_metrics(ranked, right))
     scores = mean_metrics(per_query, rows)
     if output_dir is not None:
         folder = Path(output_dir) / V2_SCORE_FOLDER
@@ -106,7 +164,7 @@ def evaluate_video_moment(
         (folder / f"{name}_score.json").write_text(json.dumps(scores, indent=4))
     result = {key: 100.0 * value for key, value in scores.items() if key not in ("num_pred", "num_data")}
     result.update(
-        num_queries=len(asked), num_videos=len({video for *_, video in asked}), num_clips=len(every_clip),
+        num_queries=len(asked), num_videos=len({label for *_, label in asked}), num_clips=len(every_clip),
         num_missing_videos=len(missing), missing_video_examples=missing[:MISSING_EXAMPLES], **checker.report(),
     )  # fmt: skip
     return {"video": {name: result}}
