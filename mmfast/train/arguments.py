@@ -22,7 +22,7 @@ from transformers import HfArgumentParser
 
 from .mapping_file import read_mapping_file
 from .recipes import RECIPES, Recipe, get_recipe
-from .run_config import RunConfig
+from .run_config import RunConfig, loss_overrides
 
 DEFAULT_RECIPE = "llave"
 
@@ -257,7 +257,7 @@ HELP_FLAGS = ("-h", "--help")
 def print_help(argv: Sequence[str], *, profile: Mapping | None = None, program: str = "mmfast-train") -> None:
     """`--help`: every option the command takes, each default being the value this run would use (the
     recipe's, the profile's, the config file's and the command line's, as `parse_arguments` layers them)."""
-    resolved, _ = _parsed([token for token in argv if token not in HELP_FLAGS], profile)
+    resolved, recipe = _parsed([token for token in argv if token not in HELP_FLAGS], profile)
     parser = HfArgumentParser(ARGUMENT_CLASSES, prog=program,
                               description="Train an embedding model with a recipe. Each default shown is the value "
                               "this run would use, given the other arguments on this command line.")  # fmt: skip
@@ -286,5 +286,8 @@ def print_help(argv: Sequence[str], *, profile: Mapping | None = None, program: 
         help="with --dry-run: check an `accelerate launch` config file and plan for its processes",
     )
     values = {f.name: getattr(args, f.name) for args in resolved for f in dataclasses.fields(args)}
+    # A loss option's default is the value the run's loss takes (the recipe's, unless overridden).
+    loss = dataclasses.replace(recipe.loss, **loss_overrides(resolved[-1])) if not recipe.is_distillation else None
+    values.update({f.name: getattr(loss, f.name) for f in dataclasses.fields(LossArguments) if hasattr(loss, f.name)})
     parser.set_defaults(**{name: getattr(value, "value", value) for name, value in values.items()})
     parser.print_help()

@@ -68,3 +68,8 @@ def test_help_lists_every_option_with_the_defaults_the_run_uses(capsys, monkeypa
     text = _help(capsys, monkeypatch, "--recipe", "vlm2vec", "--data", "x.jsonl", "--learning_rate", "3e-5")
     assert _default(text, "learning_rate") == "3e-05" and _default(text, "recipe") == "vlm2vec"
     assert _default(text, "per_device_train_batch_size") == "128"
+    # The loss options show the recipe's values (not None), under the command line's overrides.
+    assert _default(text, "temperature") == "0.02" and _default(text, "symmetric") == "False"
+    text = _help(capsys, monkeypatch, "--recipe", "unime-stage2", "--temperature", "0.05")
+    assert _default(text, "temperature") == "0.05" and _default(text, "topk") == "8"
+    assert _default(text, "false_negative_margin") == "0.1"
