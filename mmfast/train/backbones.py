@@ -26,8 +26,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, PretrainedConfig
 
+from mmfast.train.placeholder import IMAGE_PLACEHOLDER, placeholder_problem
 from mmfast.train.processors import (
-    MMEB_IMAGE_PLACEHOLDER,
     VIDEO_FILL_TOKEN,
     load_processor,
     processor_inputs,
@@ -38,7 +38,6 @@ from mmfast.train.processors import (
 
 __all__ = [
     "FAMILIES",
-    "MMEB_IMAGE_PLACEHOLDER",
     "Family",
     "attn_implementation",
     "auto_model_class",
@@ -106,7 +105,7 @@ FAMILIES: dict[str, Family] = {
                model_types=("qwen2", "qwen3", "llama", "mistral"), language_model_path="model",
                vision_tower_path=None),
         # Phi-3.5-V's own processor expands "<|image_1|>" (into negative ids), so the placeholder stays.
-        Family(name="phi3_v", multimodal=True, image_token=MMEB_IMAGE_PLACEHOLDER, image_fill_token=None,
+        Family(name="phi3_v", multimodal=True, image_token=IMAGE_PLACEHOLDER, image_fill_token=None,
                image_span_tokens=(), model_types=("phi3_v",), language_model_path="model",
                vision_tower_path="model.vision_embed_tokens", accepts_logits_to_keep=False, requires_remote_code=True),
     )
@@ -182,21 +181,21 @@ def rewrite_image_tokens(text: str, family: Family, *, video: bool = False) -> s
     video); a text without it is returned unchanged."""
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
-    count = text.count(MMEB_IMAGE_PLACEHOLDER)
-    if count == 0:
+    if IMAGE_PLACEHOLDER not in text:
         return text
     if not family.multimodal:
-        raise ValueError(f"family {family.name!r} is text-only, but the text holds {MMEB_IMAGE_PLACEHOLDER}")
-    if count > 1:
-        raise ValueError(f"the text holds {MMEB_IMAGE_PLACEHOLDER} {count} times; one image per text is supported")
+        raise ValueError(f"family {family.name!r} is text-only, but the text holds {IMAGE_PLACEHOLDER}")
+    problem = placeholder_problem(text, has_image=True, what="text")
+    if problem:
+        raise ValueError(f"{problem}; one image per text is supported")
     if video:
         if family.video_token is None:
             raise ValueError(
                 f"family {family.name!r} takes no video input in mmfast (Qwen2-VL and Qwen2.5-VL do); "
                 "embed its frames as images instead (evaluate_video averages them)"
             )
-        return text.replace(MMEB_IMAGE_PLACEHOLDER, family.video_token)
-    return text.replace(MMEB_IMAGE_PLACEHOLDER, family.image_token)
+        return text.replace(IMAGE_PLACEHOLDER, family.video_token)
+    return text.replace(IMAGE_PLACEHOLDER, family.image_token)
 
 
 def with_token_style(family: Family, style: str) -> Family:

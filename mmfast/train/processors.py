@@ -31,10 +31,9 @@ from transformers import (
     Qwen2VLProcessor,
 )
 
+from .placeholder import IMAGE_PLACEHOLDER  # MMEB's image placeholder, and Phi-3.5-V's own image token
 from .video_inputs import Video, with_video_processor
 
-# MMEB's image placeholder (and Phi-3.5-V's own image token).
-MMEB_IMAGE_PLACEHOLDER = "<|image_1|>"
 # The token Qwen-VL repeats once per merged video patch.
 VIDEO_FILL_TOKEN = "<|video_pad|>"
 
@@ -176,8 +175,8 @@ def _check_images_match_texts(family, texts: list[str], images: list) -> None:
     for index, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"texts[{index}] is {type(text).__name__}, expected str")
-        if family.image_token != MMEB_IMAGE_PLACEHOLDER and MMEB_IMAGE_PLACEHOLDER in text:
-            raise ValueError(f"texts[{index}] still holds {MMEB_IMAGE_PLACEHOLDER}; apply rewrite_image_tokens first")
+        if family.image_token != IMAGE_PLACEHOLDER and IMAGE_PLACEHOLDER in text:
+            raise ValueError(f"texts[{index}] still holds {IMAGE_PLACEHOLDER}; apply rewrite_image_tokens first")
     if not family.multimodal:
         if images:
             raise ValueError(f"family {family.name!r} is text-only, but {len(images)} images were given")
@@ -248,7 +247,7 @@ def _phi3_v_inputs(processor, texts: list[str], images: list) -> BatchFeature:
     tokenizer = tokenizer_of(processor)
     rows, pixel_values, image_sizes, image_iter = [], [], [], iter(images)
     for text in texts:
-        has_image = MMEB_IMAGE_PLACEHOLDER in text
+        has_image = IMAGE_PLACEHOLDER in text
         row = processor(text=text, images=[next(image_iter)] if has_image else None, return_tensors="pt")
         rows.append(row["input_ids"][0])
         if has_image:

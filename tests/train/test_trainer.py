@@ -17,10 +17,7 @@ SHORT = ["--per_device_train_batch_size", "12", "--logging_steps", "1", "--save_
 
 
 def _trainer(output_dir, *extra):
-    model_args, data_args, training_args, recipe = parse_arguments(
-        ["--output_dir", str(output_dir), *SHORT, *extra], profile=PROFILE
-    )
-    return build_trainer(model_args, data_args, training_args, recipe)
+    return build_trainer(parse_arguments(["--output_dir", str(output_dir), *SHORT, *extra], profile=PROFILE))
 
 
 def _losses(trainer):

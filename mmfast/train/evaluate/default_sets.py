@@ -16,14 +16,13 @@ from ..default import DefaultData, default_data
 from ..default.captions import FIND_IMAGE, IMAGE
 from .inputs import BARE_CAPTION, caption_prompt_for
 from .mmeb import evaluate_mmeb
-from .report import merge_results
+from .report import TASKS, merge_results
 from .retrieval import evaluate_retrieval
 from .sugarcrepe import evaluate_sugarcrepe
 from .video import evaluate_video
 from .video_v2 import evaluate_video_v2
 from .visdoc import evaluate_visdoc
 
-DEFAULT_TASKS = ("mmeb", "retrieval", "sugarcrepe", "video", "visdoc")
 CAPTION_PROMPT = FIND_IMAGE.format("{text}")
 IMAGE_PROMPT = IMAGE
 
@@ -31,17 +30,18 @@ IMAGE_PROMPT = IMAGE
 def evaluate_default(
     encoder,
     *,
-    tasks=DEFAULT_TASKS,
+    tasks=TASKS,
     data: DefaultData | None = None,
     output_dir: str | os.PathLike | None = None,
     cache=None,
     batch_size: int = 64,
     show_progress: bool = True,
 ) -> dict:
-    """The results dict of `tasks` on the default held-out sets, in `mmfast-eval`'s shape."""
-    unknown = set(tasks) - set(DEFAULT_TASKS)
+    """The results dict of `tasks` (among `report.TASKS`: the default has a held-out set for every task) on
+    the default held-out sets, in `mmfast-eval`'s shape."""
+    unknown = set(tasks) - set(TASKS)
     if unknown:
-        raise ValueError(f"tasks must be among {', '.join(DEFAULT_TASKS)}; got {', '.join(sorted(unknown))}")
+        raise ValueError(f"tasks must be among {', '.join(TASKS)}; got {', '.join(sorted(unknown))}")
     data = default_data() if data is None else data
     common = {"cache": cache, "batch_size": batch_size, "show_progress": show_progress}
     # An encoder with its own text template (E5-V's one-word prompt) gets the bare caption, as everywhere.

@@ -27,11 +27,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ..placeholder import IMAGE_PLACEHOLDER
 from .cache import as_cache
-from .inputs import IMAGE_TOKEN, MISSING_EXAMPLES, ImageChecker
+from .inputs import MISSING_EXAMPLES, ImageChecker
 from .metrics import cross_modal_metrics
 
-VIDEO_PROMPT = IMAGE_TOKEN + "\nRepresent the given video."
+VIDEO_PROMPT = IMAGE_PLACEHOLDER + "\nRepresent the given video."
 VIDEO_QUERY_PROMPT = "Find me an video that matches the given caption: {text}"
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".avi", ".mkv", ".mov")
