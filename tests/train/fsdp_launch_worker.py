@@ -12,6 +12,7 @@ and accelerate's FSDP model and optimizer files), resume, and the final save.
     torchrun --standalone --nproc-per-node 2 fsdp_launch_worker.py MMFAST_TRAIN_ARGUMENTS...
 """
 
+import json
 import sys
 
 from accelerate.state import AcceleratorState
@@ -20,6 +21,10 @@ from torch.distributed.fsdp import FSDPModule
 
 from mmfast.train.cli import train
 from mmfast.train.trainer import EmbeddingTrainer
+
+# The Trainer's own FSDP2 options, as accelerate-fsdp.yaml sets them (each backbone layer a unit, full state dict).
+FSDP_CONFIG = {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "state_dict_type": "FULL_STATE_DICT"}
+FSDP_ARGUMENTS = ["--fsdp", "full_shard auto_wrap", "--fsdp_config", json.dumps(FSDP_CONFIG)]
 
 _state_init = AcceleratorState.__init__
 _training_step = EmbeddingTrainer.training_step
@@ -40,7 +45,13 @@ def fsdp_training_step(self, model, *args, **kwargs):
     return _training_step(self, model, *args, **kwargs)
 
 
-if __name__ == "__main__":
+def lift_accelerate_cpu_gate() -> None:
+    """From here on, accelerate sets up FSDP on CPU processes when the Trainer asks for it (and the step checks
+    that the model it gets is sharded)."""
     AcceleratorState.__init__ = accelerator_state_with_fsdp_on_cpu
     EmbeddingTrainer.training_step = fsdp_training_step
+
+
+if __name__ == "__main__":
+    lift_accelerate_cpu_gate()
     train(sys.argv[1:])
