@@ -67,7 +67,8 @@ def modules_run(mini_batches) -> list[tuple[bool, bool, bool, bool]]:
 def check_same_modules_on_every_rank(mini_batches) -> None:
     """Under FSDP each layer's parameters are all-gathered when it runs, a collective every rank joins, so
     in every mini-batch all ranks must run the same modules; otherwise their collectives fall out of step
-    (gloo aborts on a size mismatch, NCCL hangs). Every rank gets the same answer, so all stop together."""
+    (gloo aborts on a size mismatch; a backend that does not check sizes can hang). Every rank gets the same
+    answer, so all stop together."""
     kinds = modules_run(mini_batches)
     every_rank = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(every_rank, kinds)
