@@ -88,6 +88,10 @@ class DataArguments:
     strict: bool = field(default=False, metadata={"help": "Any bad row is an error naming the file and row"})
 
 
+# When GradCache syncs gradients under FSDP (EmbeddingTrainer.defer_gradient_sync).
+FSDP_SYNCS = ("last_mini_batch", "every_mini_batch")
+
+
 @dataclass
 class TrainingArguments(transformers.TrainingArguments):
     recipe: str = field(default=DEFAULT_RECIPE, metadata={"help": f"One of: {', '.join(RECIPES)}"})
@@ -98,6 +102,12 @@ class TrainingArguments(transformers.TrainingArguments):
         default=0,
         metadata={"help": "GradCache mini-batches of at most this many tokens (every side of their rows, padded, "
                   "image tokens included; with gradcache_mini_batch_size, at most that many rows too); 0 = off"},
+    )  # fmt: skip
+    gradcache_fsdp_sync: str = field(
+        default="last_mini_batch",
+        metadata={"help": "Under FSDP, when GradCache reduce-scatters the gradients: last_mini_batch (once per "
+                  "step; each process holds its units' unsharded gradients until then) or every_mini_batch "
+                  "(sharded gradient memory, one reduce-scatter per unit per mini-batch)"},
     )  # fmt: skip
     loss_backend: str = field(default="auto", metadata={"help": "auto, cpu, triton, torch or reference"})
     mask_duplicate_candidates: bool = field(
@@ -132,6 +142,8 @@ class TrainingArguments(transformers.TrainingArguments):
     remove_unused_columns: bool = False
 
     def __post_init__(self):
+        if self.gradcache_fsdp_sync not in FSDP_SYNCS:
+            raise ValueError(f"gradcache_fsdp_sync must be {' or '.join(FSDP_SYNCS)}, got {self.gradcache_fsdp_sync!r}")
         if self.cpu_threads is not None and (not isinstance(self.cpu_threads, int) or self.cpu_threads < 1):
             raise ValueError(f"cpu_threads must be a positive integer, got {self.cpu_threads}")
         if self.loss_backend not in ("auto", "cpu", "triton", "torch", "reference"):

@@ -177,9 +177,16 @@ def check_against_training(check: LaunchCheck, training_args) -> None:
         except ValueError as error:
             check.errors.append(f"accelerate config {check.path}: {error}")
     elif check.distributed_type == "FSDP":
+        held = training_args.gradcache_fsdp_sync == "last_mini_batch"
         check.notes.append(
-            "GradCache under FSDP (untested here): each mini-batch all-gathers the parameters for its "
-            "no-grad forward and again for its forward with grad; until the last mini-batch the gradients "
-            "are kept unsharded (no reduce-scatter), so a full fine-tune holds a whole model's gradients per "
-            "GPU. With LoRA that is only the adapter's."
-        )
+            "GradCache under FSDP2 (proven on CPU processes, not on GPUs): each mini-batch all-gathers the "
+            "parameters for its no-grad forward and again for its forward with grad. gradcache_fsdp_sync "
+            f"{training_args.gradcache_fsdp_sync}: "
+            + ("the gradients stay unsharded until the last mini-batch, so a full fine-tune holds a whole model's "
+               "gradients per GPU (with LoRA only the adapter's); every_mini_batch keeps them sharded for more "
+               "reduce-scatters" if held else
+               "the gradients are reduce-scattered (sharded) after every mini-batch, one reduce-scatter per unit "
+               "per mini-batch")
+            + ". In each mini-batch every rank must run the same modules (images on the same sides, hard "
+            "negatives on every rank or none), else the step stops with an error"
+        )  # fmt: skip

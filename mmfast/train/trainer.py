@@ -26,8 +26,10 @@ from pathlib import Path
 import torch
 import transformers
 from accelerate.utils import DistributedType
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import DataLoader
+from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, speed_metrics
 
 from . import checkpoints
@@ -41,6 +43,7 @@ from .mini_batches import MiniBatching
 logger = logging.getLogger(__name__)
 TRAINING_ARGS_NAME = "training_args.bin"
 DATA_REPORT_NAME = "data_report.json"
+FSDP_OPTIMIZER_NAME = "optimizer.bin"  # accelerate's save_fsdp_optimizer, full state dict
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -48,6 +51,44 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def modules_run(mini_batches) -> list[tuple[bool, bool, bool, bool]]:
+    """Per mini-batch, what decides which of the backbone's modules it runs: an image on the query side,
+    on the target side, hard negatives, an image among them (each side is one pass of the backbone)."""
+    kinds = []
+    for start, stop in mini_batches.bounds:
+        part = mini_batches.rows[start:stop]
+        negatives = [item for row in part for item in row[2:]]
+        kinds.append((any(row[0].image is not None for row in part), any(row[1].image is not None for row in part),
+                      bool(negatives), any(item.image is not None for item in negatives)))  # fmt: skip
+    return kinds
+
+
+def check_same_modules_on_every_rank(mini_batches) -> None:
+    """Under FSDP each layer's parameters are all-gathered when it runs, a collective every rank joins, so
+    in every mini-batch all ranks must run the same modules; otherwise their collectives fall out of step
+    (gloo aborts on a size mismatch; a backend that does not check sizes can hang). Every rank gets the same
+    answer, so all stop together."""
+    kinds = modules_run(mini_batches)
+    every_rank = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every_rank, kinds)
+    if all(other == kinds for other in every_rank):
+        return
+    names = ("query image", "target image", "hard negatives", "negative image")
+
+    def describe(rank_kinds):
+        return "; ".join(", ".join(n for n, on in zip(names, kind, strict=True) if on) or "text only"
+                         for kind in rank_kinds)  # fmt: skip
+
+    ranks = "\n".join(f"  rank {rank}: {len(k)} mini-batch(es): {describe(k)}" for rank, k in enumerate(every_rank))
+    raise ValueError(
+        "under FSDP every rank must run the same modules in each mini-batch (a layer's parameters are all-gathered "
+        f"when it runs, a collective every rank joins), but this step's ranks differ:\n{ranks}\nBatches whose "
+        "ranks mix text-only and image rows, or rows with and without hard negatives, are not supported under "
+        "FSDP: give every row the same sides (e.g. one task per batch, --homogeneous_batches, over subsets whose "
+        "rows agree), or train with DDP"
+    )
 
 
 class EmbeddingTrainer(transformers.Trainer):
@@ -70,6 +111,15 @@ class EmbeddingTrainer(transformers.Trainer):
             )
         self.mini_batching = collated  # the step reads the very object the collator cuts by
         self.mini_batching.check_engine("deepspeed" if self.is_deepspeed_enabled else None)
+        launched_fsdp = bool(self.args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+        if launched_fsdp and not self.is_fsdp_enabled:
+            # accelerate sets up FSDP only on accelerators: a CPU run with several processes becomes DDP
+            # (distributed_type MULTI_CPU) before the FSDP plugin is looked at. Training on would be another run.
+            raise ValueError(
+                f"FSDP was asked for (--fsdp / fsdp_config, or accelerate launch with an FSDP config), but accelerate "
+                f"set up {self.accelerator.distributed_type.value}: it runs FSDP only on GPUs (or other "
+                "accelerators), never on CPU processes. Launch on GPUs, or drop FSDP to train with DDP"
+            )
         self.objective, self.batch_sampler = objective, batch_sampler
         self.data_report = data_report if data_report is not None else DataReport()
         self._window = {"time": time.perf_counter(), "rows": 0, "batches": 0, "masked": 0}
@@ -142,6 +192,8 @@ class EmbeddingTrainer(transformers.Trainer):
         def backward(surrogate):
             self.accelerator.backward(surrogate * scale, **options)
 
+        if isinstance(model, FSDPModule) and distributed_world_size() > 1:
+            check_same_modules_on_every_rank(inputs["mini_batches"])
         with self.compute_loss_context_manager():
             if self.mini_batching.grad_cache:
                 no_sync = functools.partial(self.defer_gradient_sync, model)
@@ -158,11 +210,20 @@ class EmbeddingTrainer(transformers.Trainer):
         """Holds back the gradient sync of the backwards run inside it: DDP's all-reduce (`no_sync`), or
         FSDP2's reduce-scatter (`set_requires_gradient_sync(False)`, as accelerate's FSDP2 plugin does; here
         also for a model sharded with `fully_shard` outside accelerate). GradCache runs every mini-batch but
-        the last in it, so gradients are synced once per step: under FSDP2 each unit's gradient stays
-        unsharded (a whole unit's gradient per process) until the last mini-batch's backward reduce-scatters it."""
+        the last in it, so gradients are synced once per step.
+
+        Under FSDP2, `gradcache_fsdp_sync` chooses. last_mini_batch: each unit's gradient stays unsharded
+        (a whole unit's gradient per process) until the last mini-batch's backward reduce-scatters it, twice
+        for a layer the mini-batch runs more than once (the encoder runs the backbone once per side, and FSDP2
+        reduce-scatters at a layer's first post-backward what it held, at its last what the mini-batch added):
+        2 per layer unit and 1 for the root, whatever the number of mini-batches. every_mini_batch: sharded
+        gradient memory, one reduce-scatter per unit per mini-batch (README, "GradCache under FSDP2")."""
         if not isinstance(model, FSDPModule):
             with self.accelerator.no_sync(model):
                 yield
+            return
+        if self.args.gradcache_fsdp_sync == "every_mini_batch":
+            yield
             return
         model.set_requires_gradient_sync(False)
         try:
@@ -261,9 +322,28 @@ class EmbeddingTrainer(transformers.Trainer):
         with open(os.path.join(output_dir, DATA_REPORT_NAME), "w") as f:
             json.dump(self.data_report.to_dict(), f, indent=2)
 
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        optimizer_file = os.path.join(checkpoint, FSDP_OPTIMIZER_NAME) if checkpoint else ""
+        if not (self.accelerator.is_fsdp2 and os.path.isfile(optimizer_file)):
+            super()._load_optimizer_and_scheduler(checkpoint)
+            return
+        # accelerate's load_fsdp_optimizer for a full state dict (rank 0 reads, the ranks take their shards),
+        # but not strict: a parameter that had no gradient before the save (the vision tower in a text-only
+        # run) has no optimizer state, which is the state the optimizer gives it until its first gradient.
+        # torch's strict load refuses such a checkpoint.
+        saved = torch.load(optimizer_file, weights_only=True) if self.args.process_index == 0 else {}
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+        set_optimizer_state_dict(self.model_wrapped, self.optimizer.optimizer, saved, options=options)
+        scheduler = torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True)
+        self.lr_scheduler.load_state_dict(scheduler)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        encoder = self.accelerator.unwrap_model(model or self.model)
-        encoder.load_weights(resume_from_checkpoint)
+        if self.is_fsdp_enabled:
+            # The sharded model takes the checkpoint's accelerate FSDP state dict (pytorch_model_fsdp.bin,
+            # written beside the encoder's files by the Trainer's own FSDP save), each rank its shards.
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        else:
+            self.accelerator.unwrap_model(model or self.model).load_weights(resume_from_checkpoint)
         report = os.path.join(resume_from_checkpoint, DATA_REPORT_NAME)
         if os.path.isfile(report):
             with open(report) as f:

@@ -34,12 +34,29 @@ def batch_rows(trainer, start: int, count: int, total: int):
     return [dataset[i * stride] for i in range(start, start + count)]
 
 
-def trainer_for(case: str, out_dir: str, rows: int, mini_batch: int):
+def trainer_for(case: str, out_dir: str, rows: int, mini_batch: int, *options: str):
+    """The case's trainer for one step of `rows` rows per rank, GradCache `mini_batch` rows (0: off);
+    options: more command-line arguments."""
     recipe, extra = CASES[case]
     argv = ["--recipe", recipe, "--output_dir", out_dir, "--per_device_train_batch_size", str(rows),
             "--gradcache_mini_batch_size", str(mini_batch), "--max_steps", "1", "--report_to", "none",
-            *extra]  # fmt: skip
+            *extra, *options]  # fmt: skip
     return build_trainer(parse_arguments(argv, profile=PROFILE))
+
+
+def run_step(trainer, model, rows) -> torch.Tensor:
+    """One training step of `model` (as the launcher wrapped it) on these rows; returns the loss."""
+    trainer.current_gradient_accumulation_steps = 1
+    return trainer.training_step(model, trainer.data_collator(rows))
+
+
+def leave() -> None:
+    """Every result is written and every rank is past the barrier: leave without gloo's teardown,
+    which once hung a rank at exit under heavy load (and can abort one, see distributed_worker.py)."""
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def counting_hook(counter):
@@ -59,8 +76,7 @@ def main():
         counter = [0]
         model.register_comm_hook(None, counting_hook(counter))
         inputs = trainer.data_collator(batch_rows(trainer, rank * rows, rows, 2 * rows))
-        trainer.current_gradient_accumulation_steps = 1
-        loss = trainer.training_step(model, inputs)
+        loss = run_step(trainer, model, batch_rows(trainer, rank * rows, rows, 2 * rows))
         negatives = torch.tensor([sum(mb["negatives"]["input_ids"].shape[0] for mb in inputs["mini_batches"]
                                       if "negatives" in mb)])  # fmt: skip
         per_rank = [torch.zeros_like(negatives) for _ in range(dist.get_world_size())]
@@ -71,18 +87,13 @@ def main():
         plain = one_graph.accelerator.prepare(one_graph.model)
         one_sync = [0]
         plain.register_comm_hook(None, counting_hook(one_sync))
-        one_graph.current_gradient_accumulation_steps = 1
-        one_graph.training_step(plain, one_graph.data_collator(batch_rows(one_graph, rank * rows, rows, 2 * rows)))
+        run_step(one_graph, plain, batch_rows(one_graph, rank * rows, rows, 2 * rows))
         if rank == 0:
             result = {"grads": grads, "allreduces": counter[0], "one_sync": one_sync[0], "loss": loss,
                       "negatives_per_rank": [int(n) for n in per_rank]}  # fmt: skip
             torch.save(result, os.path.join(out_dir, f"{recipe}.pt"))
         dist.barrier()
-    # Every result is written and every rank is past the barrier: leave without gloo's teardown,
-    # which once hung a rank at exit under heavy load (and can abort one, see distributed_worker.py).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave()
 
 
 if __name__ == "__main__":

@@ -1,13 +1,13 @@
 """Run by torchrun from test_fsdp_train.py: per case, EmbeddingTrainer.training_step on this rank's half of
 a fixed batch, with the encoder sharded by FSDP2 (`fully_shard`: each backbone layer a unit, the encoder the
 root) and GradCache over two mini-batches; rank 0 writes the full (unsharded) gradients, each rank's loss and
-the number of gradient reduce-scatters, for the gradient sync held to the last mini-batch (the trainer's) and
-synced per mini-batch, and for the plain step without GradCache (one backward: one sync).
+the number of gradient reduce-scatters, for both `--gradcache_fsdp_sync` choices (last_mini_batch, the
+default, and every_mini_batch), and for the plain step without GradCache (one backward: one sync). Then a
+step whose ranks run different modules (an image on rank 0's query side only): rank 0 writes the error.
 
     torchrun --standalone --nproc-per-node 2 fsdp_train_worker.py OUT_DIR ROWS_PER_RANK CASE...
 """
 
-import contextlib
 import os
 import sys
 
@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
-from tests.train.distributed_train_worker import trainer_for
+from tests.train.distributed_train_worker import leave, run_step, trainer_for
 
 REDUCE_SCATTERS = [0]
 _reduce_scatter_single = dist.reduce_scatter_single
@@ -67,17 +67,28 @@ def sharded(trainer):
     return fully_shard(model)
 
 
-def step(trainer, model, rows: int, per_mini_batch: bool = False) -> tuple[torch.Tensor, int]:
+def step(trainer, model, rows: int) -> tuple[torch.Tensor, int]:
     """One training step on this rank's rows; returns (loss, reduce-scatters it ran)."""
-    if per_mini_batch:
-        trainer.defer_gradient_sync = lambda model: contextlib.nullcontext()
     rank = dist.get_rank()
-    inputs = trainer.data_collator(aligned_rows(trainer, rows)[rank * rows : (rank + 1) * rows])
-    trainer.current_gradient_accumulation_steps = 1
     model.zero_grad(set_to_none=True)
     before = REDUCE_SCATTERS[0]
-    loss = trainer.training_step(model, inputs)
+    loss = run_step(trainer, model, aligned_rows(trainer, rows)[rank * rows : (rank + 1) * rows])
     return loss.detach(), REDUCE_SCATTERS[0] - before
+
+
+def mismatch_error(out_dir: str, rows: int) -> str:
+    """The error of a step whose ranks disagree on the modules they run: rank 0's mini-batches hold a query
+    image, rank 1's none (vlm2vec's data has both kinds of row)."""
+    trainer = trainer_for("vlm2vec", os.path.join(out_dir, "mismatch"), rows, max(rows // 2, 1))
+    model = sharded(trainer)
+    dataset = trainer.train_dataset
+    wanted_image = dist.get_rank() == 0
+    picked = [dataset[i] for i in range(len(dataset)) if (dataset[i].query.image is not None) == wanted_image]
+    try:
+        run_step(trainer, model, picked[:rows])
+    except ValueError as error:
+        return str(error)
+    return ""
 
 
 def full_gradients(model) -> dict[str, torch.Tensor]:
@@ -95,8 +106,11 @@ def main():
         grads = full_gradients(model)
         losses = [torch.zeros_like(loss) for _ in range(dist.get_world_size())]
         dist.all_gather(losses, loss)
-        _, per_mini_batch = step(trainer, model, rows, per_mini_batch=True)
-        grads_per_mini_batch = full_gradients(model)
+        every = trainer_for(case, os.path.join(out_dir, case + "-every"), rows, max(rows // 2, 1),
+                            "--gradcache_fsdp_sync", "every_mini_batch")  # fmt: skip
+        every_model = sharded(every)
+        _, per_mini_batch = step(every, every_model, rows)
+        grads_per_mini_batch = full_gradients(every_model)
         plain = trainer_for(case, os.path.join(out_dir, case + "-plain"), rows, mini_batch=0)
         _, one_sync = step(plain, sharded(plain), rows)
         if dist.get_rank() == 0:
@@ -106,10 +120,11 @@ def main():
                       "mini_batches": mini_batches}  # fmt: skip
             torch.save(result, os.path.join(out_dir, f"{case}.pt"))
         dist.barrier()
-    # As distributed_train_worker: leave without gloo's teardown once every result is written.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    error = mismatch_error(out_dir, rows)
+    if dist.get_rank() == 0:
+        with open(os.path.join(out_dir, "mismatch.txt"), "w") as f:
+            f.write(error)
+    leave()
 
 
 if __name__ == "__main__":

@@ -1,20 +1,26 @@
 """GradCache under FSDP2 on the CPU (gloo): the encoder sharded with `fully_shard` (each backbone layer a
 unit), 2 ranks × B rows give the loss and every parameter's full gradient of 1 process × 2B rows, for every
-recipe, with the gradient reduce-scatter held to the last mini-batch (one sync per step, the trainer's
-choice) and synced per mini-batch (one sync per mini-batch). The level proven is the trainer's step on a
-model sharded by `fully_shard`; `accelerate launch` with FSDP is not run here."""
+recipe, with the gradient reduce-scatter held to the last mini-batch (`--gradcache_fsdp_sync last_mini_batch`,
+the default) and synced per mini-batch (`every_mini_batch`); reduce-scatters counted. Then `mmfast-train` itself
+with the Trainer's `--fsdp` (accelerate's FSDP2; its CPU gate lifted, fsdp_launch_worker.py): it saves
+checkpoints `Encoder.from_pretrained` loads, and a resumed run ends where the uninterrupted one does."""
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from mmfast.train.encoder import Encoder
 from tests.train.distributed_train_worker import CASES, trainer_for
+from tests.train.fsdp_launch_worker import FSDP_ARGUMENTS
 from tests.train.fsdp_train_worker import aligned_rows
 from tests.train.torchrun import torchrun
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 WORKER = Path(__file__).with_name("fsdp_train_worker.py")
+LAUNCH_WORKER = Path(__file__).with_name("fsdp_launch_worker.py")
 ROWS_PER_RANK = 6
 
 
@@ -40,10 +46,56 @@ def test_fsdp2_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
         reference = {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
         assert_gradients_equal(got["grads"], reference, case)
         assert_gradients_equal(got["grads_per_mini_batch"], reference, case + " (synced per mini-batch)")
-        # Two GradCache mini-batches per rank. Synced per mini-batch: each FSDP unit's gradient is
-        # reduce-scattered once per mini-batch. Held to the last mini-batch: fewer, but not yet as few as one
-        # plain backward's (measured: the backbone's layer units reduce-scatter twice in the last
-        # mini-batch's backward; README, "GradCache under FSDP2").
+        # Two GradCache mini-batches per rank. every_mini_batch: each FSDP unit's gradient is reduce-scattered
+        # once per mini-batch. last_mini_batch: the root once, each layer unit twice, whatever the number of
+        # mini-batches: the encoder runs the backbone once per side, so a layer's post-backward fires once per
+        # side; the first reduce-scatters the gradient held from the earlier mini-batches, the last what this
+        # mini-batch added (a plain step has nothing held: once per unit).
         assert got["mini_batches"] == 2, case
         assert got["per_mini_batch"] == got["mini_batches"] * got["one_sync"] > 0, case
-        assert got["one_sync"] <= got["reduce_scatters"] < got["per_mini_batch"], case
+        assert got["reduce_scatters"] == 2 * got["one_sync"] - 1, case
+    # Ranks that run different modules in a mini-batch stop with an error that says which, on every rank.
+    error = (tmp_path / "mismatch.txt").read_text()
+    assert "under FSDP every rank must run the same modules" in error, error
+    assert "rank 0: 2 mini-batch(es): query image" in error and "rank 1: 2 mini-batch(es): target image" in error
+
+
+def test_fsdp_through_the_trainer_saves_and_resumes(tmp_path):
+    """mmfast-train --fsdp (accelerate's FSDP2, GradCache, 2 ranks): the checkpoint's encoder files hold the
+    full model, and resuming from checkpoint-2 ends at step 3 where the uninterrupted run does."""
+    run = ["--recipe", "e5v", "--max_steps", "3", "--save_steps", "2", "--per_device_train_batch_size", "8",
+           "--gradcache_mini_batch_size", "4", "--report_to", "none", "--logging_steps", "1",
+           *FSDP_ARGUMENTS]  # fmt: skip
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    done = torchrun(str(LAUNCH_WORKER), "--output_dir", str(whole), *run, cwd=tmp_path)
+    assert "GradCache mini-batch: 4 (2 mini-batch(es) per device per step)" in done.stderr
+    checkpoint = whole / "checkpoint-2"
+    # The encoder's files (model.safetensors) hold the full weights: those of accelerate's full state dict.
+    saved = Encoder.from_pretrained(checkpoint)
+    full = torch.load(checkpoint / "pytorch_model_fsdp.bin", weights_only=True)
+    weights = {f"model.{name}": tensor for name, tensor in saved.model.state_dict().items()}
+    assert weights.keys() == full.keys()
+    for name, tensor in full.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=0, atol=0, msg=name)
+    shutil.copytree(checkpoint, resumed / "checkpoint-2")
+    torchrun(str(LAUNCH_WORKER), "--output_dir", str(resumed), "--resume_from_checkpoint", "latest", *run,
+             cwd=tmp_path)  # fmt: skip
+    final, final_resumed = Encoder.from_pretrained(whole), Encoder.from_pretrained(resumed)
+    reference = final.model.state_dict()
+    moved = [n for n, t in reference.items() if not torch.equal(t, saved.model.state_dict()[n])]
+    assert moved, "step 3 changed no weight"
+    for name, tensor in final_resumed.model.state_dict().items():
+        torch.testing.assert_close(tensor, reference[name], rtol=0, atol=0, msg=name)
+    losses = [json.loads((d / "trainer_state.json").read_text())["log_history"] for d in (whole, resumed)]
+    assert [e["loss"] for e in losses[0] if e.get("step") == 3 and "loss" in e] == [
+        e["loss"] for e in losses[1] if e.get("step") == 3 and "loss" in e
+    ]
+
+
+def test_fsdp_on_cpu_is_refused(tmp_path):
+    """accelerate runs FSDP on accelerators only: on CPU processes, --fsdp would silently train with DDP."""
+    done = torchrun("-m", "mmfast.train", "--output_dir", str(tmp_path / "run"), "--max_steps", "1",
+                    "--report_to", "none", *FSDP_ARGUMENTS, cwd=tmp_path, succeed=False)  # fmt: skip
+    assert "mmfast-train: error: FSDP was asked for (--fsdp" in done.stderr, done.stderr[-2000:]
+    assert "but accelerate set up MULTI_CPU: it runs FSDP only on GPUs" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -66,7 +66,14 @@ def test_gradient_accumulation_warning_stays(capsys):
 def test_gradcache_under_fsdp_is_noted_and_under_deepspeed_refused(capsys):
     gradcache = ["--per_device_train_batch_size", "16", "--gradcache_mini_batch_size", "4"]
     status, out, _ = _dry_run(capsys, "--accelerate_config", str(CONFIGS / "accelerate-fsdp.yaml"), *gradcache)
-    assert status == 0 and "GradCache under FSDP (untested here)" in out
+    assert status == 0 and "GradCache under FSDP2 (proven on CPU processes, not on GPUs)" in out
+    assert "gradcache_fsdp_sync last_mini_batch: the gradients stay unsharded" in " ".join(out.split())
+    status, out, _ = _dry_run(capsys, "--accelerate_config", str(CONFIGS / "accelerate-fsdp.yaml"), *gradcache,
+                              "--gradcache_fsdp_sync", "every_mini_batch")  # fmt: skip
+    assert status == 0 and "every_mini_batch: the gradients are reduce-scattered" in " ".join(out.split())
+    status, _, err = _dry_run(capsys, "--accelerate_config", str(CONFIGS / "accelerate-fsdp.yaml"), *gradcache,
+                              "--gradcache_fsdp_sync", "sometimes")  # fmt: skip
+    assert status == 2 and "gradcache_fsdp_sync must be last_mini_batch or every_mini_batch, got 'sometimes'" in err
     for zero in ("accelerate-zero2.yaml", "accelerate-zero3.yaml"):
         status, _, err = _dry_run(capsys, "--accelerate_config", str(CONFIGS / zero), *gradcache)
         assert status == 2 and "DeepSpeed with gradcache_mini_batch_size 4" in err
