@@ -77,6 +77,25 @@ def peak_extra_mib(forward, backward, outputs) -> float:
     return ((peak - baseline) * 1024 - kept) / 2**20
 
 
+def timed_runs(run, outputs, repeats: int) -> dict:
+    """`repeats` calls of run(): median wall and CPU milliseconds (the process's CPU time, the steadier
+    on a shared machine), and the first call's extra peak memory (peak_extra_mib, `outputs()` being
+    what it returns)."""
+    times, cpu_times = [], []
+
+    def timed():
+        start, cpu_start = time.perf_counter(), time.process_time()
+        run()
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+
+    extra = peak_extra_mib(timed, lambda: None, outputs)
+    for _ in range(repeats - 1):
+        timed()
+    return {"ms": 1e3 * statistics.median(times), "cpu_ms": 1e3 * statistics.median(cpu_times), "runs": len(times),
+            "extra_peak_mib": extra}  # fmt: skip
+
+
 def peak_after_warmup(make_step, small_inputs: tuple, inputs: tuple, *, compiled: bool = False) -> dict:
     """{"extra_peak_mib": ...} of one fwd+bwd of `make_step(*inputs)` (a (forward, backward, grads)
     triple), after a warm-up that loads every kernel: on `small_inputs`, or for torch.compile'd code

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,7 +31,7 @@ import torch.nn.functional as F
 import mmfast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import machine, memory_in_subprocess, peak_extra_mib, write_json  # noqa: E402
+from harness import machine, memory_in_subprocess, timed_runs, write_json  # noqa: E402
 
 PROVIDERS = ("mmfast", "mmfast_torch", "colpali", "gemm")
 
@@ -87,19 +85,7 @@ def measure(provider: str, batch: int, query_tokens: int, doc_tokens: int, dim: 
     """In this (fresh) process: warm up, then time `repeats` steps; memory from the first."""
     step_function(provider, *make_inputs(4, query_tokens, 64, dim, seed=1))[0]()
     step, outputs = step_function(provider, *make_inputs(batch, query_tokens, doc_tokens, dim))
-    times, cpu_times = [], []
-
-    def timed():
-        start, cpu_start = time.perf_counter(), time.process_time()
-        step()
-        times.append(time.perf_counter() - start)
-        cpu_times.append(time.process_time() - cpu_start)
-
-    extra = peak_extra_mib(timed, lambda: None, outputs)
-    for _ in range(repeats - 1):
-        timed()
-    return {"ms": 1e3 * statistics.median(times), "cpu_ms": 1e3 * statistics.median(cpu_times), "runs": len(times),
-            "extra_peak_mib": extra}  # fmt: skip
+    return timed_runs(step, outputs, repeats)
 
 
 def main(argv=None) -> int:

@@ -1,12 +1,18 @@
-// CPU kernels of mmfast.late_interaction_loss (the chunk loop and its MKL GEMMs are
+// CPU kernels of mmfast.late_interaction_loss (the document chunk loop is
 // mmfast/backends/late_interaction_loss.py).
 //
-// late_interaction_maxsim reduces one GEMM output tile of token scores, T[r·L_q, c·L] (query tokens
-// × document tokens), to MaxSim: for each (query, document) pair, for each query token, the max over
-// the document's L tokens (plus the bias: 0 at a real token, -inf at padding) and its arg-max, summed
-// over the query's real tokens. The max runs over 16 lanes, each keeping its own first maximal index
-// (a strict > never moves it on a tie), and the lanes are merged to the lowest index among those
-// holding the max: ties go to the lower document token, as on the other backends.
+// late_interaction_scores computes MaxSim for every query against one chunk of documents without
+// ever writing a token score to memory: the (query block, document block) pairs are handed to the
+// threads from a shared counter; a thread computes its pair's token scores with one single-threaded
+// GEMM (MKL) into its own scratch of about kScratchFloats floats (in L2), and reduces them at once:
+// for each (query, document), for each query token, the max over the document's L tokens (plus the
+// bias: 0 at a real token, -inf at padding) and its arg-max, summed over the query's real tokens.
+// late_interaction_maxsim does the same reduction over a tile the caller computed (the torch
+// backend's loop; kept for tests of the reduction alone).
+//
+// The max: a first pass takes the max of 16 lanes × 4 accumulators (float32, one copy per ISA); a
+// second pass finds the first token holding it, usually within the first few vectors. The winner
+// is thus the first maximal token: ties go to the lower document token, as on the other backends.
 //
 // late_interaction_grads is the backward through the stored arg-max: a query token's gradient is the
 // sum over documents of G[i, j] times the winning document row, and a document row's gradient the sum
@@ -16,80 +22,187 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <atomic>
 #include <limits>
+#include <type_traits>
+#include <vector>
 
 #include "checks.h"
+#include "fast_math.h"
 
 namespace mmfast {
 namespace {
 
 constexpr const char* kOp = "late_interaction_loss";
-constexpr int64_t kLanes = 16;
 
-// (max over s < n of row[s] + bias[s], its first index)
+// A fused pair's scratch: about this many float scores (512 KiB), rows of at least kBlockTokens query
+// tokens and columns of at least kBlockColumns document tokens, whole queries and documents.
+constexpr int64_t kBlockTokens = 128;
+constexpr int64_t kBlockColumns = 1024;
+
+// (max over s < n of row[s] + bias[s], its first index); a row without a finite max (every token
+// padding, or NaN) points at token 0, as a strict > scan from -inf would leave it.
 template <typename T>
 std::pair<T, int32_t> first_max(const T* row, const T* bias, int64_t n) {
-  T lane_max[kLanes];
-  int32_t lane_index[kLanes];
-  for (int64_t k = 0; k < kLanes; ++k) {
-    lane_max[k] = -std::numeric_limits<T>::infinity();
-    lane_index[k] = std::numeric_limits<int32_t>::max();
+  T best = -std::numeric_limits<T>::infinity();
+  int32_t index = 0;
+  for (int64_t s = 0; s < n; ++s) {
+    const T v = row[s] + bias[s];
+    if (v > best) {
+      best = v;
+      index = static_cast<int32_t>(s);
+    }
   }
+  return {best, index};
+}
+
+// float32: the same result in two vector passes (see the top of the file).
+__attribute__((always_inline)) inline std::pair<float, int32_t> first_max_f32(const float* row, const float* bias,
+                                                                               int64_t n) {
+  const f32x16 lowest = splat16(-std::numeric_limits<float>::infinity());
+  f32x16 m0 = lowest, m1 = lowest, m2 = lowest, m3 = lowest;
   int64_t s = 0;
-  for (; s + kLanes <= n; s += kLanes) {
-    for (int64_t k = 0; k < kLanes; ++k) {
-      const T v = row[s + k] + bias[s + k];
-      const bool better = v > lane_max[k];
-      lane_max[k] = better ? v : lane_max[k];
-      lane_index[k] = better ? static_cast<int32_t>(s + k) : lane_index[k];
-    }
+  for (; s + 4 * kLanes <= n; s += 4 * kLanes) {
+    m0 = max16(load16(row + s) + load16(bias + s), m0);
+    m1 = max16(load16(row + s + kLanes) + load16(bias + s + kLanes), m1);
+    m2 = max16(load16(row + s + 2 * kLanes) + load16(bias + s + 2 * kLanes), m2);
+    m3 = max16(load16(row + s + 3 * kLanes) + load16(bias + s + 3 * kLanes), m3);
   }
-  for (int64_t k = 0; s + k < n; ++k) {
-    const T v = row[s + k] + bias[s + k];
-    if (v > lane_max[k]) {
-      lane_max[k] = v;
-      lane_index[k] = static_cast<int32_t>(s + k);
-    }
+  for (; s + kLanes <= n; s += kLanes) m0 = max16(load16(row + s) + load16(bias + s), m0);
+  float best = max_lane(max16(max16(m0, m1), max16(m2, m3)));
+  for (; s < n; ++s) {
+    const float v = row[s] + bias[s];
+    best = v > best ? v : best;
   }
-  T best = lane_max[0];
-  int32_t index = lane_index[0];
-  for (int64_t k = 1; k < kLanes; ++k) {
-    if (lane_max[k] > best || (lane_max[k] == best && lane_index[k] < index)) {
-      best = lane_max[k];
-      index = lane_index[k];
-    }
+  if (!(best > -std::numeric_limits<float>::infinity())) return {best, 0};
+  const f32x16 best16 = splat16(best);
+  int64_t t = 0;
+  for (; t + kLanes <= n; t += kLanes) {
+    const i32x16 hit = (load16(row + t) + load16(bias + t)) == best16;
+    typedef int64_t i64x8 __attribute__((vector_size(64)));
+    const i64x8 wide = std::bit_cast<i64x8>(hit);
+    int64_t any = 0;
+    for (int i = 0; i < 8; ++i) any |= wide[i];
+    if (any) break;
   }
-  // Only a row without a real token (refused in Python) or of NaNs keeps no index: point at token 0.
-  return {best, index == std::numeric_limits<int32_t>::max() ? 0 : index};
+  for (; t < n; ++t) {
+    if (row[t] + bias[t] == best) return {best, static_cast<int32_t>(t)};
+  }
+  return {best, 0};  // unreachable for finite inputs: best is one of the row's values
+}
+
+// MaxSim of `queries` whole queries (rows of `tile`, query_tokens each) against `docs` whole documents
+// (columns, doc_tokens each): scores[i, j] and argmax[token, j].
+template <typename T>
+struct MaxsimBlock {
+  const T* tile;
+  int64_t tile_stride;
+  const T* bias;       // [docs · doc_tokens]
+  const T* mask;       // [queries · query_tokens]
+  int64_t queries, query_tokens, docs, doc_tokens;
+  T* scores;           // [queries, docs] at score_stride
+  int64_t score_stride;
+  int32_t* argmax;     // [queries · query_tokens, docs] at index_stride
+  int64_t index_stride;
+};
+
+template <typename T>
+__attribute__((always_inline)) inline void maxsim_pair(const MaxsimBlock<T>& b, int64_t i, int64_t j) {
+  T sum = 0;
+  for (int64_t q = 0; q < b.query_tokens; ++q) {
+    const int64_t token = i * b.query_tokens + q;
+    int32_t winner = 0;
+    if (b.mask[token] != 0) {
+      const T* row = b.tile + token * b.tile_stride + j * b.doc_tokens;
+      std::pair<T, int32_t> found;
+      if constexpr (std::is_same_v<T, float>) {
+        found = first_max_f32(row, b.bias + j * b.doc_tokens, b.doc_tokens);
+      } else {
+        found = first_max(row, b.bias + j * b.doc_tokens, b.doc_tokens);
+      }
+      const auto [best, at] = found;
+      sum += best;
+      winner = at;
+    }
+    b.argmax[token * b.index_stride + j] = winner;
+  }
+  b.scores[i * b.score_stride + j] = sum;
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default"))) void maxsim_pairs_f32(const MaxsimBlock<float>& b,
+                                                                                  int64_t begin, int64_t end) {
+  for (int64_t pair = begin; pair < end; ++pair) maxsim_pair(b, pair / b.docs, pair % b.docs);
+}
+
+void maxsim_pairs(const MaxsimBlock<float>& b, int64_t begin, int64_t end) { maxsim_pairs_f32(b, begin, end); }
+void maxsim_pairs(const MaxsimBlock<double>& b, int64_t begin, int64_t end) {
+  for (int64_t pair = begin; pair < end; ++pair) maxsim_pair(b, pair / b.docs, pair % b.docs);
 }
 
 template <typename T>
 void maxsim(const at::Tensor& tile, const at::Tensor& bias, const at::Tensor& query_mask, at::Tensor& scores,
             at::Tensor& argmax) {
   const int64_t n_queries = scores.size(0), n_docs = scores.size(1);
-  const int64_t query_tokens = tile.size(0) / n_queries, doc_tokens = tile.size(1) / n_docs;
-  const T* t = tile.data_ptr<T>();
-  const T* b = bias.data_ptr<T>();
-  const T* mask = query_mask.data_ptr<T>();
-  T* out = scores.data_ptr<T>();
-  int32_t* index = argmax.data_ptr<int32_t>();
-  const int64_t tile_stride = tile.stride(0), score_stride = scores.stride(0), index_stride = argmax.stride(0);
+  const MaxsimBlock<T> block{tile.data_ptr<T>(),   tile.stride(0),   bias.data_ptr<T>(),
+                             query_mask.data_ptr<T>(), n_queries,     tile.size(0) / n_queries,
+                             n_docs,               tile.size(1) / n_docs, scores.data_ptr<T>(),
+                             scores.stride(0),     argmax.data_ptr<int32_t>(), argmax.stride(0)};
   // One (query, document) pair per task: it owns its score and its L_q arg-max entries.
-  at::parallel_for(0, n_queries * n_docs, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t pair = begin; pair < end; ++pair) {
-      const int64_t i = pair / n_docs, j = pair % n_docs;
-      T sum = 0;
-      for (int64_t q = 0; q < query_tokens; ++q) {
-        const int64_t token = i * query_tokens + q;
-        int32_t winner = 0;
-        if (mask[token] != 0) {
-          const auto [best, at] = first_max(t + token * tile_stride + j * doc_tokens, b + j * doc_tokens, doc_tokens);
-          sum += best;
-          winner = at;
-        }
-        index[token * index_stride + j] = winner;
+  at::parallel_for(0, n_queries * n_docs, 1, [&](int64_t begin, int64_t end) { maxsim_pairs(block, begin, end); });
+}
+
+// out[rows, cols] (row stride cols) = a[rows, dim] · b[cols, dim]ᵀ, on the calling thread (inside a
+// parallel region ATen's GEMM runs single-threaded).
+template <typename T>
+void block_scores(const T* a, int64_t rows, const T* b, int64_t cols, int64_t dim, T* out) {
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const at::Tensor lhs = at::from_blob(const_cast<T*>(a), {rows, dim}, options);
+  const at::Tensor rhs = at::from_blob(const_cast<T*>(b), {cols, dim}, options);
+  at::Tensor result = at::from_blob(out, {rows, cols}, options);
+  at::mm_out(result, lhs, rhs.t());
+}
+
+template <typename T>
+void fused_scores(const at::Tensor& query, const at::Tensor& query_mask, int64_t query_tokens,
+                  const at::Tensor& documents, const at::Tensor& bias, int64_t doc_tokens, at::Tensor& scores,
+                  at::Tensor& argmax) {
+  const int64_t n_queries = scores.size(0), n_docs = scores.size(1), dim = query.size(1);
+  const int64_t block_queries = std::min(n_queries, std::max<int64_t>(1, kBlockTokens / query_tokens));
+  const int64_t block_docs = std::min(n_docs, std::max<int64_t>(1, kBlockColumns / doc_tokens));
+  const int64_t query_blocks = (n_queries + block_queries - 1) / block_queries;
+  const int64_t doc_blocks = (n_docs + block_docs - 1) / block_docs;
+  const int64_t n_items = query_blocks * doc_blocks;
+  const T* q = query.data_ptr<T>();
+  const T* d = documents.data_ptr<T>();
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n_items);
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> scratch(block_queries * query_tokens * block_docs * doc_tokens);
+    for (int64_t worker = begin; worker < end; ++worker) {
+      // Consecutive items share a document block: its tokens stay in cache while the queries pass.
+      for (int64_t item = next++; item < n_items; item = next++) {
+        const int64_t first_query = (item % query_blocks) * block_queries;
+        const int64_t first_doc = (item / query_blocks) * block_docs;
+        const int64_t queries = std::min(block_queries, n_queries - first_query);
+        const int64_t docs = std::min(block_docs, n_docs - first_doc);
+        const int64_t rows = queries * query_tokens, cols = docs * doc_tokens;
+        block_scores(q + first_query * query_tokens * dim, rows, d + first_doc * doc_tokens * dim, cols, dim,
+                     scratch.data());
+        const MaxsimBlock<T> block{scratch.data(),
+                                   cols,
+                                   bias.data_ptr<T>() + first_doc * doc_tokens,
+                                   query_mask.data_ptr<T>() + first_query * query_tokens,
+                                   queries,
+                                   query_tokens,
+                                   docs,
+                                   doc_tokens,
+                                   scores.data_ptr<T>() + first_query * scores.stride(0) + first_doc,
+                                   scores.stride(0),
+                                   argmax.data_ptr<int32_t>() + first_query * query_tokens * argmax.stride(0) + first_doc,
+                                   argmax.stride(0)};
+        maxsim_pairs(block, 0, queries * docs);
       }
-      out[i * score_stride + j] = sum;
     }
   });
 }
@@ -157,6 +270,28 @@ void late_interaction_maxsim(at::Tensor tile, at::Tensor bias, at::Tensor query_
     maxsim<float>(tile, bias, query_mask, scores, argmax);
   } else {
     maxsim<double>(tile, bias, query_mask, scores, argmax);
+  }
+}
+
+void late_interaction_scores(at::Tensor query, at::Tensor query_mask, at::Tensor documents, at::Tensor bias,
+                             int64_t doc_tokens, at::Tensor scores, at::Tensor argmax) {
+  check_float_or_double(kOp, query, "query");
+  const auto dtype = query.scalar_type();
+  TORCH_CHECK(scores.dim() == 2 && scores.size(0) >= 1 && scores.size(1) >= 1 && query.dim() == 2 &&
+                  query.size(0) % scores.size(0) == 0 && doc_tokens >= 1,
+              "mmfast cpu ", kOp, ": query ", query.sizes(), " must hold whole queries of scores ", scores.sizes(),
+              " and doc_tokens (", doc_tokens, ") must be >= 1");
+  const int64_t tokens = query.size(0), dim = query.size(1), n_docs = scores.size(1);
+  check_output(kOp, query, "query", {tokens, dim}, dtype);
+  check_vector(kOp, query_mask, "query_mask", tokens, dtype);
+  check_output(kOp, documents, "documents", {n_docs * doc_tokens, dim}, dtype);
+  check_vector(kOp, bias, "bias", n_docs * doc_tokens, dtype);
+  check_rows(kOp, scores, "scores", scores.size(0), n_docs, dtype);
+  check_rows(kOp, argmax, "argmax", tokens, n_docs, at::kInt);
+  if (dtype == at::kFloat) {
+    fused_scores<float>(query, query_mask, tokens / scores.size(0), documents, bias, doc_tokens, scores, argmax);
+  } else {
+    fused_scores<double>(query, query_mask, tokens / scores.size(0), documents, bias, doc_tokens, scores, argmax);
   }
 }
 

@@ -33,11 +33,16 @@ void pooling_backward(at::Tensor grad_out, at::Tensor unit, at::Tensor norm, at:
 void similarity_topk_rows(at::Tensor scores, int64_t col_offset, at::Tensor values, at::Tensor indices,
                           c10::optional<at::Tensor> targets, c10::optional<at::Tensor> target_score,
                           c10::optional<at::Tensor> count, bool last);
+void similarity_topk_search(at::Tensor query, at::Tensor gallery, int64_t col_offset, at::Tensor values,
+                            at::Tensor indices, c10::optional<at::Tensor> targets,
+                            c10::optional<at::Tensor> target_score, c10::optional<at::Tensor> count, bool last);
 void sigmoid_pair_rows(at::Tensor scores, int64_t row_offset, double scale, double bias,
                        c10::optional<at::Tensor> row_scale, at::Tensor loss, c10::optional<at::Tensor> scale_grad,
                        c10::optional<at::Tensor> bias_grad, c10::optional<at::Tensor> ids);
 void late_interaction_maxsim(at::Tensor tile, at::Tensor bias, at::Tensor query_mask, at::Tensor scores,
                              at::Tensor argmax);
+void late_interaction_scores(at::Tensor query, at::Tensor query_mask, at::Tensor documents, at::Tensor bias,
+                             int64_t doc_tokens, at::Tensor scores, at::Tensor argmax);
 void late_interaction_grads(at::Tensor grad_scores, at::Tensor query, at::Tensor query_mask, at::Tensor documents,
                             at::Tensor argmax, int64_t doc_tokens, c10::optional<at::Tensor> grad_query,
                             c10::optional<at::Tensor> grad_documents);
@@ -66,12 +71,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pooling_backward", &mmfast::pooling_backward, "Dense gradient of the fused pooling, in one pass");
   m.def("similarity_topk_rows", &mmfast::similarity_topk_rows,
         "Merge one score tile into each row's running top-k and count the scores above its target");
+  m.def("similarity_topk_search", &mmfast::similarity_topk_search,
+        "Score one gallery chunk against every query in cache-sized blocks (one GEMM each) and merge each block "
+        "into the rows' running top-k and target counts at once");
   m.def("sigmoid_pair_rows", &mmfast::sigmoid_pair_rows,
         "Fused SigLIP pairwise sigmoid loss and in-place gradient over one score chunk", py::arg("scores"),
         py::arg("row_offset"), py::arg("scale"), py::arg("bias"), py::arg("row_scale"), py::arg("loss"),
         py::arg("scale_grad"), py::arg("bias_grad"), py::arg("ids"));
   m.def("late_interaction_maxsim", &mmfast::late_interaction_maxsim,
         "MaxSim of one token-score tile: max and first arg-max per (query token, document), summed per query");
+  m.def("late_interaction_scores", &mmfast::late_interaction_scores,
+        "MaxSim of every query against a chunk of documents: per-thread GEMM blocks reduced in cache to the max "
+        "and first arg-max per (query token, document), summed per query");
   m.def("late_interaction_grads", &mmfast::late_interaction_grads,
         "Backward of the MaxSim scores through the stored arg-max: query and document token gradients");
 }

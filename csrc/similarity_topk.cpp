@@ -1,5 +1,12 @@
-// CPU kernel of mmfast.similarity_topk (the chunk loop and its MKL GEMMs are
-// mmfast/backends/similarity_topk.py).
+// CPU kernels of mmfast.similarity_topk (the gallery chunk loop is mmfast/backends/similarity_topk.py).
+//
+// similarity_topk_search scores a whole gallery chunk against every query and merges the scores as it
+// goes, never leaving a thread's caches: the queries are cut into blocks of kBlockRows rows, handed
+// to the threads one at a time from a shared counter (a thread slowed by other jobs takes fewer), and
+// a thread walks its block across the chunk kBlockCols items at a time: one single-threaded GEMM
+// (MKL) into its own [kBlockRows, kBlockCols] scratch, 256 KiB that stays in L2, then
+// similarity_topk_rows's merge of that scratch. One parallel region per chunk, so the threads meet
+// once per chunk instead of twice per tile; no score is written to or read back from memory.
 //
 // similarity_topk_rows merges one tile of scores, S[r, j] for gallery item col_offset + j, into each
 // row's running top-k and counts the scores strictly above the row's target score. Tiles arrive in
@@ -8,12 +15,14 @@
 // item has a higher index than all kept ones, it enters only when strictly above the weakest kept
 // score, which makes "ties go to the lower gallery index" free. The scan compares 16 scores at a time
 // against that threshold and leaves the vector loop only when one of them beats it (rare after the
-// first few thousand items). With `last`, each heap is sorted: best first, ties to the lower index.
+// first few thousand items; the scan tests 64 scores at a time through their max). With `last`, each
+// heap is sorted: best first, ties to the lower index.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <limits>
 #include <numeric>
@@ -165,11 +174,15 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void merge_rows_f32
     const f32x16 threshold16 = splat16(threshold);
     i32x16 above16{};
     f32x16 weakest16 = splat16(heap.full() ? heap.weakest() : 0.0f);
-    for (; j + kLanes <= p.n; j += kLanes) {  // j < n here means the heap is full
-      const f32x16 v = load16(s + j);
-      above16 -= (v > threshold16);  // comparison lanes are -1 when true
-      if (any_lane(v > weakest16)) {
-        for (int lane = 0; lane < kLanes; ++lane) {
+    constexpr int kStep = 4 * kLanes;
+    for (; j + kStep <= p.n; j += kStep) {  // j < n here means the heap is full
+      const f32x16 v0 = load16(s + j), v1 = load16(s + j + kLanes);
+      const f32x16 v2 = load16(s + j + 2 * kLanes), v3 = load16(s + j + 3 * kLanes);
+      if (counting) {  // comparison lanes are -1 when true
+        above16 -= (v0 > threshold16) + (v1 > threshold16) + (v2 > threshold16) + (v3 > threshold16);
+      }
+      if (any_lane(max16(max16(v0, v1), max16(v2, v3)) > weakest16)) {
+        for (int lane = 0; lane < kStep; ++lane) {
           if (s[j + lane] > heap.weakest()) heap.replace_weakest(s[j + lane], p.col_offset + j + lane);
         }
         weakest16 = splat16(heap.weakest());
@@ -194,16 +207,64 @@ void merge_dispatch(const TileProblem<double>& p, int64_t begin, int64_t end) {
 
 constexpr const char* kOp = "similarity_topk";
 
-}  // namespace
+// The fused search's blocks: a thread's scratch of kBlockRows × kBlockCols float32 scores is 256 KiB
+// (L2 here is 1-2 MiB per core), and its GEMMs are large enough for MKL's full rate.
+constexpr int64_t kBlockRows = 128;
+constexpr int64_t kBlockCols = 512;
 
-void similarity_topk_rows(at::Tensor scores, int64_t col_offset, at::Tensor values, at::Tensor indices,
-                          c10::optional<at::Tensor> targets, c10::optional<at::Tensor> target_score,
-                          c10::optional<at::Tensor> count, bool last) {
-  check_float_or_double(kOp, scores, "scores");
-  const auto dtype = scores.scalar_type();
-  TORCH_CHECK(scores.dim() == 2, "mmfast cpu similarity_topk: scores must be 2-D, got ", scores.sizes());
-  check_rows(kOp, scores, "scores", kAnyRows, scores.size(1), dtype);
-  const int64_t rows = scores.size(0), n = scores.size(1);
+// out[rows, cols] (row stride cols) = a[rows, dim] · b[cols, dim]ᵀ, on the calling thread (inside a
+// parallel region ATen's GEMM runs single-threaded).
+template <typename T>
+void block_scores(const T* a, int64_t a_stride, int64_t rows, const T* b, int64_t b_stride, int64_t cols,
+                  int64_t dim, T* out) {
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const at::Tensor lhs = at::from_blob(const_cast<T*>(a), {rows, dim}, {a_stride, 1}, options);
+  const at::Tensor rhs = at::from_blob(const_cast<T*>(b), {cols, dim}, {b_stride, 1}, options);
+  at::Tensor result = at::from_blob(out, {rows, cols}, {cols, 1}, options);
+  at::mm_out(result, lhs, rhs.t());
+}
+
+// Every block of query rows against the whole chunk, blocks handed out dynamically.
+template <typename T>
+void search_chunk(const TileProblem<T>& chunk, const T* query, int64_t query_stride, int64_t n_queries,
+                  const T* gallery, int64_t gallery_stride, int64_t dim) {
+  const int64_t n_blocks = (n_queries + kBlockRows - 1) / kBlockRows;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n_blocks);
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> scratch(kBlockRows * std::min(kBlockCols, chunk.n));
+    for (int64_t worker = begin; worker < end; ++worker) {
+      for (int64_t block = next++; block < n_blocks; block = next++) {
+        const int64_t row = block * kBlockRows, rows = std::min(kBlockRows, n_queries - row);
+        for (int64_t col = 0; col < chunk.n; col += kBlockCols) {
+          const int64_t cols = std::min(kBlockCols, chunk.n - col);
+          block_scores(query + row * query_stride, query_stride, rows, gallery + col * gallery_stride, gallery_stride,
+                       cols, dim, scratch.data());
+          TileProblem<T> tile = chunk;
+          tile.scores = scratch.data();
+          tile.row_stride = cols;
+          tile.n = cols;
+          tile.col_offset = chunk.col_offset + col;
+          tile.last = chunk.last && col + cols == chunk.n;
+          // The rows of the block: the kernels index the outputs from the tile's row 0.
+          tile.values = chunk.values + row * chunk.k;
+          tile.indices = chunk.indices + row * chunk.k;
+          if (chunk.targets) {
+            tile.targets = chunk.targets + row * chunk.target_slots;
+            tile.target_score = chunk.target_score + row;
+            tile.count = chunk.count + row;
+          }
+          merge_dispatch(tile, 0, rows);
+        }
+      }
+    }
+  });
+}
+
+// The arguments both entry points share, checked: the outputs and the optional rank inputs.
+void check_outputs(int64_t rows, at::ScalarType dtype, int64_t col_offset, int64_t n, const at::Tensor& values,
+                   const at::Tensor& indices, const c10::optional<at::Tensor>& targets,
+                   const c10::optional<at::Tensor>& target_score, const c10::optional<at::Tensor>& count, bool last) {
   TORCH_CHECK(values.dim() == 2 && values.size(1) >= 1, "mmfast cpu similarity_topk: values must be [rows, k]");
   const int64_t k = values.size(1);
   check_output(kOp, values, "values", {rows, k}, dtype);
@@ -218,21 +279,63 @@ void similarity_topk_rows(at::Tensor scores, int64_t col_offset, at::Tensor valu
     check_output(kOp, *target_score, "target_score", {rows}, dtype);
     check_output(kOp, *count, "count", {rows}, at::kLong);
   }
+}
+
+template <typename T>
+TileProblem<T> make_problem(const T* scores, int64_t row_stride, int64_t n, int64_t col_offset, at::Tensor& values,
+                            at::Tensor& indices, const c10::optional<at::Tensor>& targets,
+                            const c10::optional<at::Tensor>& target_score, const c10::optional<at::Tensor>& count,
+                            bool last) {
+  return TileProblem<T>{scores,
+                        row_stride,
+                        n,
+                        col_offset,
+                        values.size(1),
+                        values.data_ptr<T>(),
+                        indices.data_ptr<int64_t>(),
+                        targets.has_value() ? targets->data_ptr<int64_t>() : nullptr,
+                        targets.has_value() ? targets->size(1) : 0,
+                        target_score.has_value() ? target_score->data_ptr<T>() : nullptr,
+                        count.has_value() ? count->data_ptr<int64_t>() : nullptr,
+                        last};
+}
+
+}  // namespace
+
+void similarity_topk_rows(at::Tensor scores, int64_t col_offset, at::Tensor values, at::Tensor indices,
+                          c10::optional<at::Tensor> targets, c10::optional<at::Tensor> target_score,
+                          c10::optional<at::Tensor> count, bool last) {
+  check_float_or_double(kOp, scores, "scores");
+  const auto dtype = scores.scalar_type();
+  TORCH_CHECK(scores.dim() == 2, "mmfast cpu similarity_topk: scores must be 2-D, got ", scores.sizes());
+  check_rows(kOp, scores, "scores", kAnyRows, scores.size(1), dtype);
+  const int64_t rows = scores.size(0), n = scores.size(1);
+  check_outputs(rows, dtype, col_offset, n, values, indices, targets, target_score, count, last);
   AT_DISPATCH_FLOATING_TYPES(dtype, "mmfast_similarity_topk_rows", [&] {
-    TileProblem<scalar_t> p{scores.data_ptr<scalar_t>(),
-                            scores.stride(0),
-                            n,
-                            col_offset,
-                            k,
-                            values.data_ptr<scalar_t>(),
-                            indices.data_ptr<int64_t>(),
-                            targets.has_value() ? targets->data_ptr<int64_t>() : nullptr,
-                            targets.has_value() ? targets->size(1) : 0,
-                            target_score.has_value() ? target_score->data_ptr<scalar_t>() : nullptr,
-                            count.has_value() ? count->data_ptr<int64_t>() : nullptr,
-                            last};
+    const auto p = make_problem<scalar_t>(scores.data_ptr<scalar_t>(), scores.stride(0), n, col_offset, values,
+                                          indices, targets, target_score, count, last);
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1));
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { merge_dispatch(p, begin, end); });
+  });
+}
+
+void similarity_topk_search(at::Tensor query, at::Tensor gallery, int64_t col_offset, at::Tensor values,
+                            at::Tensor indices, c10::optional<at::Tensor> targets,
+                            c10::optional<at::Tensor> target_score, c10::optional<at::Tensor> count, bool last) {
+  check_float_or_double(kOp, query, "query");
+  const auto dtype = query.scalar_type();
+  TORCH_CHECK(query.dim() == 2 && gallery.dim() == 2 && query.size(0) >= 1 && gallery.size(0) >= 1,
+              "mmfast cpu similarity_topk: query and gallery must be non-empty 2-D tensors, got ", query.sizes(),
+              " and ", gallery.sizes());
+  const int64_t rows = query.size(0), n = gallery.size(0), dim = query.size(1);
+  check_rows(kOp, query, "query", rows, dim, dtype);
+  check_rows(kOp, gallery, "gallery", n, dim, dtype);
+  check_outputs(rows, dtype, col_offset, n, values, indices, targets, target_score, count, last);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "mmfast_similarity_topk_search", [&] {
+    const auto p = make_problem<scalar_t>(nullptr, 0, n, col_offset, values, indices, targets, target_score, count,
+                                          last);
+    search_chunk<scalar_t>(p, query.data_ptr<scalar_t>(), query.stride(0), rows, gallery.data_ptr<scalar_t>(),
+                           gallery.stride(0), dim);
   });
 }
 

@@ -164,8 +164,9 @@ class TritonSimilarityTopk:
             return f"its kernel indexes fewer than 2^31 gallery items, got {n_gallery}"
         return None
 
-    def search(self, query, gallery, k, targets, target_score):
-        """(values [Q, k] float32, indices [Q, k] int64, count [Q] int64 of scores above the target or None)."""
+    def search(self, query, gallery, k, targets, target_score, advance):
+        """(values [Q, k] float32, indices [Q, k] int64, count [Q] int64 of scores above the target or None).
+        One launch reads the whole gallery: advance(G) once it has run."""
         query, gallery = (t if t.stride(1) == 1 else t.contiguous() for t in (query, gallery))
         n_queries, dim = query.shape
         n_gallery = gallery.shape[0]
@@ -193,6 +194,7 @@ class TritonSimilarityTopk:
             DOT_DTYPE=dot_dtype_for(query.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         values, indices = decode_keys(keys.topk(k, dim=1).values)  # unique keys: sorted, exact tie order
+        advance(n_gallery)
         return values, indices, None if targets is None else counts.sum(dim=1)
 
 

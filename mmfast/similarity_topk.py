@@ -1,6 +1,10 @@
 """mmfast.similarity_topk: each query's k best gallery items by dot product, and the rank of its
 target, without the Q × G score matrix. For retrieval evaluation: no gradient.
 
+The gallery may be larger than memory: a memory-mapped embedding file, as a torch tensor
+(torch.from_file(...).view(G, D)) or a numpy array (numpy.load(path, mmap_mode="r"), numpy.memmap),
+is read chunk by chunk and never copied whole (the cpu and torch backends).
+
 Layers: similarity_topk() -> mmfast/backends/similarity_topk.py (target scores, the chunk loop of the
 torch and cpu backends, the choice of kernels) -> csrc/similarity_topk.cpp, kernels/similarity_topk.py
 or torch ops.
@@ -9,19 +13,22 @@ or torch ops.
 from __future__ import annotations
 
 import numbers
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from mmfast.backends import resolve_backend
-from mmfast.backends.similarity_topk import search, similarity_topk_kernels
+from mmfast.backends.similarity_topk import check_finite_rows, search, similarity_topk_kernels
 from mmfast.kernel_contract import compute_dtype
 from mmfast.reference.similarity_topk import similarity_topk_reference
 from mmfast.validation import check_backend_name, check_float_dtype
 
 # The non-finite check reads the inputs in blocks this size: its temporaries take ~7 bytes per element.
 FINITE_CHECK_ELEMENTS = 1 << 20
+NUMPY_DTYPES = (np.float32, np.float64, np.float16)
 
 
 class SimilarityTopK(NamedTuple):
@@ -34,6 +41,7 @@ class SimilarityTopK(NamedTuple):
 class SimilarityTopkOptions:
     k: int
     backend: str = "auto"
+    progress: bool = False  # a tqdm bar over the gallery items searched
 
     def __post_init__(self):
         if isinstance(self.k, bool) or not isinstance(self.k, numbers.Integral):
@@ -41,6 +49,39 @@ class SimilarityTopkOptions:
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
         check_backend_name(self.backend)
+        if not isinstance(self.progress, bool):
+            raise TypeError(f"progress must be True or False, got {type(self.progress).__name__}")
+
+
+def _gallery_tensor(gallery):
+    """A numpy gallery (a memmap: numpy.load(path, mmap_mode="r")) as a tensor over the same memory,
+    never a copy; anything else is returned as it is."""
+    if not isinstance(gallery, np.ndarray):
+        return gallery
+    if gallery.ndim != 2:
+        raise ValueError(f"gallery must be 2-D [G, D], got a numpy array of shape {gallery.shape}")
+    if gallery.dtype.type not in NUMPY_DTYPES:
+        raise TypeError(f"gallery must be float32, float16 or float64, got a numpy array of {gallery.dtype}")
+    if not gallery.dtype.isnative:
+        raise TypeError(f"gallery has byte order {gallery.dtype.byteorder!r}, not this machine's: convert the file")
+    if any(stride < 0 or stride % gallery.itemsize for stride in gallery.strides):
+        raise ValueError(f"gallery's strides {gallery.strides} are negative or not whole items: pass a view of rows")
+    with warnings.catch_warnings():
+        # A read-only memmap: torch warns that the tensor would be writable; nothing here writes to it.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(gallery)
+
+
+def _progress_bar(enabled: bool, total: int):
+    """advance(n) and close() of a tqdm bar over `total` gallery items, or no-ops."""
+    if not enabled:
+        return (lambda n: None), (lambda: None)
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as error:
+        raise ImportError("progress=True needs tqdm: pip install tqdm") from error
+    bar = tqdm(total=total, unit="item", unit_scale=True, desc="similarity_topk")
+    return bar.update, bar.close
 
 
 def _check_embeddings(query, gallery) -> None:
@@ -60,13 +101,11 @@ def _check_embeddings(query, gallery) -> None:
         raise ValueError(f"gallery has D = {gallery.shape[1]} but query has D = {query.shape[1]}")
     if query.device.type == "meta":
         return  # resolve_backend refuses meta tensors with a clear message
-    for name, t in (("query", query), ("gallery", gallery)):
-        # NaN has no place in an order: every backend would rank it differently.
-        rows = max(1, FINITE_CHECK_ELEMENTS // t.shape[1])
-        for start in range(0, t.shape[0], rows):
-            bad = ~torch.isfinite(t[start : start + rows]).all(dim=1)
-            if bool(bad.any()):
-                raise ValueError(f"{name} row {start + int(bad.nonzero()[0, 0])} has a NaN or infinite value")
+    # NaN has no place in an order: every backend would rank it differently. The gallery is checked
+    # as the search reads it (a memory-mapped one is then read once).
+    rows = max(1, FINITE_CHECK_ELEMENTS // query.shape[1])
+    for start in range(0, query.shape[0], rows):
+        check_finite_rows("query", query[start : start + rows], start)
 
 
 def _target_sets(target, n_queries: int, n_gallery: int, device) -> torch.Tensor:
@@ -98,17 +137,25 @@ def _target_sets(target, n_queries: int, n_gallery: int, device) -> torch.Tensor
 
 
 def similarity_topk(
-    query: torch.Tensor, gallery: torch.Tensor, k: int, *, target: torch.Tensor | None = None, backend: str = "auto"
+    query: torch.Tensor,
+    gallery: torch.Tensor | np.ndarray,
+    k: int,
+    *,
+    target: torch.Tensor | None = None,
+    backend: str = "auto",
+    progress: bool = False,
 ) -> SimilarityTopK:
     """The k gallery items with the highest scores `query[q] · gallery[g]` for each query.
 
     Args:
         query: [Q, D] float32, bfloat16, float16 or float64 (any strides; nothing is normalised).
-        gallery: [G, D], same dtype and device.
+        gallery: [G, D], same dtype and device; or a numpy array (float32/float16/float64) such as a
+            memory-mapped file, numpy.load(path, mmap_mode="r"), read chunk by chunk without a copy.
         k: how many per query, >= 1; a k above G is clamped to G.
         target: optional [Q] gallery indices, or [Q, P] index sets padded with -1 (several correct
             items per query, e.g. an image's five captions); every row needs a valid entry.
         backend: "auto", "triton", "cpu", "torch" or "reference" (as the losses').
+        progress: show a tqdm progress bar over the gallery items searched.
 
     Returns SimilarityTopK(values, indices, target_rank): values [Q, k] best first (float32, float64
     for float64 inputs), ties broken towards the lower gallery index on every backend; indices [Q, k]
@@ -119,7 +166,8 @@ def similarity_topk(
     never held: the torch and cpu backends walk it in tiles of the score budget
     (MMFAST_SCORE_CHUNK_BYTES), the Triton kernel keeps its tiles in registers.
     """
-    options = SimilarityTopkOptions(k, backend)
+    options = SimilarityTopkOptions(k, backend, progress)
+    gallery = _gallery_tensor(gallery)
     _check_embeddings(query, gallery)
     resolved = resolve_backend(options.backend, query.device)
     n_queries, n_gallery = query.shape[0], gallery.shape[0]
@@ -127,8 +175,15 @@ def similarity_topk(
     k = min(options.k, n_gallery)
     query, gallery = query.detach(), gallery.detach()
     if resolved == "reference":
+        rows = max(1, FINITE_CHECK_ELEMENTS // gallery.shape[1])
+        for start in range(0, n_gallery, rows):
+            check_finite_rows("gallery", gallery[start : start + rows], start)
         values, indices, rank = similarity_topk_reference(query, gallery, k, target)
         return SimilarityTopK(values.to(compute_dtype(query.dtype)), indices, rank)
     kernels = similarity_topk_kernels(options.backend, resolved, query.dtype, n_gallery, k)
-    values, indices, count = search(kernels, query, gallery, k, targets)
+    advance, close = _progress_bar(options.progress, n_gallery)
+    try:
+        values, indices, count = search(kernels, query, gallery, k, targets, advance)
+    finally:
+        close()
     return SimilarityTopK(values, indices, None if count is None else count + 1)

@@ -10,11 +10,13 @@ Two regimes:
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 import mmfast
 from mmfast.backends import chunked
+from mmfast.backends.similarity_topk import CpuSimilarityTopk
 from mmfast.reference.similarity_topk import similarity_topk_reference
 from tests.helpers import BACKENDS, unit_rows
 
@@ -308,3 +310,93 @@ def test_bad_input_is_named(backend, case):
     args.update(overrides)
     with pytest.raises(error, match=message):
         mmfast.similarity_topk(args.pop("query"), args.pop("gallery"), args.pop("k"), **args)
+
+
+def memory_mapped(gallery: torch.Tensor, folder, form: str, name: str = "gallery"):
+    """`gallery` written to a new file and opened memory-mapped: a numpy memmap, or a torch.from_file tensor."""
+    if form == "numpy":
+        path = folder / f"{name}.npy"
+        np.save(path, gallery.numpy())
+        return np.load(path, mmap_mode="r")
+    path = folder / f"{name}.bin"
+    gallery.contiguous().numpy().tofile(path)
+    return torch.from_file(str(path), shared=False, size=gallery.numel(), dtype=gallery.dtype).view(gallery.shape)
+
+
+@pytest.mark.parametrize("form", ["numpy", "torch.from_file"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=["fp32", "fp16", "fp64"])
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_memory_mapped_gallery_equals_in_memory(backend, dtype, form, tmp_path, monkeypatch):
+    """A gallery memory-mapped from a file, read in several chunks (the last one short), gives exactly
+    the in-memory search: values, indices with their tie order, ranks. Integer rows tie a lot; the
+    random half checks the float32 GEMM path gives the same bits from the file."""
+    monkeypatch.setattr(CpuSimilarityTopk, "chunk_bytes", 1)  # chunks of one 512-item block
+    monkeypatch.setattr(chunked, "SCORE_CHUNK_BYTES", 40_000)
+    gen = torch.Generator().manual_seed(12)
+    n_queries, n_gallery, d = 131, 1_037, 29
+    ties = integer_rows(n_gallery, d, gen)
+    random_rows = unit_rows(n_gallery, d, generator=gen)
+    cases = {
+        "ties": (ties, integer_rows(n_queries, d, gen)),
+        "random": (random_rows, unit_rows(n_queries, d, generator=gen)),
+    }
+    for name, (rows, query) in cases.items():
+        gallery, query = rows.to(dtype), query.to(dtype)
+        mapped = memory_mapped(gallery, tmp_path, form, name)
+        for k, target in zip((1, 9, 300), target_forms(n_queries, n_gallery, gen), strict=True):
+            expected = mmfast.similarity_topk(query, gallery, k, target=target, backend=backend)
+            got = mmfast.similarity_topk(query, mapped, k, target=target, backend=backend)
+            for a, b in zip(got, expected, strict=True):
+                assert (a is None and b is None) or torch.equal(a, b)
+        if name == "ties":  # and both equal the float64 reference, ties included
+            check_exact(backend, query.double(), gallery.double(), 9, None, dtype)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_fused_blocks_at_odd_sizes_are_exact(backend):
+    """Several query blocks (128 rows) and item blocks (512) of the cpu kernel, none of them full."""
+    gen = torch.Generator().manual_seed(13)
+    query, gallery = integer_rows(259, 7, gen), integer_rows(1_299, 7, gen)
+    for k, target in zip((1, 100, 513), target_forms(259, 1_299, gen), strict=True):
+        check_exact(backend, query, gallery, k, target, torch.float32)
+
+
+def test_progress_bar_counts_every_gallery_item(capfd, tmp_path):
+    gen = torch.Generator().manual_seed(14)
+    query, gallery = unit_rows(5, 8, generator=gen).float(), unit_rows(700, 8, generator=gen).float()
+    plain = mmfast.similarity_topk(query, gallery, 3)
+    shown = mmfast.similarity_topk(query, memory_mapped(gallery, tmp_path, "numpy"), 3, progress=True)
+    assert torch.equal(plain.indices, shown.indices) and torch.equal(plain.values, shown.values)
+    err = capfd.readouterr().err
+    assert "similarity_topk" in err and "100%" in err and "700/700" in err, err
+
+
+def test_nan_in_a_later_chunk_of_a_memory_mapped_gallery_is_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(CpuSimilarityTopk, "chunk_bytes", 1)
+    gallery = torch.randn(1_200, 4)
+    gallery[1_100, 2] = float("nan")
+    with pytest.raises(ValueError, match="gallery row 1100 has a NaN or infinite value"):
+        mmfast.similarity_topk(torch.randn(3, 4), memory_mapped(gallery, tmp_path, "numpy"), 2, backend="cpu")
+
+
+def bad_numpy_galleries():
+    g = np.random.default_rng(0).standard_normal((G, D)).astype(np.float32)
+    return [
+        ("numpy 1-D", g[0], ValueError, r"gallery must be 2-D \[G, D\], got a numpy array of shape \(3,\)"),
+        ("numpy int", g.astype(np.int32), TypeError, "gallery must be float32, float16 or float64, got a numpy array"),
+        ("numpy big-endian", g.astype(">f4"), TypeError, "gallery has byte order '>'"),
+        ("numpy reversed", g[::-1], ValueError, "gallery's strides .* are negative"),
+        ("numpy dtype mismatch", g.astype(np.float64), TypeError, "gallery has dtype torch.float64 but query has"),
+    ]
+
+
+@pytest.mark.parametrize("case", bad_numpy_galleries(), ids=lambda c: c[0])
+def test_bad_numpy_gallery_is_named(case):
+    _, gallery, error, message = case
+    with pytest.raises(error, match=message):
+        mmfast.similarity_topk(torch.randn(Q, D), gallery, 2)
+
+
+def test_bad_progress_is_named():
+    with pytest.raises(TypeError, match="progress must be True or False, got str"):
+        mmfast.similarity_topk(torch.randn(Q, D), torch.randn(G, D), 2, progress="yes")

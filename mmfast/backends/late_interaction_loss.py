@@ -1,7 +1,9 @@
 """The MaxSim scores of mmfast.late_interaction_loss and their gradient: the chunk loops of the torch
 and cpu backends, and the choice of kernels (the Triton ones are kernels/late_interaction_loss.py).
 
-Forward, per (query chunk, document chunk) tile, for each piece of candidates (documents, negatives):
+Forward, per (query chunk, document chunk) tile, for each piece of candidates (documents, negatives)
+(the torch backend; the cpu backend hands each document chunk to one C++ call that does the same
+per thread in L2-sized blocks, csrc/late_interaction_loss.cpp, so no tile reaches memory):
 
     T = Q_tokens[rows·L_q, D] · D_tokens[docs·L, D]ᵀ      one GEMM into the scratch (the only buffer
                                                           of token scores; the score budget sizes it)
@@ -96,10 +98,16 @@ class TorchLateInteractionKernels:
 
 
 class CpuLateInteractionKernels(TorchLateInteractionKernels):
-    """csrc/late_interaction_loss.cpp: the max over the MKL tile and the sparse backward, OpenMP."""
+    """csrc/late_interaction_loss.cpp: GEMM and max fused per thread in cache-sized blocks (one call per
+    document chunk, scores_chunk), and the sparse backward, OpenMP."""
 
     def __init__(self, extension):
         self.ext = extension
+
+    def scores_chunk(self, query_rows, real_query, doc_rows, bias_rows, doc_tokens, scores, argmax):
+        """MaxSim of every query (query_rows [B·L_q, D], real_query [B·L_q] float 0/1) against one chunk
+        of documents (doc_rows [c·L, D], bias_rows [c·L]): writes scores [B, c] and argmax [B·L_q, c]."""
+        self.ext.late_interaction_scores(query_rows, real_query, doc_rows, bias_rows, doc_tokens, scores, argmax)
 
     def maxsim(self, tile, bias, query_mask, scores, argmax):
         self.ext.late_interaction_maxsim(tile, bias, query_mask, scores, argmax)
@@ -142,16 +150,24 @@ def late_interaction_scores(backend: str, query, query_mask, pieces: list[Piece]
     real_query = query_mask.to(compute).view(-1)
     flat_argmax = argmax.view(-1, n_total)
     col = 0
+    fused = hasattr(kernels, "scores_chunk")
     for piece in pieces:
         n_docs, doc_tokens, _ = piece.tokens.shape
-        rows, cols = tile_shape(n_queries, n_docs, query_tokens, doc_tokens, device)
-        buffer = scratch("scores", rows * query_tokens, cols * doc_tokens, compute, device)
+        if fused:  # no tile of token scores: chunks of documents in the compute dtype, within the budget
+            rows, cols = n_queries, chunk_rows(n_docs, doc_tokens * dim, 4, compute, device)
+        else:
+            rows, cols = tile_shape(n_queries, n_docs, query_tokens, doc_tokens, device)
+            buffer = scratch("scores", rows * query_tokens, cols * doc_tokens, compute, device)
         bias = _document_bias(piece.mask, compute)
         for first_doc in range(0, n_docs, cols):
             docs = slice(first_doc, min(first_doc + cols, n_docs))
             doc_tokens_rows = work_copy(piece.tokens[docs], compute, kernels.native_low_precision).view(-1, dim)
             bias_rows = bias[docs.start * doc_tokens : docs.stop * doc_tokens]
             out_cols = slice(col + docs.start, col + docs.stop)
+            if fused:
+                kernels.scores_chunk(query_rows, real_query, doc_tokens_rows, bias_rows, doc_tokens,
+                                     scores[:, out_cols], flat_argmax[:, out_cols])  # fmt: skip
+                continue
             for first in range(0, n_queries, rows):
                 span = slice(first * query_tokens, min(first + rows, n_queries) * query_tokens)
                 tile = buffer[: span.stop - span.start, : doc_tokens_rows.shape[0]]

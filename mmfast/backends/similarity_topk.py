@@ -9,7 +9,13 @@ Chunk loop (torch, cpu), gallery chunks outside, query chunks inside:
 
 The tile is the only scratch of its size: rows × cols comes from the score budget
 (MMFAST_SCORE_CHUNK_BYTES; 32 MiB on CPU), so memory does not grow with Q × G. Each gallery chunk is
-read, and converted to float32 when it is bf16/fp16, once.
+read, and converted to float32 when it is bf16/fp16, once. The cpu backend hands each gallery chunk
+to one C++ call that does the GEMMs and the merge in cache-sized blocks (csrc/similarity_topk.cpp).
+
+The gallery is only ever read a chunk at a time, in order, so it may be larger than memory: a
+memory-mapped file (torch.from_file, or a numpy memmap wrapped by mmfast.similarity_topk) is paged in
+chunk by chunk. For the same reason its NaN/inf check runs on each chunk as it is read (the Triton
+kernel reads the whole gallery at once: it is checked before).
 
 The target score of a query is the best score of its target set, computed first as row-wise dot
 products (float32 accumulation). The count leaves the target set out: its members' scores in the
@@ -26,6 +32,9 @@ from mmfast._extension import load_extension
 from mmfast.backends import autocast_disabled
 from mmfast.backends.chunked import chunk_rows
 from mmfast.kernel_contract import compute_dtype as score_dtype_for  # float64 stays float64, else float32
+
+# The up-front NaN/inf check (of a gallery a kernel reads whole) takes this many rows at a time.
+FINITE_CHECK_ROWS = 4096
 
 
 def tile_shape(n_queries: int, n_gallery: int, bytes_per_score: int, score_dtype, device) -> tuple[int, int]:
@@ -50,29 +59,52 @@ def target_scores(query, gallery, targets, score_dtype) -> torch.Tensor:
     return best
 
 
+def check_finite_rows(name: str, rows: torch.Tensor, first_row: int = 0) -> None:
+    """ValueError naming the first row of `rows` (numbered from `first_row`) with a NaN or an inf.
+    NaN has no place in an order: every backend would rank it differently."""
+    bad = ~torch.isfinite(rows).all(dim=1)
+    if bool(bad.any()):
+        raise ValueError(f"{name} row {first_row + int(bad.nonzero()[0, 0])} has a NaN or infinite value")
+
+
+def gallery_chunk(gallery, col: int, cols: int, score_dtype) -> torch.Tensor:
+    """Rows col:col+cols of the gallery in the score dtype, with contiguous rows, checked for NaN/inf."""
+    items = gallery[col : col + cols].to(score_dtype)
+    items = items if items.stride(1) == 1 else items.contiguous()
+    check_finite_rows("gallery", items, col)
+    return items
+
+
 class TorchSimilarityTopk:
     """Tiles from torch.mm; merged with torch.topk, ties settled exactly by stable sorts."""
 
     bytes_per_score = 8  # the tile + the comparison masks of the merge and the count
+    checks_gallery = True  # reads the gallery chunk by chunk, checking each (gallery_chunk)
 
-    def search(self, query, gallery, k, targets, target_score):
-        """(values [Q, k], indices [Q, k] int64, count [Q] int64 or None) of the whole gallery."""
+    def outputs(self, n_queries, k, score_dtype, targets, device):
+        values = torch.empty(n_queries, k, dtype=score_dtype, device=device)
+        indices = torch.empty(n_queries, k, dtype=torch.int64, device=device)
+        count = None if targets is None else torch.zeros(n_queries, dtype=torch.int64, device=device)
+        return values, indices, count
+
+    def search(self, query, gallery, k, targets, target_score, advance):
+        """(values [Q, k], indices [Q, k] int64, count [Q] int64 or None) of the whole gallery;
+        advance(n) after each chunk of n gallery items."""
         score_dtype = score_dtype_for(query.dtype)
         (n_queries, _), n_gallery = query.shape, gallery.shape[0]
         rows, cols = tile_shape(n_queries, n_gallery, self.bytes_per_score, score_dtype, query.device)
-        values = torch.empty(n_queries, k, dtype=score_dtype, device=query.device)
-        indices = torch.empty(n_queries, k, dtype=torch.int64, device=query.device)
-        count = None if targets is None else torch.zeros(n_queries, dtype=torch.int64, device=query.device)
+        values, indices, count = self.outputs(n_queries, k, score_dtype, targets, query.device)
         queries = query.to(score_dtype).contiguous()
         scratch = torch.empty(rows * cols, dtype=score_dtype, device=query.device)
         for col in range(0, n_gallery, cols):
-            items = gallery[col : col + cols].to(score_dtype)
+            items = gallery_chunk(gallery, col, cols, score_dtype)
             for row in range(0, n_queries, rows):
                 rs = slice(row, row + rows)
                 tile = scratch[: queries[rs].shape[0] * items.shape[0]].view(queries[rs].shape[0], items.shape[0])
                 torch.mm(queries[rs], items.T, out=tile)
                 self.merge(tile, col, values[rs], indices[rs], *(None if targets is None else t[rs]
                            for t in (targets, target_score, count)), last=col + cols >= n_gallery)  # fmt: skip
+            advance(items.shape[0])
         return values, indices, count
 
     def merge(self, tile, col_offset, values, indices, targets, target_score, count, last):
@@ -109,15 +141,34 @@ def _sort_desc(t: torch.Tensor):
 
 
 class CpuSimilarityTopk(TorchSimilarityTopk):
-    """Tiles from torch.mm (MKL); csrc/similarity_topk.cpp merges them: a heap per row, OpenMP over rows."""
+    """csrc/similarity_topk.cpp, one call per gallery chunk: per block of 128 queries × 512 items, one
+    GEMM (MKL, on the thread) into an L2-sized scratch and the merge into each row's heap at once."""
 
-    bytes_per_score = 4
+    # Gallery items per chunk, in multiples of the kernel's 512-item blocks: about 8 MiB of float32
+    # rows, which every block of queries re-reads, so it should stay in the last-level cache.
+    chunk_bytes = 8 << 20
+    block_items = 512
 
     def __init__(self, extension):
         self.ext = extension
 
-    def merge(self, tile, col_offset, values, indices, targets, target_score, count, last):
-        self.ext.similarity_topk_rows(tile, col_offset, values, indices, targets, target_score, count, last)
+    def chunk_items(self, n_gallery: int, dim: int, score_dtype) -> int:
+        per_item = dim * torch.finfo(score_dtype).bits // 8
+        blocks = max(1, self.chunk_bytes // (per_item * self.block_items))
+        return min(n_gallery, blocks * self.block_items)
+
+    def search(self, query, gallery, k, targets, target_score, advance):
+        score_dtype = score_dtype_for(query.dtype)
+        (n_queries, dim), n_gallery = query.shape, gallery.shape[0]
+        values, indices, count = self.outputs(n_queries, k, score_dtype, targets, query.device)
+        queries = query.to(score_dtype).contiguous()
+        cols = self.chunk_items(n_gallery, dim, score_dtype)
+        for col in range(0, n_gallery, cols):
+            items = gallery_chunk(gallery, col, cols, score_dtype)
+            self.ext.similarity_topk_search(queries, items, col, values, indices, targets, target_score, count,
+                                            col + cols >= n_gallery)  # fmt: skip
+            advance(items.shape[0])
+        return values, indices, count
 
 
 def similarity_topk_kernels(requested: str, backend: str, dtype: torch.dtype, n_gallery: int, k: int):
@@ -136,8 +187,11 @@ def similarity_topk_kernels(requested: str, backend: str, dtype: torch.dtype, n_
     return TorchSimilarityTopk()
 
 
-def search(kernels, query, gallery, k, targets):
+def search(kernels, query, gallery, k, targets, advance):
     """(values, indices, count or None): see TorchSimilarityTopk.search."""
+    if not getattr(kernels, "checks_gallery", False):
+        for start in range(0, gallery.shape[0], FINITE_CHECK_ROWS):
+            check_finite_rows("gallery", gallery[start : start + FINITE_CHECK_ROWS], start)
     with torch.no_grad(), autocast_disabled(query.device):
         score = None if targets is None else target_scores(query, gallery, targets, score_dtype_for(query.dtype))
-        return kernels.search(query, gallery, k, targets, score)
+        return kernels.search(query, gallery, k, targets, score, advance)
