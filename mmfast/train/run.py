@@ -11,6 +11,7 @@ import torch
 
 from . import checkpoints, default
 from .arguments import DataArguments, ModelArguments, TrainingArguments
+from .batch_order import BatchOrderSampler
 from .collator import EmbeddingCollator
 from .data import ContrastiveBatchSampler, DataReport
 from .data_spec import TrainData, load_data
@@ -166,8 +167,14 @@ def check_trainer_settings(training_args: TrainingArguments) -> None:
 
 def build_sampler(
     data: TrainData, training_args: TrainingArguments, data_args: DataArguments, processes: int | None = None
-) -> ContrastiveBatchSampler:
+) -> ContrastiveBatchSampler | BatchOrderSampler:
     """The run's batches (an error when an epoch would hold none); processes: the live world size by default."""
+    if data_args.batch_order:
+        return BatchOrderSampler(
+            data_args.batch_order, data.mixture, training_args.per_device_train_batch_size,
+            seed=training_args.data_seed if training_args.data_seed is not None else training_args.seed,
+            num_replicas=distributed_world_size() if processes is None else processes,
+        )  # fmt: skip
     return ContrastiveBatchSampler(
         data.mixture, batch_size=training_args.per_device_train_batch_size, homogeneous=data_args.homogeneous_batches,
         seed=training_args.data_seed if training_args.data_seed is not None else training_args.seed,
