@@ -325,3 +325,13 @@ def test_two_ranks_on_a_batch_order_train_as_one_process(mined, tmp_path):
     assert sorted(two) == sorted(one) == [1, 2, 3]
     for step in one:  # the same rows per step, and the same updates: the same losses
         assert two[step] == pytest.approx(one[step], rel=1e-4), (step, two, one)
+
+
+def test_the_entry_point_is_main():
+    import importlib
+    import re
+    from pathlib import Path
+
+    pyproject = (Path(__file__).parents[2] / "pyproject.toml").read_text()
+    module, name = re.search(r'^mmfast-mine = "([\w.]+):(\w+)"$', pyproject, re.M).groups()
+    assert getattr(importlib.import_module(module), name) is main
