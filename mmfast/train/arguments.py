@@ -86,6 +86,11 @@ class DataArguments:
     homogeneous_batches: bool = field(default=False, metadata={"help": "Every batch from one subset (VLM2Vec v2)"})
     max_negatives: int | None = field(default=None, metadata={"help": "Use at most this many hard negatives per row"})
     strict: bool = field(default=False, metadata={"help": "Any bad row is an error naming the file and row"})
+    batch_order: str | None = field(
+        default=None,
+        metadata={"help": "A batch order file (mmfast-mine --batch_order): train on its batches, in a seeded order "
+                  "per epoch, instead of shuffled ones"},
+    )  # fmt: skip
 
 
 # When GradCache syncs gradients under FSDP (EmbeddingTrainer.defer_gradient_sync).

@@ -13,6 +13,7 @@ import torch
 
 from . import checkpoints, default
 from .arguments import DataArguments, TrainingArguments
+from .batch_order import BatchOrderSampler
 from .collator import EmbeddingCollator, kept_negatives
 from .data import ContrastiveBatchSampler, DataReport
 from .data_spec import DataSource, TrainData, load_data, parse_data_spec
@@ -186,9 +187,15 @@ def check_trainer_settings(training_args: TrainingArguments) -> None:
         )
 
 
-def build_sampler(data: TrainData, run: RunConfig) -> ContrastiveBatchSampler:
+def build_sampler(data: TrainData, run: RunConfig) -> ContrastiveBatchSampler | BatchOrderSampler:
     """The run's batches for its processes (an error when an epoch would hold none)."""
     training = run.training
+    if run.data.batch_order:
+        return BatchOrderSampler(
+            run.data.batch_order, data.mixture, training.per_device_train_batch_size,
+            seed=training.data_seed if training.data_seed is not None else training.seed,
+            num_replicas=run.processes,
+        )  # fmt: skip
     return ContrastiveBatchSampler(
         data.mixture, batch_size=training.per_device_train_batch_size, homogeneous=run.data.homogeneous_batches,
         seed=training.data_seed if training.data_seed is not None else training.seed,

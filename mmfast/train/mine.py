@@ -1,0 +1,372 @@
+"""`mmfast-mine`: hard negatives from the whole training set, and B3-style batches of mutual hard negatives.
+
+    mmfast-mine --output_dir mined                    # the embedded default's data, mined with runs/llave
+    mmfast-mine --model TEACHER --data train.yaml --output_dir mined --k 4 --false_negative_ratio 0.95 \
+        --batch_order 64
+    mmfast-train --data mined/mixture.json [--batch_order mined/batch_order.jsonl]
+
+Per subset (negatives come from the row's own subset, as VLM2Vec's same-task batches): the queries and
+the subset's distinct positives (by content id: text and image path, `collator.content_id`) are embedded
+with the model through the evaluator's embedding cache, and `mmfast.similarity_topk` finds each query's
+best positives of other rows, without the Q × G score matrix. A row's negatives are its k best
+candidates that are
+- not its own positive, nor a copy of it (the same content id: one gallery entry stands for every copy);
+- not likely false negatives: a candidate scoring above `false_negative_ratio` × the row's positive score
+  is dropped (NV-Retriever's TopK-PercPos; 0.95 is the paper's best). The search goes deeper for the
+  rows whose top candidates were dropped, so a row gets k negatives whenever its subset has that many
+  candidates below its threshold.
+
+`--batch_order G` also writes batches of G rows (the global contrastive batch) built from clusters of
+mutual hard negatives (`build_batches`), which `mmfast-train --batch_order` trains on in place of the
+shuffled batches. Output files: `mined_files`; the batch order file: `batch_order`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from mmfast.similarity_topk import similarity_topk
+
+from .batch_order import write_batch_order
+from .collator import content_id
+from .data import Example, Input
+from .data_report import BadImageError, BadRowError, DataReport
+from .data_spec import load_data, split_of
+from .mined_files import write_mined_file, write_spec
+
+logger = logging.getLogger(__name__)
+BATCH_ORDER_NAME = "batch_order.jsonl"
+DEFAULT_MODEL = os.path.join("runs", "llave")
+
+
+@dataclass(frozen=True)
+class MineOptions:
+    """k: negatives per row; false_negative_ratio: drop candidates scoring above this × the positive's
+    score (None: keep them); batch_order: the global batch of the batch order (0: none); seed: its order."""
+
+    k: int = 4
+    false_negative_ratio: float | None = 0.95
+    batch_order: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        for name, low in (("k", 1), ("batch_order", 0), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"--{name} must be an integer >= {low}, got {value!r}")
+        ratio = self.false_negative_ratio
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
+                                  or not math.isfinite(ratio) or ratio <= 0):  # fmt: skip
+            raise ValueError(f"--false_negative_ratio must be a number > 0 (or none), got {ratio!r}")
+
+
+class MinedNegatives(NamedTuple):
+    indices: torch.Tensor  # [Q, k] int64 gallery indices, best first, -1 where a row has fewer
+    scores: torch.Tensor  # [Q, k] their scores (NaN where -1)
+    positive_scores: torch.Tensor  # [Q] float64
+    dropped: torch.Tensor  # [Q] int64: candidates ranked above the last kept one, dropped as false negatives
+
+
+def mine_negatives(query: torch.Tensor, gallery: torch.Tensor, positive: torch.Tensor, k: int,
+                   false_negative_ratio: float | None) -> MinedNegatives:  # fmt: skip
+    """Each query's k best gallery items other than its positive (gallery index `positive[q]`), with
+    those scoring above false_negative_ratio × its positive's score left out (see the module note)."""
+    n_queries, n_gallery = query.shape[0], gallery.shape[0]
+    positive_scores = (query.double() * gallery[positive].double()).sum(dim=1)
+    threshold = None if false_negative_ratio is None else false_negative_ratio * positive_scores
+    indices = torch.full((n_queries, k), -1, dtype=torch.int64)
+    scores = torch.full((n_queries, k), float("nan"), dtype=torch.float64)
+    dropped = torch.zeros(n_queries, dtype=torch.int64)
+    rows = torch.arange(n_queries)
+    depth = min(n_gallery, 2 * k + 1)
+    while rows.numel():
+        top = similarity_topk(query[rows], gallery, depth)
+        values = top.values.double()
+        not_positive = top.indices != positive[rows, None]
+        eligible = not_positive if threshold is None else not_positive & (values <= threshold[rows, None])
+        rank = eligible.cumsum(dim=1)
+        done = (rank[:, -1] >= k) | (depth == n_gallery)
+        kept = eligible & (rank <= k) & done[:, None]
+        column = torch.where(kept, torch.arange(depth), depth).sort(dim=1).values[:, :k]
+        valid = column < depth
+        safe = column.clamp(max=depth - 1)
+        finished, width = rows[done], column.shape[1]  # width < k only when the gallery is smaller than k
+        indices[finished, :width] = torch.where(valid, top.indices.gather(1, safe), -1)[done]
+        scores[finished, :width] = torch.where(valid, values.gather(1, safe), float("nan"))[done]
+        # Dropped ones: not eligible, not the positive, ranked before the last kept (or anywhere, if none kept).
+        last = torch.where(valid.any(dim=1), safe.masked_fill(~valid, -1).max(dim=1).values, depth - 1)
+        before = torch.arange(depth)[None, :] <= last[:, None]
+        dropped[finished] = (~eligible & not_positive & before).sum(dim=1)[done]
+        rows = rows[~done]
+        depth = min(n_gallery, 4 * depth)
+    return MinedNegatives(indices, scores, positive_scores, dropped)
+
+
+class MinedSubset(NamedTuple):
+    negatives: list[list[Input]]  # per example, best first
+    positive: np.ndarray  # [Q] gallery index of each example's positive
+    neighbours: np.ndarray  # [Q, k] gallery indices of its negatives (-1: none)
+    dropped: int
+
+
+def mine_subset(examples: Sequence[Example], embed: Callable[[Sequence[Input]], torch.Tensor],
+                options: MineOptions) -> MinedSubset:  # fmt: skip
+    """Mines one subset: its queries against its distinct positives (see the module note)."""
+    gallery_of: dict[int, int] = {}
+    gallery: list[Input] = []
+    positive = np.empty(len(examples), dtype=np.int64)
+    for i, example in enumerate(examples):
+        key = content_id(example.positive)
+        if key not in gallery_of:
+            gallery_of[key] = len(gallery)
+            gallery.append(example.positive)
+        positive[i] = gallery_of[key]
+    queries = embed([e.query for e in examples])
+    candidates = embed(gallery)
+    mined = mine_negatives(queries, candidates, torch.from_numpy(positive), options.k, options.false_negative_ratio)
+    neighbours = mined.indices.numpy()
+    negatives = [[gallery[g] for g in row if g >= 0] for row in neighbours]
+    return MinedSubset(negatives, positive, neighbours, int(mined.dropped.sum()))
+
+
+def build_batches(positive: np.ndarray, neighbours: np.ndarray, batch_size: int, seed: int) -> list[np.ndarray]:
+    """B3-style batches of `batch_size` rows of one subset. The graph: distinct positives (gallery items),
+    an edge between a row's positive and each of its mined negatives, both ways (so mutual hard negatives
+    are neighbours whichever of them mined the other). A breadth-first walk over it, adding for each item
+    reached one of its rows, is cut into batches: a row's hard negatives sit in its batch as other rows'
+    positives, and theirs in turn. A batch takes one row per distinct positive while it can (copies of a
+    positive would be masked, not negatives). The walk starts from rows in a seeded random order; the last
+    partial batch is left out."""
+    n = len(positive)
+    rng = np.random.default_rng([seed, 1])
+    source = np.repeat(positive, neighbours.shape[1])
+    target = neighbours.reshape(-1)
+    keep = target >= 0
+    edges = np.unique(np.stack([np.concatenate([source[keep], target[keep]]),
+                                np.concatenate([target[keep], source[keep]])], axis=1), axis=0)  # fmt: skip
+    items = int(positive.max()) + 1 if n else 0
+    starts = np.searchsorted(edges[:, 0], np.arange(items + 1))
+    owners = collections.defaultdict(list)  # gallery item -> its rows, in random order
+    for r in rng.permutation(n):
+        owners[int(positive[r])].append(int(r))
+    taken_up_to = collections.Counter()
+    assigned = np.zeros(n, dtype=bool)
+    batches, batch, in_batch, deferred = [], [], set(), []
+    queue = collections.deque()
+
+    def add(r: int) -> None:
+        nonlocal batch, in_batch
+        assigned[r] = True
+        batch.append(r)
+        item = int(positive[r])
+        in_batch.add(item)
+        queue.extend(edges[starts[item] : starts[item + 1], 1].tolist())
+        if len(batch) == batch_size:
+            batches.append(np.asarray(batch, dtype=np.int64))
+            batch, in_batch = [], set()
+
+    def owner(item: int) -> int | None:
+        rows, i = owners[item], taken_up_to[item]
+        while i < len(rows) and assigned[rows[i]]:
+            i += 1
+        taken_up_to[item] = i
+        return rows[i] if i < len(rows) else None
+
+    for start in rng.permutation(n):
+        if assigned[start]:
+            continue
+        if int(positive[start]) in in_batch:
+            deferred.append(int(start))
+            continue
+        add(int(start))
+        while queue:
+            item = queue.popleft()
+            if item not in in_batch and (r := owner(item)) is not None:
+                add(r)
+    for r in deferred:  # rows whose positive was in the batch at their turn: wherever they fit now
+        if not assigned[r]:
+            add(r)
+    return batches
+
+
+def _embedder(encoder, cache, batch_size: int, show_progress: bool, phases: dict):
+    from .evaluate.cache import as_cache
+
+    embeddings = as_cache(encoder, cache, batch_size=batch_size, show_progress=show_progress)
+    phases["embed"] = 0.0
+
+    def embed(inputs: Sequence[Input]) -> torch.Tensor:
+        start = time.perf_counter()
+        out = embeddings.embed([i.text for i in inputs], [i.image for i in inputs])
+        phases["embed"] += time.perf_counter() - start
+        return out
+
+    return embed, embeddings
+
+
+def _ratio(value: str) -> float | None:
+    if value.lower() == "none":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or none, got {value!r}") from None
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mmfast-mine",
+        description="Mine hard negatives for every training row from the whole training set (each row's own "
+        "subset) with an embedding model, and optionally a B3-style batch order. Writes <output_dir>/mixture.json "
+        f"(train on it with mmfast-train --data), the mined data files, {BATCH_ORDER_NAME} with --batch_order, "
+        "and mine_report.json.",
+    )
+    p.add_argument("--model", help="the model that embeds (an Encoder or HF model folder): a teacher, or the model "
+                   f"being trained; default: {DEFAULT_MODEL}, the default run's output, if it exists")  # fmt: skip
+    p.add_argument("--data", nargs="+", help="as mmfast-train --data (files, folders or a spec); default: the "
+                   "embedded default's training data")  # fmt: skip
+    p.add_argument("--image_dir", help="root of the image paths in the data (as mmfast-train)")
+    p.add_argument("--mmeb_split", default="original", help="MMEB-train instruction split (default: original)")
+    p.add_argument("--num_sample_per_subset", type=int, help="mine the first N rows of each subset only")
+    p.add_argument("--strict", action="store_true", help="a bad row is an error naming the file and row")
+    p.add_argument("--output_dir", required=True, help="where the mined files go (created)")
+    p.add_argument("--k", type=int, default=4, help="hard negatives per row (default: 4; NLI .csv holds 1)")
+    p.add_argument("--false_negative_ratio", type=_ratio, default=0.95, metavar="R|none",
+                   help="drop candidates scoring above R × the row's positive score as likely false negatives "
+                   "(NV-Retriever's TopK-PercPos); none keeps them (default: 0.95)")  # fmt: skip
+    p.add_argument("--batch_order", type=int, default=0, metavar="G",
+                   help=f"also write {BATCH_ORDER_NAME}: batches of G rows (the global contrastive batch: "
+                   "per_device_train_batch_size × processes) of mutual hard negatives, one subset per batch, "
+                   "from the subsets of weight > 0; 0 = none (default)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed of the batch order's walk (default: 0)")
+    p.add_argument("--batch_size", type=int, default=64, help="inputs per forward when embedding (default: 64)")
+    p.add_argument("--cache", default=None, help="embedding cache folder (default: <output_dir>/embedding_cache; "
+                   "none: in memory only)")  # fmt: skip
+    p.add_argument("--cpu_threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    return p
+
+
+def run_mine(argv: Sequence[str] | None = None) -> dict:
+    """Parses `mmfast-mine` arguments, mines, writes the files; returns the report (also mine_report.json)."""
+    from .default import default_data
+    from .encoder import Encoder
+    from .model_source import check_model_source
+
+    args = parser().parse_args(argv)
+    options = MineOptions(args.k, args.false_negative_ratio, args.batch_order, args.seed)
+    for name in ("batch_size", "cpu_threads", "num_sample_per_subset"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be a positive integer, got {value}")
+    if args.cpu_threads:
+        torch.set_num_threads(args.cpu_threads)
+    start = time.perf_counter()
+    report = DataReport(strict=args.strict)
+    data = load_data(args.data or default_data().train_spec, image_dir=args.image_dir, strict=args.strict,
+                     mmeb_split=args.mmeb_split, num_sample_per_subset=args.num_sample_per_subset,
+                     report=report)  # fmt: skip
+    for source in data.sources:
+        if source.teacher is not None:
+            raise ValueError(f"--data: subset {source.name!r} has a teacher file: distillation takes no hard negatives")
+        if source.format == "nli" and options.k != 1:
+            raise ValueError(f"--k {options.k}: subset {source.name!r} is NLI triplets (.csv), which hold one "
+                             "hard_neg per row; use --k 1")  # fmt: skip
+    model = args.model or DEFAULT_MODEL
+    if args.model is None and not os.path.isfile(os.path.join(DEFAULT_MODEL, "mmfast_encoder.json")):
+        raise ValueError(f"no --model and no {DEFAULT_MODEL}: train the default first (mmfast-train), or give --model")
+    check_model_source(model, "--model")
+    encoder = Encoder.from_pretrained(model)
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    cache = None if args.cache == "none" else (args.cache or output / "embedding_cache")
+    phases = {"load": time.perf_counter() - start}
+    embed, embeddings = _embedder(encoder, cache, args.batch_size, not args.no_progress, phases)
+    phases |= {"search": 0.0, "write": 0.0, "batch_order": 0.0}
+
+    written: dict[str, list[Path]] = {}
+    files: list[Path] = []
+    order: list[list[tuple[int, int]]] = []
+    subsets = {}
+    for source, offset, size in zip(data.sources, data.mixture.offsets, data.mixture.sizes, strict=True):
+        examples = data.mixture.items[offset : offset + size]
+        began = time.perf_counter()
+        embedded = phases["embed"]
+        try:
+            mined = mine_subset(examples, embed, options)
+        except BadImageError as error:  # name the row, as training would (which skips it and counts it)
+            bad = next((e for e in examples if error.path in (e.query.image, e.positive.image)), None)
+            if bad is None:
+                raise
+            raise BadRowError(bad.source, bad.row, f"{error}; fix or remove the row to mine") from None
+        phases["search"] += time.perf_counter() - began - (phases["embed"] - embedded)
+        writing = time.perf_counter()
+        located = [(0, 0)] * len(examples)  # (file number, row in the mined file) of each example
+        written[source.name] = []
+        for path in source.paths:
+            own = [i for i, e in enumerate(examples) if os.path.abspath(e.source) == os.path.abspath(path)]
+            if not own:
+                continue
+            target = write_mined_file(source, path, [examples[i] for i in own], [mined.negatives[i] for i in own],
+                                      output, options.k)  # fmt: skip
+            for new_row, i in enumerate(own):
+                located[i] = (len(files), new_row)
+            files.append(target)
+            written[source.name].append(target)
+        batches, phases["write"] = [], phases["write"] + time.perf_counter() - writing
+        if options.batch_order and (source.weight is None or source.weight > 0):
+            building = time.perf_counter()
+            batches = build_batches(mined.positive, mined.neighbours, options.batch_order, options.seed)
+            order += [[located[i] for i in batch] for batch in batches]
+            phases["batch_order"] += time.perf_counter() - building
+        counts = np.array([len(n) for n in mined.negatives])
+        subsets[source.name] = {
+            "rows": len(examples), "distinct_positives": int(mined.positive.max()) + 1,
+            "rows_with_k_negatives": int((counts == options.k).sum()), "mean_negatives": float(counts.mean()),
+            "false_negatives_dropped": mined.dropped, "batches": len(batches),
+            "rows_in_no_batch": len(examples) - len(batches) * options.batch_order if options.batch_order else None,
+            "seconds": round(time.perf_counter() - began, 2),
+        }  # fmt: skip
+        logger.info("mined %s: %s", source.name, subsets[source.name])
+    spec = write_spec(output, data.sources, written,
+                      {s.name: split_of(s.paths[0]) or args.mmeb_split for s in data.sources})  # fmt: skip
+    result = {"model": str(model), "options": vars(args) | {"false_negative_ratio": options.false_negative_ratio},
+              "spec": str(spec), "subsets": subsets, "skipped_rows": report.total,
+              "embedded": embeddings.num_encoded, "reused_from_cache": embeddings.num_reused}  # fmt: skip
+    if options.batch_order:
+        if not order:
+            raise ValueError(f"--batch_order {options.batch_order}: no subset of weight > 0 has that many rows")
+        write_batch_order(output / BATCH_ORDER_NAME, files, order, options.batch_order)
+        result["batch_order"] = str(output / BATCH_ORDER_NAME)
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    result["phases"] = {name: round(seconds, 2) for name, seconds in phases.items()}
+    (output / "mine_report.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(f"mmfast-mine: wrote {spec} ({sum(s['rows'] for s in subsets.values())} rows)"
+          + (f" and {result['batch_order']} ({len(order)} batches)" if options.batch_order else ""))  # fmt: skip
+    if report.total:
+        print(report.summary(), file=sys.stderr)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .command import run_command
+
+    return run_command(run_mine, "mmfast-mine", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
