@@ -41,6 +41,8 @@ void late_interaction_maxsim(at::Tensor tile, at::Tensor bias, at::Tensor query_
 void late_interaction_grads(at::Tensor grad_scores, at::Tensor query, at::Tensor query_mask, at::Tensor documents,
                             at::Tensor argmax, int64_t doc_tokens, c10::optional<at::Tensor> grad_query,
                             c10::optional<at::Tensor> grad_documents);
+void late_interaction_topk_maxsim(at::Tensor tile, at::Tensor bias, at::Tensor query_mask,
+                                  c10::optional<at::Tensor> divisor, at::Tensor scores);
 }  // namespace mmfast
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -74,4 +76,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "MaxSim of one token-score tile: max and first arg-max per (query token, document), summed per query");
   m.def("late_interaction_grads", &mmfast::late_interaction_grads,
         "Backward of the MaxSim scores through the stored arg-max: query and document token gradients");
+  m.def("late_interaction_topk_maxsim", &mmfast::late_interaction_topk_maxsim,
+        "MaxSim scores of one token-score tile (no arg-max), optionally divided by each query's length");
 }

@@ -177,6 +177,11 @@ class TrainingArguments(transformers.TrainingArguments):
         if overrides and recipe.is_distillation:
             named = ", ".join(f"--{name}" for name in overrides)
             raise ValueError(f"{named}: recipe {recipe.name} distils, it has no contrastive loss")
+        contrastive_only = [name for name in overrides if name != "temperature"]
+        if contrastive_only and recipe.is_multi_vector:
+            named = ", ".join(f"--{name}" for name in contrastive_only)
+            raise ValueError(f"{named}: recipe {recipe.name} trains with the late-interaction loss, which has no "
+                             "such option (only --temperature)")  # fmt: skip
         return dataclasses.replace(recipe.loss, **overrides)
 
 

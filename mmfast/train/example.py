@@ -39,7 +39,8 @@ from .default.sizes import Sizes
 from .default.synthetic import GENERATOR_VERSION, cache_home, default_data
 from .dry_run import dry_run_main
 from .evaluate.compare import format_comparison
-from .evaluate.default_sets import DEFAULT_TASKS, evaluate_default
+from .evaluate.default_sets import DEFAULT_TASKS, MULTI_VECTOR_TASKS, evaluate_default
+from .recipes import get_recipe
 from .run import leave_process_group
 
 logger = logging.getLogger(__name__)
@@ -158,7 +159,9 @@ class Example:
     @property
     def heldout_tasks(self) -> tuple[str, ...]:
         if self._heldout_tasks is None:
-            return DEFAULT_TASKS if self.trains_default else ()
+            if not self.trains_default:
+                return ()
+            return MULTI_VECTOR_TASKS if get_recipe(self.recipe).is_multi_vector else DEFAULT_TASKS
         if "none" in self._heldout_tasks:
             return ()
         return DEFAULT_TASKS if "all" in self._heldout_tasks else tuple(self._heldout_tasks)

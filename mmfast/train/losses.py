@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 import mmfast
-from mmfast import ContrastiveLossOptions, DistillationLossOptions
+from mmfast import ContrastiveLossOptions, DistillationLossOptions, LateInteractionLossOptions
 
 from .grad_cache import Embeddings
 
@@ -30,10 +30,11 @@ class Objective:
     process runs without the core's "no process group" warning.
     """
 
-    def __init__(self, options: ContrastiveLossOptions | DistillationLossOptions, *, backend: str | None = None,
-                 mask_duplicates: bool = True):  # fmt: skip
-        if not isinstance(options, (ContrastiveLossOptions, DistillationLossOptions)):
-            raise TypeError(f"options must be ContrastiveLossOptions or DistillationLossOptions, got {options!r}")
+    def __init__(self, options: ContrastiveLossOptions | DistillationLossOptions | LateInteractionLossOptions, *,
+                 backend: str | None = None, mask_duplicates: bool = True):  # fmt: skip
+        if not isinstance(options, (ContrastiveLossOptions, DistillationLossOptions, LateInteractionLossOptions)):
+            raise TypeError("options must be ContrastiveLossOptions, DistillationLossOptions or "
+                            f"LateInteractionLossOptions, got {options!r}")  # fmt: skip
         if backend is not None:
             options = replace(options, backend=backend)
         self.options = options
@@ -52,7 +53,8 @@ class Objective:
         """The loss's id arguments from the collator's ids (query ids for the symmetric half only)."""
         if ids is None or not self.mask_duplicates:
             return {}
-        return {"candidate_ids": ids["candidate"], **({"query_ids": ids["query"]} if self.options.symmetric else {})}
+        symmetric = getattr(self.options, "symmetric", False)  # late interaction has no symmetric half
+        return {"candidate_ids": ids["candidate"], **({"query_ids": ids["query"]} if symmetric else {})}
 
     def masked_candidates(self, ids: Mapping[str, torch.Tensor] | None, batch_size: int) -> int:
         """How many candidates the loss leaves out for this process's rows (0 when nothing is masked).
@@ -72,6 +74,17 @@ class Objective:
             return mmfast.distillation_loss(
                 embeddings["query"], embeddings["target"], teacher["query"], teacher["target"], **self._options()
             )
+        if isinstance(self.options, LateInteractionLossOptions):
+            return self._late_interaction(embeddings, ids)
         return mmfast.contrastive_loss(
             embeddings["query"], embeddings["target"], embeddings.get("negatives"), **self._options(), **self._ids(ids)
         )
+
+    def _late_interaction(self, embeddings: Embeddings, ids) -> torch.Tensor:
+        """Multi-vector embeddings [n, L, dim], zero at padding tokens (Encoder.embed_tokens)."""
+        negatives = embeddings.get("negatives")
+        masks = {f"{name}_mask": None if e is None else e.ne(0).any(dim=-1)
+                 for name, e in (("query", embeddings["query"]), ("document", embeddings["target"]),
+                                 ("negative", negatives))}  # fmt: skip
+        return mmfast.late_interaction_loss(embeddings["query"], embeddings["target"], negatives, **masks,
+                                            **self._options(), **self._ids(ids))  # fmt: skip

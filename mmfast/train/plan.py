@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from mmfast import ContrastiveLossOptions, DistillationLossOptions
+from mmfast import ContrastiveLossOptions, DistillationLossOptions, LateInteractionLossOptions
 
 from .recipes import Recipe
 
@@ -65,9 +65,13 @@ def _count(numbers: tuple[int, float, int], noun: str) -> str:
     return f"{fewest} {noun}" if fewest == most else f"{mean:.1f} {noun} on average ({fewest} to {most} by batch)"
 
 
-def describe_loss(loss: ContrastiveLossOptions | DistillationLossOptions) -> str:
+def describe_loss(loss: ContrastiveLossOptions | DistillationLossOptions | LateInteractionLossOptions) -> str:
     """What the run's loss does (its resolved options: the user's overrides over the recipe's)."""
-    if isinstance(loss, DistillationLossOptions):
+    if isinstance(loss, LateInteractionLossOptions):
+        kind = "InfoNCE" if loss.loss == "infonce" else "pairwise softplus (hardest negative)"
+        text = f"late interaction (MaxSim over token vectors), {kind} τ {loss.temperature:g}"
+        text += ", scores / query length" if loss.normalize_scores else ""
+    elif isinstance(loss, DistillationLossOptions):
         text = (
             f"KL(teacher ‖ student) of in-batch similarity distributions, student τ {loss.student_temperature:g}, "
             f"teacher τ {loss.teacher_temperature:g}"
@@ -105,7 +109,7 @@ class BatchPlan:
     (`per_device_train_batch_size`); processes: data-parallel ranks; hard: the rows' hard negatives
     (None: not known until the data is read)."""
 
-    loss: ContrastiveLossOptions | DistillationLossOptions
+    loss: ContrastiveLossOptions | DistillationLossOptions | LateInteractionLossOptions
     per_device: int
     processes: int
     hard: HardNegatives | None
@@ -162,11 +166,11 @@ class BatchPlan:
             if self.hard is not None and len(self.hard.histogram) > 1:
                 low, high = self.hard.histogram[0][0], self.hard.histogram[-1][0]
                 lines.append(f"  the rows hold {low} to {high} hard negatives each, {self.hard.mean:.2f} on average")
-            if self.loss.topk:
+            if getattr(self.loss, "topk", None):  # the late-interaction loss has no top-k nor symmetric half
                 margin = self.loss.false_negative_margin
                 kept = f"after the false-negative margin {margin:g}, " if margin is not None else ""
                 lines.append(f"  the loss keeps, {kept}the {self.loss.topk} highest-scoring of them per query")
-            if self.loss.symmetric:
+            if getattr(self.loss, "symmetric", False):
                 lines.append(
                     f"  symmetric: each target is also contrasted with the other {self.contrastive - 1} queries"
                 )
