@@ -83,8 +83,19 @@ class Objective:
     def _late_interaction(self, embeddings: Embeddings, ids) -> torch.Tensor:
         """Multi-vector embeddings [n, L, dim], zero at padding tokens (Encoder.embed_tokens)."""
         negatives = embeddings.get("negatives")
+        options = self._options()
+        if options["cross_device"]:  # the loss gathers documents: every rank's token count must match
+            embeddings = {**embeddings, "target": _pad_tokens_across_ranks(embeddings["target"])}
+            negatives = None if negatives is None else _pad_tokens_across_ranks(negatives)
         masks = {f"{name}_mask": None if e is None else e.ne(0).any(dim=-1)
                  for name, e in (("query", embeddings["query"]), ("document", embeddings["target"]),
                                  ("negative", negatives))}  # fmt: skip
         return mmfast.late_interaction_loss(embeddings["query"], embeddings["target"], negatives, **masks,
-                                            **self._options(), **self._ids(ids))  # fmt: skip
+                                            **options, **self._ids(ids))  # fmt: skip
+
+
+def _pad_tokens_across_ranks(tokens: torch.Tensor) -> torch.Tensor:
+    """[n, L, dim] zero-padded to the longest L of any rank (zero tokens are padding to the loss)."""
+    longest = torch.tensor([tokens.shape[1]], device=tokens.device)
+    dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+    return torch.nn.functional.pad(tokens, (0, 0, 0, int(longest) - tokens.shape[1]))

@@ -139,3 +139,43 @@ def test_grad_cache_pads_token_vectors_and_splits_their_gradients_back():
     for parts in ([{"query": short}, {"query": long}], [{"query": (2, 3)}, {"query": (3, 5)}]):
         first, second = split_like(grads, parts)
         assert torch.equal(first["query"], grads["query"][:2, :3]) and torch.equal(second["query"], grads["query"][2:])
+
+
+@pytest.mark.slow
+def test_mmfast_eval_scores_a_saved_multi_vector_model_on_visdoc_by_maxsim(tiny_dirs, tmp_path, capsys):
+    """mmfast-eval --task visdoc with a saved multi-vector encoder: its NDCG@5 and recall are those of
+    a float64 MaxSim ranking of the encoder's own token vectors, computed here by hand."""
+    import json
+    import math
+
+    from mmfast.train.cli import eval_main
+    from mmfast.train.default.synthetic import Sizes, generate
+    from mmfast.train.evaluate.visdoc import PAGE_TEXT, QUERY_INSTRUCTION, _table, relevant_pages, resolve_image
+
+    data = generate(tmp_path / "data", sizes=Sizes.tiny())
+    encoder = Encoder.from_pretrained(tiny_dirs["qwen2_vl"], multi_vector=True)
+    encoder.save_pretrained(tmp_path / "model")
+    argv = ["--model", str(tmp_path / "model"), "--task", "visdoc", "--data", str(data.visdoc), "--output",
+            str(tmp_path / "eval"), "--no_progress"]  # fmt: skip
+    assert eval_main(argv) == 0, capsys.readouterr().err
+    scores = json.loads((tmp_path / "eval" / "results.json").read_text())["visdoc"]["documents"]
+
+    root = data.visdoc
+    queries, pages = _table(root, "queries"), _table(root, "corpus")
+    relevant = relevant_pages(_table(root, "qrels"), root)
+    images = [resolve_image(root, page["image"], "page").load() for page in pages]  # inline PNG bytes
+    loaded = Encoder.from_pretrained(tmp_path / "model")
+    q = loaded.encode([f"{QUERY_INSTRUCTION} {row['query']}" for row in queries], show_progress=False).double()
+    p = loaded.encode([PAGE_TEXT] * len(images), images, show_progress=False).double()
+    tokens = torch.einsum("qtd,gsd->qgts", q, p).masked_fill(~token_mask(p)[None, :, None, :], -math.inf)
+    maxsim = (tokens.amax(dim=3) * token_mask(q)[:, None, :]).sum(dim=2)
+    order = maxsim.sort(dim=1, descending=True, stable=True).indices[:, :5].tolist()
+    ndcg = []
+    for row, ranked in zip(queries, order, strict=True):
+        grades = relevant[str(row["query-id"])]
+        gains = [grades.get(str(pages[i]["corpus-id"]), 0) for i in ranked]
+        ideal = sorted(grades.values(), reverse=True)[:5]
+        dcg = sum(g / math.log2(r + 2) for r, g in enumerate(gains))
+        ndcg.append(dcg / sum(g / math.log2(r + 2) for r, g in enumerate(ideal)))
+    assert scores["ndcg_linear@5"] == pytest.approx(100 * sum(ndcg) / len(ndcg), abs=1e-6)
+    assert scores["num_queries"] == len(queries) and scores["num_pages"] == len(pages)
