@@ -46,6 +46,8 @@ void late_interaction_scores(at::Tensor query, at::Tensor query_mask, at::Tensor
 void late_interaction_grads(at::Tensor grad_scores, at::Tensor query, at::Tensor query_mask, at::Tensor documents,
                             at::Tensor argmax, int64_t doc_tokens, c10::optional<at::Tensor> grad_query,
                             c10::optional<at::Tensor> grad_documents);
+void late_interaction_topk_maxsim(at::Tensor tile, at::Tensor bias, at::Tensor query_mask,
+                                  c10::optional<at::Tensor> divisor, at::Tensor scores);
 }  // namespace mmfast
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -85,4 +87,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "and first arg-max per (query token, document), summed per query");
   m.def("late_interaction_grads", &mmfast::late_interaction_grads,
         "Backward of the MaxSim scores through the stored arg-max: query and document token gradients");
+  m.def("late_interaction_topk_maxsim", &mmfast::late_interaction_topk_maxsim,
+        "MaxSim scores of one token-score tile (no arg-max), optionally divided by each query's length");
 }

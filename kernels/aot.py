@@ -30,6 +30,7 @@ from mmfast.kernels import (
     contrastive_loss_fused,
     distillation_loss,
     late_interaction_loss,
+    late_interaction_topk,
     matmul,
     pooling,
     sigmoid_loss,
@@ -44,7 +45,8 @@ def all_specs() -> list[CompileSpec]:
     """Every kernel module's variants: a new kernel module is listed here."""
     return [*matmul.compile_specs(), *contrastive_loss.compile_specs(), *contrastive_loss_fused.compile_specs(),
             *distillation_loss.compile_specs(), *pooling.compile_specs(), *similarity_topk.compile_specs(),
-            *sigmoid_loss.compile_specs(), *late_interaction_loss.compile_specs()]  # fmt: skip
+            *sigmoid_loss.compile_specs(), *late_interaction_loss.compile_specs(),
+            *late_interaction_topk.compile_specs()]  # fmt: skip
 
 
 def _tool(name: str) -> str:

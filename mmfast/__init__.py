@@ -16,6 +16,7 @@ from mmfast.distillation_loss import (
 )
 from mmfast.duplicate_ids import masked_candidate_counts
 from mmfast.late_interaction_loss import LateInteractionLoss, LateInteractionLossOptions, late_interaction_loss
+from mmfast.late_interaction_topk import LateInteractionTopK, LateInteractionTopkOptions, late_interaction_topk
 from mmfast.pooling import Pooler, PoolingFunction, PoolingOptions, last_token_pool, mean_pool
 from mmfast.sigmoid_loss import SigmoidLoss, SigmoidLossFunction, SigmoidLossOptions, sigmoid_loss
 from mmfast.similarity_topk import SimilarityTopK, SimilarityTopkOptions, similarity_topk
@@ -35,6 +36,9 @@ __all__ = [
     "LateInteractionLoss",
     "LateInteractionLossOptions",
     "late_interaction_loss",
+    "LateInteractionTopK",
+    "LateInteractionTopkOptions",
+    "late_interaction_topk",
     "Pooler",
     "PoolingFunction",
     "PoolingOptions",

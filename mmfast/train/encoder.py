@@ -35,6 +35,8 @@ from .placeholder import IMAGE_PLACEHOLDER, placeholder_problem
 from .video_inputs import Video
 
 CONFIG_NAME = "mmfast_encoder.json"
+# The multi-vector projection head (ColPali's custom_text_proj), saved beside the model or adapter.
+PROJECTION_NAME = "mmfast_projection.safetensors"
 POOLING = ("last", "mean")
 # VLM2Vec V1's `image_resolution`: every image resized to this square (its aspect ratio not kept).
 IMAGE_RESOLUTIONS = {"high": (1344, 1344), "mid": (672, 672), "low": (128, 128)}
@@ -89,6 +91,9 @@ class EncoderConfig:
     or "vlm2vec", VLM2Vec's Qwen-VL inputs: a bare `<|image_pad|>`, and an image with a side under 28
     pixels resized to 56×56 first. Other families' tokens are VLM2Vec's already.
     All four are read on both sides, in training and in `mmfast-eval`, from this saved config.
+    multi_vector: every token's final hidden state goes through a linear head to multi_vector_dim
+    dimensions and is L2-normalised (ColPali / ColQwen2): an input's embedding is [L, multi_vector_dim]
+    with its attention mask, scored by MaxSim (mmfast.late_interaction_loss / late_interaction_topk).
     """
 
     base_model: str
@@ -103,6 +108,8 @@ class EncoderConfig:
     min_pixels: int | None = None
     max_pixels: int | None = None
     image_token_style: str = "mmfast"
+    multi_vector: bool = False
+    multi_vector_dim: int = 128
 
     def __post_init__(self):
         # None stands for an adapter merged before it was saved (see Encoder.merged).
@@ -132,6 +139,11 @@ class EncoderConfig:
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
             raise ValueError(f"min_pixels ({self.min_pixels}) must not exceed max_pixels ({self.max_pixels})")
+        if not isinstance(self.multi_vector, bool):
+            raise ValueError(f"multi_vector must be true or false, got {self.multi_vector!r}")
+        dim = self.multi_vector_dim
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"multi_vector_dim must be a positive integer, got {dim!r}")
         if self.image_token_style not in IMAGE_TOKEN_STYLES:
             raise ValueError(f"image_token_style must be one of {', '.join(IMAGE_TOKEN_STYLES)}, "
                              f"got {self.image_token_style!r}")  # fmt: skip
@@ -237,6 +249,12 @@ class Encoder(torch.nn.Module):
         self.model, self.processor, self.family, self.encoder_config = model, processor, family, config
         self.adapter_source = adapter_source
         self.builder = InputBuilder(processor, family, config)
+        self.projection = None
+        if config.multi_vector:
+            hidden_size = model.config.get_text_config().hidden_size
+            weight = next(model.parameters())
+            self.projection = torch.nn.Linear(hidden_size, config.multi_vector_dim, device=weight.device,
+                                              dtype=weight.dtype)  # fmt: skip
 
     @property
     def _no_split_modules(self) -> set[str] | list[str] | None:
@@ -286,12 +304,42 @@ class Encoder(torch.nn.Module):
             for adapter_config in model.peft_config.values():  # the file's may be relative to the folder
                 adapter_config.base_model_name_or_path = config.base_model
             processor = backbones.load_processor(path, family)
-            return cls(model, processor, family, config, adapter_source=os.path.abspath(path))
+            encoder = cls(model, processor, family, config, adapter_source=os.path.abspath(path))
+            encoder._load_projection(Path(path))
+            return encoder
         model, processor, family = backbones.load_backbone(path, **load_options)
         # These weights are the base of any adapter trained over them, whatever base they came from
         # (a hub id stays a hub id).
         base_model = os.path.abspath(path) if os.path.isdir(path) else path
-        return cls(model, processor, family, dataclasses.replace(config, base_model=base_model))
+        encoder = cls(model, processor, family, dataclasses.replace(config, base_model=base_model))
+        encoder._load_projection(Path(path))
+        return encoder
+
+    def _load_projection(self, folder: Path) -> None:
+        """The saved head of a multi-vector encoder; a folder without one (a backbone about to be
+        trained as multi-vector) keeps the fresh head."""
+        if self.projection is None or not (folder / PROJECTION_NAME).is_file():
+            return
+        from safetensors.torch import load_file
+
+        saved = load_file(str(folder / PROJECTION_NAME))
+        weight = self.projection.weight
+        try:
+            self.projection.load_state_dict({k: v.to(weight.dtype) for k, v in saved.items()})
+        except RuntimeError as error:
+            raise ValueError(f"{folder / PROJECTION_NAME} does not fit this encoder's head "
+                             f"({tuple(weight.shape)}): {error}") from error  # fmt: skip
+
+    def _save_projection(self, out_dir: Path, state_dict: Mapping | None) -> None:
+        if self.projection is None:
+            return
+        from safetensors.torch import save_file
+
+        if state_dict is not None and any(k.startswith("projection.") for k in state_dict):
+            tensors = {k.removeprefix("projection."): v for k, v in state_dict.items() if k.startswith("projection.")}
+        else:
+            tensors = self.projection.state_dict()
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(out_dir / PROJECTION_NAME))
 
     def save_pretrained(self, out_dir: str | os.PathLike, state_dict: Mapping | None = None) -> None:
         """Writes the adapter (over `config.base_model`) or the full model, the processor and the
@@ -299,8 +347,9 @@ class Encoder(torch.nn.Module):
         gathered it."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+        self._save_projection(out_dir, state_dict)
         if state_dict is not None:
-            state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}
+            state_dict = {k.removeprefix("model."): v for k, v in state_dict.items() if not k.startswith("projection.")}
         if self.is_adapter and None in self.encoder_config.merged_adapters:
             raise ValueError(
                 "this adapter was trained over an adapter merged before it was ever saved, so its base cannot be "
@@ -327,6 +376,9 @@ class Encoder(torch.nn.Module):
     def load_weights(self, path: str | os.PathLike) -> None:
         """Loads the trained weights of a folder from `save_pretrained` into this encoder (resume)."""
         path = Path(path)
+        if self.projection is not None and not (path / PROJECTION_NAME).is_file():
+            raise FileNotFoundError(f"{path} holds no {PROJECTION_NAME} to resume the multi-vector head from")
+        self._load_projection(path)
         if self.is_adapter:
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
@@ -353,7 +405,9 @@ class Encoder(torch.nn.Module):
         model = self.model.merge_and_unload()
         merged = (*self.encoder_config.merged_adapters, self.adapter_source)
         config = dataclasses.replace(self.encoder_config, adapter=False, merged_adapters=merged)
-        return Encoder(model, self.processor, self.family, config)
+        encoder = Encoder(model, self.processor, self.family, config)
+        encoder.projection = self.projection
+        return encoder
 
     @property
     def config(self):
@@ -421,10 +475,25 @@ class Encoder(torch.nn.Module):
     # --- embedding ---
 
     def embed(self, batch: Mapping) -> torch.Tensor:
-        """[n, D] unit embeddings of one prepared batch (differentiable)."""
+        """[n, D] unit embeddings of one prepared batch (differentiable); multi-vector: [n, L, dim]
+        unit token vectors, zero at padding (`token_mask` gives the mask back)."""
+        if self.projection is not None:
+            return self.embed_tokens(batch)[0]
         hidden = backbones.last_hidden_state(self.model, self.builder.family, batch)  # the family as styled
         pool = mmfast.last_token_pool if self.encoder_config.pooling == "last" else mmfast.mean_pool
         return pool(hidden, batch["attention_mask"], normalize=True)
+
+    def embed_tokens(self, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
+        """Multi-vector: ([n, L, dim] every token's projected, L2-normalised vector, zero at padding;
+        [n, L] bool mask of the real tokens), as ColPali's custom_text_proj head gives them."""
+        if self.projection is None:
+            raise ValueError(
+                "embed_tokens needs a multi-vector encoder (Encoder.from_pretrained(..., multi_vector=True))"
+            )
+        hidden = backbones.last_hidden_state(self.model, self.builder.family, batch)
+        mask = batch["attention_mask"].bool()
+        vectors = torch.nn.functional.normalize(self.projection(hidden.to(self.projection.weight.dtype)), dim=-1)
+        return vectors * mask[..., None].to(vectors.dtype), mask
 
     def forward(self, sides: Mapping[str, Mapping]) -> dict[str, torch.Tensor]:
         """One call for every side of a (mini-)batch, so DDP sees one forward per backward."""
@@ -446,7 +515,8 @@ class Encoder(torch.nn.Module):
         show_progress: bool = True,
     ) -> torch.Tensor:
         """[n, D] float32 unit embeddings on the CPU, one per text (with its image, if any); one string
-        (with at most one image) gives one [D] embedding, as in sentence-transformers.
+        (with at most one image) gives one [D] embedding, as in sentence-transformers. A multi-vector
+        encoder gives [n, L, dim] token vectors, zero-padded to the longest input (`token_mask`).
 
         A text marks where its image goes with <|image_1|> (added in front when absent). An empty text
         without an image is an error, not an embedding: it has no tokens of its own (training skips
@@ -485,7 +555,8 @@ class Encoder(torch.nn.Module):
         finally:
             self.train(was_training)
         if chunks:
-            stacked = torch.cat(chunks)
+            # Multi-vector chunks [b, L_b, dim]: zero-padded to the longest (token_mask reads it back).
+            stacked = torch.cat(chunks) if chunks[0].dim() == 2 else _cat_padded(chunks)
             out = torch.empty_like(stacked)
             out[torch.tensor(order)] = stacked
         return out
@@ -493,6 +564,17 @@ class Encoder(torch.nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+
+def _cat_padded(chunks: Sequence[torch.Tensor]) -> torch.Tensor:
+    length = max(chunk.shape[1] for chunk in chunks)
+    return torch.cat([torch.nn.functional.pad(chunk, (0, 0, 0, length - chunk.shape[1])) for chunk in chunks])
+
+
+def token_mask(vectors: torch.Tensor) -> torch.Tensor:
+    """[n, L] bool: the real tokens of multi-vector embeddings [n, L, dim] (padding is a zero vector;
+    a real token's is a unit vector)."""
+    return vectors.ne(0).any(dim=-1)
 
 
 def _check_text(i: int, text, image) -> None:

@@ -40,8 +40,9 @@ from .default.sizes import Sizes
 from .default.synthetic import GENERATOR_VERSION, cache_home, default_data
 from .dry_run import dry_run_main
 from .evaluate.compare import format_comparison
-from .evaluate.default_sets import evaluate_default
+from .evaluate.default_sets import MULTI_VECTOR_TASKS, evaluate_default
 from .evaluate.report import TASKS
+from .recipes import get_recipe
 from .run import leave_process_group
 
 logger = logging.getLogger(__name__)
@@ -160,7 +161,9 @@ class Example:
     @property
     def heldout_tasks(self) -> tuple[str, ...]:
         if self._heldout_tasks is None:
-            return TASKS if self.trains_default else ()
+            if not self.trains_default:
+                return ()
+            return MULTI_VECTOR_TASKS if get_recipe(self.recipe).is_multi_vector else TASKS
         if "none" in self._heldout_tasks:
             return ()
         return TASKS if "all" in self._heldout_tasks else tuple(self._heldout_tasks)

@@ -44,22 +44,37 @@ class RandomState:
 
 
 def concatenate(parts: Sequence[Embeddings]) -> Embeddings:
-    """Per side, the mini-batches' embeddings in order (a side absent from a mini-batch adds nothing)."""
+    """Per side, the mini-batches' embeddings in order (a side absent from a mini-batch adds nothing).
+    Multi-vector embeddings [n, L, D] of different L are padded with zero tokens to the longest (a
+    zero vector is a padding token: `encoder.token_mask`)."""
     sides = {side: None for part in parts for side in part}
-    return {side: torch.cat([part[side] for part in parts if side in part]) for side in sides}
+    return {side: _cat_rows([part[side] for part in parts if side in part]) for side in sides}
 
 
-def split_like(grads: Embeddings, parts: Sequence[Mapping[str, torch.Tensor | int]]) -> list[Embeddings]:
-    """Undoes `concatenate` for gradients: each mini-batch gets the rows of its own embeddings (given as
-    the embeddings, or as their row counts)."""
+def _cat_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    if tensors[0].dim() == 3:
+        length = max(t.shape[1] for t in tensors)
+        tensors = [torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[1])) for t in tensors]
+    return torch.cat(tensors)
+
+
+def split_like(
+    grads: Embeddings, parts: Sequence[Mapping[str, torch.Tensor | int | tuple[int, int]]]
+) -> list[Embeddings]:
+    """Undoes `concatenate` for gradients: each mini-batch gets the rows (and, multi-vector, the tokens)
+    of its own embeddings (given as the embeddings, or as their row counts or (rows, tokens) shapes)."""
     offsets = dict.fromkeys(grads, 0)
     pieces = []
     for part in parts:
         piece = {}
         for side, embedding in part.items():
-            rows = embedding if isinstance(embedding, int) else embedding.shape[0]
-            start = offsets[side]
+            if isinstance(embedding, torch.Tensor):
+                embedding = embedding.shape[0] if embedding.dim() == 2 else tuple(embedding.shape[:2])
+            shape = (embedding,) if isinstance(embedding, int) else tuple(embedding)
+            start, rows = offsets[side], shape[0]
             piece[side] = grads[side][start : start + rows]
+            if len(shape) == 2 and grads[side].dim() == 3:
+                piece[side] = piece[side][:, : shape[1]]
             offsets[side] = start + rows
         pieces.append(piece)
     return pieces
@@ -100,7 +115,7 @@ def grad_cache_step(
     embeddings = {side: e.requires_grad_() for side, e in concatenate(cached).items()}
     # From here on only the parts' row counts are needed: their copies in `embeddings` are enough (B × D
     # less at the step's peak, the loss).
-    cached = [{side: e.shape[0] for side, e in part.items()} for part in cached]
+    cached = [{side: e.shape[0] if e.dim() == 2 else tuple(e.shape[:2]) for side, e in part.items()} for part in cached]
     with torch.enable_grad():
         loss = loss_fn(embeddings)
         grads = torch.autograd.grad(loss, list(embeddings.values()), allow_unused=True)

@@ -9,10 +9,10 @@ import torch
 import torch.distributed as dist
 
 import mmfast
-from mmfast import ContrastiveLossOptions, DistillationLossOptions
+from mmfast import ContrastiveLossOptions, DistillationLossOptions, LateInteractionLossOptions
 
 from .grad_cache import Embeddings
-from .run_config import RunConfig
+from .run_config import LossOptions, RunConfig
 
 
 def distributed_world_size() -> int:
@@ -31,9 +31,10 @@ class Objective:
         away from its teacher (mmfast.distillation_loss's docstring).
     """
 
-    def __init__(self, options: ContrastiveLossOptions | DistillationLossOptions, *, mask_duplicates: bool = True):
-        if not isinstance(options, (ContrastiveLossOptions, DistillationLossOptions)):
-            raise TypeError(f"options must be ContrastiveLossOptions or DistillationLossOptions, got {options!r}")
+    def __init__(self, options: LossOptions, *, mask_duplicates: bool = True):
+        if not isinstance(options, (ContrastiveLossOptions, DistillationLossOptions, LateInteractionLossOptions)):
+            raise TypeError("options must be ContrastiveLossOptions, DistillationLossOptions or "
+                            f"LateInteractionLossOptions, got {options!r}")  # fmt: skip
         self.options = options
         self.mask_duplicates = mask_duplicates and not self.is_distillation
         # The loss's keyword arguments, taken once: the options are frozen.
@@ -52,7 +53,8 @@ class Objective:
         """The loss's id arguments from the collator's ids (query ids for the symmetric half only)."""
         if ids is None or not self.mask_duplicates:
             return {}
-        return {"candidate_ids": ids["candidate"], **({"query_ids": ids["query"]} if self.options.symmetric else {})}
+        symmetric = getattr(self.options, "symmetric", False)  # late interaction has no symmetric half
+        return {"candidate_ids": ids["candidate"], **({"query_ids": ids["query"]} if symmetric else {})}
 
     def masked_candidates(self, ids: Mapping[str, torch.Tensor] | None, batch_size: int) -> int:
         """How many candidates the loss leaves out for this process's rows (0 when nothing is masked).
@@ -72,6 +74,28 @@ class Objective:
             return mmfast.distillation_loss(
                 embeddings["query"], embeddings["target"], teacher["query"], teacher["target"], **self._arguments
             )
+        if isinstance(self.options, LateInteractionLossOptions):
+            return self._late_interaction(embeddings, ids)
         return mmfast.contrastive_loss(
             embeddings["query"], embeddings["target"], embeddings.get("negatives"), **self._arguments, **self._ids(ids)
         )
+
+    def _late_interaction(self, embeddings: Embeddings, ids) -> torch.Tensor:
+        """Multi-vector embeddings [n, L, dim], zero at padding tokens (Encoder.embed_tokens)."""
+        negatives = embeddings.get("negatives")
+        options = self._arguments
+        if options["cross_device"]:  # the loss gathers documents: every rank's token count must match
+            embeddings = {**embeddings, "target": _pad_tokens_across_ranks(embeddings["target"])}
+            negatives = None if negatives is None else _pad_tokens_across_ranks(negatives)
+        masks = {f"{name}_mask": None if e is None else e.ne(0).any(dim=-1)
+                 for name, e in (("query", embeddings["query"]), ("document", embeddings["target"]),
+                                 ("negative", negatives))}  # fmt: skip
+        return mmfast.late_interaction_loss(embeddings["query"], embeddings["target"], negatives, **masks,
+                                            **options, **self._ids(ids))  # fmt: skip
+
+
+def _pad_tokens_across_ranks(tokens: torch.Tensor) -> torch.Tensor:
+    """[n, L, dim] zero-padded to the longest L of any rank (zero tokens are padding to the loss)."""
+    longest = torch.tensor([tokens.shape[1]], device=tokens.device)
+    dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+    return torch.nn.functional.pad(tokens, (0, 0, 0, int(longest) - tokens.shape[1]))

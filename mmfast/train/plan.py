@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 
-from mmfast import DistillationLossOptions
+from mmfast import DistillationLossOptions, LateInteractionLossOptions
 
 from .mini_batches import MiniBatching
 from .recipes import Recipe
@@ -71,14 +71,18 @@ def _count(numbers: tuple[int, float, int], noun: str) -> str:
 # the batch lines say what gathering does).
 _HOW = ("reduction", "backend", "cross_device")
 _DESCRIBED = ("temperature", "hardness", "false_negative_margin", "topk", "symmetric",
-              "student_temperature", "teacher_temperature")  # fmt: skip
+              "student_temperature", "teacher_temperature", "loss", "normalize_scores")  # fmt: skip
 
 
 def describe_loss(loss: LossOptions) -> str:
     """What the run's loss does (its resolved options: the user's overrides over the recipe's). An
     option without a phrase of its own here is still named, with its value, when it is set away from
     the options' default: a new loss option shows in the plan and the log without a change here."""
-    if isinstance(loss, DistillationLossOptions):
+    if isinstance(loss, LateInteractionLossOptions):
+        kind = "InfoNCE" if loss.loss == "infonce" else "pairwise softplus (hardest negative)"
+        text = f"late interaction (MaxSim over token vectors), {kind} τ {loss.temperature:g}"
+        text += ", scores / query length" if loss.normalize_scores else ""
+    elif isinstance(loss, DistillationLossOptions):
         text = (
             f"KL(teacher ‖ student) of in-batch similarity distributions, student τ {loss.student_temperature:g}, "
             f"teacher τ {loss.teacher_temperature:g}"
@@ -185,11 +189,11 @@ class BatchPlan:
             if self.hard is not None and len(self.hard.histogram) > 1:
                 low, high = self.hard.histogram[0][0], self.hard.histogram[-1][0]
                 lines.append(f"  the rows hold {low} to {high} hard negatives each, {self.hard.mean:.2f} on average")
-            if self.loss.topk:
+            if getattr(self.loss, "topk", None):  # the late-interaction loss has no top-k nor symmetric half
                 margin = self.loss.false_negative_margin
                 kept = f"after the false-negative margin {margin:g}, " if margin is not None else ""
                 lines.append(f"  the loss keeps, {kept}the {self.loss.topk} highest-scoring of them per query")
-            if self.loss.symmetric:
+            if getattr(self.loss, "symmetric", False):
                 lines.append(
                     f"  symmetric: each target is also contrasted with the other {self.contrastive - 1} queries"
                 )

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
 
-from mmfast import ContrastiveLossOptions, DistillationLossOptions
+from mmfast import ContrastiveLossOptions, DistillationLossOptions, LateInteractionLossOptions
 
 # The one-word prompts of E5-V and UniME. "<|image_1|>" is the MMEB image placeholder; the encoder
 # rewrites it for its backbone.
@@ -20,6 +20,8 @@ ONE_WORD_TEXT_PROMPT = "{text}\nSummary above sentence in one word:"
 ONE_WORD_IMAGE_PROMPT = "<|image_1|>\nSummary above image in one word:"
 # VLM2Vec and LLaVE train on MMEB rows whose text already carries the instruction.
 PLAIN_PROMPT = "{text}"
+# ColPali / ColQwen2: a query is the bare question, a page the bare image (no instruction).
+PAGE_PROMPT = "<|image_1|>"
 
 DataKind = Literal["mmeb", "nli", "nli_teacher"]
 
@@ -42,7 +44,7 @@ class Recipe:
 
     name: str
     summary: str  # the method's name only: what a run does comes from its resolved options (plan.py)
-    loss: ContrastiveLossOptions | DistillationLossOptions
+    loss: ContrastiveLossOptions | DistillationLossOptions | LateInteractionLossOptions
     data: DataKind
     text_prompt: str = PLAIN_PROMPT
     image_prompt: str = PLAIN_PROMPT
@@ -52,6 +54,11 @@ class Recipe:
     @property
     def is_distillation(self) -> bool:
         return isinstance(self.loss, DistillationLossOptions)
+
+    @property
+    def is_multi_vector(self) -> bool:
+        """Token-level embeddings scored by MaxSim (the encoder gets its projection head)."""
+        return isinstance(self.loss, LateInteractionLossOptions)
 
 
 RECIPES: MappingProxyType = _frozen(
@@ -123,6 +130,26 @@ RECIPES: MappingProxyType = _frozen(
                 ),
                 training_defaults=_frozen(
                     {"per_device_train_batch_size": 24, "learning_rate": 4e-4, "num_train_epochs": 2.0}
+                ),
+            ),
+            Recipe(
+                name="colpali",
+                summary="ColQwen2 (ColPali)",
+                # ColPali's loss: softplus(hardest in-batch negative's MaxSim − the positive's), unscaled.
+                loss=LateInteractionLossOptions(loss="pairwise", temperature=1.0, cross_device=True),
+                data="mmeb",
+                image_prompt=PAGE_PROMPT,
+                # ColPali (Faysse et al. 2024, §4): LoRA r 32, α 32, dropout 0.1 on the language model,
+                # the 128-d projection head trained in full; batch 32, lr 5e-5, 2.5% warm-up, 1 epoch.
+                model_defaults=_frozen({"lora": True, "lora_r": 32, "lora_alpha": 32, "lora_dropout": 0.1}),
+                training_defaults=_frozen(
+                    {
+                        "per_device_train_batch_size": 32,
+                        "learning_rate": 5e-5,
+                        "lr_scheduler_type": "linear",
+                        "warmup_steps": 0.025,
+                        "num_train_epochs": 1.0,
+                    }
                 ),
             ),
         )

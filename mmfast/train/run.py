@@ -42,6 +42,8 @@ def build_encoder(run: RunConfig) -> Encoder:
         "padding_side": model_args.padding_side,
         "trust_remote_code": model_args.trust_remote_code,
     }
+    if recipe.is_multi_vector:
+        options["multi_vector"] = True
     for name in ("image_resolution", "min_pixels", "max_pixels", "image_token_style"):
         if getattr(model_args, name) is not None:  # else the saved encoder's own (or the default)
             options[name] = getattr(model_args, name)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mmfast import ContrastiveLossOptions, DistillationLossOptions
+from mmfast import ContrastiveLossOptions, DistillationLossOptions, LateInteractionLossOptions
 
 from .mini_batches import MiniBatching
 from .recipes import Recipe
@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # the argument dataclasses import this module to resolve them
     from .arguments import DataArguments, LossArguments, ModelArguments, TrainingArguments
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-LossOptions = ContrastiveLossOptions | DistillationLossOptions
+LossOptions = ContrastiveLossOptions | DistillationLossOptions | LateInteractionLossOptions
 
 
 def loss_overrides(loss_arguments: LossArguments) -> dict:

@@ -8,6 +8,7 @@ import json
 import math
 
 import pytest
+import torch
 from PIL import Image
 
 from mmfast.train.evaluate import evaluate, format_table, write_results
@@ -94,3 +95,39 @@ def test_visdoc_layout_errors(tmp_path):
     write_parquet(tmp_path / "set" / "qrels" / "test.parquet", [{"query-id": "q1", "corpus-id": "p0", "score": 1}])
     with pytest.raises(FileNotFoundError, match="missing.png"):
         evaluate_visdoc(FakeEncoder(), tmp_path / "set", strict=True, **QUIET)
+
+
+class FakeMultiVectorEncoder(FakeEncoder):
+    """Token vectors [n, L, D], zero-padded to the longest input of the call (as Encoder.encode's)."""
+
+    def vector(self, text, width):
+        tokens = super().vector(text, width)
+        return tokens if tokens.dim() == 2 else tokens[None]
+
+    def encode(self, texts, images=None, *, batch_size=32, show_progress=True):
+        self.calls += 1
+        images = [None] * len(texts) if images is None else list(images)
+        rows = []
+        for text, image in zip(texts, images, strict=True):
+            width = None if image is None else (image if isinstance(image, Image.Image) else Image.open(image)).size[0]
+            rows.append(self.vector(text, width))
+        return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True) if rows else torch.zeros(0, 1, self.dim)
+
+
+def test_multi_vector_encoder_is_scored_by_maxsim_through_the_cache(tmp_path):
+    write_beir(tmp_path / "set")
+    e = [axis(i) for i in range(6)]
+    tokens = {
+        f"{QUERY_INSTRUCTION} chart of sales": [e[0], e[3]], f"{QUERY_INSTRUCTION} revenue table": [e[1]],
+        ("image", 30): [e[0], e[3]], ("image", 31): [e[0], e[1], e[2]], ("image", 32): [e[1]], ("image", 33): [e[2]],
+    }  # fmt: skip
+    # MaxSim: q1 scores p0 2, p1 1, p2 and p3 0; q2 ties p1 and p2 at 1 (the lower corpus index, p1, first).
+    results = []
+    for _ in range(2):  # the second run reads every embedding from the cache's shards
+        encoder = FakeMultiVectorEncoder(tokens)
+        part = evaluate_visdoc(encoder, tmp_path / "set", language="english", cache=tmp_path / "cache", **QUIET)
+        results.append((part["visdoc"]["set"], encoder.calls))
+    scores = results[0][0]
+    assert scores["ndcg_linear@5"] == pytest.approx(100.0) and scores["hit@1"] == 100.0
+    assert scores["recall@1"] == pytest.approx(75.0)  # q1 has two relevant pages
+    assert results[1][0] == scores and results[0][1] > 0 and results[1][1] == 0

@@ -12,6 +12,10 @@ Keys:
 On disk: `<directory>/<sha256(model key)[:24]>/` holds `model.json` (what the fingerprint covers) and
 shards `embeddings-*.pt` ({"keys": [...], "embeddings": float32 [n, D]}), each written atomically
 after every block of newly embedded inputs, so an interrupted run keeps what it had embedded.
+
+Multi-vector encoders (ColPali) return [n, L, D] token vectors, zero at padding: each input keeps its
+real tokens only, shards hold them padded with zero tokens, and `embed` returns them padded to the
+longest of the call ([n, L_max, D]; `encoder.token_mask` gives the mask back).
 """
 
 from __future__ import annotations
@@ -159,7 +163,10 @@ class EmbeddingCache:
         self._encode([(key, texts[p], images[p]) for key, p in todo.items()])
         if not keys:
             return torch.zeros(0, self._dim or 0)
-        return torch.stack([self._table[key] for key in keys])
+        rows = [self._table[key] for key in keys]
+        if rows[0].dim() == 1:
+            return torch.stack(rows)
+        return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # token vectors: zero-padded
 
     def _encode(self, pending: list[tuple[str, str, object]]) -> None:
         if not pending:
@@ -191,7 +198,7 @@ class EmbeddingCache:
             self.encode_calls += 1
             out = self._check_output(out, block)
             for row, (key, _, _) in enumerate(block):
-                self._table[key] = out[row]
+                self._table[key] = _real_tokens(out[row])
             self.num_encoded += len(block)
             if self.directory is not None:
                 self._write_shard([key for key, _, _ in block], out)
@@ -202,20 +209,21 @@ class EmbeddingCache:
 
     def _check_output(self, out, block) -> torch.Tensor:
         name = type(self.encoder).__name__
-        if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != len(block):
+        if not isinstance(out, torch.Tensor) or out.dim() not in (2, 3) or out.shape[0] != len(block):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"{name}.encode returned {shape} for {len(block)} inputs; expected a [n, D] tensor")
-        if self._dim is not None and out.shape[1] != self._dim:
-            raise ValueError(f"{name}.encode returned dimension {out.shape[1]}, the cache holds {self._dim}")
+            raise ValueError(f"{name}.encode returned {shape} for {len(block)} inputs; expected a [n, D] tensor "
+                             "(or [n, L, D] token vectors)")  # fmt: skip
+        if self._dim is not None and out.shape[-1] != self._dim:
+            raise ValueError(f"{name}.encode returned dimension {out.shape[-1]}, the cache holds {self._dim}")
         out = out.detach().to("cpu", torch.float32).contiguous()
-        bad = (~torch.isfinite(out).all(dim=1)).nonzero().squeeze(1)
+        bad = (~torch.isfinite(out.reshape(out.shape[0], -1)).all(dim=1)).nonzero().squeeze(1)
         if bad.numel():
             _, text, image = block[int(bad[0])]
             raise ValueError(
                 f"{name}.encode returned non-finite embeddings for {bad.numel()} of {len(block)} inputs "
                 f"(the first: text {text[:80]!r}, image {image!r})"
             )
-        self._dim = out.shape[1]
+        self._dim = out.shape[-1]
         return out
 
     def _describe_model(self) -> None:
@@ -234,23 +242,28 @@ class EmbeddingCache:
                 shard = torch.load(path, map_location="cpu", weights_only=True)
                 keys, embeddings = shard["keys"], shard["embeddings"]
                 well_formed = isinstance(keys, list) and isinstance(embeddings, torch.Tensor)
-                well_formed = well_formed and embeddings.dim() == 2 and embeddings.shape[0] == len(keys)
+                well_formed = well_formed and embeddings.dim() in (2, 3) and embeddings.shape[0] == len(keys)
             except Exception as error:  # a foreign or damaged file: say which, whatever torch.load raised
                 raise ValueError(
                     f"embedding cache shard {path} cannot be read ({error}); delete it to rebuild"
                 ) from None
             if not well_formed:
                 raise ValueError(f"embedding cache shard {path} is malformed (keys/embeddings); delete it to rebuild")
-            if self._dim is not None and embeddings.shape[1] != self._dim:
+            if self._dim is not None and embeddings.shape[-1] != self._dim:
                 raise ValueError(
-                    f"embedding cache shard {path} has dimension {embeddings.shape[1]}, others {self._dim}"
+                    f"embedding cache shard {path} has dimension {embeddings.shape[-1]}, others {self._dim}"
                 )
-            self._dim = embeddings.shape[1]
-            self._table.update(zip(keys, embeddings.float(), strict=True))
+            self._dim = embeddings.shape[-1]
+            self._table.update(zip(keys, map(_real_tokens, embeddings.float()), strict=True))
 
     def _write_shard(self, keys: list[str], embeddings: torch.Tensor) -> None:
         name = f"embeddings-{time.time_ns()}-{os.getpid()}-{self.encode_calls}.pt"
         _atomic_write(self.directory / name, lambda f: torch.save({"keys": keys, "embeddings": embeddings}, f))
+
+
+def _real_tokens(embedding: torch.Tensor) -> torch.Tensor:
+    """A [D] embedding as it is; a multi-vector one [L, D] without its padding (zero) tokens."""
+    return embedding if embedding.dim() == 1 else embedding[embedding.ne(0).any(dim=-1)]
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -23,6 +23,8 @@ from .video import evaluate_video
 from .video_v2 import evaluate_video_v2
 from .visdoc import evaluate_visdoc
 
+# What a multi-vector (ColPali) encoder is scored on: the others rank single vectors.
+MULTI_VECTOR_TASKS = ("visdoc",)
 CAPTION_PROMPT = FIND_IMAGE.format("{text}")
 IMAGE_PROMPT = IMAGE
 
@@ -42,6 +44,11 @@ def evaluate_default(
     unknown = set(tasks) - set(TASKS)
     if unknown:
         raise ValueError(f"tasks must be among {', '.join(TASKS)}; got {', '.join(sorted(unknown))}")
+    config = getattr(encoder, "encoder_config", None)
+    single_vector_only = set(tasks) - set(MULTI_VECTOR_TASKS)
+    if getattr(config, "multi_vector", False) and single_vector_only:
+        raise ValueError(f"a multi-vector encoder is scored on {', '.join(MULTI_VECTOR_TASKS)} only (MaxSim); "
+                         f"{', '.join(sorted(single_vector_only))} rank single vectors")  # fmt: skip
     data = default_data() if data is None else data
     common = {"cache": cache, "batch_size": batch_size, "show_progress": show_progress}
     # An encoder with its own text template (E5-V's one-word prompt) gets the bare caption, as everywhere.

@@ -7,7 +7,8 @@ Layout (the HF BEIR datasets, e.g. `vidore/arxivqa_test_subsampled_beir`, one co
 As V2 reads them: a qrel counts when its score is > 0 (the highest score of a repeated pair); a query
 is "Find a document image that matches the given query: {query}", a page "<|image_1|> Understand the
 content of the provided document image."; every query ranks the whole corpus (V2's global ranking)
-through `mmfast.similarity_topk` (k = 10), never a queries × corpus matrix. A query without a relevant
+through `mmfast.similarity_topk` (k = 10), never a queries × corpus matrix; a multi-vector encoder
+(ColPali) through `mmfast.late_interaction_topk` over its token vectors (MaxSim). A query without a relevant
 page is left out and counted (V2 fails on one). `language` keeps the queries of one language (V2's
 `_v2` sets take "english", the `_multilingual` ones all).
 
@@ -53,6 +54,10 @@ def _table(root: Path, name: str, extra: tuple[str, ...] = ()) -> list[dict]:
             raise ValueError(f"{path}: missing column(s) {missing} (has {', '.join(columns)})")
         rows += pq.read_table(path, columns=[*TABLES[name], *(c for c in extra if c in columns)]).to_pylist()
     return rows
+
+
+def _real(token_vectors):
+    return token_vectors.ne(0).any(dim=-1)
 
 
 def relevant_pages(qrels: list[dict], root: Path) -> dict[str, dict[str, float]]:
@@ -105,7 +110,12 @@ def evaluate_visdoc(
 
     per_query = []
     if asked and page_ids:
-        top = mmfast.similarity_topk(query_vectors, page_vectors, min(max(KS), len(page_ids))).indices
+        k = min(max(KS), len(page_ids))
+        if query_vectors.dim() == 3:  # multi-vector token vectors, zero at padding
+            top = mmfast.late_interaction_topk(query_vectors, page_vectors, k, query_mask=_real(query_vectors),
+                                               corpus_mask=_real(page_vectors)).indices  # fmt: skip
+        else:
+            top = mmfast.similarity_topk(query_vectors, page_vectors, k).indices
         for query, best in zip(asked, top.tolist(), strict=True):
             per_query.append(query_metrics([page_ids[i] for i in best], relevant[str(query["query-id"])]))
     else:
