@@ -26,6 +26,9 @@ Effective GFLOP/s = the FLOPs of those GEMMs over a provider's fwd+bwd time; the
 machine's own rate for the same shapes (top-k's sparse gradient can take mmfast past it).
 
     python benchmarks/contrastive_loss.py --batch 4096 --negatives 1 --dim 256 1024
+    python benchmarks/contrastive_loss.py --matryoshka 64 128 256 512 1024 --batch 4096 --dim 1024 \
+        --json benchmarks/results/contrastive_loss_matryoshka.json
+                                       # Matryoshka (see `matryoshka_times`), the cpu backend
     python benchmarks/contrastive_loss.py --summary         # a few minutes, what `make bench-summary` prints
     pytest benchmarks/contrastive_loss.py --benchmark-enable  # the pytest-benchmark cases
 
@@ -251,6 +254,77 @@ def paired_times(option_names: list[str], b: int, k: int, d: int, repeats: int) 
     return rows
 
 
+class _GivenEmbeddings(torch.nn.Module):
+    """What sentence-transformers' losses take for a model: here it returns the embeddings it is given."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, features):
+        return {"sentence_embedding": features["embeddings"]}
+
+    def _get_untruncated_embedding_dimension(self) -> int:
+        return self.dim
+
+    get_embedding_dimension = _get_untruncated_embedding_dimension
+
+
+MATRYOSHKA_TEMPERATURE = 0.05  # sentence-transformers' default MNRL scale, 20
+
+
+def matryoshka_steps(dims: list[int], q, t, n) -> dict:
+    """fwd+bwd closures of the Matryoshka providers on the same embeddings (cpu backend, τ = 0.05):
+    single     one mmfast loss at D (no Matryoshka): the yardstick
+    fused      mmfast with matryoshka_dims (one pass over D)
+    separate   m mmfast calls, each on F.normalize of the prefixes, summed
+    st         sentence-transformers' MatryoshkaLoss(MultipleNegativesRankingLoss), cos_sim, scale 1/τ"""
+    from sentence_transformers.base.losses import column_merging_disabled
+    from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss, MultipleNegativesRankingLoss
+
+    opts = dict(temperature=MATRYOSHKA_TEMPERATURE, backend="cpu")
+    leaves = [x.detach().requires_grad_() for x in (q, t, n) if x is not None]
+    model = _GivenEmbeddings(q.shape[1])
+    mnrl = MultipleNegativesRankingLoss(model, scale=1 / MATRYOSHKA_TEMPERATURE)
+    st_loss = MatryoshkaLoss(model, mnrl, dims)
+    k = 0 if n is None else n.shape[0] // q.shape[0]
+
+    def st():
+        negatives = [] if n is None else list(leaves[2].view(q.shape[0], k, -1).unbind(1))
+        with column_merging_disabled():
+            return st_loss([{"embeddings": c} for c in leaves[:2] + negatives], None)
+
+    def separate():
+        cut = [[F.normalize(x[:, :d], dim=-1) for x in leaves] for d in dims]
+        return sum(mmfast.contrastive_loss(*xs, **opts) for xs in cut)
+
+    losses = {
+        "single": lambda: mmfast.contrastive_loss(*leaves, **opts),
+        "fused": lambda: mmfast.contrastive_loss(*leaves, matryoshka_dims=dims, **opts),
+        "separate": separate,
+        "st": st,
+    }
+    return {name: (lambda fn=fn: torch.autograd.grad(fn(), leaves)) for name, fn in losses.items()}
+
+
+def matryoshka_times(dims: list[int], b: int, k: int, d: int, repeats: int) -> list[dict]:
+    """Each provider's fwd+bwd, timed in alternation (one step of each in turn, after a warm-up), so a
+    shared machine's load hits all alike; ratios are medians of the step-by-step ratios to "single"."""
+    steps = matryoshka_steps(dims, *make_inputs(b, k, d))
+    times = {name: [] for name in steps}
+    for i in range(repeats + 1):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            if i:
+                times[name].append(1e3 * (time.perf_counter() - start))
+            gc.collect()
+    return [{"provider": name, "dims": dims, "B": b, "K": k, "D": d, "min_ms": min(ms),
+             "median_ms": statistics.median(ms),
+             "over_single": statistics.median(x / s for x, s in zip(ms, times["single"], strict=True))}
+            for name, ms in times.items()]  # fmt: skip
+
+
 def measure_memory_here(provider: str, options: dict, b: int, k: int, d: int) -> dict:
     """Extra peak resident memory of one fwd+bwd over inputs + grads (run in a fresh process)."""
     make_step = lambda *inputs: step_functions(provider, options, *inputs)
@@ -362,6 +436,13 @@ def main(argv=None) -> int:
         action="store_true",
         help="time mmfast's option sets in alternation; ratios to the first (e.g. plain plain+ids)",
     )
+    parser.add_argument(
+        "--matryoshka",
+        type=int,
+        nargs="+",
+        metavar="DIM",
+        help="time Matryoshka at these dims (cpu backend) against one loss, m losses and sentence-transformers",
+    )
     parser.add_argument("--memory-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
@@ -372,6 +453,15 @@ def main(argv=None) -> int:
         args.batch, args.negatives, args.dim, args.repeats, args.memory = [4096], [1], [256], 3, True
         args.providers = ["mmfast", "naive", "compiled", "gemm"]
     print(f"# {machine()} | float32, CPU")
+    if args.matryoshka:
+        rows = [row for b in args.batch for k in args.negatives for d in args.dim
+                for row in matryoshka_times(args.matryoshka, b, k, d, args.repeats)]  # fmt: skip
+        for r in rows:
+            print(f"{r['provider']:9s} dims={r['dims']} B={r['B']} K={r['K']} D={r['D']}  min {r['min_ms']:.0f} ms  "
+                  f"median {r['median_ms']:.0f} ms  ÷single {r['over_single']:.3f}")  # fmt: skip
+        if args.json:
+            write_json(args.json, rows)
+        return 0
     if args.paired:
         rows = [row for b in args.batch for k in args.negatives for d in args.dim
                 for row in paired_times(args.options, b, k, d, args.repeats)]  # fmt: skip

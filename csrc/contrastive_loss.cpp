@@ -420,4 +420,111 @@ void contrastive_topk_rows(at::Tensor scores, int64_t row_offset, double inv_tem
   });
 }
 
+// The Matryoshka row kernel (mmfast/backends/contrastive_matryoshka.py): `blocks` [m, rows, N] holds
+// the m segment products P_k = x[:, seg_k]·y[:, seg_k]ᵀ of one chunk. Per row, while its m rows of
+// blocks sit in L2: R_k = Σ_{j≤k} P_j (a running row), S_k = a_k·R_k·b_k into the block's row, the
+// softmax row kernel on it (G_k times a_k: `row_scale` is already a_k·dTotal/dLoss), then G̃_k = that
+// times b_k, α_k = Σ_c G̃_k·R_k (per row) and β_k += Σ_r G̃_k·R_k (per column, per thread, summed at
+// the end), and last the suffix sums H_j = Σ_{k≥j} G̃_k in place: one GEMM per segment finishes.
+namespace {
+
+template <typename T>
+void matryoshka_rows_range(const RowProblem<T>& base, int64_t m, int64_t rows, const T* a, const T* b, T* alpha,
+                           T* beta, int64_t begin, int64_t end) {
+  const int64_t n = base.n;
+  std::vector<T> raw(n);
+  for (int64_t r = begin; r < end; ++r) {
+    std::fill(raw.begin(), raw.end(), T(0));
+    for (int64_t k = 0; k < m; ++k) {
+      T* s = base.scores + (k * rows + r) * n;
+      const T* bk = b + k * n;
+      const T ak = a[k * rows + r];
+      for (int64_t j = 0; j < n; ++j) {
+        raw[j] += s[j];
+        s[j] = ak * raw[j] * bk[j];
+      }
+      RowProblem<T> p = base;
+      p.scores = base.scores + k * rows * n;  // row r of block k
+      p.loss = base.loss + k * rows;
+      if (base.grad_scale) p.grad_scale = base.grad_scale + k * rows;
+      softmax_rows_dispatch(p, r, r + 1);
+      if (!base.grad_scale) continue;
+      T* beta_k = beta + k * n;
+      double row_sum = 0.0;
+      for (int64_t j = 0; j < n; ++j) {
+        const T g = s[j] * bk[j];
+        s[j] = g;
+        const T term = g * raw[j];
+        row_sum += term;
+        beta_k[j] += term;
+      }
+      alpha[k * rows + r] = static_cast<T>(row_sum);
+    }
+    if (!base.grad_scale) continue;
+    for (int64_t k = m - 2; k >= 0; --k) {
+      T* h = base.scores + (k * rows + r) * n;
+      const T* next = h + rows * n;
+      for (int64_t j = 0; j < n; ++j) h[j] += next[j];
+    }
+  }
+}
+
+}  // namespace
+
+void contrastive_matryoshka_rows(at::Tensor blocks, int64_t row_offset, double inv_temperature, double hardness,
+                                 c10::optional<double> margin, at::Tensor inv_row_norms, at::Tensor inv_col_norms,
+                                 c10::optional<at::Tensor> row_scale, at::Tensor loss, c10::optional<at::Tensor> alpha,
+                                 c10::optional<at::Tensor> beta, c10::optional<at::Tensor> ids) {
+  TORCH_CHECK(blocks.dim() == 3 && blocks.is_contiguous() && blocks.device().is_cpu(), "mmfast cpu ", kOp,
+              ": blocks must be a contiguous CPU tensor [m, rows, N], got ", blocks.sizes());
+  check_float_or_double(kOp, blocks, "blocks");
+  const int64_t m = blocks.size(0), rows = blocks.size(1), n = blocks.size(2);
+  const auto dtype = blocks.scalar_type();
+  TORCH_CHECK(n < (int64_t{1} << 31), "mmfast cpu ", kOp, ": at most 2^31-1 candidates");
+  TORCH_CHECK(row_offset >= 0 && row_offset + rows <= n, "mmfast cpu ", kOp, ": row_offset ", row_offset, " + rows ",
+              rows, " exceeds the number of candidates ", n);
+  check_output(kOp, inv_row_norms, "inv_row_norms", {m, rows}, dtype);
+  check_output(kOp, inv_col_norms, "inv_col_norms", {m, n}, dtype);
+  check_output(kOp, loss, "loss", {m, rows}, dtype);
+  TORCH_CHECK(row_scale.has_value() == alpha.has_value() && row_scale.has_value() == beta.has_value(), "mmfast cpu ",
+              kOp, ": row_scale, alpha and beta go together (a gradient)");
+  if (row_scale.has_value()) {
+    check_output(kOp, *row_scale, "row_scale", {m, rows}, dtype);
+    check_output(kOp, *alpha, "alpha", {m, rows}, dtype);
+    check_output(kOp, *beta, "beta", {m, n}, dtype);
+  }
+  if (ids.has_value()) check_vector(kOp, *ids, "ids", n, at::kInt);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "mmfast_matryoshka_rows", [&] {
+    RowProblem<scalar_t> p{blocks.data_ptr<scalar_t>(),
+                           n,
+                           n,
+                           row_offset,
+                           static_cast<scalar_t>(inv_temperature),
+                           static_cast<scalar_t>(inv_temperature + hardness),
+                           margin.has_value(),
+                           static_cast<scalar_t>(margin.value_or(0.0)),
+                           row_scale.has_value() ? row_scale->data_ptr<scalar_t>() : nullptr,
+                           loss.data_ptr<scalar_t>(),
+                           nullptr,
+                           ids.has_value() ? ids->data_ptr<int32_t>() : nullptr};
+    const scalar_t* a = inv_row_norms.data_ptr<scalar_t>();
+    const scalar_t* b = inv_col_norms.data_ptr<scalar_t>();
+    scalar_t* alpha_out = row_scale.has_value() ? alpha->data_ptr<scalar_t>() : nullptr;
+    // β per thread (rows run in parallel), summed into `beta` at the end.
+    const int64_t threads = row_scale.has_value() ? at::get_num_threads() : 0;
+    std::vector<scalar_t> partial(static_cast<size_t>(threads * m * n), scalar_t(0));
+    at::parallel_for(0, rows, std::max<int64_t>(1, row_grain(m * n)), [&](int64_t begin, int64_t end) {
+      scalar_t* beta_thread = threads ? partial.data() + at::get_thread_num() * m * n : nullptr;
+      matryoshka_rows_range(p, m, rows, a, b, alpha_out, beta_thread, begin, end);
+    });
+    if (threads) {
+      scalar_t* beta_out = beta->data_ptr<scalar_t>();
+      for (int64_t t = 0; t < threads; ++t) {
+        const scalar_t* part = partial.data() + t * m * n;
+        for (int64_t i = 0; i < m * n; ++i) beta_out[i] += part[i];
+      }
+    }
+  });
+}
+
 }  // namespace mmfast

@@ -20,6 +20,10 @@ void contrastive_topk_rows(at::Tensor scores, int64_t row_offset, double inv_tem
                            c10::optional<double> margin, int64_t topk, c10::optional<at::Tensor> row_scale,
                            at::Tensor loss, at::Tensor index, c10::optional<at::Tensor> coef,
                            c10::optional<at::Tensor> temperature_grad, c10::optional<at::Tensor> ids);
+void contrastive_matryoshka_rows(at::Tensor blocks, int64_t row_offset, double inv_temperature, double hardness,
+                                 c10::optional<double> margin, at::Tensor inv_row_norms, at::Tensor inv_col_norms,
+                                 c10::optional<at::Tensor> row_scale, at::Tensor loss, c10::optional<at::Tensor> alpha,
+                                 c10::optional<at::Tensor> beta, c10::optional<at::Tensor> ids);
 void contrastive_sparse_grads(at::Tensor x, at::Tensor targets, c10::optional<at::Tensor> negatives, at::Tensor index,
                               at::Tensor coef, c10::optional<at::Tensor> grad_x, c10::optional<at::Tensor> grad_targets,
                               c10::optional<at::Tensor> grad_negatives);
@@ -65,6 +69,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Merge one chunk's B x B block into the symmetric loss's running top-k per column");
   m.def("contrastive_topk_rows", &mmfast::contrastive_topk_rows,
         "Top-k hard-negative selection, loss and sparse gradient coefficients over one score chunk");
+  m.def("contrastive_matryoshka_rows", &mmfast::contrastive_matryoshka_rows,
+        "Matryoshka over one chunk's segment products: every prefix's normalised scores, the row kernel, and the "
+        "gradient folded into one block per segment",
+        py::arg("blocks"), py::arg("row_offset"), py::arg("inv_temperature"), py::arg("hardness"), py::arg("margin"),
+        py::arg("inv_row_norms"), py::arg("inv_col_norms"), py::arg("row_scale"), py::arg("loss"), py::arg("alpha"),
+        py::arg("beta"), py::arg("ids"));
   m.def("contrastive_sparse_grads", &mmfast::contrastive_sparse_grads,
         "Accumulate the sparse top-k gradients into grad_x and the candidate gradients");
   m.def("distillation_kl_rows", &mmfast::distillation_kl_rows,

@@ -213,6 +213,12 @@ class TritonGemms:
     def grad_dtype(self, score_dtype, embedding_dtype):
         return score_dtype if embedding_dtype == torch.float64 else embedding_dtype
 
+    def matmul(self, a, b, out, accumulate: bool) -> None:
+        """out (+)= a @ b (the Matryoshka loop's accumulating score GEMM)."""
+        if a.dtype == torch.float64:
+            return self.fallback.matmul(a, b, out, accumulate)
+        matmul(a, b, out, accumulate=accumulate, embedding_dtype=a.dtype)
+
     def scores(self, x, pieces, out):
         if x.dtype == torch.float64:
             return self.fallback.scores(x, pieces, out)

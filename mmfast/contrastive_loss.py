@@ -28,6 +28,8 @@ from mmfast.reference.contrastive_loss import contrastive_loss_reference
 from mmfast.validation import (
     check_backend_name,
     check_embeddings,
+    check_matryoshka,
+    check_matryoshka_dims_fit,
     check_positive_int,
     check_real,
     check_reduction,
@@ -49,6 +51,8 @@ class ContrastiveLossOptions:
     reduction: str = "mean"
     backend: str = "auto"
     cross_device: bool = False
+    matryoshka_dims: tuple[int, ...] | None = None
+    matryoshka_weights: tuple[float, ...] | None = None
 
     def __post_init__(self):
         check_temperature("temperature", self.temperature, device=None)
@@ -63,12 +67,16 @@ class ContrastiveLossOptions:
         check_reduction(self.reduction)
         if not isinstance(self.cross_device, bool):
             raise TypeError(f"cross_device must be a bool, got {type(self.cross_device).__name__}")
+        dims, weights = check_matryoshka(self.matryoshka_dims, self.matryoshka_weights)
+        object.__setattr__(self, "matryoshka_dims", dims)
+        object.__setattr__(self, "matryoshka_weights", weights)
 
 
-def _check_inputs(query, target, negatives, weight, temperature) -> torch.Tensor | None:
+def _check_inputs(query, target, negatives, weight, options: ContrastiveLossOptions) -> torch.Tensor | None:
     """Validates the tensors; returns negatives flattened to [M, D] (a view) or None."""
     flat_negatives = check_embeddings(query, target, negatives, weight)
-    check_temperature("temperature", temperature, device=query.device)
+    check_temperature("temperature", options.temperature, device=query.device)
+    check_matryoshka_dims_fit(options.matryoshka_dims, query.shape[1])
     return flat_negatives
 
 
@@ -107,6 +115,7 @@ def _contrastive_loss_rows_op(
     needs: list[bool],
     candidate_ids: torch.Tensor | None = None,
     query_ids: torch.Tensor | None = None,
+    matryoshka_dims: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The chunked loss as a custom op, so torch.compile traces through it. A schema takes tensors and
     scalars only: the arguments are ContrastiveLossOptions' fields, the parts of a Gathered (across
@@ -124,6 +133,7 @@ def _contrastive_loss_rows_op(
             row_scale=row_scale, needs=GradientNeeds(*needs),
             gathered=_gathered(negatives, gathered_targets, gathered_queries, positive_offset),
             temperature=temperature_tensor, ids=DuplicateIds(candidate_ids, query_ids),
+            matryoshka_dims=None if matryoshka_dims is None else tuple(matryoshka_dims),
         )  # fmt: skip
     # A custom op returns tensors only: a gradient that was not computed comes back empty.
     return (loss, *(g if g is not None else query.new_empty(0) for g in grads))
@@ -132,7 +142,7 @@ def _contrastive_loss_rows_op(
 @_contrastive_loss_rows_op.register_fake
 def _(query, target, negatives, row_scale, gathered_targets, gathered_queries, temperature_tensor, positive_offset,
       temperature, symmetric, hardness, false_negative_margin, topk, backend, needs, candidate_ids=None,
-      query_ids=None):  # fmt: skip
+      query_ids=None, matryoshka_dims=None):  # fmt: skip
     returned = GradientNeeds(*needs).returned(local=gathered_targets is None, symmetric=symmetric)
     inputs = (query, target, negatives, gathered_targets, gathered_queries, temperature_tensor)
 
@@ -141,7 +151,8 @@ def _(query, target, negatives, row_scale, gathered_targets, gathered_queries, t
             return query.new_empty(0)
         return like.new_empty(like.shape)  # contiguous, as the real op returns, whatever like's strides
 
-    loss = query.new_empty(query.shape[0], dtype=compute_dtype(query.dtype))
+    shape = (query.shape[0],) if matryoshka_dims is None else (len(matryoshka_dims), query.shape[0])
+    loss = query.new_empty(shape, dtype=compute_dtype(query.dtype))
     return (loss, *(grad(flag, like) for flag, like in zip(returned, inputs, strict=True)))
 
 
@@ -171,7 +182,28 @@ def _rows(query, target, negatives, gathered: Gathered | None, options: Contrast
         list(needs),
         ids.candidate,
         ids.query,
+        None if options.matryoshka_dims is None else list(options.matryoshka_dims),
     )
+
+
+def _row_scale(options: ContrastiveLossOptions, n_rows: int, weight, dtype, device) -> torch.Tensor:
+    """d(reduced loss)/d(row loss): [B], or [m, B] with Matryoshka (each prefix's weight; with
+    reduction "none" the output gradient already is per prefix)."""
+    scale = row_scale(options.reduction, n_rows, weight, dtype, device)
+    if options.matryoshka_dims is None:
+        return scale
+    if options.reduction == "none":
+        return scale.expand(len(options.matryoshka_dims), n_rows)
+    return torch.tensor(options.matryoshka_weights, dtype=dtype, device=device)[:, None] * scale
+
+
+def _reduce(rows: torch.Tensor, weight: torch.Tensor | None, options: ContrastiveLossOptions) -> torch.Tensor:
+    """The loss from the row losses ([B], or [m, B] with Matryoshka: the weighted sum over prefixes
+    of each prefix's reduced loss; "none" keeps [m, B], not multiplied by matryoshka_weights)."""
+    if options.matryoshka_dims is None or options.reduction == "none":
+        return reduce_rows(rows, weight, options.reduction)
+    per_prefix = torch.stack([reduce_rows(r, weight, options.reduction) for r in rows])
+    return (per_prefix * per_prefix.new_tensor(options.matryoshka_weights)).sum()
 
 
 # The Function's tensor inputs, in its argument order; `needs` follows GradientNeeds' order.
@@ -202,7 +234,7 @@ class ContrastiveLossFunction(torch.autograd.Function):
         ctx.options, ctx.backend, ctx.needs, ctx.gathered_offset = options, backend, needs, positive_offset
         ctx.ids = ids
         if options.reduction != "none":
-            scale = row_scale(options.reduction, query.shape[0], weight, compute_dtype(query.dtype), query.device)
+            scale = _row_scale(options, query.shape[0], weight, compute_dtype(query.dtype), query.device)
             rows, *ctx.fused_gradients = _rows(
                 query, target, negatives, gathered, options, backend, temperature, scale, needs, ids
             )
@@ -213,7 +245,7 @@ class ContrastiveLossFunction(torch.autograd.Function):
         ctx.weight_grad = weight is not None and ctx.needs_input_grad[3]
         ctx.save_for_backward(query, target, negatives, weight, gathered_targets, gathered_queries, temperature,
                               rows if ctx.weight_grad else None)  # fmt: skip
-        return reduce_rows(rows, weight, options.reduction)
+        return _reduce(rows, weight, options)
 
     @staticmethod
     @once_differentiable("contrastive_loss")
@@ -222,7 +254,7 @@ class ContrastiveLossFunction(torch.autograd.Function):
         grads = take_fused_gradients(ctx, grad_output)
         if grads is None:  # reduction "none", or a second backward
             dtype = compute_dtype(query.dtype)
-            scale = row_scale(ctx.options.reduction, query.shape[0], weight, dtype, query.device) * grad_output
+            scale = _row_scale(ctx.options, query.shape[0], weight, dtype, query.device) * grad_output
             gathered = _gathered(negatives, gathered_targets, gathered_queries, ctx.gathered_offset)
             grads = _rows(query, target, negatives, gathered, ctx.options, ctx.backend, temperature, scale.detach(),
                           ctx.needs, ctx.ids)[1:]  # fmt: skip
@@ -232,7 +264,11 @@ class ContrastiveLossFunction(torch.autograd.Function):
         )
         grad_weight = None
         if ctx.weight_grad:
-            grad_weight = grad_output * (rows / rows.shape[0] if ctx.options.reduction == "mean" else rows)
+            grad_weight = grad_output * (rows / rows.shape[-1] if ctx.options.reduction == "mean" else rows)
+            if ctx.options.matryoshka_dims is not None:  # [m, B]: the prefixes' terms of each row
+                if ctx.options.reduction != "none":
+                    grad_weight = grad_weight * grad_weight.new_tensor(ctx.options.matryoshka_weights)[:, None]
+                grad_weight = grad_weight.sum(0)
         return (grad_query, grad_target, grad_negatives, grad_weight, grad_gathered_targets, grad_gathered_queries,
                 grad_temperature, None, None, None, None)  # fmt: skip
 
@@ -253,6 +289,8 @@ def contrastive_loss(
     cross_device: bool = False,
     candidate_ids: torch.Tensor | None = None,
     query_ids: torch.Tensor | None = None,
+    matryoshka_dims: tuple[int, ...] | None = None,
+    matryoshka_weights: tuple[float, ...] | None = None,
 ) -> torch.Tensor:
     """Contrastive loss of B queries against their B targets plus shared hard negatives.
 
@@ -294,6 +332,16 @@ def contrastive_loss(
             they are gathered with the candidates. The rule in full: mmfast/duplicate_ids.py.
         query_ids: None or [B] integer ids of the queries, for symmetric=True only: target i leaves
             out query j ≠ i with query_ids[j] == query_ids[i] in the same way.
+        matryoshka_dims: None or d_1 < … < d_m ≤ D (Matryoshka representation learning): the loss at
+            each prefix x[..., :d_k] of every embedding (query, target, negatives), each prefix
+            L2-normalised on its own here (with its gradient; the full-D loss without this option is
+            not normalised), every other option as above. One pass over D computes every prefix's
+            scores and one GEMM per segment d_{k-1}..d_k their gradient
+            (mmfast/backends/contrastive_matryoshka.py); a symmetric loss runs its second direction as
+            a pass of its own. "mean"/"sum" give Σ_k matryoshka_weights[k]·(the loss at d_k);
+            "none" gives [m, B], row k the per-row losses at d_k (times `weight`, not times
+            matryoshka_weights), so `out.mean(1)` is each dimension's "mean" loss.
+        matryoshka_weights: None (all 1) or one finite number per entry of matryoshka_dims.
 
     Returns the loss in float32 (float64 for float64 inputs). Gradients reach query, target and
     negatives in their own dtypes (a tensor τ's in its dtype). A second backward (retain_graph)
@@ -314,6 +362,8 @@ def contrastive_loss(
         reduction=reduction,
         backend=backend,
         cross_device=cross_device,
+        matryoshka_dims=matryoshka_dims,
+        matryoshka_weights=matryoshka_weights,
     )
     return _contrastive_loss(query, target, negatives, weight, options, candidate_ids, query_ids)
 
@@ -328,7 +378,7 @@ def _split_temperature(options: ContrastiveLossOptions) -> tuple[ContrastiveLoss
 
 def _contrastive_loss(query, target, negatives, weight, options: ContrastiveLossOptions, candidate_ids=None,
                       query_ids=None) -> torch.Tensor:  # fmt: skip
-    flat_negatives = _check_inputs(query, target, negatives, weight, options.temperature)
+    flat_negatives = _check_inputs(query, target, negatives, weight, options)
     n_candidates = query.shape[0] + (0 if flat_negatives is None else flat_negatives.shape[0])
     ids = check_duplicate_ids(candidate_ids, query_ids, batch_size=query.shape[0], n_candidates=n_candidates,
                               symmetric=options.symmetric, device=query.device)  # fmt: skip
@@ -345,7 +395,7 @@ def _contrastive_loss(query, target, negatives, weight, options: ContrastiveLoss
             query, target, flat_negatives, temperature=options.temperature, symmetric=options.symmetric,
             hardness=options.hardness, false_negative_margin=options.false_negative_margin, topk=options.topk,
             weight=weight, reduction=options.reduction, candidate_ids=ids.candidate, query_ids=ids.query,
-            gathered=gathered,
+            gathered=gathered, matryoshka_dims=options.matryoshka_dims, matryoshka_weights=options.matryoshka_weights,
         ).to(compute_dtype(query.dtype))  # fmt: skip
     # Autograd tracks tensors only as direct arguments: the Function takes the Gathered's parts.
     negatives, gathered_targets, gathered_queries, offset = _flat(gathered, flat_negatives)
@@ -354,7 +404,7 @@ def _contrastive_loss(query, target, negatives, weight, options: ContrastiveLoss
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
         # No gradient wanted: the loss alone, one GEMM per chunk and no gradient buffers.
         rows = _rows(query, target, flat_negatives, gathered, options, backend, temperature, ids=ids)[0]
-        return reduce_rows(rows, weight, options.reduction)
+        return _reduce(rows, weight, options)
     return ContrastiveLossFunction.apply(*tensors, offset, options, backend, ids)
 
 

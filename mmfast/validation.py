@@ -164,3 +164,33 @@ def check_embeddings(query, target, negatives, weight) -> torch.Tensor | None:
     if negatives is None or negatives.dim() == 2:
         return negatives
     return negatives.reshape(-1, negatives.shape[-1])
+
+
+def check_matryoshka(dims: object, weights: object) -> tuple[tuple[int, ...] | None, tuple[float, ...] | None]:
+    """(dims, weights) as tuples: dims strictly increasing positive ints (d_1 < … < d_m), weights one
+    finite real per dimension (default: all 1). Both None without Matryoshka."""
+    if dims is None:
+        if weights is not None:
+            raise ValueError("matryoshka_weights needs matryoshka_dims")
+        return None, None
+    if isinstance(dims, (str, bytes, torch.Tensor)) or not hasattr(dims, "__iter__"):
+        raise TypeError(f"matryoshka_dims must be a sequence of ints, got {type(dims).__name__}")
+    dims = tuple(check_positive_int("matryoshka_dims", d) for d in dims)
+    if not dims:
+        raise ValueError("matryoshka_dims must name at least one dimension")
+    if any(lo >= hi for lo, hi in zip(dims, dims[1:], strict=False)):
+        raise ValueError(f"matryoshka_dims must be strictly increasing, got {dims}")
+    if weights is None:
+        return dims, (1.0,) * len(dims)
+    if isinstance(weights, (str, bytes, torch.Tensor)) or not hasattr(weights, "__iter__"):
+        raise TypeError(f"matryoshka_weights must be a sequence of numbers, got {type(weights).__name__}")
+    weights = tuple(float(check_real("matryoshka_weights", w)) for w in weights)
+    if len(weights) != len(dims):
+        raise ValueError(f"matryoshka_weights has {len(weights)} entries but matryoshka_dims has {len(dims)}")
+    return dims, weights
+
+
+def check_matryoshka_dims_fit(dims: tuple[int, ...] | None, dim: int) -> None:
+    """The largest prefix must fit the embeddings' D."""
+    if dims is not None and dims[-1] > dim:
+        raise ValueError(f"matryoshka_dims {dims}: the largest, {dims[-1]}, exceeds the embedding dimension D = {dim}")

@@ -26,6 +26,8 @@ CONTRASTIVE_OPTIONS = {
     "llave": {"hardness": 9.0, "symmetric": True},
     "unime": {"false_negative_margin": 0.1, "topk": 3},
     "everything": {"temperature": 0.05, "hardness": 2.0, "false_negative_margin": 0.05, "topk": 2, "symmetric": True},
+    # every prefix normalised on its own; the loss's "none" is [m, B] (the grad_out row broadcast over m)
+    "matryoshka": {"hardness": 2.0, "symmetric": True, "matryoshka_dims": (2, 5, 6), "matryoshka_weights": (0.5, 1, 2)},
 }
 BACKENDS = ["reference", "torch", "cpu", "triton"]
 IDS_OPTIONS = ("plain", "everything")  # also run with duplicate ids (few distinct values: copies across ranks)
@@ -180,7 +182,7 @@ def run_case(case: dict, local: dict[str, torch.Tensor]) -> dict:
             student_temperature=0.05, teacher_temperature=0.1, reduction=case["reduction"],
             backend=case["backend"], cross_device=True,
         )  # fmt: skip
-    grad_out = local["grad_out"] if case["reduction"] == "none" else torch.tensor(1.0, dtype=torch.float64)
+    grad_out = local["grad_out"].expand(loss.shape) if case["reduction"] == "none" else torch.tensor(1.0).double()
     loss.backward(grad_out.to(loss.dtype))
     grads = {k: (v.grad.clone() if v.grad is not None else None) for k, v in leaves.items()}
     return {"loss": loss.detach().clone(), "grads": grads}

@@ -61,14 +61,16 @@ def expected(case: dict, everything: dict, sizes: list[int]):
             student_temperature=0.05, teacher_temperature=0.1, reduction="none",
         )  # fmt: skip
     losses, total, start = [], 0.0, 0
+    prefix_weights = case.get("options", {}).get("matryoshka_weights")
     for n in sizes:
-        part = rows[start : start + n]
+        part = rows[..., start : start + n]  # Matryoshka: [m, B], a row per prefix
         if case["reduction"] == "none":
             losses.append(part)
             total = total + (part * everything["grad_out"][start : start + n]).sum()
         else:
-            losses.append(part.mean())
-            total = total + part.mean()
+            mean = part.mean(-1) if prefix_weights is None else (part.mean(-1) * part.new_tensor(prefix_weights)).sum()
+            losses.append(mean)
+            total = total + mean
         start += n
     total.backward()
     return losses, {k: v.grad for k, v in leaves.items()}

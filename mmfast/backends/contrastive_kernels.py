@@ -148,6 +148,13 @@ class CpuContrastiveKernels(TorchContrastiveKernels):
             loss, temperature_grad, ids, *terms,
         )  # fmt: skip
 
+    def matryoshka_rows(self, blocks, row_offset, opts: DirectionOptions, a, b, row_scale, loss, alpha, beta, ids):
+        """Matryoshka's dense rows, fused (backends/contrastive_matryoshka.py; top-k takes the generic path)."""
+        self.ext.contrastive_matryoshka_rows(
+            blocks, row_offset, float(opts.inv_temperature), opts.hardness, opts.false_negative_margin, a, b,
+            row_scale, loss, alpha, beta, ids,
+        )  # fmt: skip
+
     def column_stats(self, block, row_offset, opts: DirectionOptions, diag, ids, running_max, running_sum,
                      weighted=None):  # fmt: skip
         self.ext.contrastive_column_stats(

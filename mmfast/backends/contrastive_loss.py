@@ -41,6 +41,7 @@ from mmfast.backends.chunked import chunk_rows, scratch, work_copy
 from mmfast.backends.contrastive_columns import SymmetricColumns
 from mmfast.backends.contrastive_kernels import contrastive_kernels
 from mmfast.backends.contrastive_loss_fused import fused_directional_loss
+from mmfast.backends.contrastive_matryoshka import matryoshka_directional_loss
 from mmfast.distributed import Gathered
 from mmfast.duplicate_ids import NO_IDS, DuplicateIds, class_index
 from mmfast.kernel_contract import DirectionOptions, compute_dtype
@@ -190,6 +191,7 @@ def contrastive_loss_rows(
     gathered: Gathered | None = None,
     temperature: torch.Tensor | None = None,
     ids: DuplicateIds = NO_IDS,
+    matryoshka_dims: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Per-row loss [B] (in compute_dtype: float32, or float64 for float64 inputs) and, when
     `row_scale` is given, the gradients of Σ_i row_scale_i·loss_i for the inputs flagged in `needs`,
@@ -205,6 +207,10 @@ def contrastive_loss_rows(
     gathered.queries, and query i's positive is gathered target gathered.offset + i; the symmetric
     half then reads other scores (all queries × the local targets) and is a second pass. `ids` are
     the DuplicateIds of those candidates (gathered ones across devices).
+
+    With `matryoshka_dims` (d_1 < … < d_m) the loss is [m, B], one row per prefix, each prefix of
+    every embedding L2-normalised on its own, and `row_scale` is [m, B]
+    (backends/contrastive_matryoshka.py: one pass over D; a symmetric loss runs its second direction).
     """
     kernels = contrastive_kernels(backend)
     score_dtype = compute_dtype(query.dtype)
@@ -214,10 +220,15 @@ def contrastive_loss_rows(
 
     local = gathered is None
     returned = needs.returned(local=local, symmetric=symmetric) if row_scale is not None else NO_GRADIENTS
+    if matryoshka_dims is not None:
+        # Compute-dtype copies: the fold's elementwise work and the segment GEMMs read them as they are.
+        def work(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None or x.shape[0] == 0 else work_copy(x, score_dtype, False)
+
     q, t, n = work(query), work(target), work(negatives)
     cand_t, cand_q = (t, q) if local else (work(gathered.targets), work(gathered.queries))
     positive_offset = 0 if local else gathered.offset
-    new_grad = torch.zeros if direction.topk is not None else torch.empty
+    new_grad = torch.zeros if direction.topk is not None or matryoshka_dims is not None else torch.empty
 
     def grad_buffer(flag: bool, like: torch.Tensor | None) -> torch.Tensor | None:
         return new_grad(like.shape, dtype=score_dtype, device=like.device) if flag and like is not None else None
@@ -233,31 +244,40 @@ def contrastive_loss_rows(
     # w_i of each direction (mmfast/backends docstring): a [B] vector each, summed at the end.
     w = None
     if want_temperature:
-        w = torch.empty((2 if symmetric else 1, q.shape[0]), dtype=score_dtype, device=q.device)
+        new_w = torch.zeros if matryoshka_dims is not None else torch.empty
+        w = new_w((2 if symmetric else 1, q.shape[0]), dtype=score_dtype, device=q.device)
     w_rows = None if w is None else w[0]
     w_columns = None if w is None or not symmetric else w[1]
     grad_pieces = [grad_ct, grad_n][: len(pieces)]
     columns = None
-    if symmetric and local:
+    if symmetric and local and matryoshka_dims is None:
         # The column half rides on the row pass (contrastive_columns.py); the buffers are shared.
         columns = SymmetricColumns(kernels, q, t, direction, scale, score_dtype, ids=class_index(ids.query),
                                    temperature_grad=w_columns)  # fmt: skip
-    loss = directional_loss(
-        kernels, q, pieces, direction, row_scale=scale, grad_x=grad_q, grad_pieces=grad_pieces,
-        accumulate=False, score_dtype=score_dtype, positive_offset=positive_offset,
-        temperature_grad=w_rows, ids=class_index(ids.candidate), columns=columns,
-    )  # fmt: skip
+
+    def one_direction(
+        x, candidates, grad_x, grad_candidates, accumulate, temperature_grad, candidate_ids, columns=None
+    ):
+        if matryoshka_dims is not None:  # its gradients always add into zeroed buffers
+            return matryoshka_directional_loss(
+                kernels, x, candidates, matryoshka_dims, direction, row_scale=scale, grad_x=grad_x,
+                grad_pieces=grad_candidates, score_dtype=score_dtype, positive_offset=positive_offset,
+                temperature_grad=temperature_grad, ids=class_index(candidate_ids),
+            )  # fmt: skip
+        return directional_loss(
+            kernels, x, candidates, direction, row_scale=scale, grad_x=grad_x, grad_pieces=grad_candidates,
+            accumulate=accumulate, score_dtype=score_dtype, positive_offset=positive_offset,
+            temperature_grad=temperature_grad, ids=class_index(candidate_ids), columns=columns,
+        )  # fmt: skip
+
+    loss = one_direction(q, pieces, grad_q, grad_pieces, False, w_rows, ids.candidate, columns)
     if columns is not None and not columns.fused_rows:
         loss = 0.5 * (loss + columns.finish(grad_t, grad_q))
     elif symmetric:
-        # Across devices the halves read disjoint scores, and the fused Triton path has no column half:
-        # the targets' pass against the (gathered) queries, adding on one process to what the first wrote.
-        reverse = directional_loss(
-            kernels, t, [cand_q], direction, row_scale=scale, grad_x=grad_t, grad_pieces=[grad_cq], accumulate=local,
-            score_dtype=score_dtype, positive_offset=positive_offset, temperature_grad=w_columns,
-            ids=class_index(ids.query),
-        )  # fmt: skip
-        loss = 0.5 * (loss + reverse)
+        # Across devices the halves read disjoint scores, and the fused Triton path and the Matryoshka
+        # loop have no column half: the targets' pass against the (gathered) queries, adding on one
+        # process to what the first wrote.
+        loss = 0.5 * (loss + one_direction(t, [cand_q], grad_t, [grad_cq], local, w_columns, ids.query))
     # dTotal/dτ = -(1/τ)·Σ_ij G_ij·s_ij: every τ-dependent logit is s/τ. Summed in float64 (B numbers).
     grad_temperature = None if w is None else (-w.sum(dtype=torch.float64) / temperature.double()).to(temperature.dtype)
 

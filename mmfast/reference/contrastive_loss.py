@@ -76,12 +76,35 @@ def contrastive_loss_reference(
     candidate_ids: torch.Tensor | None = None,
     query_ids: torch.Tensor | None = None,
     gathered: Gathered | None = None,
+    matryoshka_dims: tuple[int, ...] | None = None,
+    matryoshka_weights: tuple[float, ...] | None = None,
 ) -> torch.Tensor:
     """Same signature and semantics as `mmfast.contrastive_loss`, computed naively.
 
     `gathered` (mmfast.distributed.Gathered: all ranks' targets, negatives or None, queries or None,
     and this rank's offset): the cross-device case, where the candidates are the gathered ones (and
-    candidate_ids / query_ids are then the gathered ids, in the same order)."""
+    candidate_ids / query_ids are then the gathered ids, in the same order).
+
+    `matryoshka_dims`: the m losses computed separately, each on the prefixes x[..., :d] of every
+    embedding, L2-normalised (F.normalize); the total is their sum weighted by `matryoshka_weights`
+    (default all 1), and reduction "none" gives [m, B] (not multiplied by those weights)."""
+    if matryoshka_dims is not None:
+        weights = matryoshka_weights or (1.0,) * len(matryoshka_dims)
+
+        def prefix(x: torch.Tensor | None, d: int) -> torch.Tensor | None:
+            return None if x is None else torch.nn.functional.normalize(x[..., :d], dim=-1)
+
+        losses = []
+        for d in matryoshka_dims:
+            cut = None if gathered is None else Gathered(*(prefix(g, d) for g in gathered[:3]), gathered[3])
+            losses.append(contrastive_loss_reference(
+                prefix(query, d), prefix(target, d), prefix(negatives, d), temperature=temperature,
+                symmetric=symmetric, hardness=hardness, false_negative_margin=false_negative_margin, topk=topk,
+                weight=weight, reduction=reduction, candidate_ids=candidate_ids, query_ids=query_ids, gathered=cut,
+            ))  # fmt: skip
+        if reduction == "none":
+            return torch.stack(losses)
+        return sum(w * loss for w, loss in zip(weights, losses, strict=True))
     options = dict(temperature=temperature, hardness=hardness, false_negative_margin=false_negative_margin, topk=topk)
     if gathered is None:
         flat = None if negatives is None else negatives.reshape(-1, target.shape[-1])
