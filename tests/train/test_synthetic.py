@@ -60,6 +60,16 @@ def test_nli_triplets_load(data):
     assert spec == {"nli_for_simcse": {"path": data.nli.name, "teacher": data.teacher.name}}
 
 
+def test_nli_heldout_is_unseen(data):
+    """E5-V's held-out triplets: the training CSV's layout, distinct premises, and no sentence of any row
+    in the training CSV (in any column)."""
+    held_out = load_nli_triplets(data.nli_heldout)
+    assert len(held_out) == SIZES.nli_heldout_rows
+    assert len({e.query.text for e in held_out}) == len(held_out)
+    seen = {side.text for e in load_nli_triplets(data.nli) for side in (e.query, e.positive, *e.negatives)}
+    assert not seen & {side.text for e in held_out for side in (e.query, e.positive, *e.negatives)}
+
+
 def test_mmeb_eval_parquet(data):
     manifest = json.loads(data.mmeb_eval_subsets.read_text())
     assert set(manifest) == set(EVAL_SUBSETS)
@@ -125,6 +135,16 @@ def test_sugarcrepe_files_have_no_length_shortcut():
         for unit, length in (("characters", len), ("words", lambda text: len(text.split()))):
             accuracy = _length_only_accuracy(pairs, length)
             assert 35 <= accuracy <= 65, (kind, unit, accuracy)
+
+
+def test_nli_heldout_has_no_length_shortcut():
+    """The entailment and the contradiction of the default's 200 held-out triplets: a length-only scorer, in
+    characters or in words, stays within 50 ± 15% (as SugarCrepe's files)."""
+    with open(default_data().nli_heldout, newline="", encoding="utf-8") as f:
+        pairs = [(row["sent1"], row["hard_neg"]) for row in csv.DictReader(f)]
+    assert len(pairs) == Sizes().nli_heldout_rows
+    for unit, length in (("characters", len), ("words", lambda text: len(text.split()))):
+        assert 35 <= _length_only_accuracy(pairs, length) <= 65, unit
 
 
 def test_video(data):

@@ -14,13 +14,14 @@ from ..default import DefaultData, default_data
 from ..default.captions import FIND_IMAGE, IMAGE
 from .inputs import BARE_CAPTION, caption_prompt_for
 from .mmeb import evaluate_mmeb
+from .nli import evaluate_nli
 from .report import merge_results
 from .retrieval import evaluate_retrieval
 from .sugarcrepe import evaluate_sugarcrepe
 from .video import evaluate_video
 from .visdoc import evaluate_visdoc
 
-DEFAULT_TASKS = ("mmeb", "retrieval", "sugarcrepe", "video", "visdoc")
+DEFAULT_TASKS = ("mmeb", "retrieval", "sugarcrepe", "video", "visdoc", "nli")
 CAPTION_PROMPT = FIND_IMAGE.format("{text}")
 IMAGE_PROMPT = IMAGE
 
@@ -57,4 +58,6 @@ def evaluate_default(
         parts.append(evaluate_video(encoder, data.video_csv, data.video_frames, name="msrvtt", **video, **common))
     if "visdoc" in tasks:  # V2's own instructions (evaluate.visdoc), which the default never trains on
         parts.append(evaluate_visdoc(encoder, data.visdoc, name="documents", output_dir=output_dir, **common))
+    if "nli" in tasks:  # the sentences bare: the default's text-only recipes (E5-V, UniME stage 1) train them so
+        parts.append(evaluate_nli(encoder, data.nli_heldout, name="nli", **common))
     return merge_results(*parts)
