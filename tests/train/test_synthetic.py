@@ -137,6 +137,34 @@ def test_sugarcrepe_files_have_no_length_shortcut():
             assert 35 <= accuracy <= 65, (kind, unit, accuracy)
 
 
+def _blind_precision(scores: list[list[float]]) -> float:
+    """P@1 in % of a blind scorer's scores per MMEB-eval row (truth at index 0; a tie counts as 1/number tied)."""
+    return 100 * sum(1 / row.count(max(row)) for row in scores if row[0] == max(row)) / len(scores)
+
+
+def test_mmeb_eval_candidates_have_no_blind_shortcut():
+    """On every MMEB-eval subset of the default (100 rows, 20 candidates: chance 5%), scorers that never
+    look at the query stay near chance: the shortest or the longest candidate text, and the candidate
+    (text and image) seen most or least often across the subset's candidate lists."""
+    from collections import Counter
+
+    root = default_data().mmeb_eval
+    for subset in EVAL_SUBSETS:
+        rows = pq.read_table(root / subset / "test-00000-of-00001.parquet").to_pylist()
+        candidates = [list(zip(row["tgt_text"], row["tgt_img_path"], strict=True)) for row in rows]
+        seen = Counter(candidate for row in candidates for candidate in row)
+        lengths = [[len(text) for text, _ in row] for row in candidates]
+        counts = [[seen[candidate] for candidate in row] for row in candidates]
+        scorers = {
+            "shortest": [[-n for n in row] for row in lengths],
+            "longest": lengths,
+            "most often": counts,
+            "least often": [[-n for n in row] for row in counts],
+        }
+        for name, scores in scorers.items():
+            assert _blind_precision(scores) <= 15, (subset, name)
+
+
 def test_nli_heldout_has_no_length_shortcut():
     """The entailment and the contradiction of the default's 200 held-out triplets: a length-only scorer, in
     characters or in words, stays within 50 ± 15% (as SugarCrepe's files)."""

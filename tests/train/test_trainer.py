@@ -196,7 +196,7 @@ def test_a_short_default_run_learns_from_the_first_steps(tmp_path):
     trainer = build_trainer(model_args, data_args, training_args, recipe)
 
     def t2i_r1():
-        scores = evaluate_retrieval(trainer.model, default_data().flickr, text_prompt=CAPTION_PROMPT,
+        scores = evaluate_retrieval(trainer.model, default_data().flickr, name="flickr30k", text_prompt=CAPTION_PROMPT,
                                     image_prompt=IMAGE_PROMPT, show_progress=False)  # fmt: skip
         return scores["retrieval"]["flickr30k"]["t2i_R@1"]
 
