@@ -74,7 +74,7 @@ def text_trainer(backbone: Path, batch: int, mini: int, output_dir: str):
             "--max_length", "512", "--padding_side", "right", "--output_dir", output_dir,
             "--per_device_train_batch_size", str(batch), "--gradcache_mini_batch_size", str(mini),
             "--max_steps", "1", "--report_to", "none", "--cpu_threads", "1"]  # fmt: skip
-    return build_trainer(*parse_arguments(argv))
+    return build_trainer(parse_arguments(argv))
 
 
 def sentence_transformers_step(backbone: Path, mini: int, examples):
@@ -184,7 +184,7 @@ def image_child(provider: str, batch: int, mini: int, repeats: int, image_rows: 
     if image_rows:
         # The default profile's hyperparameters on the generated set (a profile applies only without --data).
         argv = [*to_tokens(PROFILE), "--data", str(image_set(image_rows)), *argv]
-    trainer = build_trainer(*parse_arguments(argv, profile=PROFILE))
+    trainer = build_trainer(parse_arguments(argv, profile=PROFILE))
     if provider == "mmfast-keep":
         trainer.data_collator = keeping_inputs(trainer.data_collator)
     timer = StepTimes()

@@ -41,7 +41,7 @@ def run(loss: str, hard_negatives: bool, seed: int, args) -> dict:
         overrides["max_negatives"] = 0
     argv = ["--output_dir", str(args.output / "runs" / f"{loss}-{hard_negatives}-{seed}")]
     argv += [token for name, value in overrides.items() for token in (f"--{name}", str(value))]
-    trainer = build_trainer(*parse_arguments(argv, profile=PROFILE))
+    trainer = build_trainer(parse_arguments(argv, profile=PROFILE))
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start

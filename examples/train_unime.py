@@ -27,11 +27,11 @@ def main(argv=None) -> int:
     stages = (("unime-stage1", None), ("unime-stage2", example.stage2_config))
     if example.dry_run:
         return example.plan(*stages)  # both stages' configs checked without weights
-    stage1 = build_trainer(*example.arguments("unime-stage1", output_subdir="stage1"))
+    stage1 = build_trainer(example.arguments("unime-stage1", output_subdir="stage1"))
     example.evaluate("before", stage1.model)
     example.fit(stage1, "stage 1")  # text-only distillation; the encoder is saved into <output_dir>/stage1
     example.evaluate("after stage 1", stage1.model)
-    stage2 = build_trainer(*example.arguments("unime-stage2", model=stage1.args.output_dir,
+    stage2 = build_trainer(example.arguments("unime-stage2", model=stage1.args.output_dir,
                                               config=example.stage2_config, output_subdir=""))  # fmt: skip
     example.fit(stage2, "stage 2")  # from stage 1's encoder (its LoRA merged in), into <output_dir>
     example.evaluate("after", stage2.model)

@@ -4,7 +4,8 @@ Built on `transformers.Trainer` and `peft`; the losses are mmfast's fused ops. T
 only part of mmfast that imports transformers: `import mmfast` never does.
 
     from mmfast.train import Encoder, build_trainer, parse_arguments
-    trainer = build_trainer(*parse_arguments(["--recipe", "llave", "--output_dir", "out"]))
+    run = parse_arguments(["--recipe", "llave", "--output_dir", "out"])   # one resolved RunConfig
+    trainer = build_trainer(run)
     fit(trainer)                     # trainer.train(), then the encoder is saved into output_dir
     print(dry_run(["--config", "run.yaml"]).format())   # a config checked without weights
 
@@ -18,6 +19,7 @@ from .encoder import Encoder, EncoderConfig
 from .evaluate.default_sets import evaluate_default
 from .recipes import RECIPES, Recipe, get_recipe
 from .run import build_encoder, build_trainer, fit
+from .run_config import RunConfig
 from .trainer import EmbeddingTrainer
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "EncoderConfig",
     "ModelArguments",
     "Recipe",
+    "RunConfig",
     "TrainingArguments",
     "build_encoder",
     "build_trainer",

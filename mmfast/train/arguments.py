@@ -3,7 +3,8 @@
 Precedence, lowest first: the dataclass defaults, the recipe's published defaults, the embedded
 default's profile (only when neither a model nor data is given), the config file, the command line.
 Every layer is turned into command-line tokens and parsed once by `HfArgumentParser`, so a value
-from a file is checked exactly like one typed on the command line.
+from a file is checked exactly like one typed on the command line. `parse_arguments` then resolves
+the parsed arguments once into the run's `run_config.RunConfig`, which the whole run reads.
 """
 
 from __future__ import annotations
@@ -19,10 +20,9 @@ import torch
 import transformers
 from transformers import HfArgumentParser
 
-from mmfast import ContrastiveLossOptions, DistillationLossOptions
-
 from .mapping_file import read_mapping_file
 from .recipes import RECIPES, Recipe, get_recipe
+from .run_config import RunConfig, loss_overrides
 
 DEFAULT_RECIPE = "llave"
 
@@ -109,18 +109,6 @@ class TrainingArguments(transformers.TrainingArguments):
         default=None,
         metadata={"help": "torch intra-op threads on CPU (none = torch's default); tiny models run best on 1"},
     )
-    # The recipe's contrastive loss options, each overridable (none = the recipe's own value).
-    temperature: float | None = field(default=None, metadata={"help": "Contrastive τ; none = the recipe's"})
-    hardness: float | None = field(
-        default=None, metadata={"help": "LLaVE's α (0 = plain InfoNCE); none = the recipe's"}
-    )
-    false_negative_margin: float | None = field(
-        default=None, metadata={"help": "UniME's β false-negative filter; none = the recipe's"}
-    )
-    topk: int | None = field(default=None, metadata={"help": "UniME's k hardest negatives; none = the recipe's"})
-    symmetric: bool | None = field(
-        default=None, metadata={"help": "Also the loss of targets against queries; none = the recipe's"}
-    )
     # What `--eval_strategy` evaluates (`evaluate.during_training`): mmfast's tasks, not an eval loss.
     eval_tasks: list[str] | None = field(
         default=None,
@@ -144,12 +132,6 @@ class TrainingArguments(transformers.TrainingArguments):
     remove_unused_columns: bool = False
 
     def __post_init__(self):
-        get_recipe(self.recipe)
-        if not isinstance(self.gradcache_mini_batch_size, int) or self.gradcache_mini_batch_size < 0:
-            raise ValueError(f"gradcache_mini_batch_size must be an integer >= 0, got {self.gradcache_mini_batch_size}")
-        tokens = self.gradcache_mini_batch_tokens
-        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
-            raise ValueError(f"gradcache_mini_batch_tokens must be an integer >= 0, got {tokens!r}")
         if self.cpu_threads is not None and (not isinstance(self.cpu_threads, int) or self.cpu_threads < 1):
             raise ValueError(f"cpu_threads must be a positive integer, got {self.cpu_threads}")
         if self.loss_backend not in ("auto", "cpu", "triton", "torch", "reference"):
@@ -160,28 +142,27 @@ class TrainingArguments(transformers.TrainingArguments):
             self.use_cpu = True
         super().__post_init__()
 
-    @property
-    def grad_cache(self) -> bool:
-        """Whether the step runs GradCache (mini-batches by rows, by tokens, or both)."""
-        return self.gradcache_mini_batch_size > 0 or self.gradcache_mini_batch_tokens > 0
 
-    @property
-    def grad_cache_setting(self) -> str:
-        """The GradCache options that are set, as a user writes them (for messages)."""
-        named = ("gradcache_mini_batch_size", "gradcache_mini_batch_tokens")
-        return " and ".join(f"{name} {getattr(self, name)}" for name in named if getattr(self, name)) or "off"
+@dataclass
+class LossArguments:
+    """Overrides of the recipe's loss options, each named as the core option (`mmfast.ContrastiveLossOptions`)
+    and None for the recipe's own value. A new overridable option is one field here: `RunConfig.resolve`
+    applies it, the plan describes it, tests/train/test_run_config.py checks it."""
 
-    def loss_options(self, recipe: Recipe) -> ContrastiveLossOptions | DistillationLossOptions:
-        """The recipe's loss options with this run's overrides (checked by the options' own validation)."""
-        overrides = {name: getattr(self, name) for name in LOSS_OVERRIDES if getattr(self, name) is not None}
-        if overrides and recipe.is_distillation:
-            named = ", ".join(f"--{name}" for name in overrides)
-            raise ValueError(f"{named}: recipe {recipe.name} distils, it has no contrastive loss")
-        return dataclasses.replace(recipe.loss, **overrides)
+    temperature: float | None = field(default=None, metadata={"help": "Contrastive τ; none = the recipe's"})
+    hardness: float | None = field(
+        default=None, metadata={"help": "LLaVE's α (0 = plain InfoNCE); none = the recipe's"}
+    )
+    false_negative_margin: float | None = field(
+        default=None, metadata={"help": "UniME's β false-negative filter; none = the recipe's"}
+    )
+    topk: int | None = field(default=None, metadata={"help": "UniME's k hardest negatives; none = the recipe's"})
+    symmetric: bool | None = field(
+        default=None, metadata={"help": "Also the loss of targets against queries; none = the recipe's"}
+    )
 
 
-LOSS_OVERRIDES = ("temperature", "hardness", "false_negative_margin", "topk", "symmetric")
-ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments, LossArguments)
 
 
 def known_fields() -> set[str]:
@@ -235,14 +216,9 @@ def without_option(argv: Sequence[str], name: str) -> list[str]:
     return out
 
 
-def parse_arguments(
-    argv: Sequence[str] | None = None, *, profile: Mapping | None = None
-) -> tuple[ModelArguments, DataArguments, TrainingArguments, Recipe]:
-    """Parses `mmfast-train` arguments: `--config FILE.yaml|json` plus command-line overrides.
-
-    profile: defaults for the embedded default run, applied when neither --model_name_or_path nor
-    --data is given anywhere.
-    """
+def _parsed(argv: Sequence[str] | None, profile: Mapping | None) -> tuple[tuple, Recipe]:
+    """The argument dataclasses (one per ARGUMENT_CLASSES) of argv with --config and the profile
+    layered in, and the recipe they name (looked up once, here)."""
     argv = list(argv or [])
     config_path = option_value(argv, "config")
     argv = without_option(argv, "config")
@@ -253,16 +229,26 @@ def parse_arguments(
     chosen = {**config, **{name: True for name in known_fields() if option_value(argv, name) is not None}}
     if profile and not any(key in chosen for key in ("model_name_or_path", "data")):
         layers.append(dict(profile))
-    layers.append(
-        {"recipe": recipe.name}
-        if "output_dir" in chosen
-        else {"recipe": recipe.name, "output_dir": f"runs/{recipe.name}"}
-    )
+    if "output_dir" not in chosen:
+        layers.append({"output_dir": f"runs/{recipe.name}"})
     layers.append(config)
     tokens = [token for layer in layers for token in to_tokens(layer)] + argv
     parser = HfArgumentParser(ARGUMENT_CLASSES)
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=tokens)
-    return model_args, data_args, training_args, recipe
+    return tuple(parser.parse_args_into_dataclasses(args=tokens)), recipe
+
+
+def parse_arguments(
+    argv: Sequence[str] | None = None, *, profile: Mapping | None = None, processes: int | None = None
+) -> RunConfig:
+    """Parses `mmfast-train` arguments (`--config FILE.yaml|json` plus command-line overrides) and
+    resolves them once into the run's `RunConfig`.
+
+    profile: defaults for the embedded default run, applied when neither --model_name_or_path nor
+    --data is given anywhere. processes: the data-parallel processes to plan for (a dry run); None for
+    the live world size.
+    """
+    (model_args, data_args, training_args, loss_args), recipe = _parsed(argv, profile)
+    return RunConfig.resolve(model_args, data_args, training_args, loss_args, recipe, processes=processes)
 
 
 HELP_FLAGS = ("-h", "--help")
@@ -271,7 +257,7 @@ HELP_FLAGS = ("-h", "--help")
 def print_help(argv: Sequence[str], *, profile: Mapping | None = None, program: str = "mmfast-train") -> None:
     """`--help`: every option the command takes, each default being the value this run would use (the
     recipe's, the profile's, the config file's and the command line's, as `parse_arguments` layers them)."""
-    resolved = parse_arguments([token for token in argv if token not in HELP_FLAGS], profile=profile)[:3]
+    resolved, recipe = _parsed([token for token in argv if token not in HELP_FLAGS], profile)
     parser = HfArgumentParser(ARGUMENT_CLASSES, prog=program,
                               description="Train an embedding model with a recipe. Each default shown is the value "
                               "this run would use, given the other arguments on this command line.")  # fmt: skip
@@ -300,5 +286,8 @@ def print_help(argv: Sequence[str], *, profile: Mapping | None = None, program: 
         help="with --dry-run: check an `accelerate launch` config file and plan for its processes",
     )
     values = {f.name: getattr(args, f.name) for args in resolved for f in dataclasses.fields(args)}
+    # A loss option's default is the value the run's loss takes (the recipe's, unless overridden).
+    loss = dataclasses.replace(recipe.loss, **loss_overrides(resolved[-1])) if not recipe.is_distillation else None
+    values.update({f.name: getattr(loss, f.name) for f in dataclasses.fields(LossArguments) if hasattr(loss, f.name)})
     parser.set_defaults(**{name: getattr(value, "value", value) for name, value in values.items()})
     parser.print_help()

@@ -26,8 +26,9 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, PretrainedConfig
 
+from mmfast.train.placeholder import IMAGE_PLACEHOLDER, placeholder_problem
 from mmfast.train.processors import (
-    MMEB_IMAGE_PLACEHOLDER,
+    VIDEO_FILL_TOKEN,
     load_processor,
     processor_inputs,
     register_processors,
@@ -37,7 +38,6 @@ from mmfast.train.processors import (
 
 __all__ = [
     "FAMILIES",
-    "MMEB_IMAGE_PLACEHOLDER",
     "Family",
     "attn_implementation",
     "auto_model_class",
@@ -72,13 +72,19 @@ class Family:
     mrope: bool = False
     accepts_logits_to_keep: bool = True
     requires_remote_code: bool = False
+    # What the placeholder becomes when the input is a video (None: the family takes no video input),
+    # and the tokens a video expands into.
+    video_token: str | None = None
+    video_span_tokens: tuple[str, ...] = ()
 
 
 def _qwen(name: str) -> Family:
     span = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
+    video_span = ("<|vision_start|>", VIDEO_FILL_TOKEN, "<|vision_end|>")
     return Family(name=name, multimodal=True, image_token="".join(span), image_fill_token="<|image_pad|>",
                   image_span_tokens=span, model_types=(name,), language_model_path="model.language_model",
-                  vision_tower_path="model.visual", mrope=True)  # fmt: skip
+                  vision_tower_path="model.visual", mrope=True, video_token="".join(video_span),
+                  video_span_tokens=video_span)  # fmt: skip
 
 
 def _llava(name: str) -> Family:
@@ -99,7 +105,7 @@ FAMILIES: dict[str, Family] = {
                model_types=("qwen2", "qwen3", "llama", "mistral"), language_model_path="model",
                vision_tower_path=None),
         # Phi-3.5-V's own processor expands "<|image_1|>" (into negative ids), so the placeholder stays.
-        Family(name="phi3_v", multimodal=True, image_token=MMEB_IMAGE_PLACEHOLDER, image_fill_token=None,
+        Family(name="phi3_v", multimodal=True, image_token=IMAGE_PLACEHOLDER, image_fill_token=None,
                image_span_tokens=(), model_types=("phi3_v",), language_model_path="model",
                vision_tower_path="model.vision_embed_tokens", accepts_logits_to_keep=False, requires_remote_code=True),
     )
@@ -170,18 +176,26 @@ def _resolve_attention(requested):
     return attn_implementation(requested)
 
 
-def rewrite_image_tokens(text: str, family: Family) -> str:
-    """Replace MMEB's `<|image_1|>` by the family's image token; a text without it is returned unchanged."""
+def rewrite_image_tokens(text: str, family: Family, *, video: bool = False) -> str:
+    """Replace MMEB's `<|image_1|>` by the family's image token (its video token when the input is a
+    video); a text without it is returned unchanged."""
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
-    count = text.count(MMEB_IMAGE_PLACEHOLDER)
-    if count == 0:
+    if IMAGE_PLACEHOLDER not in text:
         return text
     if not family.multimodal:
-        raise ValueError(f"family {family.name!r} is text-only, but the text holds {MMEB_IMAGE_PLACEHOLDER}")
-    if count > 1:
-        raise ValueError(f"the text holds {MMEB_IMAGE_PLACEHOLDER} {count} times; one image per text is supported")
-    return text.replace(MMEB_IMAGE_PLACEHOLDER, family.image_token)
+        raise ValueError(f"family {family.name!r} is text-only, but the text holds {IMAGE_PLACEHOLDER}")
+    problem = placeholder_problem(text, has_image=True, what="text")
+    if problem:
+        raise ValueError(f"{problem}; one image per text is supported")
+    if video:
+        if family.video_token is None:
+            raise ValueError(
+                f"family {family.name!r} takes no video input in mmfast (Qwen2-VL and Qwen2.5-VL do); "
+                "embed its frames as images instead (evaluate_video averages them)"
+            )
+        return text.replace(IMAGE_PLACEHOLDER, family.video_token)
+    return text.replace(IMAGE_PLACEHOLDER, family.image_token)
 
 
 def with_token_style(family: Family, style: str) -> Family:
@@ -193,8 +207,9 @@ def with_token_style(family: Family, style: str) -> Family:
     if style != "vlm2vec":
         raise ValueError(f"image_token_style must be 'mmfast' or 'vlm2vec', got {style!r}")
     return dataclasses.replace(
-        family, image_token=family.image_fill_token, image_span_tokens=(family.image_fill_token,)
-    )
+        family, image_token=family.image_fill_token, image_span_tokens=(family.image_fill_token,),
+        video_token=VIDEO_FILL_TOKEN, video_span_tokens=(VIDEO_FILL_TOKEN,),
+    )  # fmt: skip
 
 
 def set_pixel_range(processor, min_pixels: int | None, max_pixels: int | None) -> None:
@@ -239,7 +254,7 @@ def position_ids(model: nn.Module, family: Family, batch: Mapping) -> torch.Tens
                 f"{family.name} batches need 'mm_token_type_ids' for M-RoPE; build them with processor_inputs"
             )
         rope_model = unwrap_model(model).model
-        extra = {"image_grid_thw": batch["image_grid_thw"]} if "image_grid_thw" in batch else {}
+        extra = {key: batch[key] for key in ("image_grid_thw", "video_grid_thw") if key in batch}
         positions, _ = rope_model.get_rope_index(
             batch["input_ids"], batch["mm_token_type_ids"], attention_mask=mask, **extra
         )

@@ -20,9 +20,15 @@ import torch
 
 from .data import BadImageError, DataReport, Example, Input, load_image
 from .encoder import InputBuilder
-from .mini_batches import MiniBatches, pack_by_tokens, padded_tokens
+from .mini_batches import MiniBatches, MiniBatching, pack_by_tokens, padded_tokens
 
 CHUNK_ROWS = 64  # rows whose decoded images the collator holds at once
+
+
+def kept_negatives(example: Example, max_negatives: int | None) -> tuple[Input, ...]:
+    """The hard negatives of a row the loss sees: its first `max_negatives` (all when None). The collator
+    and the plan's count (`run.hard_negatives`) both read this."""
+    return example.negatives if max_negatives is None else example.negatives[:max_negatives]
 
 
 def content_id(side: Input) -> int:
@@ -41,11 +47,12 @@ class EmbeddingCollator:
     ids: {"candidate": int64 [B + M] content ids of the targets then of the negatives (in the order
     the mini-batches' embeddings concatenate to), "query": int64 [B] of the queries}.
 
-    mini_batch_size: rows per GradCache mini-batch (0 = the whole batch in one).
-    mini_batch_tokens: with > 0, rows are packed in order into mini-batches of at most this many tokens
-        (`mini_batches.pack_by_tokens`: every side, padded, image tokens included, counted by the
-        processor here), and of at most mini_batch_size rows when that is > 0 too. A row over the budget
-        alone gets a mini-batch of its own and is listed in the batch's "oversized" (source, row, tokens).
+    mini_batching: the run's GradCache mini-batches (`mini_batches.MiniBatching`; None: no GradCache):
+        at most `rows` rows each (0 = the whole batch in one); with `tokens` > 0, rows are packed in order
+        into mini-batches of at most that many tokens (`mini_batches.pack_by_tokens`: every side, padded,
+        image tokens included, counted by the processor here), and of at most `rows` rows when that is
+        > 0 too. A row over the budget alone gets a mini-batch of its own and is listed in the batch's
+        "oversized" (source, row, tokens).
     teacher: the teacher embeddings (UniME stage 1), indexed by each example's `teacher` row.
     max_negatives: use at most this many hard negatives of each row.
     """
@@ -54,20 +61,20 @@ class EmbeddingCollator:
         self,
         builder: InputBuilder,
         *,
-        mini_batch_size: int = 0,
-        mini_batch_tokens: int = 0,
+        mini_batching: MiniBatching | None = None,
         teacher=None,
         max_negatives: int | None = None,
         strict: bool = False,
     ):
-        self.builder, self.mini_batch_size, self.teacher = builder, mini_batch_size, teacher
-        self.mini_batch_tokens = mini_batch_tokens
+        mini_batching = MiniBatching() if mini_batching is None else mini_batching
+        if not isinstance(mini_batching, MiniBatching):
+            raise TypeError(f"mini_batching must be a MiniBatching, got {type(mini_batching).__name__}")
+        self.builder, self.mini_batching, self.teacher = builder, mini_batching, teacher
         self.max_negatives, self.strict = max_negatives, strict
 
     def _load(self, example: Example, report: DataReport) -> tuple[tuple[Input, ...], list] | None:
         """The row's sides and their decoded images; None, reported, when an image cannot be decoded."""
-        negatives = example.negatives if self.max_negatives is None else example.negatives[: self.max_negatives]
-        sides = (example.query, example.positive, *negatives)
+        sides = (example.query, example.positive, *kept_negatives(example, self.max_negatives))
         images = []
         for side in sides:
             if side.image is None:
@@ -110,16 +117,15 @@ class EmbeddingCollator:
         for start in range(0, len(examples), CHUNK_ROWS):
             chunk = examples[start : start + CHUNK_ROWS]
             loaded = [(example, got) for example in chunk if (got := self._load(example, report)) is not None]
-            if self.mini_batch_tokens and loaded:
+            if self.mini_batching.tokens and loaded:
                 lengths += self._token_counts([got for _, got in loaded])
             kept += [example for example, _ in loaded]
             rows += [sides for _, (sides, _) in loaded]
         oversized = []
-        if self.mini_batch_tokens:
-            bounds, oversized = pack_by_tokens(lengths, self.mini_batch_tokens, self.mini_batch_size)
+        if self.mini_batching.tokens:
+            bounds, oversized = pack_by_tokens(lengths, self.mini_batching.tokens, self.mini_batching.rows)
         else:
-            step = self.mini_batch_size or max(len(rows), 1)
-            bounds = [(start, min(start + step, len(rows))) for start in range(0, len(rows), step)]
+            bounds = self.mini_batching.bounds(len(rows))
         mini_batches = MiniBatches(self.builder, rows, bounds)
         batch = {"mini_batches": mini_batches, "report": report, "rows": len(rows), "ids": self._ids(rows)}
         if oversized:

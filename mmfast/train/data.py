@@ -42,6 +42,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from mmfast.train.data_report import BadImageError, BadRowError, DataReport
+from mmfast.train.placeholder import placeholder_problem
 from mmfast.train.sampling import ContrastiveBatchSampler, Mixture, mixture
 from mmfast.train.teacher_file import TeacherEmbeddings, load_teacher, save_teacher
 
@@ -55,7 +56,6 @@ __all__ = [
     "Input",
     "Mixture",
     "TeacherEmbeddings",
-    "IMAGE_TOKEN",
     "load_image",
     "load_mmeb_train",
     "load_nli_triplets",
@@ -65,7 +65,6 @@ __all__ = [
     "subset_name",
 ]
 
-IMAGE_TOKEN = "<|image_1|>"
 MMEB_REQUIRED = ("qry", "qry_image_path", "pos_text", "pos_image_path")
 MMEB_NEGATIVES = ("neg_text", "neg_image_path")
 NLI_COLUMNS = ("sent0", "sent1", "hard_neg")
@@ -220,10 +219,9 @@ def _row_problem(example: Example) -> tuple[str, str | None] | None:
     for side, what in sides:
         if not side.text.strip() and side.image is None:
             return f"empty {what}", None
-        if side.image is None and IMAGE_TOKEN in side.text:
-            return "image token without image", None
-        if side.text.count(IMAGE_TOKEN) > 1:
-            return f"several {IMAGE_TOKEN} in one {what}", None
+        problem = placeholder_problem(side.text, side.image is not None, what)
+        if problem:
+            return problem, None
         if side.image is not None and not os.path.isfile(side.image):
             return "missing image", side.image
     return None

@@ -1,21 +1,23 @@
 """`--dry-run`: a training config checked without weights, and the plan of the run it describes.
 
-`dry_run(argv)` parses the arguments exactly as `mmfast-train` does, then checks what a run would
-otherwise find only once it started, and prints the plan:
-- the fields (the parser's own checks, the recipe, the dtype);
-- the data: every path exists (all missing ones are listed at once); every row read as training
-  reads it (`run.load_training_data`: columns, types, bad rows, a subset with no usable row), and the
-  epoch cut into batches for the planned processes (`run.build_sampler`), so each data error is the
-  one training would give; rows training would skip are a warning;
-- the settings the Trainer would reject once started (`run.check_trainer_settings`) and the
-  `--resume_from_checkpoint` (`checkpoints.resolve_resume`);
+`dry_run(argv)` resolves the arguments exactly as `mmfast-train` does (`parse_arguments`: one
+`RunConfig`, for the planned processes), then runs the run's own checks, up to where weights would
+load, and prints the plan the run would log:
+- the resolved config's checks (the parser's, the recipe, the loss overrides, the dtype, GradCache
+  under DeepSpeed);
+- the checks the run makes before it loads anything (`run.check_before_loading`: the
+  `--resume_from_checkpoint`, the settings the Trainer would reject once started);
+- the data, read through the run's own loader (`run.load_training_data`: every missing path at once,
+  the teacher a distilling recipe needs, columns, types, bad rows, a subset with no usable row), and
+  the epoch cut into batches for the planned processes (`run.build_sampler`), so each data error is
+  the one training would give; rows training would skip are a warning;
 - the model class: from the model's config.json when it is on this machine (a folder, or the local
   HF cache), else from the model id's family name; nothing is downloaded and no weights are loaded;
 - the launcher: an `accelerate launch` config file, if given (`launch_config`), and what it means for
   this run (precision, GradCache under FSDP or DeepSpeed);
-- the batches: the contrastive batch, the negatives of each query, the GradCache mini-batch
-  (`plan.BatchPlan`), for `processes` ranks (default: the accelerate config's num_processes, else
-  $WORLD_SIZE, else 1).
+- the run's sections as its start-of-run log gives them (`run.run_sections`: the loss, the adapter,
+  the contrastive batch, the negatives of each query, the GradCache mini-batch), for `processes`
+  ranks (default: the accelerate config's num_processes, else $WORLD_SIZE, else 1).
 """
 
 from __future__ import annotations
@@ -24,17 +26,21 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from .arguments import DataArguments, ModelArguments, TrainingArguments, option_value, parse_arguments, without_option
+from .arguments import ModelArguments, TrainingArguments, option_value, parse_arguments, without_option
 from .backbones import Family, auto_model_class, family_of
-from .checkpoints import resolve_resume
 from .data_report import DataReport
-from .data_spec import parse_data_spec
 from .launch_config import check_against_training, check_launch_config
-from .plan import HardNegatives, describe_adapter, describe_recipe
-from .recipes import Recipe
-from .run import DTYPES, batch_plan, build_sampler, check_trainer_settings, hard_negatives, load_training_data
+from .plan import BatchPlan, HardNegatives
+from .run import (
+    PATH_ERRORS,
+    build_sampler,
+    check_before_loading,
+    hard_negatives,
+    load_training_data,
+    run_sections,
+)
+from .run_config import RunConfig
 
 # Family names as they appear in hub ids, most specific first ("llama3-llava-next" is LLaVA-NeXT).
 NAME_PATTERNS = (
@@ -152,53 +158,24 @@ def resolve_model(model_args: ModelArguments, plan: Plan) -> Family | None:
     return family
 
 
-def _missing_paths(data_args: DataArguments) -> list[str]:
-    missing = [f"--data {p}" for p in data_args.data or [] if not Path(p).exists()]
-    if data_args.image_dir is not None and not Path(data_args.image_dir).is_dir():
-        missing.append(f"--image_dir {data_args.image_dir}")
-    if data_args.teacher is not None and not Path(data_args.teacher).is_file():
-        missing.append(f"--teacher {data_args.teacher}")
-    return missing
-
-
-def check_data(data_args: DataArguments, training_args: TrainingArguments, recipe: Recipe, family: Family | None,
-               plan: Plan, processes: int) -> HardNegatives | None:  # fmt: skip
-    """Checks every data path, reads every row as training does and cuts the epoch into batches for
-    `processes` ranks; returns the rows' hard negatives (None if unread)."""
+def check_data(run: RunConfig, family: Family | None, plan: Plan) -> HardNegatives | None:
+    """Reads the data as the run does (`run.load_training_data`: every missing path, every row) and cuts
+    the epoch into batches for the planned processes; returns the rows' hard negatives (None if unread)."""
+    recipe, data_args = run.recipe, run.data
     if not data_args.data:
         kind = {"mmeb": "MMEB-train rows", "nli": "NLI triplets", "nli_teacher": "NLI pairs + the teacher file"}
         plan.add("data", f"the embedded default data ({kind[recipe.data]}), generated on first use")
         per_row = {"mmeb": None, "nli": 1, "nli_teacher": 0}[recipe.data]  # the generated MMEB rows vary
         return None if per_row is None else HardNegatives.of([per_row])
-    missing = _missing_paths(data_args)
-    if missing:
-        plan.errors.append(f"{len(missing)} missing path(s):\n  " + "\n  ".join(missing))
-        return None
-    try:
-        sources = parse_data_spec(
-            data_args.data, image_dir=data_args.image_dir, teacher=data_args.teacher,
-            mmeb_split=data_args.mmeb_split, num_sample_per_subset=data_args.num_sample_per_subset,
-        )  # fmt: skip
-    except (ValueError, FileNotFoundError) as error:
-        plan.errors.append(str(error))
-        return None
-    missing = [f"subset {s.name}: {p}" for s in sources for p in s.paths if not p.is_file()]
-    missing += [
-        f"subset {s.name}: image_dir {s.image_dir}" for s in sources if s.image_dir and not s.image_dir.exists()
-    ]
-    missing += [f"subset {s.name}: teacher {s.teacher}" for s in sources if s.teacher and not s.teacher.is_file()]
-    if missing:
-        plan.errors.append(f"{len(missing)} missing path(s):\n  " + "\n  ".join(missing))
-        return None
     report = DataReport(strict=data_args.strict)
     try:  # what training does before it loads weights: read every row, then cut the epoch into batches
         data = load_training_data(data_args, recipe, report)
-        build_sampler(data, training_args, data_args, processes)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
+        build_sampler(data, run)
+    except PATH_ERRORS as error:
         plan.errors.append(str(error))
         return None
     mixture, lines = data.mixture, []
-    for source in sources:
+    for source in data.sources:
         read = sum(report.rows.get(str(path), 0) for path in source.paths)
         usable = mixture.sizes[mixture.names.index(source.name)]
         weight = "" if source.weight is None else f", weight {source.weight:g}"
@@ -212,7 +189,7 @@ def check_data(data_args: DataArguments, training_args: TrainingArguments, recip
     with_images = sorted({e.subset for e in examples if any(s.image for s in (e.query, e.positive, *e.negatives))})
     if family is not None and not family.multimodal and with_images:
         plan.errors.append(f"the model is text-only ({family.name}) but subset(s) {', '.join(with_images)} have images")
-    return hard_negatives(data, data_args)
+    return hard_negatives(data, data_args.max_negatives)
 
 
 def _training_text(args: TrainingArguments) -> str:
@@ -234,52 +211,36 @@ def dry_run(argv: Sequence[str] | None = None, *, processes: int | None = None, 
     """The plan of `mmfast-train argv` (see the module docstring); never loads weights or trains.
     processes (given) wins over the accelerate config's num_processes, as `accelerate launch --num_processes`."""
     plan = Plan()
+    launch = check_launch_config(accelerate_config) if accelerate_config is not None else None
+    if launch is not None and processes is None:
+        processes = launch.processes
+    if processes is None:
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        model_args, data_args, training_args, recipe = parse_arguments(argv, profile=profile)
+        run = parse_arguments(argv, profile=profile, processes=processes)
     except SystemExit as exit_:  # HfArgumentParser has printed the offending argument
         plan.errors.append(f"the arguments do not parse (the parser's message is above; exit {exit_.code})")
         return plan
     except (ValueError, TypeError, FileNotFoundError, KeyError, ImportError) as error:
-        plan.errors.append(str(error))
+        plan.errors.append(str(error))  # the resolved config's own checks: loss overrides, dtype, GradCache …
         return plan
-    launch = check_launch_config(accelerate_config) if accelerate_config is not None else None
     if launch is not None:
-        check_against_training(launch, training_args)
+        check_against_training(launch, run.training)
         plan.errors += launch.errors
         if launch.errors:
             return plan
-        plan.add("launcher", f"{accelerate_config}: {launch.text(processes)}")
+        plan.add("launcher", f"{accelerate_config}: {launch.text(run.processes)}")
         plan.warnings += launch.warnings
-        if processes is None:
-            processes = launch.processes
-    if processes is None:
-        processes = int(os.environ.get("WORLD_SIZE", "1"))
-    if not isinstance(processes, int) or processes < 1:
-        plan.errors.append(f"processes must be a positive integer, got {processes!r}")
-        return plan
-    try:
-        loss = training_args.loss_options(recipe)
-    except ValueError as error:  # the loss options' own validation of the overrides
-        plan.errors.append(str(error))
-        return plan
-    plan.add("recipe", describe_recipe(recipe, loss))
-    family = resolve_model(model_args, plan)
-    if model_args.model_dtype and model_args.model_dtype not in DTYPES:
-        plan.errors.append(f"model_dtype must be one of {', '.join(DTYPES)}, got {model_args.model_dtype!r}")
-    plan.add("adapter", describe_adapter(model_args))
-    for check in (
-        lambda: resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir),
-        lambda: check_trainer_settings(training_args),
-    ):
-        try:
-            check()
-        except (ValueError, FileNotFoundError, NotADirectoryError) as error:
-            plan.errors.append(str(error))
-    negatives = check_data(data_args, training_args, recipe, family, plan, processes)
-    batches = batch_plan(training_args, recipe, negatives, processes)
-    plan.add("batches", "\n".join(batches.lines()))
-    plan.warnings += batches.warnings()
-    plan.add("training", _training_text(training_args))
+    logged = dict(run_sections(run, None))  # what the run logs at its start, in the plan's order
+    plan.add("recipe", logged["recipe"])
+    family = resolve_model(run.model, plan)
+    plan.add("adapter", logged["adapter"])
+    _, errors = check_before_loading(run)
+    plan.errors += errors
+    negatives = check_data(run, family, plan)
+    plan.add("batches", dict(run_sections(run, negatives))["batches"])
+    plan.warnings += BatchPlan.of(run, negatives).warnings()
+    plan.add("training", _training_text(run.training))
     return plan
 
 

@@ -31,9 +31,10 @@ import mmfast
 from . import backbones
 from .data import Input, load_image
 from .model_source import check_model_source, portable_source, resolve_source
+from .placeholder import IMAGE_PLACEHOLDER, placeholder_problem
+from .video_inputs import Video
 
 CONFIG_NAME = "mmfast_encoder.json"
-IMAGE_PLACEHOLDER = "<|image_1|>"
 POOLING = ("last", "mean")
 # VLM2Vec V1's `image_resolution`: every image resized to this square (its aspect ratio not kept).
 IMAGE_RESOLUTIONS = {"high": (1344, 1344), "mid": (672, 672), "low": (128, 128)}
@@ -163,11 +164,11 @@ class EncoderConfig:
         if IMAGE_PLACEHOLDER in self.image_prompt:
             text = text.replace(IMAGE_PLACEHOLDER, "").strip()
         rendered = self.image_prompt.format(text=text)
-        count = rendered.count(IMAGE_PLACEHOLDER)
-        if count == 0:
-            rendered = f"{IMAGE_PLACEHOLDER}\n{rendered}"
-        elif count > 1:
-            raise ValueError(f"an input holds {count} image placeholders; one image per input is supported: {text!r}")
+        if IMAGE_PLACEHOLDER not in rendered:
+            return f"{IMAGE_PLACEHOLDER}\n{rendered}"
+        problem = placeholder_problem(rendered, has_image=True)
+        if problem:
+            raise ValueError(f"{text!r:.100}: {problem}; one image per input is supported")
         return rendered
 
 
@@ -181,13 +182,22 @@ class InputBuilder:
 
     def __call__(self, items: Sequence[Input], images: Sequence[Image.Image | None]) -> Mapping:
         items = [self._fitted(item) for item in items]
-        texts = [backbones.rewrite_image_tokens(self.encoder_config.render(item), self.family) for item in items]
-        flat_images = [self.encoder_config.sized(image, self.family) for image in images if image is not None]
+        rendered = [self.encoder_config.render(item) for item in items]
+        texts = [
+            backbones.rewrite_image_tokens(text, self.family, video=isinstance(image, Video))
+            for text, image in zip(rendered, images, strict=True)
+        ]
+        flat_images = [self._sized(image) for image in images if image is not None]
         padding_side = self.encoder_config.padding_side or getattr(self.processor, "padding_side", None) or "right"
         return backbones.processor_inputs(
             self.processor, self.family, texts, flat_images, padding_side=padding_side,
             max_length=self.encoder_config.max_length,
         )  # fmt: skip
+
+    def _sized(self, image: Image.Image | Video) -> Image.Image | Video:
+        if isinstance(image, Video):  # every frame as an image would be
+            return Video(tuple(self.encoder_config.sized(frame, self.family) for frame in image.frames), image.label)
+        return self.encoder_config.sized(image, self.family)
 
     def _fitted(self, item: Input) -> Input:
         """A text-only input over max_length loses tokens from the end of its text, not from the end
@@ -373,6 +383,28 @@ class Encoder(torch.nn.Module):
             raise ValueError(f"freeze_vision_tower: a {self.family.name} backbone has no vision tower")
         tower.requires_grad_(False)
 
+    def parameters_without_gradient(self, *, images: bool) -> list[str]:
+        """The trainable parameters an embedding step may give no gradient (what DDP's
+        `find_unused_parameters` is for): the output head when it is not tied to the input embeddings
+        (an embedding is the last hidden state: the logits never reach the loss), and, unless every
+        step holds an image (`images`), every parameter outside the language model (the vision tower,
+        its projector, LLaVA-NeXT's image_newline), which only an image reaches."""
+        model = backbones.unwrap_model(self.model)
+        language_model = _submodule_parameters(model, self.family.language_model_path)
+        head = model.get_output_embeddings()
+        head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+        tied = head is not None and head.weight is model.get_input_embeddings().weight
+        names = []
+        for name, parameter in model.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            if id(parameter) in head_ids:
+                if not tied:
+                    names.append(name)
+            elif id(parameter) not in language_model and not images:
+                names.append(name)
+        return names
+
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers=1, offload=False):
         """Gradient (activation) checkpointing of the backbone; the Trainer calls it for
         --gradient_checkpointing. Non-reentrant by default: it replays dropout's RNG itself and
@@ -467,23 +499,27 @@ def _check_text(i: int, text, image) -> None:
     """The errors of one encode input, quoting the text as the caller wrote it."""
     if not isinstance(text, str):
         raise TypeError(f"texts[{i}] must be a string, got {type(text).__name__}")
-    count = text.count(IMAGE_PLACEHOLDER)
-    if image is None:
-        if count:
-            raise ValueError(f"texts[{i}] {text!r:.100} holds {IMAGE_PLACEHOLDER} but images[{i}] is None")
-        if not text.strip():
-            raise ValueError(f"texts[{i}] is empty and has no image: there is nothing to embed")
-    elif count > 1:
-        raise ValueError(f"texts[{i}] {text!r:.100} holds {IMAGE_PLACEHOLDER} {count} times; one image per input")
+    problem = placeholder_problem(text, has_image=image is not None)
+    if problem:
+        raise ValueError(f"texts[{i}] {text!r:.100}: {problem} (images[{i}] is {'None' if image is None else 'given'})")
+    if image is None and not text.strip():
+        raise ValueError(f"texts[{i}] is empty and has no image: there is nothing to embed")
 
 
-def _as_image(image, index: int) -> Image.Image | None:
+def _as_image(image, index: int) -> Image.Image | Video | None:
     if image is None or isinstance(image, Image.Image):
         return None if image is None else image.convert("RGB")
     if isinstance(image, (str, os.PathLike)):
         return load_image(image)
-    raise TypeError(f"images[{index}] must be a PIL image, a path or None, got {type(image).__name__}")
+    if isinstance(image, Video):
+        return image.load()
+    raise TypeError(f"images[{index}] must be a PIL image, a path, a Video or None, got {type(image).__name__}")
 
 
 def _to_device(batch: Mapping, device: torch.device) -> Mapping:
     return type(batch)({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+
+
+def _submodule_parameters(model: torch.nn.Module, path: str) -> set[int]:
+    """The ids of the parameters under `path` in `model`."""
+    return {id(p) for p in model.get_submodule(path).parameters()}

@@ -2,7 +2,7 @@
 the held-out sets before and after training, and the outputs of a run.
 
     example = Example("llave", argv)        # the example's flags; every other argument is mmfast-train's
-    trainer = build_trainer(*example.arguments())
+    trainer = build_trainer(example.arguments())
     example.evaluate("before", trainer.model)
     fit(trainer)
     example.evaluate("after", trainer.model)
@@ -34,13 +34,15 @@ from pathlib import Path
 import torch
 
 from .arguments import option_value, parse_arguments, read_config, to_tokens
-from .cli import DRY_RUN_FLAGS, configure_logging, run_command
+from .cli import DRY_RUN_FLAGS
+from .command import configure_logging, run_command
 from .default import PROFILE
 from .default.sizes import Sizes
 from .default.synthetic import GENERATOR_VERSION, cache_home, default_data
 from .dry_run import dry_run_main
 from .evaluate.compare import format_comparison
-from .evaluate.default_sets import DEFAULT_TASKS, evaluate_default
+from .evaluate.default_sets import evaluate_default
+from .evaluate.report import TASKS
 from .run import leave_process_group
 
 logger = logging.getLogger(__name__)
@@ -48,8 +50,8 @@ LOSS_CURVE = "loss.png"
 # The held-out sets an example evaluates by default on the embedded default: those that match what it trains.
 # VLM2Vec and LLaVE train image-text pairs; E5-V trains NLI text only (the image sets then show what does not
 # transfer from scratch) and UniME's stage 1 distils text, stage 2 trains image-text pairs.
-IMAGE_TASKS = tuple(task for task in DEFAULT_TASKS if task != "nli")
-RECIPE_HELDOUT_TASKS = {"e5v": DEFAULT_TASKS, "unime-stage1": DEFAULT_TASKS}
+IMAGE_TASKS = tuple(task for task in TASKS if task != "nli")
+RECIPE_HELDOUT_TASKS = {"e5v": TASKS, "unime-stage1": TASKS}
 # The embedded default evaluates during training (unless the command line or config says how to evaluate):
 # held-out Flickr-style and Urban1K-style R@1 every 50 steps, drawn beside the loss in loss.png.
 DEFAULT_EVALUATION = {"eval_strategy": "steps", "eval_steps": 50, "eval_tasks": ["retrieval"]}
@@ -76,7 +78,7 @@ class Example:
         configure_logging()
         parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
         parser.add_argument(*DRY_RUN_FLAGS, dest="dry_run", action="store_true")
-        parser.add_argument("--heldout_tasks", nargs="+", choices=(*DEFAULT_TASKS, "all", "none"))
+        parser.add_argument("--heldout_tasks", nargs="+", choices=(*TASKS, "all", "none"))
         parser.add_argument("--heldout_size", choices=("full", "tiny"), default="full")
         parser.add_argument("--stage2_config")
         options, self.argv = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
@@ -93,7 +95,7 @@ class Example:
 
     def arguments(self, recipe: str | None = None, *, model: str | None = None, output_subdir: str | None = None,
                   config: str | None = None):  # fmt: skip
-        """parse_arguments of this example's argv with the recipe, and optionally a model (a previous
+        """The `RunConfig` (parse_arguments) of this example's argv with the recipe, and optionally a model (a previous
         stage's output), an output subfolder and another config file. A stage that starts from a
         previous stage's model on the embedded default data keeps the default's profile.
 
@@ -134,13 +136,13 @@ class Example:
 
     @property
     def output_dir(self) -> Path:
-        return Path(self._first_stage()[2].output_dir)
+        return Path(self._first_stage().training.output_dir)
 
     @property
     def trains_default(self) -> bool:
         """No model and no data given: the embedded default trains."""
-        model_args, data_args, _, _ = self._first_stage()
-        return model_args.model_name_or_path is None and not data_args.data
+        first = self._first_stage()
+        return first.model.model_name_or_path is None and not first.data.data
 
     def _first_stage(self):
         if not hasattr(self, "_parsed"):
@@ -179,7 +181,7 @@ class Example:
             return RECIPE_HELDOUT_TASKS.get(self.recipe, IMAGE_TASKS) if self.trains_default else ()
         if "none" in self._heldout_tasks:
             return ()
-        return DEFAULT_TASKS if "all" in self._heldout_tasks else tuple(self._heldout_tasks)
+        return TASKS if "all" in self._heldout_tasks else tuple(self._heldout_tasks)
 
     def evaluate(self, name: str, encoder) -> dict | None:
         """Evaluates `encoder` on the held-out sets (main process only) as results[name]."""

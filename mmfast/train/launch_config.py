@@ -17,6 +17,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .mini_batches import MiniBatching
+
 SUPPORTED = {
     "NO": "one process",
     "MULTI_CPU": "DDP on CPUs (gloo)",
@@ -166,14 +168,14 @@ def check_against_training(check: LaunchCheck, training_args) -> None:
     elif training is None and file_precision != "no":
         check.warnings.append(f"the training config sets neither bf16 nor fp16: the run uses the accelerate "
                               f"config's mixed_precision {file_precision}")  # fmt: skip
-    if not training_args.grad_cache:
+    mini_batching = MiniBatching.of(training_args)
+    if not mini_batching.grad_cache:
         return
     if check.distributed_type == "DEEPSPEED":
-        check.errors.append(
-            f"accelerate config {check.path}: DeepSpeed with {training_args.grad_cache_setting}: accelerate's "
-            "backward runs the DeepSpeed engine's optimizer step after every backward, so each GradCache "
-            "mini-batch would step it. Use the FSDP or DDP config, or gradcache_mini_batch_size 0"
-        )
+        try:
+            mini_batching.check_engine("deepspeed")
+        except ValueError as error:
+            check.errors.append(f"accelerate config {check.path}: {error}")
     elif check.distributed_type == "FSDP":
         check.notes.append(
             "GradCache under FSDP (untested here): each mini-batch all-gathers the parameters for its "

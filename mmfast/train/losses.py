@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, replace
+from dataclasses import fields
 
 import torch
 import torch.distributed as dist
@@ -12,6 +12,7 @@ import mmfast
 from mmfast import ContrastiveLossOptions, DistillationLossOptions
 
 from .grad_cache import Embeddings
+from .run_config import RunConfig
 
 
 def distributed_world_size() -> int:
@@ -19,34 +20,33 @@ def distributed_world_size() -> int:
 
 
 class Objective:
-    """Calls `mmfast.contrastive_loss` or `mmfast.distillation_loss` with a recipe's options.
+    """Calls `mmfast.contrastive_loss` or `mmfast.distillation_loss` with a run's resolved options.
 
-    backend: overrides the options' backend (the trainer's `--loss_backend`).
+    options: the loss options exactly as the loss is called with them (backend and cross_device
+        included): a run's `RunConfig.loss` (`Objective.of`), where cross_device is on only when
+        more than one process trains.
     mask_duplicates: pass the batch's content ids to the contrastive loss, which then leaves the
         copies of each positive out of its softmax (`--mask_duplicate_candidates`). Distillation
         takes none: a copy has the same teacher and student scores, so it cannot pull the student
         away from its teacher (mmfast.distillation_loss's docstring).
-    Cross-device gathering is asked for only when more than one process trains, so a single
-    process runs without the core's "no process group" warning.
     """
 
-    def __init__(self, options: ContrastiveLossOptions | DistillationLossOptions, *, backend: str | None = None,
-                 mask_duplicates: bool = True):  # fmt: skip
+    def __init__(self, options: ContrastiveLossOptions | DistillationLossOptions, *, mask_duplicates: bool = True):
         if not isinstance(options, (ContrastiveLossOptions, DistillationLossOptions)):
             raise TypeError(f"options must be ContrastiveLossOptions or DistillationLossOptions, got {options!r}")
-        if backend is not None:
-            options = replace(options, backend=backend)
         self.options = options
         self.mask_duplicates = mask_duplicates and not self.is_distillation
+        # The loss's keyword arguments, taken once: the options are frozen.
+        self._arguments = {f.name: getattr(options, f.name) for f in fields(options)}
+
+    @classmethod
+    def of(cls, run: RunConfig) -> Objective:
+        """The objective of a run: its resolved loss options, its duplicate masking."""
+        return cls(run.loss, mask_duplicates=run.mask_duplicates)
 
     @property
     def is_distillation(self) -> bool:
         return isinstance(self.options, DistillationLossOptions)
-
-    def _options(self) -> dict:
-        options = asdict(self.options)
-        options["cross_device"] = options["cross_device"] and distributed_world_size() > 1
-        return options
 
     def _ids(self, ids: Mapping[str, torch.Tensor] | None) -> dict:
         """The loss's id arguments from the collator's ids (query ids for the symmetric half only)."""
@@ -61,7 +61,7 @@ class Objective:
         if not arguments:
             return 0
         counts = mmfast.masked_candidate_counts(batch_size, arguments["candidate_ids"], arguments.get("query_ids"),
-                                                cross_device=self._options()["cross_device"])  # fmt: skip
+                                                cross_device=self.options.cross_device)  # fmt: skip
         return int(counts.sum())
 
     def __call__(self, embeddings: Embeddings, teacher: Embeddings | None = None, ids=None) -> torch.Tensor:
@@ -70,8 +70,8 @@ class Objective:
             if teacher is None:
                 raise ValueError("a distillation objective needs the teacher's embeddings of the batch")
             return mmfast.distillation_loss(
-                embeddings["query"], embeddings["target"], teacher["query"], teacher["target"], **self._options()
+                embeddings["query"], embeddings["target"], teacher["query"], teacher["target"], **self._arguments
             )
         return mmfast.contrastive_loss(
-            embeddings["query"], embeddings["target"], embeddings.get("negatives"), **self._options(), **self._ids(ids)
+            embeddings["query"], embeddings["target"], embeddings.get("negatives"), **self._arguments, **self._ids(ids)
         )

@@ -19,12 +19,62 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from .data import Input, load_image
 
 Row = tuple[Input, ...]  # (query, positive, *negatives)
+
+
+@dataclass(frozen=True)
+class MiniBatching:
+    """How a step cuts its contrastive batch into GradCache mini-batches: at most `rows` rows each
+    (`--gradcache_mini_batch_size`; 0 = no cap) and at most `tokens` padded tokens each
+    (`--gradcache_mini_batch_tokens`; 0 = no budget). Both 0: no GradCache, the whole batch in one graph.
+
+    The run resolves it once (`run_config.RunConfig`); the collator cuts the batch by it and the trainer
+    decides by it whether to run GradCache, so the two cannot disagree (the trainer checks)."""
+
+    rows: int = 0
+    tokens: int = 0
+
+    def __post_init__(self):
+        for name, value in (("gradcache_mini_batch_size", self.rows), ("gradcache_mini_batch_tokens", self.tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+
+    @classmethod
+    def of(cls, training_args) -> MiniBatching:
+        """The mini-batching `training_args` (mmfast's TrainingArguments) ask for."""
+        return cls(training_args.gradcache_mini_batch_size, training_args.gradcache_mini_batch_tokens)
+
+    @property
+    def grad_cache(self) -> bool:
+        """Whether the step runs GradCache (mini-batches by rows, by tokens, or both)."""
+        return self.rows > 0 or self.tokens > 0
+
+    @property
+    def setting(self) -> str:
+        """The options that are set, as a user writes them (for messages)."""
+        named = (("gradcache_mini_batch_size", self.rows), ("gradcache_mini_batch_tokens", self.tokens))
+        return " and ".join(f"{name} {value}" for name, value in named if value) or "off"
+
+    def check_engine(self, engine: str | None) -> None:
+        """GradCache cannot run under DeepSpeed (`engine` "deepspeed"): accelerate's backward runs the
+        engine's optimizer step after every backward, so each mini-batch's backward would step it."""
+        if self.grad_cache and engine == "deepspeed":
+            raise ValueError(
+                f"DeepSpeed with {self.setting}: GradCache is not supported under DeepSpeed, as accelerate's "
+                "backward runs the engine's optimizer step after every backward, so each GradCache mini-batch "
+                "would step it. Use FSDP or DDP, or gradcache_mini_batch_size 0 and gradcache_mini_batch_tokens 0"
+            )
+
+    def bounds(self, rows: int) -> list[tuple[int, int]]:
+        """(start, stop) of each mini-batch of `rows` rows cut by rows alone (no token budget)."""
+        step = self.rows or max(rows, 1)
+        return [(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
 class MiniBatches(Sequence):

@@ -18,11 +18,13 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
-from mmfast import ContrastiveLossOptions, DistillationLossOptions
+from mmfast import DistillationLossOptions
 
+from .mini_batches import MiniBatching
 from .recipes import Recipe
+from .run_config import LossOptions, RunConfig
 
 SMALL_CONTRASTIVE_BATCH = 8
 
@@ -65,8 +67,17 @@ def _count(numbers: tuple[int, float, int], noun: str) -> str:
     return f"{fewest} {noun}" if fewest == most else f"{mean:.1f} {noun} on average ({fewest} to {most} by batch)"
 
 
-def describe_loss(loss: ContrastiveLossOptions | DistillationLossOptions) -> str:
-    """What the run's loss does (its resolved options: the user's overrides over the recipe's)."""
+# Options every loss has that say how, not what, it computes (the backend, the reduction, gathering:
+# the batch lines say what gathering does).
+_HOW = ("reduction", "backend", "cross_device")
+_DESCRIBED = ("temperature", "hardness", "false_negative_margin", "topk", "symmetric",
+              "student_temperature", "teacher_temperature")  # fmt: skip
+
+
+def describe_loss(loss: LossOptions) -> str:
+    """What the run's loss does (its resolved options: the user's overrides over the recipe's). An
+    option without a phrase of its own here is still named, with its value, when it is set away from
+    the options' default: a new loss option shows in the plan and the log without a change here."""
     if isinstance(loss, DistillationLossOptions):
         text = (
             f"KL(teacher ‖ student) of in-batch similarity distributions, student τ {loss.student_temperature:g}, "
@@ -81,6 +92,11 @@ def describe_loss(loss: ContrastiveLossOptions | DistillationLossOptions) -> str
         if loss.topk:
             text += f", top-{loss.topk} negatives"
         text += ", symmetric" if loss.symmetric else ", query → target only"
+    defaults = type(loss)()
+    for option in fields(loss):
+        value = getattr(loss, option.name)
+        if option.name not in _HOW + _DESCRIBED and value != getattr(defaults, option.name):
+            text += f", {option.name} {value}"
     return text
 
 
@@ -105,13 +121,20 @@ class BatchPlan:
     (`per_device_train_batch_size`); processes: data-parallel ranks; hard: the rows' hard negatives
     (None: not known until the data is read)."""
 
-    loss: ContrastiveLossOptions | DistillationLossOptions
+    loss: LossOptions
     per_device: int
     processes: int
     hard: HardNegatives | None
-    mini_batch: int
+    mini_batching: MiniBatching = MiniBatching()
     gradient_accumulation: int = 1
-    mini_batch_tokens: int = 0
+
+    @classmethod
+    def of(cls, run: RunConfig, hard: HardNegatives | None) -> BatchPlan:
+        """The contrastive batch of a run, from its resolved config."""
+        return cls(
+            loss=run.loss, per_device=run.training.per_device_train_batch_size, processes=run.processes, hard=hard,
+            mini_batching=run.mini_batching, gradient_accumulation=run.training.gradient_accumulation_steps,
+        )  # fmt: skip
 
     @property
     def is_distillation(self) -> bool:
@@ -170,13 +193,14 @@ class BatchPlan:
                 lines.append(
                     f"  symmetric: each target is also contrasted with the other {self.contrastive - 1} queries"
                 )
-        if self.mini_batch_tokens:
-            rows = f" and {self.mini_batch} rows" if self.mini_batch else ""
-            lines.append(f"GradCache mini-batches: at most {self.mini_batch_tokens} tokens{rows} each (every side of "
-                         "their rows, padded, image tokens included)")  # fmt: skip
-        elif self.mini_batch:
-            count = math.ceil(self.per_device / self.mini_batch)
-            lines.append(f"GradCache mini-batch: {self.mini_batch} ({count} mini-batch(es) per device per step)")
+        rows, tokens = self.mini_batching.rows, self.mini_batching.tokens
+        if tokens:
+            cap = f" and {rows} rows" if rows else ""
+            lines.append(f"GradCache mini-batches: at most {tokens} tokens{cap} each (every side of their rows, "
+                         "padded, image tokens included)")  # fmt: skip
+        elif rows:
+            count = math.ceil(self.per_device / rows)
+            lines.append(f"GradCache mini-batch: {rows} ({count} mini-batch(es) per device per step)")
         else:
             lines.append("GradCache mini-batch: off (the whole batch in one graph)")
         return lines
@@ -195,14 +219,15 @@ class BatchPlan:
                 f"the contrastive batch is {self.contrastive} rows: with so few in-batch negatives the loss can "
                 "collapse towards 0. Use a larger per_device_train_batch_size (with GradCache if memory is short)."
             )
-        if self.mini_batch >= self.per_device > 0:
+        if self.mini_batching.rows >= self.per_device > 0:
             out.append(
-                f"gradcache_mini_batch_size={self.mini_batch} is not below the per-device batch ({self.per_device}): "
-                "one mini-batch per step, so GradCache only adds a second forward; use a smaller one, or 0"
+                f"gradcache_mini_batch_size={self.mini_batching.rows} is not below the per-device batch "
+                f"({self.per_device}): one mini-batch per step, so GradCache only adds a second forward; use a "
+                "smaller one, or 0"
             )
         return out
 
 
-def describe_recipe(recipe: Recipe, loss: ContrastiveLossOptions | DistillationLossOptions) -> str:
+def describe_recipe(recipe: Recipe, loss: LossOptions) -> str:
     """The plan's recipe line: the recipe's name and what this run's loss does."""
     return f"{recipe.name} ({recipe.summary}'s defaults): {describe_loss(loss)}"

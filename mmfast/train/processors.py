@@ -31,8 +31,11 @@ from transformers import (
     Qwen2VLProcessor,
 )
 
-# MMEB's image placeholder (and Phi-3.5-V's own image token).
-MMEB_IMAGE_PLACEHOLDER = "<|image_1|>"
+from .placeholder import IMAGE_PLACEHOLDER  # MMEB's image placeholder, and Phi-3.5-V's own image token
+from .video_inputs import Video, with_video_processor
+
+# The token Qwen-VL repeats once per merged video patch.
+VIDEO_FILL_TOKEN = "<|video_pad|>"
 
 
 class Qwen2VLNoVideoProcessor(Qwen2VLProcessor):
@@ -132,9 +135,10 @@ def processor_inputs(
 ) -> BatchFeature:
     """Tokenize a batch of prompts with their images, padded on `padding_side`.
 
-    `texts` already carry the family's image token (see `rewrite_image_tokens`); `images` is flat, one
-    per text that holds the image token, in order; text-only rows take none. See the module docstring for
-    the truncation rule.
+    `texts` already carry the family's image or video token (see `rewrite_image_tokens`); `images` is
+    flat, one per text that holds either token, in order: a PIL image, or a `Video` of PIL frames for a
+    text with the video token; text-only rows take none. See the module docstring for the truncation
+    rule.
     """
     texts = list(texts)
     images = list(images) if images is not None else []
@@ -145,6 +149,8 @@ def processor_inputs(
     if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
         raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
     _check_images_match_texts(family, texts, images)
+    videos = [list(item.frames) for item in images if isinstance(item, Video)]
+    images = [item for item in images if not isinstance(item, Video)]
 
     tokenizer = tokenizer_of(processor)
     if tokenizer.pad_token_id is None:
@@ -152,10 +158,16 @@ def processor_inputs(
     if family.name == "phi3_v":
         batch = _phi3_v_inputs(processor, texts, images)
     elif family.multimodal:
-        batch = processor(text=texts, images=images or None, padding=True, padding_side="right", return_tensors="pt")
+        if videos:
+            processor = with_video_processor(processor)
+        batch = processor(
+            text=texts, images=images or None, videos=videos or None, padding=True, padding_side="right",
+            return_tensors="pt",
+        )  # fmt: skip
     else:
         batch = tokenizer(texts, padding=True, padding_side="right", return_tensors="pt")
-    span_ids = [tokenizer.convert_tokens_to_ids(token) for token in family.image_span_tokens]
+    span_tokens = dict.fromkeys(family.image_span_tokens + family.video_span_tokens)
+    span_ids = [tokenizer.convert_tokens_to_ids(token) for token in span_tokens]
     return _repad(batch, span_ids, tokenizer.pad_token_id, padding_side, max_length)
 
 
@@ -163,8 +175,8 @@ def _check_images_match_texts(family, texts: list[str], images: list) -> None:
     for index, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"texts[{index}] is {type(text).__name__}, expected str")
-        if family.image_token != MMEB_IMAGE_PLACEHOLDER and MMEB_IMAGE_PLACEHOLDER in text:
-            raise ValueError(f"texts[{index}] still holds {MMEB_IMAGE_PLACEHOLDER}; apply rewrite_image_tokens first")
+        if family.image_token != IMAGE_PLACEHOLDER and IMAGE_PLACEHOLDER in text:
+            raise ValueError(f"texts[{index}] still holds {IMAGE_PLACEHOLDER}; apply rewrite_image_tokens first")
     if not family.multimodal:
         if images:
             raise ValueError(f"family {family.name!r} is text-only, but {len(images)} images were given")
@@ -172,12 +184,26 @@ def _check_images_match_texts(family, texts: list[str], images: list) -> None:
     for index, text in enumerate(texts):
         if text.count(family.image_token) > 1:
             raise ValueError(f"texts[{index}] holds {family.image_token!r} more than once; one image per text")
-    with_image = sum(family.image_token in text for text in texts)
-    if with_image != len(images):
+        if family.video_token is not None and text.count(family.video_token) > 1:
+            raise ValueError(f"texts[{index}] holds {family.video_token!r} more than once; one video per text")
+    with_image = [family.image_token in text for text in texts]
+    with_video = [family.video_token is not None and family.video_token in text for text in texts]
+    if sum(with_image) + sum(with_video) != len(images):
+        if not any(with_video) and not any(isinstance(item, Video) for item in images):
+            raise ValueError(
+                f"{sum(with_image)} texts hold the image token {family.image_token!r} but {len(images)} images were "
+                "given; pass exactly one image per such text, in order"
+            )
         raise ValueError(
-            f"{with_image} texts hold the image token {family.image_token!r} but {len(images)} images were "
-            "given; pass exactly one image per such text, in order"
+            f"{sum(with_image)} texts hold the image token {family.image_token!r} and {sum(with_video)} the video "
+            f"token, but {len(images)} images and videos were given; pass exactly one per such text, in order"
         )
+    visual_rows = [row for row in range(len(texts)) if with_image[row] or with_video[row]]
+    for row, item in zip(visual_rows, images, strict=True):
+        if with_video[row] != isinstance(item, Video):
+            wanted = "a Video" if with_video[row] else "an image"
+            raise ValueError(f"texts[{row}] holds the {'video' if with_video[row] else 'image'} token, so it "
+                             f"takes {wanted}, got {type(item).__name__}")  # fmt: skip
 
 
 def _repad(batch: BatchFeature, span_ids: list[int], pad_id: int, padding_side: str, max_length) -> BatchFeature:
@@ -221,7 +247,7 @@ def _phi3_v_inputs(processor, texts: list[str], images: list) -> BatchFeature:
     tokenizer = tokenizer_of(processor)
     rows, pixel_values, image_sizes, image_iter = [], [], [], iter(images)
     for text in texts:
-        has_image = MMEB_IMAGE_PLACEHOLDER in text
+        has_image = IMAGE_PLACEHOLDER in text
         row = processor(text=text, images=[next(image_iter)] if has_image else None, return_tensors="pt")
         rows.append(row["input_ids"][0])
         if has_image:

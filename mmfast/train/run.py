@@ -6,29 +6,33 @@ import atexit
 import logging
 import os
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from . import checkpoints, default
-from .arguments import DataArguments, ModelArguments, TrainingArguments
-from .collator import EmbeddingCollator
+from .arguments import DataArguments, TrainingArguments
+from .collator import EmbeddingCollator, kept_negatives
 from .data import ContrastiveBatchSampler, DataReport
-from .data_spec import TrainData, load_data
+from .data_spec import DataSource, TrainData, load_data, parse_data_spec
 from .encoder import Encoder
 from .evaluate.during_training import HeldOutEvaluation
 from .evaluate.report import TASKS
-from .losses import Objective, distributed_world_size
+from .losses import Objective
 from .model_source import check_model_source
 from .plan import BatchPlan, HardNegatives, describe_adapter, describe_recipe
 from .recipes import Recipe
+from .run_config import RunConfig
 from .trainer import EmbeddingTrainer
 
 logger = logging.getLogger(__name__)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PATH_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)  # what a check of the user's input raises
 
 
-def build_encoder(model_args: ModelArguments, recipe: Recipe) -> Encoder:
+def build_encoder(run: RunConfig) -> Encoder:
     """The backbone with the recipe's prompts, its adapter and frozen parts, ready to train."""
+    model_args, recipe = run.model, run.recipe
     path = model_args.model_name_or_path or str(default.default_backbone())
     options = {
         "text_prompt": model_args.text_prompt or recipe.text_prompt,
@@ -42,10 +46,8 @@ def build_encoder(model_args: ModelArguments, recipe: Recipe) -> Encoder:
             options[name] = getattr(model_args, name)
     if model_args.attn_implementation:
         options["attn_implementation"] = model_args.attn_implementation
-    if model_args.model_dtype:
-        if model_args.model_dtype not in DTYPES:
-            raise ValueError(f"model_dtype must be one of {', '.join(DTYPES)}, got {model_args.model_dtype!r}")
-        options["dtype"] = DTYPES[model_args.model_dtype]
+    if run.dtype is not None:
+        options["dtype"] = run.dtype
     encoder = Encoder.from_pretrained(path, **options)
     if encoder.is_adapter:
         # Training on from an adapter checkpoint (UniME stage 2 after stage 1): fold it in first.
@@ -63,45 +65,65 @@ def build_encoder(model_args: ModelArguments, recipe: Recipe) -> Encoder:
     return encoder
 
 
-def batch_plan(training_args: TrainingArguments, recipe: Recipe, hard: HardNegatives | None,
-               processes: int | None = None) -> BatchPlan:  # fmt: skip
-    """The run's contrastive batch (`plan.BatchPlan`) under its resolved loss options; processes: the
-    live world size by default."""
-    return BatchPlan(
-        loss=training_args.loss_options(recipe), per_device=training_args.per_device_train_batch_size,
-        processes=distributed_world_size() if processes is None else processes, hard=hard,
-        mini_batch=training_args.gradcache_mini_batch_size, mini_batch_tokens=training_args.gradcache_mini_batch_tokens,
-        gradient_accumulation=training_args.gradient_accumulation_steps,
-    )  # fmt: skip
+def hard_negatives(data: TrainData, max_negatives: int | None) -> HardNegatives:
+    """The hard negatives each row gives the loss: per row, as the collator keeps them (`kept_negatives`)."""
+    examples = data.mixture
+    return HardNegatives.of(len(kept_negatives(examples[i], max_negatives)) for i in range(len(examples)))
 
 
-def hard_negatives(data: TrainData, data_args: DataArguments) -> HardNegatives:
-    """The hard negatives each row gives the loss (at most `--max_negatives`)."""
-    examples, cap = data.mixture, data_args.max_negatives
-    return HardNegatives.of(
-        len(examples[i].negatives) if cap is None else min(cap, len(examples[i].negatives))
-        for i in range(len(examples))
-    )
+def imageless(example, max_negatives: int | None) -> bool:
+    """Whether a row has no image on any side the loss sees: a mini-batch of such rows never reaches the
+    vision tower."""
+    sides = (example.query, example.positive, *kept_negatives(example, max_negatives))
+    return all(side.image is None for side in sides)
 
 
-def describe_run(model_args: ModelArguments, training_args: TrainingArguments, recipe: Recipe,
-                 hard: HardNegatives) -> str:  # fmt: skip
-    """The run in plain numbers, logged at start: its loss, its adapter, its contrastive batch."""
-    batches = batch_plan(training_args, recipe, hard)
-    lines = [f"recipe {describe_recipe(recipe, batches.loss)}", f"adapter {describe_adapter(model_args)}"]
-    return "\n".join(lines + batches.lines())
+def run_sections(run: RunConfig, hard: HardNegatives | None) -> list[tuple[str, str]]:
+    """The run in plain numbers, from its resolved config: its loss ("recipe"), its trained parameters
+    ("adapter") and its contrastive batch ("batches"). The start-of-run log and the dry run print these."""
+    return [
+        ("recipe", describe_recipe(run.recipe, run.loss)),
+        ("adapter", describe_adapter(run.model)),
+        ("batches", "\n".join(BatchPlan.of(run, hard).lines())),
+    ]
 
 
-def check_batch_semantics(training_args: TrainingArguments, recipe: Recipe) -> None:
-    """Warns where a setting does not do what users often expect of it."""
-    for warning in batch_plan(training_args, recipe, None).warnings():
-        logger.warning("%s", warning)
+def describe_run(run: RunConfig, hard: HardNegatives | None) -> str:
+    """The start-of-run log: `run_sections`, the batch lines unlabelled."""
+    (_, recipe), (_, adapter), (_, batches) = run_sections(run, hard)
+    return f"recipe {recipe}\nadapter {adapter}\n{batches}"
+
+
+def missing_data_paths(data_args: DataArguments, sources: Sequence[DataSource] = ()) -> None:
+    """Every path the data arguments (and the subsets of a spec) name that is not there, in one error of
+    one line: "--data: X does not exist", or "N missing paths: …; …" naming each."""
+    missing = [f"--data: {p}" for p in data_args.data or [] if not Path(p).exists()]
+    if data_args.image_dir is not None and not Path(data_args.image_dir).is_dir():
+        missing.append(f"--image_dir: {data_args.image_dir}")
+    if data_args.teacher is not None and not Path(data_args.teacher).is_file():
+        missing.append(f"--teacher: {data_args.teacher}")
+    for s in sources:
+        missing += [f"subset {s.name}: {p}" for p in s.paths if not p.is_file()]
+        missing += [f"subset {s.name}: image_dir {s.image_dir}"] if s.image_dir and not s.image_dir.exists() else []
+        missing += [f"subset {s.name}: teacher {s.teacher}"] if s.teacher and not s.teacher.is_file() else []
+    if len(missing) == 1:
+        raise FileNotFoundError(f"{missing[0]} does not exist")
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} missing paths: " + "; ".join(f"{m} does not exist" for m in missing))
 
 
 def load_training_data(data_args: DataArguments, recipe: Recipe, report: DataReport) -> TrainData:
-    """`--data` (or the embedded default data of the recipe's kind) as one dataset with its mixture."""
+    """`--data` (or the embedded default data of the recipe's kind) as one dataset with its mixture: the
+    run and its dry run read the data through this one function (every missing path in one error, the
+    teacher a distilling recipe needs, every row as training reads it)."""
     if data_args.data:
-        data = data_args.data
+        missing_data_paths(data_args)
+        sources = parse_data_spec(
+            data_args.data, image_dir=data_args.image_dir, teacher=data_args.teacher,
+            mmeb_split=data_args.mmeb_split, num_sample_per_subset=data_args.num_sample_per_subset,
+        )  # fmt: skip
+        missing_data_paths(data_args, sources)
+        data = sources
     else:
         defaults = default.default_data()
         if recipe.data == "mmeb":
@@ -164,51 +186,64 @@ def check_trainer_settings(training_args: TrainingArguments) -> None:
         )
 
 
-def build_sampler(
-    data: TrainData, training_args: TrainingArguments, data_args: DataArguments, processes: int | None = None
-) -> ContrastiveBatchSampler:
-    """The run's batches (an error when an epoch would hold none); processes: the live world size by default."""
+def build_sampler(data: TrainData, run: RunConfig) -> ContrastiveBatchSampler:
+    """The run's batches for its processes (an error when an epoch would hold none)."""
+    training = run.training
     return ContrastiveBatchSampler(
-        data.mixture, batch_size=training_args.per_device_train_batch_size, homogeneous=data_args.homogeneous_batches,
-        seed=training_args.data_seed if training_args.data_seed is not None else training_args.seed,
-        drop_last=training_args.dataloader_drop_last,
-        num_replicas=distributed_world_size() if processes is None else processes,
+        data.mixture, batch_size=training.per_device_train_batch_size, homogeneous=run.data.homogeneous_batches,
+        seed=training.data_seed if training.data_seed is not None else training.seed,
+        drop_last=training.dataloader_drop_last, num_replicas=run.processes,
     )  # fmt: skip
 
 
-def build_trainer(
-    model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments, recipe: Recipe
-) -> EmbeddingTrainer:
-    if training_args.cpu_threads is not None:
-        torch.set_num_threads(training_args.cpu_threads)
-    # Before anything loads: "True"/"latest" becomes the newest complete checkpoint, a named one is checked.
-    training_args.resume_from_checkpoint = checkpoints.resolve_resume(
-        training_args.resume_from_checkpoint, training_args.output_dir
-    )
-    check_trainer_settings(training_args)
-    if model_args.model_name_or_path:
-        check_model_source(model_args.model_name_or_path, "--model_name_or_path")
-    report = DataReport(strict=data_args.strict)
-    data = load_training_data(data_args, recipe, report)
-    sampler = build_sampler(data, training_args, data_args)
-    encoder = build_encoder(model_args, recipe)
-    collator = EmbeddingCollator(
-        encoder.builder, mini_batch_size=training_args.gradcache_mini_batch_size,
-        mini_batch_tokens=training_args.gradcache_mini_batch_tokens, teacher=data.dataset.teacher,
-        max_negatives=data_args.max_negatives, strict=data_args.strict,
-    )  # fmt: skip
-    backend = None if training_args.loss_backend == "auto" else training_args.loss_backend
-    if training_args.process_index == 0:  # every rank holds the same plan and data: say it once
-        logger.warning("%s", describe_run(model_args, training_args, recipe, hard_negatives(data, data_args)))
-        check_batch_semantics(training_args, recipe)
+def check_before_loading(run: RunConfig) -> tuple[str | None, list[str]]:
+    """The checks a run makes before it loads anything, and its dry run too: the checkpoint to resume
+    from (`--resume_from_checkpoint` True/"latest": the newest complete one), and each failing check's
+    message (the run stops on them, the dry run lists them)."""
+    training, resume, errors = run.training, None, []
+    try:
+        resume = checkpoints.resolve_resume(training.resume_from_checkpoint, training.output_dir)
+    except PATH_ERRORS as error:
+        errors.append(str(error))
+    try:
+        check_trainer_settings(training)
+    except PATH_ERRORS as error:
+        errors.append(str(error))
+    return resume, errors
+
+
+def build_trainer(run: RunConfig) -> EmbeddingTrainer:
+    """The run's Trainer: its data, encoder, collator and objective, all from the resolved config."""
+    training = run.training
+    if training.cpu_threads is not None:
+        torch.set_num_threads(training.cpu_threads)
+    training.resume_from_checkpoint, errors = check_before_loading(run)
+    if errors:
+        raise ValueError("\n".join(errors))
+    if run.model.model_name_or_path:
+        check_model_source(run.model.model_name_or_path, "--model_name_or_path")
+    report = DataReport(strict=run.data.strict)
+    data = load_training_data(run.data, run.recipe, report)
+    sampler = build_sampler(data, run)
+    encoder = build_encoder(run)
+    if training.ddp_find_unused_parameters is None and run.processes > 1:
+        # For a model that is not a PreTrainedModel, HF's Trainer asks DDP to search every step's graph for
+        # unused parameters, and DDP warns when there are none: search only when a step can leave some.
+        rows = data.mixture
+        images = not any(imageless(rows[i], run.data.max_negatives) for i in range(len(rows)))
+        training.ddp_find_unused_parameters = bool(encoder.parameters_without_gradient(images=images))
+    collator = EmbeddingCollator(encoder.builder, mini_batching=run.mini_batching, teacher=data.dataset.teacher,
+                                 max_negatives=run.data.max_negatives, strict=run.data.strict)  # fmt: skip
+    if training.process_index == 0:  # every rank holds the same plan and data: say it once
+        logger.warning("%s", describe_run(run, hard_negatives(data, run.data.max_negatives)))
+        for warning in BatchPlan.of(run, None).warnings():
+            logger.warning("%s", warning)
         if report.total:
             logger.warning("%s", report.summary())
     return EmbeddingTrainer(
-        model=encoder, args=training_args, train_dataset=data.dataset, data_collator=collator,
-        eval_dataset=held_out_evaluation(training_args),
-        objective=Objective(training_args.loss_options(recipe), backend=backend,
-                            mask_duplicates=training_args.mask_duplicate_candidates),
-        batch_sampler=sampler, data_report=report,
+        model=encoder, args=training, train_dataset=data.dataset, data_collator=collator,
+        eval_dataset=held_out_evaluation(training), objective=Objective.of(run), batch_sampler=sampler,
+        data_report=report,
     )  # fmt: skip
 
 

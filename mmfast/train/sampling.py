@@ -72,14 +72,6 @@ class Mixture(Generic[T]):
     def __getitem__(self, index: int) -> T:
         return self.items[index]
 
-    @property
-    def offsets(self) -> tuple[int, ...]:
-        """Index of each subset's first item."""
-        return tuple(int(x) for x in np.cumsum((0,) + self.sizes[:-1]))
-
-    def subset_of(self, index: int) -> str:
-        return self.names[int(np.searchsorted(np.cumsum(self.sizes), index, side="right"))]
-
 
 def mixture(subsets: Mapping[str, Sequence[T]], weights: Mapping[str, float] | None = None) -> Mixture[T]:
     """Concatenates subsets {name: items}. `weights` {name: w >= 0} gives each subset's sampling

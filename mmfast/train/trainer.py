@@ -36,6 +36,7 @@ from .evaluate.during_training import HeldOutEvaluation, RankShards, evaluation_
 from .evaluate.report import write_results
 from .grad_cache import full_batch_step, grad_cache_step
 from .losses import Objective, distributed_world_size
+from .mini_batches import MiniBatching
 
 logger = logging.getLogger(__name__)
 TRAINING_ARGS_NAME = "training_args.bin"
@@ -59,14 +60,16 @@ class EmbeddingTrainer(transformers.Trainer):
 
     def __init__(self, *args, objective: Objective, batch_sampler: ContrastiveBatchSampler, data_report=None, **kw):
         super().__init__(*args, **kw)
-        if self.is_deepspeed_enabled and self.args.grad_cache:
-            # accelerate's backward runs the engine's optimizer step after every backward at a step's end:
-            # GradCache's one backward per mini-batch would step it once per mini-batch.
+        # The collator cuts each batch into the mini-batches the step encodes: both must read the run's one
+        # setting (`MiniBatching`), or GradCache would run over mini-batches the arguments did not ask for.
+        asked, collated = MiniBatching.of(self.args), getattr(self.data_collator, "mini_batching", None)
+        if collated != asked:
             raise ValueError(
-                f"GradCache ({self.args.grad_cache_setting}) is not supported under DeepSpeed (each GradCache "
-                "mini-batch's backward would step the optimizer); use FSDP or DDP, or gradcache_mini_batch_size 0 "
-                "and gradcache_mini_batch_tokens 0"
+                f"the data collator's GradCache mini-batches ({getattr(collated, 'setting', collated)}) are not "
+                f"the arguments' ({asked.setting}): build both from one RunConfig"
             )
+        self.mini_batching = collated  # the step reads the very object the collator cuts by
+        self.mini_batching.check_engine("deepspeed" if self.is_deepspeed_enabled else None)
         self.objective, self.batch_sampler = objective, batch_sampler
         self.data_report = data_report if data_report is not None else DataReport()
         self._window = {"time": time.perf_counter(), "rows": 0, "batches": 0, "masked": 0}
@@ -116,7 +119,7 @@ class EmbeddingTrainer(transformers.Trainer):
         for source, row, tokens in inputs.get("oversized", ()):
             logger.warning(
                 "%s, row %d: %d tokens, more than gradcache_mini_batch_tokens %d: encoded in a GradCache "
-                "mini-batch of its own", source, row, tokens, self.args.gradcache_mini_batch_tokens,
+                "mini-batch of its own", source, row, tokens, self.mini_batching.tokens,
             )  # fmt: skip
         inputs = self._prepare_inputs(inputs)
         # Each mini-batch is built, and moved to the device, when it is encoded (mini_batches.py); a batch
@@ -140,7 +143,7 @@ class EmbeddingTrainer(transformers.Trainer):
             self.accelerator.backward(surrogate * scale, **options)
 
         with self.compute_loss_context_manager():
-            if self.args.grad_cache:
+            if self.mini_batching.grad_cache:
                 no_sync = functools.partial(self.defer_gradient_sync, model)
                 loss, _ = grad_cache_step(model, mini_batches, loss_fn, backward=backward, no_sync=no_sync)
             else:

@@ -39,7 +39,7 @@ def trainer_for(case: str, out_dir: str, rows: int, mini_batch: int):
     argv = ["--recipe", recipe, "--output_dir", out_dir, "--per_device_train_batch_size", str(rows),
             "--gradcache_mini_batch_size", str(mini_batch), "--max_steps", "1", "--report_to", "none",
             *extra]  # fmt: skip
-    return build_trainer(*parse_arguments(argv, profile=PROFILE))
+    return build_trainer(parse_arguments(argv, profile=PROFILE))
 
 
 def counting_hook(counter):

@@ -1,20 +1,25 @@
 """The recipe's loss options under command-line overrides (no model is built)."""
 
+from dataclasses import replace
+
 import pytest
 
 from mmfast import ContrastiveLossOptions
 from mmfast.train.arguments import parse_arguments
+from mmfast.train.recipes import get_recipe
 
 
 def _loss(tmp_path, *argv):
-    _, _, training_args, recipe = parse_arguments(["--output_dir", str(tmp_path), *argv])
-    return training_args.loss_options(recipe)
+    # 2 processes: the recipes gather across devices, which a single process resolves off
+    return parse_arguments(["--output_dir", str(tmp_path), *argv], processes=2).loss
 
 
 def test_no_override_keeps_the_recipe_loss(tmp_path):
     for recipe in ("llave", "vlm2vec", "unime-stage2", "e5v", "unime-stage1"):
-        _, _, training_args, chosen = parse_arguments(["--output_dir", str(tmp_path), "--recipe", recipe])
-        assert training_args.loss_options(chosen) == chosen.loss
+        run = parse_arguments(["--output_dir", str(tmp_path), "--recipe", recipe], processes=2)
+        assert run.loss == run.recipe.loss and run.recipe is get_recipe(recipe)
+        single = parse_arguments(["--output_dir", str(tmp_path), "--recipe", recipe], processes=1)
+        assert single.loss == replace(run.recipe.loss, cross_device=False)
 
 
 def test_each_override_replaces_one_field(tmp_path):
@@ -63,3 +68,8 @@ def test_help_lists_every_option_with_the_defaults_the_run_uses(capsys, monkeypa
     text = _help(capsys, monkeypatch, "--recipe", "vlm2vec", "--data", "x.jsonl", "--learning_rate", "3e-5")
     assert _default(text, "learning_rate") == "3e-05" and _default(text, "recipe") == "vlm2vec"
     assert _default(text, "per_device_train_batch_size") == "128"
+    # The loss options show the recipe's values (not None), under the command line's overrides.
+    assert _default(text, "temperature") == "0.02" and _default(text, "symmetric") == "False"
+    text = _help(capsys, monkeypatch, "--recipe", "unime-stage2", "--temperature", "0.05")
+    assert _default(text, "temperature") == "0.05" and _default(text, "topk") == "8"
+    assert _default(text, "false_negative_margin") == "0.1"

@@ -148,7 +148,7 @@ BAD_ROWS = [
     (mmeb_row(pos="", pos_image=""), "empty positive", None),
     (mmeb_row(qry_image="gone.jpg"), "missing image", "gone.jpg"),
     (mmeb_row(pos="x", neg_text="<|image_1|>", neg_image_path="gone.jpg"), "missing image", "gone.jpg"),
-    (mmeb_row(qry="<|image_1|> what", qry_image=""), "image token without image", None),
+    (mmeb_row(qry="<|image_1|> what", qry_image=""), "<|image_1|> without an image", None),
     (mmeb_row(neg_text=["a", "b"], neg_image_path=["a.jpg", "b.jpg", "a.jpg"]), "ragged negatives", None),
     (mmeb_row(qry="<|image_1|> and <|image_1|>"), "several <|image_1|> in one query", None),
     (mmeb_row(pos="<|image_1|><|image_1|> a cat", pos_image="b.jpg"), "several <|image_1|> in one positive", None),
@@ -336,7 +336,7 @@ def test_data_spec_list_folder_and_file(tmp_path, image_dir):
     assert data.mixture.names == ("A", "B", "nli") and data.mixture.sizes == (1, 3, 1)
     assert data.mixture.weights is None and data.report.counts == {"missing image": 1}
     assert data.dataset.teacher is None and len(data.dataset) == 5
-    assert [data.mixture.subset_of(i) for i in range(5)] == ["A"] + ["B"] * 3 + ["nli"]
+    assert [data.mixture[i].subset for i in range(5)] == ["A"] + ["B"] * 3 + ["nli"]
 
 
 def test_data_spec_yaml_weights_and_errors(tmp_path, image_dir):

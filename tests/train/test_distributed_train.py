@@ -27,6 +27,9 @@ def test_torchrun_trains_the_default(tmp_path):
     # Data-parallel for real: both ranks in one process group, negatives gathered across them.
     assert "contrastive batch: 16 (8 per device × 2 process(es), gathered across devices)" in done.stderr
     assert done.stderr.count("contrastive batch: ") == 1 and done.stderr.count("adapter full fine-tune") == 1  # rank 0
+    # The default freezes its vision tower and ties its head: DDP is not asked to search for unused parameters
+    # (HF's default for a model that is not a PreTrainedModel), so it has nothing to warn about.
+    assert "find_unused_parameters" not in done.stderr
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2]
     assert (out / "mmfast_encoder.json").is_file()

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from mmfast.train.cli import eval_main
 from mmfast.train.encoder import Encoder
+from mmfast.train.evaluate.cli import eval_main
 
 pytestmark = pytest.mark.slow
 

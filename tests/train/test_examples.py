@@ -143,7 +143,8 @@ def test_published_config_dry_run(name, local_data, capsys):
     # Without the data on this machine, the same config fails and names what is missing.
     status = _main(script)(argv[:5]) if script else train_main(argv[:5])
     printed = capsys.readouterr()
-    assert status == 2 and "missing path(s)" in printed.err and "data/" in printed.err
+    (error,) = [line for line in printed.err.splitlines() if "error:" in line]  # one line naming every path
+    assert status == 2 and "does not exist" in error and "data/" in error
 
 
 def test_unime_example_dry_runs_both_stages(local_data, capsys):
@@ -233,7 +234,7 @@ def test_the_default_evaluates_during_training_unless_told_otherwise(tmp_path):
     from mmfast.train.example import CURVE_METRIC, Example, plot_losses
 
     def training_args(*argv):
-        return Example("llave", ["--output_dir", str(tmp_path), *argv]).arguments()[2]
+        return Example("llave", ["--output_dir", str(tmp_path), *argv]).arguments().training
 
     default = training_args()
     assert default.eval_strategy == "steps" and default.eval_steps == 50 and default.eval_tasks == ["retrieval"]

@@ -4,6 +4,8 @@ The model has dropout, so equality needs GradCache's RNG replay: the reference f
 mini-batches in the same order (drawing the same masks) and backpropagates once.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -65,7 +67,7 @@ def test_grad_cache_equals_one_graph(chunks, options, negatives_per_row):
     torch.manual_seed(0)
     model = ToyEncoder().double()
     mini_batches = [{k: v.double() for k, v in mb.items()} for mb in _mini_batches(9, negatives_per_row, chunks)]
-    objective = Objective(options, backend="cpu")
+    objective = Objective(replace(options, backend="cpu"))
     ref = _step(full_batch_step, model, mini_batches, objective, seed=5)
     got = _step(grad_cache_step, model, mini_batches, objective, seed=5)
     torch.testing.assert_close(got[0], ref[0], rtol=1e-12, atol=1e-12)
@@ -83,7 +85,7 @@ def test_grad_cache_without_replay_would_differ():
     torch.manual_seed(0)
     model = ToyEncoder().double()
     mini_batches = [{k: v.double() for k, v in mb.items()} for mb in _mini_batches(9, 0, 2)]
-    objective = Objective(ContrastiveLossOptions(), backend="cpu")
+    objective = Objective(ContrastiveLossOptions(backend="cpu"))
     ref = _step(full_batch_step, model, mini_batches, objective, seed=5)
     calls = []
 
@@ -105,7 +107,7 @@ def test_grad_cache_distillation():
     model = ToyEncoder().double()
     mini_batches = [{k: v.double() for k, v in mb.items()} for mb in _mini_batches(7, 0, 3)]
     teacher = {"query": torch.randn(7, 5, dtype=torch.float64), "target": torch.randn(7, 5, dtype=torch.float64)}
-    objective = Objective(DistillationLossOptions(), backend="cpu")
+    objective = Objective(DistillationLossOptions(backend="cpu"))
 
     def loss_fn(embeddings):
         return objective(embeddings, teacher)
@@ -174,8 +176,8 @@ def test_grad_cache_with_duplicate_ids_equals_one_graph(chunks, negatives_per_ro
     g = torch.Generator().manual_seed(1)
     ids = {"candidate": torch.randint(0, 3, (9 + 9 * negatives_per_row,), generator=g),
            "query": torch.randint(0, 4, (9,), generator=g)}  # fmt: skip
-    options = ContrastiveLossOptions(hardness=9.0, symmetric=True)
-    masked, plain = Objective(options, backend="cpu"), Objective(options, backend="cpu", mask_duplicates=False)
+    options = ContrastiveLossOptions(hardness=9.0, symmetric=True, backend="cpu")
+    masked, plain = Objective(options), Objective(options, mask_duplicates=False)
     ref = _step(full_batch_step, model, mini_batches, lambda e: masked(e, None, ids), seed=5)
     got = _step(grad_cache_step, model, mini_batches, lambda e: masked(e, None, ids), seed=5)
     unmasked = _step(full_batch_step, model, mini_batches, lambda e: plain(e, None, ids), seed=5)

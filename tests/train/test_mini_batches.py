@@ -61,7 +61,7 @@ def test_grad_cache_builds_each_mini_batch_when_encoded_and_holds_one_at_a_time(
     builder = FeatureBuilder()
     lazy = MiniBatches(builder, rows, bounds)
     prebuilt = list(MiniBatches(FeatureBuilder(), rows, bounds))
-    objective = Objective(ContrastiveLossOptions(hardness=9.0, symmetric=True), backend="cpu")
+    objective = Objective(ContrastiveLossOptions(hardness=9.0, symmetric=True, backend="cpu"))
 
     def grads_of(step, mini_batches):
         model.zero_grad()

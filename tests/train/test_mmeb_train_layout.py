@@ -155,11 +155,12 @@ def test_train_arguments_reach_the_data(mmeb_train, tmp_path):
     argv = ["--recipe", "vlm2vec", "--data", str(mmeb_train), "--image_dir", str(mmeb_train),
             "--output_dir", str(tmp_path / "out"), "--mmeb_split", "diverse_instruction",
             "--num_sample_per_subset", "2"]  # fmt: skip
-    _, data_args, _, recipe = parse_arguments(argv)
+    run = parse_arguments(argv)
+    data_args = run.data
     assert data_args.mmeb_split == "diverse_instruction" and data_args.num_sample_per_subset == 2
-    data = load_training_data(data_args, recipe, DataReport())
+    data = load_training_data(data_args, run.recipe, DataReport())
     assert data.mixture.sizes == (2, 2) and instructions_of(data) == {INSTRUCTIONS["diverse_instruction"]}
-    _, data_args, _, _ = parse_arguments(argv[:-4])
+    data_args = parse_arguments(argv[:-4]).data
     assert data_args.mmeb_split == "original" and data_args.num_sample_per_subset is None
 
 

@@ -108,18 +108,18 @@ def test_hard_negative_ranges_take_the_fewest_and_the_most_rows():
 
 
 def test_a_single_process_has_no_cross_device_negatives():
-    _, _, training_args, recipe = parse_arguments(["--recipe", "vlm2vec", "--per_device_train_batch_size", "6"])
-    plan = BatchPlan(loss=training_args.loss_options(recipe), per_device=6, processes=1,
-                     hard=HardNegatives.of([1, 2] * 6), mini_batch=0)  # fmt: skip
+    run = parse_arguments(["--recipe", "vlm2vec", "--per_device_train_batch_size", "6",
+                           "--gradcache_mini_batch_size", "0"], processes=1)  # fmt: skip
+    plan = BatchPlan.of(run, HardNegatives.of([1, 2] * 6))
     assert "negatives per query: 5 in-batch + 9.0 hard on average (6 to 12 by batch)" in plan.lines()[1]
     assert "cross-device" not in "\n".join(plan.lines())
 
 
 def test_the_start_of_run_log_reads_the_resolved_options_and_mentions_lora():
-    model_args, _, training_args, recipe = parse_arguments(
+    run = parse_arguments(
         ["--recipe", "llave", "--symmetric", "False", "--hardness", "0", "--lora", "True", "--lora_r", "4"]
     )
-    text = describe_run(model_args, training_args, recipe, HardNegatives.of([0]))
+    text = describe_run(run, HardNegatives.of([0]))
     assert "adapter LoRA r4 α32" in text and "symmetric" not in text and "α 9" not in text
     assert "recipe llave (LLaVE's defaults): InfoNCE τ 0.02, query → target only" in text
     assert "negatives per query: 3 in-batch + 0 hard" in text  # the recipe's 4 rows per device

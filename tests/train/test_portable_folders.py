@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmfast.train.cli import eval_output
 from mmfast.train.default import default_backbone
 from mmfast.train.encoder import Encoder
+from mmfast.train.evaluate.cli import eval_output
 from mmfast.train.model_source import portable_source, resolve_source
 
 TEXTS = ["a red circle", "two blue squares at the top left"]

@@ -5,8 +5,9 @@ bar too."""
 import pytest
 
 from mmfast.train.arguments import parse_arguments
-from mmfast.train.cli import eval_main, progress_bars
+from mmfast.train.command import progress_bars
 from mmfast.train.default import PROFILE, default_backbone, default_data
+from mmfast.train.evaluate.cli import eval_main
 from mmfast.train.run import build_trainer
 
 pytestmark = pytest.mark.slow
@@ -22,8 +23,8 @@ def _own_data_run(tmp_path, *extra):
 
 def test_a_short_run_with_own_data_logs_every_step(tmp_path):
     arguments = _own_data_run(tmp_path, "--max_steps", "3")
-    assert arguments[2].logging_steps == 0.02  # the embedded default's profile does not apply to own data
-    trainer = build_trainer(*arguments)
+    assert arguments.training.logging_steps == 0.02  # the embedded default's profile does not apply to own data
+    trainer = build_trainer(arguments)
     trainer.train()
     assert [e["step"] for e in trainer.state.log_history if "loss" in e] == [1, 2, 3]
 

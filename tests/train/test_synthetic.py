@@ -183,6 +183,10 @@ def test_video(data):
     for r in rows:
         frames = sorted(p.name for p in (data.video_frames / r["video_id"]).iterdir())
         assert frames == [f"{i:03d}.jpg" for i in range(SIZES.video_frames)]
+    # The same videos in MMEB-V2's layout (HF VLM2Vec/MSR-VTT: video_id, video, caption).
+    v2 = pq.read_table(data.video_v2).to_pylist()
+    assert [(row["video_id"], row["caption"]) for row in v2] == [(r["video_id"], r["sentence"]) for r in rows]
+    assert all(row["video"] == row["video_id"] + ".mp4" for row in v2)
 
 
 def test_every_image_decodes_and_held_out_renders_are_fresh(data):

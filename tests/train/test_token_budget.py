@@ -9,11 +9,12 @@ from dataclasses import replace
 import pytest
 import torch
 
+from mmfast.train.arguments import parse_arguments
 from mmfast.train.data import Input
+from mmfast.train.default import PROFILE
 from mmfast.train.grad_cache import full_batch_step, grad_cache_step
 from mmfast.train.mini_batches import pack_by_tokens, padded_tokens
-from mmfast.train.recipes import get_recipe
-from mmfast.train.run import batch_plan
+from mmfast.train.plan import BatchPlan
 from tests.train.test_trainer import _trainer
 
 
@@ -115,8 +116,10 @@ def test_the_token_budget_is_checked_and_shown(tmp_path):
     with pytest.raises(ValueError, match="gradcache_mini_batch_tokens must be an integer >= 0"):
         _trainer(tmp_path, "--gradcache_mini_batch_tokens", "-5")
     trainer = _trainer(tmp_path, "--gradcache_mini_batch_tokens", "512", "--gradcache_mini_batch_size", "16")
-    assert trainer.args.grad_cache
-    described = "\n".join(batch_plan(trainer.args, get_recipe(trainer.args.recipe), None).lines())
+    assert trainer.mini_batching.grad_cache and trainer.data_collator.mini_batching is trainer.mini_batching
+    run = parse_arguments(["--output_dir", str(tmp_path), "--gradcache_mini_batch_tokens", "512",
+                           "--gradcache_mini_batch_size", "16"], profile=PROFILE)  # fmt: skip
+    described = "\n".join(BatchPlan.of(run, None).lines())
     assert "GradCache mini-batches: at most 512 tokens and 16 rows each" in described
 
 

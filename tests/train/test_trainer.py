@@ -17,10 +17,7 @@ SHORT = ["--per_device_train_batch_size", "12", "--logging_steps", "1", "--save_
 
 
 def _trainer(output_dir, *extra):
-    model_args, data_args, training_args, recipe = parse_arguments(
-        ["--output_dir", str(output_dir), *SHORT, *extra], profile=PROFILE
-    )
-    return build_trainer(model_args, data_args, training_args, recipe)
+    return build_trainer(parse_arguments(["--output_dir", str(output_dir), *SHORT, *extra], profile=PROFILE))
 
 
 def _losses(trainer):
@@ -190,10 +187,9 @@ def test_a_short_default_run_learns_from_the_first_steps(tmp_path):
     from mmfast.train.evaluate import evaluate_retrieval
     from mmfast.train.evaluate.default_sets import CAPTION_PROMPT, IMAGE_PROMPT
 
-    model_args, data_args, training_args, recipe = parse_arguments(
+    trainer = build_trainer(parse_arguments(
         ["--output_dir", str(tmp_path), "--max_steps", "50", "--logging_steps", "5", "--save_strategy", "no",
-         "--report_to", "none", "--disable_tqdm", "True"], profile=PROFILE)  # fmt: skip
-    trainer = build_trainer(model_args, data_args, training_args, recipe)
+         "--report_to", "none", "--disable_tqdm", "True"], profile=PROFILE))  # fmt: skip
 
     def t2i_r1():
         scores = evaluate_retrieval(trainer.model, default_data().flickr, name="flickr30k", text_prompt=CAPTION_PROMPT,

@@ -6,9 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mmfast.train.cli import eval_main, train_main
+from mmfast.train.cli import train_main
 from mmfast.train.default import default_backbone
 from mmfast.train.encoder import Encoder
+from mmfast.train.evaluate.cli import eval_main
 
 NOT_CACHED = "mmfast-tests/no-such-model"
 
@@ -93,10 +94,10 @@ def test_encode_errors_quote_what_the_user_wrote(encoder):
         encoder.encode(["a red circle", "   "], show_progress=False)
     with pytest.raises(ValueError) as error:
         encoder.encode(["a cat", "<|image_1|> a dog"], show_progress=False)
-    assert str(error.value) == "texts[1] '<|image_1|> a dog' holds <|image_1|> but images[1] is None"
+    assert str(error.value) == "texts[1] '<|image_1|> a dog': <|image_1|> without an image (images[1] is None)"
     with pytest.raises(ValueError) as error:
         encoder.encode(["<|image_1|><|image_1|> two"], [_image()], show_progress=False)
-    assert "'<|image_1|><|image_1|> two' holds <|image_1|> 2 times" in str(error.value)
+    assert "texts[0] '<|image_1|><|image_1|> two': several <|image_1|> in one input" in str(error.value)
     assert "vision_start" not in str(error.value)
     # An empty text with an image is the image's embedding.
     assert encoder.encode([""], [_image()], show_progress=False).shape[0] == 1

@@ -122,8 +122,7 @@ def test_options_are_saved_and_read_back_for_evaluation(tiny_dirs, tmp_path):
                "image_resolution": "low"}  # fmt: skip
     argv = ["--model_name_or_path", str(tiny_dirs["qwen2_vl"]), "--recipe", "vlm2vec", "--output_dir",
             str(tmp_path / "run"), *(token for k, v in options.items() for token in (f"--{k}", str(v)))]  # fmt: skip
-    model_args, _, _, recipe = parse_arguments(argv)
-    trained = build_encoder(model_args, recipe)
+    trained = build_encoder(parse_arguments(argv))
     assert {k: getattr(trained.encoder_config, k) for k in options} == options
     trained.save_pretrained(tmp_path / "saved")
     evaluated = Encoder.from_pretrained(tmp_path / "saved")  # what mmfast-eval does with --model

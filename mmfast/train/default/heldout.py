@@ -1,6 +1,7 @@
 """The default's held-out sets, fresh renders in the public layouts: MMEB-eval parquet with candidate
 lists (truth at index 0), a Flickr30K-style and an Urban1K-style retrieval split, SugarCrepe-style
-JSON, MSR-VTT-style frame folders and a ViDoRe-style visual-document set (`heldout_visdoc`). Layouts:
+JSON, MSR-VTT-style frame folders (with the JSFUSION CSV and MMEB-V2's parquet) and a ViDoRe-style
+visual-document set (`heldout_visdoc`). Layouts:
 `mmfast.train.default.synthetic`."""
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from mmfast.train.default import captions as world
 from mmfast.train.default.captions import (
@@ -296,6 +299,11 @@ def _write_video(root: Path, seed: int, image_size: int, sizes: Sizes) -> None:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(("key", "vid_key", "video_id", "sentence"))
         writer.writerows(rows)
+    # The same videos in MMEB-V2's layout (HF VLM2Vec/MSR-VTT), read with the frame folders as V2's frame_root.
+    video_ids = [row[2] for row in rows]
+    v2_rows = {"video_id": video_ids, "video": [f"{v}.mp4" for v in video_ids], "caption": [row[3] for row in rows]}
+    (folder / "MSR-VTT" / "test_1k").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(v2_rows), folder / "MSR-VTT" / "test_1k" / "test-00000-of-00001.parquet")
 
 
 def write_all(root: Path, seed: int, image_size: int, sizes: Sizes) -> None:

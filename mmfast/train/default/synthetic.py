@@ -23,6 +23,7 @@ the trainer and the evaluator read it through the same loaders as real data.
                                                negative_caption}, ...}
     root/video/MSRVTT_JSFUSION_test.csv        key, vid_key, video_id, sentence
     root/video/videos/<video_id>/000.jpg ...   frames of a shape moving (and changing)
+    root/video/MSR-VTT/test_1k/test-00000-of-00001.parquet   the same, MMEB-V2's layout: video_id, video, caption
     root/visdoc/documents/{queries,corpus,qrels}/test-00000-of-00001.parquet   BEIR layout (ViDoRe):
                                                pages as inline PNG bytes, graded qrels
 
@@ -55,8 +56,9 @@ from mmfast.train.default.render import SHAPES
 from mmfast.train.default.sizes import Sizes
 from mmfast.train.default.writing import Images, part_rng, write_json, write_jsonl
 
-# v7 was taken by another branch's cache on the shared machine; v8 adds eval/nli.
-GENERATOR_VERSION = 8
+# v9: v7 (the default's videos also in MMEB-V2's layout) plus eval/nli, E5-V's held-out text set (v8 was this
+# branch's eval/nli before it met v7, and may sit in a shared cache).
+GENERATOR_VERSION = 9
 TRAIN_SUBSETS = ("ImageNet_1K", "OK-VQA", "MSCOCO_t2i", "MSCOCO_i2t", "MSCOCO")
 # Sampling weights of the mixture spec: the default trains on text-to-image pairs only (98% held-out R@1
 # at 400 steps). With the classification, VQA or grounding subsets in the mix (mixed or one-task batches,
@@ -90,6 +92,7 @@ class DefaultData:
     sugarcrepe = property(lambda self: self.root / "sugarcrepe")
     video_csv = property(lambda self: self.root / "video" / "MSRVTT_JSFUSION_test.csv")
     video_frames = property(lambda self: self.root / "video" / "videos")
+    video_v2 = property(lambda self: self.root / "video" / "MSR-VTT" / "test_1k" / "test-00000-of-00001.parquet")
     visdoc = property(lambda self: self.root / "visdoc" / "documents")
     manifest = property(lambda self: self.root / "manifest.json")
 

@@ -11,6 +11,7 @@ or an EmbeddingCache).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from .cache import EmbeddingCache, model_fingerprint
 from .metrics import (
@@ -28,6 +29,9 @@ from .report import TASKS, format_table, merge_results, print_table, result_rows
 from .retrieval import evaluate_retrieval
 from .sugarcrepe import SUGARCREPE_FILES, evaluate_sugarcrepe
 from .video import evaluate_video, video_decoder
+from .video_choice import V2_VIDEO_CHOICE, evaluate_video_choice
+from .video_moment import V2_MOMENT_SETS, evaluate_video_moment
+from .video_v2 import V2_VIDEO_RETRIEVAL, evaluate_video_v2, v2_set_name
 from .visdoc import evaluate_visdoc
 
 
@@ -47,7 +51,12 @@ def evaluate(
     task "mmeb": data = the MMEB-eval root, image_root = the images (default data); output_dir gets
     the per-dataset <Subset>_score.json. "retrieval": data = a record file or a folder (image_root
     for relative image paths). "sugarcrepe": data = the folder of the seven JSON files, image_root =
-    the COCO val2017 images. "video": data = the MSR-VTT CSV, image_root = the video root. "visdoc":
+    the COCO val2017 images. "video": data = the MSR-VTT JSFUSION CSV (LLaVE's protocol:
+    one embedding per frame, averaged), image_root = the video root; or an MMEB-V2 video retrieval file
+    (MSR-VTT, MSVD, DiDeMo, VATEX, YouCook2: one video input per video), question-answering file
+    (Video-MME, NExTQA, EgoSchema, ActivityNetQA), classification file (K700, SmthSmthV2, HMDB51,
+    UCF101, Breakfast) or moment-retrieval file (QVHighlight, Charades-STA); image_root = V2's
+    frame_root; output_dir gets video/<name>_score.json. "visdoc":
     data = a BEIR folder (queries/, corpus/, qrels/), output_dir gets visdoc/<name>_score.json. "nli":
     data = a CSV of (sent0, sent1, hard_neg) triplets, SimCSE's layout (no images).
     options: the task's own keywords (name, batch_size, show_progress, prompts, max_frames, ...).
@@ -59,8 +68,17 @@ def evaluate(
         return evaluate_retrieval(encoder, data, image_root, **common)
     if task == "sugarcrepe":
         return evaluate_sugarcrepe(encoder, data, image_root, **common)
-    if task == "video":
-        return evaluate_video(encoder, data, image_root, **common)
+    if task == "video":  # a .csv is MSR-VTT's JSFUSION list (LLaVE's protocol); else an MMEB-V2 set
+        if Path(data).suffix.lower() == ".csv":
+            return evaluate_video(encoder, data, image_root, **common)
+        name = v2_set_name(
+            Path(data), options.get("name"), (*V2_VIDEO_RETRIEVAL, *V2_VIDEO_CHOICE, *V2_MOMENT_SETS), "video"
+        )
+        if name in V2_VIDEO_CHOICE:
+            return evaluate_video_choice(encoder, data, image_root, output_dir=output_dir, **common)
+        if name in V2_MOMENT_SETS:
+            return evaluate_video_moment(encoder, data, image_root, output_dir=output_dir, **common)
+        return evaluate_video_v2(encoder, data, image_root, output_dir=output_dir, **common)
     if task == "visdoc":
         return evaluate_visdoc(encoder, data, image_root, output_dir=output_dir, **common)
     if task == "nli":
@@ -83,6 +101,9 @@ __all__ = [
     "evaluate_retrieval",
     "evaluate_sugarcrepe",
     "evaluate_video",
+    "evaluate_video_choice",
+    "evaluate_video_moment",
+    "evaluate_video_v2",
     "evaluate_visdoc",
     "first_candidate_ranks",
     "format_table",

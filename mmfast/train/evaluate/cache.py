@@ -28,6 +28,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from PIL import Image
 
+from ..video_inputs import Video
+
 MAX_LOADED = 128
 
 
@@ -94,8 +96,11 @@ def input_key(text: str, image) -> str:
         image_part = "pixels:" + pixels.hexdigest()
     elif isinstance(image, ImageSource):
         image_part = "source:" + image.cache_key()
+    elif isinstance(image, Video):  # keyed by its frames' own keys, in order
+        image_part = "video:" + json.dumps([input_key("", frame) for frame in image.frames])
     else:
-        raise TypeError(f"an image must be a path, a PIL image, an ImageSource or None, got {type(image).__name__}")
+        kinds = "a path, a PIL image, an ImageSource, a Video or None"
+        raise TypeError(f"an image must be {kinds}, got {type(image).__name__}")
     return hashlib.sha256(json.dumps([text, image_part]).encode()).hexdigest()
 
 
@@ -163,7 +168,7 @@ class EmbeddingCache:
         # (video frames, inline bytes): paths are read by the encoder batch by batch, those are not.
         blocks, loaded = [[]], 0
         for item in pending:
-            in_memory = isinstance(item[2], ImageSource)
+            in_memory = isinstance(item[2], (ImageSource, Video))
             if len(blocks[-1]) == self.block_size or (in_memory and loaded == MAX_LOADED):
                 blocks.append([])
                 loaded = 0
@@ -176,7 +181,7 @@ class EmbeddingCache:
             bar = tqdm(total=len(pending), desc="embedding", unit="input")
         for block in blocks:
             texts = [text for _, text, _ in block]
-            images = [image.load() if isinstance(image, ImageSource) else image for _, _, image in block]
+            images = [image.load() if isinstance(image, (ImageSource, Video)) else image for _, _, image in block]
             out = self.encoder.encode(
                 texts,
                 images if any(image is not None for image in images) else None,

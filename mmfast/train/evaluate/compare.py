@@ -2,8 +2,9 @@
 is measured over and its chance level, so that a gain can be read at a glance.
 
 Headlines: image-text retrieval t2i and i2t R@1 per set, MMEB Precision@1 per meta-task and overall,
-SugarCrepe accuracy over every pair, text-video t2v and v2t R@1 per set, visual-document NDCG@5 per
-set, NLI premise -> entailment R@1 and entailment-over-contradiction accuracy per set (all in %).
+SugarCrepe accuracy over every pair, text-video t2v and v2t R@1 per set (hit@1 for an MMEB-V2 set),
+visual-document NDCG@5 per set, NLI premise -> entailment R@1 and entailment-over-contradiction accuracy
+per set (all in %).
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ def headlines(results: Mapping) -> dict[str, tuple[float, str, float | None]]:
             over += f"; blind length-only {overall['length_only_acc']:.2f}"
         rows[f"{name} accuracy"] = (overall["acc"], over, 50.0)
     for name, m in results.get("video", {}).items():
+        if "hit@1" in m:  # an MMEB-V2 set: its leaderboard's hit@1, captions ranking the videos
+            over = f"{m['num_queries']} captions, {m['num_videos']} videos"
+            rows[f"{name} hit@1"] = (m["hit@1"], over, 100.0 / max(m["num_videos"], 1))
+            continue
         over, chance = f"{m['num_captions']} captions, {m['num_videos']} videos", 100.0 / max(m["num_videos"], 1)
         rows[f"{name} t2v R@1"] = (m["t2v_R@1"], over, chance)
         rows[f"{name} v2t R@1"] = (m["v2t_R@1"], over, chance)

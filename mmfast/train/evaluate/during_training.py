@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import evaluate_task
-from .default_sets import DEFAULT_TASKS, evaluate_default
+from .default_sets import evaluate_default
 from .report import TASKS, merge_results, result_rows
 
 # Path parts of the results that only group sets (MMEB's "datasets/ImageNet-1K/acc" logs as mmeb_ImageNet-1K_acc).
@@ -43,10 +43,9 @@ class HeldOutEvaluation:
         """Checks `--eval_tasks`, `--eval_data` and `--eval_image_root`; errors name the argument."""
         if not tasks:
             raise ValueError("--eval_tasks: name at least one task (" + ", ".join(TASKS) + ")")
-        allowed = TASKS if data else DEFAULT_TASKS
-        unknown = [task for task in tasks if task not in allowed]
+        unknown = [task for task in tasks if task not in TASKS]
         if unknown:
-            raise ValueError(f"--eval_tasks {' '.join(unknown)}: must be among {', '.join(allowed)}")
+            raise ValueError(f"--eval_tasks {' '.join(unknown)}: must be among {', '.join(TASKS)}")
         if len(set(tasks)) != len(tasks):
             raise ValueError(f"--eval_tasks {' '.join(tasks)}: a task is named twice")
         if image_roots and not data:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-# MMEB's convention: "<|image_1|>" marks where the image goes; each Encoder rewrites it for its backbone.
-IMAGE_TOKEN = "<|image_1|>"
-IMAGE_PROMPT = IMAGE_TOKEN + "\nRepresent the given image."
+from ..placeholder import IMAGE_PLACEHOLDER
+
+IMAGE_PROMPT = IMAGE_PLACEHOLDER + "\nRepresent the given image."
 CAPTION_PROMPT = "Find me an everyday image that matches the given caption: {text}"
 BARE_CAPTION = "{text}"
 
@@ -37,16 +37,6 @@ def caption_prompt_for(encoder, text_prompt: str | None) -> str:
 
 
 MISSING_EXAMPLES = 5
-
-
-def placeholder_problem(text: str, image) -> str | None:
-    """Why an input's text cannot go with its image (a malformed row, as in training), or None."""
-    count = text.count(IMAGE_TOKEN)
-    if count > 1:
-        return f"{IMAGE_TOKEN} {count} times in one input"
-    if count and not image:
-        return f"{IMAGE_TOKEN} without an image"
-    return None
 
 
 class BytesImage:

@@ -37,8 +37,9 @@ from pathlib import Path
 
 import torch
 
+from ..placeholder import placeholder_problem
 from .cache import as_cache
-from .inputs import ImageChecker, load_json, placeholder_problem
+from .inputs import ImageChecker, load_json
 from .metrics import first_candidate_ranks
 from .mmeb_v2_metrics import KS, mean_metrics, query_metrics
 from .mmeb_v2_prompts import DATASET_RULES, RULE_COLUMNS, RULES, assemble
@@ -252,7 +253,7 @@ def score_subset(
         # Every image is checked (no short cut), so each missing file is counted.
         images_ok = all([checker.usable(image_root / image if image else None, where) for _, image in pairs])
         # A text with two image placeholders (or one without an image) is a malformed row: a miss, counted.
-        problem = next(filter(None, (placeholder_problem(text, image) for text, image in pairs)), None)
+        problem = next(filter(None, (placeholder_problem(text, bool(image)) for text, image in pairs)), None)
         if problem is not None and strict:
             raise ValueError(f"{where}: {problem}")
         malformed += problem is not None

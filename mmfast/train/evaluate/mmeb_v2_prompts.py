@@ -24,7 +24,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-IMAGE_MARKER = "<|image_1|>"
+from ..placeholder import IMAGE_PLACEHOLDER
+
 RULES = ("image_cls", "image_qa", "image_t2i", "image_i2t", "image_i2i_vg")
 # The columns each rule reads; a file's other columns with content are reported as not read.
 RULE_COLUMNS = {
@@ -49,7 +50,7 @@ DATASET_RULES: dict[str, str] = {name: rule for rule, names in _NAMES.items() fo
 def _with_marker(instruction: str, text: str = "") -> str:
     """V2's `process_input_text(instruction, text=text, add_image_token=True)` with mmfast's marker."""
     prompt = f"{instruction} {text}" if text else instruction
-    return f"{IMAGE_MARKER} {prompt}"
+    return f"{IMAGE_PLACEHOLDER} {prompt}"
 
 
 def _v1_text(text: str, end: str = "\n") -> str:
@@ -60,7 +61,7 @@ def assemble(rule: str, row: Mapping, dataset: str) -> tuple[tuple[str, str | No
     """The query (text, image path or None) and the candidates [(text, image path or None)] of one row."""
     targets = row["tgt_text"]
     if rule in ("image_cls", "image_i2t", "image_qa", "image_i2i_vg"):
-        instruction = row["qry_inst"].replace(IMAGE_MARKER, "")
+        instruction = row["qry_inst"].replace(IMAGE_PLACEHOLDER, "")
         if rule in ("image_qa", "image_i2i_vg"):
             instruction = "\n" + instruction.strip()
         query = (_v1_text(_with_marker(instruction, row["qry_text"])), row["qry_img_path"] or None)
@@ -71,7 +72,7 @@ def assemble(rule: str, row: Mapping, dataset: str) -> tuple[tuple[str, str | No
         raise ValueError(f"MMEB-V2 prompt rule must be one of {', '.join(RULES)}, got {rule!r}")
     if rule in ("image_cls", "image_i2t", "image_qa"):
         return query, [(text, None) for text in targets]
-    instruction = row["tgt_inst"].replace(IMAGE_MARKER, "")
+    instruction = row["tgt_inst"].replace(IMAGE_PLACEHOLDER, "")
     images = [image or None for image in row["tgt_img_path"]]
     if targets[0].strip():
         texts = [_v1_text(_with_marker(f"{instruction} {caption}")) for caption in targets]

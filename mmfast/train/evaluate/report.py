@@ -10,7 +10,8 @@ results.json merges the evaluators' parts (rates in %):
                            "i2t_MdR", "i2t_MnR", "num_images", "num_captions", "num_missing_images", ...}},
      "sugarcrepe": {<set>: {<file>: {"acc", "num_correct", "num_pred", ...}, "overall": {...},
                             "mean": {...}, "files_not_found": [...]}},
-     "video": {<set>: {"t2v_R@1", ..., "v2t_MnR", "num_videos", "num_captions", "num_missing_videos", ...}},
+     "video": {<set>: {"t2v_R@1", ..., "v2t_MnR", "num_videos", "num_captions", "num_missing_videos", ...}
+               or, for an MMEB-V2 set, {"hit@1", ..., "mrr@10", "num_queries", "num_videos", ...}},
      "visdoc": {<set>: {"hit@1", ..., "ndcg_linear@5", ..., "mrr@10", "num_queries", "num_pages", ...}},
      "nli": {<set>: {"p2e_R@1", ..., "p2e_MnR", "acc", "length_only_acc", "num_rows", "num_candidates", ...}}}
 The CSV has one row per (task, set, metric) for every number in it; set is the path between the task
@@ -135,6 +136,14 @@ def _sugarcrepe_lines(sets: Mapping) -> list[str]:
     return ["SugarCrepe (accuracy, %)", *table_lines(header, rows), *absent]
 
 
+def _video_v2_lines(sets: Mapping) -> list[str]:
+    header = ["set", "hit@1", "hit@5", "NDCG@5", "MRR@10", "queries", "videos", "missing"]
+    rows = [[name, m["hit@1"], m["hit@5"], m["ndcg_linear@5"], m["mrr@10"], m["num_queries"], m["num_videos"],
+             m["num_missing_videos"]] for name, m in sets.items()]  # fmt: skip
+    title = "MMEB-V2 video sets (%, one video input per video; QA sets rank their own options)"
+    return [title, *table_lines(header, rows)]
+
+
 def _visdoc_lines(sets: Mapping) -> list[str]:
     header = ["set", "NDCG@5", "R@5", "hit@1", "queries", "pages", "missing images"]
     rows = [[name, m["ndcg_linear@5"], m["recall@5"], m["hit@1"], m["num_queries"], m["num_pages"],
@@ -160,9 +169,13 @@ def format_table(results: Mapping) -> str:
             _cross_modal_lines("Image-text retrieval (%, ranks)", results["retrieval"], ("t2i", "i2t"), "images")
         )
     if "video" in results:
-        sections.append(
-            _cross_modal_lines("Text-video retrieval (%, ranks)", results["video"], ("t2v", "v2t"), "videos")
-        )
+        frame_means = {name: m for name, m in results["video"].items() if "t2v_R@1" in m}
+        v2_sets = {name: m for name, m in results["video"].items() if "hit@1" in m}
+        if frame_means:
+            title = "Text-video retrieval (%, ranks)"
+            sections.append(_cross_modal_lines(title, frame_means, ("t2v", "v2t"), "videos"))
+        if v2_sets:
+            sections.append(_video_v2_lines(v2_sets))
     if "sugarcrepe" in results:
         sections.append(_sugarcrepe_lines(results["sugarcrepe"]))
     if "visdoc" in results:

@@ -27,11 +27,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ..placeholder import IMAGE_PLACEHOLDER
 from .cache import as_cache
-from .inputs import IMAGE_TOKEN, MISSING_EXAMPLES, ImageChecker
+from .inputs import MISSING_EXAMPLES, ImageChecker
 from .metrics import cross_modal_metrics
 
-VIDEO_PROMPT = IMAGE_TOKEN + "\nRepresent the given video."
+VIDEO_PROMPT = IMAGE_PLACEHOLDER + "\nRepresent the given video."
 VIDEO_QUERY_PROMPT = "Find me an video that matches the given caption: {text}"
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".avi", ".mkv", ".mov")
@@ -64,11 +65,13 @@ def sample_frame_indices(num_frames: int, max_frames: int) -> list[int]:
 class VideoFile:
     """A video file whose sampled frames are decoded once, on the first frame asked for."""
 
-    def __init__(self, path: Path, decoder: str, max_frames: int):
+    def __init__(self, path: Path, decoder: str, max_frames: int, *, frame_indices=sample_frame_indices):
+        """frame_indices(count, max_frames): the frames to decode (default: LLaVE's even spread)."""
         self.path, self.decoder = path, decoder
         stat = path.stat()
-        self.identity = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{decoder}"
-        self.indices = sample_frame_indices(self._count_frames(), max_frames)
+        rule = "" if frame_indices is sample_frame_indices else f":{frame_indices.__name__}"
+        self.identity = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{decoder}{rule}"
+        self.indices = frame_indices(self._count_frames(), max_frames)
         self._frames: dict[int, Image.Image] = {}  # decoded, not yet handed out
 
     def _count_frames(self) -> int:

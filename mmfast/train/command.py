@@ -1,0 +1,44 @@
+"""What mmfast's commands (`mmfast-train`, `mmfast-eval`, the examples) share: logging, transformers'
+progress bars, and the rule that a user error is one line and exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, KeyError)
+
+
+def configure_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stderr)
+    logging.getLogger(__package__).setLevel(logging.INFO)  # mmfast.train
+
+
+@contextmanager
+def progress_bars(enabled: bool):
+    """transformers' own bars (the weight-loading one) on or off for the block, as the user asked."""
+    from transformers.utils import logging as hf_logging
+
+    turned_off = not enabled and hf_logging.is_progress_bar_enabled()
+    if turned_off:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if turned_off:
+            hf_logging.enable_progress_bar()
+
+
+def run_command(command, program: str, argv: Sequence[str] | None) -> int:
+    """Runs command(argv) and returns its exit status (its result when that is an int, else 0); a
+    user error becomes one line naming it and exit status 2, never a traceback."""
+    configure_logging()
+    try:
+        status = command(sys.argv[1:] if argv is None else argv)
+    except USER_ERRORS as error:
+        print(f"{program}: error: {error}", file=sys.stderr)
+        return 2
+    return status if isinstance(status, int) else 0

@@ -1,0 +1,111 @@
+"""A run's configuration, resolved once: `RunConfig`.
+
+`arguments.parse_arguments` layers the recipe's defaults, the embedded default's profile, the config
+file and the command line into HF's argument dataclasses, then resolves them here, once, into one
+frozen `RunConfig`. What the run derives from its arguments is derived in `RunConfig.resolve` and
+nowhere else:
+- the recipe (the object, looked up once);
+- the loss options: the recipe's, under the user's overrides (`arguments.LossArguments`), with the
+  `--loss_backend` and with `cross_device` only when more than one process trains;
+- the GradCache mini-batching (`mini_batches.MiniBatching`: rows and tokens);
+- whether duplicate candidates are masked, the model's dtype, the number of processes;
+- the checks that need nothing loaded (the overrides against the recipe's loss, the dtype, GradCache
+  under DeepSpeed).
+The objective (`losses.Objective.of`), the collator, the batch plan (`plan.BatchPlan.of`), the dry run
+and the start-of-run log read these fields; none re-derives them from the arguments.
+
+A new loss option: a field of `arguments.LossArguments` named as the core option (None = the
+recipe's). It is applied here, described by the plan (`plan.describe_loss`), and checked by the test
+of every override (tests/train/test_run_config.py), with no other change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from mmfast import ContrastiveLossOptions, DistillationLossOptions
+
+from .mini_batches import MiniBatching
+from .recipes import Recipe
+
+if TYPE_CHECKING:  # the argument dataclasses import this module to resolve themselves
+    from .arguments import DataArguments, LossArguments, ModelArguments, TrainingArguments
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LossOptions = ContrastiveLossOptions | DistillationLossOptions
+
+
+def loss_overrides(loss_arguments: LossArguments) -> dict:
+    """The loss options the user set (`--temperature` …), by name; unset ones (None) are left out."""
+    return {
+        f.name: getattr(loss_arguments, f.name)
+        for f in dataclasses.fields(loss_arguments)
+        if getattr(loss_arguments, f.name) is not None
+    }
+
+
+def resolve_loss(recipe: Recipe, overrides: dict, *, backend: str, processes: int) -> LossOptions:
+    """The recipe's loss options under the overrides (validated by the options themselves), with the
+    run's backend, gathering across devices only when more than one process trains."""
+    if overrides and recipe.is_distillation:
+        named = ", ".join(f"--{name}" for name in overrides)
+        raise ValueError(f"{named}: recipe {recipe.name} distils, it has no contrastive loss")
+    known = {f.name for f in dataclasses.fields(recipe.loss)}
+    unknown = [name for name in overrides if name not in known]
+    if unknown:
+        raise ValueError(f"--{', --'.join(unknown)}: recipe {recipe.name}'s loss has no such option")
+    return dataclasses.replace(
+        recipe.loss, **overrides, backend=backend, cross_device=recipe.loss.cross_device and processes > 1
+    )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run reads, resolved once (see the module docstring).
+
+    model, data, training: the parsed arguments (training is HF's TrainingArguments, which the Trainer
+        reads itself); the fields below are what the run derives from them, and read instead of them.
+    recipe: the recipe object. loss: the resolved loss options (what the objective calls the loss with).
+    mini_batching: GradCache's mini-batches, for the collator and the trainer alike.
+    mask_duplicates: leave copies of a positive out of the loss (never for distillation).
+    dtype: the model's weights' dtype (None: the checkpoint's own).
+    processes: data-parallel processes (the live world size for a run; the planned one for a dry run).
+    """
+
+    model: ModelArguments
+    data: DataArguments
+    training: TrainingArguments
+    recipe: Recipe
+    loss: LossOptions
+    mini_batching: MiniBatching
+    mask_duplicates: bool
+    dtype: torch.dtype | None
+    processes: int
+
+    @classmethod
+    def resolve(cls, model: ModelArguments, data: DataArguments, training: TrainingArguments,
+                loss_arguments: LossArguments, recipe: Recipe, *, processes: int | None = None,
+                ) -> RunConfig:  # fmt: skip
+        """processes: None for the live world size (`training.world_size`)."""
+        if training.recipe != recipe.name:
+            raise ValueError(f"the arguments name recipe {training.recipe!r}, but {recipe.name!r} was resolved")
+        processes = training.world_size if processes is None else processes
+        if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+            raise ValueError(f"processes must be a positive integer, got {processes!r}")
+        if model.model_dtype is not None and model.model_dtype not in DTYPES:
+            raise ValueError(f"model_dtype must be one of {', '.join(DTYPES)}, got {model.model_dtype!r}")
+        mini_batching = MiniBatching.of(training)
+        mini_batching.check_engine("deepspeed" if training.deepspeed else None)
+        return cls(
+            model=model, data=data, training=training, recipe=recipe,
+            loss=resolve_loss(recipe, loss_overrides(loss_arguments), backend=training.loss_backend,
+                              processes=processes),
+            mini_batching=mini_batching,
+            mask_duplicates=training.mask_duplicate_candidates and not recipe.is_distillation,
+            dtype=None if model.model_dtype is None else DTYPES[model.model_dtype],
+            processes=processes,
+        )  # fmt: skip

@@ -1,0 +1,150 @@
+"""One resolved run config (`RunConfig`): every loss override and the GradCache mini-batch reach the dry
+run's plan, the start-of-run log and the loss actually called; the collator and the trainer read one
+mini-batching; a row's hard negatives are counted one way; DDP searches for unused parameters only
+where a step can leave some."""
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import mmfast
+from mmfast import ContrastiveLossOptions
+from mmfast.train.arguments import LossArguments, parse_arguments
+from mmfast.train.cli import train_main
+from mmfast.train.collator import EmbeddingCollator
+from mmfast.train.data import Example, Input
+from mmfast.train.default import PROFILE
+from mmfast.train.mini_batches import MiniBatching
+from mmfast.train.plan import HardNegatives, describe_loss
+from mmfast.train.recipes import get_recipe
+from mmfast.train.run import build_encoder, build_trainer
+from mmfast.train.run_config import resolve_loss
+from mmfast.train.trainer import EmbeddingTrainer
+
+# One value per overridable loss option, each away from the recipe's (unime-stage2: τ 0.02, β 0.1, top-8,
+# α 0, not symmetric), and what the plan says of it. A new field of LossArguments fails the first assertion
+# of the test below until it has a value here.
+OVERRIDES = {
+    "temperature": ("0.05", 0.05, "InfoNCE τ 0.05"),
+    "hardness": ("3", 3.0, "hardness-weighted (α 3)"),
+    "false_negative_margin": ("0.3", 0.3, "false-negative margin β 0.3"),
+    "topk": ("5", 5, "top-5 negatives"),
+    "symmetric": ("True", True, ", symmetric"),
+}
+MINI_BATCH = 3
+ARGV = ["--recipe", "unime-stage2", "--per_device_train_batch_size", "8", "--max_steps", "1", "--report_to", "none",
+        "--gradcache_mini_batch_size", str(MINI_BATCH), "--lora", "False", "--cpu_threads", "1",
+        *(token for name, (value, _, _) in OVERRIDES.items() for token in (f"--{name}", value))]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_every_override_reaches_the_plan_the_log_and_the_loss_called(tmp_path, capsys, caplog, monkeypatch):
+    assert set(OVERRIDES) == {f.name for f in dataclasses.fields(LossArguments)}
+    argv = [*ARGV, "--output_dir", str(tmp_path)]
+    mini_batch_line = f"GradCache mini-batch: {MINI_BATCH} (3 mini-batch(es) per device per step)"
+
+    assert train_main(["--dry-run", *argv]) == 0
+    planned = capsys.readouterr().out
+    (recipe_line,) = [line for line in planned.splitlines() if line.startswith("recipe ")]
+    for name, (_, _, described) in OVERRIDES.items():
+        assert described in recipe_line, name
+    assert "0.02" not in recipe_line and "β 0.1" not in recipe_line and "top-8" not in recipe_line
+    assert mini_batch_line in planned
+
+    with caplog.at_level(logging.WARNING, logger="mmfast.train.run"):
+        trainer = build_trainer(parse_arguments(argv, profile=PROFILE))
+    (logged,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("recipe ")]
+    assert logged.splitlines()[0].split(None, 1)[1] == recipe_line.split(None, 1)[1]  # the same words
+    assert mini_batch_line in logged
+
+    calls = []
+    real = mmfast.contrastive_loss
+
+    def spy(*tensors, **options):
+        calls.append(options)
+        return real(*tensors, **options)
+
+    monkeypatch.setattr(mmfast, "contrastive_loss", spy)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert len(batch["mini_batches"]) == 3  # the collator cut 8 rows by the run's mini-batch of 3
+    trainer.current_gradient_accumulation_steps = 1
+    assert torch.isfinite(trainer.training_step(trainer.model, batch))
+    (called,) = calls  # GradCache: the loss is taken once, over the cached embeddings of every mini-batch
+    for name, (_, value, _) in OVERRIDES.items():
+        assert called[name] == value, name
+    assert called["cross_device"] is False and called["backend"] == "auto"  # one process: nothing to gather
+
+    # The collator and the trainer read one mini-batching; a collator cut otherwise is refused.
+    assert trainer.data_collator.mini_batching == trainer.mini_batching == MiniBatching(rows=MINI_BATCH)
+    other = EmbeddingCollator(trainer.data_collator.builder, mini_batching=MiniBatching(rows=MINI_BATCH + 1))
+    with pytest.raises(ValueError, match="gradcache_mini_batch_size 4.*gradcache_mini_batch_size 3"):
+        EmbeddingTrainer(model=trainer.model, args=trainer.args, train_dataset=trainer.train_dataset,
+                         data_collator=other, objective=trainer.objective,
+                         batch_sampler=trainer.batch_sampler)  # fmt: skip
+
+
+def test_the_run_config_is_resolved_once_and_frozen(tmp_path):
+    run = parse_arguments(["--recipe", "llave", "--temperature", "0.1", "--loss_backend", "cpu",
+                           "--output_dir", str(tmp_path)], processes=4)  # fmt: skip
+    assert run.recipe is get_recipe("llave") and run.processes == 4
+    assert run.loss == dataclasses.replace(get_recipe("llave").loss, temperature=0.1, backend="cpu")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.loss = None
+    with pytest.raises(ValueError, match="model_dtype must be one of"):
+        parse_arguments(["--model_dtype", "float8", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="gradcache_mini_batch_size must be an integer >= 0"):
+        parse_arguments(["--gradcache_mini_batch_size", "-1", "--output_dir", str(tmp_path)])
+
+
+def test_a_loss_option_without_a_phrase_is_still_named_and_checked():
+    @dataclass(frozen=True)
+    class WithDims(ContrastiveLossOptions):  # as a later option (Matryoshka's dims, say) would arrive
+        matryoshka_dims: tuple[int, ...] | None = None
+
+    assert describe_loss(WithDims(matryoshka_dims=(64, 32))).endswith(", query → target only, matryoshka_dims (64, 32)")
+    assert "matryoshka_dims" not in describe_loss(WithDims())
+    recipe = dataclasses.replace(get_recipe("vlm2vec"), loss=WithDims(cross_device=True))
+    resolved = resolve_loss(recipe, {"matryoshka_dims": (8,)}, backend="auto", processes=1)
+    assert resolved.matryoshka_dims == (8,) and resolved.cross_device is False
+    with pytest.raises(ValueError, match="--matryoshka_dims: recipe llave's loss has no such option"):
+        resolve_loss(get_recipe("llave"), {"matryoshka_dims": (8,)}, backend="auto", processes=1)
+
+
+def test_hard_negatives_are_counted_per_row_as_the_collator_keeps_them():
+    from mmfast.train.data_spec import TrainData
+    from mmfast.train.run import hard_negatives
+    from mmfast.train.sampling import mixture
+
+    def row(i, negatives):
+        return Example(Input(f"q{i}"), Input(f"p{i}"), tuple(Input(f"n{i}.{k}") for k in range(negatives)), "A", "a", i)
+
+    rows = [row(0, 3), row(1, 1), row(2, 0), row(3, 5)]
+    data = TrainData(dataset=None, mixture=mixture({"A": rows}), report=None, sources=())
+    counted = hard_negatives(data, max_negatives=2)
+    assert counted == HardNegatives.of([2, 1, 0, 2])  # each row capped, not the mean
+    collated = EmbeddingCollator(None, max_negatives=2)(rows)
+    assert len(collated["ids"]["candidate"]) == len(rows) + counted.in_rows(len(rows))[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("freeze_vision_tower", [True, False])
+def test_the_parameters_ddp_may_find_unused_are_those_a_step_leaves_without_gradient(tmp_path, freeze_vision_tower):
+    run = parse_arguments(["--output_dir", str(tmp_path), "--freeze_vision_tower", str(freeze_vision_tower)],
+                          profile=PROFILE)  # fmt: skip
+    encoder = build_encoder(run)
+    image = Input("<|image_1|> a red square", image="<given>")
+    from PIL import Image
+
+    picture = Image.new("RGB", (32, 32), (200, 20, 20))
+    for images, items, pictures in ((True, [image, Input("a cat")], [picture, None]),
+                                    (False, [Input("a cat"), Input("a dog")], [None, None])):  # fmt: skip
+        encoder.zero_grad(set_to_none=True)
+        encoder({"query": encoder.builder(items, pictures)})["query"].sum().backward()
+        unwrapped = encoder.model
+        without = sorted(n for n, p in unwrapped.named_parameters() if p.requires_grad and p.grad is None)
+        assert without == sorted(encoder.parameters_without_gradient(images=images)), (images, without)
+    # The embedded default: the LLaVE recipe freezes the vision tower, so a DDP step leaves nothing unused.
+    assert (encoder.parameters_without_gradient(images=False) == []) == freeze_vision_tower
