@@ -12,9 +12,10 @@ The example's own flags:
     --dry-run            check the config and print the plan (`mmfast.train.dry_run`); no weights loaded
     --num_processes N    with --dry-run: plan for N data-parallel ranks
     --accelerate_config F  with --dry-run: check the `accelerate launch` config file F, plan for its processes
-    --heldout_tasks T...    held-out tasks to evaluate (mmeb retrieval sugarcrepe video, all or none); default:
-                         all of them when training the embedded default, none for your own model or data
-                         (evaluate those with mmfast-eval on the real benchmark)
+    --heldout_tasks T...    held-out tasks to evaluate (mmeb retrieval sugarcrepe video visdoc nli, all or none);
+                         default, when training the embedded default: those matching the recipe (the image sets;
+                         E5-V and UniME also nli), none for your own model or data (evaluate those with
+                         mmfast-eval on the real benchmark)
     --heldout_size tiny     a few rows of every held-out set instead of the full ones (fast checks, CI)
 results.json holds one results dict per evaluation ("before", "after", ...), each in mmfast-eval's shape.
 """
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .arguments import parse_arguments, read_config, to_tokens
+from .arguments import option_value, parse_arguments, read_config, to_tokens
 from .cli import DRY_RUN_FLAGS
 from .command import configure_logging, run_command
 from .default import PROFILE
@@ -47,6 +48,16 @@ from .run import leave_process_group
 
 logger = logging.getLogger(__name__)
 LOSS_CURVE = "loss.png"
+# The held-out sets an example evaluates by default on the embedded default: those that match what it trains.
+# VLM2Vec and LLaVE train image-text pairs; E5-V trains NLI text only (the image sets then show what does not
+# transfer from scratch) and UniME's stage 1 distils text, stage 2 trains image-text pairs.
+IMAGE_TASKS = tuple(task for task in TASKS if task != "nli")
+RECIPE_HELDOUT_TASKS = {"e5v": TASKS, "unime-stage1": TASKS}
+# The embedded default evaluates during training (unless the command line or config says how to evaluate):
+# held-out Flickr-style and Urban1K-style R@1 every 50 steps, drawn beside the loss in loss.png.
+DEFAULT_EVALUATION = {"eval_strategy": "steps", "eval_steps": 50, "eval_tasks": ["retrieval"]}
+# What the curve draws beside the loss when the run evaluated during training (`--eval_tasks retrieval`).
+CURVE_METRIC = "eval_flickr30k_t2i_R@1"
 
 
 def _is_main_process() -> bool:
@@ -76,6 +87,8 @@ class Example:
         self.heldout_size, self._heldout_tasks = options.heldout_size, options.heldout_tasks
         if output_dir and not self._sets_output_dir():
             self.argv += ["--output_dir", output_dir]
+        if not self._chooses("model_name_or_path", "data", "eval_strategy", "eval_tasks"):
+            self.argv += to_tokens(DEFAULT_EVALUATION)  # the embedded default evaluates as it trains
         self.results: dict[str, dict] = {}
         self.seconds: dict[str, float] = {}
 
@@ -138,13 +151,18 @@ class Example:
         return self._parsed
 
     def _sets_output_dir(self) -> bool:
-        if any(token == "--output_dir" or token.startswith("--output_dir=") for token in self.argv):
+        return self._chooses("output_dir")
+
+    def _chooses(self, *names: str) -> bool:
+        """Whether the command line or a config file sets any of `names` (a broken config counts as
+        setting them: the real parse reports it)."""
+        if any(option_value(self.argv, name) is not None for name in names):
             return True
         configs = [t for i, t in enumerate(self.argv) if i and self.argv[i - 1] == "--config"]
         try:
-            return any("output_dir" in read_config(config) for config in configs)
+            return any(name in read_config(config) for config in configs for name in names)
         except (ValueError, FileNotFoundError):
-            return True  # a broken config: the real parse reports it
+            return True
 
     def plan(self, *stages: tuple[str, str | None]) -> int:
         """--dry-run of each (recipe, config) stage; 0 when every one is valid, else 2."""
@@ -163,7 +181,9 @@ class Example:
         if self._heldout_tasks is None:
             if not self.trains_default:
                 return ()
-            return MULTI_VECTOR_TASKS if get_recipe(self.recipe).is_multi_vector else TASKS
+            if get_recipe(self.recipe).is_multi_vector:
+                return MULTI_VECTOR_TASKS
+            return RECIPE_HELDOUT_TASKS.get(self.recipe, IMAGE_TASKS)
         if "none" in self._heldout_tasks:
             return ()
         return TASKS if "all" in self._heldout_tasks else tuple(self._heldout_tasks)
@@ -226,13 +246,22 @@ def losses(log_history: Sequence[dict]) -> list[tuple[int, float]]:
     return [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry and "step" in entry]
 
 
-def plot_losses(histories: dict[str, Sequence[dict]], path: str | os.PathLike) -> Path | None:
-    """The training loss against the step, one line per stage (later stages continue the step count);
-    None, with a warning that says why, when nothing was logged or matplotlib is missing."""
-    curves, offset = {}, 0
+def evaluations(log_history: Sequence[dict], metric: str = CURVE_METRIC) -> list[tuple[int, float]]:
+    """(step, value) of `metric` at every evaluation during training (`--eval_strategy`)."""
+    return [(entry["step"], entry[metric]) for entry in log_history if metric in entry and "step" in entry]
+
+
+def plot_losses(
+    histories: dict[str, Sequence[dict]], path: str | os.PathLike, metric: str = CURVE_METRIC
+) -> Path | None:
+    """The training loss against the step, one line per stage (later stages continue the step count),
+    and, when the run evaluated during training, `metric` (held-out R@1, %) on a second axis; None,
+    with a warning that says why, when nothing was logged or matplotlib is missing."""
+    curves, scores, offset = {}, {}, 0
     for label, history in histories.items():
         points = losses(history)
         curves[label] = [(offset + step, loss) for step, loss in points]
+        scores[label] = [(offset + step, value) for step, value in evaluations(history, metric)]
         offset += max((step for step, _ in points), default=0)
     if not any(curves.values()):
         logger.warning("no training loss was logged (logging_steps larger than the run?): no loss curve")
@@ -249,12 +278,23 @@ def plot_losses(histories: dict[str, Sequence[dict]], path: str | os.PathLike) -
     for label, points in curves.items():
         if points:
             steps, values = zip(*points, strict=True)
-            axes.plot(steps, values, marker="." if len(points) < 30 else None, label=label)
+            axes.plot(steps, values, marker="." if len(points) < 30 else None, label=f"{label}: training loss")
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("training loss")
     axes.grid(alpha=0.3)
-    if len(curves) > 1:
-        axes.legend()
+    handles, names = axes.get_legend_handles_labels()
+    if any(scores.values()):
+        right = axes.twinx()
+        for label, points in scores.items():
+            if points:
+                steps, values = zip(*points, strict=True)
+                right.plot(steps, values, "s--", color="tab:red", markersize=3, label=f"{label}: held-out {metric}")
+        right.set_ylabel(f"held-out {metric} (%)")
+        right.set_ylim(0, 100)
+        more_handles, more_names = right.get_legend_handles_labels()
+        handles, names = handles + more_handles, names + more_names
+    if len(handles) > 1:
+        axes.legend(handles, names, fontsize=7, loc="center right")
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)

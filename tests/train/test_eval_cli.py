@@ -50,7 +50,9 @@ def test_every_task_end_to_end_on_a_tiny_generated_set_with_the_tiny_default_mod
     data = generate(tmp_path / "data", sizes=Sizes.tiny())
     encoder = Encoder.from_pretrained(default_backbone())
     results = evaluate_default(encoder, data=data, output_dir=tmp_path / "eval", show_progress=False)
-    assert set(results) == {"mmeb", "retrieval", "sugarcrepe", "video", "visdoc"}
+    assert set(results) == {"mmeb", "retrieval", "sugarcrepe", "video", "visdoc", "nli"}
+    nli = results["nli"]["nli"]
+    assert (nli["num_rows"], nli["num_candidates"]) == (8, 16) and 0 <= nli["p2e_R@1"] <= 100
     datasets = results["mmeb"]["datasets"]
     assert datasets and all(d["num_pred"] > 0 and 0 <= d["acc"] <= 100 for d in datasets.values())
     assert {"classification", "vqa", "retrieval", "grounding"} <= set(results["mmeb"]["meta_tasks"])

@@ -312,3 +312,46 @@ def test_caption_prompt_is_not_nested_in_an_encoders_own_template(tmp_path):
     assert [t for t, w in chosen.inputs if w is None] == [f"caption: {t}" for t in captions]
     with pytest.raises(ValueError, match="text_prompt must hold"):
         evaluate_retrieval(plain, data, text_prompt="no slot", **QUIET)
+
+
+def _write_nli(path, rows, header=("sent0", "sent1", "hard_neg")):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def test_nli_premise_to_entailment(tmp_path):
+    """Each premise against every entailment and contradiction of the file: R@K and ranks, entailment over
+    contradiction, and the blind length-only baseline, in the results, the table and the comparison."""
+    from mmfast.train.evaluate.compare import format_comparison
+
+    rows = [("p0", "e0", "c0 longer"), ("p1", "e1 longer", "c1"), ("p2", "e2", "c2")]
+    path = _write_nli(tmp_path / "heldout.csv", rows)
+    vectors = {"p0": axis(0), "e0": axis(0), "c0 longer": axis(1),  # found at rank 1, beats its contradiction
+               "p1": axis(2), "c1": axis(2), "e1 longer": axis(3),  # its contradiction ranks first
+               "p2": axis(4), "e2": [0.6, 0, 0, 0, 0.8, 0], "c2": [0, 0, 0, 0, 0.6, 0.8]}  # fmt: skip
+    encoder = FakeEncoder(vectors)
+    results = evaluate(encoder, "nli", path, **QUIET)
+    m = results["nli"]["heldout"]
+    assert m["p2e_R@1"] == pytest.approx(200 / 3) and m["p2e_R@5"] == 100.0 and m["p2e_MnR"] == pytest.approx(4 / 3)
+    assert (m["acc"], m["num_correct"], m["num_pred"]) == (pytest.approx(200 / 3), 2, 3)
+    assert m["length_only_acc"] == pytest.approx(100 * (1 + 0 + 0.5) / 3)
+    assert (m["num_rows"], m["num_candidates"]) == (3, 6)
+    assert "NLI premise -> entailment" in format_table(results)
+    compared = format_comparison({"before": results, "after": results})
+    assert "heldout premise->entailment R@1" in compared and "blind length-only 50.00" in compared
+    assert merge_results(results)["nli"]["heldout"] == m
+
+
+def test_nli_errors_name_the_file_and_row(tmp_path):
+    encoder = FakeEncoder()
+    with pytest.raises(FileNotFoundError, match="absent.csv"):
+        evaluate(encoder, "nli", tmp_path / "absent.csv", **QUIET)
+    bad = _write_nli(tmp_path / "bad.csv", [("a", "b")], header=("sent0", "sent1"))
+    with pytest.raises(ValueError, match="bad.csv: no column hard_neg"):
+        evaluate(encoder, "nli", bad, **QUIET)
+    empty = _write_nli(tmp_path / "empty.csv", [("a", "b", "c"), ("d", "", "f")])
+    with pytest.raises(ValueError, match="empty.csv line 3: an empty sent1"):
+        evaluate(encoder, "nli", empty, **QUIET)

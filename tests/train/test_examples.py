@@ -31,12 +31,20 @@ def _main(script: str):
     return runpy.run_path(str(EXAMPLES / f"{script}.py"), run_name="example")["main"]
 
 
-def _check_outputs(out: Path, columns: list[str]):
+IMAGE_SETS = {"mmeb", "retrieval", "sugarcrepe", "video", "visdoc"}
+# The held-out sets matching each recipe: the text-only recipes (E5-V, UniME's stage 1) add the NLI set.
+HELDOUT = {"train_llave": IMAGE_SETS, "train_vlm2vec": IMAGE_SETS, "train_e5v": IMAGE_SETS | {"nli"},
+           "train_unime": IMAGE_SETS | {"nli"}}  # fmt: skip
+
+
+def _check_outputs(out: Path, columns: list[str], tasks: set[str]):
     results = json.loads((out / "results.json").read_text())
     assert list(results) == columns
     for results_of_one in results.values():  # mmfast-eval's shape, every task of the tiny held-out sets
-        assert set(results_of_one) == {"mmeb", "retrieval", "sugarcrepe", "video", "visdoc"}
+        assert set(results_of_one) == tasks
         assert 0 <= results_of_one["retrieval"]["flickr30k"]["t2i_R@1"] <= 100
+        if "nli" in tasks:
+            assert 0 <= results_of_one["nli"]["nli"]["p2e_R@1"] <= 100
         assert results_of_one["mmeb"]["meta_tasks"]
     assert (out / "loss.png").read_bytes().startswith(b"\x89PNG")
     assert (out / "mmfast_encoder.json").is_file()
@@ -49,7 +57,9 @@ def test_example_trains_and_evaluates_before_and_after(script, tmp_path, capsys)
     printed = capsys.readouterr().out
     assert "metric (%)" in printed and "flickr30k t2i R@1" in printed and "MMEB overall P@1" in printed
     assert "sugarcrepe accuracy" in printed and "documents NDCG@5" in printed
-    _check_outputs(out, ["before", "after"])
+    _check_outputs(out, ["before", "after"], HELDOUT[script])
+    if script == "train_e5v":
+        assert "nli premise->entailment R@1" in printed
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2]
 
@@ -67,7 +77,7 @@ def test_unime_example_runs_stage_2_from_stage_1(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     assert _main("train_unime")(["--output_dir", str(out), *SHORT]) == 0
     assert "after stage 1" in capsys.readouterr().out
-    _check_outputs(out, ["before", "after stage 1", "after"])
+    _check_outputs(out, ["before", "after stage 1", "after"], HELDOUT["train_unime"])
     # stage 1 from the default backbone, stage 2 from stage 1's saved encoder
     assert len(loaded) == 2 and loaded[1] == str(out / "stage1")
     assert json.loads((out / "stage1" / "mmfast_encoder.json").read_text())["text_prompt"].endswith("in one word:")
@@ -216,3 +226,23 @@ def test_a_user_error_is_one_line_and_exit_status_2(tmp_path):
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1] == f"train_llave.py: error: --data: {missing} does not exist"
+
+
+def test_the_default_evaluates_during_training_unless_told_otherwise(tmp_path):
+    """Issue 22: the default run (make demo) evaluates held-out retrieval every 50 steps and draws its R@1
+    beside the loss; a command line or config that says how to evaluate, or the user's own data, decides."""
+    from mmfast.train.example import CURVE_METRIC, Example, plot_losses
+
+    def training_args(*argv):
+        return Example("llave", ["--output_dir", str(tmp_path), *argv]).arguments().training
+
+    default = training_args()
+    assert default.eval_strategy == "steps" and default.eval_steps == 50 and default.eval_tasks == ["retrieval"]
+    assert training_args("--eval_strategy", "no").eval_strategy == "no"
+    assert training_args("--eval_strategy", "steps", "--eval_tasks", "mmeb").eval_tasks == ["mmeb"]
+    data = default_data()
+    assert (
+        training_args("--data", *map(str, data.train_files), "--image_dir", str(data.image_dir)).eval_strategy == "no"
+    )
+    history = [{"step": s, "loss": 10.0 - s} for s in (1, 2, 3, 4)] + [{"step": 4, CURVE_METRIC: 12.5}]
+    assert plot_losses({"training": history}, tmp_path / "curve.png").read_bytes().startswith(b"\x89PNG")

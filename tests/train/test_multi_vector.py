@@ -148,8 +148,8 @@ def test_mmfast_eval_scores_a_saved_multi_vector_model_on_visdoc_by_maxsim(tiny_
     import json
     import math
 
-    from mmfast.train.evaluate.cli import eval_main
     from mmfast.train.default.synthetic import Sizes, generate
+    from mmfast.train.evaluate.cli import eval_main
     from mmfast.train.evaluate.visdoc import PAGE_TEXT, QUERY_INSTRUCTION, _table, relevant_pages, resolve_image
 
     data = generate(tmp_path / "data", sizes=Sizes.tiny())

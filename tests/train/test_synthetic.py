@@ -60,6 +60,16 @@ def test_nli_triplets_load(data):
     assert spec == {"nli_for_simcse": {"path": data.nli.name, "teacher": data.teacher.name}}
 
 
+def test_nli_heldout_is_unseen(data):
+    """E5-V's held-out triplets: the training CSV's layout, distinct premises, and no sentence of any row
+    in the training CSV (in any column)."""
+    held_out = load_nli_triplets(data.nli_heldout)
+    assert len(held_out) == SIZES.nli_heldout_rows
+    assert len({e.query.text for e in held_out}) == len(held_out)
+    seen = {side.text for e in load_nli_triplets(data.nli) for side in (e.query, e.positive, *e.negatives)}
+    assert not seen & {side.text for e in held_out for side in (e.query, e.positive, *e.negatives)}
+
+
 def test_mmeb_eval_parquet(data):
     manifest = json.loads(data.mmeb_eval_subsets.read_text())
     assert set(manifest) == set(EVAL_SUBSETS)
@@ -125,6 +135,44 @@ def test_sugarcrepe_files_have_no_length_shortcut():
         for unit, length in (("characters", len), ("words", lambda text: len(text.split()))):
             accuracy = _length_only_accuracy(pairs, length)
             assert 35 <= accuracy <= 65, (kind, unit, accuracy)
+
+
+def _blind_precision(scores: list[list[float]]) -> float:
+    """P@1 in % of a blind scorer's scores per MMEB-eval row (truth at index 0; a tie counts as 1/number tied)."""
+    return 100 * sum(1 / row.count(max(row)) for row in scores if row[0] == max(row)) / len(scores)
+
+
+def test_mmeb_eval_candidates_have_no_blind_shortcut():
+    """On every MMEB-eval subset of the default (100 rows, 20 candidates: chance 5%), scorers that never
+    look at the query stay near chance: the shortest or the longest candidate text, and the candidate
+    (text and image) seen most or least often across the subset's candidate lists."""
+    from collections import Counter
+
+    root = default_data().mmeb_eval
+    for subset in EVAL_SUBSETS:
+        rows = pq.read_table(root / subset / "test-00000-of-00001.parquet").to_pylist()
+        candidates = [list(zip(row["tgt_text"], row["tgt_img_path"], strict=True)) for row in rows]
+        seen = Counter(candidate for row in candidates for candidate in row)
+        lengths = [[len(text) for text, _ in row] for row in candidates]
+        counts = [[seen[candidate] for candidate in row] for row in candidates]
+        scorers = {
+            "shortest": [[-n for n in row] for row in lengths],
+            "longest": lengths,
+            "most often": counts,
+            "least often": [[-n for n in row] for row in counts],
+        }
+        for name, scores in scorers.items():
+            assert _blind_precision(scores) <= 15, (subset, name)
+
+
+def test_nli_heldout_has_no_length_shortcut():
+    """The entailment and the contradiction of the default's 200 held-out triplets: a length-only scorer, in
+    characters or in words, stays within 50 ± 15% (as SugarCrepe's files)."""
+    with open(default_data().nli_heldout, newline="", encoding="utf-8") as f:
+        pairs = [(row["sent1"], row["hard_neg"]) for row in csv.DictReader(f)]
+    assert len(pairs) == Sizes().nli_heldout_rows
+    for unit, length in (("characters", len), ("words", lambda text: len(text.split()))):
+        assert 35 <= _length_only_accuracy(pairs, length) <= 65, unit
 
 
 def test_video(data):

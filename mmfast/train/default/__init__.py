@@ -35,7 +35,10 @@ PROFILE = {
     "learning_rate": 1e-3,
     "weight_decay": 0.01,
     "lr_scheduler_type": "cosine",
-    "warmup_steps": 0.05,
+    # Warm-up in steps, not a fraction of the run: Adam's first full-size steps collapse this model's embeddings
+    # to one point (every cosine -> 1) and it takes a while to leave it, so a short run warms up as long as the
+    # 400-step one. A 50-step run with 5% (3 steps): loss 11.9 -> 13.3 and R@1 1.0%; with 20: 7.4% (README).
+    "warmup_steps": 20,
     "max_steps": 400,
     "logging_steps": 10,
     "save_steps": 400,

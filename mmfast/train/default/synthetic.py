@@ -11,6 +11,8 @@ the trainer and the evaluator read it through the same loaders as real data.
     root/train/mixture.json                    a --data spec of those five subsets
     root/nli/nli_for_simcse.csv                E5-V triplets (sent0, sent1, hard_neg), same world
     root/nli/unime_stage1.json                 a --data spec: the CSV + teacher.safetensors
+    root/eval/nli/nli_heldout.csv              held-out NLI triplets (the CSV's layout), no sentence of
+                                               which is in the training CSV
     root/eval/mmeb/<Subset>/test-00000-of-00001.parquet   MMEB-eval rows (qry_text, qry_img_path,
     root/eval/mmeb_images/<Subset>/...                    tgt_text[], tgt_img_path[]; truth at 0)
     root/eval/mmeb/mmeb_subsets.json           meta-task and in/out-of-distribution of each subset
@@ -54,7 +56,9 @@ from mmfast.train.default.render import SHAPES
 from mmfast.train.default.sizes import Sizes
 from mmfast.train.default.writing import Images, part_rng, write_json, write_jsonl
 
-GENERATOR_VERSION = 7
+# v9: v7 (the default's videos also in MMEB-V2's layout) plus eval/nli, E5-V's held-out text set (v8 was this
+# branch's eval/nli before it met v7, and may sit in a shared cache).
+GENERATOR_VERSION = 9
 TRAIN_SUBSETS = ("ImageNet_1K", "OK-VQA", "MSCOCO_t2i", "MSCOCO_i2t", "MSCOCO")
 # Sampling weights of the mixture spec: the default trains on text-to-image pairs only (98% held-out R@1
 # at 400 steps). With the classification, VQA or grounding subsets in the mix (mixed or one-task batches,
@@ -77,6 +81,7 @@ class DefaultData:
     train_spec = property(lambda self: self.root / "train" / "mixture.json")
     train_files = property(lambda self: tuple(self.root / "train" / f"{s}.jsonl" for s in TRAIN_SUBSETS))
     nli = property(lambda self: self.root / "nli" / "nli_for_simcse.csv")
+    nli_heldout = property(lambda self: self.root / "eval" / "nli" / "nli_heldout.csv")
     teacher = property(lambda self: self.root / "nli" / "teacher.safetensors")
     teacher_spec = property(lambda self: self.root / "nli" / "unime_stage1.json")
     mmeb_eval = property(lambda self: self.root / "eval" / "mmeb")
@@ -191,6 +196,27 @@ def _nli_rows(n: int, rng: np.random.Generator) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _write_nli(path: Path, rows: list[tuple[str, str, str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(("sent0", "sent1", "hard_neg"))
+        writer.writerows(rows)
+
+
+def _nli_heldout_rows(n: int, seen: set[str], rng: np.random.Generator) -> list[tuple[str, str, str]]:
+    """n triplets, each premise distinct, no sentence of which is in `seen` (the training CSV's)."""
+    rows, premises = [], set()
+    for _ in range(100):
+        for row in _nli_rows(4 * n, rng):
+            if row[0] not in premises and not seen.intersection(row):
+                rows.append(row)
+                premises.add(row[0])
+                if len(rows) == n:
+                    return rows
+    raise ValueError(f"Sizes.nli_heldout_rows = {n}: the world has too few sentences outside the training CSV")
+
+
 def _write_train(root: Path, seed: int, image_size: int, sizes: Sizes) -> None:
     counts = dict(
         zip(
@@ -206,12 +232,11 @@ def _write_train(root: Path, seed: int, image_size: int, sizes: Sizes) -> None:
         )
     spec = {s: {"path": f"{s}.jsonl", "image_dir": "..", "weight": TRAIN_WEIGHTS[s]} for s in TRAIN_SUBSETS}
     write_json(root / "train" / "mixture.json", spec)
-    nli = root / "nli" / "nli_for_simcse.csv"
-    nli.parent.mkdir(parents=True, exist_ok=True)
-    with open(nli, "w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(("sent0", "sent1", "hard_neg"))
-        writer.writerows(_nli_rows(sizes.nli_rows, part_rng(seed, "nli")))
+    train = _nli_rows(sizes.nli_rows, part_rng(seed, "nli"))
+    _write_nli(root / "nli" / "nli_for_simcse.csv", train)
+    seen = {sentence for row in train for sentence in row}
+    _write_nli(root / "eval" / "nli" / "nli_heldout.csv", _nli_heldout_rows(sizes.nli_heldout_rows, seen,
+                                                                             part_rng(seed, "eval/nli")))  # fmt: skip
     spec = {"nli_for_simcse": {"path": "nli_for_simcse.csv", "teacher": "teacher.safetensors"}}
     write_json(root / "nli" / "unime_stage1.json", spec)
 

@@ -1,5 +1,5 @@
-"""Evaluation: MMEB Precision@1, image-text retrieval R@K, SugarCrepe, text-to-video retrieval and
-MMEB-V2's visual-document retrieval.
+"""Evaluation: MMEB Precision@1, image-text retrieval R@K, SugarCrepe, text-to-video retrieval,
+MMEB-V2's visual-document retrieval and text-only NLI retrieval.
 
 Each task has one entry, returning its part of the results dict ({task: ...}); `merge_results`
 joins parts, `write_results` writes results.json and a CSV, `format_table` renders them. The encoder
@@ -24,6 +24,7 @@ from .metrics import (
     retrieval_ranks,
 )
 from .mmeb import MMEB_SUBSETS, evaluate_mmeb
+from .nli import evaluate_nli
 from .report import TASKS, format_table, merge_results, print_table, result_rows, write_results
 from .retrieval import evaluate_retrieval
 from .sugarcrepe import SUGARCREPE_FILES, evaluate_sugarcrepe
@@ -56,7 +57,8 @@ def evaluate(
     (Video-MME, NExTQA, EgoSchema, ActivityNetQA), classification file (K700, SmthSmthV2, HMDB51,
     UCF101, Breakfast) or moment-retrieval file (QVHighlight, Charades-STA); image_root = V2's
     frame_root; output_dir gets video/<name>_score.json. "visdoc":
-    data = a BEIR folder (queries/, corpus/, qrels/), output_dir gets visdoc/<name>_score.json.
+    data = a BEIR folder (queries/, corpus/, qrels/), output_dir gets visdoc/<name>_score.json. "nli":
+    data = a CSV of (sent0, sent1, hard_neg) triplets, SimCSE's layout (no images).
     options: the task's own keywords (name, batch_size, show_progress, prompts, max_frames, ...).
     """
     common = {"strict": strict, "cache": cache, **options}
@@ -79,6 +81,8 @@ def evaluate(
         return evaluate_video_v2(encoder, data, image_root, output_dir=output_dir, **common)
     if task == "visdoc":
         return evaluate_visdoc(encoder, data, image_root, output_dir=output_dir, **common)
+    if task == "nli":
+        return evaluate_nli(encoder, data, image_root, **common)
     raise ValueError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
 
 
@@ -93,6 +97,7 @@ __all__ = [
     "cross_modal_metrics",
     "evaluate",
     "evaluate_mmeb",
+    "evaluate_nli",
     "evaluate_retrieval",
     "evaluate_sugarcrepe",
     "evaluate_video",

@@ -3,7 +3,8 @@ is measured over and its chance level, so that a gain can be read at a glance.
 
 Headlines: image-text retrieval t2i and i2t R@1 per set, MMEB Precision@1 per meta-task and overall,
 SugarCrepe accuracy over every pair, text-video t2v and v2t R@1 per set (hit@1 for an MMEB-V2 set),
-visual-document NDCG@5 per set (all in %).
+visual-document NDCG@5 per set, NLI premise -> entailment R@1 and entailment-over-contradiction accuracy
+per set (all in %).
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ def headlines(results: Mapping) -> dict[str, tuple[float, str, float | None]]:
         rows[f"{name} v2t R@1"] = (m["v2t_R@1"], over, chance)
     for name, m in results.get("visdoc", {}).items():
         rows[f"{name} NDCG@5"] = (m["ndcg_linear@5"], f"{m['num_queries']} queries, {m['num_pages']} pages", None)
+    for name, m in results.get("nli", {}).items():
+        over = f"{m['num_rows']} premises, {m['num_candidates']} sentences"
+        rows[f"{name} premise->entailment R@1"] = (m["p2e_R@1"], over, 100.0 / max(m["num_candidates"], 1))
+        over = f"{m['num_rows']} triplets; blind length-only {m['length_only_acc']:.2f}"
+        rows[f"{name} entailment > contradiction"] = (m["acc"], over, 50.0)
     return rows
 
 

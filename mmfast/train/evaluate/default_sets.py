@@ -16,6 +16,7 @@ from ..default import DefaultData, default_data
 from ..default.captions import FIND_IMAGE, IMAGE
 from .inputs import BARE_CAPTION, caption_prompt_for
 from .mmeb import evaluate_mmeb
+from .nli import evaluate_nli
 from .report import TASKS, merge_results
 from .retrieval import evaluate_retrieval
 from .sugarcrepe import evaluate_sugarcrepe
@@ -69,4 +70,6 @@ def evaluate_default(
             parts.append(evaluate_video_v2(encoder, data.video_v2, data.video_frames, output_dir=output_dir, **common))
     if "visdoc" in tasks:  # V2's own instructions (evaluate.visdoc), which the default never trains on
         parts.append(evaluate_visdoc(encoder, data.visdoc, name="documents", output_dir=output_dir, **common))
+    if "nli" in tasks:  # the sentences bare: the default's text-only recipes (E5-V, UniME stage 1) train them so
+        parts.append(evaluate_nli(encoder, data.nli_heldout, name="nli", **common))
     return merge_results(*parts)

@@ -12,7 +12,8 @@ results.json merges the evaluators' parts (rates in %):
                             "mean": {...}, "files_not_found": [...]}},
      "video": {<set>: {"t2v_R@1", ..., "v2t_MnR", "num_videos", "num_captions", "num_missing_videos", ...}
                or, for an MMEB-V2 set, {"hit@1", ..., "mrr@10", "num_queries", "num_videos", ...}},
-     "visdoc": {<set>: {"hit@1", ..., "ndcg_linear@5", ..., "mrr@10", "num_queries", "num_pages", ...}}}
+     "visdoc": {<set>: {"hit@1", ..., "ndcg_linear@5", ..., "mrr@10", "num_queries", "num_pages", ...}},
+     "nli": {<set>: {"p2e_R@1", ..., "p2e_MnR", "acc", "length_only_acc", "num_rows", "num_candidates", ...}}}
 The CSV has one row per (task, set, metric) for every number in it; set is the path between the task
 and the metric, e.g. ("mmeb", "datasets/ImageNet-1K", "acc") or ("retrieval", "flickr30k", "t2i_R@1").
 """
@@ -25,7 +26,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-TASKS = ("mmeb", "retrieval", "sugarcrepe", "video", "visdoc")
+TASKS = ("mmeb", "retrieval", "sugarcrepe", "video", "visdoc", "nli")
 
 
 def merge_results(*parts: Mapping) -> dict:
@@ -150,6 +151,14 @@ def _visdoc_lines(sets: Mapping) -> list[str]:
     return ["Visual-document retrieval (%, MMEB-V2's linear NDCG)", *table_lines(header, rows)]
 
 
+def _nli_lines(sets: Mapping) -> list[str]:
+    header = ["set", "p2e R@1", "R@5", "R@10", "MdR", "entailment > contradiction", "length-only (blind)", "rows",
+              "candidates"]  # fmt: skip
+    rows = [[name, m["p2e_R@1"], m["p2e_R@5"], m["p2e_R@10"], m["p2e_MdR"], m["acc"], m["length_only_acc"],
+             m["num_rows"], m["num_candidates"]] for name, m in sets.items()]  # fmt: skip
+    return ["NLI premise -> entailment (%, ranks)", *table_lines(header, rows)]
+
+
 def format_table(results: Mapping) -> str:
     """A plain-text table of every task in the results, with num_pred (or its counts) for every set."""
     sections = []
@@ -171,6 +180,8 @@ def format_table(results: Mapping) -> str:
         sections.append(_sugarcrepe_lines(results["sugarcrepe"]))
     if "visdoc" in results:
         sections.append(_visdoc_lines(results["visdoc"]))
+    if "nli" in results:
+        sections.append(_nli_lines(results["nli"]))
     return "\n\n".join("\n".join(lines) for lines in sections)
 
 
