@@ -86,6 +86,11 @@ class DataArguments:
     homogeneous_batches: bool = field(default=False, metadata={"help": "Every batch from one subset (VLM2Vec v2)"})
     max_negatives: int | None = field(default=None, metadata={"help": "Use at most this many hard negatives per row"})
     strict: bool = field(default=False, metadata={"help": "Any bad row is an error naming the file and row"})
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "Read rows from the data files as training needs them, converting nothing up front "
+                  "(data too large to convert); needs --max_steps"},
+    )  # fmt: skip
 
 
 @dataclass

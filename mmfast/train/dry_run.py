@@ -3,8 +3,9 @@
 `dry_run(argv)` parses the arguments exactly as `mmfast-train` does, then checks what a run would
 otherwise find only once it started, and prints the plan:
 - the fields (the parser's own checks, the recipe, the dtype);
-- the data: every path exists (all missing ones are listed at once); every row read as training
-  reads it (`run.load_training_data`: columns, types, bad rows, a subset with no usable row), and the
+- the data: every path exists (all missing ones are listed at once); the first `SAMPLE_ROWS` rows of
+  each file read through training's own loader (`run.load_training_data`: columns, types, bad rows, a
+  subset with no usable row), streamed, so a large file is neither read whole nor converted, and the
   epoch cut into batches for the planned processes (`run.build_sampler`), so each data error is the
   one training would give; rows training would skip are a warning;
 - the settings the Trainer would reject once started (`run.check_trainer_settings`) and the
@@ -30,11 +31,19 @@ from .arguments import DataArguments, ModelArguments, TrainingArguments, option_
 from .backbones import Family, auto_model_class, family_of
 from .checkpoints import resolve_resume
 from .data_report import DataReport
-from .data_spec import parse_data_spec
+from .data_spec import SAMPLE_ROWS, parse_data_spec
 from .launch_config import check_against_training, check_launch_config
 from .plan import HardNegatives, describe_adapter, describe_recipe
 from .recipes import Recipe
-from .run import DTYPES, batch_plan, build_sampler, check_trainer_settings, hard_negatives, load_training_data
+from .run import (
+    DTYPES,
+    batch_plan,
+    build_sampler,
+    check_trainer_settings,
+    hard_negatives,
+    load_training_data,
+    streaming_batches,
+)
 
 # Family names as they appear in hub ids, most specific first ("llama3-llava-next" is LLaVA-NeXT).
 NAME_PATTERNS = (
@@ -191,25 +200,29 @@ def check_data(data_args: DataArguments, training_args: TrainingArguments, recip
         plan.errors.append(f"{len(missing)} missing path(s):\n  " + "\n  ".join(missing))
         return None
     report = DataReport(strict=data_args.strict)
-    try:  # what training does before it loads weights: read every row, then cut the epoch into batches
-        data = load_training_data(data_args, recipe, report)
-        build_sampler(data, training_args, data_args, processes)
+    try:  # what training does before it loads weights: read the rows, then cut the epoch into batches
+        data = load_training_data(data_args, recipe, report, sample_rows=SAMPLE_ROWS)
+        if data_args.streaming:
+            streaming_batches(data, training_args, data_args)
+        else:
+            build_sampler(data, training_args, data_args, processes)
     except (ValueError, FileNotFoundError, NotADirectoryError) as error:
         plan.errors.append(str(error))
         return None
     mixture, lines = data.mixture, []
-    for source in sources:
+    for source in data.sources:
         read = sum(report.rows.get(str(path), 0) for path in source.paths)
         usable = mixture.sizes[mixture.names.index(source.name)]
         weight = "" if source.weight is None else f", weight {source.weight:g}"
         teacher = f", teacher {source.teacher}" if source.teacher else ""
+        cut = any(report.rows.get(str(path), 0) >= SAMPLE_ROWS for path in source.paths)
+        sample = f" (the first {SAMPLE_ROWS:,} of each file: a sample)" if cut else ""
         lines.append(f"{source.name}: {len(source.paths)} {source.format} file(s){weight}{teacher}; {read} row(s) "
-                     f"read, {usable} usable")  # fmt: skip
+                     f"read{sample}, {usable} usable")  # fmt: skip
     if report.total:
         plan.warnings.append(f"training will skip rows:\n  {report.summary()}")
     plan.add("data", "\n".join(lines))
-    examples = [mixture[i] for i in range(len(mixture))]
-    with_images = sorted({e.subset for e in examples if any(s.image for s in (e.query, e.positive, *e.negatives))})
+    with_images = data.subsets_with_images()
     if family is not None and not family.multimodal and with_images:
         plan.errors.append(f"the model is text-only ({family.name}) but subset(s) {', '.join(with_images)} have images")
     return hard_negatives(data, data_args)

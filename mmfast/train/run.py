@@ -12,8 +12,8 @@ import torch
 from . import checkpoints, default
 from .arguments import DataArguments, ModelArguments, TrainingArguments
 from .collator import EmbeddingCollator
-from .data import ContrastiveBatchSampler, DataReport
-from .data_spec import TrainData, load_data
+from .data_report import DataReport
+from .data_spec import SAMPLE_ROWS, TrainData, load_data
 from .encoder import Encoder
 from .evaluate.during_training import HeldOutEvaluation
 from .evaluate.report import TASKS
@@ -21,6 +21,8 @@ from .losses import Objective, distributed_world_size
 from .model_source import check_model_source
 from .plan import BatchPlan, HardNegatives, describe_adapter, describe_recipe
 from .recipes import Recipe
+from .sampling import ContrastiveBatchSampler
+from .streaming import StreamingBatches
 from .trainer import EmbeddingTrainer
 
 logger = logging.getLogger(__name__)
@@ -77,11 +79,10 @@ def batch_plan(training_args: TrainingArguments, recipe: Recipe, hard: HardNegat
 
 def hard_negatives(data: TrainData, data_args: DataArguments) -> HardNegatives:
     """The hard negatives each row gives the loss (at most `--max_negatives`)."""
-    examples, cap = data.mixture, data_args.max_negatives
-    return HardNegatives.of(
-        len(examples[i].negatives) if cap is None else min(cap, len(examples[i].negatives))
-        for i in range(len(examples))
-    )
+    counts = data.negatives_per_row()
+    if data_args.max_negatives is not None:
+        counts = counts.clip(max=data_args.max_negatives)
+    return HardNegatives.of(counts.tolist())
 
 
 def describe_run(model_args: ModelArguments, training_args: TrainingArguments, recipe: Recipe,
@@ -98,8 +99,10 @@ def check_batch_semantics(training_args: TrainingArguments, recipe: Recipe) -> N
         logger.warning("%s", warning)
 
 
-def load_training_data(data_args: DataArguments, recipe: Recipe, report: DataReport) -> TrainData:
-    """`--data` (or the embedded default data of the recipe's kind) as one dataset with its mixture."""
+def load_training_data(data_args: DataArguments, recipe: Recipe, report: DataReport,
+                       sample_rows: int | None = None) -> TrainData:  # fmt: skip
+    """`--data` (or the embedded default data of the recipe's kind) as one dataset with its mixture;
+    `sample_rows`: only that many rows of each file, streamed (the dry run's sample, `data_spec.load_data`)."""
     if data_args.data:
         data = data_args.data
     else:
@@ -115,7 +118,7 @@ def load_training_data(data_args: DataArguments, recipe: Recipe, report: DataRep
             data = defaults.teacher_spec
     loaded = load_data(data, image_dir=data_args.image_dir, teacher=data_args.teacher, strict=data_args.strict,
                        mmeb_split=data_args.mmeb_split, num_sample_per_subset=data_args.num_sample_per_subset,
-                       report=report)  # fmt: skip
+                       report=report, sample_rows=sample_rows)  # fmt: skip
     has_teacher = loaded.dataset.teacher is not None
     if recipe.is_distillation and not has_teacher:
         raise ValueError(
@@ -176,6 +179,17 @@ def build_sampler(
     )  # fmt: skip
 
 
+def streaming_batches(data: TrainData, training_args: TrainingArguments, data_args: DataArguments) -> StreamingBatches:
+    """`--streaming`: this rank's batches, read from the files as training goes (`streaming.py`)."""
+    if training_args.max_steps <= 0:
+        raise ValueError("--streaming: a stream has no length; give --max_steps")
+    return StreamingBatches(
+        data.sources, training_args.per_device_train_batch_size, homogeneous=data_args.homogeneous_batches,
+        seed=training_args.data_seed if training_args.data_seed is not None else training_args.seed,
+        num_replicas=distributed_world_size(), rank=training_args.process_index, strict=data_args.strict,
+    )  # fmt: skip
+
+
 def build_trainer(
     model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments, recipe: Recipe
 ) -> EmbeddingTrainer:
@@ -189,8 +203,12 @@ def build_trainer(
     if model_args.model_name_or_path:
         check_model_source(model_args.model_name_or_path, "--model_name_or_path")
     report = DataReport(strict=data_args.strict)
-    data = load_training_data(data_args, recipe, report)
-    sampler = build_sampler(data, training_args, data_args)
+    if data_args.streaming:  # the first rows of each file checked up front, as a dry run does; the rest as read
+        data = load_training_data(data_args, recipe, DataReport(strict=data_args.strict), sample_rows=SAMPLE_ROWS)
+        sampler, train_dataset = None, streaming_batches(data, training_args, data_args)
+    else:
+        data = load_training_data(data_args, recipe, report)
+        sampler, train_dataset = build_sampler(data, training_args, data_args), data.dataset
     encoder = build_encoder(model_args, recipe)
     collator = EmbeddingCollator(
         encoder.builder, mini_batch_size=training_args.gradcache_mini_batch_size,
@@ -204,7 +222,7 @@ def build_trainer(
         if report.total:
             logger.warning("%s", report.summary())
     return EmbeddingTrainer(
-        model=encoder, args=training_args, train_dataset=data.dataset, data_collator=collator,
+        model=encoder, args=training_args, train_dataset=train_dataset, data_collator=collator,
         eval_dataset=held_out_evaluation(training_args),
         objective=Objective(training_args.loss_options(recipe), backend=backend,
                             mask_duplicates=training_args.mask_duplicate_candidates),

@@ -31,7 +31,8 @@ from torch.utils.data import DataLoader
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, speed_metrics
 
 from . import checkpoints
-from .data import ContrastiveBatchSampler, DataReport
+from .data_report import DataReport
+from .sampling import ContrastiveBatchSampler
 from .evaluate.during_training import HeldOutEvaluation, RankShards, evaluation_output_dir, flat_metrics
 from .evaluate.report import write_results
 from .grad_cache import full_batch_step, grad_cache_step
@@ -53,11 +54,12 @@ class EmbeddingTrainer(transformers.Trainer):
     """A Trainer for `Encoder` models.
 
     objective: the recipe's loss (`losses.Objective`).
-    batch_sampler: yields the dataset indices of each contrastive batch of this device.
+    batch_sampler: yields the dataset indices of each contrastive batch of this device (None when the
+    train dataset is a stream of batches, `streaming.StreamingBatches`).
     data_report: where skipped rows are counted (merged from every batch); saved beside checkpoints.
     """
 
-    def __init__(self, *args, objective: Objective, batch_sampler: ContrastiveBatchSampler, data_report=None, **kw):
+    def __init__(self, *args, objective: Objective, batch_sampler: ContrastiveBatchSampler | None, data_report=None, **kw):
         super().__init__(*args, **kw)
         if self.is_deepspeed_enabled and self.args.grad_cache:
             # accelerate's backward runs the engine's optimizer step after every backward at a step's end:
@@ -82,6 +84,9 @@ class EmbeddingTrainer(transformers.Trainer):
 
     def get_train_dataloader(self) -> DataLoader:
         args = self.args
+        if isinstance(self.train_dataset, torch.utils.data.IterableDataset):
+            # --streaming: the stream yields this rank's batches itself (streaming.py); not sharded again.
+            return DataLoader(self.train_dataset, batch_size=None, collate_fn=self.data_collator)
         workers = args.dataloader_num_workers
         loader = DataLoader(
             self.train_dataset,
@@ -97,7 +102,8 @@ class EmbeddingTrainer(transformers.Trainer):
     def _run_epoch(self, *args, **kwargs):
         # The Trainer reaches the sampler's set_epoch through accelerate's wrappers, except when a
         # multi-process run resumes mid-epoch; set it here so every epoch's order is (seed, epoch).
-        self.batch_sampler.set_epoch(kwargs["epoch"] if "epoch" in kwargs else args[1])
+        epoch = kwargs["epoch"] if "epoch" in kwargs else args[1]
+        (self.batch_sampler or self.train_dataset).set_epoch(epoch)
         return super()._run_epoch(*args, **kwargs)
 
     # --- the step ---
