@@ -316,8 +316,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="steps after the first (timed)")
     parser.add_argument("--image-rows", type=int, help="train on this many generated text→image rows")
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--data-scaling", type=int, nargs="+", metavar="ROWS",
-                        help="one-step runs on text-only MMEB-train JSONLs of these sizes (module docstring)")
+    parser.add_argument(
+        "--data-scaling",
+        type=int,
+        nargs="+",
+        metavar="ROWS",
+        help="one-step runs on text-only MMEB-train JSONLs of these sizes (module docstring)",
+    )
     parser.add_argument("--python", default=sys.executable, help="--data-scaling: the interpreter to run")
     parser.add_argument("--label", default="this", help="--data-scaling: the code's name in the table")
     parser.add_argument("--child", nargs=2, metavar=("PROVIDER", "BATCH"), help=argparse.SUPPRESS)

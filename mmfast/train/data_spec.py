@@ -42,9 +42,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 import numpy as np
+import torch
 
 from mmfast.train.data import EmbeddingDataset, Example, FileRows, load_mmeb_train, load_nli_triplets, subset_name
 from mmfast.train.data_report import DataReport

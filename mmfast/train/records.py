@@ -154,13 +154,17 @@ def open_records(path: Path, *, required: Sequence[str], lists: Sequence[str] = 
         return _from_generator(csv_records, kwargs, _features(required, ()), streaming, cache_dir)
     if suffix == ".parquet":
         files = {"train": [str(path)]}
-        return datasets.load_dataset("parquet", data_files=files, split="train", streaming=streaming, cache_dir=cache_dir)
+        return datasets.load_dataset(
+            "parquet", data_files=files, split="train", streaming=streaming, cache_dir=cache_dir
+        )
     if suffix != ".jsonl":
         raise ValueError(f"{path}: a data file must be .jsonl, .parquet or .csv")
     kwargs = {"path": signature["path"], "required": tuple(required), "lists": tuple(lists),
               "size": signature["size"], "mtime_ns": signature["mtime_ns"]}  # fmt: skip
     if _is_empty(path) if signature["size"] < 2**16 else False:
-        return datasets.Dataset.from_dict({c: [] for c in _features(required, lists)}, features=_features(required, lists))
+        return datasets.Dataset.from_dict(
+            {c: [] for c in _features(required, lists)}, features=_features(required, lists)
+        )
     if not streaming:
         quiet = logging.getLogger("datasets.packaged_modules.json")
         level, quiet.level = quiet.level, logging.CRITICAL  # its "Failed to load JSON" is not the user's error

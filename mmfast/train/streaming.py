@@ -55,7 +55,9 @@ def count_rows(path) -> int:
 class _SubsetStream:
     """Endless checked rows of one subset, through a shuffle buffer."""
 
-    def __init__(self, source: DataSource, rng: np.random.Generator, buffer_rows: int, strict: bool, report: DataReport):
+    def __init__(
+        self, source: DataSource, rng: np.random.Generator, buffer_rows: int, strict: bool, report: DataReport
+    ):
         self.source, self.rng, self.buffer_rows, self.strict, self.report = source, rng, buffer_rows, strict, report
         self.buffer: list[Example] = []
         self.rows = self._rows()

@@ -32,11 +32,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, speed_metrics
 
 from . import checkpoints
 from .data_report import DataReport
-from .sampling import ContrastiveBatchSampler
 from .evaluate.during_training import HeldOutEvaluation, RankShards, evaluation_output_dir, flat_metrics
 from .evaluate.report import write_results
 from .grad_cache import full_batch_step, grad_cache_step
 from .losses import Objective, distributed_world_size
+from .sampling import ContrastiveBatchSampler
 
 logger = logging.getLogger(__name__)
 TRAINING_ARGS_NAME = "training_args.bin"
@@ -59,7 +59,9 @@ class EmbeddingTrainer(transformers.Trainer):
     data_report: where skipped rows are counted (merged from every batch); saved beside checkpoints.
     """
 
-    def __init__(self, *args, objective: Objective, batch_sampler: ContrastiveBatchSampler | None, data_report=None, **kw):
+    def __init__(
+        self, *args, objective: Objective, batch_sampler: ContrastiveBatchSampler | None, data_report=None, **kw
+    ):
         super().__init__(*args, **kw)
         if self.is_deepspeed_enabled and self.args.grad_cache:
             # accelerate's backward runs the engine's optimizer step after every backward at a step's end:
