@@ -193,8 +193,8 @@ def _needs_line_reader(table, required: Sequence[str], lists: Sequence[str]) -> 
     if not all(c in data.column_names and not data.column(c).null_count for c in required):
         return True
     try:  # pyarrow's reader keeps a line that is not UTF-8 as it is: a bad row the line reader marks
-        for c in present:
-            data.column(c).validate(full=True)
+        for chunk in table_chunks(table, present):
+            chunk.validate(full=True)
     except pa.ArrowInvalid:
         return True
     return False
@@ -207,12 +207,32 @@ def table_chunks(records, columns: Sequence[str], *, limit: int | None = None,
     datasets = _datasets()
     left = limit
     if isinstance(records, datasets.Dataset):
-        table = records.data.table
-        table = table.select([c for c in columns if c in table.column_names])
-        if left is not None:
-            table = table.slice(0, left)
-        for start in range(0, table.num_rows, chunk_rows):
-            yield table.slice(start, chunk_rows)
+        names = [c for c in columns if c in records.column_names]
+        files = [f["filename"] for f in records.cache_files]
+        if not files:  # in memory (an empty file)
+            table = records.data.table.select(names)
+            yield from (table.slice(s, chunk_rows) for s in range(0, table.slice(0, limit).num_rows, chunk_rows))
+            return
+        # The cache files are read, not mapped: a pass over every row then leaves the rows on disk, where a
+        # pass through the memory map would leave each page it touched in this process's resident memory.
+        pending, count = [], 0
+        for name in files:
+            with pa.OSFile(name) as f:
+                for batch in pa.ipc.open_stream(f):
+                    if left is not None:
+                        batch = batch.slice(0, left)
+                        left -= batch.num_rows
+                    pending.append(batch.select(names))
+                    count += batch.num_rows
+                    if count >= chunk_rows:
+                        yield pa.Table.from_batches(pending)
+                        pending, count = [], 0
+                    if left is not None and left <= 0:
+                        break
+            if left is not None and left <= 0:
+                break
+        if count:
+            yield pa.Table.from_batches(pending)
         return
     names = [c for c in columns if c in (records.column_names or columns)]
     stream = records.select_columns(names) if records.column_names else records
