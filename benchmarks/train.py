@@ -19,6 +19,16 @@ its config, E5-V's NLI triplets (one hard negative per row), τ 0.05, last-token
   st-cached    sentence-transformers' CachedMultipleNegativesRankingLoss (GradCache with a
                [mini-batch, N] score block per mini-batch), scale 1/τ, the same mini-batch and rows
                (past the 2000 rows of the default NLI set, rows repeat)
+Data scaling (`--data-scaling ROWS...`): a one-step `mmfast-train` on a generated text-only MMEB-train
+JSONL of each size (the embedded default model, vlm2vec recipe, batch 64), run as a user runs it (a
+fresh `python -m mmfast.train` process): its wall time (start to exit, so the time to the first step
+and the tiny model's save), its CPU time (user + system: steadier than the wall time on a loaded
+machine) and its peak RSS (ru_maxrss of the child). `cold`: an empty datasets cache (HF_DATASETS_CACHE,
+a fresh folder per size), `warm`: the same data started again on that cache. An untimed run first
+builds the embedded default model.
+`--python` runs another checkout's interpreter (e.g. main's .venv, for "before"):
+    python benchmarks/train.py --data-scaling 10000 2000000 --json benchmarks/results/train_data_scaling.json
+    python benchmarks/train.py --data-scaling 10000 2000000 --python /work/main/.venv/bin/python --label main
 Memory: `peak_rss_mib` is the whole process's peak resident memory (ru_maxrss at its end: the model,
 optimizer state, data and every batch's inputs included), `device_peak_mib` the accelerator's
 allocator peak where there is one; `extra_peak_mib` (text providers only) is the high-water mark of
@@ -237,6 +247,67 @@ def child(provider: str, batch: int, mini: int, repeats: int, image_rows: int | 
             **peak_memory(), "threads": torch.get_num_threads()}  # fmt: skip
 
 
+DATA_ROOT = Path("/tmp/mmfast-bench-data")
+TOPICS = ("a red bicycle", "the stock market", "mountain weather", "a jazz concert", "ancient rome", "protein folding")
+
+
+def text_mmeb_jsonl(rows: int) -> Path:
+    """A text-only MMEB-train JSONL of `rows` rows (about 200 bytes a row), written once."""
+    path = DATA_ROOT / f"Text_{rows}.jsonl"
+    if not path.is_file():
+        DATA_ROOT.mkdir(parents=True, exist_ok=True)
+        scratch = path.with_suffix(f".{os.getpid()}")
+        with open(scratch, "w") as f:
+            for i in range(rows):
+                topic = TOPICS[i % len(TOPICS)]
+                f.write(json.dumps({
+                    "qry": f"Represent the given sentence for retrieval: note {i} about {topic}, written plainly",
+                    "qry_image_path": "", "pos_text": f"passage {i}: {topic}, described in a few more words {i % 97}",
+                    "pos_image_path": "", "neg_text": "", "neg_image_path": "",
+                }) + "\n")  # fmt: skip
+        scratch.rename(path)
+    return path
+
+
+def one_step_run(python: str, data: Path, cache: Path, output_dir: Path) -> dict:
+    """`python -m mmfast.train` for one step on `data`: wall seconds and the child's peak RSS."""
+    command = [python, "-m", "mmfast.train", "--recipe", "vlm2vec", "--data", str(data), "--max_steps", "1",
+               "--per_device_train_batch_size", "64", "--output_dir", str(output_dir), "--save_strategy", "no",
+               "--report_to", "none"]  # fmt: skip
+    env = {**os.environ, "HF_DATASETS_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    start = time.perf_counter()
+    child = subprocess.Popen(command, cwd="/tmp", env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - start
+    err = child.stderr.read().decode()
+    child.stderr.close()
+    if os.waitstatus_to_exitcode(status):
+        raise RuntimeError(f"{' '.join(command)} failed:\n{err[-2000:]}")
+    return {"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime, "peak_rss_mib": usage.ru_maxrss / 1024}
+
+
+def data_scaling(sizes: list[int], python: str, label: str) -> list[dict]:
+    """Cold then warm one-step runs per data size (see the module docstring)."""
+    import shutil
+    import tempfile
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mmfast-bench-cache-") as scratch:  # untimed: the default built once
+        one_step_run(python, text_mmeb_jsonl(10_000), Path(scratch) / "datasets", Path(scratch) / "out")
+    print(f"{'code':8s} {'rows':>9s} {'start':6s} {'seconds':>8s} {'CPU s':>7s} {'peak MiB':>9s}")
+    for size in sizes:
+        data = text_mmeb_jsonl(size)
+        with tempfile.TemporaryDirectory(prefix="mmfast-bench-cache-") as scratch:
+            cache, output_dir = Path(scratch) / "datasets", Path(scratch) / "out"
+            for start in ("cold", "warm"):
+                row = {"code": label, "rows": size, "start": start, **one_step_run(python, data, cache, output_dir)}
+                rows.append(row)
+                print(f"{label:8s} {size:9d} {start:6s} {row['seconds']:8.1f} {row['cpu_seconds']:7.1f} "
+                      f"{row['peak_rss_mib']:9.0f}", flush=True)  # fmt: skip
+            shutil.rmtree(cache, ignore_errors=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, nargs="+", default=[64, 256, 1024])
@@ -245,10 +316,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="steps after the first (timed)")
     parser.add_argument("--image-rows", type=int, help="train on this many generated text→image rows")
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--data-scaling",
+        type=int,
+        nargs="+",
+        metavar="ROWS",
+        help="one-step runs on text-only MMEB-train JSONLs of these sizes (module docstring)",
+    )
+    parser.add_argument("--python", default=sys.executable, help="--data-scaling: the interpreter to run")
+    parser.add_argument("--label", default="this", help="--data-scaling: the code's name in the table")
     parser.add_argument("--child", nargs=2, metavar=("PROVIDER", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child[0], int(args.child[1]), args.mini_batch, args.repeats, args.image_rows)))
+        return
+    if args.data_scaling:
+        print(machine())
+        rows = data_scaling(args.data_scaling, args.python, args.label)
+        if args.json:
+            write_json(args.json, rows)
         return
     if args.image_rows:
         image_set(args.image_rows)  # generated once, before any case is measured

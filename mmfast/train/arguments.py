@@ -91,6 +91,11 @@ class DataArguments:
         metadata={"help": "A batch order file (mmfast-mine --batch_order): train on its batches, in a seeded order "
                   "per epoch, instead of shuffled ones"},
     )  # fmt: skip
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "Read rows from the data files as training needs them, converting nothing up front "
+                  "(data too large to convert); needs --max_steps"},
+    )  # fmt: skip
 
 
 # When GradCache syncs gradients under FSDP (EmbeddingTrainer.defer_gradient_sync).

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .data import BadImageError, DataReport, Example, Input, load_image
+from .data import Example, Input, load_image
+from .data_report import BadImageError, DataReport
 from .encoder import InputBuilder
 from .mini_batches import MiniBatches, MiniBatching, pack_by_tokens, padded_tokens
 
@@ -111,6 +112,8 @@ class EmbeddingCollator:
 
     def __call__(self, examples: Sequence[Example]) -> dict:
         report = DataReport(strict=self.strict)
+        if getattr(examples, "skipped", None) is not None:  # rows a stream skipped to read this batch (streaming.py)
+            report.merge(examples.skipped)
         kept, rows, lengths = [], [], []
         # A chunk of rows at a time: every image is decoded once here, to check it (and, with a token
         # budget, to count its tokens), and dropped with its chunk; the step decodes it again.

@@ -42,23 +42,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from mmfast.train.data import (
-    EmbeddingDataset,
-    Example,
-    TeacherEmbeddings,
-    load_mmeb_train,
-    load_nli_triplets,
-    load_teacher,
-    subset_name,
-)
+from mmfast.train.data import EmbeddingDataset, Example, FileRows, load_mmeb_train, load_nli_triplets, subset_name
 from mmfast.train.data_report import DataReport
 from mmfast.train.mapping_file import read_mapping_file
-from mmfast.train.sampling import Mixture, mixture
+from mmfast.train.sampling import Concatenation, Mixture, mixture
+from mmfast.train.teacher_file import TeacherEmbeddings, load_teacher
 
 logger = logging.getLogger(__name__)
 
+SAMPLE_ROWS = 20_000  # rows of each file a dry run (or a streaming run, up front) reads: more than a global batch
 FORMATS = {".jsonl": "mmeb", ".parquet": "mmeb", ".csv": "nli"}
 SPEC_SUFFIXES = (".yaml", ".yml", ".json")
 SPEC_KEYS = {"path", "weight", "image_dir", "teacher", "format", "mmeb_split", "num_sample_per_subset"}
@@ -81,10 +76,23 @@ class DataSource:
 
 @dataclass(frozen=True)
 class TrainData:
+    """The rows of every subset (`mixture`, in `sources` order), what loading them found (`report`)."""
+
     dataset: EmbeddingDataset
     mixture: Mixture[Example]
     report: DataReport
     sources: tuple[DataSource, ...]
+
+    def _files(self, name: str) -> list[FileRows]:
+        rows = self.mixture.items.parts[self.mixture.names.index(name)]
+        return list(rows.parts) if isinstance(rows, Concatenation) else [rows]
+
+    def negatives_per_row(self) -> np.ndarray:
+        """Each row's number of hard negatives, in the mixture's order (read by column, not row by row)."""
+        return np.concatenate([f.negatives for name in self.mixture.names for f in self._files(name)])
+
+    def subsets_with_images(self) -> list[str]:
+        return [name for name in self.mixture.names if any(f.images for f in self._files(name))]
 
 
 def _format_of(path: Path, where: str) -> str:
@@ -232,8 +240,10 @@ def load_data(
     num_sample_per_subset: int | None = None,
     strict: bool = False,
     report: DataReport | None = None,
+    sample_rows: int | None = None,
 ) -> TrainData:
-    """Reads every subset of `--data` into one dataset with its mixture (and teacher rows)."""
+    """Reads every subset of `--data` into one dataset with its mixture (and teacher rows).
+    `sample_rows`: read at most that many rows of each file, as a stream (the dry run's sample)."""
     is_spec = not isinstance(data, (str, os.PathLike)) and data and all(isinstance(d, DataSource) for d in data)
     if is_spec:
         sources = tuple(data)
@@ -252,30 +262,33 @@ def load_data(
                 f"--data: subset {source.name!r}: num_sample_per_subset with a teacher file is not supported "
                 "(the teacher holds one row per data row); cut the data file and the teacher instead"
             )
-        examples, rows = [], 0
+        files, rows, cut = [], 0, False
         for path in source.paths:
             limit = None if source.max_rows is None else source.max_rows - rows
             if limit == 0:
                 break
+            if sample_rows is not None:
+                limit = sample_rows if limit is None else min(limit, sample_rows)
             local = DataReport(strict=strict or report.strict, keep=report.keep)
+            read = {"subset": source.name, "strict": strict, "report": local, "limit": limit,
+                    "streaming": sample_rows is not None}  # fmt: skip
             if source.format == "nli":
-                loaded = load_nli_triplets(path, subset=source.name, strict=strict, report=local, limit=limit)
+                loaded = load_nli_triplets(path, **read)
             else:
-                loaded = load_mmeb_train(
-                    path, source.image_dir, subset=source.name, strict=strict, report=local, limit=limit
-                )
+                loaded = load_mmeb_train(path, source.image_dir, **read)
             if source.teacher is not None:
-                loaded = [dataclasses.replace(e, teacher=offset + rows + e.row) for e in loaded]
-            examples += loaded
+                loaded = loaded.with_teacher(offset + rows)
+            files.append(loaded)
+            cut = cut or (sample_rows is not None and local.rows_read >= sample_rows)
             rows += local.rows_read
             report.merge(local)
         if source.name in subsets:
             raise ValueError(f"--data: subset {source.name!r} is given twice")
-        if not examples:
+        if not sum(len(f) for f in files):
             raise ValueError(f"--data: subset {source.name!r} has no usable row\n{report.summary()}")
-        subsets[source.name] = examples
+        subsets[source.name] = files[0] if len(files) == 1 else Concatenation(files)
         if source.teacher is not None:
-            teachers.append(load_teacher(source.teacher, rows))
+            teachers.append(load_teacher(source.teacher, None if cut else rows))
             offset += rows
     weights = None
     if any(s.weight is not None for s in sources):

@@ -7,10 +7,12 @@ load, and prints the plan the run would log:
   under DeepSpeed);
 - the checks the run makes before it loads anything (`run.check_before_loading`: the
   `--resume_from_checkpoint`, the settings the Trainer would reject once started);
-- the data, read through the run's own loader (`run.load_training_data`: every missing path at once,
-  the teacher a distilling recipe needs, columns, types, bad rows, a subset with no usable row), and
-  the epoch cut into batches for the planned processes (`run.build_sampler`), so each data error is
-  the one training would give; rows training would skip are a warning;
+- the data: the first `SAMPLE_ROWS` rows of each file read through the run's own loader
+  (`run.load_training_data`: every missing path at once, the teacher a distilling recipe needs,
+  columns, types, bad rows, a subset with no usable row), streamed, so a large file is neither read
+  whole nor converted, and the epoch cut into batches for the planned processes (`run.build_sampler`,
+  or `run.streaming_batches`), so each data error is the one training would give; rows training would
+  skip are a warning;
 - the model class: from the model's config.json when it is on this machine (a folder, or the local
   HF cache), else from the model id's family name; nothing is downloaded and no weights are loaded;
 - the launcher: an `accelerate launch` config file, if given (`launch_config`), and what it means for
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 from .arguments import ModelArguments, TrainingArguments, option_value, parse_arguments, without_option
 from .backbones import Family, auto_model_class, family_of
 from .data_report import DataReport
+from .data_spec import SAMPLE_ROWS
 from .launch_config import check_against_training, check_launch_config
 from .plan import BatchPlan, HardNegatives
 from .run import (
@@ -39,6 +42,7 @@ from .run import (
     hard_negatives,
     load_training_data,
     run_sections,
+    streaming_batches,
 )
 from .run_config import RunConfig
 
@@ -168,9 +172,12 @@ def check_data(run: RunConfig, family: Family | None, plan: Plan) -> HardNegativ
         per_row = {"mmeb": None, "nli": 1, "nli_teacher": 0}[recipe.data]  # the generated MMEB rows vary
         return None if per_row is None else HardNegatives.of([per_row])
     report = DataReport(strict=data_args.strict)
-    try:  # what training does before it loads weights: read every row, then cut the epoch into batches
-        data = load_training_data(data_args, recipe, report)
-        build_sampler(data, run)
+    try:  # what training does before it loads weights: read the rows, then cut the epoch into batches
+        data = load_training_data(data_args, recipe, report, sample_rows=SAMPLE_ROWS)
+        if data_args.streaming:
+            streaming_batches(data, run)
+        else:
+            build_sampler(data, run)
     except PATH_ERRORS as error:
         plan.errors.append(str(error))
         return None
@@ -180,13 +187,14 @@ def check_data(run: RunConfig, family: Family | None, plan: Plan) -> HardNegativ
         usable = mixture.sizes[mixture.names.index(source.name)]
         weight = "" if source.weight is None else f", weight {source.weight:g}"
         teacher = f", teacher {source.teacher}" if source.teacher else ""
+        cut = any(report.rows.get(str(path), 0) >= SAMPLE_ROWS for path in source.paths)
+        sample = f" (the first {SAMPLE_ROWS:,} of each file: a sample)" if cut else ""
         lines.append(f"{source.name}: {len(source.paths)} {source.format} file(s){weight}{teacher}; {read} row(s) "
-                     f"read, {usable} usable")  # fmt: skip
+                     f"read{sample}, {usable} usable")  # fmt: skip
     if report.total:
         plan.warnings.append(f"training will skip rows:\n  {report.summary()}")
     plan.add("data", "\n".join(lines))
-    examples = [mixture[i] for i in range(len(mixture))]
-    with_images = sorted({e.subset for e in examples if any(s.image for s in (e.query, e.positive, *e.negatives))})
+    with_images = data.subsets_with_images()
     if family is not None and not family.multimodal and with_images:
         plan.errors.append(f"the model is text-only ({family.name}) but subset(s) {', '.join(with_images)} have images")
     return hard_negatives(data, data_args.max_negatives)

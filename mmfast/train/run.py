@@ -15,8 +15,8 @@ from . import checkpoints, default
 from .arguments import DataArguments, TrainingArguments
 from .batch_order import BatchOrderSampler
 from .collator import EmbeddingCollator, kept_negatives
-from .data import ContrastiveBatchSampler, DataReport
-from .data_spec import DataSource, TrainData, load_data, parse_data_spec
+from .data_report import DataReport
+from .data_spec import SAMPLE_ROWS, DataSource, TrainData, load_data, parse_data_spec
 from .encoder import Encoder
 from .evaluate.during_training import HeldOutEvaluation
 from .evaluate.report import TASKS
@@ -25,6 +25,8 @@ from .model_source import check_model_source
 from .plan import BatchPlan, HardNegatives, describe_adapter, describe_recipe
 from .recipes import Recipe
 from .run_config import RunConfig
+from .sampling import ContrastiveBatchSampler
+from .streaming import StreamingBatches
 from .trainer import EmbeddingTrainer
 
 logger = logging.getLogger(__name__)
@@ -69,9 +71,12 @@ def build_encoder(run: RunConfig) -> Encoder:
 
 
 def hard_negatives(data: TrainData, max_negatives: int | None) -> HardNegatives:
-    """The hard negatives each row gives the loss: per row, as the collator keeps them (`kept_negatives`)."""
-    examples = data.mixture
-    return HardNegatives.of(len(kept_negatives(examples[i], max_negatives)) for i in range(len(examples)))
+    """The hard negatives each row gives the loss: per row, as the collator keeps them (its first
+    `max_negatives`, `collator.kept_negatives`), counted from the data's columns."""
+    counts = data.negatives_per_row()
+    if max_negatives is not None:
+        counts = counts.clip(max=max_negatives)
+    return HardNegatives.of(counts.tolist())
 
 
 def imageless(example, max_negatives: int | None) -> bool:
@@ -115,10 +120,10 @@ def missing_data_paths(data_args: DataArguments, sources: Sequence[DataSource] =
         raise FileNotFoundError(f"{len(missing)} missing paths: " + "; ".join(f"{m} does not exist" for m in missing))
 
 
-def load_training_data(data_args: DataArguments, recipe: Recipe, report: DataReport) -> TrainData:
-    """`--data` (or the embedded default data of the recipe's kind) as one dataset with its mixture: the
-    run and its dry run read the data through this one function (every missing path in one error, the
-    teacher a distilling recipe needs, every row as training reads it)."""
+def load_training_data(data_args: DataArguments, recipe: Recipe, report: DataReport,
+                       sample_rows: int | None = None) -> TrainData:  # fmt: skip
+    """`--data` (or the embedded default data of the recipe's kind) as one dataset with its mixture;
+    `sample_rows`: only that many rows of each file, streamed (the dry run's sample, `data_spec.load_data`)."""
     if data_args.data:
         missing_data_paths(data_args)
         sources = parse_data_spec(
@@ -140,7 +145,7 @@ def load_training_data(data_args: DataArguments, recipe: Recipe, report: DataRep
             data = defaults.teacher_spec
     loaded = load_data(data, image_dir=data_args.image_dir, teacher=data_args.teacher, strict=data_args.strict,
                        mmeb_split=data_args.mmeb_split, num_sample_per_subset=data_args.num_sample_per_subset,
-                       report=report)  # fmt: skip
+                       report=report, sample_rows=sample_rows)  # fmt: skip
     has_teacher = loaded.dataset.teacher is not None
     if recipe.is_distillation and not has_teacher:
         raise ValueError(
@@ -221,6 +226,18 @@ def check_before_loading(run: RunConfig) -> tuple[str | None, list[str]]:
     return resume, errors
 
 
+def streaming_batches(data: TrainData, run: RunConfig) -> StreamingBatches:
+    """`--streaming`: this rank's batches, read from the files as training goes (`streaming.py`)."""
+    training = run.training
+    if training.max_steps <= 0:
+        raise ValueError("--streaming: a stream has no length; give --max_steps")
+    return StreamingBatches(
+        data.sources, training.per_device_train_batch_size, homogeneous=run.data.homogeneous_batches,
+        seed=training.data_seed if training.data_seed is not None else training.seed,
+        num_replicas=run.processes, rank=training.process_index, strict=run.data.strict,
+    )  # fmt: skip
+
+
 def build_trainer(run: RunConfig) -> EmbeddingTrainer:
     """The run's Trainer: its data, encoder, collator and objective, all from the resolved config."""
     training = run.training
@@ -232,8 +249,12 @@ def build_trainer(run: RunConfig) -> EmbeddingTrainer:
     if run.model.model_name_or_path:
         check_model_source(run.model.model_name_or_path, "--model_name_or_path")
     report = DataReport(strict=run.data.strict)
-    data = load_training_data(run.data, run.recipe, report)
-    sampler = build_sampler(data, run)
+    if run.data.streaming:  # the first rows of each file checked up front, as a dry run does; the rest as read
+        data = load_training_data(run.data, run.recipe, DataReport(strict=run.data.strict), sample_rows=SAMPLE_ROWS)
+        sampler, train_dataset = None, streaming_batches(data, run)
+    else:
+        data = load_training_data(run.data, run.recipe, report)
+        sampler, train_dataset = build_sampler(data, run), data.dataset
     encoder = build_encoder(run)
     if training.ddp_find_unused_parameters is None and run.processes > 1:
         # For a model that is not a PreTrainedModel, HF's Trainer asks DDP to search every step's graph for
@@ -250,7 +271,7 @@ def build_trainer(run: RunConfig) -> EmbeddingTrainer:
         if report.total:
             logger.warning("%s", report.summary())
     return EmbeddingTrainer(
-        model=encoder, args=training, train_dataset=data.dataset, data_collator=collator,
+        model=encoder, args=training, train_dataset=train_dataset, data_collator=collator,
         eval_dataset=held_out_evaluation(training), objective=Objective.of(run), batch_sampler=sampler,
         data_report=report,
     )  # fmt: skip

@@ -56,6 +56,29 @@ import torch
 T = TypeVar("T")
 
 
+class Concatenation(Sequence[T]):
+    """Sequences one after another, indexed without copying them (a subset may be millions of rows
+    read from disk when indexed)."""
+
+    def __init__(self, parts: Sequence[Sequence[T]]):
+        self.parts = tuple(parts)
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        part = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return self.parts[part][index - int(self.starts[part])]
+
+
 @dataclass(frozen=True)
 class Mixture(Generic[T]):
     """Subsets concatenated in order into one indexable sequence (the dataset's index space), with
@@ -101,7 +124,7 @@ def mixture(subsets: Mapping[str, Sequence[T]], weights: Mapping[str, float] | N
         if sum(raw) <= 0:
             raise ValueError("mixture: at least one subset needs a weight > 0")
         normalised = tuple(w / sum(raw) for w in raw)
-    items = [item for name in names for item in subsets[name]]
+    items = Concatenation([subsets[name] for name in names])
     return Mixture(items, names, tuple(len(subsets[n]) for n in names), normalised)
 
 

@@ -44,8 +44,9 @@ class TeacherEmbeddings:
         return self.query[index], self.positive[index]
 
 
-def load_teacher(path: str | os.PathLike, num_rows: int) -> TeacherEmbeddings:
-    """Reads teacher embeddings (layout in the module docstring) for a data file of `num_rows` rows."""
+def load_teacher(path: str | os.PathLike, num_rows: int | None) -> TeacherEmbeddings:
+    """Reads teacher embeddings (layout in the module docstring) for a data file of `num_rows` rows
+    (None: a file whose rows were not all read, as in the dry run's sample; any number of rows)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"teacher file not found: {path}")
@@ -73,7 +74,7 @@ def load_teacher(path: str | os.PathLike, num_rows: int) -> TeacherEmbeddings:
         raise ValueError(f"{path}: a teacher file must be .safetensors or .npy")
     if not query.is_floating_point():
         raise ValueError(f"{path}: teacher embeddings must be floating point, got {query.dtype}")
-    if query.shape[0] != num_rows or query.shape[1] == 0:
+    if query.shape[0] != (query.shape[0] if num_rows is None else num_rows) or query.shape[1] == 0:
         raise ValueError(
             f"{path}: {layout} with n = {num_rows} rows (one per data row) expected, got {tuple(query.shape)}"
         )

