@@ -46,7 +46,7 @@ def make_inputs(n_queries: int, n_corpus: int, query_tokens: int, doc_tokens: in
 
 
 def colpali_scores(query, corpus, batch: int) -> torch.Tensor:
-    scores = torch.empty(query.shape[0], corpus.shape[0])
+    scores = torch.empty(query.shape[0], corpus.shape[0], dtype=query.dtype)
     for i in range(0, query.shape[0], batch):
         for j in range(0, corpus.shape[0], batch):
             tokens = torch.einsum("bnd,csd->bcns", query[i : i + batch], corpus[j : j + batch])

@@ -24,6 +24,7 @@ import contrastive_loss as contrastive_benchmark  # noqa: E402
 import distillation_loss as distillation_benchmark  # noqa: E402
 import gpu_report  # noqa: E402
 import late_interaction_loss as late_interaction_benchmark  # noqa: E402
+import late_interaction_topk as late_interaction_topk_benchmark  # noqa: E402
 import sigmoid_loss as sigmoid_benchmark  # noqa: E402
 
 
@@ -164,3 +165,15 @@ def test_colpali_einsum_baseline_matches_the_reference():
     torch.testing.assert_close(actual, expected)
     for got, want in zip(grads_of(actual, leaves), grads_of(expected, leaves), strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_colpali_search_baseline_matches_the_reference():
+    """The search benchmark's colpali-engine way (batched einsum, batches smaller than the sets here)
+    scores as the float64 oracle does."""
+    from mmfast.reference.late_interaction_topk import late_interaction_topk_reference
+
+    query, corpus, _ = late_interaction_topk_benchmark.make_inputs(7, 9, 3, 5, 4)
+    query, corpus = query.double(), corpus.double()
+    scores = late_interaction_topk_benchmark.colpali_scores(query, corpus, batch=4)
+    values, indices, _ = late_interaction_topk_reference(query, corpus, 9)
+    torch.testing.assert_close(scores.gather(1, indices), values)
