@@ -81,6 +81,32 @@ class MinedNegatives(NamedTuple):
     dropped: torch.Tensor  # [Q] int64: candidates ranked above the last kept one, dropped as false negatives
 
 
+DEPTH_BUDGET = 1 << 22  # search results (value + index) held at once: 48 MiB
+
+
+def _search_chunk(rows, query, gallery, positive, threshold, k, depth, indices, scores, dropped) -> torch.Tensor:
+    """Searches `rows` to `depth`, fills the rows that found k eligible candidates (or saw the whole gallery);
+    returns the rows that need a deeper search."""
+    top = similarity_topk(query[rows], gallery, depth)
+    values = top.values.double()
+    not_positive = top.indices != positive[rows, None]
+    eligible = not_positive if threshold is None else not_positive & (values <= threshold[rows, None])
+    rank = eligible.cumsum(dim=1)
+    done = (rank[:, -1] >= k) | (depth == gallery.shape[0])
+    kept = eligible & (rank <= k) & done[:, None]
+    column = torch.where(kept, torch.arange(depth), depth).sort(dim=1).values[:, :k]
+    valid = column < depth
+    safe = column.clamp(max=depth - 1)
+    finished, width = rows[done], column.shape[1]  # width < k only when the gallery is smaller than k
+    indices[finished, :width] = torch.where(valid, top.indices.gather(1, safe), -1)[done]
+    scores[finished, :width] = torch.where(valid, values.gather(1, safe), float("nan"))[done]
+    # Dropped ones: not eligible, not the positive, ranked before the last kept (or anywhere, if none kept).
+    last = torch.where(valid.any(dim=1), safe.masked_fill(~valid, -1).max(dim=1).values, depth - 1)
+    before = torch.arange(depth)[None, :] <= last[:, None]
+    dropped[finished] = (~eligible & not_positive & before).sum(dim=1)[done]
+    return rows[~done]
+
+
 def mine_negatives(query: torch.Tensor, gallery: torch.Tensor, positive: torch.Tensor, k: int,
                    false_negative_ratio: float | None) -> MinedNegatives:  # fmt: skip
     """Each query's k best gallery items other than its positive (gallery index `positive[q]`), with
@@ -91,27 +117,13 @@ def mine_negatives(query: torch.Tensor, gallery: torch.Tensor, positive: torch.T
     indices = torch.full((n_queries, k), -1, dtype=torch.int64)
     scores = torch.full((n_queries, k), float("nan"), dtype=torch.float64)
     dropped = torch.zeros(n_queries, dtype=torch.int64)
-    rows = torch.arange(n_queries)
+    pending = torch.arange(n_queries)
     depth = min(n_gallery, 2 * k + 1)
-    while rows.numel():
-        top = similarity_topk(query[rows], gallery, depth)
-        values = top.values.double()
-        not_positive = top.indices != positive[rows, None]
-        eligible = not_positive if threshold is None else not_positive & (values <= threshold[rows, None])
-        rank = eligible.cumsum(dim=1)
-        done = (rank[:, -1] >= k) | (depth == n_gallery)
-        kept = eligible & (rank <= k) & done[:, None]
-        column = torch.where(kept, torch.arange(depth), depth).sort(dim=1).values[:, :k]
-        valid = column < depth
-        safe = column.clamp(max=depth - 1)
-        finished, width = rows[done], column.shape[1]  # width < k only when the gallery is smaller than k
-        indices[finished, :width] = torch.where(valid, top.indices.gather(1, safe), -1)[done]
-        scores[finished, :width] = torch.where(valid, values.gather(1, safe), float("nan"))[done]
-        # Dropped ones: not eligible, not the positive, ranked before the last kept (or anywhere, if none kept).
-        last = torch.where(valid.any(dim=1), safe.masked_fill(~valid, -1).max(dim=1).values, depth - 1)
-        before = torch.arange(depth)[None, :] <= last[:, None]
-        dropped[finished] = (~eligible & not_positive & before).sum(dim=1)[done]
-        rows = rows[~done]
+    while pending.numel():
+        # Rows in chunks, so a deep search (many candidates dropped) holds at most ~DEPTH_BUDGET results.
+        chunks = pending.split(max(1, DEPTH_BUDGET // depth))
+        pending = torch.cat([_search_chunk(rows, query, gallery, positive, threshold, k, depth, indices, scores,
+                                           dropped) for rows in chunks])  # fmt: skip
         depth = min(n_gallery, 4 * depth)
     return MinedNegatives(indices, scores, positive_scores, dropped)
 

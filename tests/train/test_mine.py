@@ -66,9 +66,12 @@ def test_mined_negatives_equal_a_float64_brute_force_reference(k, ratio):
         assert (expected == -1).any()
 
 
-def test_the_search_goes_deeper_past_dropped_false_negatives():
+@pytest.mark.parametrize("budget", [None, 16])
+def test_the_search_goes_deeper_past_dropped_false_negatives(budget, monkeypatch):
     """Every query's first 30 candidates are near-copies of its positive: all dropped, so the k kept ones
-    lie past the first search's depth (2k + 1)."""
+    lie past the first search's depth (2k + 1); with a small budget of results, rows go a few at a time."""
+    if budget is not None:
+        monkeypatch.setattr("mmfast.train.mine.DEPTH_BUDGET", budget)
     generator = torch.Generator().manual_seed(0)
     anchor, _ = near_copies(1, 9, generator)
     copies = torch.nn.functional.normalize(anchor + 0.01 * torch.randn(30, 9, generator=generator, dtype=torch.float64),
