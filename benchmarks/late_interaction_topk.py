@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -32,7 +30,7 @@ import mmfast
 from mmfast.backends.late_interaction_topk import tile_shape
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import bench_step, machine, memory_in_subprocess, peak_extra_mib, write_json  # noqa: E402
+from harness import bench_step, machine, memory_in_subprocess, timed_runs, write_json  # noqa: E402
 
 PROVIDERS = ("mmfast", "mmfast_rank", "mmfast_torch", "colpali", "naive", "bare_gemm")
 COLPALI_BATCH = 128
@@ -90,19 +88,7 @@ def measure(provider: str, n_queries, n_corpus, query_tokens, doc_tokens, dim, k
     warm = make_inputs(8, 16, query_tokens, doc_tokens, dim, seed=1)
     search_function(provider, *warm, min(k, 16))[0]()
     search, outputs = search_function(provider, *make_inputs(n_queries, n_corpus, query_tokens, doc_tokens, dim), k)
-    times, cpu_times = [], []
-
-    def timed():
-        start, cpu_start = time.perf_counter(), time.process_time()
-        search()
-        times.append(time.perf_counter() - start)
-        cpu_times.append(time.process_time() - cpu_start)
-
-    extra = peak_extra_mib(timed, lambda: None, outputs)
-    for _ in range(repeats - 1):
-        timed()
-    return {"ms": 1e3 * statistics.median(times), "cpu_ms": 1e3 * statistics.median(cpu_times), "runs": len(times),
-            "extra_peak_mib": extra}  # fmt: skip
+    return timed_runs(search, outputs, repeats)
 
 
 def main(argv=None) -> int:

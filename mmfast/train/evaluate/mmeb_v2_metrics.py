@@ -19,8 +19,10 @@ Every metric is a mean over queries; k never exceeds `max(KS)`, so only the firs
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 
 KS = (1, 5, 10)
 METRICS = ("hit", "ndcg_linear", "ndcg_exponential", "precision", "recall", "f1", "map", "mrr")
@@ -66,3 +68,14 @@ def mean_metrics(per_query: Sequence[Mapping[str, float]], num_data: int, ks: Se
     keys = [f"{metric}@{k}" for metric in METRICS for k in ks]
     means = {key: (sum(q[key] for q in per_query) / len(per_query) if per_query else 0.0) for key in keys}
     return {**means, "num_pred": len(per_query), "num_data": num_data}
+
+
+def v2_results(per_query: Sequence[Mapping[str, float]], num_data: int, output_dir, folder: str, name: str) -> dict:
+    """V2's metrics of a set in % (mmfast's results), written as V2's score file
+    `<output_dir>/<folder>/<name>_score.json` (fractions, num_pred, num_data) when output_dir is given."""
+    scores = mean_metrics(per_query, num_data)
+    if output_dir is not None:
+        target = Path(output_dir) / folder
+        target.mkdir(parents=True, exist_ok=True)
+        (target / f"{name}_score.json").write_text(json.dumps(scores, indent=4))
+    return {key: 100.0 * value for key, value in scores.items() if key not in ("num_pred", "num_data")}

@@ -41,7 +41,6 @@ fails instead); with strict it is an error naming the file and row.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -52,7 +51,7 @@ import torch
 from ..video_inputs import V2_NUM_FRAMES, sample_frame_positions
 from .cache import as_cache
 from .inputs import MISSING_EXAMPLES, ImageChecker, read_records
-from .mmeb_v2_metrics import mean_metrics, query_metrics
+from .mmeb_v2_metrics import query_metrics, v2_results
 from .video_v2 import V2_SCORE_FOLDER, v2_frame_indices, v2_set_name, video_input
 
 QA_INSTRUCTION = (
@@ -233,12 +232,7 @@ def evaluate_video_choice(
         scores = option_vectors[[index[o] for o in options]] @ vector
         ranked = torch.argsort(scores, descending=True, stable=True).tolist()  # a tie goes to the earlier option
         per_query.append(query_metrics(ranked, [answer]))
-    scores = mean_metrics(per_query, len(rows))
-    if output_dir is not None:
-        folder = Path(output_dir) / V2_SCORE_FOLDER
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{name}_score.json").write_text(json.dumps(scores, indent=4))
-    result = {key: 100.0 * value for key, value in scores.items() if key not in ("num_pred", "num_data")}
+    result = v2_results(per_query, len(rows), output_dir, V2_SCORE_FOLDER, name)
     result.update(
         num_queries=len(asked), num_videos=sum(v is not None for v in videos.values()),
         num_missing_videos=len(missing), missing_video_examples=missing[:MISSING_EXAMPLES], **checker.report(),

@@ -31,7 +31,6 @@ counted; with strict it is an error naming the file and row.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,7 +40,7 @@ import torch
 from ..video_inputs import V2_NUM_FRAMES
 from .cache import as_cache
 from .inputs import MISSING_EXAMPLES, ImageChecker, read_records, string_field
-from .mmeb_v2_metrics import mean_metrics, query_metrics
+from .mmeb_v2_metrics import query_metrics, v2_results
 from .video_v2 import V2_SCORE_FOLDER, v2_set_name, video_input
 
 QUERY_INSTRUCTION = "Find the clip that corresponds to the described scene in the given video:"
@@ -157,12 +156,7 @@ def evaluate_video_moment(
         start += len(clips)
         ranked = torch.argsort(scores, descending=True, stable=True).tolist()
         per_query.append(query_metrics(ranked, right))
-    scores = mean_metrics(per_query, rows)
-    if output_dir is not None:
-        folder = Path(output_dir) / V2_SCORE_FOLDER
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{name}_score.json").write_text(json.dumps(scores, indent=4))
-    result = {key: 100.0 * value for key, value in scores.items() if key not in ("num_pred", "num_data")}
+    result = v2_results(per_query, rows, output_dir, V2_SCORE_FOLDER, name)
     result.update(
         num_queries=len(asked), num_videos=len({label for *_, label in asked}), num_clips=len(every_clip),
         num_missing_videos=len(missing), missing_video_examples=missing[:MISSING_EXAMPLES], **checker.report(),

@@ -23,7 +23,6 @@ run fails instead. With strict it is an error naming the file and row.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -35,7 +34,7 @@ import mmfast
 from ..video_inputs import V2_NUM_FRAMES, Video, sample_frame_positions
 from .cache import as_cache
 from .inputs import MISSING_EXAMPLES, ImageChecker, read_records
-from .mmeb_v2_metrics import KS, mean_metrics, query_metrics
+from .mmeb_v2_metrics import KS, query_metrics, v2_results
 from .video import FRAME_SUFFIXES, VIDEO_SUFFIXES, VideoFile, VideoFrame, video_decoder
 
 V2_SCORE_FOLDER = "video"
@@ -190,12 +189,7 @@ def evaluate_video_v2(
             per_query.append(query_metrics([video_ids[i] for i in best], [video_id]))
     else:
         per_query = [query_metrics([], [video_id]) for video_id in ids]
-    scores = mean_metrics(per_query, len(ids))
-    if output_dir is not None:
-        folder = Path(output_dir) / V2_SCORE_FOLDER
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{name}_score.json").write_text(json.dumps(scores, indent=4))
-    result = {key: 100.0 * value for key, value in scores.items() if key not in ("num_pred", "num_data")}
+    result = v2_results(per_query, len(ids), output_dir, V2_SCORE_FOLDER, name)
     result.update(
         num_queries=len(ids), num_videos=len(video_ids), num_missing_videos=len(missing),
         missing_video_examples=missing[:MISSING_EXAMPLES], **checker.report(),

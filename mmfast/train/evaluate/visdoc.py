@@ -19,7 +19,6 @@ is left out of the corpus and counted (`num_missing_images`); with strict it is 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import mmfast
 
 from .cache import as_cache
 from .inputs import ImageChecker, resolve_image
-from .mmeb_v2_metrics import KS, mean_metrics, query_metrics
+from .mmeb_v2_metrics import KS, query_metrics, v2_results
 
 QUERY_INSTRUCTION = "Find a document image that matches the given query:"
 PAGE_TEXT = "<|image_1|> Understand the content of the provided document image."
@@ -120,12 +119,7 @@ def evaluate_visdoc(
             per_query.append(query_metrics([page_ids[i] for i in best], relevant[str(query["query-id"])]))
     else:
         per_query = [query_metrics([], relevant[str(q["query-id"])]) for q in asked]
-    scores = mean_metrics(per_query, len(asked))
-    if output_dir is not None:
-        folder = Path(output_dir) / V2_SCORE_FOLDER
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{name}_score.json").write_text(json.dumps(scores, indent=4))
-    result = {key: 100.0 * value for key, value in scores.items() if key not in ("num_pred", "num_data")}
+    result = v2_results(per_query, len(asked), output_dir, V2_SCORE_FOLDER, name)
     result.update(
         num_queries=len(asked), num_queries_without_relevant_page=len(queries) - len(asked),
         num_pages=len(page_ids), **checker.report(),
