@@ -88,11 +88,21 @@ class TrainData:
         return list(rows.parts) if isinstance(rows, Concatenation) else [rows]
 
     def negatives_per_row(self) -> np.ndarray:
-        """Each row's number of hard negatives, in the mixture's order (read by column, not row by row)."""
-        return np.concatenate([f.negatives for name in self.mixture.names for f in self._files(name)])
+        """Each row's number of hard negatives, in the mixture's order (read by column from files, not row
+        by row; rows given in memory are counted one by one)."""
+        return np.concatenate([
+            f.negatives if isinstance(f, FileRows) else np.array([len(e.negatives) for e in f], dtype=np.int64)
+            for name in self.mixture.names
+            for f in self._files(name)
+        ])  # fmt: skip
 
     def subsets_with_images(self) -> list[str]:
-        return [name for name in self.mixture.names if any(f.images for f in self._files(name))]
+        def has_images(rows) -> bool:
+            if isinstance(rows, FileRows):
+                return rows.images
+            return any(side.image for e in rows for side in (e.query, e.positive, *e.negatives))
+
+        return [name for name in self.mixture.names if any(has_images(f) for f in self._files(name))]
 
 
 def _format_of(path: Path, where: str) -> str:

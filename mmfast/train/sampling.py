@@ -95,6 +95,11 @@ class Mixture(Generic[T]):
     def __getitem__(self, index: int) -> T:
         return self.items[index]
 
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """Index of each subset's first item (mmfast-mine walks the subsets by it)."""
+        return tuple(int(x) for x in np.cumsum((0,) + self.sizes[:-1]))
+
 
 def mixture(subsets: Mapping[str, Sequence[T]], weights: Mapping[str, float] | None = None) -> Mixture[T]:
     """Concatenates subsets {name: items}. `weights` {name: w >= 0} gives each subset's sampling

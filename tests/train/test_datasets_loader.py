@@ -198,7 +198,7 @@ def test_the_dry_run_reads_its_sample_through_the_run_s_loader(tmp_path, images,
     plan = dry_run_module.dry_run(argv)
     assert "41 row(s) read, 40 usable" in plan.format() and "empty query: 1" in plan.format()
     calls.clear()
-    _, data_args, _, recipe = parse_arguments(argv)
+    run = parse_arguments(argv)
     report = DataReport()
-    data = load_training_data(data_args, recipe, report)  # what build_trainer reads the data with
+    data = load_training_data(run.data, run.recipe, report)  # what build_trainer reads the data with
     assert calls == [(str(path), False)] and data.mixture.sizes == (40,) and report.counts == {"empty query": 1}

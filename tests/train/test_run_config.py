@@ -101,16 +101,16 @@ def test_the_run_config_is_resolved_once_and_frozen(tmp_path):
 
 def test_a_loss_option_without_a_phrase_is_still_named_and_checked():
     @dataclass(frozen=True)
-    class WithDims(ContrastiveLossOptions):  # as a later option (Matryoshka's dims, say) would arrive
-        matryoshka_dims: tuple[int, ...] | None = None
+    class WithLater(ContrastiveLossOptions):  # as a later option would arrive (Matryoshka's dims did)
+        later_option: tuple[int, ...] | None = None
 
-    assert describe_loss(WithDims(matryoshka_dims=(64, 32))).endswith(", query → target only, matryoshka_dims (64, 32)")
-    assert "matryoshka_dims" not in describe_loss(WithDims())
-    recipe = dataclasses.replace(get_recipe("vlm2vec"), loss=WithDims(cross_device=True))
-    resolved = resolve_loss(recipe, {"matryoshka_dims": (8,)}, backend="auto", processes=1)
-    assert resolved.matryoshka_dims == (8,) and resolved.cross_device is False
-    with pytest.raises(ValueError, match="--matryoshka_dims: recipe llave's loss has no such option"):
-        resolve_loss(get_recipe("llave"), {"matryoshka_dims": (8,)}, backend="auto", processes=1)
+    assert describe_loss(WithLater(later_option=(64, 32))).endswith(", query → target only, later_option (64, 32)")
+    assert "later_option" not in describe_loss(WithLater())
+    recipe = dataclasses.replace(get_recipe("vlm2vec"), loss=WithLater(cross_device=True))
+    resolved = resolve_loss(recipe, {"later_option": (8,)}, backend="auto", processes=1)
+    assert resolved.later_option == (8,) and resolved.cross_device is False
+    with pytest.raises(ValueError, match="--later_option: recipe llave's loss has no such option"):
+        resolve_loss(get_recipe("llave"), {"later_option": (8,)}, backend="auto", processes=1)
 
 
 def test_hard_negatives_are_counted_per_row_as_the_collator_keeps_them():
