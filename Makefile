@@ -44,8 +44,11 @@ setup: $(STAMP)
 demo: setup
 	$(PY) examples/train_llave.py --output_dir runs/demo
 
+# The suite runs on every core (pytest-xdist, one worker per core, each worker's torch on its share of
+# the cores): TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= auto
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 # The newest versions pyproject.toml's bounds allow, in a fresh venv of its own (torch stays 2.13.0): the
 # early warning of a release that breaks a fresh install. Prints what differs from the lock, then the tests.
@@ -57,7 +60,7 @@ test-latest:
 	$(LATEST_VENV)/bin/python -m pip freeze --all --exclude-editable | $(FREEZE_FILTER) > $(LATEST_VENV)/versions.txt
 	@echo "versions that differ from $(LOCK) (< lock, > latest):"
 	@grep -v '^#' $(LOCK) | sort -f | diff - $(LATEST_VENV)/versions.txt || true
-	$(LATEST_VENV)/bin/python -m pytest -q
+	$(LATEST_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 # Records the versions `make test-latest` installed (and passed with) as the new lock.
 lock:

@@ -6,9 +6,16 @@
   floats and sentinel-filled integers, so an output element a kernel never writes fails the test.
   It first drops the chunk loops' kept CPU scratch (mmfast/backends/chunked.scratch), so each test's
   first loop gets a poisoned one too.
+- Under pytest-xdist (`make test` runs one worker per core), each worker's torch gets its share of the
+  cores, so two workers do not fight over the same ones; `test_threads.py` checks the C++ kernels at
+  several thread counts against one thread. The embedded default (MMFAST_HOME) is built once for all
+  workers: the controller picks the folder before it starts them, and the builder is safe to race.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -44,6 +51,12 @@ def poison_allocations(monkeypatch, request):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "no_poison: do not NaN-fill fresh allocations in this test")
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:  # in a worker
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
+    elif "MMFAST_HOME" not in os.environ:  # in the controller, or a run without workers
+        os.environ["MMFAST_HOME"] = tempfile.mkdtemp(prefix="mmfast-test-home-")
+        atexit.register(shutil.rmtree, os.environ["MMFAST_HOME"], True)
 
 
 @pytest.fixture

@@ -22,7 +22,6 @@ document tokens' scores by 0 instead of leaving them out: documents unpadded the
 from __future__ import annotations
 
 import importlib.util
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import mmfast
-from tests.helpers import BACKENDS, unit_rows
+from tests.helpers import BACKENDS, install_peer_once, unit_rows
 
 PEERS = ("colpali-engine==0.3.18", "pylate==1.6.0")
 PEER_DIR = Path(__file__).resolve().parent.parent / ".peer-losses"  # beside .venv; in .gitignore
@@ -40,13 +39,7 @@ PEER_DIR = Path(__file__).resolve().parent.parent / ".peer-losses"  # beside .ve
 
 @pytest.fixture(scope="session")
 def peer_site() -> Path:
-    marker = PEER_DIR / ".installed"
-    installed = marker.read_text() if marker.exists() else ""
-    if installed != " ".join(PEERS):
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--upgrade", "--target",
-                        str(PEER_DIR), *PEERS], check=True)  # fmt: skip
-        marker.write_text(" ".join(PEERS))
-    return PEER_DIR
+    return install_peer_once(PEER_DIR, PEERS)
 
 
 def _load(name: str, path: Path) -> types.ModuleType:

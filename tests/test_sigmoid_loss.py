@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torch
 import mmfast
 from mmfast.backends import chunked
 from mmfast.reference import sigmoid_loss_reference
-from tests.helpers import BACKENDS, assert_within_torch_error, unit_rows
+from tests.helpers import BACKENDS, assert_within_torch_error, install_peer_once, unit_rows
 
 GRAD_NAMES = ("query", "target", "negatives", "logit_scale", "logit_bias")
 
@@ -346,10 +345,7 @@ OPEN_CLIP_DIR = Path(sys.prefix) / "peers" / "open_clip_torch-3.3.0"
 
 @pytest.fixture(scope="session")
 def open_clip_loss():
-    loss_file = OPEN_CLIP_DIR / "open_clip" / "loss.py"
-    if not loss_file.exists():
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(OPEN_CLIP_DIR),
-                        OPEN_CLIP], check=True)  # fmt: skip
+    loss_file = install_peer_once(OPEN_CLIP_DIR, (OPEN_CLIP,)) / "open_clip" / "loss.py"
     spec = importlib.util.spec_from_file_location("open_clip_loss", loss_file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -49,8 +49,9 @@ def one_thread():
 
 @pytest.fixture(scope="session", autouse=True)
 def mmfast_home(tmp_path_factory):
-    """The embedded default (data and backbone) is built once per session into a private folder,
-    unless the caller points MMFAST_HOME at a prepared one."""
+    """The embedded default (data and backbone) is built once per session into a private folder (chosen
+    by tests/conftest.py, shared by every xdist worker), unless the caller points MMFAST_HOME at a
+    prepared one."""
     if "MMFAST_HOME" not in os.environ:
         os.environ["MMFAST_HOME"] = str(tmp_path_factory.mktemp("mmfast_home"))
     yield os.environ["MMFAST_HOME"]
