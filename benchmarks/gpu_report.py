@@ -15,6 +15,10 @@ Part 3: the pooling ops are memory-bound; their bytes against naive PyTorch's.
 
 Part 4: similarity_topk, its GEMM at peak plus its merge's CUDA-core operations.
 
+Part 5: late_interaction_loss's Triton backend, fwd+bwd (mmfast.kernels.roofline_late_interaction):
+the fused MaxSim GEMM, the backward's sort, gather and segmented sum, against the bare token-score
+GEMM and colpali-engine's einsum path.
+
 Part 2, the cost model (mmfast.kernels.roofline, which also drives the triton backend's "auto"
 path): each GEMM config's fraction of H100 peak (shared-memory feed, L2, latency at its compiled
 occupancy, waves, sustained clocks; its docstring gives the sources and assumptions), then per loss
@@ -36,7 +40,7 @@ from pathlib import Path
 import torch
 
 from mmfast.backends.chunked import chunk_rows
-from mmfast.kernels import roofline
+from mmfast.kernels import roofline, roofline_late_interaction
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 H100 = {name: roofline.H100.peak(name) for name in ("bf16", "tf32", "fp32")} | {
@@ -200,6 +204,26 @@ def similarity_topk_roofline(q: int, g: int, d: int, dtype: str, ops_per_score: 
             "merge_ms": merge_ms, "memory_ms": memory_ms, "predicted_ms": predicted_ms}  # fmt: skip
 
 
+def emit_late_interaction(emit, report) -> None:
+    model = roofline_late_interaction
+    emit("\nH100 roofline, late_interaction_loss fwd+bwd, triton backend (estimates; ms; L_q 32, L_d 1,030, D 128,")
+    emit("  N = B documents): maxsim = the fused GEMM + max/arg-max epilogue, then the backward's sort,")
+    emit("  grad_query gather and grad_documents segmented sum; gemm = the bare token-score GEMM at cuBLAS's")
+    emit("  0.75 of peak; einsum = colpali-engine's path (3 GEMMs or its token scores' traffic)")
+    emit("B      dtype  maxsim    sort  grad_q  grad_d   total    gemm  total/gemm  einsum")
+    report["late_interaction_roofline"] = []
+    for b in (64, 256, 1024):
+        for dtype in ("bf16", "fp32"):
+            shape = (b, b, 32, 1030, 128, dtype)
+            times = {k.name: k.seconds(dtype)[0] * 1e3 for k in model.late_interaction_kernels(*shape)}
+            total, gemm = sum(times.values()), model.bare_gemm_seconds(*shape) * 1e3
+            einsum = model.einsum_seconds(*shape) * 1e3
+            report["late_interaction_roofline"].append({"B": b, "dtype": dtype, **times, "total_ms": total,
+                                                        "gemm_ms": gemm, "einsum_ms": einsum})  # fmt: skip
+            parts = " ".join(f"{times[name]:7.2f}" for name in ("maxsim", "sort", "grad_query", "grad_documents"))
+            emit(f"{b:<6d} {dtype:5s} {parts} {total:7.2f} {gemm:7.2f} {total / gemm:11.2f} {einsum:7.2f}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path)
@@ -263,6 +287,7 @@ def main(argv=None) -> int:
             report["similarity_topk_roofline"].append(r)
             emit(f"{q:<6d} {g:<8d} 512  {dtype:5s}  {r['gemm_ms']:7.2f}  {r['merge_ms']:8.2f}  {r['memory_ms']:9.2f}  "
                   f"{r['predicted_ms']:12.2f}")  # fmt: skip
+    emit_late_interaction(emit, report)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))

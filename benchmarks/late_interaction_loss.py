@@ -11,8 +11,10 @@ high-water mark over what was resident before it (the inputs), minus the gradien
 Providers:
   mmfast         backend "auto" (the C++ kernels on CPU): InfoNCE, τ = 0.02
   mmfast_torch   backend "torch"
-  colpali        colpali-engine's ColbertLoss math (normalize_scores=False): the B × B × L_q × L_d
-                 einsum, amax over document tokens, sum over query tokens, cross-entropy; never run
+  colpali        colpali-engine 0.3.18's ColbertLoss itself (normalize_scores=False, its torch scores:
+                 the B × B × L_q × L_d einsum, amax over document tokens, sum over query tokens,
+                 cross-entropy), loaded from the pinned `pip install --no-deps --target .peer-losses`
+                 copy (benchmarks/peer_losses.py: it cannot share mmfast's environment); never run
                  where that tensor alone exceeds --einsum-limit-gib (reported with its size)
   gemm           the bare GEMM of every token score, Q_tokens · D_tokensᵀ, tiled into the same score
                  budget as mmfast (no max, no backward): the floor a fused forward cannot beat
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -31,6 +34,7 @@ import torch.nn.functional as F
 import mmfast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peer_losses  # noqa: E402
 from harness import machine, memory_in_subprocess, timed_runs, write_json  # noqa: E402
 
 PROVIDERS = ("mmfast", "mmfast_torch", "colpali", "gemm")
@@ -43,10 +47,12 @@ def make_inputs(batch: int, query_tokens: int, doc_tokens: int, dim: int, seed: 
     return query, document
 
 
-def colpali_einsum_loss(query: torch.Tensor, document: torch.Tensor, temperature: float = 0.02) -> torch.Tensor:
-    """colpali-engine ColbertLoss's computation (its torch path, normalize_scores=False)."""
-    scores = torch.einsum("bnd,csd->bcns", query, document).amax(dim=3).sum(dim=2)
-    return F.cross_entropy(scores / temperature, torch.arange(query.shape[0], device=query.device))
+def colpali_loss(temperature: float = 0.02) -> torch.nn.Module:
+    """colpali-engine's ColbertLoss (normalize_scores=False) on its torch (einsum) scores, from the
+    pinned copy peer_losses.install() puts beside .venv."""
+    os.environ["COLPALI_SCORES_BACKEND"] = "torch"
+    losses = peer_losses.load_colpali_losses(peer_losses.install())
+    return losses.ColbertLoss(temperature=temperature, normalize_scores=False)
 
 
 def bare_gemm(query: torch.Tensor, document: torch.Tensor) -> None:
@@ -68,12 +74,13 @@ def step_function(provider: str, query, document):
     """(one fwd+bwd step, the gradients it returns)."""
     leaves = [query.clone().requires_grad_(), document.clone().requires_grad_()]
     grads = []
+    colpali = colpali_loss() if provider == "colpali" else None
 
     def step():
         if provider == "gemm":
             return bare_gemm(query, document)
         if provider == "colpali":
-            loss = colpali_einsum_loss(*leaves)
+            loss = colpali(*leaves)
         else:
             loss = mmfast.late_interaction_loss(*leaves, backend="torch" if provider == "mmfast_torch" else "auto")
         grads[:] = torch.autograd.grad(loss, leaves)
@@ -104,6 +111,8 @@ def main(argv=None) -> int:
         provider, *numbers = args.memory_child
         print(json.dumps(measure(provider, *map(int, numbers))))
         return 0
+    if "colpali" in args.providers:
+        peer_losses.install()  # once, before the measuring processes load it
     print(f"# {machine()} | float32, CPU | L_q={args.query_tokens}, L_d={args.doc_tokens}, D={args.dim}")
     print("B      provider        wall ms     CPU ms  ÷gemm  extra MiB")
     rows = []

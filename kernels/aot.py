@@ -30,6 +30,7 @@ from mmfast.kernels import (
     contrastive_loss_fused,
     distillation_loss,
     late_interaction_loss,
+    late_interaction_loss_grads,
     late_interaction_topk,
     matmul,
     pooling,
@@ -46,7 +47,7 @@ def all_specs() -> list[CompileSpec]:
     return [*matmul.compile_specs(), *contrastive_loss.compile_specs(), *contrastive_loss_fused.compile_specs(),
             *distillation_loss.compile_specs(), *pooling.compile_specs(), *similarity_topk.compile_specs(),
             *sigmoid_loss.compile_specs(), *late_interaction_loss.compile_specs(),
-            *late_interaction_topk.compile_specs()]  # fmt: skip
+            *late_interaction_loss_grads.compile_specs(), *late_interaction_topk.compile_specs()]  # fmt: skip
 
 
 def _tool(name: str) -> str:

@@ -1,13 +1,18 @@
-"""Triton kernel of mmfast.late_interaction_loss's forward (the API is mmfast/late_interaction_loss.py):
-the MaxSim of query tokens against one document per program, the token scores never leaving registers.
+"""Triton kernels of mmfast.late_interaction_loss (the API is mmfast/late_interaction_loss.py): the
+forward's MaxSim of query tokens against one document per program, the token scores never leaving
+registers; the backward's two sparse passes through the stored arg-max.
 
 Grid (query-token blocks, documents). A program holds BLOCK_M query tokens and walks its document's
 tokens BLOCK_N at a time: a tl.dot tile (float32 accumulation), the padding's -inf bias added, the
 tile's max per query token and its first maximal column, merged into the running max with a strict >
 (an earlier tile keeps a tie): ties go to the lower document token, as on the other backends. It
 writes the max and the arg-max per (query token, document); torch sums the real query tokens' maxima.
-The backward (gathers through the arg-max) is the torch backend's, passed in as `fallback`, which
-also takes float64.
+
+Backward, from G = dLoss/dS [B, N] (kernels/late_interaction_loss_grads.py): dQ by a gather per
+query-token block (each program sums G[i, j]·D_j[argmax] over the candidates in order), dD by a
+segmented sum over the (query token, document) pairs sorted by their winning document token (each
+program owns one document token and sums its winners' G[i, j]·Q[i, t] in order). Neither uses an
+atomic, and both are deterministic. float64 takes the torch backend's kernels (`fallback`).
 
 Imports nothing from mmfast.backends: the chunk loop and validation live above this file.
 """
@@ -20,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
+
+from mmfast.kernels.late_interaction_loss_grads import grad_documents, grad_query
 
 NO_INDEX = tl.constexpr(2**31 - 1)
 
@@ -38,6 +45,7 @@ class MaxsimConfig:
 # and take far more registers per product, hence the thin BLOCK_D.
 MAXSIM_CONFIGS = {True: MaxsimConfig(64, 64, 32, 8, 2), False: MaxsimConfig(64, 64, 8, 8, 2)}
 TORCH_TO_TRITON = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+TORCH_TO_TRITON_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 @triton.jit(do_not_specialize=["n_query_tokens", "doc_tokens", "dim", "stride_q", "stride_d", "col_offset",
@@ -86,7 +94,8 @@ def dot_dtype_for(dtype: torch.dtype):
 
 
 class TritonLateInteractionKernels:
-    """The fused forward for float32/bf16/fp16; `fallback` (the torch kernels) for float64 and backward."""
+    """The fused forward and the two backward kernels for float32/bf16/fp16 (the backward's chunk loop
+    and sort: mmfast/backends/late_interaction_loss.py); `fallback` (the torch kernels) for float64."""
 
     dtypes = tuple(TORCH_TO_TRITON)
 
@@ -118,12 +127,15 @@ class TritonLateInteractionKernels:
         scores = maxsim.masked_fill_(~real, 0).view(n_queries, query_tokens, n_total).sum(dim=1)
         return scores, argmax.view(n_queries, query_tokens, n_total)
 
+    grad_query = staticmethod(grad_query)
+    grad_documents = staticmethod(grad_documents)
+
 
 def compile_specs():
     """Every variant `scores` can launch: one per input dtype."""
     from mmfast.kernels.compile_spec import CompileSpec
 
-    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+    for dtype, name in TORCH_TO_TRITON_NAMES.items():
         cfg = MAXSIM_CONFIGS[dtype != torch.float32]
         signature = {
             "q_ptr": f"*{name}", "d_ptr": f"*{name}", "bias_ptr": "*fp32", "maxsim_ptr": "*fp32", "argmax_ptr": "*i32",

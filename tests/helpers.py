@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
-import subprocess
-import sys
-from pathlib import Path
-
 import torch
 
 from mmfast.backends import cpu_unavailable_reason
@@ -49,18 +44,3 @@ def assert_within_torch_error(name, actual, reference64, torch_own, *, factor=2.
     scale = reference64.abs().max().item() if reference64.numel() else 0.0
     slack = SLACK_ULPS[torch_own.dtype] * torch.finfo(torch_own.dtype).eps * max(scale, 1e-3)
     assert err <= factor * own + slack, f"{name}: error {err:.3e} > {factor}× torch's {own:.3e} + {slack:.1e}"
-
-
-def install_peer_once(target: Path, packages: tuple[str, ...]) -> Path:
-    """`pip install --no-deps --target TARGET PACKAGES`, once: kept between runs (a marker names what is
-    installed), and locked, so xdist workers that need the same peer at once install it one time."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    wanted = " ".join(packages)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        marker = target / ".installed"
-        if not marker.exists() or marker.read_text() != wanted:
-            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--upgrade", "--target",
-                            str(target), *packages], check=True)  # fmt: skip
-            marker.write_text(wanted)
-    return target

@@ -43,7 +43,8 @@ def test_every_variant_compiles_for_sm80_and_sm90(compiled):
     names = {r["kernel"] for r in compiled}
     for kernel in ("matmul[", "contrastive_softmax_rows[", "contrastive_fused_scores[", "contrastive_fused_grad_x[",
                    "contrastive_fused_grads[", "similarity_topk[", "sigmoid_pair_rows[",
-                   "late_interaction_maxsim[", "late_interaction_topk_maxsim["):  # fmt: skip
+                   "late_interaction_maxsim[", "late_interaction_grad_query[", "late_interaction_grad_documents[",
+                   "late_interaction_topk_maxsim["):  # fmt: skip
         assert any(n.startswith(kernel) for n in names), kernel
 
 
@@ -98,3 +99,20 @@ def test_fused_cost_model_tiles_match_the_compiled_resources(compiled):
         assert matches, (kind, role)
         assert tile.registers == max(r["registers"] for r in matches), (kind, role)
         assert tile.shared_bytes == max(r["shared_bytes"] for r in matches), (kind, role)
+
+
+def test_late_interaction_cost_model_tiles_match_the_compiled_resources(compiled):
+    """mmfast.kernels.roofline_late_interaction prices the MaxSim kernel by its configs' sm_90 registers
+    and shared memory: the compiled ones (the worst over bf16/fp16 for the 16-bit tile)."""
+    from mmfast.kernels.late_interaction_loss import MAXSIM_CONFIGS
+    from mmfast.kernels.roofline_late_interaction import MAXSIM_TILES
+
+    for (kind, tile), low_precision in zip(MAXSIM_TILES.items(), (True, False), strict=True):
+        names = ("bf16", "fp16") if low_precision else ("fp32",)
+        matches = [r for r in compiled if r["arch"] == "sm_90" and r["kernel"] in
+                   [f"late_interaction_maxsim[{name}]" for name in names]]  # fmt: skip
+        cfg = MAXSIM_CONFIGS[low_precision]
+        assert (tile.block_m, tile.block_n, tile.block_k, tile.num_warps, tile.num_stages) == (
+            cfg.block_m, cfg.block_n, cfg.block_d, cfg.num_warps, cfg.num_stages), kind  # fmt: skip
+        assert tile.registers == max(r["registers"] for r in matches), kind
+        assert tile.shared_bytes == max(r["shared_bytes"] for r in matches), kind

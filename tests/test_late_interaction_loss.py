@@ -127,6 +127,30 @@ def test_exact_ties_go_to_the_lower_token(backend):
         torch.testing.assert_close(ours[1][name].double(), truth[1][name], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize(("dtype", "loss"), [(torch.float32, "infonce"), (torch.float16, "pairwise")],
+                         ids=["float32-infonce", "float16-pairwise-normalized"])  # fmt: skip
+def test_triton_backward_runs_its_kernels(dtype, loss, monkeypatch):
+    """The Triton backward's own kernels (the torch fallback would raise), in blocks of 8 rows and 8
+    dims (D = 11: a partial second block): dD segments longer than a step of winners (document 0 keeps
+    one token, which every real query token picks; padding query tokens leave theirs out), hard
+    negatives, and the pairs' sort in chunks of two documents (a small score budget)."""
+    from mmfast.backends.late_interaction_loss import SORT_BYTES_PER_PAIR, TorchLateInteractionKernels
+    from mmfast.kernels import late_interaction_loss_grads as grads
+
+    def no_fallback(*args):
+        raise AssertionError("the Triton backward fell back to the torch kernels")
+
+    monkeypatch.setattr(TorchLateInteractionKernels, "grads", no_fallback)
+    monkeypatch.setattr(grads, "GRAD_QUERY_CONFIG", grads.GradConfig(8, 8, 4, 2))
+    monkeypatch.setattr(grads, "GRAD_DOCUMENTS_CONFIG", grads.GradConfig(8, 8, 4, 2))
+    monkeypatch.setattr(chunked, "SCORE_CHUNK_BYTES", 2 * 5 * 7 * SORT_BYTES_PER_PAIR)
+    inputs = make_inputs(5, 7, 9, 11, 3, 5, seed=13)
+    assert (inputs["query_mask"] != 0).sum() > 2 * 8  # three steps on document 0's token
+    inputs["document_mask"][0] = False
+    inputs["document_mask"][0, 4] = True
+    check_against_reference("triton", inputs, dtype, loss=loss, normalize_scores=loss == "pairwise")
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_gradcheck(backend):
     inputs = make_inputs(3, 4, 5, 3, 2, 3, seed=4)

@@ -4,7 +4,8 @@ PyLate's contrastive loss, on the cases they share.
 Neither can share this environment: colpali-engine requires torchvision (never installed here) and
 peft < 0.21, PyLate pins sentence-transformers 5.3.0 and transformers <= 5.3.0. So a session fixture
 installs pinned copies with `pip install --no-deps --target .peer-losses` at the checkout's root
-(once; a failed install fails these tests, it never skips them) and loads only their loss modules, by path:
+(once; a failed install fails these tests, it never skips them; benchmarks/peer_losses.py, which the
+benchmark shares) and loads only their loss modules, by path:
 
 - colpali-engine: colpali_engine/utils/maxsim.py and colpali_engine/loss/late_interaction_losses.py,
   the real files, under empty package shells (the real colpali_engine/__init__.py imports its models,
@@ -21,9 +22,7 @@ document tokens' scores by 0 instead of leaving them out: documents unpadded the
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -31,42 +30,22 @@ import torch
 import torch.nn.functional as F
 
 import mmfast
-from tests.helpers import BACKENDS, install_peer_once, unit_rows
+from tests.helpers import BACKENDS, unit_rows
 
-PEERS = ("colpali-engine==0.3.18", "pylate==1.6.0")
-PEER_DIR = Path(__file__).resolve().parent.parent / ".peer-losses"  # beside .venv; in .gitignore
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import peer_losses  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def peer_site() -> Path:
-    return install_peer_once(PEER_DIR, PEERS)
-
-
-def _load(name: str, path: Path) -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def _shell(name: str, path: Path | None = None, **attributes) -> types.ModuleType:
-    module = types.ModuleType(name)
-    module.__path__ = [str(path)] if path else []
-    module.__dict__.update(attributes)
-    sys.modules[name] = module
-    return module
+    return peer_losses.install()
 
 
 @pytest.fixture
 def colpali(peer_site, monkeypatch):
     monkeypatch.setenv("COLPALI_SCORES_BACKEND", "torch")
-    root = peer_site / "colpali_engine"
     saved = {k: v for k, v in sys.modules.items() if k.startswith("colpali_engine")}
-    for name, sub in (("colpali_engine", ""), ("colpali_engine.utils", "utils"), ("colpali_engine.loss", "loss")):
-        _shell(name, root / sub)
-    _load("colpali_engine.utils.maxsim", root / "utils" / "maxsim.py")
-    yield _load("colpali_engine.loss.late_interaction_losses", root / "loss" / "late_interaction_losses.py")
+    yield peer_losses.load_colpali_losses(peer_site)
     for k in [k for k in sys.modules if k.startswith("colpali_engine")]:
         del sys.modules[k]
     sys.modules.update(saved)
@@ -84,18 +63,19 @@ def pylate(peer_site, monkeypatch):
     def single_process_only(*args, **kwargs):
         raise AssertionError("the distributed helpers are stubbed: the test runs on one process")
 
-    _shell("pylate", root)
-    _shell("pylate.models", None, ColBERT=type("ColBERT", (), {"skiplist_mask": staticmethod(skiplist_mask)}))
+    peer_losses.shell("pylate", root)
+    colbert = type("ColBERT", (), {"skiplist_mask": staticmethod(skiplist_mask)})
+    peer_losses.shell("pylate.models", None, ColBERT=colbert)
     distributed = dict(all_gather=single_process_only, all_gather_with_gradients=single_process_only,
                        get_rank=lambda: 0, get_world_size=lambda: 1)  # fmt: skip
-    _shell("pylate.utils", root / "utils", **distributed)
-    _load("pylate.utils.tensor", root / "utils" / "tensor.py")
-    scores = _shell("pylate.scores", root / "scores")
+    peer_losses.shell("pylate.utils", root / "utils", **distributed)
+    peer_losses.load("pylate.utils.tensor", root / "utils" / "tensor.py")
+    scores = peer_losses.shell("pylate.scores", root / "scores")
     for name in ("_flash_backend", "_lik_backend", "colbert"):
-        _load(f"pylate.scores.{name}", root / "scores" / f"{name}.py")
+        peer_losses.load(f"pylate.scores.{name}", root / "scores" / f"{name}.py")
     scores.ColBERTScores = sys.modules["pylate.scores.colbert"].ColBERTScores
-    _shell("pylate.losses", root / "losses")
-    yield _load("pylate.losses.contrastive", root / "losses" / "contrastive.py")
+    peer_losses.shell("pylate.losses", root / "losses")
+    yield peer_losses.load("pylate.losses.contrastive", root / "losses" / "contrastive.py")
     for k in [k for k in sys.modules if k.startswith("pylate")]:
         del sys.modules[k]
     sys.modules.update(saved)

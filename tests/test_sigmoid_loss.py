@@ -12,7 +12,10 @@ import torch
 import mmfast
 from mmfast.backends import chunked
 from mmfast.reference import sigmoid_loss_reference
-from tests.helpers import BACKENDS, assert_within_torch_error, install_peer_once, unit_rows
+from tests.helpers import BACKENDS, assert_within_torch_error, unit_rows
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import peer_losses  # noqa: E402
 
 GRAD_NAMES = ("query", "target", "negatives", "logit_scale", "logit_bias")
 
@@ -345,7 +348,7 @@ OPEN_CLIP_DIR = Path(sys.prefix) / "peers" / "open_clip_torch-3.3.0"
 
 @pytest.fixture(scope="session")
 def open_clip_loss():
-    loss_file = install_peer_once(OPEN_CLIP_DIR, (OPEN_CLIP,)) / "open_clip" / "loss.py"
+    loss_file = peer_losses.install(OPEN_CLIP_DIR, (OPEN_CLIP,)) / "open_clip" / "loss.py"
     spec = importlib.util.spec_from_file_location("open_clip_loss", loss_file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -16,7 +16,10 @@ Backward, from G = dLoss/dS [B, N] and the stored int32 arg-max (no token score 
     dQ[i, t]          += G[i, j] · D_j[argmax[i, t, j]]      for every real query token t
     dD_j[argmax[i,t,j]] += G[i, j] · Q[i, t]
 
-which reads B·L_q·N document rows: 1/L of the forward GEMM's work.
+which reads B·L_q·N document rows: 1/L of the forward GEMM's work. The torch backend gathers and
+index_add_s, the cpu backend's C++ loops over query tokens then documents; the triton backend
+(_sparse_grads) gathers for dQ and, for dD, sorts the pairs by winning token and sums each token's
+segment (kernels/late_interaction_loss_grads.py): no atomics, deterministic.
 """
 
 from __future__ import annotations
@@ -182,7 +185,10 @@ def late_interaction_grads(backend: str, grad_scores, query, query_mask, pieces:
                            needs: GradientNeeds):  # fmt: skip
     """(grad query, grad of each piece's tokens): None where not needed, in the inputs' dtypes."""
     kernels = late_interaction_kernels(backend)
-    kernels = getattr(kernels, "fallback", kernels)  # the Triton set leaves its backward to torch
+    if hasattr(kernels, "grad_documents"):  # the Triton kernels, in their dtypes
+        if query.dtype in kernels.dtypes:
+            return _sparse_grads(kernels, grad_scores, query, query_mask, pieces, argmax, needs)
+        kernels = kernels.fallback
     compute = compute_dtype(query.dtype)
     query_work = query.to(compute).contiguous()
     grad_scores = grad_scores.to(compute).contiguous()
@@ -198,3 +204,51 @@ def late_interaction_grads(backend: str, grad_scores, query, query_mask, pieces:
         piece_grads.append(None if grad_documents is None else grad_documents.to(piece.tokens.dtype))
         col += n_docs
     return (None if grad_query is None else grad_query.to(query.dtype)), piece_grads
+
+
+# Bytes per (query token, document) pair of the dD sort: its int32 key, the sorted keys and the int64
+# order (torch.sort's), and slack for its own scratch.
+SORT_BYTES_PER_PAIR = 24
+
+
+def _sparse_grads(kernels, grad_scores, query, query_mask, pieces: list[Piece], argmax, needs: GradientNeeds):
+    """The Triton backward (kernels/late_interaction_loss_grads.py): dQ by a gather over each piece's
+    candidates, accumulated in float32; dD per chunk of documents (its sort within the score budget)
+    by a segmented sum over the pairs sorted by winning token. Deterministic, no atomics."""
+    (n_queries, query_tokens, dim), device = query.shape, query.device
+    query_rows = query.reshape(-1, dim).contiguous()
+    real = query_mask.reshape(-1).to(torch.float32)
+    flat_argmax = argmax.reshape(n_queries * query_tokens, -1).contiguous()
+    grad_scores = grad_scores.to(torch.float32).contiguous()
+    grad_query = torch.empty(query_rows.shape, dtype=torch.float32, device=device) if needs.query else None
+    piece_grads, col = [], 0
+    for piece, need in zip(pieces, (needs.document, needs.negatives), strict=False):
+        n_docs, documents = piece.tokens.shape[0], piece.tokens.contiguous()
+        if grad_query is not None:
+            kernels.grad_query(grad_scores, flat_argmax, real, documents, col, grad_query, accumulate=col > 0)
+        grad_documents = torch.empty_like(documents) if need else None
+        if need:
+            _grad_documents(kernels, grad_scores, query_rows, query_mask, flat_argmax, col, grad_documents)
+        piece_grads.append(grad_documents)
+        col += n_docs
+    return (None if grad_query is None else grad_query.view(query.shape).to(query.dtype)), piece_grads
+
+
+def _grad_documents(kernels, grad_scores, query_rows, query_mask, flat_argmax, col: int, out) -> None:
+    """out [n, L, D] = the gradient of the piece whose columns start at col, a chunk of documents at a
+    time: its (query token, document) pairs sorted (stably: deterministic) by the key doc·L + winning
+    token, a padding query token's pairs keyed past the end, each token's segment by searchsorted."""
+    n_docs, doc_tokens, _ = out.shape
+    n_rows = flat_argmax.shape[0]
+    cols = chunk_rows(n_docs, n_rows, SORT_BYTES_PER_PAIR, torch.float32, out.device)
+    padding = ~query_mask.reshape(-1, 1)
+    for first in range(0, n_docs, cols):
+        chunk = min(cols, n_docs - first)
+        first_token = torch.arange(chunk, dtype=torch.int32, device=out.device) * doc_tokens
+        keys = flat_argmax[:, col + first : col + first + chunk] + first_token
+        keys.masked_fill_(padding, chunk * doc_tokens)  # past every token's segment
+        sorted_keys, order = torch.sort(keys.view(-1), stable=True)
+        tokens = torch.arange(chunk * doc_tokens + 1, dtype=torch.int32, device=out.device)
+        offsets = torch.searchsorted(sorted_keys, tokens)
+        kernels.grad_documents(grad_scores, query_rows, order, offsets, chunk, col + first,
+                               out[first : first + chunk].view(-1, out.shape[2]))  # fmt: skip
