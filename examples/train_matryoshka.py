@@ -10,10 +10,13 @@ after training, is printed and written to <output_dir>/results.json; every prefi
 embedding of each input (`mmfast.train.evaluate.prefixes`, as `mmfast-eval --dims`).
 """
 
+import functools
 import sys
 
 from mmfast.train import build_trainer
 from mmfast.train.arguments import option_value
+from mmfast.train.default.sizes import Sizes
+from mmfast.train.default.synthetic import GENERATOR_VERSION, cache_home, default_data
 from mmfast.train.evaluate.cache import EmbeddingCache
 from mmfast.train.evaluate.default_sets import evaluate_default
 from mmfast.train.evaluate.prefixes import PrefixEncoder
@@ -32,11 +35,11 @@ def with_defaults(argv: list[str]) -> list[str]:
     return argv
 
 
-def recall_at_1(encoder, dims) -> dict[int, dict]:
+def recall_at_1(encoder, dims, data) -> dict[int, dict]:
     """{d: retrieval results at prefix d}, each input embedded once for every d."""
     full = EmbeddingCache(encoder, None, show_progress=False)
-    return {d: evaluate_default(PrefixEncoder(full, d), tasks=("retrieval",), show_progress=False)["retrieval"]
-            for d in dims}  # fmt: skip
+    evaluate = functools.partial(evaluate_default, tasks=("retrieval",), data=data, show_progress=False)
+    return {d: evaluate(PrefixEncoder(full, d))["retrieval"] for d in dims}
 
 
 def prefix_table(dims, before, after) -> str:
@@ -55,9 +58,12 @@ def main(argv=None) -> int:
     run_config = example.arguments()
     dims = run_config.loss.matryoshka_dims
     trainer = build_trainer(run_config)
-    before = recall_at_1(trainer.model, dims)
+    # --heldout_size tiny: a few rows of each held-out set (the example's own flag; CI runs it)
+    tiny = example.heldout_size == "tiny"
+    data = default_data(cache_home() / f"default-data-tiny-v{GENERATOR_VERSION}", sizes=Sizes.tiny()) if tiny else None
+    before = recall_at_1(trainer.model, dims, data)
     example.fit(trainer)
-    after = recall_at_1(trainer.model, dims)
+    after = recall_at_1(trainer.model, dims, data)
     # results.json: {"before d16": {"retrieval": ...}, ...}, each in mmfast-eval's shape
     example.results = {f"{label} d{dim}": {"retrieval": r[dim]} for label, r in (("before", before), ("after", after))
                        for dim in dims}  # fmt: skip

@@ -175,7 +175,7 @@ def test_matryoshka_dims_beyond_the_embedding_are_refused_by_the_dry_run_and_the
     argv = ["--matryoshka_dims", "16", "128", "--output_dir", str(tmp_path)]
     message = "--matryoshka_dims 16 128: the largest, 128, exceeds the model's embedding size 64"
     assert train_main(["--dry-run", *argv]) == 2
-    assert message in capsys.readouterr().out
+    assert f"error: {message}" in capsys.readouterr().err
     with pytest.raises(ValueError, match=message):
         build_trainer(parse_arguments(argv, profile=PROFILE))
     assert train_main(argv) == 2
