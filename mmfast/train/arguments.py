@@ -22,7 +22,7 @@ from transformers import HfArgumentParser
 
 from .mapping_file import read_mapping_file
 from .recipes import RECIPES, Recipe, get_recipe
-from .run_config import RunConfig, loss_overrides
+from .run_config import RunConfig, loss_overrides, resolve_loss
 
 DEFAULT_RECIPE = "llave"
 
@@ -182,6 +182,25 @@ class LossArguments:
     symmetric: bool | None = field(
         default=None, metadata={"help": "Also the loss of targets against queries; none = the recipe's"}
     )
+    matryoshka_dims: list[int] | None = field(
+        default=None,
+        metadata={"help": "Matryoshka: also train each prefix of the embedding of these sizes, increasing, the "
+                  "largest at most the embedding size (e.g. 64 256 1024); none = the full embedding only"},
+    )  # fmt: skip
+    matryoshka_weights: list[float] | None = field(
+        default=None, metadata={"help": "One weight per --matryoshka_dims entry; none = all 1"}
+    )
+    loss: str | None = field(
+        default=None,
+        metadata={"help": "The loss: infonce or sigmoid (SigLIP, with a learnable scale and bias) for the "
+                  "single-vector recipes; infonce or pairwise for colpali; none = the recipe's"},
+    )  # fmt: skip
+    siglip_scale_init: float | None = field(
+        default=None, metadata={"help": "--loss sigmoid: the learnable logit scale's initial t (SigLIP: 10)"}
+    )
+    siglip_bias_init: float | None = field(
+        default=None, metadata={"help": "--loss sigmoid: the learnable logit bias's initial b (SigLIP: -10)"}
+    )
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments, LossArguments)
@@ -309,7 +328,8 @@ def print_help(argv: Sequence[str], *, profile: Mapping | None = None, program: 
     )
     values = {f.name: getattr(args, f.name) for args in resolved for f in dataclasses.fields(args)}
     # A loss option's default is the value the run's loss takes (the recipe's, unless overridden).
-    loss = dataclasses.replace(recipe.loss, **loss_overrides(resolved[-1])) if not recipe.is_distillation else None
+    overrides = loss_overrides(resolved[-1])
+    loss = None if recipe.is_distillation else resolve_loss(recipe, overrides, backend="auto", processes=1)
     values.update({f.name: getattr(loss, f.name) for f in dataclasses.fields(LossArguments) if hasattr(loss, f.name)})
     parser.set_defaults(**{name: getattr(value, "value", value) for name, value in values.items()})
     parser.print_help()

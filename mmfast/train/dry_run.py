@@ -44,7 +44,7 @@ from .run import (
     run_sections,
     streaming_batches,
 )
-from .run_config import RunConfig
+from .run_config import RunConfig, check_matryoshka_fits
 
 # Family names as they appear in hub ids, most specific first ("llama3-llava-next" is LLaVA-NeXT).
 NAME_PATTERNS = (
@@ -162,6 +162,30 @@ def resolve_model(model_args: ModelArguments, plan: Plan) -> Family | None:
     return family
 
 
+def check_matryoshka(run: RunConfig, plan: Plan) -> None:
+    """--matryoshka_dims against the model's hidden size, when its config.json is on this machine."""
+    from transformers import PretrainedConfig
+
+    from .default import BACKBONE
+
+    if getattr(run.loss, "matryoshka_dims", None) is None:
+        return
+    name = run.model.model_name_or_path
+    if name is None:
+        size = BACKBONE["hidden_size"]
+    else:
+        try:
+            config, _ = PretrainedConfig.get_config_dict(name, local_files_only=True)
+        except (OSError, ValueError):
+            return  # resolve_model says what is missing
+        size = (config.get("text_config") or {}).get("hidden_size") or config.get("hidden_size")
+    if isinstance(size, int):
+        try:
+            check_matryoshka_fits(run.loss, size)
+        except ValueError as error:
+            plan.errors.append(str(error))
+
+
 def check_data(run: RunConfig, family: Family | None, plan: Plan) -> HardNegatives | None:
     """Reads the data as the run does (`run.load_training_data`: every missing path, every row) and cuts
     the epoch into batches for the planned processes; returns the rows' hard negatives (None if unread)."""
@@ -242,6 +266,7 @@ def dry_run(argv: Sequence[str] | None = None, *, processes: int | None = None, 
     logged = dict(run_sections(run, None))  # what the run logs at its start, in the plan's order
     plan.add("recipe", logged["recipe"])
     family = resolve_model(run.model, plan)
+    check_matryoshka(run, plan)
     plan.add("adapter", logged["adapter"])
     _, errors = check_before_loading(run)
     plan.errors += errors

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -37,6 +38,25 @@ from .video_inputs import Video
 CONFIG_NAME = "mmfast_encoder.json"
 # The multi-vector projection head (ColPali's custom_text_proj), saved beside the model or adapter.
 PROJECTION_NAME = "mmfast_projection.safetensors"
+# The sigmoid (SigLIP) loss's learnable logit scale and bias, saved beside the model or adapter.
+SIGMOID_PARAMETERS_NAME = "mmfast_sigmoid_loss.safetensors"
+
+
+class SigmoidParameters(torch.nn.Module):
+    """SigLIP's learnable logit scale and bias (Zhai et al. 2023): the scale is held as its log, t' (t =
+    exp(t'), positive whatever the optimiser does), both in float32 whatever the model's dtype. Part of
+    the Encoder, so the Trainer's optimiser trains them, DDP reduces their gradients, checkpoints hold them."""
+
+    def __init__(self, scale: float, bias: float, device=None):
+        super().__init__()
+        self.log_scale = torch.nn.Parameter(torch.tensor(math.log(scale), dtype=torch.float32, device=device))
+        self.bias = torch.nn.Parameter(torch.tensor(float(bias), dtype=torch.float32, device=device))
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logit scale t, logit bias b), as `mmfast.sigmoid_loss` takes them."""
+        return self.log_scale.exp(), self.bias
+
+
 POOLING = ("last", "mean")
 # VLM2Vec V1's `image_resolution`: every image resized to this square (its aspect ratio not kept).
 IMAGE_RESOLUTIONS = {"high": (1344, 1344), "mid": (672, 672), "low": (128, 128)}
@@ -250,6 +270,7 @@ class Encoder(torch.nn.Module):
         self.adapter_source = adapter_source
         self.builder = InputBuilder(processor, family, config)
         self.projection = None
+        self.sigmoid_parameters: SigmoidParameters | None = None
         if config.multi_vector:
             hidden_size = model.config.get_text_config().hidden_size
             weight = next(model.parameters())
@@ -341,6 +362,34 @@ class Encoder(torch.nn.Module):
             tensors = self.projection.state_dict()
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(out_dir / PROJECTION_NAME))
 
+    def add_sigmoid_parameters(self, scale: float, bias: float) -> None:
+        """The sigmoid loss's learnable scale and bias, at their initial values (`--loss sigmoid`)."""
+        self.sigmoid_parameters = SigmoidParameters(scale, bias, device=next(self.model.parameters()).device)
+
+    def _save_sigmoid_parameters(self, out_dir: Path, state_dict: Mapping | None) -> None:
+        if self.sigmoid_parameters is None:
+            return
+        from safetensors.torch import save_file
+
+        prefix = "sigmoid_parameters."
+        tensors = {k.removeprefix(prefix): v for k, v in (state_dict or {}).items() if k.startswith(prefix)}
+        tensors = tensors or self.sigmoid_parameters.state_dict()
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        save_file(tensors, str(out_dir / SIGMOID_PARAMETERS_NAME))
+
+    def _load_sigmoid_parameters(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        path = folder / SIGMOID_PARAMETERS_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder} holds no {SIGMOID_PARAMETERS_NAME} to resume the sigmoid loss's "
+                                    "logit scale and bias from")  # fmt: skip
+        saved = load_file(str(path))
+        try:
+            self.sigmoid_parameters.load_state_dict(saved)
+        except RuntimeError as error:
+            raise ValueError(f"{path} does not hold a logit scale and bias: {error}") from error
+
     def save_pretrained(self, out_dir: str | os.PathLike, state_dict: Mapping | None = None) -> None:
         """Writes the adapter (over `config.base_model`) or the full model, the processor and the
         mmfast config. state_dict: this Encoder's state dict, when a launcher (FSDP, DeepSpeed)
@@ -348,8 +397,10 @@ class Encoder(torch.nn.Module):
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         self._save_projection(out_dir, state_dict)
+        self._save_sigmoid_parameters(out_dir, state_dict)
         if state_dict is not None:
-            state_dict = {k.removeprefix("model."): v for k, v in state_dict.items() if not k.startswith("projection.")}
+            state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()
+                          if not k.startswith(("projection.", "sigmoid_parameters."))}  # fmt: skip
         if self.is_adapter and None in self.encoder_config.merged_adapters:
             raise ValueError(
                 "this adapter was trained over an adapter merged before it was ever saved, so its base cannot be "
@@ -379,6 +430,8 @@ class Encoder(torch.nn.Module):
         if self.projection is not None and not (path / PROJECTION_NAME).is_file():
             raise FileNotFoundError(f"{path} holds no {PROJECTION_NAME} to resume the multi-vector head from")
         self._load_projection(path)
+        if self.sigmoid_parameters is not None:
+            self._load_sigmoid_parameters(path)
         if self.is_adapter:
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
@@ -407,6 +460,7 @@ class Encoder(torch.nn.Module):
         config = dataclasses.replace(self.encoder_config, adapter=False, merged_adapters=merged)
         encoder = Encoder(model, self.processor, self.family, config)
         encoder.projection = self.projection
+        encoder.sigmoid_parameters = self.sigmoid_parameters
         return encoder
 
     @property
@@ -513,6 +567,7 @@ class Encoder(torch.nn.Module):
         *,
         batch_size: int = 32,
         show_progress: bool = True,
+        dim: int | None = None,
     ) -> torch.Tensor:
         """[n, D] float32 unit embeddings on the CPU, one per text (with its image, if any); one string
         (with at most one image) gives one [D] embedding, as in sentence-transformers. A multi-vector
@@ -520,12 +575,17 @@ class Encoder(torch.nn.Module):
 
         A text marks where its image goes with <|image_1|> (added in front when absent). An empty text
         without an image is an error, not an embedding: it has no tokens of its own (training skips
-        such rows too)."""
+        such rows too).
+
+        dim: a Matryoshka prefix: the first `dim` dimensions of each embedding, L2-normalised again (as
+        `--matryoshka_dims` trains them); None = the whole embedding. Single-vector encoders only."""
+        if dim is not None:
+            check_prefix_dim(dim, self.embedding_size, multi_vector=self.projection is not None)
         if isinstance(texts, str):
             image = images
             if isinstance(image, (list, tuple)):
                 raise TypeError("with one text, give one image (or None), not a list")
-            return self.encode([texts], [image], batch_size=batch_size, show_progress=show_progress)[0]
+            return self.encode([texts], [image], batch_size=batch_size, show_progress=show_progress, dim=dim)[0]
         texts = list(texts)
         images = [None] * len(texts) if images is None else list(images)
         if len(images) != len(texts):
@@ -559,11 +619,35 @@ class Encoder(torch.nn.Module):
             stacked = torch.cat(chunks) if chunks[0].dim() == 2 else _cat_padded(chunks)
             out = torch.empty_like(stacked)
             out[torch.tensor(order)] = stacked
-        return out
+        return out if dim is None else prefix(out, dim)
+
+    @property
+    def embedding_size(self) -> int:
+        """D of the embeddings `embed` gives: the projection's for a multi-vector encoder, else the
+        language model's hidden size."""
+        if self.projection is not None:
+            return self.projection.out_features
+        return backbones.unwrap_model(self.model).config.get_text_config().hidden_size
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+
+def check_prefix_dim(dim: object, embedding_size: int, *, multi_vector: bool = False, name: str = "dim") -> int:
+    """A Matryoshka prefix size: a positive integer at most the embedding size."""
+    if multi_vector:
+        raise ValueError(f"{name}: a multi-vector encoder's token vectors are not Matryoshka-trained; give no {name}")
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"{name} must be a positive integer, got {dim!r}")
+    if dim > embedding_size:
+        raise ValueError(f"{name} {dim} exceeds the embedding size {embedding_size}")
+    return dim
+
+
+def prefix(embeddings: torch.Tensor, dim: int) -> torch.Tensor:
+    """The first `dim` dimensions of [n, D] (or [D]) embeddings, L2-normalised again."""
+    return torch.nn.functional.normalize(embeddings[..., :dim], dim=-1)
 
 
 def _cat_padded(chunks: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -90,6 +90,8 @@ class Example:
         if not self._chooses("model_name_or_path", "data", "eval_strategy", "eval_tasks"):
             self.argv += to_tokens(DEFAULT_EVALUATION)  # the embedded default evaluates as it trains
         self.results: dict[str, dict] = {}
+        # How report() prints the results: before/after side by side (an example may print its own table).
+        self.format_results = format_comparison
         self.seconds: dict[str, float] = {}
 
     # --- arguments ---
@@ -220,7 +222,7 @@ class Example:
             if self.results:
                 sets = "tiny held-out sets" if self.heldout_size == "tiny" else "held-out sets"
                 print(f"\n{self.recipe}: the embedded default's {sets}, {' / '.join(self.results)}")
-                print(format_comparison(self.results))
+                print(self.format_results(self.results))
                 (out / "results.json").write_text(json.dumps(self.results, indent=2) + "\n")
                 print(f"results: {out / 'results.json'}")
             else:

@@ -93,6 +93,7 @@ def grad_cache_step(
     *,
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
     no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    loss_parameters: Sequence[torch.Tensor] = (),
 ) -> tuple[torch.Tensor, Embeddings]:
     """One GradCache step over `mini_batches`; returns the (detached) loss and embeddings.
 
@@ -101,6 +102,9 @@ def grad_cache_step(
     loss_fn: the loss of the whole contrastive batch from the concatenated embeddings.
     backward: how a surrogate is backpropagated (e.g. `accelerator.backward`).
     no_sync: a context that defers the DDP gradient all-reduce; every mini-batch but the last runs in it.
+    loss_parameters: parameters the loss itself reads (the sigmoid loss's logit scale and bias): their
+        gradient is taken with the embeddings' and joins the last mini-batch's surrogate (`p · dLoss/dp`),
+        so `backward` gives it to them exactly once, scaled and reduced like every other gradient.
     """
     if not mini_batches:
         raise ValueError("grad_cache_step needs at least one mini-batch")
@@ -118,10 +122,12 @@ def grad_cache_step(
     cached = [{side: e.shape[0] if e.dim() == 2 else tuple(e.shape[:2]) for side, e in part.items()} for part in cached]
     with torch.enable_grad():
         loss = loss_fn(embeddings)
-        grads = torch.autograd.grad(loss, list(embeddings.values()), allow_unused=True)
+        grads = torch.autograd.grad(loss, [*embeddings.values(), *loss_parameters], allow_unused=True)
+    grads, parameter_grads = grads[: len(embeddings)], grads[len(embeddings) :]
     grads = {
         side: torch.zeros_like(e) if g is None else g for (side, e), g in zip(embeddings.items(), grads, strict=True)
     }
+    parameter_grads = [(p, g) for p, g in zip(loss_parameters, parameter_grads, strict=True) if g is not None]
     # The fused loss keeps its CPU scratch between calls (up to 32 MiB a buffer once the batch is large);
     # kept through the second pass it would add to the step's peak what the batch's size put there.
     mmfast.release_scratch()
@@ -131,6 +137,8 @@ def grad_cache_step(
         with state.replay(), no_sync() if index < last else contextlib.nullcontext():
             outputs = forward(mini_batches[index])
             surrogate = sum(_dot(outputs[side], piece[side]) for side in piece)
+            if index == last:
+                surrogate = surrogate + sum(_dot(p, g) for p, g in parameter_grads)
             backward(surrogate)
     return loss.detach(), {side: e.detach() for side, e in embeddings.items()}
 

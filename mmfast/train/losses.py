@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import fields
 
 import torch
 import torch.distributed as dist
 
 import mmfast
-from mmfast import ContrastiveLossOptions, DistillationLossOptions, LateInteractionLossOptions
+from mmfast import DistillationLossOptions, LateInteractionLossOptions, SigmoidLossOptions
 
 from .grad_cache import Embeddings
 from .run_config import LossOptions, RunConfig
@@ -20,7 +20,8 @@ def distributed_world_size() -> int:
 
 
 class Objective:
-    """Calls `mmfast.contrastive_loss` or `mmfast.distillation_loss` with a run's resolved options.
+    """Calls `mmfast.contrastive_loss`, `mmfast.sigmoid_loss`, `mmfast.late_interaction_loss` or
+    `mmfast.distillation_loss` with a run's resolved options.
 
     options: the loss options exactly as the loss is called with them (backend and cross_device
         included): a run's `RunConfig.loss` (`Objective.of`), where cross_device is on only when
@@ -32,9 +33,9 @@ class Objective:
     """
 
     def __init__(self, options: LossOptions, *, mask_duplicates: bool = True):
-        if not isinstance(options, (ContrastiveLossOptions, DistillationLossOptions, LateInteractionLossOptions)):
-            raise TypeError("options must be ContrastiveLossOptions, DistillationLossOptions or "
-                            f"LateInteractionLossOptions, got {options!r}")  # fmt: skip
+        if not isinstance(options, LossOptions.__args__):
+            raise TypeError("options must be ContrastiveLossOptions, DistillationLossOptions, "
+                            f"LateInteractionLossOptions or SigmoidLossOptions, got {options!r}")  # fmt: skip
         self.options = options
         self.mask_duplicates = mask_duplicates and not self.is_distillation
         # The loss's keyword arguments, taken once: the options are frozen.
@@ -66,8 +67,24 @@ class Objective:
                                                 cross_device=self.options.cross_device)  # fmt: skip
         return int(counts.sum())
 
-    def __call__(self, embeddings: Embeddings, teacher: Embeddings | None = None, ids=None) -> torch.Tensor:
-        """The loss of a batch; `ids` are the collator's content ids (used when mask_duplicates)."""
+    @property
+    def is_sigmoid(self) -> bool:
+        """SigLIP's loss: its logit scale and bias are the model's parameters (`Encoder.sigmoid_parameters`)."""
+        return isinstance(self.options, SigmoidLossOptions)
+
+    def __call__(
+        self, embeddings: Embeddings, teacher: Embeddings | None = None, ids=None,
+        sigmoid_parameters: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """The loss of a batch; `ids` are the collator's content ids (used when mask_duplicates);
+        sigmoid_parameters: the model's learnable logit scale and bias, for the sigmoid loss."""
+        if self.is_sigmoid:
+            if sigmoid_parameters is None:
+                raise ValueError("the sigmoid loss needs the model's logit scale and bias (Encoder.sigmoid_parameters)")
+            scale, bias = sigmoid_parameters()
+            arguments = {**self._arguments, "logit_scale": scale, "logit_bias": bias, **self._ids(ids)}
+            return mmfast.sigmoid_loss(embeddings["query"], embeddings["target"], embeddings.get("negatives"),
+                                       **arguments)  # fmt: skip
         if self.is_distillation:
             if teacher is None:
                 raise ValueError("a distillation objective needs the teacher's embeddings of the batch")

@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 
-from mmfast import DistillationLossOptions, LateInteractionLossOptions
+from mmfast import DistillationLossOptions, LateInteractionLossOptions, SigmoidLossOptions
 
 from .mini_batches import MiniBatching
 from .recipes import Recipe
@@ -71,14 +71,18 @@ def _count(numbers: tuple[int, float, int], noun: str) -> str:
 # the batch lines say what gathering does).
 _HOW = ("reduction", "backend", "cross_device")
 _DESCRIBED = ("temperature", "hardness", "false_negative_margin", "topk", "symmetric",
-              "student_temperature", "teacher_temperature", "loss", "normalize_scores")  # fmt: skip
+              "student_temperature", "teacher_temperature", "loss", "normalize_scores", "matryoshka_dims",
+              "matryoshka_weights", "logit_scale", "logit_bias")  # fmt: skip
 
 
 def describe_loss(loss: LossOptions) -> str:
     """What the run's loss does (its resolved options: the user's overrides over the recipe's). An
     option without a phrase of its own here is still named, with its value, when it is set away from
     the options' default: a new loss option shows in the plan and the log without a change here."""
-    if isinstance(loss, LateInteractionLossOptions):
+    if isinstance(loss, SigmoidLossOptions):
+        text = (f"sigmoid (SigLIP) loss, learnable logit scale from {loss.logit_scale:g} (log-scale "
+                f"{math.log(loss.logit_scale):.4g}) and bias from {loss.logit_bias:g}")  # fmt: skip
+    elif isinstance(loss, LateInteractionLossOptions):
         kind = "InfoNCE" if loss.loss == "infonce" else "pairwise softplus (hardest negative)"
         text = f"late interaction (MaxSim over token vectors), {kind} τ {loss.temperature:g}"
         text += ", scores / query length" if loss.normalize_scores else ""
@@ -96,6 +100,10 @@ def describe_loss(loss: LossOptions) -> str:
         if loss.topk:
             text += f", top-{loss.topk} negatives"
         text += ", symmetric" if loss.symmetric else ", query → target only"
+        if loss.matryoshka_dims is not None:
+            dims = " ".join(map(str, loss.matryoshka_dims))
+            weights = " ".join(f"{w:g}" for w in loss.matryoshka_weights)
+            text += f", Matryoshka dims {dims} (weights {weights}; each prefix L2-normalised)"
     defaults = type(loss)()
     for option in fields(loss):
         value = getattr(loss, option.name)

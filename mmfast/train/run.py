@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from mmfast import SigmoidLossOptions
+
 from . import checkpoints, default
 from .arguments import DataArguments, TrainingArguments
 from .batch_order import BatchOrderSampler
@@ -24,7 +26,7 @@ from .losses import Objective
 from .model_source import check_model_source
 from .plan import BatchPlan, HardNegatives, describe_adapter, describe_recipe
 from .recipes import Recipe
-from .run_config import RunConfig
+from .run_config import RunConfig, check_matryoshka_fits
 from .sampling import ContrastiveBatchSampler
 from .streaming import StreamingBatches
 from .trainer import EmbeddingTrainer
@@ -67,6 +69,9 @@ def build_encoder(run: RunConfig) -> Encoder:
             r=model_args.lora_r, alpha=model_args.lora_alpha, dropout=model_args.lora_dropout,
             target_modules=model_args.lora_target_modules, use_dora=model_args.use_dora,
         )  # fmt: skip
+    check_matryoshka_fits(run.loss, encoder.embedding_size)
+    if isinstance(run.loss, SigmoidLossOptions):  # learnable from their initial values (`--siglip_*_init`)
+        encoder.add_sigmoid_parameters(run.loss.logit_scale, run.loss.logit_bias)
     return encoder
 
 

@@ -189,9 +189,12 @@ class EmbeddingTrainer(transformers.Trainer):
         scale = 1.0 / self.current_gradient_accumulation_steps
 
         ids = inputs.get("ids")
+        # The sigmoid loss's learnable scale and bias: the model's parameters, read by the loss.
+        unwrapped = self.accelerator.unwrap_model(model)
+        sigmoid_parameters = unwrapped.sigmoid_parameters if self.objective.is_sigmoid else None
 
         def loss_fn(embeddings):
-            return self.objective(embeddings, teacher, ids)
+            return self.objective(embeddings, teacher, ids, sigmoid_parameters)
 
         # As Trainer.training_step: the loss is already divided by the accumulation steps, so DeepSpeed
         # must not divide it again.
@@ -205,7 +208,9 @@ class EmbeddingTrainer(transformers.Trainer):
         with self.compute_loss_context_manager():
             if self.mini_batching.grad_cache:
                 no_sync = functools.partial(self.defer_gradient_sync, model)
-                loss, _ = grad_cache_step(model, mini_batches, loss_fn, backward=backward, no_sync=no_sync)
+                loss_parameters = () if sigmoid_parameters is None else tuple(sigmoid_parameters.parameters())
+                loss, _ = grad_cache_step(model, mini_batches, loss_fn, backward=backward, no_sync=no_sync,
+                                          loss_parameters=loss_parameters)  # fmt: skip
             else:
                 loss, _ = full_batch_step(model, mini_batches, loss_fn, backward=backward)
         self._window["rows"] += inputs["rows"]

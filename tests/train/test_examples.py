@@ -64,6 +64,19 @@ def test_example_trains_and_evaluates_before_and_after(script, tmp_path, capsys)
     assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2]
 
 
+def test_matryoshka_example_prints_each_prefix_before_and_after(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _main("train_matryoshka")([*SHORT, "--output_dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    (title,) = [i for i, line in enumerate(printed.splitlines()) if line.startswith("retrieval R@1 (%) at each")]
+    header, *rows = printed.splitlines()[title + 1 : title + 5]
+    assert header.split()[:6] == ["dim", "flickr30k", "t2i", "R@1", "before", "flickr30k"]
+    assert [row.split()[0] for row in rows] == ["16", "32", "64"]
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {f"{when} d{d}" for when in ("before", "after") for d in (16, 32, 64)}
+    assert rows[2].split()[2] == f"{results['after d64']['retrieval']['flickr30k']['t2i_R@1']:.2f}"
+
+
 def test_unime_example_runs_stage_2_from_stage_1(tmp_path, capsys, monkeypatch):
     default_teacher(default_data())
     loaded = []

@@ -9,7 +9,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from mmfast import ContrastiveLossOptions, DistillationLossOptions
+from mmfast import ContrastiveLossOptions, DistillationLossOptions, SigmoidLossOptions
+from mmfast.train.encoder import SigmoidParameters
 from mmfast.train.grad_cache import concatenate, full_batch_step, grad_cache_step, split_like
 from mmfast.train.losses import Objective
 
@@ -59,8 +60,9 @@ def _step(step, model, mini_batches, objective, seed):
         ContrastiveLossOptions(),
         ContrastiveLossOptions(hardness=9.0, symmetric=True),
         ContrastiveLossOptions(false_negative_margin=0.1, topk=3),
+        ContrastiveLossOptions(hardness=9.0, symmetric=True, matryoshka_dims=(2, 5, 7), matryoshka_weights=(0.5, 1, 2)),
     ],
-    ids=["infonce", "llave", "unime"],
+    ids=["infonce", "llave", "unime", "matryoshka"],
 )
 @pytest.mark.parametrize("negatives_per_row", [0, 2])
 def test_grad_cache_equals_one_graph(chunks, options, negatives_per_row):
@@ -186,3 +188,46 @@ def test_grad_cache_with_duplicate_ids_equals_one_graph(chunks, negatives_per_ro
         torch.testing.assert_close(got[2][name], ref[2][name], rtol=1e-10, atol=1e-12, msg=name)
     assert not torch.allclose(ref[0], unmasked[0])
     assert masked.masked_candidates(ids, 9) > 0 and plain.masked_candidates(ids, 9) == 0
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 4])
+@pytest.mark.parametrize("negatives_per_row", [0, 2])
+def test_grad_cache_sigmoid_equals_one_graph_scale_and_bias_included(chunks, negatives_per_row):
+    """The sigmoid loss reads the model's logit scale and bias: GradCache gives them the gradient one graph
+    gives them (through the last mini-batch's surrogate), with duplicate positives among the candidates."""
+    torch.manual_seed(0)
+    model = ToyEncoder().double()
+    head = SigmoidParameters(10.0, -10.0).double()
+    mini_batches = [{k: v.double() for k, v in mb.items()} for mb in _mini_batches(9, negatives_per_row, chunks)]
+    ids = {"candidate": torch.randint(0, 4, (9 + 9 * negatives_per_row,), generator=torch.Generator().manual_seed(2))}
+    objective = Objective(SigmoidLossOptions(backend="cpu"))
+
+    def loss_fn(embeddings):
+        return objective(embeddings, None, ids, head)
+
+    def step(kind):
+        model.zero_grad()
+        head.zero_grad()
+        torch.manual_seed(5)
+        if kind == "one graph":
+            loss, _ = full_batch_step(model, mini_batches, loss_fn)
+        else:
+            loss, _ = grad_cache_step(model, mini_batches, loss_fn, loss_parameters=tuple(head.parameters()))
+        return loss, {n: p.grad.clone() for n, p in [*model.named_parameters(), *head.named_parameters()]}
+
+    ref_loss, ref = step("one graph")
+    got_loss, got = step("grad cache")
+    torch.testing.assert_close(got_loss, ref_loss, rtol=1e-12, atol=1e-12)
+    assert ref["log_scale"].abs() > 0 and ref["bias"].abs() > 0
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-10, atol=1e-12, msg=name)
+    # Without its loss_parameters GradCache would leave the scale and bias untrained: the test can fail.
+    model.zero_grad()
+    head.zero_grad()
+    grad_cache_step(model, mini_batches, loss_fn)
+    assert head.log_scale.grad is None and head.bias.grad is None
+
+
+def test_the_sigmoid_objective_needs_the_scale_and_bias():
+    with pytest.raises(ValueError, match="logit scale and bias"):
+        Objective(SigmoidLossOptions())({"query": torch.randn(2, 3), "target": torch.randn(2, 3)})

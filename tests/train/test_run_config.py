@@ -33,16 +33,32 @@ OVERRIDES = {
     "false_negative_margin": ("0.3", 0.3, "false-negative margin β 0.3"),
     "topk": ("5", 5, "top-5 negatives"),
     "symmetric": ("True", True, ", symmetric"),
+    "matryoshka_dims": (("16", "64"), (16, 64), "Matryoshka dims 16 64"),
+    "matryoshka_weights": (("2", "0.5"), (2.0, 0.5), "(weights 2 0.5;"),
 }
+# The options of `--loss sigmoid` (which takes none of the InfoNCE ones above): the initial logit scale and bias
+# the model's learnable parameters start from, and the loss itself.
+SIGMOID_OVERRIDES = {
+    "loss": ("sigmoid", None, "sigmoid (SigLIP) loss"),
+    "siglip_scale_init": ("5", 5.0, "learnable logit scale from 5 (log-scale 1.609)"),
+    "siglip_bias_init": ("-3", -3.0, "bias from -3"),
+}
+
+
+def _tokens(overrides) -> list[str]:
+    return [token for name, (value, _, _) in overrides.items()
+            for token in (f"--{name}", *((value,) if isinstance(value, str) else value))]  # fmt: skip
+
+
 MINI_BATCH = 3
 ARGV = ["--recipe", "unime-stage2", "--per_device_train_batch_size", "8", "--max_steps", "1", "--report_to", "none",
         "--gradcache_mini_batch_size", str(MINI_BATCH), "--lora", "False", "--cpu_threads", "1",
-        *(token for name, (value, _, _) in OVERRIDES.items() for token in (f"--{name}", value))]  # fmt: skip
+        *_tokens(OVERRIDES)]  # fmt: skip
 
 
 @pytest.mark.slow
 def test_every_override_reaches_the_plan_the_log_and_the_loss_called(tmp_path, capsys, caplog, monkeypatch):
-    assert set(OVERRIDES) == {f.name for f in dataclasses.fields(LossArguments)}
+    assert set(OVERRIDES) | set(SIGMOID_OVERRIDES) == {f.name for f in dataclasses.fields(LossArguments)}
     argv = [*ARGV, "--output_dir", str(tmp_path)]
     mini_batch_line = f"GradCache mini-batch: {MINI_BATCH} (3 mini-batch(es) per device per step)"
 
@@ -84,6 +100,86 @@ def test_every_override_reaches_the_plan_the_log_and_the_loss_called(tmp_path, c
         EmbeddingTrainer(model=trainer.model, args=trainer.args, train_dataset=trainer.train_dataset,
                          data_collator=other, objective=trainer.objective,
                          batch_sampler=trainer.batch_sampler)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_the_sigmoid_loss_reaches_the_plan_the_log_and_the_loss_called_with_the_models_scale_and_bias(
+    tmp_path, capsys, caplog, monkeypatch
+):
+    argv = [*ARGV[: ARGV.index("--temperature")], *_tokens(SIGMOID_OVERRIDES), "--output_dir", str(tmp_path)]
+    assert train_main(["--dry-run", *argv]) == 0
+    (recipe_line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("recipe ")]
+    for name, (_, _, described) in SIGMOID_OVERRIDES.items():
+        assert described in recipe_line, name
+    assert "InfoNCE" not in recipe_line
+
+    with caplog.at_level(logging.WARNING, logger="mmfast.train.run"):
+        trainer = build_trainer(parse_arguments(argv, profile=PROFILE))
+    (logged,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("recipe ")]
+    assert logged.splitlines()[0].split(None, 1)[1] == recipe_line.split(None, 1)[1]
+    head = trainer.model.sigmoid_parameters
+    names = {name for name, _ in trainer.model.named_parameters()}
+    assert {"sigmoid_parameters.log_scale", "sigmoid_parameters.bias"} <= names
+
+    calls = []
+    real = mmfast.sigmoid_loss
+
+    def spy(*tensors, **options):
+        calls.append(options)
+        return real(*tensors, **options)
+
+    monkeypatch.setattr(mmfast, "sigmoid_loss", spy)
+    monkeypatch.setattr(mmfast, "contrastive_loss", None)  # not called
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert len(batch["mini_batches"]) == 3
+    trainer.current_gradient_accumulation_steps = 1
+    assert torch.isfinite(trainer.training_step(trainer.model, batch))
+    (called,) = calls
+    torch.testing.assert_close(called["logit_scale"], torch.tensor(5.0))
+    torch.testing.assert_close(called["logit_bias"], torch.tensor(-3.0))
+    assert called["logit_scale"].requires_grad and called["logit_bias"] is head.bias
+    assert called["cross_device"] is False and "candidate_ids" in called
+    assert head.log_scale.grad is not None and head.log_scale.grad.abs() > 0 and head.bias.grad.abs() > 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["--matryoshka_dims", "32", "16"], "--matryoshka_dims must be strictly increasing"),
+        (["--matryoshka_dims", "16", "0"], "--matryoshka_dims must be"),
+        (
+            ["--matryoshka_dims", "16", "32", "--matryoshka_weights", "1"],
+            "--matryoshka_weights has 1 entries but matryoshka_dims has 2",
+        ),
+        (["--matryoshka_weights", "1"], "--matryoshka_weights needs matryoshka_dims"),
+        (["--matryoshka_dims", "16", "32", "--matryoshka_weights", "1", "nan"], "--matryoshka_weights"),
+        (["--recipe", "colpali", "--matryoshka_dims", "16"], "--matryoshka_dims: recipe colpali's late-interaction"),
+        (["--recipe", "unime-stage1", "--matryoshka_dims", "16"], "--matryoshka_dims: recipe unime-stage1 distils"),
+        (["--loss", "sigmoid", "--matryoshka_dims", "16"], "--matryoshka_dims: not an option of --loss sigmoid"),
+        (["--loss", "sigmoid", "--temperature", "0.1"], "--temperature: not an option of --loss sigmoid"),
+        (["--loss", "sigmoid", "--siglip_scale_init", "0"], "--siglip_scale_init must be a finite number > 0"),
+        (["--loss", "sigmoid", "--siglip_bias_init", "inf"], "--siglip_bias_init must be a finite number"),
+        (["--siglip_bias_init", "-5"], "--siglip_bias_init: only with --loss sigmoid"),
+        (["--loss", "pairwise"], "--loss pairwise: recipe llave's loss is one of infonce, sigmoid"),
+        (["--recipe", "colpali", "--loss", "sigmoid"], "--loss must be one of"),
+        (["--loss", "sigmoid", "--fsdp", "full_shard"], "--loss sigmoid: .* not supported under FSDP"),
+    ],
+)
+def test_bad_loss_values_are_refused_naming_the_argument(tmp_path, argv, error):
+    with pytest.raises(ValueError, match=error):
+        parse_arguments([*argv, "--output_dir", str(tmp_path)])
+
+
+@pytest.mark.slow
+def test_matryoshka_dims_beyond_the_embedding_are_refused_by_the_dry_run_and_the_run(tmp_path, capsys):
+    argv = ["--matryoshka_dims", "16", "128", "--output_dir", str(tmp_path)]
+    message = "--matryoshka_dims 16 128: the largest, 128, exceeds the model's embedding size 64"
+    assert train_main(["--dry-run", *argv]) == 2
+    assert f"error: {message}" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=message):
+        build_trainer(parse_arguments(argv, profile=PROFILE))
+    assert train_main(argv) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_the_run_config_is_resolved_once_and_frozen(tmp_path):

@@ -2,6 +2,7 @@
 
     mmfast-eval                                   # runs/llave (else the untrained default) on every held-out set
     mmfast-eval --model DIR --task retrieval --data flickr30k.jsonl --image_root IMAGES --output OUT
+    mmfast-eval --model DIR --dims 64 256 1024    # a Matryoshka model at each size, one row per size
 
 It writes results.json, results.csv and score files into --output (default ./eval), and prints the
 table. A user error prints one line naming it and exits with status 2, never a traceback.
@@ -41,6 +42,7 @@ def evaluate(argv: Sequence[str] | None = None) -> dict:
     from ..model_source import check_model_source
     from . import evaluate_task
     from .default_sets import evaluate_default
+    from .prefixes import check_dims, evaluate_prefixes, format_prefix_table, write_prefix_results
 
     parser = argparse.ArgumentParser(prog="mmfast-eval", description="Evaluate an embedding model.")
     parser.add_argument("--model", help=f"an Encoder or HF model folder; default: {DEFAULT_TRAINED} if it exists")
@@ -64,6 +66,10 @@ def evaluate(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument(
         "--cpu_threads", type=int, help="torch threads; default: 1 on the embedded sets (a tiny model), else torch's"
     )
+    parser.add_argument(
+        "--dims", type=int, nargs="+", metavar="D",
+        help="score each Matryoshka prefix (the first D dimensions, renormalised); embeds once for every size",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.cpu_threads is not None and args.cpu_threads < 1:
         raise ValueError(f"--cpu_threads must be a positive integer, got {args.cpu_threads}")
@@ -90,17 +96,35 @@ def evaluate(argv: Sequence[str] | None = None) -> dict:
         encoder = Encoder.from_pretrained(model, **overrides)
     cache = args.cache or os.path.join(output, "embedding_cache")
     print(f"mmfast-eval: writing results to {os.path.abspath(output)}, the embedding cache to {os.path.abspath(cache)}")
-    common = {"cache": cache, "batch_size": args.batch_size, "show_progress": not args.no_progress}
+    common = {"batch_size": args.batch_size, "show_progress": not args.no_progress}
     if args.data is None:
         if args.image_root:
             raise ValueError("--image_root goes with --data")
         tasks = TASKS if args.task == "all" else (args.task,)
-        results = evaluate_default(encoder, tasks=tasks, output_dir=output, **common)
+
+        def run(encoder, output, cache):
+            return evaluate_default(encoder, tasks=tasks, output_dir=output, cache=cache, **common)
     else:
         if args.task == "all":
             raise ValueError(f"with --data, name its --task ({', '.join(TASKS)})")
-        results = evaluate_task(encoder, args.task, args.data, image_root=args.image_root, output_dir=output,
-                                strict=args.strict, **common)  # fmt: skip
+
+        def run(encoder, output, cache):
+            return evaluate_task(encoder, args.task, args.data, image_root=args.image_root, output_dir=output,
+                                 strict=args.strict, cache=cache, **common)  # fmt: skip
+
+    if args.dims:
+        dims = check_dims(args.dims, encoder)
+        # Every size reads one cache of full-size embeddings; each size's own is in memory only.
+        by_dim = evaluate_prefixes(encoder, dims, lambda view, out: run(view, out, None), cache=cache,
+                                   output_dir=output, **common)  # fmt: skip
+        paths = write_prefix_results(by_dim, output)
+        for dim, results in by_dim.items():
+            print(f"--- the first {dim} dimensions ---")
+            print_table(results)
+        print(format_prefix_table(by_dim))
+        print(f"results: {paths['json']} and {paths['csv']}")
+        return {"dims": by_dim}
+    results = run(encoder, output, cache)
     paths = write_results(results, output)
     print_table(results)
     print(f"results: {paths['json']} and {paths['csv']}")
