@@ -86,21 +86,23 @@ def evaluate(argv: Sequence[str] | None = None) -> dict:
         model = str(default_backbone())
         logger.warning("no --model and no %s yet: evaluating the UNTRAINED default backbone", DEFAULT_TRAINED)
     output = eval_output(args.output, model, next_to_model=args.output_next_to_model)
+    # --no_progress: no bar of transformers (weight loading) or datasets (a held-out file converted to Arrow)
     with progress_bars(not args.no_progress):
         encoder = Encoder.from_pretrained(model, **overrides)
-    cache = args.cache or os.path.join(output, "embedding_cache")
-    print(f"mmfast-eval: writing results to {os.path.abspath(output)}, the embedding cache to {os.path.abspath(cache)}")
-    common = {"cache": cache, "batch_size": args.batch_size, "show_progress": not args.no_progress}
-    if args.data is None:
-        if args.image_root:
-            raise ValueError("--image_root goes with --data")
-        tasks = TASKS if args.task == "all" else (args.task,)
-        results = evaluate_default(encoder, tasks=tasks, output_dir=output, **common)
-    else:
-        if args.task == "all":
-            raise ValueError(f"with --data, name its --task ({', '.join(TASKS)})")
-        results = evaluate_task(encoder, args.task, args.data, image_root=args.image_root, output_dir=output,
-                                strict=args.strict, **common)  # fmt: skip
+        cache = args.cache or os.path.join(output, "embedding_cache")
+        where = f"writing results to {os.path.abspath(output)}, the embedding cache to {os.path.abspath(cache)}"
+        print(f"mmfast-eval: {where}")
+        common = {"cache": cache, "batch_size": args.batch_size, "show_progress": not args.no_progress}
+        if args.data is None:
+            if args.image_root:
+                raise ValueError("--image_root goes with --data")
+            tasks = TASKS if args.task == "all" else (args.task,)
+            results = evaluate_default(encoder, tasks=tasks, output_dir=output, **common)
+        else:
+            if args.task == "all":
+                raise ValueError(f"with --data, name its --task ({', '.join(TASKS)})")
+            results = evaluate_task(encoder, args.task, args.data, image_root=args.image_root, output_dir=output,
+                                    strict=args.strict, **common)  # fmt: skip
     paths = write_results(results, output)
     print_table(results)
     print(f"results: {paths['json']} and {paths['csv']}")
