@@ -15,6 +15,12 @@
 
 `table_chunks(records, ...)` yields the rows as pyarrow tables of at most `chunk_rows` rows, in file
 order, from either kind; the caller checks each chunk's columns at once (`data.py`).
+
+The evaluators read their held-out files here too, whole and record by record (each checks its own):
+`read_rows(path)` for .jsonl / .json / .parquet (through `datasets` where pyarrow reads the file as it
+was written, else through the same line reader, `json_lines`), `parquet_table(path)` for a parquet
+file's columns (MMEB, visual documents), and `csv_rows(path)`, the CSV reader training's `csv_records`
+wraps (NLI triplets, MSR-VTT captions). Errors name the file and the line or row.
 """
 
 from __future__ import annotations
