@@ -19,6 +19,7 @@ resumed run replays the same batches and R processes train on the batches one pr
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -26,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from mmfast.train.data import file_rows
 
 FORMAT_KEY = "mmfast_batch_order"
 VERSION = 1
@@ -111,12 +114,12 @@ class BatchOrderSampler(torch.utils.data.Sampler[list[int]]):
             )
         files = [os.path.abspath(p) for p in header["files"]]
         number = {p: n for n, p in enumerate(files)}
-        index = {}
-        for i in range(len(examples)):
-            example = examples[i]
-            n = number.get(os.path.abspath(example.source))
+        index, i = {}, 0
+        for source, rows in file_rows(examples):  # by column: no row is read
+            n = number.get(os.path.abspath(source))
             if n is not None:
-                index[(n, example.row)] = i
+                index.update(zip(zip(itertools.repeat(n), rows.tolist()), range(i, i + len(rows)), strict=True))
+            i += len(rows)
         self.batches = np.empty((len(batches), header["batch_size"]), dtype=np.int64)
         for b, (line, pairs) in enumerate(batches):
             for j, (n, row) in enumerate(pairs):

@@ -26,9 +26,9 @@ def train(argv: Sequence[str] | None = None):
     from .run import build_trainer, fit, leave_process_group
 
     run = parse_arguments(argv, profile=PROFILE)
-    with progress_bars(not run.training.disable_tqdm):  # --disable_tqdm: no weight-loading bar either
-        trainer = build_trainer(run)
-    trainer = fit(trainer)
+    # --disable_tqdm: no bar of transformers (weight loading) or datasets (a data file converted to Arrow) either
+    with progress_bars(not run.training.disable_tqdm):
+        trainer = fit(build_trainer(run))
     leave_process_group()
     return trainer
 

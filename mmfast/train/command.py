@@ -1,5 +1,5 @@
-"""What mmfast's commands (`mmfast-train`, `mmfast-eval`, the examples) share: logging, transformers'
-progress bars, and the rule that a user error is one line and exit status 2, never a traceback."""
+"""What mmfast's commands (`mmfast-train`, `mmfast-eval`, `mmfast-mine`, the examples) share: logging, the
+libraries' progress bars, and the rule that a user error is one line and exit status 2, never a traceback."""
 
 from __future__ import annotations
 
@@ -19,17 +19,24 @@ def configure_logging() -> None:
 
 @contextmanager
 def progress_bars(enabled: bool):
-    """transformers' own bars (the weight-loading one) on or off for the block, as the user asked."""
+    """transformers' own bars (the weight-loading one) and datasets' ("Generating train split", as a data
+    file is converted to Arrow) on or off for the block, as the user asked; each library's setting is
+    restored after it, so a program that calls mmfast keeps its own."""
+    import datasets
     from transformers.utils import logging as hf_logging
 
-    turned_off = not enabled and hf_logging.is_progress_bar_enabled()
-    if turned_off:
+    turned_off = []
+    if not enabled and hf_logging.is_progress_bar_enabled():
         hf_logging.disable_progress_bar()
+        turned_off.append(hf_logging.enable_progress_bar)
+    if not enabled and not datasets.are_progress_bars_disabled():
+        datasets.disable_progress_bars()
+        turned_off.append(datasets.enable_progress_bars)
     try:
         yield
     finally:
-        if turned_off:
-            hf_logging.enable_progress_bar()
+        for turn_on in turned_off:
+            turn_on()
 
 
 def run_command(command, program: str, argv: Sequence[str] | None) -> int:

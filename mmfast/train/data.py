@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +63,7 @@ __all__ = [
 MMEB_REQUIRED = ("qry", "qry_image_path", "pos_text", "pos_image_path")
 MMEB_NEGATIVES = ("neg_text", "neg_image_path")
 NLI_COLUMNS = ("sent0", "sent1", "hard_neg")
+SLICE_ROWS = 8192  # rows a slice of FileRows takes from its table at once
 
 
 @dataclass(frozen=True)
@@ -115,8 +116,8 @@ class FileRows(Sequence[Example]):
     """The usable rows of one data file, as `Example`s built when indexed from its Arrow table.
 
     `rows`: the file rows that are usable (0-based, in file order); `negatives`: each one's number of
-    hard negatives; `images`: whether any of them has an image. `teacher_offset`: the teacher row of
-    file row 0 (None without a teacher file)."""
+    hard negatives; `images`: whether any of them has an image; `image_depth`: each one's `image_depth`.
+    `teacher_offset`: the teacher row of file row 0 (None without a teacher file)."""
 
     kind: str  # "mmeb" or "nli"
     source: str
@@ -125,6 +126,7 @@ class FileRows(Sequence[Example]):
     rows: np.ndarray
     negatives: np.ndarray
     images: bool
+    image_depth: np.ndarray
     base: str = ""  # where relative image paths start (MMEB)
     teacher_offset: int | None = None
     first_row: int = 0  # the file row of the table's first row (a chunk of a stream)
@@ -133,8 +135,17 @@ class FileRows(Sequence[Example]):
         return len(self.rows)
 
     def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
+        if isinstance(index, slice):  # read by chunk of rows, not one row at a time
+            rows = self.rows[index]
+            return [
+                self._example(self.first_row + int(row), record)
+                for start in range(0, len(rows), SLICE_ROWS)
+                for row, record in zip(
+                    rows[start : start + SLICE_ROWS],
+                    self.table.take(pa.array(rows[start : start + SLICE_ROWS])).to_pylist(),
+                    strict=True,
+                )
+            ]
         row = int(self.rows[index])
         (record,) = self.table.slice(row, 1).to_pylist()
         return self._example(self.first_row + row, record)
@@ -164,6 +175,18 @@ class FileRows(Sequence[Example]):
 
     def with_teacher(self, offset: int) -> FileRows:
         return replace(self, teacher_offset=offset)
+
+
+NO_IMAGE = np.iinfo(np.int32).max
+
+
+def image_depth(example: Example) -> int:
+    """How many of a row's hard negatives the loss must see for the row to hold an image: 0 when its query
+    or positive has one, k when its k-th negative is the first that has one, NO_IMAGE when none has. A
+    row reaches the vision tower when it keeps at least that many negatives (`max_negatives`)."""
+    if example.query.image is not None or example.positive.image is not None:
+        return 0
+    return next((k for k, side in enumerate(example.negatives, 1) if side.image is not None), NO_IMAGE)
 
 
 def _resolve(base: str, image: str | None) -> str | None:
@@ -255,6 +278,7 @@ class _Verdicts:
     codes: list[np.ndarray]
     negatives: list[np.ndarray]
     bad_images: dict[int, str]
+    depths: list[np.ndarray] = field(default_factory=list)  # each row's image_depth
     images: bool = False
     relative: str | None = None  # the first relative image path (image_dir None)
     relative_count: int = 0
@@ -341,6 +365,11 @@ def _check_mmeb_chunk(chunk: pa.Table, start: int, base: str, beside: bool, exis
             elif image and not exists(_resolve(base, image)):
                 code[i] = CODE["missing image"]
                 verdicts.bad_images[start + int(i)] = _resolve(base, image)
+    depth = np.where(has_image["qry_image_path"] | has_image["pos_image_path"], 0, NO_IMAGE).astype(np.int32)
+    for i, pairs in negative_pairs.items():  # by column for the rows without negatives, the most
+        if depth[i]:
+            depth[i] = next((k for k, (_, image) in enumerate(pairs, 1) if image), NO_IMAGE)
+    verdicts.depths.append(depth)
     usable = code == 0
     verdicts.images = verdicts.images or bool(
         (has_image["qry_image_path"] | has_image["pos_image_path"])[usable].any()
@@ -358,6 +387,7 @@ def _check_nli_chunk(chunk: pa.Table, verdicts: _Verdicts) -> None:
     negative = _numpy(pc.not_equal(pc.utf8_trim_whitespace(_strings(chunk, "hard_neg")), ""))
     verdicts.codes.append(code)
     verdicts.negatives.append(negative.astype(np.int32))
+    verdicts.depths.append(np.full(chunk.num_rows, NO_IMAGE, np.int32))
 
 
 def _report(verdicts: _Verdicts, source: str, report: DataReport, strict: bool, before_others=None,
@@ -406,7 +436,8 @@ def _load_file(path: Path, kind: str, *, image_dir, subset: str | None, strict: 
     source = str(path)
     usable = _report(verdicts, source, report, strict, lambda: image_dir is None and _images_beside(path, verdicts))
     negatives = np.concatenate(verdicts.negatives)[usable] if verdicts.negatives else np.zeros(0, np.int32)
-    return FileRows(kind, source, subset or subset_name(path), table, usable, negatives, verdicts.images, base)
+    depth = np.concatenate(verdicts.depths)[usable] if verdicts.depths else np.zeros(0, np.int32)
+    return FileRows(kind, source, subset or subset_name(path), table, usable, negatives, verdicts.images, depth, base)
 
 
 def _images_beside(path: Path, verdicts: _Verdicts) -> None:
@@ -433,7 +464,7 @@ def check_file_chunk(path: Path, source, chunk: pa.Table, start: int, state: dic
     image_dir = source.image_dir
     base = str(Path(image_dir) if image_dir is not None else path.parent)
     verdicts = state.setdefault("verdicts", _Verdicts([], [], {}))
-    verdicts.codes, verdicts.negatives, verdicts.bad_images = [], [], {}
+    verdicts.codes, verdicts.negatives, verdicts.bad_images, verdicts.depths = [], [], {}, []
     if mmeb:
         _check_mmeb_chunk(chunk, start, base, image_dir is None, _ImageFiles(), verdicts)
     else:
@@ -441,8 +472,9 @@ def check_file_chunk(path: Path, source, chunk: pa.Table, start: int, state: dic
     beside = (lambda: _images_beside(path, verdicts)) if image_dir is None else None
     usable = _report(verdicts, str(path), report, strict, beside, start)
     negatives = np.concatenate(verdicts.negatives)[usable - start]
-    rows = FileRows(source.format, str(path), source.name, chunk, usable - start, negatives, verdicts.images, base,
-                    first_row=start)  # fmt: skip
+    depth = np.concatenate(verdicts.depths)[usable - start]
+    rows = FileRows(source.format, str(path), source.name, chunk, usable - start, negatives, verdicts.images, depth,
+                    base, first_row=start)  # fmt: skip
     return list(rows)
 
 
@@ -496,6 +528,21 @@ def load_nli_triplets(
 
 
 # ------------------------------------------------------------------------------------------- dataset
+
+
+def file_rows(examples: Sequence[Example]) -> Iterator[tuple[str, np.ndarray]]:
+    """(source, the file row of each example) per stretch of examples from one file, in their order: by
+    column for `FileRows` and concatenations of them, one by one for rows in memory."""
+    if isinstance(examples, Mixture):
+        examples = examples.items
+    if isinstance(examples, FileRows):
+        yield examples.source, examples.rows + examples.first_row
+    elif isinstance(examples, Concatenation):
+        for part in examples.parts:
+            yield from file_rows(part)
+    else:
+        for e in examples:
+            yield e.source, np.array([e.row])
 
 
 def teacher_rows(examples: Sequence[Example]) -> np.ndarray:

@@ -45,7 +45,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmfast.train.data import EmbeddingDataset, Example, FileRows, load_mmeb_train, load_nli_triplets, subset_name
+from mmfast.train.data import (
+    NO_IMAGE,
+    EmbeddingDataset,
+    Example,
+    FileRows,
+    image_depth,
+    load_mmeb_train,
+    load_nli_triplets,
+    subset_name,
+)
 from mmfast.train.data_report import DataReport
 from mmfast.train.mapping_file import read_mapping_file
 from mmfast.train.sampling import Concatenation, Mixture, mixture
@@ -95,6 +104,17 @@ class TrainData:
             for name in self.mixture.names
             for f in self._files(name)
         ])  # fmt: skip
+
+    def every_row_has_image(self, max_negatives: int | None) -> bool:
+        """Whether every row holds an image on a side the loss sees (its query, positive or first
+        `max_negatives` hard negatives, `collator.kept_negatives`): then every mini-batch reaches the vision
+        tower. Read by column from files (`FileRows.image_depth`); rows given in memory one by one."""
+        kept = NO_IMAGE - 1 if max_negatives is None else max_negatives
+        return all(
+            bool((f.image_depth <= kept).all()) if isinstance(f, FileRows) else all(image_depth(e) <= kept for e in f)
+            for name in self.mixture.names
+            for f in self._files(name)
+        )
 
     def subsets_with_images(self) -> list[str]:
         def has_images(rows) -> bool:

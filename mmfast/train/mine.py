@@ -275,6 +275,7 @@ def parser() -> argparse.ArgumentParser:
 
 def run_mine(argv: Sequence[str] | None = None) -> dict:
     """Parses `mmfast-mine` arguments, mines, writes the files; returns the report (also mine_report.json)."""
+    from .command import progress_bars
     from .default import default_data
     from .encoder import Encoder
     from .model_source import check_model_source
@@ -289,9 +290,10 @@ def run_mine(argv: Sequence[str] | None = None) -> dict:
         torch.set_num_threads(args.cpu_threads)
     start = time.perf_counter()
     report = DataReport(strict=args.strict)
-    data = load_data(args.data or default_data().train_spec, image_dir=args.image_dir, strict=args.strict,
-                     mmeb_split=args.mmeb_split, num_sample_per_subset=args.num_sample_per_subset,
-                     report=report)  # fmt: skip
+    with progress_bars(not args.no_progress):  # datasets' bar as a data file is converted to Arrow
+        data = load_data(args.data or default_data().train_spec, image_dir=args.image_dir, strict=args.strict,
+                         mmeb_split=args.mmeb_split, num_sample_per_subset=args.num_sample_per_subset,
+                         report=report)  # fmt: skip
     for source in data.sources:
         if source.teacher is not None:
             raise ValueError(f"--data: subset {source.name!r} has a teacher file: distillation takes no hard negatives")
@@ -302,7 +304,8 @@ def run_mine(argv: Sequence[str] | None = None) -> dict:
     if args.model is None and not os.path.isfile(os.path.join(DEFAULT_MODEL, "mmfast_encoder.json")):
         raise ValueError(f"no --model and no {DEFAULT_MODEL}: train the default first (mmfast-train), or give --model")
     check_model_source(model, "--model")
-    encoder = Encoder.from_pretrained(model)
+    with progress_bars(not args.no_progress):
+        encoder = Encoder.from_pretrained(model)
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     cache = None if args.cache == "none" else (args.cache or output / "embedding_cache")

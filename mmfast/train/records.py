@@ -15,6 +15,12 @@
 
 `table_chunks(records, ...)` yields the rows as pyarrow tables of at most `chunk_rows` rows, in file
 order, from either kind; the caller checks each chunk's columns at once (`data.py`).
+
+The evaluators read their held-out files here too, whole and record by record (each checks its own):
+`read_rows(path)` for .jsonl / .json / .parquet (through `datasets` where pyarrow reads the file as it
+was written, else through the same line reader, `json_lines`), `parquet_table(path)` for a parquet
+file's columns (MMEB, visual documents), and `csv_rows(path)`, the CSV reader training's `csv_records`
+wraps (NLI triplets, MSR-VTT captions). Errors name the file and the line or row.
 """
 
 from __future__ import annotations
@@ -44,6 +50,34 @@ def _signature(path: Path) -> dict:
     return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
+def json_lines(path) -> Iterator[tuple[int, int, str | None]]:
+    """(line number, row, text) per non-blank line of a .jsonl file: `row` counts the non-blank lines from 0;
+    `text` is None for a line that is not UTF-8. Training (`jsonl_records`) and evaluation (`read_rows`)
+    read JSON lines through this one reader."""
+    with open(path, "rb") as f:
+        row = 0
+        for line_number, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = None
+            yield line_number, row, text
+            row += 1
+
+
+def json_object(text: str, path, where: str) -> dict:
+    """One JSON object; a ValueError naming the file and `where` when it is not valid JSON or not an object."""
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: {where} is not valid JSON ({error})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: {where} is a {type(record).__name__}, not an object")
+    return record
+
+
 def jsonl_records(path: str, required: Sequence[str], lists: Sequence[str], size: int = 0, mtime_ns: int = 0):
     """{column: value} per non-blank line of a .jsonl file, for `from_generator`. Required columns are
     strings ("" for null); `lists` columns become lists of strings (a string is a list of one). A line
@@ -51,32 +85,19 @@ def jsonl_records(path: str, required: Sequence[str], lists: Sequence[str], size
     missing from a row, or a value of the wrong type is a ValueError naming the file, line and row."""
     del size, mtime_ns  # part of the cache key only
     empty = {column: "" for column in required} | {column: [] for column in lists}
-    with open(path, "rb") as f:
-        row = 0
-        for line_number, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                yield {**empty, UNREADABLE: "not UTF-8 text"}
-                row += 1
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {line_number} (row {row}) is not valid JSON: {e}") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}: line {line_number} (row {row}) is a {type(record).__name__}, not an object")
-            out = {UNREADABLE: None}
-            for column in required:
-                if column not in record:
-                    raise ValueError(f"{path}: row {row} has no column {column!r} (has {sorted(record)})")
-                out[column] = _string(path, row, column, record[column])
-            for column in lists:
-                out[column] = _strings(path, row, column, record.get(column))
-            yield out
-            row += 1
+    for line_number, row, text in json_lines(path):
+        if text is None:
+            yield {**empty, UNREADABLE: "not UTF-8 text"}
+            continue
+        record = json_object(text, path, f"line {line_number} (row {row})")
+        out = {UNREADABLE: None}
+        for column in required:
+            if column not in record:
+                raise ValueError(f"{path}: row {row} has no column {column!r} (has {sorted(record)})")
+            out[column] = _string(path, row, column, record[column])
+        for column in lists:
+            out[column] = _strings(path, row, column, record.get(column))
+        yield out
 
 
 def _string(path, row: int, column: str, value) -> str:
@@ -96,15 +117,24 @@ def _strings(path, row: int, column: str, value) -> list[str]:
     )
 
 
-def csv_records(path: str, columns: Sequence[str], size: int = 0, mtime_ns: int = 0):
-    """{column: value} per data row of a .csv file with a header holding `columns` (checked by the caller)."""
-    del size, mtime_ns
+def csv_rows(path) -> Iterator[tuple[int, int, dict]]:
+    """(line number, row, {column: value}) per data row of a .csv file (the header first); a row whose
+    fields do not match the header's in number is a ValueError naming the file, row and line. Training
+    (`csv_records`) and evaluation (NLI triplets, MSR-VTT captions) read CSV through this one reader."""
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
         for row, record in enumerate(reader):
             if None in record or any(value is None for value in record.values()):
-                raise ValueError(f"{path}: row {row} does not have the header's {len(reader.fieldnames)} fields")
-            yield {**{column: record[column] for column in columns}, UNREADABLE: None}
+                fields, line = len(reader.fieldnames), reader.line_num
+                raise ValueError(f"{path}: row {row} does not have the header's {fields} fields (line {line})")
+            yield reader.line_num, row, record
+
+
+def csv_records(path: str, columns: Sequence[str], size: int = 0, mtime_ns: int = 0):
+    """{column: value} per data row of a .csv file with a header holding `columns` (checked by the caller)."""
+    del size, mtime_ns
+    for _, _, record in csv_rows(path):
+        yield {**{column: record[column] for column in columns}, UNREADABLE: None}
 
 
 def csv_header(path: Path) -> list[str]:
@@ -133,6 +163,18 @@ def _from_generator(generator, gen_kwargs: dict, features, streaming: bool, cach
 def _is_empty(path: Path) -> bool:
     with open(path, "rb") as f:
         return not any(line.strip() for line in f)
+
+
+def _load(builder: str, path: Path, cache_dir: str | None = None):
+    """`load_dataset(builder)` on one file, converted to Arrow in datasets' cache (memory-mapped after).
+    Its own log of a file it cannot read ("Failed to load JSON", "Failed to read schema") is silenced:
+    the caller says what is wrong, naming the file."""
+    quiet = logging.getLogger(f"datasets.packaged_modules.{builder}")
+    level, quiet.level = quiet.level, logging.CRITICAL
+    try:
+        return _datasets().load_dataset(builder, data_files={"train": [str(path)]}, split="train", cache_dir=cache_dir)
+    finally:
+        quiet.level = level
 
 
 def open_records(path: Path, *, required: Sequence[str], lists: Sequence[str] = (), streaming: bool = False,
@@ -166,14 +208,10 @@ def open_records(path: Path, *, required: Sequence[str], lists: Sequence[str] = 
             {c: [] for c in _features(required, lists)}, features=_features(required, lists)
         )
     if not streaming:
-        quiet = logging.getLogger("datasets.packaged_modules.json")
-        level, quiet.level = quiet.level, logging.CRITICAL  # its "Failed to load JSON" is not the user's error
         try:
-            table = datasets.load_dataset("json", data_files={"train": [str(path)]}, split="train", cache_dir=cache_dir)
+            table = _load("json", path, cache_dir)
         except Exception:  # noqa: BLE001 - pyarrow refuses a file in many ways; the line reader says which line, and why
             table = None
-        finally:
-            quiet.level = level
         if table is not None and not _needs_line_reader(table, required, lists):
             return table
     return _from_generator(jsonl_records, kwargs, _features(required, lists), streaming, cache_dir)
@@ -262,3 +300,110 @@ def cache_files(records) -> list[str]:
 
 def file_signature(path: os.PathLike) -> dict:
     return _signature(Path(path))
+
+
+# --------------------------------------------------------------- held-out files, read whole (evaluation)
+
+RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def parquet_table(path: Path) -> pa.Table:
+    """A .parquet file's rows as an Arrow table, memory-mapped from datasets' cache (converted on the first
+    read); a damaged file is a ValueError naming it."""
+    try:
+        return _load("parquet", path).data.table
+    except Exception as error:  # noqa: BLE001 - pyarrow and datasets raise many kinds for a damaged file
+        raise ValueError(f"{path}: not a readable parquet file ({error})") from None
+
+
+def read_rows(path: Path, suffixes: Sequence[str] = RECORD_SUFFIXES) -> Iterator[tuple[int, dict]]:
+    """(row, record) of a held-out record file, for the evaluators, which check each record themselves:
+    - .parquet: `parquet_table`, each row as stored (an HF Image column as {"bytes", "path"});
+    - .jsonl (one object a line) and .json (a list of objects): through datasets when pyarrow reads the file
+      as written; else the line reader (`json_lines`), which keeps each record as written and names the
+      line of a fault (a line that is not JSON, not an object or not UTF-8). pyarrow's reading differs
+      from the file where a key is missing from some rows or null (both read as null), a value's type
+      changes between rows (read as JSON text), or an integer shares a column with decimals (read as one).
+    `row` is the record's number from 0 (.jsonl: among the non-blank lines, as training counts)."""
+    suffix = path.suffix.lower()
+    if suffix not in suffixes:
+        raise ValueError(f"{path}: unknown file type {suffix!r} (expected {', '.join(suffixes)})")
+    if suffix == ".parquet":
+        yield from enumerate(_python_rows(parquet_table(path)))
+        return
+    table = _as_written(path)
+    if table is not None:
+        yield from enumerate(_python_rows(table))
+    elif suffix == ".jsonl":
+        for line_number, row, text in json_lines(path):
+            if text is None:
+                raise ValueError(f"{path}: line {line_number} is not UTF-8 text")
+            yield row, json_object(text, path, f"line {line_number}")
+    else:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: the file is not valid JSON ({error})") from None
+        if not isinstance(records, list):
+            raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+        for row, record in enumerate(records):
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}: record {row} must be an object, got {type(record).__name__}")
+            yield row, record
+
+
+def _python_rows(table: pa.Table) -> Iterator[dict]:
+    for batch in table.to_batches(max_chunksize=CHUNK_ROWS):
+        yield from batch.to_pylist()
+
+
+def _as_written(path: Path) -> pa.Table | None:
+    """A .jsonl / .json file's rows through datasets, or None where pyarrow's reading would differ from
+    the file (see `read_rows`), or cannot read it: the line reader reads it then."""
+    start = _leading_bytes(path)
+    if start == b"" or path.suffix.lower() == ".json" and start != b"[{":
+        return None  # datasets would read {column: [values]}, or [1, 2] as a column "text", as records
+    try:
+        table = _load("json", path).data.table
+        table.validate(full=True)  # a string that is not UTF-8
+    except Exception:  # noqa: BLE001 - pyarrow refuses a file in many ways; the line reader says which line, and why
+        return None
+    if not all(_exact_type(field.type) for field in table.schema):
+        return None
+    if any(_has_nulls(chunk) for column in table.columns for chunk in column.chunks):
+        return None
+    return table
+
+
+def _leading_bytes(path: Path, count: int = 2) -> bytes:
+    """The file's first `count` bytes that are not white space (fewer when it has fewer)."""
+    found = b""
+    with open(path, "rb") as f:
+        while len(found) < count and (block := f.read(1 << 16)):
+            found += b"".join(block.split())[: count - len(found)]
+    return found
+
+
+def _exact_type(t: pa.DataType) -> bool:
+    """Whether values of this type read back as JSON wrote them: no JSON text (a type changed between
+    rows), no decimals (an integer among them reads as a float), no all-null column."""
+    if isinstance(t, pa.BaseExtensionType) or pa.types.is_floating(t) or pa.types.is_null(t):
+        return False
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return _exact_type(t.value_type)
+    if pa.types.is_struct(t):
+        return all(_exact_type(t.field(i).type) for i in range(t.num_fields))
+    return True
+
+
+def _has_nulls(array: pa.Array) -> bool:
+    """A null anywhere, nested values included: a key missing from some record, or null in it."""
+    if array.null_count:
+        return True
+    if pa.types.is_list(array.type) or pa.types.is_large_list(array.type):
+        return _has_nulls(array.flatten())
+    if pa.types.is_struct(array.type):
+        return any(_has_nulls(child) for child in array.flatten())
+    return False

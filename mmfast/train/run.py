@@ -16,7 +16,7 @@ from mmfast import SigmoidLossOptions
 from . import checkpoints, default
 from .arguments import DataArguments, TrainingArguments
 from .batch_order import BatchOrderSampler
-from .collator import EmbeddingCollator, kept_negatives
+from .collator import EmbeddingCollator
 from .data_report import DataReport
 from .data_spec import SAMPLE_ROWS, DataSource, TrainData, load_data, parse_data_spec
 from .encoder import Encoder
@@ -82,13 +82,6 @@ def hard_negatives(data: TrainData, max_negatives: int | None) -> HardNegatives:
     if max_negatives is not None:
         counts = counts.clip(max=max_negatives)
     return HardNegatives.of(counts.tolist())
-
-
-def imageless(example, max_negatives: int | None) -> bool:
-    """Whether a row has no image on any side the loss sees: a mini-batch of such rows never reaches the
-    vision tower."""
-    sides = (example.query, example.positive, *kept_negatives(example, max_negatives))
-    return all(side.image is None for side in sides)
 
 
 def run_sections(run: RunConfig, hard: HardNegatives | None) -> list[tuple[str, str]]:
@@ -264,8 +257,7 @@ def build_trainer(run: RunConfig) -> EmbeddingTrainer:
     if training.ddp_find_unused_parameters is None and run.processes > 1:
         # For a model that is not a PreTrainedModel, HF's Trainer asks DDP to search every step's graph for
         # unused parameters, and DDP warns when there are none: search only when a step can leave some.
-        rows = data.mixture
-        images = not any(imageless(rows[i], run.data.max_negatives) for i in range(len(rows)))
+        images = data.every_row_has_image(run.data.max_negatives)
         training.ddp_find_unused_parameters = bool(encoder.parameters_without_gradient(images=images))
     collator = EmbeddingCollator(encoder.builder, mini_batching=run.mini_batching, teacher=data.dataset.teacher,
                                  max_negatives=run.data.max_negatives, strict=run.data.strict)  # fmt: skip

@@ -69,7 +69,14 @@ class Concatenation(Sequence[T]):
 
     def __getitem__(self, index):
         if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                return [self[i] for i in range(start, stop, step)]
+            out = []  # each part's stretch sliced at once (a part reads a slice by chunk of rows)
+            for part, first in zip(self.parts, self.starts[:-1].tolist(), strict=True):
+                if first < stop and start < first + len(part):
+                    out.extend(part[max(start - first, 0) : min(stop - first, len(part))])
+            return out
         index = int(index)
         if index < 0:
             index += len(self)

@@ -4,6 +4,7 @@ bad-row report; the cache follows the file; the dry run reads its sample through
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -21,7 +22,7 @@ from mmfast.train.data_report import BadRowError, DataReport
 from mmfast.train.data_spec import load_data
 from mmfast.train.records import open_records
 from mmfast.train.run import load_training_data
-from mmfast.train.sampling import Concatenation
+from mmfast.train.sampling import Concatenation, mixture
 
 dry_run_module = importlib.import_module("mmfast.train.dry_run")  # the package's `dry_run` is the function
 
@@ -202,3 +203,41 @@ def test_the_dry_run_reads_its_sample_through_the_run_s_loader(tmp_path, images,
     report = DataReport()
     data = load_training_data(run.data, run.recipe, report)  # what build_trainer reads the data with
     assert calls == [(str(path), False)] and data.mixture.sizes == (40,) and report.counts == {"empty query": 1}
+
+
+def sees_an_image(example, max_negatives):
+    """The definition, row by row: a side the loss sees (query, positive, the first max_negatives
+    negatives) has an image."""
+    kept = example.negatives if max_negatives is None else example.negatives[:max_negatives]
+    return any(side.image is not None for side in (example.query, example.positive, *kept))
+
+
+@pytest.mark.parametrize("max_negatives, expected", [(None, True), (3, True), (2, True), (1, False), (0, False)])
+def test_every_row_has_image_is_read_by_column_as_the_rows_tell_it(tmp_path, images, max_negatives, expected):
+    with_images = [
+        mmeb_row(0, qry_image="a.jpg"),
+        mmeb_row(1, pos_image="b.jpg", neg_text="text only", neg_image_path=""),
+        mmeb_row(2, neg_text=["x", "<|image_1|>"], neg_image_path=["", "a.jpg"]),  # its second negative
+        mmeb_row(3, neg_text=["<|image_1|>"], neg_image_path=["b.jpg"]),
+        mmeb_row(4, neg_text=["", "y", "<|image_1|>"], neg_image_path=["", "", "a.jpg"]),  # the first is dropped
+    ]
+    files = [write_jsonl(tmp_path / "A.jsonl", with_images[:3]), write_parquet(tmp_path / "B.parquet", with_images[3:])]
+    data = load_data(files, image_dir=images)
+    assert data.every_row_has_image(max_negatives) == expected
+    assert expected == all(sees_an_image(e, max_negatives) for e in data.mixture)
+    in_memory = dataclasses.replace(data, mixture=mixture({"rows": list(data.mixture)}))  # rows one by one
+    assert in_memory.every_row_has_image(max_negatives) == expected
+    text_only = load_data([*files, write_jsonl(tmp_path / "C.jsonl", [mmeb_row(5)])], image_dir=images)
+    assert not text_only.every_row_has_image(max_negatives)
+    mixed = load_data([write_jsonl(tmp_path / "Sub.jsonl", rows_with_every_problem())], image_dir=images)
+    assert mixed.every_row_has_image(max_negatives) == all(sees_an_image(e, max_negatives) for e in mixed.mixture)
+
+
+def test_slices_read_rows_by_chunk_as_indexing_reads_them(tmp_path, images, monkeypatch):
+    monkeypatch.setattr(data_module, "SLICE_ROWS", 2)  # several chunks in a slice
+    first = load_mmeb_train(write_jsonl(tmp_path / "Sub.jsonl", rows_with_every_problem()), images)
+    second = load_mmeb_train(write_jsonl(tmp_path / "Two.jsonl", [mmeb_row(i) for i in range(4)]), images)
+    assert as_tuples(first[1:5]) == as_tuples([first[i] for i in range(1, 5)])
+    both = Concatenation([first, [second[0], second[1]], second])
+    for cut in (slice(None), slice(3, 8), slice(4, 6), slice(6, 7), slice(0, 11, 3), slice(9, 2, -2)):
+        assert as_tuples(both[cut]) == as_tuples([both[i] for i in range(*cut.indices(len(both)))]), cut

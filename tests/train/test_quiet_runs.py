@@ -53,3 +53,25 @@ def test_lora_raises_no_future_warning_the_user_cannot_act_on(tmp_path):
         encoder.add_adapter(r=4, alpha=8)
         encoder.save_pretrained(tmp_path / "adapter")
         assert Encoder.from_pretrained(tmp_path / "adapter").is_adapter
+
+
+def test_no_progress_hides_datasets_bar_as_a_held_out_file_converts(tmp_path, capfd):
+    import json
+
+    import datasets
+    from PIL import Image
+
+    was_on = datasets.is_progress_bar_enabled()
+    datasets.enable_progress_bars()  # the bar would show: the flag must hide it
+    try:
+        for i in range(3):
+            Image.new("RGB", (8, 8), (80 * i, 20, 20)).save(tmp_path / f"{i}.jpg")
+        data = tmp_path / "heldout.jsonl"  # a new file: datasets converts it, with its "Generating" bar
+        data.write_text("".join(json.dumps({"image": f"{i}.jpg", "caption": f"picture {i}"}) + "\n" for i in range(3)))
+        assert eval_main(["--model", str(default_backbone()), "--task", "retrieval", "--data", str(data),
+                          "--output", str(tmp_path / "out"), "--no_progress"]) == 0  # fmt: skip
+        err = capfd.readouterr().err
+        assert "Generating train split" not in err and "embedding" not in err
+        assert datasets.is_progress_bar_enabled()  # restored for the rest of the process
+    finally:
+        (datasets.enable_progress_bars if was_on else datasets.disable_progress_bars)()

@@ -92,39 +92,41 @@ def evaluate(argv: Sequence[str] | None = None) -> dict:
         model = str(default_backbone())
         logger.warning("no --model and no %s yet: evaluating the UNTRAINED default backbone", DEFAULT_TRAINED)
     output = eval_output(args.output, model, next_to_model=args.output_next_to_model)
+    # --no_progress: no bar of transformers (weight loading) or datasets (a held-out file converted to Arrow)
     with progress_bars(not args.no_progress):
         encoder = Encoder.from_pretrained(model, **overrides)
-    cache = args.cache or os.path.join(output, "embedding_cache")
-    print(f"mmfast-eval: writing results to {os.path.abspath(output)}, the embedding cache to {os.path.abspath(cache)}")
-    common = {"batch_size": args.batch_size, "show_progress": not args.no_progress}
-    if args.data is None:
-        if args.image_root:
-            raise ValueError("--image_root goes with --data")
-        tasks = TASKS if args.task == "all" else (args.task,)
+        cache = args.cache or os.path.join(output, "embedding_cache")
+        where = f"writing results to {os.path.abspath(output)}, the embedding cache to {os.path.abspath(cache)}"
+        print(f"mmfast-eval: {where}")
+        common = {"batch_size": args.batch_size, "show_progress": not args.no_progress}
+        if args.data is None:
+            if args.image_root:
+                raise ValueError("--image_root goes with --data")
+            tasks = TASKS if args.task == "all" else (args.task,)
 
-        def run(encoder, output, cache):
-            return evaluate_default(encoder, tasks=tasks, output_dir=output, cache=cache, **common)
-    else:
-        if args.task == "all":
-            raise ValueError(f"with --data, name its --task ({', '.join(TASKS)})")
+            def run(encoder, output, cache):
+                return evaluate_default(encoder, tasks=tasks, output_dir=output, cache=cache, **common)
+        else:
+            if args.task == "all":
+                raise ValueError(f"with --data, name its --task ({', '.join(TASKS)})")
 
-        def run(encoder, output, cache):
-            return evaluate_task(encoder, args.task, args.data, image_root=args.image_root, output_dir=output,
-                                 strict=args.strict, cache=cache, **common)  # fmt: skip
+            def run(encoder, output, cache):
+                return evaluate_task(encoder, args.task, args.data, image_root=args.image_root, output_dir=output,
+                                     strict=args.strict, cache=cache, **common)  # fmt: skip
 
-    if args.dims:
-        dims = check_dims(args.dims, encoder)
-        # Every size reads one cache of full-size embeddings; each size's own is in memory only.
-        by_dim = evaluate_prefixes(encoder, dims, lambda view, out: run(view, out, None), cache=cache,
-                                   output_dir=output, **common)  # fmt: skip
-        paths = write_prefix_results(by_dim, output)
-        for dim, results in by_dim.items():
-            print(f"--- the first {dim} dimensions ---")
-            print_table(results)
-        print(format_prefix_table(by_dim))
-        print(f"results: {paths['json']} and {paths['csv']}")
-        return {"dims": by_dim}
-    results = run(encoder, output, cache)
+        if args.dims:
+            dims = check_dims(args.dims, encoder)
+            # Every size reads one cache of full-size embeddings; each size's own is in memory only.
+            by_dim = evaluate_prefixes(encoder, dims, lambda view, out: run(view, out, None), cache=cache,
+                                       output_dir=output, **common)  # fmt: skip
+            paths = write_prefix_results(by_dim, output)
+            for dim, results in by_dim.items():
+                print(f"--- the first {dim} dimensions ---")
+                print_table(results)
+            print(format_prefix_table(by_dim))
+            print(f"results: {paths['json']} and {paths['csv']}")
+            return {"dims": by_dim}
+        results = run(encoder, output, cache)
     paths = write_results(results, output)
     print_table(results)
     print(f"results: {paths['json']} and {paths['csv']}")

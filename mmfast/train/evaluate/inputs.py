@@ -1,4 +1,5 @@
-"""What the evaluators share about their inputs: prompts, image checks, record files.
+"""What the evaluators share about their inputs: prompts, image checks. Record files are read by
+`mmfast.train.records.read_rows`, as training reads its own.
 
 Missing images, everywhere: each image file is checked once (it exists and PIL can read its header).
 A bad one is counted, and whatever needs it is scored as a miss while still counted in its
@@ -11,7 +12,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -108,58 +109,14 @@ def resolve_image(root: Path, value, where: str):
     return root / value
 
 
-def read_records(path: Path) -> Iterator[tuple[int, dict]]:
-    """(row number, record) from a .jsonl (one object a line), .json (a list of objects) or .parquet file."""
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            rows = pq.read_table(path).to_pylist()
-        except Exception as error:  # pyarrow raises many kinds for a damaged file
-            raise ValueError(f"{path}: not a readable parquet file ({error})") from None
-        yield from enumerate(rows)
-        return
-    if suffix == ".jsonl":
-        with open(path, "rb") as f:
-            for number, raw in enumerate(f):
-                if raw.strip():
-                    try:
-                        line = raw.decode("utf-8")
-                    except UnicodeDecodeError:
-                        raise ValueError(f"{path}: line {number + 1} is not UTF-8 text") from None
-                    yield number, _json_object(line, path, f"line {number + 1}")
-        return
-    if suffix == ".json":
-        with open(path, encoding="utf-8") as f:
-            records = _json(f.read(), path, "the file")
-        if not isinstance(records, list):
-            raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
-        for number, record in enumerate(records):
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}: record {number} must be an object, got {type(record).__name__}")
-            yield number, record
-        return
-    raise ValueError(f"{path}: unknown file type {suffix!r} (expected .jsonl, .json or .parquet)")
-
-
-def _json(text: str, path: Path, where: str):
+def load_json(path: Path):
+    """A JSON file of settings or entries (not records: those are read by `records.read_rows`)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: {where} is not valid JSON ({error})") from None
-
-
-def _json_object(text: str, path: Path, where: str) -> dict:
-    record = _json(text, path, where)
-    if not isinstance(record, dict):
-        raise ValueError(f"{path}: {where} must be a JSON object, got {type(record).__name__}")
-    return record
-
-
-def load_json(path: Path):
-    with open(path, encoding="utf-8") as f:
-        return _json(f.read(), path, "the file")
+        raise ValueError(f"{path}: the file is not valid JSON ({error})") from None
 
 
 def string_field(record: Mapping, column: str, where: str) -> str:

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from ..placeholder import placeholder_problem
+from ..records import parquet_table
 from .cache import as_cache
 from .inputs import ImageChecker, load_json
 from .metrics import first_candidate_ranks
@@ -169,15 +170,11 @@ def prompt_rules(root: Path, subset_info: Mapping[str, Mapping] | None) -> dict[
 def read_subset(name: str, files: list[Path]) -> tuple[list[dict], list[str]]:
     """The rows of one subset, each checked: strings where strings belong, candidate lists non-empty
     and as long as their image lists; and the columns the files hold beyond those read."""
-    import pyarrow.parquet as pq
-
     rows, extra = [], []
     layouts = set()
     for path in files:
-        try:
-            columns = pq.read_schema(path).names
-        except Exception as error:  # pyarrow raises many kinds for a damaged file
-            raise ValueError(f"{path}: not a readable parquet file ({error})") from None
+        table = parquet_table(path)
+        columns = table.column_names
         for column in COLUMNS:
             if column not in columns:
                 raise ValueError(f"{path}: missing column {column!r} (has {', '.join(columns)})")
@@ -186,7 +183,7 @@ def read_subset(name: str, files: list[Path]) -> tuple[list[dict], list[str]]:
         if len(layouts) > 1:
             raise ValueError(f"MMEB dataset {name}: {path} and the files before it differ in layout (qry_inst)")
         extra += [c for c in columns if c not in (*COLUMNS, *V2_COLUMNS) and c not in extra]
-        rows.extend(pq.read_table(path, columns=[*COLUMNS, *instructions]).to_pylist())
+        rows.extend(table.select([*COLUMNS, *instructions]).to_pylist())
     for number, row in enumerate(rows):
         where = f"MMEB dataset {name} row {number}"
         for column in V2_COLUMNS:

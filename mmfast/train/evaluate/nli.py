@@ -13,12 +13,12 @@ meant to learn, on sentences it never saw; it says nothing of the image side.
 
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 
 import torch
 
+from ..records import csv_header, csv_rows
 from .cache import as_cache
 from .inputs import BARE_CAPTION
 from .metrics import RECALL_KS, accuracy, mean_rank, median_rank, recall_at_k, retrieval_ranks
@@ -30,17 +30,15 @@ def read_triplets(path: Path) -> list[tuple[str, str, str]]:
     """The CSV's (premise, entailment, contradiction) rows; errors name the file and row."""
     if not path.is_file():
         raise FileNotFoundError(f"NLI file {path} not found")
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in COLUMNS if c not in (reader.fieldnames or ())]
-        if missing:
-            raise ValueError(f"{path}: no column {', '.join(missing)} (expected {', '.join(COLUMNS)})")
-        rows = []
-        for number, row in enumerate(reader, 2):
-            values = tuple((row[c] or "").strip() for c in COLUMNS)
-            if not all(values):
-                raise ValueError(f"{path} line {number}: an empty {COLUMNS[values.index('')]}")
-            rows.append(values)
+    missing = [c for c in COLUMNS if c not in csv_header(path)]
+    if missing:
+        raise ValueError(f"{path}: no column {', '.join(missing)} (expected {', '.join(COLUMNS)})")
+    rows = []
+    for line, _, record in csv_rows(path):
+        values = tuple(record[c].strip() for c in COLUMNS)
+        if not all(values):
+            raise ValueError(f"{path} line {line}: an empty {COLUMNS[values.index('')]}")
+        rows.append(values)
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
+from ..records import RECORD_SUFFIXES, read_rows
 from .cache import as_cache
-from .inputs import IMAGE_PROMPT, ImageChecker, caption_prompt_for, read_records, resolve_image
+from .inputs import IMAGE_PROMPT, ImageChecker, caption_prompt_for, resolve_image
 from .metrics import cross_modal_metrics
 
 CAPTION_COLUMNS = ("caption", "captions", "text")
 IMAGE_COLUMNS = ("image", "image_path")
-RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
@@ -116,7 +116,7 @@ def load_caption_files(files: list[Path], image_root, *, max_captions=5, limit=N
     dataset = CaptionSet(name or files[0].stem)
     root = Path(image_root)
     for path in files:
-        for number, record in read_records(path):
+        for number, record in read_rows(path):
             if limit is not None and len(dataset.images) >= limit:
                 return dataset
             where = f"{path} row {number}"

@@ -19,7 +19,6 @@ in both directions, counted in the totals.
 
 from __future__ import annotations
 
-import csv
 import os
 import re
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from PIL import Image
 
 from ..placeholder import IMAGE_PLACEHOLDER
+from ..records import csv_header, csv_rows
 from .cache import as_cache
 from .inputs import MISSING_EXAMPLES, ImageChecker
 from .metrics import cross_modal_metrics
@@ -134,20 +134,19 @@ class VideoFrame:
 
 def read_msrvtt_csv(path: Path) -> tuple[list[str], list[str], list[int]]:
     """(video ids in first-seen order, sentences, the video index of each sentence)."""
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        for column in ("video_id", "sentence"):
-            if column not in (reader.fieldnames or []):
-                raise ValueError(f"{path}: missing column {column!r} (has {', '.join(reader.fieldnames or [])})")
-        videos: dict[str, int] = {}
-        sentences, owners = [], []
-        for row in reader:
-            video_id, sentence = (row.get("video_id") or "").strip(), (row.get("sentence") or "").strip()
-            if not video_id or not sentence:
-                empty = "video_id" if not video_id else "sentence"
-                raise ValueError(f"{path} line {reader.line_num}: column {empty!r} is empty")
-            owners.append(videos.setdefault(video_id, len(videos)))
-            sentences.append(sentence)
+    header = csv_header(path)
+    for column in ("video_id", "sentence"):
+        if column not in header:
+            raise ValueError(f"{path}: missing column {column!r} (has {', '.join(header)})")
+    videos: dict[str, int] = {}
+    sentences, owners = [], []
+    for line, _, record in csv_rows(path):
+        video_id, sentence = record["video_id"].strip(), record["sentence"].strip()
+        if not video_id or not sentence:
+            empty = "video_id" if not video_id else "sentence"
+            raise ValueError(f"{path} line {line}: column {empty!r} is empty")
+        owners.append(videos.setdefault(video_id, len(videos)))
+        sentences.append(sentence)
     if not sentences:
         raise ValueError(f"{path}: no rows")
     return list(videos), sentences, owners

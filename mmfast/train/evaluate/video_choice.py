@@ -48,9 +48,10 @@ from pathlib import Path
 
 import torch
 
+from ..records import read_rows
 from ..video_inputs import V2_NUM_FRAMES, sample_frame_positions
 from .cache import as_cache
-from .inputs import MISSING_EXAMPLES, ImageChecker, read_records
+from .inputs import MISSING_EXAMPLES, ImageChecker
 from .mmeb_v2_metrics import query_metrics, v2_results
 from .video_v2 import V2_SCORE_FOLDER, v2_frame_indices, v2_set_name, video_input
 
@@ -171,7 +172,7 @@ def read_choice_rows(path: Path, name: str) -> tuple[list[tuple[int, str, str, l
     """(row, video id, query, options, answer index) per row, and where a global set's labels came
     from; a malformed row is an error naming the file and row."""
     choice = V2_VIDEO_CHOICE[name]
-    records = list(read_records(path))
+    records = list(read_rows(path))
     labels, labels_from = class_labels(path, [r for _, r in records]) if choice.global_labels else (None, None)
     rows = []
     for number, record in records:

@@ -37,9 +37,10 @@ from pathlib import Path
 
 import torch
 
+from ..records import read_rows
 from ..video_inputs import V2_NUM_FRAMES
 from .cache import as_cache
-from .inputs import MISSING_EXAMPLES, ImageChecker, read_records, string_field
+from .inputs import MISSING_EXAMPLES, ImageChecker, string_field
 from .mmeb_v2_metrics import query_metrics, v2_results
 from .video_v2 import V2_SCORE_FOLDER, v2_set_name, video_input
 
@@ -129,7 +130,7 @@ def evaluate_video_moment(
     name = v2_set_name(path, name, V2_MOMENT_SETS, "moment retrieval")
     frame_root = path.parent if frame_root is None else Path(frame_root)
     checker, asked, missing, rows = ImageChecker(strict), [], [], 0
-    for number, record in read_records(path):
+    for number, record in read_rows(path):
         where = f"{path} row {number}"
         rows += 1
         if name == "MomentSeeker":

@@ -31,9 +31,10 @@ from pathlib import Path
 
 import mmfast
 
+from ..records import read_rows
 from ..video_inputs import V2_NUM_FRAMES, Video, sample_frame_positions
 from .cache import as_cache
-from .inputs import MISSING_EXAMPLES, ImageChecker, read_records
+from .inputs import MISSING_EXAMPLES, ImageChecker
 from .mmeb_v2_metrics import KS, query_metrics, v2_results
 from .video import FRAME_SUFFIXES, VIDEO_SUFFIXES, VideoFile, VideoFrame, video_decoder
 
@@ -82,7 +83,7 @@ def v2_set_name(path: Path, name: str | None, known, kind: str) -> str:
 def read_retrieval_rows(path: Path, layout: RetrievalLayout) -> tuple[list[str], list[str], list[str | None]]:
     """(video ids, captions, video files) of a set, one per row; errors name the file and row."""
     ids, captions, files = [], [], []
-    for number, record in read_records(path):
+    for number, record in read_rows(path):
         where = f"{path} row {number}"
         needed = [c for c in (layout.id_column, layout.video_column, layout.caption_column) if c is not None]
         missing = [c for c in needed if c not in record]

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import mmfast
 
+from ..records import parquet_table
 from .cache import as_cache
 from .inputs import ImageChecker, resolve_image
 from .mmeb_v2_metrics import KS, query_metrics, v2_results
@@ -39,19 +40,18 @@ V2_SCORE_FOLDER = "visdoc"
 
 
 def _table(root: Path, name: str, extra: tuple[str, ...] = ()) -> list[dict]:
-    import pyarrow.parquet as pq
-
     files = sorted((root / name).glob("*.parquet"))
     if not files:
         layout = "BEIR layout: queries, corpus, qrels"
         raise FileNotFoundError(f"visual-document set {root}: no {name}/*.parquet ({layout})")
     rows = []
     for path in files:
-        columns = pq.read_schema(path).names
+        table = parquet_table(path)
+        columns = table.column_names
         missing = [c for c in TABLES[name] if c not in columns]
         if missing:
             raise ValueError(f"{path}: missing column(s) {missing} (has {', '.join(columns)})")
-        rows += pq.read_table(path, columns=[*TABLES[name], *(c for c in extra if c in columns)]).to_pylist()
+        rows += table.select([*TABLES[name], *(c for c in extra if c in columns)]).to_pylist()
     return rows
 
 
