@@ -469,6 +469,82 @@ void matryoshka_rows_range(const RowProblem<T>& base, int64_t m, int64_t rows, c
   }
 }
 
+// float32: the same passes, 16 lanes at a time, with the softmax body inlined (one compiled copy per
+// ISA, as softmax_rows_range_f32). The scalar loops above do not vectorise (the double row sum is a
+// reduction the compiler may not reorder) and ran at a third of this speed.
+__attribute__((always_inline)) inline void matryoshka_rows_f32_body(const RowProblem<float>& base, int64_t m,
+                                                                    int64_t rows, const float* a, const float* b,
+                                                                    float* alpha, float* beta, int64_t begin,
+                                                                    int64_t end) {
+  const int32_t n = static_cast<int32_t>(base.n);
+  const int32_t n_vec = n - n % kLanes;
+  std::vector<float> raw_row(n);
+  float* raw = raw_row.data();
+  for (int64_t r = begin; r < end; ++r) {
+    for (int64_t k = 0; k < m; ++k) {
+      float* s = base.scores + (k * rows + r) * n;
+      const float* bk = b + k * n;
+      const float ak = a[k * rows + r];
+      const f32x16 ak16 = splat16(ak);
+      for (int32_t j = 0; j < n_vec; j += kLanes) {  // R_k = R_{k-1} + P_k, S_k = a_k·R_k·b_k
+        const f32x16 running = k == 0 ? load16(s + j) : load16(raw + j) + load16(s + j);
+        store16(raw + j, running);
+        store16(s + j, ak16 * running * load16(bk + j));
+      }
+      for (int32_t j = n_vec; j < n; ++j) {
+        raw[j] = k == 0 ? s[j] : raw[j] + s[j];
+        s[j] = ak * raw[j] * bk[j];
+      }
+      RowProblem<float> p = base;
+      p.scores = base.scores + k * rows * n;  // row r of block k
+      p.loss = base.loss + k * rows;
+      if (base.grad_scale) p.grad_scale = base.grad_scale + k * rows;
+      softmax_rows_f32_body<false>(p, r, r + 1);
+      if (!base.grad_scale) continue;
+      float* beta_k = beta + k * n;
+      DoubleSum16 sum16;
+      double row_sum = 0.0;
+      for (int32_t j = 0; j < n_vec; j += kLanes) {  // G̃_k = G_k·b_k; α_k, β_k from G̃_k ⊙ R_k
+        const f32x16 g = load16(s + j) * load16(bk + j);
+        store16(s + j, g);
+        const f32x16 term = g * load16(raw + j);
+        sum16.add(term);
+        store16(beta_k + j, load16(beta_k + j) + term);
+      }
+      for (int32_t j = n_vec; j < n; ++j) {
+        const float g = s[j] * bk[j];
+        s[j] = g;
+        const float term = g * raw[j];
+        row_sum += term;
+        beta_k[j] += term;
+      }
+      alpha[k * rows + r] = static_cast<float>(row_sum + sum16.total());
+    }
+    if (!base.grad_scale) continue;
+    for (int64_t k = m - 2; k >= 0; --k) {  // H_j = Σ_{k≥j} G̃_k
+      float* h = base.scores + (k * rows + r) * n;
+      const float* next = h + rows * n;
+      for (int32_t j = 0; j < n_vec; j += kLanes) store16(h + j, load16(h + j) + load16(next + j));
+      for (int32_t j = n_vec; j < n; ++j) h[j] += next[j];
+    }
+  }
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default"))) void matryoshka_rows_range_f32(
+    const RowProblem<float>& base, int64_t m, int64_t rows, const float* a, const float* b, float* alpha, float* beta,
+    int64_t begin, int64_t end) {
+  matryoshka_rows_f32_body(base, m, rows, a, b, alpha, beta, begin, end);
+}
+
+void matryoshka_rows_dispatch(const RowProblem<float>& base, int64_t m, int64_t rows, const float* a, const float* b,
+                              float* alpha, float* beta, int64_t begin, int64_t end) {
+  matryoshka_rows_range_f32(base, m, rows, a, b, alpha, beta, begin, end);
+}
+void matryoshka_rows_dispatch(const RowProblem<double>& base, int64_t m, int64_t rows, const double* a,
+                              const double* b, double* alpha, double* beta, int64_t begin, int64_t end) {
+  matryoshka_rows_range<double>(base, m, rows, a, b, alpha, beta, begin, end);
+}
+
 }  // namespace
 
 void contrastive_matryoshka_rows(at::Tensor blocks, int64_t row_offset, double inv_temperature, double hardness,
@@ -515,7 +591,7 @@ void contrastive_matryoshka_rows(at::Tensor blocks, int64_t row_offset, double i
     std::vector<scalar_t> partial(static_cast<size_t>(threads * m * n), scalar_t(0));
     at::parallel_for(0, rows, std::max<int64_t>(1, row_grain(m * n)), [&](int64_t begin, int64_t end) {
       scalar_t* beta_thread = threads ? partial.data() + at::get_thread_num() * m * n : nullptr;
-      matryoshka_rows_range(p, m, rows, a, b, alpha_out, beta_thread, begin, end);
+      matryoshka_rows_dispatch(p, m, rows, a, b, alpha_out, beta_thread, begin, end);
     });
     if (threads) {
       scalar_t* beta_out = beta->data_ptr<scalar_t>();
