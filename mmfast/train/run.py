@@ -46,6 +46,10 @@ def build_encoder(run: RunConfig) -> Encoder:
     }
     if recipe.is_multi_vector:
         options["multi_vector"] = True
+        options["mask_non_image_embeddings"] = model_args.mask_non_image_embeddings
+    elif model_args.mask_non_image_embeddings:
+        raise ValueError(f"--mask_non_image_embeddings masks token vectors: recipe {recipe.name} embeds one vector "
+                         "per input (the colpali recipe is multi-vector)")  # fmt: skip
     for name in ("image_resolution", "min_pixels", "max_pixels", "image_token_style"):
         if getattr(model_args, name) is not None:  # else the saved encoder's own (or the default)
             options[name] = getattr(model_args, name)

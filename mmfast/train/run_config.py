@@ -48,9 +48,11 @@ def loss_overrides(loss_arguments: LossArguments) -> dict:
     }
 
 
-def resolve_loss(recipe: Recipe, overrides: dict, *, backend: str, processes: int) -> LossOptions:
+def resolve_loss(recipe: Recipe, overrides: dict, *, backend: str, processes: int,
+                 trains_default: bool = False) -> LossOptions:  # fmt: skip
     """The recipe's loss options under the overrides (validated by the options themselves), with the
-    run's backend, gathering across devices only when more than one process trains."""
+    run's backend, gathering across devices only when more than one process trains. trains_default: the
+    run trains the embedded default (the recipe's `default_run_loss`, when it has one)."""
     if overrides and recipe.is_distillation:
         named = ", ".join(f"--{name}" for name in overrides)
         raise ValueError(f"{named}: recipe {recipe.name} distils, it has no contrastive loss")
@@ -58,9 +60,8 @@ def resolve_loss(recipe: Recipe, overrides: dict, *, backend: str, processes: in
     unknown = [name for name in overrides if name not in known]
     if unknown:
         raise ValueError(f"--{', --'.join(unknown)}: recipe {recipe.name}'s loss has no such option")
-    return dataclasses.replace(
-        recipe.loss, **overrides, backend=backend, cross_device=recipe.loss.cross_device and processes > 1
-    )
+    loss = recipe.default_run_loss if trains_default and recipe.default_run_loss is not None else recipe.loss
+    return dataclasses.replace(loss, **overrides, backend=backend, cross_device=loss.cross_device and processes > 1)
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ class RunConfig:
         return cls(
             model=model, data=data, training=training, recipe=recipe,
             loss=resolve_loss(recipe, loss_overrides(loss_arguments), backend=training.loss_backend,
-                              processes=processes),
+                              processes=processes, trains_default=model.model_name_or_path is None and not data.data),
             mini_batching=mini_batching,
             mask_duplicates=training.mask_duplicate_candidates and not recipe.is_distillation,
             dtype=None if model.model_dtype is None else DTYPES[model.model_dtype],

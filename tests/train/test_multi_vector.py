@@ -74,6 +74,35 @@ def test_a_head_of_another_size_is_named(tiny_dirs, tmp_path):
         Encoder.from_pretrained(tmp_path, multi_vector_dim=0)
 
 
+def test_mask_non_image_embeddings_keeps_a_page_s_image_tokens_only(tiny_dirs, tmp_path):
+    """ColQwen2's option: the image row keeps its <|image_pad|> tokens only (not <|vision_start|>, <|vision_end|>
+    or its text), the text rows every real token; the option is saved with the encoder."""
+    plain = Encoder.from_pretrained(tiny_dirs["qwen2_vl"], multi_vector=True)
+    encoder = Encoder.from_pretrained(tiny_dirs["qwen2_vl"], multi_vector=True, mask_non_image_embeddings=True)
+    encoder.projection.load_state_dict(plain.projection.state_dict())
+    batch = _batch(encoder)
+    vectors, mask = encoder.embed_tokens(batch)
+    pad_id = encoder.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    image_row = TEXTS.index("<|image_1|> a page")
+    attention = batch["attention_mask"].bool()
+    assert torch.equal(mask[image_row], batch["input_ids"][image_row] == pad_id)
+    assert 0 < mask[image_row].sum() < attention[image_row].sum()  # the markers and the text are left out
+    text_rows = [i for i in range(len(TEXTS)) if i != image_row]
+    assert torch.equal(mask[text_rows], attention[text_rows])
+    assert torch.equal(token_mask(vectors), mask) and (vectors[~mask] == 0).all()
+    # the kept tokens' vectors are the plain encoder's: only the mask differs
+    torch.testing.assert_close(vectors[mask], plain.embed_tokens(batch)[0][mask], rtol=0, atol=0)
+    encoder.save_pretrained(tmp_path)
+    assert Encoder.from_pretrained(tmp_path).encoder_config.mask_non_image_embeddings
+
+
+def test_mask_non_image_embeddings_needs_multi_vector(tiny_dirs):
+    with pytest.raises(ValueError, match="mask_non_image_embeddings masks token vectors: it needs multi_vector"):
+        Encoder.from_pretrained(tiny_dirs["qwen2_vl"], mask_non_image_embeddings=True)
+    with pytest.raises(ValueError, match="mask_non_image_embeddings must be true or false, got 'yes'"):
+        Encoder.from_pretrained(tiny_dirs["qwen2_vl"], multi_vector=True, mask_non_image_embeddings="yes")
+
+
 def test_embed_tokens_needs_a_multi_vector_encoder(tiny_dirs):
     encoder = Encoder.from_pretrained(tiny_dirs["qwen2_vl"])
     with pytest.raises(ValueError, match="embed_tokens needs a multi-vector encoder"):
