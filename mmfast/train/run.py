@@ -34,7 +34,16 @@ PATH_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)  # what a chec
 
 
 def build_encoder(run: RunConfig) -> Encoder:
-    """The backbone with the recipe's prompts, its adapter and frozen parts, ready to train."""
+    """The backbone with the recipe's prompts, its adapter and frozen parts, ready to train.
+
+    The parameters it draws fresh (a multi-vector head, a LoRA adapter) come from the run's seed: the same
+    arguments build the same model in every process (the Trainer seeds only once the model exists)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(run.training.seed)
+        return _build_encoder(run)
+
+
+def _build_encoder(run: RunConfig) -> Encoder:
     model_args, recipe = run.model, run.recipe
     path = model_args.model_name_or_path or str(default.default_backbone())
     options = {
