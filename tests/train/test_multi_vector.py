@@ -241,4 +241,3 @@ def test_the_fresh_head_and_adapter_are_drawn_from_the_run_s_seed(tmp_path):
     assert fresh and all(torch.equal(p, dict(second.named_parameters())[n]) for n, p in fresh.items())
     other = build_encoder(parse_arguments([*argv, "--seed", "1"], profile=PROFILE))
     assert not torch.equal(other.projection.weight, first.projection.weight)
-
