@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     if example.dry_run:
         return example.plan()  # checks the config (fields, paths, model class, batches) without weights
     # recipe defaults < the embedded default's profile < --config < the command line
-    trainer = build_trainer(*example.arguments())
+    trainer = build_trainer(example.arguments())
     example.evaluate("before", trainer.model)  # a multi-vector model: the visual-document set only
     example.fit(trainer)  # transformers.Trainer.train, then the encoder is saved into --output_dir
     example.evaluate("after", trainer.model)

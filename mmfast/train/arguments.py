@@ -64,6 +64,13 @@ class ModelArguments:
     image_token_style: str | None = field(
         default=None, metadata={"help": "mmfast or vlm2vec (Qwen-VL gets a bare <|image_pad|>, as VLM2Vec)"}
     )
+    mask_non_image_embeddings: bool = field(
+        default=False,
+        metadata={
+            "help": "Multi-vector: an input with an image keeps its image tokens' vectors only (ColQwen2's "
+            "option; the colpali recipe's default)"
+        },
+    )
 
 
 @dataclass

@@ -114,6 +114,10 @@ class EncoderConfig:
     multi_vector: every token's final hidden state goes through a linear head to multi_vector_dim
     dimensions and is L2-normalised (ColPali / ColQwen2): an input's embedding is [L, multi_vector_dim]
     with its attention mask, scored by MaxSim (mmfast.late_interaction_loss / late_interaction_topk).
+    mask_non_image_embeddings: multi-vector only: an input with an image keeps the vectors of its image
+    (or video) tokens only, every other token masked as padding is (colpali-engine's ColQwen2 option of
+    the same name); an input without one keeps all its tokens. A page's prompt and image-span markers are
+    the same tokens on every page; a query token matched to one scores every page alike.
     """
 
     base_model: str
@@ -130,6 +134,7 @@ class EncoderConfig:
     image_token_style: str = "mmfast"
     multi_vector: bool = False
     multi_vector_dim: int = 128
+    mask_non_image_embeddings: bool = False
 
     def __post_init__(self):
         # None stands for an adapter merged before it was saved (see Encoder.merged).
@@ -159,8 +164,11 @@ class EncoderConfig:
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
             raise ValueError(f"min_pixels ({self.min_pixels}) must not exceed max_pixels ({self.max_pixels})")
-        if not isinstance(self.multi_vector, bool):
-            raise ValueError(f"multi_vector must be true or false, got {self.multi_vector!r}")
+        for name in ("multi_vector", "mask_non_image_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.mask_non_image_embeddings and not self.multi_vector:
+            raise ValueError("mask_non_image_embeddings masks token vectors: it needs multi_vector")
         dim = self.multi_vector_dim
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"multi_vector_dim must be a positive integer, got {dim!r}")
@@ -174,6 +182,9 @@ class EncoderConfig:
             raise ValueError(f"image_resolution: a text-only {family.name} backbone reads no image")
         if family.name == "phi3_v" and self.image_resolution is not None:
             raise ValueError("image_resolution: VLM2Vec V1 never resizes Phi-3.5-V's images (its processor crops)")
+        if self.mask_non_image_embeddings and family.image_fill_token is None:
+            raise ValueError(f"mask_non_image_embeddings: a {family.name} backbone's image tokens have no token id "
+                             "to find them by")  # fmt: skip
         if (self.min_pixels is not None or self.max_pixels is not None) and not family.mrope:
             raise ValueError(f"min_pixels / max_pixels set the Qwen-VL image processor's range; a {family.name} "
                              "backbone has no such setting")  # fmt: skip
@@ -271,6 +282,13 @@ class Encoder(torch.nn.Module):
         self.builder = InputBuilder(processor, family, config)
         self.projection = None
         self.sigmoid_parameters: SigmoidParameters | None = None
+        # The ids of the tokens an image (or a video) expands into: what mask_non_image_embeddings keeps.
+        self.image_token_ids = None
+        if config.mask_non_image_embeddings:
+            fills = [family.image_fill_token, family.video_token and backbones.VIDEO_FILL_TOKEN]
+            tokenizer = backbones.tokenizer_of(processor)
+            ids = [tokenizer.convert_tokens_to_ids(token) for token in fills if token]
+            self.image_token_ids = torch.tensor([i for i in ids if i is not None and i >= 0])
         if config.multi_vector:
             hidden_size = model.config.get_text_config().hidden_size
             weight = next(model.parameters())
@@ -546,6 +564,8 @@ class Encoder(torch.nn.Module):
             )
         hidden = backbones.last_hidden_state(self.model, self.builder.family, batch)
         mask = batch["attention_mask"].bool()
+        if self.image_token_ids is not None:
+            mask = image_tokens_only(mask, batch["input_ids"], self.image_token_ids)
         vectors = torch.nn.functional.normalize(self.projection(hidden.to(self.projection.weight.dtype)), dim=-1)
         return vectors * mask[..., None].to(vectors.dtype), mask
 
@@ -653,6 +673,12 @@ def prefix(embeddings: torch.Tensor, dim: int) -> torch.Tensor:
 def _cat_padded(chunks: Sequence[torch.Tensor]) -> torch.Tensor:
     length = max(chunk.shape[1] for chunk in chunks)
     return torch.cat([torch.nn.functional.pad(chunk, (0, 0, 0, length - chunk.shape[1])) for chunk in chunks])
+
+
+def image_tokens_only(mask: torch.Tensor, input_ids: torch.Tensor, image_token_ids: torch.Tensor) -> torch.Tensor:
+    """[n, L] bool: in each row that holds image tokens, those tokens only; other rows keep `mask`."""
+    image = mask & torch.isin(input_ids, image_token_ids.to(input_ids.device))
+    return torch.where(image.any(dim=1, keepdim=True), image, mask)
 
 
 def token_mask(vectors: torch.Tensor) -> torch.Tensor:

@@ -58,6 +58,9 @@ RECIPE_HELDOUT_TASKS = {"e5v": TASKS, "unime-stage1": TASKS}
 DEFAULT_EVALUATION = {"eval_strategy": "steps", "eval_steps": 50, "eval_tasks": ["retrieval"]}
 # What the curve draws beside the loss when the run evaluated during training (`--eval_tasks retrieval`).
 CURVE_METRIC = "eval_flickr30k_t2i_R@1"
+# A multi-vector (ColPali) default is scored on the visual-document set only: its NDCG@5 every 50 steps.
+MULTI_VECTOR_EVALUATION = {**DEFAULT_EVALUATION, "eval_tasks": list(MULTI_VECTOR_TASKS)}
+MULTI_VECTOR_CURVE_METRIC = "eval_documents_ndcg_linear@5"
 
 
 def _is_main_process() -> bool:
@@ -88,7 +91,9 @@ class Example:
         if output_dir and not self._sets_output_dir():
             self.argv += ["--output_dir", output_dir]
         if not self._chooses("model_name_or_path", "data", "eval_strategy", "eval_tasks"):
-            self.argv += to_tokens(DEFAULT_EVALUATION)  # the embedded default evaluates as it trains
+            multi_vector = get_recipe(recipe).is_multi_vector
+            # the embedded default evaluates as it trains
+            self.argv += to_tokens(MULTI_VECTOR_EVALUATION if multi_vector else DEFAULT_EVALUATION)
         self.results: dict[str, dict] = {}
         # How report() prints the results: before/after side by side (an example may print its own table).
         self.format_results = format_comparison
@@ -228,8 +233,9 @@ class Example:
             else:
                 print("no held-out evaluation (--heldout_tasks); evaluate with mmfast-eval --model", out)
             labels = list(labels or [f"stage {i + 1}" for i in range(len(trainers))])
+            metric = MULTI_VECTOR_CURVE_METRIC if get_recipe(self.recipe).is_multi_vector else CURVE_METRIC
             curve = plot_losses({label: t.state.log_history for label, t in zip(labels, trainers, strict=True)},
-                                out / LOSS_CURVE)  # fmt: skip
+                                out / LOSS_CURVE, metric)  # fmt: skip
             if curve is not None:
                 print(f"loss curve: {curve}")
             print("time: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.seconds.items()))

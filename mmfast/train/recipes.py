@@ -40,6 +40,8 @@ class Recipe:
     text_prompt / image_prompt: format strings with `{text}` for inputs without / with an image.
     model_defaults / training_defaults: ModelArguments / TrainingArguments fields from the paper's
         public script, applied unless the user sets the field.
+    default_run_loss: the loss of a run on the embedded default (its tiny model from scratch, no model
+        and no data given) where the published one does not learn there; None: `loss`.
     """
 
     name: str
@@ -50,6 +52,7 @@ class Recipe:
     image_prompt: str = PLAIN_PROMPT
     model_defaults: MappingProxyType = field(default_factory=lambda: _frozen({}))
     training_defaults: MappingProxyType = field(default_factory=lambda: _frozen({}))
+    default_run_loss: ContrastiveLossOptions | LateInteractionLossOptions | None = None
 
     @property
     def is_distillation(self) -> bool:
@@ -137,11 +140,27 @@ RECIPES: MappingProxyType = _frozen(
                 summary="ColQwen2 (ColPali)",
                 # ColPali's loss: softplus(hardest in-batch negative's MaxSim − the positive's), unscaled.
                 loss=LateInteractionLossOptions(loss="pairwise", temperature=1.0, cross_device=True),
+                # From scratch the pairwise loss has a trivial minimum, ln 2: every token vector one point, every
+                # score alike, no gradient; the tiny default reaches it within 20 steps. colpali-engine's
+                # ColbertLoss (InfoNCE, τ 0.02) sits at ln N there and leaves it (README, "Why the multi-vector
+                # default learns").
+                default_run_loss=LateInteractionLossOptions(loss="infonce", temperature=0.02, cross_device=True),
                 data="mmeb",
                 image_prompt=PAGE_PROMPT,
                 # ColPali (Faysse et al. 2024, §4): LoRA r 32, α 32, dropout 0.1 on the language model,
                 # the 128-d projection head trained in full; batch 32, lr 5e-5, 2.5% warm-up, 1 epoch.
-                model_defaults=_frozen({"lora": True, "lora_r": 32, "lora_alpha": 32, "lora_dropout": 0.1}),
+                # A page is scored by its image tokens only (ColQwen2's mask_non_image_embeddings): the tokens
+                # around them are the same on every page, and from scratch every query token collapsed onto
+                # them (README, "Why the multi-vector default learns").
+                model_defaults=_frozen(
+                    {
+                        "lora": True,
+                        "lora_r": 32,
+                        "lora_alpha": 32,
+                        "lora_dropout": 0.1,
+                        "mask_non_image_embeddings": True,
+                    }
+                ),  # fmt: skip
                 training_defaults=_frozen(
                     {
                         "per_device_train_batch_size": 32,

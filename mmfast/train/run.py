@@ -36,7 +36,16 @@ PATH_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)  # what a chec
 
 
 def build_encoder(run: RunConfig) -> Encoder:
-    """The backbone with the recipe's prompts, its adapter and frozen parts, ready to train."""
+    """The backbone with the recipe's prompts, its adapter and frozen parts, ready to train.
+
+    The parameters it draws fresh (a multi-vector head, a LoRA adapter) come from the run's seed: the same
+    arguments build the same model in every process (the Trainer seeds only once the model exists)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(run.training.seed)
+        return _build_encoder(run)
+
+
+def _build_encoder(run: RunConfig) -> Encoder:
     model_args, recipe = run.model, run.recipe
     path = model_args.model_name_or_path or str(default.default_backbone())
     options = {
@@ -48,6 +57,10 @@ def build_encoder(run: RunConfig) -> Encoder:
     }
     if recipe.is_multi_vector:
         options["multi_vector"] = True
+        options["mask_non_image_embeddings"] = model_args.mask_non_image_embeddings
+    elif model_args.mask_non_image_embeddings:
+        raise ValueError(f"--mask_non_image_embeddings masks token vectors: recipe {recipe.name} embeds one vector "
+                         "per input (the colpali recipe is multi-vector)")  # fmt: skip
     for name in ("image_resolution", "min_pixels", "max_pixels", "image_token_style"):
         if getattr(model_args, name) is not None:  # else the saved encoder's own (or the default)
             options[name] = getattr(model_args, name)

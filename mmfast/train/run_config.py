@@ -77,9 +77,11 @@ def _sigmoid_loss(recipe: Recipe, overrides: dict, backend: str, cross_device: b
                               cross_device=cross_device)  # fmt: skip
 
 
-def resolve_loss(recipe: Recipe, overrides: dict, *, backend: str, processes: int) -> LossOptions:
+def resolve_loss(recipe: Recipe, overrides: dict, *, backend: str, processes: int,
+                 trains_default: bool = False) -> LossOptions:  # fmt: skip
     """The recipe's loss options under the overrides (validated by the options themselves), with the
-    run's backend, gathering across devices only when more than one process trains."""
+    run's backend, gathering across devices only when more than one process trains. trains_default: the
+    run trains the embedded default (the recipe's `default_run_loss`, when it has one)."""
     if overrides and recipe.is_distillation:
         raise ValueError(f"{_flags(overrides)}: recipe {recipe.name} distils, it has no contrastive loss")
     cross_device = recipe.loss.cross_device and processes > 1
@@ -100,8 +102,9 @@ def resolve_loss(recipe: Recipe, overrides: dict, *, backend: str, processes: in
                          "option (Matryoshka and the sigmoid loss are for single-vector embeddings)")  # fmt: skip
     if unknown:
         raise ValueError(f"{_flags(unknown)}: recipe {recipe.name}'s loss has no such option")
+    loss = recipe.default_run_loss if trains_default and recipe.default_run_loss is not None else recipe.loss
     try:
-        return dataclasses.replace(recipe.loss, **overrides, backend=backend, cross_device=cross_device)
+        return dataclasses.replace(loss, **overrides, backend=backend, cross_device=cross_device)
     except (TypeError, ValueError) as error:  # the options' own check, e.g. "matryoshka_dims must be …"
         named = str(error)
         raise type(error)(named if named.startswith("--") else f"--{named}") from None
@@ -152,7 +155,8 @@ class RunConfig:
             raise ValueError(f"model_dtype must be one of {', '.join(DTYPES)}, got {model.model_dtype!r}")
         mini_batching = MiniBatching.of(training)
         mini_batching.check_engine("deepspeed" if training.deepspeed else None)
-        loss = resolve_loss(recipe, loss_overrides(loss_arguments), backend=training.loss_backend, processes=processes)
+        loss = resolve_loss(recipe, loss_overrides(loss_arguments), backend=training.loss_backend, processes=processes,
+                            trains_default=model.model_name_or_path is None and not data.data)  # fmt: skip
         if isinstance(loss, SigmoidLossOptions) and (training.fsdp or training.deepspeed):
             # The loss reads the scale and bias outside the model's forward: a sharded engine would hand it shards.
             engine = "FSDP" if training.fsdp else "DeepSpeed"

@@ -24,6 +24,8 @@ CASES = {
     "unime-stage2": ("unime-stage2", ()),
     "e5v": ("e5v", ()),
     "unime-stage1": ("unime-stage1", ()),
+    # multi-vector: every rank's pages zero-padded to the longest before the late-interaction loss gathers them
+    "colpali": ("colpali", ()),
 }
 
 

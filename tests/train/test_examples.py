@@ -123,6 +123,25 @@ def test_text_recipe_example_learns_the_heldout_nli_set(script, tmp_path):
     assert after["p2e_MnR"] < before["p2e_MnR"], (before["p2e_MnR"], after["p2e_MnR"])
 
 
+def test_colpali_example_scores_the_visual_document_set_before_and_after(tmp_path, capsys):
+    """The multi-vector example: the visual-document set only (MaxSim), before and after; its default
+    evaluation during training is that set's NDCG@5 (the others rank single vectors)."""
+    from mmfast.train.example import MULTI_VECTOR_CURVE_METRIC, Example
+
+    training = Example("colpali", ["--output_dir", str(tmp_path / "args")]).arguments().training
+    assert training.eval_strategy == "steps" and training.eval_tasks == ["visdoc"]
+    out = tmp_path / "run"
+    assert _main("train_colpali")(["--output_dir", str(out), *SHORT, "--eval_steps", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "documents NDCG@5" in printed and "flickr30k" not in printed
+    results = json.loads((out / "results.json").read_text())
+    assert list(results) == ["before", "after"] and all(set(r) == {"visdoc"} for r in results.values())
+    assert 0 <= results["after"]["visdoc"]["documents"]["ndcg_linear@5"] <= 100
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert [e["step"] for e in state["log_history"] if MULTI_VECTOR_CURVE_METRIC in e] == [2]
+    assert (out / "loss.png").read_bytes().startswith(b"\x89PNG") and (out / "mmfast_projection.safetensors").is_file()
+
+
 def test_heldout_tasks_none_skips_the_evaluation(tmp_path, capsys):
     out = tmp_path / "run"
     assert _main("train_llave")(["--output_dir", str(out), *SHORT, "--heldout_tasks", "none"]) == 0

@@ -74,6 +74,35 @@ def test_a_head_of_another_size_is_named(tiny_dirs, tmp_path):
         Encoder.from_pretrained(tmp_path, multi_vector_dim=0)
 
 
+def test_mask_non_image_embeddings_keeps_a_page_s_image_tokens_only(tiny_dirs, tmp_path):
+    """ColQwen2's option: the image row keeps its <|image_pad|> tokens only (not <|vision_start|>, <|vision_end|>
+    or its text), the text rows every real token; the option is saved with the encoder."""
+    plain = Encoder.from_pretrained(tiny_dirs["qwen2_vl"], multi_vector=True)
+    encoder = Encoder.from_pretrained(tiny_dirs["qwen2_vl"], multi_vector=True, mask_non_image_embeddings=True)
+    encoder.projection.load_state_dict(plain.projection.state_dict())
+    batch = _batch(encoder)
+    vectors, mask = encoder.embed_tokens(batch)
+    pad_id = encoder.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    image_row = TEXTS.index("<|image_1|> a page")
+    attention = batch["attention_mask"].bool()
+    assert torch.equal(mask[image_row], batch["input_ids"][image_row] == pad_id)
+    assert 0 < mask[image_row].sum() < attention[image_row].sum()  # the markers and the text are left out
+    text_rows = [i for i in range(len(TEXTS)) if i != image_row]
+    assert torch.equal(mask[text_rows], attention[text_rows])
+    assert torch.equal(token_mask(vectors), mask) and (vectors[~mask] == 0).all()
+    # the kept tokens' vectors are the plain encoder's: only the mask differs
+    torch.testing.assert_close(vectors[mask], plain.embed_tokens(batch)[0][mask], rtol=0, atol=0)
+    encoder.save_pretrained(tmp_path)
+    assert Encoder.from_pretrained(tmp_path).encoder_config.mask_non_image_embeddings
+
+
+def test_mask_non_image_embeddings_needs_multi_vector(tiny_dirs):
+    with pytest.raises(ValueError, match="mask_non_image_embeddings masks token vectors: it needs multi_vector"):
+        Encoder.from_pretrained(tiny_dirs["qwen2_vl"], mask_non_image_embeddings=True)
+    with pytest.raises(ValueError, match="mask_non_image_embeddings must be true or false, got 'yes'"):
+        Encoder.from_pretrained(tiny_dirs["qwen2_vl"], multi_vector=True, mask_non_image_embeddings="yes")
+
+
 def test_embed_tokens_needs_a_multi_vector_encoder(tiny_dirs):
     encoder = Encoder.from_pretrained(tiny_dirs["qwen2_vl"])
     with pytest.raises(ValueError, match="embed_tokens needs a multi-vector encoder"):
@@ -179,3 +208,36 @@ def test_mmfast_eval_scores_a_saved_multi_vector_model_on_visdoc_by_maxsim(tiny_
         ndcg.append(dcg / sum(g / math.log2(r + 2) for r, g in enumerate(ideal)))
     assert scores["ndcg_linear@5"] == pytest.approx(100 * sum(ndcg) / len(ndcg), abs=1e-6)
     assert scores["num_queries"] == len(queries) and scores["num_pages"] == len(pages)
+
+
+def test_the_embedded_default_trains_colpali_with_infonce_and_the_published_loss_otherwise(tiny_dirs, tmp_path):
+    """The pairwise loss collapses the tiny default to its ln 2 minimum (README, "Why the multi-vector default
+    learns"): a run on the embedded default takes the recipe's default_run_loss; a model or data of one's own,
+    ColPali's pairwise loss. Either way a page is scored by its image tokens only."""
+    common = ["--recipe", "colpali", "--output_dir", str(tmp_path), "--report_to", "none"]
+    default = parse_arguments(common, profile=PROFILE)
+    assert (default.loss.loss, default.loss.temperature) == ("infonce", 0.02)
+    own = parse_arguments([*common, "--model_name_or_path", str(tiny_dirs["qwen2_vl"])], profile=PROFILE)
+    assert (own.loss.loss, own.loss.temperature) == ("pairwise", 1.0)
+    assert parse_arguments([*common, "--temperature", "0.05"], profile=PROFILE).loss.temperature == 0.05
+    assert default.model.mask_non_image_embeddings and own.model.mask_non_image_embeddings
+    with pytest.raises(ValueError, match="--mask_non_image_embeddings masks token vectors: recipe llave"):
+        build_trainer(parse_arguments(["--recipe", "llave", "--mask_non_image_embeddings", "true", "--output_dir",
+                                       str(tmp_path), "--report_to", "none"], profile=PROFILE))  # fmt: skip
+
+
+def test_the_fresh_head_and_adapter_are_drawn_from_the_run_s_seed(tmp_path):
+    """Two builds of one run (any RNG state before) give the same head and LoRA weights, so every rank
+    of a data-parallel run, and a rerun, starts from the same model; another --seed, another head."""
+    from mmfast.train.run import build_encoder
+
+    argv = ["--recipe", "colpali", "--output_dir", str(tmp_path), "--report_to", "none", "--lora", "true"]
+    run = parse_arguments(argv, profile=PROFILE)
+    first = build_encoder(run)
+    torch.rand(7)  # the global RNG moved on
+    second = build_encoder(run)
+    assert first.is_adapter and "projection.weight" in dict(first.named_parameters())
+    fresh = {n: p for n, p in first.named_parameters() if "lora_" in n or n.startswith("projection.")}
+    assert fresh and all(torch.equal(p, dict(second.named_parameters())[n]) for n, p in fresh.items())
+    other = build_encoder(parse_arguments([*argv, "--seed", "1"], profile=PROFILE))
+    assert not torch.equal(other.projection.weight, first.projection.weight)
