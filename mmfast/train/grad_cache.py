@@ -93,6 +93,7 @@ def grad_cache_step(
     *,
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
     no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    last_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> tuple[torch.Tensor, Embeddings]:
     """One GradCache step over `mini_batches`; returns the (detached) loss and embeddings.
 
@@ -101,6 +102,8 @@ def grad_cache_step(
     loss_fn: the loss of the whole contrastive batch from the concatenated embeddings.
     backward: how a surrogate is backpropagated (e.g. `accelerator.backward`).
     no_sync: a context that defers the DDP gradient all-reduce; every mini-batch but the last runs in it.
+    last_sync: the context the last mini-batch runs in, whose backward syncs the gradients (FSDP2:
+        `fsdp.sync_at_last_post_backward`, one reduce-scatter per unit).
     """
     if not mini_batches:
         raise ValueError("grad_cache_step needs at least one mini-batch")
@@ -128,7 +131,7 @@ def grad_cache_step(
 
     last = len(mini_batches) - 1
     for index, (state, piece) in enumerate(zip(states, split_like(grads, cached), strict=True)):
-        with state.replay(), no_sync() if index < last else contextlib.nullcontext():
+        with state.replay(), no_sync() if index < last else last_sync():
             outputs = forward(mini_batches[index])
             surrogate = sum(_dot(outputs[side], piece[side]) for side in piece)
             backward(surrogate)
