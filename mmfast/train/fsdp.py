@@ -44,11 +44,11 @@ class _BeforePostBackward(torch.autograd.Function):
 
 
 class _UnitCountdown:
-    """One FSDP unit's forward calls with grad-requiring inputs in the last mini-batch, counted down in
-    its backward; at zero the unit's sync is turned on."""
+    """One FSDP unit's forward calls with grad-requiring inputs in the last mini-batch, counted off in its
+    backward; at the last one the unit's sync is turned on."""
 
     def __init__(self, unit: FSDPModule):
-        self.unit, self.calls, self.synced = unit, 0, False
+        self.unit, self.forward_calls, self.backward_calls = unit, 0, 0
 
     def pre_forward(self, module, args, kwargs):
         leaves, spec = tree_flatten((args, kwargs))
@@ -56,17 +56,23 @@ class _UnitCountdown:
         # Not in a backward: activation checkpointing runs the forward again there, not a call of its own.
         if not marked or not torch.is_grad_enabled() or torch._C._current_graph_task_id() != -1:
             return None
-        self.calls += 1
+        self.forward_calls += 1
         outputs = _BeforePostBackward.apply(self.backward_of_one_call, *(leaves[i] for i in marked))
         for i, tensor in zip(marked, outputs, strict=True):
             leaves[i] = tensor
         return tree_unflatten(leaves, spec)
 
     def backward_of_one_call(self) -> None:
-        self.calls -= 1
-        if self.calls == 0:
+        self.backward_calls += 1
+        if self.backward_calls == self.forward_calls:
             self.unit.set_requires_gradient_sync(True, recurse=False)
-            self.synced = True
+
+    @property
+    def left_unsynced(self) -> bool:
+        """Some of the unit's calls had a backward (its parameters got gradients) but not the last one, so its
+        last post-backward ran with sync off. (A unit none of whose calls had a backward, such as a vision
+        layer whose output the backbone does not read, got no gradient: nothing to sync.)"""
+        return 0 < self.backward_calls < self.forward_calls
 
 
 @contextlib.contextmanager
@@ -79,19 +85,20 @@ def sync_at_last_post_backward(model: FSDPModule) -> Iterator[None]:
         # A unit none of whose calls had grad-requiring inputs has its one post-backward at the end of the
         # backward (FSDP2's final callback): its sync is on from the start.
         for countdown in countdowns:
-            if countdown.calls == 0:
+            if countdown.forward_calls == 0:
                 countdown.unit.set_requires_gradient_sync(True, recurse=False)
-                countdown.synced = True
 
     model.set_requires_gradient_sync(False)
     handles = [cd.unit.register_forward_pre_hook(cd.pre_forward, with_kwargs=True) for cd in countdowns]
     handles.append(model.register_forward_hook(after_forward))
     try:
         yield
-        missed = [type(cd.unit).__name__ for cd in countdowns if not cd.synced]
+        missed = [type(cd.unit).__name__ for cd in countdowns if cd.left_unsynced]
         if missed:
-            # A unit's last post-backward ran without sync: its gradient would be left unsynced.
-            raise RuntimeError(f"FSDP2 units left without a gradient sync this step: {', '.join(missed)}")
+            raise RuntimeError(
+                f"FSDP2 units whose gradient this step's backward left unsynced (a forward call of theirs had no "
+                f"backward, so their last post-backward ran with the sync off): {', '.join(missed)}"
+            )
     finally:
         for handle in handles:
             handle.remove()
