@@ -517,8 +517,8 @@ class Encoder(torch.nn.Module):
         return self.family.multimodal and hasattr(inner, "get_image_features")
 
     def blank_image_pass(self) -> torch.Tensor:
-        """The sum of the vision tower's outputs (its merger's or projector's included) for one blank image at
-        the smallest size the processor takes, as the backbone runs it before its language layers."""
+        """The sum of the vision tower's outputs (its merger's or projector's included) for one small blank
+        image (56 px, sized as the run's images are), through the backbone's own `get_image_features`."""
         if not self.takes_blank_image:
             raise ValueError(f"family {self.family.name!r}: no vision tower to run a blank image through")
         model = backbones.unwrap_model(self.model).model
