@@ -525,7 +525,12 @@ class Encoder(torch.nn.Module):
         built = self.builder([Input(IMAGE_PLACEHOLDER, "<blank>")], [Image.new("RGB", (56, 56))])
         image_keys = ("pixel_values", "image_grid_thw", "image_sizes")
         inputs = {key: built[key].to(self.device) for key in image_keys if key in built}
-        return _sum_of_tensors(model.get_image_features(**inputs))
+        outputs = model.get_image_features(**inputs)
+        # The image features the backbone puts into its input (pooler_output in transformers' outputs): the
+        # vision tower's other outputs can reach parameters an image row never does (its last layers, when
+        # the features are an earlier layer's).
+        features = getattr(outputs, "pooler_output", None)
+        return _sum_of_tensors(outputs if features is None else features)
 
     def prepare(self, items: Sequence[Input], images: Sequence[Image.Image | None] | None = None) -> Mapping:
         """Inputs -> model-ready tensors; images are loaded from the items' paths unless given."""
