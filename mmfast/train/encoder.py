@@ -569,9 +569,42 @@ class Encoder(torch.nn.Module):
         vectors = torch.nn.functional.normalize(self.projection(hidden.to(self.projection.weight.dtype)), dim=-1)
         return vectors * mask[..., None].to(vectors.dtype), mask
 
-    def forward(self, sides: Mapping[str, Mapping]) -> dict[str, torch.Tensor]:
-        """One call for every side of a (mini-)batch, so DDP sees one forward per backward."""
-        return {side: self.embed(batch) for side, batch in sides.items()}
+    def forward(self, sides: Mapping[str, Mapping], blank_image_sides: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+        """One call for every side of a (mini-)batch, so DDP sees one forward per backward.
+
+        blank_image_sides: sides whose backbone pass is preceded by a pass of the vision tower over one
+        blank image, its output weighted zero (the embeddings are unchanged; the vision tower's parameters
+        get zero gradients). Under FSDP every rank must run the modules another rank runs, in the same order
+        (`trainer.vision_passes_to_align`): a side without images on this rank, with images on another."""
+        embeddings = {}
+        for side, batch in sides.items():
+            blank = self.blank_image_pass() if side in blank_image_sides else None
+            embeddings[side] = self.embed(batch)
+            if blank is not None:
+                embeddings[side] = embeddings[side] + 0 * blank.to(embeddings[side].dtype)
+        return embeddings
+
+    @property
+    def takes_blank_image(self) -> bool:
+        """Whether `blank_image_pass` can run: a vision tower behind transformers' `get_image_features`."""
+        inner = getattr(backbones.unwrap_model(self.model), "model", None)
+        return self.family.multimodal and hasattr(inner, "get_image_features")
+
+    def blank_image_pass(self) -> torch.Tensor:
+        """The sum of the vision tower's outputs (its merger's or projector's included) for one small blank
+        image (56 px, sized as the run's images are), through the backbone's own `get_image_features`."""
+        if not self.takes_blank_image:
+            raise ValueError(f"family {self.family.name!r}: no vision tower to run a blank image through")
+        model = backbones.unwrap_model(self.model).model
+        built = self.builder([Input(IMAGE_PLACEHOLDER, "<blank>")], [Image.new("RGB", (56, 56))])
+        image_keys = ("pixel_values", "image_grid_thw", "image_sizes")
+        inputs = {key: built[key].to(self.device) for key in image_keys if key in built}
+        outputs = model.get_image_features(**inputs)
+        # The image features the backbone puts into its input (pooler_output in transformers' outputs): the
+        # vision tower's other outputs can reach parameters an image row never does (its last layers, when
+        # the features are an earlier layer's).
+        features = getattr(outputs, "pooler_output", None)
+        return _sum_of_tensors(outputs if features is None else features)
 
     def prepare(self, items: Sequence[Input], images: Sequence[Image.Image | None] | None = None) -> Mapping:
         """Inputs -> model-ready tensors; images are loaded from the items' paths unless given."""
@@ -668,6 +701,14 @@ def check_prefix_dim(dim: object, embedding_size: int, *, multi_vector: bool = F
 def prefix(embeddings: torch.Tensor, dim: int) -> torch.Tensor:
     """The first `dim` dimensions of [n, D] (or [D]) embeddings, L2-normalised again."""
     return torch.nn.functional.normalize(embeddings[..., :dim], dim=-1)
+
+
+def _sum_of_tensors(outputs) -> torch.Tensor:
+    """The sum of every floating-point tensor in a model output (a tensor, tuple, list or mapping of them)."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.float().sum() if outputs.is_floating_point() else outputs.new_zeros((), dtype=torch.float32)
+    parts = outputs.values() if isinstance(outputs, Mapping) else outputs if isinstance(outputs, (tuple, list)) else ()
+    return sum((_sum_of_tensors(part) for part in parts if part is not None), torch.zeros(()))
 
 
 def _cat_padded(chunks: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -94,6 +94,7 @@ def grad_cache_step(
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
     no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     loss_parameters: Sequence[torch.Tensor] = (),
+    last_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> tuple[torch.Tensor, Embeddings]:
     """One GradCache step over `mini_batches`; returns the (detached) loss and embeddings.
 
@@ -105,6 +106,8 @@ def grad_cache_step(
     loss_parameters: parameters the loss itself reads (the sigmoid loss's logit scale and bias): their
         gradient is taken with the embeddings' and joins the last mini-batch's surrogate (`p · dLoss/dp`),
         so `backward` gives it to them exactly once, scaled and reduced like every other gradient.
+    last_sync: the context the last mini-batch runs in, whose backward syncs the gradients (FSDP2:
+        `fsdp.sync_at_last_post_backward`, one reduce-scatter per unit).
     """
     if not mini_batches:
         raise ValueError("grad_cache_step needs at least one mini-batch")
@@ -134,7 +137,7 @@ def grad_cache_step(
 
     last = len(mini_batches) - 1
     for index, (state, piece) in enumerate(zip(states, split_like(grads, cached), strict=True)):
-        with state.replay(), no_sync() if index < last else contextlib.nullcontext():
+        with state.replay(), no_sync() if index < last else last_sync():
             outputs = forward(mini_batches[index])
             surrogate = sum(_dot(outputs[side], piece[side]) for side in piece)
             if index == last:

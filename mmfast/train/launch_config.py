@@ -187,6 +187,6 @@ def check_against_training(check: LaunchCheck, training_args) -> None:
                "reduce-scatters" if held else
                "the gradients are reduce-scattered (sharded) after every mini-batch, one reduce-scatter per unit "
                "per mini-batch")
-            + ". In each mini-batch every rank must run the same modules (images on the same sides, hard "
-            "negatives on every rank or none), else the step stops with an error"
+            + ". A side with images on some ranks only runs a blank image through the others' vision tower; hard "
+            "negatives must be on every rank or none, else the step stops with an error"
         )  # fmt: skip

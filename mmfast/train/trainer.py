@@ -20,7 +20,7 @@ import os
 import resource
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -36,6 +36,7 @@ from . import checkpoints
 from .data_report import DataReport
 from .evaluate.during_training import HeldOutEvaluation, RankShards, evaluation_output_dir, flat_metrics
 from .evaluate.report import write_results
+from .fsdp import sync_at_last_post_backward
 from .grad_cache import full_batch_step, grad_cache_step
 from .losses import Objective, distributed_world_size
 from .mini_batches import MiniBatching
@@ -66,16 +67,28 @@ def modules_run(mini_batches) -> list[tuple[bool, bool, bool, bool]]:
     return kinds
 
 
-def check_same_modules_on_every_rank(mini_batches) -> None:
-    """Under FSDP each layer's parameters are all-gathered when it runs, a collective every rank joins, so
-    in every mini-batch all ranks must run the same modules; otherwise their collectives fall out of step
-    (gloo aborts on a size mismatch; a backend that does not check sizes can hang). Every rank gets the same
-    answer, so all stop together."""
+def vision_passes_to_align(mini_batches, takes_blank_image: bool) -> list[tuple[str, ...]]:
+    """Under FSDP each layer's parameters are all-gathered when it runs, a collective every rank joins, so in
+    every mini-batch all ranks must run the same modules in the same order; otherwise their collectives fall
+    out of step (gloo aborts on a size mismatch; a backend that does not check sizes can hang, or mix up
+    layers of one size). Returns, per mini-batch, the sides for which this rank runs the vision tower over a
+    blank image (`Encoder.forward`'s blank_image_sides): those with no image here and an image on another
+    rank. Differences a blank image cannot align (hard negatives on some ranks only, or a different number of
+    mini-batches) stop every rank with an error that says what each rank's mini-batches run (every rank gets
+    the same answer)."""
     kinds = modules_run(mini_batches)
     every_rank = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(every_rank, kinds)
-    if all(other == kinds for other in every_rank):
-        return
+    # A blank image aligns image sides; hard negatives, and the number of mini-batches, must agree.
+    negatives = [[kind[2] for kind in rank_kinds] for rank_kinds in every_rank]
+    agree = all(other == kinds for other in every_rank)
+    if all(other == negatives[0] for other in negatives) and (agree or takes_blank_image):
+        image_of_side = {"query": 0, "target": 1, "negatives": 3}  # index into a modules_run tuple
+        return [
+            tuple(side for side, at in image_of_side.items()
+                  if not kind[at] and any(rank_kinds[index][at] for rank_kinds in every_rank))
+            for index, kind in enumerate(kinds)
+        ]  # fmt: skip
     names = ("query image", "target image", "hard negatives", "negative image")
 
     def describe(rank_kinds):
@@ -85,11 +98,26 @@ def check_same_modules_on_every_rank(mini_batches) -> None:
     ranks = "\n".join(f"  rank {rank}: {len(k)} mini-batch(es): {describe(k)}" for rank, k in enumerate(every_rank))
     raise ValueError(
         "under FSDP every rank must run the same modules in each mini-batch (a layer's parameters are all-gathered "
-        f"when it runs, a collective every rank joins), but this step's ranks differ:\n{ranks}\nBatches whose "
-        "ranks mix text-only and image rows, or rows with and without hard negatives, are not supported under "
-        "FSDP: give every row the same sides (e.g. one task per batch, --homogeneous_batches, over subsets whose "
-        "rows agree), or train with DDP"
+        f"when it runs, a collective every rank joins), but this step's ranks differ:\n{ranks}\nA side with an "
+        "image on one rank and none on another is aligned (a blank image through the vision tower); hard "
+        "negatives on some ranks only, or a different number of mini-batches, are not: give every row the same "
+        "sides (e.g. one task per batch, --homogeneous_batches), or train with DDP"
+        + ("" if takes_blank_image else ". This backbone's vision tower takes no blank image: image sides must agree")
     )
+
+
+class BlankImagePasses(Sequence):
+    """Mini-batches paired with the sides whose backbone pass runs a blank image through the vision tower
+    first (`vision_passes_to_align`); read by index, as `grad_cache_step` reads mini-batches."""
+
+    def __init__(self, mini_batches, sides: list[tuple[str, ...]]):
+        self.mini_batches, self.sides = mini_batches, sides
+
+    def __len__(self) -> int:
+        return len(self.mini_batches)
+
+    def __getitem__(self, index):
+        return self.mini_batches[index], self.sides[index]
 
 
 class EmbeddingTrainer(transformers.Trainer):
@@ -203,16 +231,27 @@ class EmbeddingTrainer(transformers.Trainer):
         def backward(surrogate):
             self.accelerator.backward(surrogate * scale, **options)
 
+        forward = model
         if isinstance(model, FSDPModule) and distributed_world_size() > 1:
-            check_same_modules_on_every_rank(inputs["mini_batches"])
+            encoder = self.accelerator.unwrap_model(model)
+            blank_sides = vision_passes_to_align(inputs["mini_batches"], encoder.takes_blank_image)
+            if any(blank_sides):
+                mini_batches = BlankImagePasses(mini_batches, blank_sides)
+
+                def forward(paired):
+                    return model(paired[0], blank_image_sides=paired[1])
+
         with self.compute_loss_context_manager():
             if self.mini_batching.grad_cache:
                 no_sync = functools.partial(self.defer_gradient_sync, model)
                 loss_parameters = () if sigmoid_parameters is None else tuple(sigmoid_parameters.parameters())
-                loss, _ = grad_cache_step(model, mini_batches, loss_fn, backward=backward, no_sync=no_sync,
-                                          loss_parameters=loss_parameters)  # fmt: skip
+                last_sync = contextlib.nullcontext
+                if isinstance(model, FSDPModule) and self.args.gradcache_fsdp_sync == "last_mini_batch":
+                    last_sync = functools.partial(sync_at_last_post_backward, model)
+                loss, _ = grad_cache_step(forward, mini_batches, loss_fn, backward=backward, no_sync=no_sync,
+                                          last_sync=last_sync, loss_parameters=loss_parameters)  # fmt: skip
             else:
-                loss, _ = full_batch_step(model, mini_batches, loss_fn, backward=backward)
+                loss, _ = full_batch_step(forward, mini_batches, loss_fn, backward=backward)
         self._window["rows"] += inputs["rows"]
         self._window["batches"] += 1
         self._window["masked"] += self.objective.masked_candidates(ids, inputs["rows"])
@@ -226,11 +265,11 @@ class EmbeddingTrainer(transformers.Trainer):
         the last in it, so gradients are synced once per step.
 
         Under FSDP2, `gradcache_fsdp_sync` chooses. last_mini_batch: each unit's gradient stays unsharded
-        (a whole unit's gradient per process) until the last mini-batch's backward reduce-scatters it, twice
-        for a layer the mini-batch runs more than once (the encoder runs the backbone once per side, and FSDP2
-        reduce-scatters at a layer's first post-backward what it held, at its last what the mini-batch added):
-        2 per layer unit and 1 for the root, whatever the number of mini-batches. every_mini_batch: sharded
-        gradient memory, one reduce-scatter per unit per mini-batch (README, "GradCache under FSDP2")."""
+        (a whole unit's gradient per process) until the last mini-batch's backward reduce-scatters it once,
+        at the unit's last post-backward (`fsdp.sync_at_last_post_backward`, which the last mini-batch runs
+        in): one reduce-scatter per unit per step, whatever the number of mini-batches. every_mini_batch:
+        sharded gradient memory, one reduce-scatter per unit per mini-batch (README, "GradCache under
+        FSDP2")."""
         if not isinstance(model, FSDPModule):
             with self.accelerator.no_sync(model):
                 yield

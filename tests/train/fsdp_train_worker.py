@@ -3,7 +3,9 @@ a fixed batch, with the encoder sharded by FSDP2 (`fully_shard`: each backbone l
 root) and GradCache over two mini-batches; rank 0 writes the full (unsharded) gradients, each rank's loss and
 the number of gradient reduce-scatters, for both `--gradcache_fsdp_sync` choices (last_mini_batch, the
 default, and every_mini_batch), and for the plain step without GradCache (one backward: one sync). Then a
-step whose ranks run different modules (an image on rank 0's query side only): rank 0 writes the error.
+step whose ranks run different modules (an image on rank 0's query side only, aligned by a blank image through
+rank 1's vision tower): rank 0 writes its gradients, losses and reduce-scatters; and a step whose ranks differ
+in hard negatives (not aligned): rank 0 writes the error.
 
     torchrun --standalone --nproc-per-node 2 fsdp_train_worker.py OUT_DIR ROWS_PER_RANK CASE...
 """
@@ -13,7 +15,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from tests.train.distributed_train_worker import leave, run_step, trainer_for
 
@@ -76,19 +78,61 @@ def step(trainer, model, rows: int) -> tuple[torch.Tensor, int]:
     return loss.detach(), REDUCE_SCATTERS[0] - before
 
 
-def mismatch_error(out_dir: str, rows: int) -> str:
-    """The error of a step whose ranks disagree on the modules they run: rank 0's mini-batches hold a query
-    image, rank 1's none (vlm2vec's data has both kinds of row)."""
-    trainer = trainer_for("vlm2vec", os.path.join(out_dir, "mismatch"), rows, max(rows // 2, 1))
+def mixed_rows(trainer, rows: int) -> list:
+    """2 × `rows` vlm2vec rows without hard negatives whose halves run different modules: rank 0's queries each
+    hold an image, rank 1's none (so in each mini-batch's query side only rank 0 runs the vision tower)."""
+    dataset = trainer.train_dataset
+    stride = max(len(dataset) // 400, 1)
+    examples = [dataset[i] for i in range(0, len(dataset), stride) if not dataset[i].negatives]
+    with_image = [example for example in examples if example.query.image is not None]
+    text_only = [example for example in examples if example.query.image is None]
+    if len(with_image) < rows or len(text_only) < rows:
+        raise ValueError(f"{len(with_image)} image and {len(text_only)} text-only queries; {rows} of each needed")
+    return with_image[:rows] + text_only[:rows]
+
+
+def mixed_step(out_dir: str, rows: int) -> dict:
+    """GradCache step of vlm2vec with rank 0's queries holding images and rank 1's none: the vision tower runs
+    on rank 1 over a blank image, weighted zero, so both ranks join its collectives."""
+    trainer = trainer_for("vlm2vec", os.path.join(out_dir, "mixed"), rows, max(rows // 2, 1))
+    model = sharded(trainer)
+    rank = dist.get_rank()
+    picked = mixed_rows(trainer, rows)[rank * rows : (rank + 1) * rows]
+    model.zero_grad(set_to_none=True)
+    before = REDUCE_SCATTERS[0]
+    loss = run_step(trainer, model, picked).detach()
+    reduce_scatters = REDUCE_SCATTERS[0] - before
+    losses = [torch.zeros_like(loss) for _ in range(dist.get_world_size())]
+    dist.all_gather(losses, loss)
+    return {"grads": full_gradients(model), "losses": losses, "reduce_scatters": reduce_scatters,
+            "units_run": units_with_gradients(model)}  # fmt: skip
+
+
+def unaligned_error(out_dir: str, rows: int) -> str:
+    """The error of a step whose ranks differ in what a blank image cannot align: rank 0's rows hold hard
+    negatives, rank 1's none (vlm2vec's data has both kinds of row)."""
+    trainer = trainer_for("vlm2vec", os.path.join(out_dir, "unaligned"), rows, max(rows // 2, 1))
     model = sharded(trainer)
     dataset = trainer.train_dataset
-    wanted_image = dist.get_rank() == 0
-    picked = [dataset[i] for i in range(len(dataset)) if (dataset[i].query.image is not None) == wanted_image]
+    wanted = dist.get_rank() == 0
+    picked = [dataset[i] for i in range(min(len(dataset), 400)) if bool(dataset[i].negatives) == wanted]
     try:
         run_step(trainer, model, picked[:rows])
     except ValueError as error:
         return str(error)
     return ""
+
+
+def units_with_gradients(model) -> int:
+    """The FSDP units any of whose own parameters (not a nested unit's) got a gradient this step."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    counted = 0
+    for unit in units:
+        inner = {id(p) for sub in unit.modules() if sub is not unit and isinstance(sub, FSDPModule)
+                 for p in sub.parameters()}  # fmt: skip
+        own = [p for p in unit.parameters() if id(p) not in inner]
+        counted += any(p.grad is not None for p in own)
+    return counted
 
 
 def full_gradients(model) -> dict[str, torch.Tensor]:
@@ -104,6 +148,7 @@ def main():
         model = sharded(trainer)
         loss, once = step(trainer, model, rows)
         grads = full_gradients(model)
+        units_run = units_with_gradients(model)
         losses = [torch.zeros_like(loss) for _ in range(dist.get_world_size())]
         dist.all_gather(losses, loss)
         every = trainer_for(case, os.path.join(out_dir, case + "-every"), rows, max(rows // 2, 1),
@@ -117,12 +162,14 @@ def main():
             mini_batches = len(trainer.data_collator(aligned_rows(trainer, rows)[:rows])["mini_batches"])
             result = {"grads": grads, "grads_per_mini_batch": grads_per_mini_batch, "losses": losses,
                       "reduce_scatters": once, "per_mini_batch": per_mini_batch, "one_sync": one_sync,
-                      "mini_batches": mini_batches}  # fmt: skip
+                      "units_run": units_run, "mini_batches": mini_batches}  # fmt: skip
             torch.save(result, os.path.join(out_dir, f"{case}.pt"))
         dist.barrier()
-    error = mismatch_error(out_dir, rows)
+    mixed = mixed_step(out_dir, rows)
+    error = unaligned_error(out_dir, rows)
     if dist.get_rank() == 0:
-        with open(os.path.join(out_dir, "mismatch.txt"), "w") as f:
+        torch.save(mixed, os.path.join(out_dir, "mixed.pt"))
+        with open(os.path.join(out_dir, "unaligned.txt"), "w") as f:
             f.write(error)
     leave()
 

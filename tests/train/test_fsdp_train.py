@@ -3,24 +3,30 @@ unit), 2 ranks × B rows give the loss and every parameter's full gradient of 1 
 recipe, with the gradient reduce-scatter held to the last mini-batch (`--gradcache_fsdp_sync last_mini_batch`,
 the default) and synced per mini-batch (`every_mini_batch`); reduce-scatters counted. Then `mmfast-train` itself
 with the Trainer's `--fsdp` (accelerate's FSDP2; its CPU gate lifted, fsdp_launch_worker.py): it saves
-checkpoints `Encoder.from_pretrained` loads, and a resumed run ends where the uninterrupted one does."""
+checkpoints `Encoder.from_pretrained` loads, and a resumed run ends where the uninterrupted one does; and
+`accelerate launch` with the shipped FSDP config: refused on CPU, trained with the gate lifted."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from mmfast.train.default import default_backbone, default_data
 from mmfast.train.encoder import Encoder
 from tests.train.distributed_train_worker import CASES, trainer_for
 from tests.train.fsdp_launch_worker import FSDP_ARGUMENTS
-from tests.train.fsdp_train_worker import aligned_rows
-from tests.train.torchrun import torchrun
+from tests.train.fsdp_train_worker import aligned_rows, mixed_rows
+from tests.train.torchrun import REPOSITORY, torchrun
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 WORKER = Path(__file__).with_name("fsdp_train_worker.py")
 LAUNCH_WORKER = Path(__file__).with_name("fsdp_launch_worker.py")
+FSDP_CONFIG_FILE = REPOSITORY / "examples" / "configs" / "accelerate-fsdp.yaml"
 ROWS_PER_RANK = 6
 
 
@@ -47,17 +53,30 @@ def test_fsdp2_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
         assert_gradients_equal(got["grads"], reference, case)
         assert_gradients_equal(got["grads_per_mini_batch"], reference, case + " (synced per mini-batch)")
         # Two GradCache mini-batches per rank. every_mini_batch: each FSDP unit's gradient is reduce-scattered
-        # once per mini-batch. last_mini_batch: the root once, each layer unit twice, whatever the number of
-        # mini-batches: the encoder runs the backbone once per side, so a layer's post-backward fires once per
-        # side; the first reduce-scatters the gradient held from the earlier mini-batches, the last what this
-        # mini-batch added (a plain step has nothing held: once per unit).
+        # once per mini-batch. last_mini_batch: once per step, as the plain step (one backward) does, though
+        # the encoder runs each layer once per side, so its post-backward fires once per side
+        # (fsdp.sync_at_last_post_backward). The units run are the root and the language layers (2 ranks'
+        # rows with images run the vision tower's too): the count is at least 3.
         assert got["mini_batches"] == 2, case
         assert got["per_mini_batch"] == got["mini_batches"] * got["one_sync"] > 0, case
-        assert got["reduce_scatters"] == 2 * got["one_sync"] - 1, case
-    # Ranks that run different modules in a mini-batch stop with an error that says which, on every rank.
-    error = (tmp_path / "mismatch.txt").read_text()
+        assert got["reduce_scatters"] == got["one_sync"] == got["units_run"] >= 3, case
+    # Ranks whose mini-batches run different modules (rank 0's queries hold images, rank 1's do not): rank 1
+    # runs the vision tower over a blank image, weighted zero, so both join every unit's collectives, and the
+    # step is still that of one process on the concatenated batch.
+    got = torch.load(tmp_path / "mixed.pt")
+    trainer = trainer_for("vlm2vec", str(tmp_path / "mixed-single"), 2 * ROWS_PER_RANK, mini_batch=0)
+    trainer.current_gradient_accumulation_steps = 1
+    loss = trainer.training_step(trainer.model, trainer.data_collator(mixed_rows(trainer, ROWS_PER_RANK)))
+    torch.testing.assert_close(torch.stack(got["losses"]).mean(), loss.detach(), rtol=1e-5, atol=1e-6)
+    reference = {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
+    vision = [name for name in reference if "visual" in name]
+    assert any(reference[name].abs().max() > 0 for name in vision), "no image reached the vision tower"
+    assert_gradients_equal(got["grads"], reference, "mixed modules")
+    assert got["reduce_scatters"] == got["units_run"] == 5  # the root, 2 language layers, 2 vision blocks
+    # Hard negatives on one rank only cannot be aligned: every rank stops with an error saying what each runs.
+    error = (tmp_path / "unaligned.txt").read_text()
     assert "under FSDP every rank must run the same modules" in error, error
-    assert "rank 0: 2 mini-batch(es): query image" in error and "rank 1: 2 mini-batch(es): target image" in error
+    assert "rank 0: 2 mini-batch(es): " in error and "hard negatives" in error and "rank 1: 2 mini-batch(es)" in error
 
 
 def test_fsdp_through_the_trainer_saves_and_resumes(tmp_path):
@@ -90,6 +109,31 @@ def test_fsdp_through_the_trainer_saves_and_resumes(tmp_path):
     assert [e["loss"] for e in losses[0] if e.get("step") == 3 and "loss" in e] == [
         e["loss"] for e in losses[1] if e.get("step") == 3 and "loss" in e
     ]
+
+
+def accelerate_launch(*args, cwd, succeed: bool = True) -> subprocess.CompletedProcess:
+    """`accelerate launch` with the shipped FSDP config on 2 CPU processes (its 8 GPUs and bf16 overridden)."""
+    default_backbone(), default_data()  # built before the ranks start, so they only read them
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG_FILE),
+               "--num_processes", "2", "--mixed_precision", "no", *args]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPOSITORY), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert (done.returncode == 0) == succeed, done.stderr[-4000:]
+    return done
+
+
+def test_accelerate_launch_with_the_shipped_fsdp_config(tmp_path):
+    """`accelerate launch --config_file examples/configs/accelerate-fsdp.yaml` (the plugin set through the
+    environment, as on GPUs): on CPU processes accelerate sets up DDP and mmfast-train refuses; with the one
+    CPU gate lifted (fsdp_launch_worker.py, which also checks the step gets an FSDP2-sharded model) it trains."""
+    run = ["--recipe", "e5v", "--max_steps", "1", "--per_device_train_batch_size", "4", "--gradcache_mini_batch_size",
+           "2", "--report_to", "none", "--save_strategy", "no"]  # fmt: skip
+    refused = accelerate_launch("-m", "mmfast.train", "--output_dir", str(tmp_path / "refused"), *run, cwd=tmp_path,
+                                succeed=False)  # fmt: skip
+    assert "mmfast-train: error: FSDP was asked for" in refused.stderr, refused.stderr[-2000:]
+    assert "but accelerate set up MULTI_CPU" in refused.stderr
+    done = accelerate_launch(str(LAUNCH_WORKER), "--output_dir", str(tmp_path / "run"), *run, cwd=tmp_path)
+    assert "'train_loss'" in done.stdout + done.stderr, done.stderr[-2000:]
 
 
 def test_fsdp_on_cpu_is_refused(tmp_path):
