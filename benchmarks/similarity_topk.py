@@ -9,7 +9,8 @@ Each measurement runs in a fresh interpreter (harness.memory_in_subprocess): a w
 problem, then `--repeats` timed searches (harness.timed_runs: median wall time, and median CPU time of
 the process: on a machine shared with other jobs the second is the steadier); the extra memory is the
 first search's resident high-water mark (VmHWM) over what was resident before it (the inputs), minus
-its outputs (harness.peak_extra_mib). Every provider uses torch's thread count (faiss's OpenMP is set
+its outputs (harness.peak_extra_mib); "peak MiB" is the whole process's VmHWM (inputs, outputs, the
+warm-up and torch itself included). Every provider uses torch's thread count (faiss's OpenMP is set
 to it).
 Providers: mmfast (backend "auto": the C++ kernels on CPU), mmfast_rank (also the rank of a [Q]
 target), mmfast_torch (backend "torch"), mmfast_memmap (the gallery saved as a .npy file and searched
@@ -84,11 +85,12 @@ def search_function(provider: str, query, gallery, target, k: int):
     return search, lambda: state.get("out", ())
 
 
-def rss_anon_mib() -> float:
+def status_mib(field: str) -> float:
+    """A memory line of /proc/self/status (RssAnon, VmHWM: the process's peak resident memory), in MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("RssAnon not in /proc/self/status")
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def total_memory_bytes() -> int:
@@ -115,15 +117,16 @@ def measure(
             np.save(path, gallery.numpy())
             del gallery
             gallery = np.load(path, mmap_mode="r")
-            anon_before = rss_anon_mib()
+            anon_before = status_mib("RssAnon")
         search, outputs = search_function(provider, query, gallery, target, k)
         result = timed_runs(search, outputs, repeats)
         if provider == "mmfast_memmap":
-            result["rss_anon_extra_mib"] = rss_anon_mib() - anon_before
+            result["rss_anon_extra_mib"] = status_mib("RssAnon") - anon_before
         if provider == "gemm":
             result.update(ms=result["ms"] * scale, cpu_ms=result["cpu_ms"] * scale, scaled_from_items=gallery.shape[0])
         if outputs():
             torch.save(outputs()[1], indices_path)
+    result["peak_rss_mib"] = status_mib("VmHWM")  # the whole process: inputs, outputs, warm-up included
     return result
 
 
@@ -156,7 +159,7 @@ def main(argv=None) -> int:
         return 0
     memory = total_memory_bytes()
     print(f"# {machine()} | float32, CPU | D={args.dim}, k={args.k} | {memory / 2**30:.1f} GiB")
-    print("Q       G         provider          wall ms     CPU ms  GFLOP/s  ÷gemm  same %  extra MiB")
+    print("Q       G         provider        wall ms   CPU ms  GFLOP/s  ÷gemm  CPU÷gemm  same %  extra MiB  peak MiB")
     rows = []
     scratch = tempfile.TemporaryDirectory(prefix="mmfast-bench-")
     for case in args.cases:
@@ -198,9 +201,11 @@ def main(argv=None) -> int:
             if reference and row.get("indices_path"):
                 row["same_share"] = same_share(torch.load(row.pop("indices_path")), torch.load(reference))
             ratio = f"{row['over_gemm']:.2f}" if gemm_ms else "-"
+            cpu_ratio = f"{row['cpu_over_gemm']:.2f}" if gemm_ms else "-"
             same = f"{100 * row['same_share']:.3f}" if "same_share" in row else "-"
-            print(f"{n_queries:<7d} {n_gallery:<9d} {row['provider']:13s} {row['ms']:10.0f} {row['cpu_ms']:10.0f} "
-                  f"{row['gflops']:8.1f}  {ratio:5s}  {same:7s} {row['extra_peak_mib']:.0f}", flush=True)  # fmt: skip
+            print(f"{n_queries:<7d} {n_gallery:<9d} {row['provider']:13s} {row['ms']:9.0f} {row['cpu_ms']:8.0f} "
+                  f"{row['gflops']:8.1f}  {ratio:5s}  {cpu_ratio:8s}  {same:7s} {row['extra_peak_mib']:9.0f}  "
+                  f"{row['peak_rss_mib']:.0f}", flush=True)  # fmt: skip
         for row in results.values():
             row.pop("indices_path", None)
     if args.json:

@@ -1,10 +1,10 @@
 // CPU kernels of mmfast.similarity_topk (the gallery chunk loop is mmfast/backends/similarity_topk.py).
 //
 // similarity_topk_search scores a whole gallery chunk against every query and merges the scores as it
-// goes, never leaving a thread's caches: the queries are cut into blocks of kBlockRows rows, handed
-// to the threads one at a time from a shared counter (a thread slowed by other jobs takes fewer), and
-// a thread walks its block across the chunk kBlockCols items at a time: one single-threaded GEMM
-// (MKL) into its own [kBlockRows, kBlockCols] scratch, 256 KiB that stays in L2, then
+// goes, never leaving a thread's caches: the queries are cut into blocks of up to kMaxBlockRows rows,
+// handed to the threads one at a time from a shared counter (a thread slowed by other jobs takes fewer),
+// and a thread walks its block across the chunk kBlockCols items at a time: one single-threaded GEMM
+// (MKL) into its own [block rows, kBlockCols] scratch, at most 1 MiB, kept in cache, then
 // similarity_topk_rows's merge of that scratch. One parallel region per chunk, so the threads meet
 // once per chunk instead of twice per tile; no score is written to or read back from memory.
 //
@@ -15,7 +15,8 @@
 // item has a higher index than all kept ones, it enters only when strictly above the weakest kept
 // score, which makes "ties go to the lower gallery index" free. The scan compares 16 scores at a time
 // against that threshold and leaves the vector loop only when one of them beats it (rare after the
-// first few thousand items; the scan tests 64 scores at a time through their max). With `last`, each
+// first few thousand items; the scan tests 64 scores at a time through their max, then the 16-lane
+// quarters of a group that holds a winner). With `last`, each
 // heap is sorted: best first, ties to the lower index.
 #include <torch/extension.h>
 
@@ -182,10 +183,17 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void merge_rows_f32
         above16 -= (v0 > threshold16) + (v1 > threshold16) + (v2 > threshold16) + (v3 > threshold16);
       }
       if (any_lane(max16(max16(v0, v1), max16(v2, v3)) > weakest16)) {
-        for (int lane = 0; lane < kStep; ++lane) {
-          if (s[j + lane] > heap.weakest()) heap.replace_weakest(s[j + lane], p.col_offset + j + lane);
+        // Early in the gallery most groups hold a winner, but few of their 16-lane quarters do: only
+        // those are walked lane by lane, each against the threshold as it rises.
+        const f32x16 quarters[4] = {v0, v1, v2, v3};
+        for (int quarter = 0; quarter < 4; ++quarter) {
+          if (!any_lane(quarters[quarter] > weakest16)) continue;
+          const int64_t first = j + quarter * kLanes;
+          for (int lane = 0; lane < kLanes; ++lane) {
+            if (s[first + lane] > heap.weakest()) heap.replace_weakest(s[first + lane], p.col_offset + first + lane);
+          }
+          weakest16 = splat16(heap.weakest());
         }
-        weakest16 = splat16(heap.weakest());
       }
     }
     for (; j < p.n; ++j) {
@@ -207,10 +215,20 @@ void merge_dispatch(const TileProblem<double>& p, int64_t begin, int64_t end) {
 
 constexpr const char* kOp = "similarity_topk";
 
-// The fused search's blocks: a thread's scratch of kBlockRows × kBlockCols float32 scores is 256 KiB
-// (L2 here is 1-2 MiB per core), and its GEMMs are large enough for MKL's full rate.
-constexpr int64_t kBlockRows = 128;
+// The fused search's blocks: up to kMaxBlockRows queries × kBlockCols items, a thread's scratch of at
+// most 1 MiB of float32 scores (L2 here is 1 MiB per core). Measured on 2 cores (phases timed apart, same
+// process): the merge costs ~12% of the GEMMs at G = 20,000 and falls with G (a row's heap takes about
+// k·ln(G/k) items); the GEMMs of 512-row blocks ran ~10% faster than of 128-row ones, which MKL re-packs
+// the chunk's items for 4× as often. Smaller queries get smaller blocks, so every thread has some.
+constexpr int64_t kMaxBlockRows = 512;
+constexpr int64_t kMinBlockRows = 16;
 constexpr int64_t kBlockCols = 512;
+
+int64_t block_rows_for(int64_t n_queries, int64_t threads) {
+  const int64_t share = (n_queries + 2 * threads - 1) / (2 * threads);  // at least two blocks per thread
+  const int64_t rounded = (share + kMinBlockRows - 1) / kMinBlockRows * kMinBlockRows;
+  return std::clamp(rounded, kMinBlockRows, kMaxBlockRows);
+}
 
 // out[rows, cols] (row stride cols) = a[rows, dim] · b[cols, dim]ᵀ, on the calling thread (inside a
 // parallel region ATen's GEMM runs single-threaded).
@@ -228,14 +246,15 @@ void block_scores(const T* a, int64_t a_stride, int64_t rows, const T* b, int64_
 template <typename T>
 void search_chunk(const TileProblem<T>& chunk, const T* query, int64_t query_stride, int64_t n_queries,
                   const T* gallery, int64_t gallery_stride, int64_t dim) {
-  const int64_t n_blocks = (n_queries + kBlockRows - 1) / kBlockRows;
+  const int64_t block_rows = block_rows_for(n_queries, at::get_num_threads());
+  const int64_t n_blocks = (n_queries + block_rows - 1) / block_rows;
   std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), n_blocks);
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> scratch(kBlockRows * std::min(kBlockCols, chunk.n));
+    std::vector<T> scratch(block_rows * std::min(kBlockCols, chunk.n));
     for (int64_t worker = begin; worker < end; ++worker) {
       for (int64_t block = next++; block < n_blocks; block = next++) {
-        const int64_t row = block * kBlockRows, rows = std::min(kBlockRows, n_queries - row);
+        const int64_t row = block * block_rows, rows = std::min(block_rows, n_queries - row);
         for (int64_t col = 0; col < chunk.n; col += kBlockCols) {
           const int64_t cols = std::min(kBlockCols, chunk.n - col);
           block_scores(query + row * query_stride, query_stride, rows, gallery + col * gallery_stride, gallery_stride,

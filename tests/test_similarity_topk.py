@@ -354,11 +354,15 @@ def test_memory_mapped_gallery_equals_in_memory(backend, dtype, form, tmp_path, 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_fused_blocks_at_odd_sizes_are_exact(backend):
-    """Several query blocks (128 rows) and item blocks (512) of the cpu kernel, none of them full."""
+    """Several query blocks and item blocks (512) of the cpu kernel, none of them full; then more queries
+    than 2 × 512 per thread, so its query blocks take their largest size (512 rows), the last one not full."""
     gen = torch.Generator().manual_seed(13)
     query, gallery = integer_rows(259, 7, gen), integer_rows(1_299, 7, gen)
     for k, target in zip((1, 100, 513), target_forms(259, 1_299, gen), strict=True):
         check_exact(backend, query, gallery, k, target, torch.float32)
+    many = 2 * 512 * torch.get_num_threads() + 77
+    target = target_forms(many, 700, gen)[2]
+    check_exact(backend, integer_rows(many, 7, gen), gallery[:700], 60, target, torch.float32)
 
 
 def test_progress_bar_counts_every_gallery_item(capfd, tmp_path):

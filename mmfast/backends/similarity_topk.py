@@ -141,12 +141,14 @@ def _sort_desc(t: torch.Tensor):
 
 
 class CpuSimilarityTopk(TorchSimilarityTopk):
-    """csrc/similarity_topk.cpp, one call per gallery chunk: per block of 128 queries × 512 items, one
-    GEMM (MKL, on the thread) into an L2-sized scratch and the merge into each row's heap at once."""
+    """csrc/similarity_topk.cpp, one call per gallery chunk: per block of up to 512 queries × 512 items,
+    one GEMM (MKL, on the thread) into a cache-sized scratch and the merge into each row's heap at once."""
 
-    # Gallery items per chunk, in multiples of the kernel's 512-item blocks: about 8 MiB of float32
-    # rows, which every block of queries re-reads, so it should stay in the last-level cache.
-    chunk_bytes = 8 << 20
+    # Gallery items per chunk, in multiples of the kernel's 512-item blocks: about 32 MiB of float32
+    # rows. Every block of queries re-reads the chunk, but a 512-query block does 256 flops per byte
+    # read, so it need not stay in the last-level cache; a larger chunk means fewer of the waits at the
+    # end of a chunk, where the threads meet (costly with few query blocks: Q = 500 on 2 threads).
+    chunk_bytes = 32 << 20
     block_items = 512
 
     def __init__(self, extension):

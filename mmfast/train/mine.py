@@ -215,6 +215,19 @@ def build_batches(positive: np.ndarray, neighbours: np.ndarray, batch_size: int,
     return batches
 
 
+def _rows_by_file(examples: Sequence[Example]) -> dict[str, list[int]]:
+    """The positions of the examples of each data file (absolute path), in order. One pass over the rows
+    with one path resolution per distinct file name (it resolved two paths per row, once per file)."""
+    rows_of: dict[str, list[int]] = collections.defaultdict(list)
+    absolute: dict[str, str] = {}
+    for i, example in enumerate(examples):
+        name = example.source
+        if name not in absolute:
+            absolute[name] = os.path.abspath(name)
+        rows_of[absolute[name]].append(i)
+    return rows_of
+
+
 def _embedder(encoder, cache, batch_size: int, show_progress: bool, phases: dict):
     from .evaluate.cache import as_cache
 
@@ -332,8 +345,9 @@ def run_mine(argv: Sequence[str] | None = None) -> dict:
         writing = time.perf_counter()
         located = [(0, 0)] * len(examples)  # (file number, row in the mined file) of each example
         written[source.name] = []
+        rows_of = _rows_by_file(examples)
         for path in source.paths:
-            own = [i for i, e in enumerate(examples) if os.path.abspath(e.source) == os.path.abspath(path)]
+            own = rows_of.get(os.path.abspath(path), [])
             if not own:
                 continue
             target = write_mined_file(source, path, [examples[i] for i in own], [mined.negatives[i] for i in own],

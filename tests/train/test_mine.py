@@ -18,7 +18,7 @@ from mmfast.train.data_spec import load_data
 from mmfast.train.default import default_backbone
 from mmfast.train.default.sizes import Sizes
 from mmfast.train.default.synthetic import generate
-from mmfast.train.mine import MineOptions, build_batches, main, mine_negatives, mine_subset
+from mmfast.train.mine import MineOptions, _rows_by_file, build_batches, main, mine_negatives, mine_subset
 
 
 def reference(query, gallery, positive, k, ratio):
@@ -106,6 +106,13 @@ def test_mine_subset_skips_the_positive_and_its_copies():
     for example, negatives in zip(examples, mined.negatives, strict=True):
         assert len(negatives) == 3 and len({n.text for n in negatives}) == 3
         assert all(content_id(n) != content_id(example.positive) for n in negatives)
+
+
+def test_rows_are_grouped_by_their_file_in_order_however_it_is_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    names = ["a.jsonl", str(tmp_path / "b.jsonl"), str(tmp_path / "a.jsonl"), "b.jsonl", "./a.jsonl"]
+    examples = [Example(Input(f"query {i}"), Input("p"), (), "s", name, i) for i, name in enumerate(names)]
+    assert _rows_by_file(examples) == {str(tmp_path / "a.jsonl"): [0, 2, 4], str(tmp_path / "b.jsonl"): [1, 3]}
 
 
 def test_build_batches_keeps_mutual_hard_negatives_together():
