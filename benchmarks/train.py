@@ -89,11 +89,12 @@ def text_trainer(backbone: Path, batch: int, mini: int, output_dir: str):
 
 def sentence_transformers_step(backbone: Path, mini: int, examples):
     """(model, step): sentence-transformers on the same backbone and rows; step() runs forward + backward."""
-    from sentence_transformers import SentenceTransformer, losses, models
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer import losses, modules  # 6.x's paths (the old ones warn)
 
-    transformer = models.Transformer(str(backbone), max_seq_length=512, tokenizer_args={"padding_side": "right"})
-    pooling = models.Pooling(transformer.get_embedding_dimension(), pooling_mode="lasttoken")
-    model = SentenceTransformer(modules=[transformer, pooling, models.Normalize()], device="cpu")
+    transformer = modules.Transformer(str(backbone), max_seq_length=512, tokenizer_args={"padding_side": "right"})
+    pooling = modules.Pooling(transformer.get_embedding_dimension(), pooling_mode="lasttoken")
+    model = SentenceTransformer(modules=[transformer, pooling, modules.Normalize()], device="cpu")
     loss = losses.CachedMultipleNegativesRankingLoss(model, scale=1 / TEXT_TEMPERATURE, mini_batch_size=mini)
     columns = ([e.query.text for e in examples], [e.positive.text for e in examples],
                [e.negatives[0].text for e in examples])  # fmt: skip
