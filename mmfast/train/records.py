@@ -67,12 +67,17 @@ def json_lines(path) -> Iterator[tuple[int, int, str | None]]:
             row += 1
 
 
-def json_object(text: str, path, where: str) -> dict:
-    """One JSON object; a ValueError naming the file and `where` when it is not valid JSON or not an object."""
+def parse_json(text: str, path, where: str):
+    """JSON text; a ValueError naming the file and `where` when it is not valid JSON."""
     try:
-        record = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: {where} is not valid JSON ({error})") from None
+
+
+def json_object(text: str, path, where: str) -> dict:
+    """One JSON object; a ValueError naming the file and `where` when it is not valid JSON or not an object."""
+    record = parse_json(text, path, where)
     if not isinstance(record, dict):
         raise ValueError(f"{path}: {where} is a {type(record).__name__}, not an object")
     return record
@@ -342,10 +347,7 @@ def read_rows(path: Path, suffixes: Sequence[str] = RECORD_SUFFIXES) -> Iterator
     else:
         with open(path, encoding="utf-8") as f:
             text = f.read()
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: the file is not valid JSON ({error})") from None
+        records = parse_json(text, path, "the file")
         if not isinstance(records, list):
             raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
         for row, record in enumerate(records):

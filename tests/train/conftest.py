@@ -17,6 +17,7 @@ import torch  # noqa: E402
 
 from mmfast.train.default.model import BUILDABLE, build_tiny_backbone, default_corpus  # noqa: E402
 from mmfast.train.default.tokenizer import train_tokenizer  # noqa: E402
+from mmfast.train.encoder import Encoder  # noqa: E402
 
 # Every buildable family, and the text-only family once more on a Llama language model.
 CASES = (*BUILDABLE, "causal_lm_llama")
@@ -55,3 +56,16 @@ def mmfast_home(tmp_path_factory):
     if "MMFAST_HOME" not in os.environ:
         os.environ["MMFAST_HOME"] = str(tmp_path_factory.mktemp("mmfast_home"))
     yield os.environ["MMFAST_HOME"]
+
+
+@pytest.fixture
+def encode_calls(monkeypatch) -> list[int]:
+    """The number of inputs of every `Encoder.encode` call from here on (the calls still run)."""
+    calls, original = [], Encoder.encode
+
+    def counting(self, texts, *args, **kwargs):
+        calls.append(len(texts))
+        return original(self, texts, *args, **kwargs)
+
+    monkeypatch.setattr(Encoder, "encode", counting)
+    return calls

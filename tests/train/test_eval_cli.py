@@ -11,7 +11,7 @@ from mmfast.train.evaluate.cli import eval_main
 pytestmark = pytest.mark.slow
 
 
-def test_eval_default_retrieval_then_cached(tmp_path, monkeypatch, capsys):
+def test_eval_default_retrieval_then_cached(tmp_path, monkeypatch, capsys, request):
     monkeypatch.chdir(tmp_path)  # no runs/llave here: the untrained default is evaluated, and says so
     out = tmp_path / "eval"
     argv = ["--task", "retrieval", "--output", str(out), "--no_progress"]
@@ -24,16 +24,9 @@ def test_eval_default_retrieval_then_cached(tmp_path, monkeypatch, capsys):
             assert 0.0 <= results["retrieval"][name][metric] <= 100.0
     assert results["retrieval"]["flickr30k"]["num_captions"] == 5 * results["retrieval"]["flickr30k"]["num_images"]
 
-    calls = []
-    original = Encoder.encode
-
-    def counting(self, texts, *args, **kwargs):
-        calls.append(len(texts))
-        return original(self, texts, *args, **kwargs)
-
-    monkeypatch.setattr(Encoder, "encode", counting)
+    encode_calls = request.getfixturevalue("encode_calls")  # counting from here on
     assert eval_main(argv) == 0
-    assert calls == []  # every input came from the on-disk cache
+    assert encode_calls == []  # every input came from the on-disk cache
     assert json.loads((out / "results.json").read_text()) == results
 
 

@@ -118,18 +118,11 @@ def test_encode_dim_is_the_prefix_renormalised():
             encoder.encode(texts, show_progress=False, dim=bad)
 
 
-def test_mmfast_eval_dims_rows_equal_separate_evaluations_at_each_dim(tmp_path, monkeypatch, capsys):
+def test_mmfast_eval_dims_rows_equal_separate_evaluations_at_each_dim(tmp_path, monkeypatch, capsys, encode_calls):
     from mmfast.train.evaluate.default_sets import evaluate_default
 
     monkeypatch.chdir(tmp_path)  # the untrained default
-    calls = []
-    original = Encoder.encode
-
-    def counting(self, texts, *args, **kwargs):
-        calls.append(len(texts))
-        return original(self, texts, *args, **kwargs)
-
-    monkeypatch.setattr(Encoder, "encode", counting)
+    calls = encode_calls
     out = tmp_path / "eval"
     assert eval_main(["--task", "retrieval", "--dims", "32", "8", "--output", str(out), "--no_progress"]) == 0
     printed = capsys.readouterr().out
