@@ -669,7 +669,7 @@ class Encoder(torch.nn.Module):
             self.train(was_training)
         if chunks:
             # Multi-vector chunks [b, L_b, dim]: zero-padded to the longest (token_mask reads it back).
-            stacked = torch.cat(chunks) if chunks[0].dim() == 2 else _cat_padded(chunks)
+            stacked = torch.cat(chunks) if chunks[0].dim() == 2 else cat_padded(chunks)
             out = torch.empty_like(stacked)
             out[torch.tensor(order)] = stacked
         return out if dim is None else prefix(out, dim)
@@ -711,7 +711,8 @@ def _sum_of_tensors(outputs) -> torch.Tensor:
     return sum((_sum_of_tensors(part) for part in parts if part is not None), torch.zeros(()))
 
 
-def _cat_padded(chunks: Sequence[torch.Tensor]) -> torch.Tensor:
+def cat_padded(chunks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Multi-vector embeddings [b_i, L_i, dim] as one [Σ b_i, max L_i, dim], zero-padded (`token_mask`)."""
     length = max(chunk.shape[1] for chunk in chunks)
     return torch.cat([torch.nn.functional.pad(chunk, (0, 0, 0, length - chunk.shape[1])) for chunk in chunks])
 

@@ -182,6 +182,41 @@ def test_rank_shards_embed_each_share_once_and_every_rank_gets_all_in_order(tmp_
         assert results[0] == expected and results[1] == expected
 
 
+class TokenLengthEncoder:
+    """A multi-vector encoder: a text of n characters is n token vectors [n, rank] (zero-padded to the
+    longest text of the call), so each rank's share has its own token count."""
+
+    text_prompt = "{text}"
+
+    def encode(self, texts, images=None, *, batch_size=32, show_progress=True):
+        rank, longest = torch.distributed.get_rank(), max(len(text) for text in texts)
+        out = torch.zeros(len(texts), longest, 2)
+        for i, text in enumerate(texts):
+            out[i, : len(text)] = torch.tensor([float(len(text)), float(rank)])
+        return out
+
+
+def _token_shard_worker(rank, world_size, init_file, texts, results):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        results[rank] = RankShards(TokenLengthEncoder(), rank, world_size).encode(texts).tolist()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_rank_shards_pad_multi_vector_shares_to_the_longest(tmp_path):
+    import torch.multiprocessing as mp
+
+    texts = ["a", "bb", "ccc", "dddd", "eeeee"]  # rank 0 embeds 3 tokens at most, rank 1 5
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_token_shard_worker, args=(2, str(tmp_path / "init"), texts, results), nprocs=2)
+        expected = torch.zeros(5, 5, 2)
+        for i, text in enumerate(texts):
+            expected[i, : len(text)] = torch.tensor([float(len(text)), float(i >= 3)])
+        assert results[0] == expected.tolist() and results[1] == expected.tolist()
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_under_torchrun_the_ranks_share_the_evaluation_and_rank_0_writes(tmp_path):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..encoder import cat_padded
 from . import evaluate_task
 from .default_sets import evaluate_default
 from .report import TASKS, merge_results, result_rows
@@ -121,7 +122,9 @@ class RankShards:
             )
         shares = [None] * self.world_size
         torch.distributed.all_gather_object(shares, mine)
-        return torch.cat([part for part in shares if part is not None])
+        parts = [part for part in shares if part is not None]
+        # A multi-vector encoder's shares are [n, L, dim] with each rank's own longest L: padded to the longest.
+        return torch.cat(parts) if parts[0].dim() == 2 else cat_padded(parts)
 
 
 def evaluation_output_dir(output_dir: str | os.PathLike, step: int) -> Path:
