@@ -10,12 +10,17 @@
   cores, so two workers do not fight over the same ones; `test_threads.py` checks the C++ kernels at
   several thread counts against one thread. The embedded default (MMFAST_HOME) is built once for all
   workers: the controller picks the folder before it starts them, and the builder is safe to race.
+- `seeded_global_rng` (autouse) seeds torch's, numpy's and Python's global generators from the test's
+  id before each test: a test that draws from them gets the same numbers whichever worker runs it,
+  after whichever tests (under `--dist worksteal` the order changes from run to run).
 """
 
 import atexit
 import os
+import random
 import shutil
 import tempfile
+import zlib
 
 os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -32,6 +37,18 @@ def _poison(t: torch.Tensor) -> torch.Tensor:
     elif t.dtype in (torch.int64, torch.int32):
         t.fill_(INT_POISON if t.dtype == torch.int64 else -(2**30))
     return t
+
+
+@pytest.fixture(autouse=True)
+def seeded_global_rng(request):
+    seed = zlib.crc32(request.node.nodeid.encode())
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        import numpy
+    except ImportError:  # numpy is optional for torch
+        return
+    numpy.random.seed(seed)
 
 
 @pytest.fixture(autouse=True)

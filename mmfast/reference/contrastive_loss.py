@@ -57,8 +57,20 @@ def directional_loss_reference(
         chosen = torch.zeros_like(keep).scatter_(1, order, True)
         keep &= chosen
     negative_logits = scores / temperature + hardness * detached
-    logits = torch.where(eye, scores / temperature, negative_logits.masked_fill(~keep, float("-inf")))
-    return torch.logsumexp(logits, dim=1) - pos / temperature
+    if scores.dtype != torch.float64:
+        # In a lower dtype the oracle is PyTorch's own computation, the form users write (what
+        # F.cross_entropy does): the baseline of the tests' "at most 2x PyTorch's error".
+        logits = torch.where(eye, scores / temperature, negative_logits.masked_fill(~keep, float("-inf")))
+        return torch.logsumexp(logits, dim=1) - pos / temperature
+    # In float64 it is the truth, so every logit is taken minus the positive's, which is then exactly 0
+    # (the positive's gradient flows through each Δ_j): loss_i = log(1 + Σ_j exp Δ_j) keeps full
+    # relative precision in a confident row. logsumexp(logits) - s_ii/τ rounds at the logits' scale
+    # (~1/τ), and its gradient forms p_ii - 1 by cancellation: an error of about ε/τ², which exceeded
+    # the C++ kernel's own in float64 (≈1,700 units of ε at τ = 0.02 on a row with loss 2e-4).
+    shifted = (negative_logits - (pos / temperature)[:, None]).masked_fill(~keep, float("-inf"))
+    top = shifted.detach().max(dim=1).values.clamp(min=0.0)
+    rest = torch.exp(shifted - top[:, None]).sum(dim=1)  # Σ_j exp(Δ_j - top); the positive's 0 left out
+    return top + torch.log1p(torch.expm1(-top) + rest)  # top + log(exp(-top) + rest), exact as rest → 0
 
 
 def contrastive_loss_reference(
