@@ -30,9 +30,13 @@ from mmfast.kernel_contract import DirectionOptions
 from mmfast.kernels.compile_spec import CompileSpec
 from mmfast.kernels.contrastive_loss_fused import direction_params
 
-MATRYOSHKA_BLOCK_N = 128
 MATRYOSHKA_NUM_WARPS = 4
 PREFIX_WIDTHS = (8, 16)  # M_PAD: the prefixes' axis of a tile, padded; more than 16 take the generic path
+# M_PAD × BLOCK_N per tile: 8 float32 or 4 float64 elements a thread at 4 warps, so BLOCK_N shrinks as
+# M_PAD grows. A [16, 128] float32 tile (16 a thread) spilled up to 112 bytes with a gradient on
+# sm_80/sm_90, a [8, 128] float64 one 4 bytes on sm_80 (kernels/aot.py; tests/test_compile.py).
+TILE_ELEMENTS = {"fp32": 1024, "fp64": 512}
+DTYPE_NAMES = {torch.float32: "fp32", torch.float64: "fp64"}
 
 
 @triton.jit
@@ -119,9 +123,14 @@ def prefix_width(m: int) -> int | None:
     return next((width for width in PREFIX_WIDTHS if m <= width), None)
 
 
+def block_n(dtype_name: str, width: int) -> int:
+    """The tile's columns for blocks of `dtype_name` ("fp32", "fp64") and M_PAD = `width`."""
+    return TILE_ELEMENTS[dtype_name] // width
+
+
 def supports(m: int, dtype: torch.dtype, opts: DirectionOptions) -> bool:
     """Dense rows (top-k's selection stays generic), float32/float64 blocks, at most 16 prefixes."""
-    return opts.topk is None and dtype in (torch.float32, torch.float64) and prefix_width(m) is not None
+    return opts.topk is None and dtype in DTYPE_NAMES and prefix_width(m) is not None
 
 
 def matryoshka_rows(blocks, row_offset, opts: DirectionOptions, a, b, row_scale, loss, alpha, beta, ids):
@@ -130,11 +139,13 @@ def matryoshka_rows(blocks, row_offset, opts: DirectionOptions, a, b, row_scale,
     m, rows, n = blocks.shape
     has_grad = row_scale is not None
     params = direction_params(opts, blocks.dtype, blocks.device, no_margin=0.0)
+    width = prefix_width(m)
     matryoshka_rows_kernel[(rows,)](
         blocks, a, b, row_scale if has_grad else loss, loss, alpha if has_grad else loss, beta if has_grad else loss,
         params, loss if ids is None else ids, m, rows, n, row_offset,
-        BLOCK_N=MATRYOSHKA_BLOCK_N, M_PAD=prefix_width(m), HAS_MARGIN=opts.false_negative_margin is not None,
-        HAS_GRAD=has_grad, HAS_IDS=ids is not None, num_warps=MATRYOSHKA_NUM_WARPS,
+        BLOCK_N=block_n(DTYPE_NAMES[blocks.dtype], width), M_PAD=width,
+        HAS_MARGIN=opts.false_negative_margin is not None, HAS_GRAD=has_grad, HAS_IDS=ids is not None,
+        num_warps=MATRYOSHKA_NUM_WARPS,
     )  # fmt: skip
 
 
@@ -153,7 +164,7 @@ def compile_specs():
                         "row_offset": "i32", "BLOCK_N": "constexpr", "M_PAD": "constexpr",
                         "HAS_MARGIN": "constexpr", "HAS_GRAD": "constexpr", "HAS_IDS": "constexpr",
                     }  # fmt: skip
-                    constexprs = {"BLOCK_N": MATRYOSHKA_BLOCK_N, "M_PAD": width, "HAS_MARGIN": has_margin,
+                    constexprs = {"BLOCK_N": block_n(dtype, width), "M_PAD": width, "HAS_MARGIN": has_margin,
                                   "HAS_GRAD": has_grad, "HAS_IDS": has_ids}  # fmt: skip
                     yield CompileSpec(
                         name=f"contrastive_matryoshka_rows[{dtype},m<={width},margin={int(has_margin)},grad={int(has_grad)},"
