@@ -39,7 +39,9 @@ TILE_ELEMENTS = {"fp32": 1024, "fp64": 512}
 DTYPE_NAMES = {torch.float32: "fp32", torch.float64: "fp64"}
 
 
-@triton.jit
+# The sizes stay runtime i32: a Python int 1 (one prefix, a one-row chunk) would otherwise be
+# specialised into another compiled variant than the ones compile_specs lists.
+@triton.jit(do_not_specialize=["m", "rows", "row_offset"])
 def matryoshka_rows_kernel(
     blocks_ptr, a_ptr, b_ptr, row_scale_ptr, loss_ptr, alpha_ptr, beta_ptr, params_ptr, ids_ptr,
     m, rows, n, row_offset,

@@ -92,9 +92,12 @@ def matryoshka_kernels(rows: int, n: int, dims: tuple[int, ...], precision: str,
     (mmfast/backends/contrastive_matryoshka.py with kernels/contrastive_loss_matryoshka.py), `chunk`
     rows at a time, its m blocks float32 (the path's work copies are float32: `precision` is "tf32"
     or "fp32"). Per chunk and segment k (width w_k = d_k - d_{k-1}): the score GEMM [r, n] × w_k
-    writing P_k; the row kernel, per score and prefix, reads P_k in each of its passes (2 × 4 bytes),
-    writes G̃_k and adds β_k atomically (8), and rereads and rewrites the suffix sums (8); exps twice;
-    then dX[:, seg_k] = H_k·Y[:, seg_k] and dY[:, seg_k] (+)= H_kᵀ·X[:, seg_k] on the float32 H_k.
+    writing P_k; the row kernel, per score and prefix, reads P_k in each of its two passes and writes
+    the suffix sum H_k over it once (3 × 4 bytes: the running sums and suffix sums are scans in
+    registers), and adds β_k with an atomic into the [m, n] buffer, priced as a read and a write of
+    HBM (8 bytes; pessimistic: that buffer, like the column norms and ids each pass rereads, is
+    L2-sized); two exps; then dX[:, seg_k] = H_k·Y[:, seg_k] and dY[:, seg_k] (+)= H_kᵀ·X[:, seg_k]
+    on the float32 H_k.
     The GEMM tiles' fraction of peak does not depend on K here: the first segments' thin GEMMs
     (K = 64) are priced as efficient as one of K = D, which the model does not know to be false."""
     out = {name: Kernel(name) for name in ("scores", "rows", "grad_x", "grad_y")}
@@ -108,7 +111,7 @@ def matryoshka_kernels(rows: int, n: int, dims: tuple[int, ...], precision: str,
             scores.bytes += (r + n) * width * 4 + 4.0 * r * n
             add_stored_g_gemms(grad_x, grad_y, False, r, n, width, precision, first=start == 0, aligned=aligned,
                                at_peak=at_peak)  # fmt: skip
-        row.bytes += 24.0 * m * r * n
+        row.bytes += (12.0 + 8.0) * m * r * n
         row.add_work(exps=2.0 * m * r * n)
         row.cuda_core_flops += 20.0 * m * r * n
     return [k for k in out.values() if k.flops or k.bytes]
