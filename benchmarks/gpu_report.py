@@ -224,6 +224,34 @@ def emit_late_interaction(emit, report) -> None:
             emit(f"{b:<6d} {dtype:5s} {parts} {total:7.2f} {gemm:7.2f} {total / gemm:11.2f} {einsum:7.2f}")
 
 
+def emit_matryoshka(emit, report) -> None:
+    """Matryoshka at dims 64…D on the Triton backend (segment GEMMs + kernels/contrastive_loss_matryoshka.py's
+    row kernel, float32 blocks: tf32 GEMMs) against one loss at D on its chunked path, same precision."""
+    from mmfast.kernels.contrastive_loss import TritonContrastiveKernels  # imports triton: after main()'s setup
+
+    emit(
+        "\nH100 roofline, Matryoshka contrastive loss fwd+bwd, one direction, tf32 (estimates; "
+        "kernels/roofline.matryoshka_kernels)"
+    )
+    emit("B      K  D     dims                     one loss ms  Matryoshka ms  ratio  bound of the row kernel")
+    report["matryoshka_roofline"] = []
+    for b, k, d in ((4096, 1, 1024), (32768, 3, 1024)):
+        dims = tuple(64 << i for i in range((d // 64).bit_length()))
+        n = b * (1 + k)
+        # The chunk loop's rows (the Triton set's dense scratch per score in the CUDA budget), for both.
+        chunk = chunk_rows(b, n, TritonContrastiveKernels.dense_bytes_per_score, torch.float32, torch.device("cuda"))
+        single = roofline.path_seconds("chunked", b, n, d, "tf32", chunk)
+        kernels = roofline.matryoshka_kernels(b, n, dims, "tf32", chunk)
+        fused = sum(kernel.seconds("tf32")[0] for kernel in kernels)
+        row_bound = next(kernel.seconds("tf32")[1] for kernel in kernels if kernel.name == "rows")
+        report["matryoshka_roofline"].append({"B": b, "K": k, "D": d, "dims": list(dims), "single_ms": 1e3 * single,
+                                              "matryoshka_ms": 1e3 * fused, "ratio": fused / single})  # fmt: skip
+        emit(
+            f"{b:<6d} {k}  {d:<5d} {str(dims):24s} {1e3 * single:11.2f}  {1e3 * fused:13.2f}  "
+            f"{fused / single:5.2f}  {row_bound}"
+        )
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path)
@@ -259,6 +287,7 @@ def main(argv=None) -> int:
         ms = 1e3 * (gemm / H100["bf16"] + row_bytes / H100["bandwidth"])
         report["distillation_roofline"].append({"B": b, "D": d, "D_teacher": d_teacher, "predicted_ms": ms})
         emit(f"B={b} D_s={d} D_t={d_teacher}: {ms:.2f} ms (GEMMs alone at peak: {1e3 * gemm / H100['bf16']:.2f} ms)")
+    emit_matryoshka(emit, report)
     emit("\nH100 roofline, sigmoid (SigLIP) loss fwd+bwd, bf16 (estimates): three GEMMs + row kernel")
     report["sigmoid_roofline"] = []
     for b, d in ((4096, 1024), (16384, 1024), (32768, 1152)):

@@ -28,6 +28,7 @@ from triton.compiler import ASTSource
 from mmfast.kernels import (
     contrastive_loss,
     contrastive_loss_fused,
+    contrastive_loss_matryoshka,
     distillation_loss,
     late_interaction_loss,
     late_interaction_loss_grads,
@@ -45,6 +46,7 @@ ARCHS = (80, 90)
 def all_specs() -> list[CompileSpec]:
     """Every kernel module's variants: a new kernel module is listed here."""
     return [*matmul.compile_specs(), *contrastive_loss.compile_specs(), *contrastive_loss_fused.compile_specs(),
+            *contrastive_loss_matryoshka.compile_specs(),
             *distillation_loss.compile_specs(), *pooling.compile_specs(), *similarity_topk.compile_specs(),
             *sigmoid_loss.compile_specs(), *late_interaction_loss.compile_specs(),
             *late_interaction_loss_grads.compile_specs(), *late_interaction_topk.compile_specs()]  # fmt: skip

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from mmfast.kernel_contract import DirectionOptions
-from mmfast.kernels import roofline
+from mmfast.kernels import contrastive_loss_matryoshka, roofline
 from mmfast.kernels.compile_spec import CompileSpec
 from mmfast.kernels.contrastive_loss_fused import buffer_columns, direction_params, fused_direction_chunk
 from mmfast.kernels.matmul import TritonGemms, device_arch, fp32_matmul_allows_tf32
@@ -253,6 +253,13 @@ class TritonContrastiveKernels(TritonGemms):
     def fused_chunk(self, x, pieces, opts: DirectionOptions, row_offset, loss, ids, **grads):
         # The GEMMs on its stored G are plain GEMMs: the cublas path's (kernels/contrastive_loss_fused_grads.py).
         fused_direction_chunk(x, pieces, opts, row_offset, loss, ids, gemms=self.cublas, **grads)
+
+    def matryoshka_rows_supports(self, m: int, dtype: torch.dtype, opts: DirectionOptions) -> bool:
+        return contrastive_loss_matryoshka.supports(m, dtype, opts)
+
+    def matryoshka_rows(self, blocks, row_offset, opts: DirectionOptions, a, b, row_scale, loss, alpha, beta, ids):
+        """Matryoshka's dense rows in one program per row (kernels/contrastive_loss_matryoshka.py)."""
+        contrastive_loss_matryoshka.matryoshka_rows(blocks, row_offset, opts, a, b, row_scale, loss, alpha, beta, ids)
 
     def topk_rows(self, scores, row_offset, opts: DirectionOptions, row_scale, loss, index, coef,
                   temperature_grad=None, ids=None):  # fmt: skip

@@ -38,8 +38,8 @@ from mmfast.kernels.roofline_tiles import (
 )
 
 __all__ = ["CUBLAS_FRACTION", "FUSED_TILES", "H100", "MATMUL_TILES", "PATHS", "PROLOGUE_MAX_DIM",
-           "TRITON_SOFTWARE", "choose_path", "gemm_bound_seconds", "occupancy", "path_kernels", "path_seconds",
-           "tile_fraction", "wave_efficiency"]  # fmt: skip
+           "TRITON_SOFTWARE", "choose_path", "gemm_bound_seconds", "matryoshka_kernels", "occupancy", "path_kernels",
+           "path_seconds", "tile_fraction", "wave_efficiency"]  # fmt: skip
 PATHS = ("chunked", "cublas", "fused")
 
 
@@ -84,3 +84,34 @@ def choose_path(rows: int, n: int, d: int, precision: str, chunk: int, *, candid
                 **kw) -> str:  # fmt: skip
     """The candidate path this model predicts fastest (ties to the first)."""
     return min(candidates, key=lambda path: path_seconds(path, rows, n, d, precision, chunk, **kw))
+
+
+def matryoshka_kernels(rows: int, n: int, dims: tuple[int, ...], precision: str, chunk: int, *,
+                       aligned: bool = True, at_peak: bool = False) -> list[Kernel]:  # fmt: skip
+    """The kernels of one Matryoshka loss evaluation (fwd+bwd, one direction) on the Triton backend
+    (mmfast/backends/contrastive_matryoshka.py with kernels/contrastive_loss_matryoshka.py), `chunk`
+    rows at a time, its m blocks float32 (the path's work copies are float32: `precision` is "tf32"
+    or "fp32"). Per chunk and segment k (width w_k = d_k - d_{k-1}): the score GEMM [r, n] × w_k
+    writing P_k; the row kernel, per score and prefix, reads P_k in each of its two passes and writes
+    the suffix sum H_k over it once (3 × 4 bytes: the running sums and suffix sums are scans in
+    registers), and adds β_k with an atomic into the [m, n] buffer, priced as a read and a write of
+    HBM (8 bytes; pessimistic: that buffer, like the column norms and ids each pass rereads, is
+    L2-sized); two exps; then dX[:, seg_k] = H_k·Y[:, seg_k] and dY[:, seg_k] (+)= H_kᵀ·X[:, seg_k]
+    on the float32 H_k.
+    The GEMM tiles' fraction of peak does not depend on K here: the first segments' thin GEMMs
+    (K = 64) are priced as efficient as one of K = D, which the model does not know to be false."""
+    out = {name: Kernel(name) for name in ("scores", "rows", "grad_x", "grad_y")}
+    m = len(dims)
+    segment_widths = [hi - lo for lo, hi in zip((0, *dims[:-1]), dims, strict=True)]
+    for start, r in chunks(rows, chunk):
+        scores, row, grad_x, grad_y = out.values()
+        for width in segment_widths:
+            add_gemm_launch(scores, False, triton_tile(precision, aligned, "plain", r, n), r, n, width, precision,
+                            at_peak)  # fmt: skip
+            scores.bytes += (r + n) * width * 4 + 4.0 * r * n
+            add_stored_g_gemms(grad_x, grad_y, False, r, n, width, precision, first=start == 0, aligned=aligned,
+                               at_peak=at_peak)  # fmt: skip
+        row.bytes += (12.0 + 8.0) * m * r * n
+        row.add_work(exps=2.0 * m * r * n)
+        row.cuda_core_flops += 20.0 * m * r * n
+    return [k for k in out.values() if k.flops or k.bytes]

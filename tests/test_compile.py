@@ -42,7 +42,7 @@ def test_every_variant_compiles_for_sm80_and_sm90(compiled):
     assert sm80_only_missing and all(",hopper" in name for name in sm80_only_missing), sorted(sm80_only_missing)
     names = {r["kernel"] for r in compiled}
     for kernel in ("matmul[", "contrastive_softmax_rows[", "contrastive_fused_scores[", "contrastive_fused_grad_x[",
-                   "contrastive_fused_grads[", "similarity_topk[", "sigmoid_pair_rows[",
+                   "contrastive_fused_grads[", "contrastive_matryoshka_rows[", "similarity_topk[", "sigmoid_pair_rows[",
                    "late_interaction_maxsim[", "late_interaction_grad_query[", "late_interaction_grad_documents[",
                    "late_interaction_topk_maxsim["):  # fmt: skip
         assert any(n.startswith(kernel) for n in names), kernel

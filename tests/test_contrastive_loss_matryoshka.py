@@ -187,6 +187,82 @@ def test_bad_dims_type(bad):
         mmfast.ContrastiveLossOptions(matryoshka_dims=bad)
 
 
+class _KernelLaunches:
+    """Stands in for kernels/contrastive_loss_matryoshka.py's kernel: records each launch's variant
+    (its constexprs), then launches the real one."""
+
+    FLAGS = ("M_PAD", "BLOCK_N", "HAS_MARGIN", "HAS_GRAD", "HAS_IDS")
+
+    def __init__(self, kernel):
+        self.kernel, self.variants = kernel, set()
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def record(*args, **kwargs):
+            self.variants.add(tuple(kwargs[flag] for flag in self.FLAGS))
+            return launch(*args, **kwargs)
+
+        return record
+
+
+def record_matryoshka_launches(monkeypatch, *, generic_allowed: bool) -> _KernelLaunches:
+    """Wraps the Triton Matryoshka kernel; without `generic_allowed` the torch-ops rows fail the test."""
+    from mmfast.backends import contrastive_matryoshka
+    from mmfast.kernels import contrastive_loss_matryoshka
+
+    launches = _KernelLaunches(contrastive_loss_matryoshka.matryoshka_rows_kernel)
+    monkeypatch.setattr(contrastive_loss_matryoshka, "matryoshka_rows_kernel", launches)
+    if not generic_allowed:
+
+        def bypassed(*args, **kwargs):
+            raise AssertionError("the dense Matryoshka rows took the generic torch-ops path, not the Triton kernel")
+
+        monkeypatch.setattr(contrastive_matryoshka, "generic_matryoshka_rows", bypassed)
+    return launches
+
+
+# Every option of the dense rows at once (no top-k: that selection stays generic).
+DENSE_EVERYTHING = {"hardness": 4.0, "false_negative_margin": 0.05, "symmetric": True}
+PREFIX_CASES = {
+    "m3": ((5, 16, 37), (0.5, 2.0, 1.0)),  # M_PAD 8
+    "m12": (tuple(range(3, 37, 3)), tuple(0.25 * k for k in range(1, 13))),  # M_PAD 16
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("prefixes", PREFIX_CASES)
+def test_triton_dense_rows_run_the_matryoshka_kernel(prefixes, dtype, monkeypatch):
+    """The triton backend's dense rows go through kernels/contrastive_loss_matryoshka.py (never the
+    generic torch ops), at both prefix widths, with margin, hardness, both directions' ids, a learned
+    temperature, per-sample weights and every reduction; its candidates span several column tiles."""
+    launches = record_matryoshka_launches(monkeypatch, generic_allowed=False)
+    dims, weights = PREFIX_CASES[prefixes]
+    q, t, n = matryoshka_inputs(13, 37, 9, seed=31, peaky=True)  # 130 candidates
+    candidate_ids, query_ids = make_ids(13, 117, seed=32)
+    opts = with_ids(DENSE_EVERYTHING, candidate_ids, query_ids)
+    weight = torch.rand(13, dtype=torch.float64) + 0.5
+    for reduction in ("mean", "sum", "none"):
+        check_against_reference("triton", q, t, n, dtype, weight=weight, reduction=reduction, learned_temperature=0.07,
+                                matryoshka_dims=dims, matryoshka_weights=weights, **opts)  # fmt: skip
+    with torch.no_grad():
+        mmfast.contrastive_loss(q.to(dtype), t.to(dtype), n.to(dtype), matryoshka_dims=dims, backend="triton",
+                                temperature=0.05, **opts)  # fmt: skip
+    width = 8 if len(dims) <= 8 else 16
+    assert {(m_pad, margin, ids) for m_pad, _, margin, _, ids in launches.variants} == {(width, True, True)}
+    assert {grad for *_, grad, _ in launches.variants} == {False, True}
+    assert max(block_n for _, block_n, *_ in launches.variants) < 130  # several column tiles per row
+
+
+def test_triton_topk_and_many_prefixes_take_the_generic_rows(monkeypatch):
+    """Top-k rows and more than 16 prefixes are not the kernel's: it does not launch, the loss is right."""
+    launches = record_matryoshka_launches(monkeypatch, generic_allowed=True)
+    q, t, n = matryoshka_inputs(7, 37, 2, seed=33)
+    check_against_reference("triton", q, t, n, torch.float64, matryoshka_dims=tuple(range(2, 37, 2)), hardness=2.0)
+    check_against_reference("triton", q, t, n, torch.float64, matryoshka_dims=(5, 37), topk=3)
+    assert not launches.variants
+
+
 class _GivenEmbeddings(torch.nn.Module):
     """A stand-in for a SentenceTransformer whose "forward" returns the embeddings its features carry:
     sentence-transformers' losses then run on exactly the tensors mmfast gets."""

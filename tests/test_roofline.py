@@ -43,6 +43,19 @@ def test_every_path_does_the_three_gemms_and_is_above_the_peak_bound(path, d):
     assert roofline.gemm_bound_seconds(rows, n, d, "bf16", at_peak=True) < ideal < seconds
 
 
+def test_matryoshka_does_the_three_gemms_of_one_loss_and_moves_m_times_its_row_bytes():
+    rows, n, dims = 4097, 8194, (64, 128, 256, 1000)
+    kernels = roofline.matryoshka_kernels(rows, n, dims, "tf32", chunk=1000)
+    assert sum(k.flops for k in kernels) == pytest.approx(3 * 2.0 * rows * n * dims[-1])  # one pass over D, each
+    single = roofline.path_kernels("chunked", rows, n, dims[-1], "tf32", chunk=1000)
+    row_bytes = {k.name: k.bytes for k in kernels}["rows"]
+    assert row_bytes > len(dims) * {k.name: k.bytes for k in single}["rows"]
+    seconds = sum(k.seconds("tf32")[0] for k in kernels)
+    assert seconds > roofline.path_seconds("chunked", rows, n, dims[-1], "tf32", chunk=1000)
+    one_prefix = roofline.matryoshka_kernels(rows, n, dims[-1:], "tf32", chunk=1000)
+    assert sum(k.seconds("tf32")[0] for k in one_prefix) < seconds
+
+
 def test_the_fused_models_tiles_and_mode_switch_are_the_built_paths():
     """Its tiles are kernels/contrastive_loss_fused.FUSED_CONFIGS (grad_x's D block as the tile's N, its
     candidates per step as K; registers and shared memory: tests/test_compile.py), and it forms G where

@@ -148,8 +148,12 @@ class CpuContrastiveKernels(TorchContrastiveKernels):
             loss, temperature_grad, ids, *terms,
         )  # fmt: skip
 
+    def matryoshka_rows_supports(self, m: int, dtype: torch.dtype, opts: DirectionOptions) -> bool:
+        """Whether `matryoshka_rows` takes these rows: dense ones (top-k takes the generic path)."""
+        return opts.topk is None
+
     def matryoshka_rows(self, blocks, row_offset, opts: DirectionOptions, a, b, row_scale, loss, alpha, beta, ids):
-        """Matryoshka's dense rows, fused (backends/contrastive_matryoshka.py; top-k takes the generic path)."""
+        """Matryoshka's dense rows, fused (backends/contrastive_matryoshka.py)."""
         self.ext.contrastive_matryoshka_rows(
             blocks, row_offset, float(opts.inv_temperature), opts.hardness, opts.false_negative_margin, a, b,
             row_scale, loss, alpha, beta, ids,

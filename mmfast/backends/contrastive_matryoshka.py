@@ -9,8 +9,9 @@ With a_k = 1/‖x[:d_k]‖ per row and b_k = 1/‖y[:d_k]‖ per candidate, the 
 so a chunk of rows computes the m segment products P_k = x[:, seg_k]·y[:, seg_k]ᵀ (one pass over D,
 the GEMM work of one loss), and its kernel set's `matryoshka_rows` runs the prefixes' running sums
 R_k, scales them to S_k and hands them to the ordinary row kernel of its backend (dense or top-k,
-margin, hardness, duplicate ids: all the options of one direction): in C++ per row while the row's m
-blocks sit in cache (csrc/contrastive_loss.cpp), elsewhere with torch ops (generic_matryoshka_rows).
+margin, hardness, duplicate ids: all the options of one direction): for dense rows in C++ per row
+while the row's m blocks sit in cache (csrc/contrastive_loss.cpp) or in one Triton program per row
+(kernels/contrastive_loss_matryoshka.py), elsewhere with torch ops (generic_matryoshka_rows).
 With G_k = dLoss/dS_k the gradient of the raw embeddings is
 
     dx[:, seg_j] = Σ_{k≥j} (a_k G_k b_k) · y[:, seg_j]  −  x[:, seg_j] · Σ_{k≥j} α_k a_k²
@@ -99,7 +100,7 @@ def matryoshka_directional_loss(
         alpha = torch.empty(m, rows, dtype=score_dtype, device=x.device) if wants_grad else None
         scale = None if not wants_grad else scaled_rows[:, start:stop].contiguous()
         matryoshka_rows = getattr(kernels, "matryoshka_rows", None)
-        if matryoshka_rows is None or opts.topk is not None:
+        if matryoshka_rows is None or not kernels.matryoshka_rows_supports(m, score_dtype, opts):
             matryoshka_rows = functools.partial(generic_matryoshka_rows, kernels)
         chunk_loss = torch.empty(m, rows, dtype=score_dtype, device=x.device)
         matryoshka_rows(blocks, positive_offset + start, opts, a_chunk, b, scale, chunk_loss, alpha, beta, ids)
