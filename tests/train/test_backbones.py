@@ -192,6 +192,24 @@ def test_text_only_mrope_positions_equal_get_rope_index(backbone, padding_side):
     assert torch.equal(hidden[mask], reference[mask])
 
 
+@pytest.mark.parametrize("text_only", [False, True])
+def test_processor_inputs_equal_the_processors_own_call(backbone, text_only):
+    """Right-padded and untruncated, processor_inputs gives exactly the processor's own tensors, its
+    mm_token_type_ids (built batched here, per row in transformers) included; image rows and text-only batches."""
+    model, processor, family = backbone
+    if not family.multimodal or family.name == "phi3_v":
+        pytest.skip("a text-only family's batch is the tokenizer's; Phi-3.5-V's rows go one by one")
+    batch_rows = [(t, im) for t, im in rows(family) if im is None or not text_only]
+    texts, images = [t for t, _ in batch_rows], [im for _, im in batch_rows if im is not None]
+    got = processor_inputs(processor, family, texts, images)
+    expected = processor(text=texts, images=images or None, padding=True, padding_side="right", return_tensors="pt")
+    assert sorted(got) == sorted(expected)
+    for key, value in expected.items():
+        assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+    if "mm_token_type_ids" in expected and not text_only:
+        assert (expected["mm_token_type_ids"] == 1).any()
+
+
 def test_long_left_padding_keeps_embedding(tiny_dirs):
     """A short row next to a 1400-token one: with positions counted from its first real token, its state
     does not move; with the model's default positions (shifted by the padding) it drifted ~4e-6 here."""
