@@ -253,6 +253,10 @@ def position_ids(model: nn.Module, family: Family, batch: Mapping) -> torch.Tens
             raise ValueError(
                 f"{family.name} batches need 'mm_token_type_ids' for M-RoPE; build them with processor_inputs"
             )
+        if not batch["mm_token_type_ids"].any():
+            # No image or video token: get_rope_index would give each row 0, 1, ... over its real tokens on
+            # all three axes and 0 at padding, through a Python loop per row (most of a text batch's time).
+            return text_positions.masked_fill(~mask.bool(), 0).unsqueeze(0).expand(3, -1, -1)
         rope_model = unwrap_model(model).model
         extra = {key: batch[key] for key in ("image_grid_thw", "video_grid_thw") if key in batch}
         positions, _ = rope_model.get_rope_index(

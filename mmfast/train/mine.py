@@ -12,9 +12,10 @@ best positives of other rows, without the Q × G score matrix. A row's negatives
 candidates that are
 - not its own positive, nor a copy of it (the same content id: one gallery entry stands for every copy);
 - not likely false negatives: a candidate scoring above `false_negative_ratio` × the row's positive score
-  is dropped (NV-Retriever's TopK-PercPos; 0.95 is the paper's best). The search goes deeper for the
-  rows whose top candidates were dropped, so a row gets k negatives whenever its subset has that many
-  candidates below its threshold.
+  is dropped (NV-Retriever's TopK-PercPos; 0.95 is the paper's best). The rows whose top 2k + 1
+  candidates held fewer than k eligible ones are searched again by one exact scan of the gallery with the
+  dropped ones masked out (`_scan_rows`), so a row gets k negatives whenever its subset has that many
+  candidates below its threshold, at a cost that does not grow with how many were dropped.
 
 `--batch_order G` also writes batches of G rows (the global contrastive batch) built from clusters of
 mutual hard negatives (`build_batches`), which `mmfast-train --batch_order` trains on in place of the
@@ -82,6 +83,8 @@ class MinedNegatives(NamedTuple):
 
 
 DEPTH_BUDGET = 1 << 22  # search results (value + index) held at once: 48 MiB
+SCAN_TILE = 1 << 21  # scores per tile of the eligible-only scan: 8 MiB float32, ~40 MiB with its masks and keys
+SCAN_MIN_ROWS = 16  # a scan tile has at least this many rows (when there are): a GEMM, not a GEMV
 
 
 def _search_chunk(rows, query, gallery, positive, threshold, k, depth, indices, scores, dropped) -> torch.Tensor:
@@ -107,6 +110,69 @@ def _search_chunk(rows, query, gallery, positive, threshold, k, depth, indices, 
     return rows[~done]
 
 
+def _float32_at_most(threshold: torch.Tensor) -> torch.Tensor:
+    """The largest float32 <= each float64 threshold: for a float32 score s, s <= t exactly when s <= this."""
+    rounded = threshold.float()
+    return torch.where(rounded.double() > threshold, torch.nextafter(rounded, torch.tensor(-math.inf)), rounded)
+
+
+def _best_first(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Columns of each row's k best values, best first, ties to the lower column (similarity_topk's order).
+    A top-k, then its k columns ordered; a row with a tie across its k-th value (or fewer than k finite
+    values) is sorted whole instead, so the lower columns win."""
+    top = values.topk(k, dim=1)
+    columns = top.indices.sort(dim=1).values
+    columns = columns.gather(1, values.gather(1, columns).sort(dim=1, descending=True, stable=True).indices)
+    tied = ((values >= top.values[:, -1:]).sum(dim=1) > k).nonzero()[:, 0]
+    if tied.numel():
+        columns[tied] = values[tied].sort(dim=1, descending=True, stable=True).indices[:, :k]
+    return columns
+
+
+def _scan_rows(rows, query, gallery, positive, threshold, k, indices, scores, dropped) -> None:
+    """The exact search of `rows` in one pass over the gallery, for rows whose best candidates are mostly
+    dropped: scores in tiles (the GEMM similarity_topk's cpu kernel runs, so the same float32 scores),
+    candidates above the threshold and the positive masked out before a top-k, so the cost does not grow
+    with how many are dropped (a top-k as deep as the dropped ones cost ~80x the GEMM)."""
+    n_gallery = gallery.shape[0]
+    width = min(k, n_gallery)
+    block = max(SCAN_MIN_ROWS, min(512, SCAN_TILE // n_gallery))
+    columns = max(1, SCAN_TILE // block)
+    for start in range(0, rows.numel(), block):
+        begin = max(0, min(start, rows.numel() - SCAN_MIN_ROWS))  # a short last block reaches back: a GEMM
+        block_rows = rows[begin : start + block]
+        new = slice(start - begin, None)
+        q = query[block_rows]
+        pos = positive[block_rows]
+        limit = None
+        if threshold is not None:
+            limit = threshold[block_rows]
+            limit = _float32_at_most(limit) if q.dtype == torch.float32 else limit.to(q.dtype)
+        best_values = torch.full((len(block_rows), 0), -math.inf, dtype=q.dtype)
+        best_indices = torch.full((len(block_rows), 0), -1, dtype=torch.int64)
+        above = torch.zeros(len(block_rows), dtype=torch.int64)
+        for offset in range(0, n_gallery, columns):
+            tile = torch.mm(q, gallery[offset : offset + columns].T)
+            own = (pos >= offset) & (pos < offset + tile.shape[1])
+            own_column = (pos - offset).clamp(0, tile.shape[1] - 1)[:, None]
+            if limit is not None:
+                over = tile > limit[:, None]
+                above += over.sum(dim=1) - (own & over.gather(1, own_column)[:, 0]).long()
+                tile.masked_fill_(over, -math.inf)
+            tile.scatter_(1, own_column, torch.where(own[:, None], -math.inf, tile.gather(1, own_column)))
+            chosen = _best_first(tile, min(width, tile.shape[1]))
+            candidates = torch.cat([best_values, tile.gather(1, chosen)], dim=1)
+            ids = torch.cat([best_indices, chosen + offset], dim=1)
+            # Earlier tiles' candidates first: a stable sort keeps ties to the lower gallery index.
+            order = candidates.sort(dim=1, descending=True, stable=True).indices[:, :width]
+            best_values, best_indices = candidates.gather(1, order), ids.gather(1, order)
+        valid = best_values > -math.inf
+        target = block_rows[new]
+        indices[target, :width] = torch.where(valid, best_indices, -1)[new]
+        scores[target, :width] = torch.where(valid, best_values.double(), math.nan)[new]
+        dropped[target] = above[new]
+
+
 def mine_negatives(query: torch.Tensor, gallery: torch.Tensor, positive: torch.Tensor, k: int,
                    false_negative_ratio: float | None) -> MinedNegatives:  # fmt: skip
     """Each query's k best gallery items other than its positive (gallery index `positive[q]`), with
@@ -117,14 +183,14 @@ def mine_negatives(query: torch.Tensor, gallery: torch.Tensor, positive: torch.T
     indices = torch.full((n_queries, k), -1, dtype=torch.int64)
     scores = torch.full((n_queries, k), float("nan"), dtype=torch.float64)
     dropped = torch.zeros(n_queries, dtype=torch.int64)
-    pending = torch.arange(n_queries)
+    # First a shallow search with the fused kernel (a trained model's rows mostly end here), in chunks of
+    # at most ~DEPTH_BUDGET results; then one exact scan of the gallery for the rest.
     depth = min(n_gallery, 2 * k + 1)
-    while pending.numel():
-        # Rows in chunks, so a deep search (many candidates dropped) holds at most ~DEPTH_BUDGET results.
-        chunks = pending.split(max(1, DEPTH_BUDGET // depth))
-        pending = torch.cat([_search_chunk(rows, query, gallery, positive, threshold, k, depth, indices, scores,
-                                           dropped) for rows in chunks])  # fmt: skip
-        depth = min(n_gallery, 4 * depth)
+    chunks = torch.arange(n_queries).split(max(1, DEPTH_BUDGET // depth))
+    pending = [_search_chunk(rows, query, gallery, positive, threshold, k, depth, indices, scores, dropped)
+               for rows in chunks]  # fmt: skip
+    if pending and (rest := torch.cat(pending)).numel():
+        _scan_rows(rest, query, gallery, positive, threshold, k, indices, scores, dropped)
     return MinedNegatives(indices, scores, positive_scores, dropped)
 
 

@@ -160,15 +160,30 @@ def processor_inputs(
     elif family.multimodal:
         if videos:
             processor = with_video_processor(processor)
+        # mm_token_type_ids (Qwen-VL): transformers builds them one row at a time in numpy; the same marks
+        # (create_mm_token_type_ids: 1 image, 2 video, 3 audio tokens) in one batched isin each.
+        type_ids = bool(getattr(processor, "return_mm_token_type_ids", False))
         batch = processor(
             text=texts, images=images or None, videos=videos or None, padding=True, padding_side="right",
-            return_tensors="pt",
+            return_tensors="pt", **({"return_mm_token_type_ids": False} if type_ids else {}),
         )  # fmt: skip
+        if type_ids:
+            batch["mm_token_type_ids"] = _mm_token_type_ids(processor, batch["input_ids"])
     else:
         batch = tokenizer(texts, padding=True, padding_side="right", return_tensors="pt")
     span_tokens = dict.fromkeys(family.image_span_tokens + family.video_span_tokens)
     span_ids = [tokenizer.convert_tokens_to_ids(token) for token in span_tokens]
     return _repad(batch, span_ids, tokenizer.pad_token_id, padding_side, max_length)
+
+
+def _mm_token_type_ids(processor, input_ids: torch.Tensor) -> torch.Tensor:
+    """What the processor's create_mm_token_type_ids gives for these ids, for the whole batch at once."""
+    types = torch.zeros_like(input_ids)
+    for value, modality in ((1, "image"), (2, "video"), (3, "audio")):
+        ids = [i for i in getattr(processor, f"{modality}_token_ids", None) or [] if i is not None]
+        if ids:
+            types[torch.isin(input_ids, torch.tensor(ids, dtype=input_ids.dtype))] = value
+    return types
 
 
 def _check_images_match_texts(family, texts: list[str], images: list) -> None:

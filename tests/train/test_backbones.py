@@ -170,6 +170,46 @@ def test_position_ids_count_each_rows_real_tokens(backbone):
         assert torch.equal(got, expected[:, 0] if family.mrope else expected[0])
 
 
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_text_only_mrope_positions_equal_get_rope_index(backbone, padding_side):
+    """A text-only M-RoPE batch skips get_rope_index's loop per row: the whole [3, B, T] tensor (padding
+    included) is the one get_rope_index gives, and so is every hidden state."""
+    model, processor, family = backbone
+    if not family.mrope:
+        pytest.skip("position ids without M-RoPE are the text positions already")
+    texts = [text for text, im in rows(family) if im is None] + ["a red circle " * 9, "x"]
+    batch = processor_inputs(processor, family, texts, padding_side=padding_side)
+    assert not batch["mm_token_type_ids"].any() and not batch["attention_mask"].all()
+    expected, _ = model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
+                                             attention_mask=batch["attention_mask"])  # fmt: skip
+    got = position_ids(model, family, batch)
+    assert got.dtype == expected.dtype and torch.equal(got, expected)
+    with torch.no_grad():
+        hidden = last_hidden_state(model, family, batch)
+        inputs = dict(batch) | {"position_ids": expected}
+        reference = model(**inputs, output_hidden_states=True, use_cache=False).hidden_states[-1]
+    mask = batch["attention_mask"].bool()
+    assert torch.equal(hidden[mask], reference[mask])
+
+
+@pytest.mark.parametrize("text_only", [False, True])
+def test_processor_inputs_equal_the_processors_own_call(backbone, text_only):
+    """Right-padded and untruncated, processor_inputs gives exactly the processor's own tensors, its
+    mm_token_type_ids (built batched here, per row in transformers) included; image rows and text-only batches."""
+    model, processor, family = backbone
+    if not family.multimodal or family.name == "phi3_v":
+        pytest.skip("a text-only family's batch is the tokenizer's; Phi-3.5-V's rows go one by one")
+    batch_rows = [(t, im) for t, im in rows(family) if im is None or not text_only]
+    texts, images = [t for t, _ in batch_rows], [im for _, im in batch_rows if im is not None]
+    got = processor_inputs(processor, family, texts, images)
+    expected = processor(text=texts, images=images or None, padding=True, padding_side="right", return_tensors="pt")
+    assert sorted(got) == sorted(expected)
+    for key, value in expected.items():
+        assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+    if "mm_token_type_ids" in expected and not text_only:
+        assert (expected["mm_token_type_ids"] == 1).any()
+
+
 def test_long_left_padding_keeps_embedding(tiny_dirs):
     """A short row next to a 1400-token one: with positions counted from its first real token, its state
     does not move; with the model's default positions (shifted by the padding) it drifted ~4e-6 here."""

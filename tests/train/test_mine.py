@@ -11,6 +11,7 @@ import pytest
 import torch
 from accelerate.data_loader import BatchSamplerShard
 
+from mmfast.similarity_topk import similarity_topk
 from mmfast.train.batch_order import BatchOrderSampler, read_batch_order, write_batch_order
 from mmfast.train.collator import content_id
 from mmfast.train.data import Example, Input
@@ -84,6 +85,48 @@ def test_the_search_goes_deeper_past_dropped_false_negatives(budget, monkeypatch
     mined = mine_negatives(query, gallery, positive, 3, 0.9)
     torch.testing.assert_close(mined.indices, reference(query, gallery, positive, 3, 0.9), rtol=0, atol=0)
     assert (mined.indices > 30).all() and (mined.dropped == 30).all()
+
+
+def kernel_search_reference(query, gallery, positive, k, ratio):
+    """What mining computed before its exact scan: similarity_topk's whole ranking (its float32 scores, ties
+    to the lower index), then each row's first k eligible; dropped: the ineligible non-positives ranked
+    before the last kept one (all of them when none is kept)."""
+    top = similarity_topk(query, gallery, gallery.shape[0])
+    values = top.values.double()
+    positive_scores = (query.double() * gallery[positive].double()).sum(dim=1)
+    indices = torch.full((query.shape[0], k), -1, dtype=torch.int64)
+    scores = torch.full((query.shape[0], k), float("nan"), dtype=torch.float64)
+    dropped = torch.zeros(query.shape[0], dtype=torch.int64)
+    for q in range(query.shape[0]):
+        not_positive = top.indices[q] != positive[q]
+        eligible = not_positive if ratio is None else not_positive & (values[q] <= ratio * positive_scores[q])
+        kept = eligible.nonzero()[:k, 0]
+        indices[q, : len(kept)], scores[q, : len(kept)] = top.indices[q, kept], values[q, kept]
+        last = int(kept[-1]) if len(kept) else gallery.shape[0] - 1
+        dropped[q] = (~eligible & not_positive)[: last + 1].sum()
+    return indices, scores, positive_scores, dropped
+
+
+@pytest.mark.parametrize("tile", [None, 16 * 37])
+@pytest.mark.parametrize(("k", "ratio", "items"), [(1, 0.9, 301), (4, 0.5, 301), (7, None, 301), (7, 0.9, 6)])
+def test_mining_float32_embeddings_equals_the_kernel_search_ties_included(k, ratio, items, tile, monkeypatch):
+    """float32 embeddings as the cache gives them, with many exactly tied scores (small integers / 4): the
+    mined negatives, their scores and the dropped counts are bit for bit what a search at the gallery's full
+    depth by similarity_topk picks (the search past the dropped candidates is a masked scan of the gallery in
+    tiles, several of them with `tile`, its last row block short)."""
+    if tile is not None:
+        monkeypatch.setattr("mmfast.train.mine.SCAN_TILE", tile)
+    generator = torch.Generator().manual_seed(k)
+    gallery = torch.randint(-2, 3, (items, 5), generator=generator).float() / 4
+    query = torch.randint(-2, 3, (45, 5), generator=generator).float() / 4
+    positive = torch.randint(0, items, (45,), generator=generator)
+    mined = mine_negatives(query, gallery, positive, k, ratio)
+    indices, scores, positive_scores, dropped = kernel_search_reference(query, gallery, positive, k, ratio)
+    assert torch.equal(mined.indices, indices) and torch.equal(mined.dropped, dropped)
+    assert torch.equal(mined.scores.nan_to_num(9.0), scores.nan_to_num(9.0))
+    assert torch.equal(mined.positive_scores, positive_scores)
+    assert (dropped > 0).any() if ratio is not None else (dropped == 0).all()
+    assert (indices == -1).any() == (items < k + 1)
 
 
 def fake_embed(inputs):

@@ -175,7 +175,8 @@ class EmbeddingCache:
         # (video frames, inline bytes): paths are read by the encoder batch by batch, those are not.
         blocks, loaded = [[]], 0
         for item in pending:
-            in_memory = isinstance(item[2], (ImageSource, Video))
+            # `is not None` first: isinstance against a runtime-checkable Protocol costs ~30 µs per call.
+            in_memory = item[2] is not None and isinstance(item[2], (ImageSource, Video))
             if len(blocks[-1]) == self.block_size or (in_memory and loaded == MAX_LOADED):
                 blocks.append([])
                 loaded = 0
@@ -188,7 +189,8 @@ class EmbeddingCache:
             bar = tqdm(total=len(pending), desc="embedding", unit="input")
         for block in blocks:
             texts = [text for _, text, _ in block]
-            images = [image.load() if isinstance(image, (ImageSource, Video)) else image for _, _, image in block]
+            images = [image.load() if image is not None and isinstance(image, (ImageSource, Video)) else image
+                      for _, _, image in block]  # fmt: skip
             out = self.encoder.encode(
                 texts,
                 images if any(image is not None for image in images) else None,
