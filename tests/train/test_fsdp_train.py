@@ -78,11 +78,13 @@ def test_fsdp2_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
     assert any(reference[name].abs().max() > 0 for name in vision), "no image reached the vision tower"
     assert_gradients_equal(got["grads"], reference, "mixed modules")
     assert got["reduce_scatters"] == got["units_run"] == 5  # the root, 2 language layers, 2 vision blocks
-    # What is not aligned (here: image queries on rank 0 only, with a vision tower that takes no blank image)
+    # What is not aligned (here: query images on rank 0 only, target images on rank 1 only, and a vision tower
+    # taken to accept no blank image)
     # stops every rank with an error saying what each runs.
     error = (tmp_path / "unaligned.txt").read_text()
     assert "under FSDP every rank must run the same modules" in error, error
-    assert "rank 0: 2 mini-batch(es): query image" in error and "rank 1: 2 mini-batch(es): text only" in error
+    assert "rank 0: 2 mini-batch(es): query image; query image\n" in error, error
+    assert "rank 1: 2 mini-batch(es): target image; target image\n" in error, error
     assert "takes none (no get_image_features)" in error
 
 
