@@ -48,10 +48,8 @@ def signature(example) -> tuple[bool, ...]:
 def aligned_rows(trainer, rows: int) -> list:
     """2 × `rows` rows of every subset, rank 1's half row for row like rank 0's in what modules it runs.
 
-    Under FSDP2 each layer's parameters are all-gathered when the layer runs, a collective every rank must
-    join: in each mini-batch the ranks must agree on which sides run the vision tower and whether there are
-    hard negatives (a rank whose side has no image skips the vision tower's layers and the collectives fall
-    out of step). Mixed batches that disagree are not supported under FSDP2 (README)."""
+    Ranks that agree add no passes of their own (rank_alignment.py): what this proves is the plain FSDP2 step;
+    ranks that differ are `mixed_rows` and `uneven_rows`."""
     dataset = trainer.train_dataset
     stride = max(len(dataset) // 200, 1)
     buckets: dict[tuple, list] = {}
