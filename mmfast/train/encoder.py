@@ -281,6 +281,7 @@ class Encoder(torch.nn.Module):
         self.adapter_source = adapter_source
         self.builder = InputBuilder(processor, family, config)
         self.projection = None
+        self.projection_is_fresh = False  # a multi-vector head drawn here, not loaded (`_load_projection`)
         self.sigmoid_parameters: SigmoidParameters | None = None
         # The ids of the tokens an image (or a video) expands into: what mask_non_image_embeddings keeps.
         self.image_token_ids = None
@@ -294,6 +295,7 @@ class Encoder(torch.nn.Module):
             weight = next(model.parameters())
             self.projection = torch.nn.Linear(hidden_size, config.multi_vector_dim, device=weight.device,
                                               dtype=weight.dtype)  # fmt: skip
+            self.projection_is_fresh = True
 
     @property
     def _no_split_modules(self) -> set[str] | list[str] | None:
@@ -365,6 +367,7 @@ class Encoder(torch.nn.Module):
         weight = self.projection.weight
         try:
             self.projection.load_state_dict({k: v.to(weight.dtype) for k, v in saved.items()})
+            self.projection_is_fresh = False
         except RuntimeError as error:
             raise ValueError(f"{folder / PROJECTION_NAME} does not fit this encoder's head "
                              f"({tuple(weight.shape)}): {error}") from error  # fmt: skip
@@ -477,7 +480,7 @@ class Encoder(torch.nn.Module):
         merged = (*self.encoder_config.merged_adapters, self.adapter_source)
         config = dataclasses.replace(self.encoder_config, adapter=False, merged_adapters=merged)
         encoder = Encoder(model, self.processor, self.family, config)
-        encoder.projection = self.projection
+        encoder.projection, encoder.projection_is_fresh = self.projection, self.projection_is_fresh
         encoder.sigmoid_parameters = self.sigmoid_parameters
         return encoder
 

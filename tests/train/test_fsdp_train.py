@@ -31,8 +31,8 @@ ROWS_PER_RANK = 6
 # FSDP units with gradients in a step of rank 0's image queries and rank 1's text ones (units: each of the
 # backbone's _no_split_modules layers, and the root): the root, CLIP's embeddings and 2 layers, 2 Llama layers.
 UNITS_RUN = {"llava": 6, "llava_next": 6}
-# A recipe with hard negatives (single-vector InfoNCE, images on every side).
-UNEVEN_CASES = ("vlm2vec",)
+# Recipes with hard negatives: single-vector InfoNCE, and multi-vector late interaction (tokens padded across ranks).
+UNEVEN_CASES = ("vlm2vec", "colpali")
 
 
 def assert_gradients_equal(got: dict, reference: dict, case: str) -> None:
