@@ -161,18 +161,21 @@ def padded_tokens_of(trainer, examples) -> int:
 
 
 def uneven_step(out_dir: str, rows: int, case: str) -> dict:
-    """GradCache steps of `case` whose ranks differ in hard negatives and in their number of mini-batches
-    (`uneven_rows`, mini-batches by a token budget of rank 1's whole batch), for both sync choices: rank 1
-    runs a placeholder negatives side and placeholder mini-batches, weighted zero."""
-    chooser = trainer_for(case, os.path.join(out_dir, f"uneven-{case}"), rows, 0)  # (sets up the process group)
+    """Steps of `case` whose ranks differ in hard negatives (`uneven_rows`): without GradCache (rank 1 runs a
+    placeholder negatives side), and with GradCache mini-batches by a token budget of rank 1's whole batch, so
+    that the ranks also differ in their number of mini-batches (rank 1 runs placeholder mini-batches too),
+    for both sync choices."""
+    plain = trainer_for(case, os.path.join(out_dir, f"uneven-{case}"), rows, 0)  # (sets up the process group)
     rank, world = dist.get_rank(), dist.get_world_size()
-    picked = uneven_rows(chooser, rows)
-    budget = padded_tokens_of(chooser, picked[rows:])
+    picked = uneven_rows(plain, rows)
+    budget = padded_tokens_of(plain, picked[rows:])
     mine = picked[rank * rows : (rank + 1) * rows]
     result = {"budget": budget}
-    for sync in ("last_mini_batch", "every_mini_batch"):
-        trainer = trainer_for(case, os.path.join(out_dir, f"uneven-{case}-{sync}"), rows, 0,
-                              "--gradcache_mini_batch_tokens", str(budget), "--gradcache_fsdp_sync", sync)  # fmt: skip
+    for name in ("plain", "last_mini_batch", "every_mini_batch"):
+        trainer = plain
+        if name != "plain":
+            options = ("--gradcache_mini_batch_tokens", str(budget), "--gradcache_fsdp_sync", name)
+            trainer = trainer_for(case, os.path.join(out_dir, f"uneven-{case}-{name}"), rows, 0, *options)
         model = sharded(trainer)
         mini_batches = [None] * world
         dist.all_gather_object(mini_batches, len(trainer.data_collator(mine)["mini_batches"]))
@@ -182,7 +185,7 @@ def uneven_step(out_dir: str, rows: int, case: str) -> dict:
         reduce_scatters = REDUCE_SCATTERS[0] - before
         losses = [torch.zeros_like(loss) for _ in range(world)]
         dist.all_gather(losses, loss)
-        result[sync] = {"grads": full_gradients(model), "losses": losses, "reduce_scatters": reduce_scatters,
+        result[name] = {"grads": full_gradients(model), "losses": losses, "reduce_scatters": reduce_scatters,
                         "units_run": units_with_gradients(model), "mini_batches": mini_batches}  # fmt: skip
     return result
 

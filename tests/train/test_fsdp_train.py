@@ -117,27 +117,30 @@ def test_fsdp2_blank_image_pass_on_llava_and_llava_next(tiny_dirs, tmp_path):
 
 @pytest.mark.parametrize("case", UNEVEN_CASES)
 def test_fsdp2_ranks_differing_in_hard_negatives_and_mini_batches_equal_one_process(tmp_path, case):
-    """Rank 0's rows with hard negatives, rank 1's without, GradCache mini-batches by a token budget that holds
-    rank 1's batch in one and rank 0's, with its negatives, in more: rank 1 runs a placeholder negatives side
-    and placeholder mini-batches, weighted zero, so both join every collective. The step equals one process
-    on the concatenated batch, for both sync choices: one reduce-scatter per unit with gradients, or one per
-    unit per mini-batch of the rank with the most."""
+    """Rank 0's rows with hard negatives, rank 1's without: rank 1 runs a placeholder negatives side, weighted
+    zero. Without GradCache, and with GradCache mini-batches by a token budget that holds rank 1's batch in one
+    and rank 0's, with its negatives, in more (rank 1 also runs placeholder mini-batches). Each step equals one
+    process on the concatenated batch; reduce-scatters: one per unit with gradients (plain, last_mini_batch),
+    one per unit per mini-batch of the rank with the most (every_mini_batch)."""
     torchrun(str(WORKER), str(tmp_path), str(ROWS_PER_RANK), f"uneven={case}", cwd=tmp_path)
     got = torch.load(tmp_path / f"uneven-{case}.pt")
     trainer = trainer_for(case, str(tmp_path / "single"), 2 * ROWS_PER_RANK, mini_batch=0)
     trainer.current_gradient_accumulation_steps = 1
     loss = trainer.training_step(trainer.model, trainer.data_collator(uneven_rows(trainer, ROWS_PER_RANK)))
     reference = {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
-    for sync, step in ((sync, got[sync]) for sync in ("last_mini_batch", "every_mini_batch")):
+    for sync, step in ((sync, got[sync]) for sync in ("plain", "last_mini_batch", "every_mini_batch")):
         most, fewest = step["mini_batches"]
-        assert most > fewest == 1, (case, sync, step["mini_batches"], got["budget"])
+        if sync == "plain":  # without GradCache: one mini-batch each, rank 1's with a placeholder negatives side
+            assert most == fewest == 1, step["mini_batches"]
+        else:
+            assert most > fewest == 1, (case, sync, step["mini_batches"], got["budget"])
         # The loss each rank logs: its rows' against every rank's candidates (rank 1's queries see rank 0's
         # hard negatives, as in one process); their mean is the whole batch's.
         torch.testing.assert_close(torch.stack(step["losses"]).mean(), loss.detach(), rtol=1e-5, atol=1e-6)
         assert_gradients_equal(step["grads"], reference, f"{case}, uneven ranks, {sync}")
-        per_step = 1 if sync == "last_mini_batch" else most
+        per_step = most if sync == "every_mini_batch" else 1
         assert step["reduce_scatters"] == step["units_run"] * per_step > 0, (case, sync, step["reduce_scatters"])
-    assert got["last_mini_batch"]["units_run"] == got["every_mini_batch"]["units_run"] >= 3
+    assert got["plain"]["units_run"] == got["last_mini_batch"]["units_run"] == got["every_mini_batch"]["units_run"] >= 3
 
 
 def test_fsdp_through_the_trainer_saves_and_resumes(tmp_path):
