@@ -55,13 +55,14 @@ class LateInteractionLossOptions:
         check_backend_name(self.backend)
 
 
-def _check_tokens(name: str, tokens: object, dim: int | None) -> torch.Tensor:
+def _check_tokens(name: str, tokens: object, dim: int | None, *, rows_may_be_empty: bool = False) -> torch.Tensor:
     if not isinstance(tokens, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tokens).__name__}")
     if tokens.dim() != 3:
         raise ValueError(f"{name} must be 3-D [rows, tokens, D], got shape {tuple(tokens.shape)}")
-    if 0 in tokens.shape:
-        raise ValueError(f"{name} has an empty dimension, shape {tuple(tokens.shape)}: each must be >= 1")
+    if 0 in tokens.shape[1 if rows_may_be_empty else 0 :]:
+        at_least = "tokens and D" if rows_may_be_empty else "each"
+        raise ValueError(f"{name} has an empty dimension, shape {tuple(tokens.shape)}: {at_least} must be >= 1")
     if dim is not None and tokens.shape[2] != dim:
         raise ValueError(f"{name} must have query's D = {dim}, got shape {tuple(tokens.shape)}")
     check_float_dtype(name, tokens)
@@ -178,7 +179,8 @@ def late_interaction_loss(
     Args:
         query: [B, L_q, D] token vectors; document: [B, L_d, D], document i is query i's positive.
         negatives: None or [M, L_n, D] hard-negative documents (e.g. M = B·K) shared by every query.
-            The candidates are the B documents, then the negatives (N = B + M).
+            The candidates are the B documents, then the negatives (N = B + M). M may be 0: none here (as
+            None), while cross_device still gathers the other ranks' (every rank must then pass a tensor).
         query_mask, document_mask, negative_mask: None (every token real) or [rows, tokens] bool or
             integer masks, nonzero = a real token; every row needs one. Ragged lengths come here.
         loss: "infonce" (cross-entropy of S_i·/τ over the candidates) or "pairwise" (colpali-engine's
@@ -210,7 +212,8 @@ def _late_interaction_loss(query, document, negatives, query_mask, document_mask
     if document.shape[0] != query.shape[0]:
         raise ValueError(f"document must have one row per query (B = {query.shape[0]}), got {document.shape[0]}")
     if negatives is not None:
-        _check_tokens("negatives", negatives, dim)
+        # No rows: no negatives here; across devices other ranks' still count (every rank gathers them).
+        _check_tokens("negatives", negatives, dim, rows_may_be_empty=True)
     elif negative_mask is not None:
         raise ValueError("negative_mask was given without negatives")
     for name, t in (("document", document), ("negatives", negatives)):
@@ -237,6 +240,8 @@ def _late_interaction_loss(query, document, negatives, query_mask, document_mask
             ids = gather_duplicate_ids(ids, query.shape[0])[0]
         else:
             warn_single_process("late_interaction_loss")
+    if negatives is not None and negatives.shape[0] == 0:
+        negatives = negative_mask = None
     ids = ids.candidate
     if backend == "reference":
         return late_interaction_loss_reference(

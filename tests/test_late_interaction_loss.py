@@ -176,6 +176,28 @@ def test_learned_temperature_gets_its_gradient(backend):
     torch.testing.assert_close(grads[0], grads[1].float(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_negatives_without_rows_are_no_negatives(backend, loss):
+    """[0, L, D] negatives (a rank with none while others have some: every rank then gathers them) give the
+    loss and gradients of no negatives, bit for bit, and an empty gradient of their own."""
+    inputs = make_inputs(3, 4, 5, 6, 0, 0, seed=11)
+    empty = torch.zeros(0, 7, 6, dtype=torch.float64, requires_grad=True)
+    leaves = [inputs[k].clone().requires_grad_() for k in ("query", "document")]
+    options = dict(query_mask=inputs["query_mask"], document_mask=inputs["document_mask"], loss=loss,
+                   temperature=0.5, backend=backend)  # fmt: skip
+    without = mmfast.late_interaction_loss(*leaves, **options)
+    grads = torch.autograd.grad(without, leaves)
+    with_empty = mmfast.late_interaction_loss(*leaves, empty, negative_mask=torch.ones(0, 7, dtype=torch.bool),
+                                              **options)  # fmt: skip
+    empty_grads = torch.autograd.grad(with_empty, [*leaves, empty], allow_unused=True)
+    assert torch.equal(with_empty, without)
+    assert all(torch.equal(a, b) for a, b in zip(empty_grads[:2], grads, strict=True))
+    assert empty_grads[2] is None or empty_grads[2].shape == (0, 7, 6)
+    with pytest.raises(ValueError, match="negatives has an empty dimension.*tokens and D must be >= 1"):
+        mmfast.late_interaction_loss(*leaves, torch.zeros(0, 0, 6, dtype=torch.float64), **options)
+
+
 def test_module_and_no_grad():
     inputs = make_inputs(3, 4, 5, 6, 0, 0, seed=9)
     criterion = mmfast.LateInteractionLoss(loss="pairwise", temperature=1.0, normalize_scores=True)

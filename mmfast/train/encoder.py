@@ -281,6 +281,7 @@ class Encoder(torch.nn.Module):
         self.adapter_source = adapter_source
         self.builder = InputBuilder(processor, family, config)
         self.projection = None
+        self.projection_is_fresh = False  # a multi-vector head drawn here, not loaded (`_load_projection`)
         self.sigmoid_parameters: SigmoidParameters | None = None
         # The ids of the tokens an image (or a video) expands into: what mask_non_image_embeddings keeps.
         self.image_token_ids = None
@@ -294,6 +295,7 @@ class Encoder(torch.nn.Module):
             weight = next(model.parameters())
             self.projection = torch.nn.Linear(hidden_size, config.multi_vector_dim, device=weight.device,
                                               dtype=weight.dtype)  # fmt: skip
+            self.projection_is_fresh = True
 
     @property
     def _no_split_modules(self) -> set[str] | list[str] | None:
@@ -365,6 +367,7 @@ class Encoder(torch.nn.Module):
         weight = self.projection.weight
         try:
             self.projection.load_state_dict({k: v.to(weight.dtype) for k, v in saved.items()})
+            self.projection_is_fresh = False
         except RuntimeError as error:
             raise ValueError(f"{folder / PROJECTION_NAME} does not fit this encoder's head "
                              f"({tuple(weight.shape)}): {error}") from error  # fmt: skip
@@ -477,7 +480,7 @@ class Encoder(torch.nn.Module):
         merged = (*self.encoder_config.merged_adapters, self.adapter_source)
         config = dataclasses.replace(self.encoder_config, adapter=False, merged_adapters=merged)
         encoder = Encoder(model, self.processor, self.family, config)
-        encoder.projection = self.projection
+        encoder.projection, encoder.projection_is_fresh = self.projection, self.projection_is_fresh
         encoder.sigmoid_parameters = self.sigmoid_parameters
         return encoder
 
@@ -569,17 +572,31 @@ class Encoder(torch.nn.Module):
         vectors = torch.nn.functional.normalize(self.projection(hidden.to(self.projection.weight.dtype)), dim=-1)
         return vectors * mask[..., None].to(vectors.dtype), mask
 
-    def forward(self, sides: Mapping[str, Mapping], blank_image_sides: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+    def forward(
+        self, sides: Mapping[str, Mapping], blank_image_sides: Sequence[str] = (), placeholder_sides: Sequence[str] = ()
+    ) -> dict[str, torch.Tensor]:
         """One call for every side of a (mini-)batch, so DDP sees one forward per backward.
 
+        Under FSDP every rank must run the modules another rank runs, in the same order (`rank_alignment`):
         blank_image_sides: sides whose backbone pass is preceded by a pass of the vision tower over one
-        blank image, its output weighted zero (the embeddings are unchanged; the vision tower's parameters
-        get zero gradients). Under FSDP every rank must run the modules another rank runs, in the same order
-        (`trainer.vision_passes_to_align`): a side without images on this rank, with images on another."""
+            blank image, its output weighted zero (the embeddings are unchanged; the vision tower's parameters
+            get zero gradients): a side without images on this rank, with images on another.
+        placeholder_sides: sides whose inputs are a placeholder run only to join the collectives of another
+            rank's real inputs: their embeddings come back with no rows (still in the graph, so the backward
+            runs through the backbone too, with zero gradients; multi-vector: no tokens either).
+        Neither kind of pass draws random numbers (dropout): the real passes get the masks they get without them.
+        """
         embeddings = {}
         for side, batch in sides.items():
-            blank = self.blank_image_pass() if side in blank_image_sides else None
-            embeddings[side] = self.embed(batch)
+            blank = None
+            if side in blank_image_sides:
+                with _random_state_kept(self.device):
+                    blank = self.blank_image_pass()
+            if side in placeholder_sides:
+                with _random_state_kept(self.device):
+                    embeddings[side] = _nothing_of(self.embed(batch))
+            else:
+                embeddings[side] = self.embed(batch)
             if blank is not None:
                 embeddings[side] = embeddings[side] + 0 * blank.to(embeddings[side].dtype)
         return embeddings
@@ -748,6 +765,17 @@ def _as_image(image, index: int) -> Image.Image | Video | None:
     if isinstance(image, Video):
         return image.load()
     raise TypeError(f"images[{index}] must be a PIL image, a path, a Video or None, got {type(image).__name__}")
+
+
+def _nothing_of(embeddings: torch.Tensor) -> torch.Tensor:
+    """No rows of `embeddings` (multi-vector: no tokens either, so it pads no other part to its length), still
+    in the graph: a backward through it reaches everything the embeddings came from, with zero gradients."""
+    return embeddings[(slice(0, 0),) * (embeddings.dim() - 1)]
+
+
+def _random_state_kept(device: torch.device):
+    """A block that leaves the RNG (the CPU's, and the device's) as it found it."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 def _to_device(batch: Mapping, device: torch.device) -> Mapping:

@@ -104,10 +104,10 @@ class MiniBatches(Sequence):
             raise TypeError(f"mini-batches are read one at a time, by an int index; got {type(index).__name__}")
         start, stop = self.bounds[index]
         part = self.rows[start:stop]
-        mini_batch = {"query": self._build([row[0] for row in part]), "target": self._build([row[1] for row in part])}
+        mini_batch = {"query": self.build([row[0] for row in part]), "target": self.build([row[1] for row in part])}
         negatives = [side for row in part for side in row[2:]]
         if negatives:
-            mini_batch["negatives"] = self._build(negatives)
+            mini_batch["negatives"] = self.build(negatives)
         return mini_batch
 
     def __iter__(self) -> Iterator[dict[str, Mapping]]:
@@ -130,7 +130,8 @@ class MiniBatches(Sequence):
     def __setstate__(self, state: dict) -> None:
         self.builder, self.place, self.rows, self.bounds = None, None, state["rows"], state["bounds"]
 
-    def _build(self, sides: Sequence[Input]) -> Mapping:
+    def build(self, sides: Sequence[Input]) -> Mapping:
+        """The model inputs of `sides` (one side of a mini-batch), built and placed as every mini-batch's."""
         if self.builder is None:
             raise RuntimeError(
                 "these mini-batches came from another process without their builder: bind one with "

@@ -69,6 +69,12 @@ def _build_encoder(run: RunConfig) -> Encoder:
     if run.dtype is not None:
         options["dtype"] = run.dtype
     encoder = Encoder.from_pretrained(path, **options)
+    # What is drawn fresh (the head, then an adapter) is drawn from the seed once the backbone is loaded: how
+    # transformers built the backbone (on the meta device, or first initialised at random, which draws numbers:
+    # e.g. when torch.empty is wrapped) must not change it, or processes would train different models.
+    torch.manual_seed(run.training.seed)
+    if encoder.projection_is_fresh:
+        encoder.projection.reset_parameters()
     if encoder.is_adapter:
         # Training on from an adapter checkpoint (UniME stage 2 after stage 1): fold it in first.
         encoder = encoder.merged()

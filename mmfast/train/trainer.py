@@ -20,7 +20,7 @@ import os
 import resource
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -40,6 +40,7 @@ from .fsdp import sync_at_last_post_backward
 from .grad_cache import full_batch_step, grad_cache_step
 from .losses import Objective, distributed_world_size
 from .mini_batches import MiniBatching
+from .rank_alignment import AlignedMiniBatches, Alignment, rank_alignment
 from .sampling import ContrastiveBatchSampler
 
 logger = logging.getLogger(__name__)
@@ -53,71 +54,6 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def modules_run(mini_batches) -> list[tuple[bool, bool, bool, bool]]:
-    """Per mini-batch, what decides which of the backbone's modules it runs: an image on the query side,
-    on the target side, hard negatives, an image among them (each side is one pass of the backbone)."""
-    kinds = []
-    for start, stop in mini_batches.bounds:
-        part = mini_batches.rows[start:stop]
-        negatives = [item for row in part for item in row[2:]]
-        kinds.append((any(row[0].image is not None for row in part), any(row[1].image is not None for row in part),
-                      bool(negatives), any(item.image is not None for item in negatives)))  # fmt: skip
-    return kinds
-
-
-def vision_passes_to_align(mini_batches, takes_blank_image: bool) -> list[tuple[str, ...]]:
-    """Under FSDP each layer's parameters are all-gathered when it runs, a collective every rank joins, so in
-    every mini-batch all ranks must run the same modules in the same order; otherwise their collectives fall
-    out of step (gloo aborts on a size mismatch; a backend that does not check sizes can hang, or mix up
-    layers of one size). Returns, per mini-batch, the sides for which this rank runs the vision tower over a
-    blank image (`Encoder.forward`'s blank_image_sides): those with no image here and an image on another
-    rank. Differences a blank image cannot align (hard negatives on some ranks only, or a different number of
-    mini-batches) stop every rank with an error that says what each rank's mini-batches run (every rank gets
-    the same answer)."""
-    kinds = modules_run(mini_batches)
-    every_rank = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(every_rank, kinds)
-    # A blank image aligns image sides; hard negatives, and the number of mini-batches, must agree.
-    negatives = [[kind[2] for kind in rank_kinds] for rank_kinds in every_rank]
-    agree = all(other == kinds for other in every_rank)
-    if all(other == negatives[0] for other in negatives) and (agree or takes_blank_image):
-        image_of_side = {"query": 0, "target": 1, "negatives": 3}  # index into a modules_run tuple
-        return [
-            tuple(side for side, at in image_of_side.items()
-                  if not kind[at] and any(rank_kinds[index][at] for rank_kinds in every_rank))
-            for index, kind in enumerate(kinds)
-        ]  # fmt: skip
-    names = ("query image", "target image", "hard negatives", "negative image")
-
-    def describe(rank_kinds):
-        return "; ".join(", ".join(n for n, on in zip(names, kind, strict=True) if on) or "text only"
-                         for kind in rank_kinds)  # fmt: skip
-
-    ranks = "\n".join(f"  rank {rank}: {len(k)} mini-batch(es): {describe(k)}" for rank, k in enumerate(every_rank))
-    raise ValueError(
-        "under FSDP every rank must run the same modules in each mini-batch (a layer's parameters are all-gathered "
-        f"when it runs, a collective every rank joins), but this step's ranks differ:\n{ranks}\nA side with an "
-        "image on one rank and none on another is aligned (a blank image through the vision tower); hard "
-        "negatives on some ranks only, or a different number of mini-batches, are not: give every row the same "
-        "sides (e.g. one task per batch, --homogeneous_batches), or train with DDP"
-        + ("" if takes_blank_image else ". This backbone's vision tower takes no blank image: image sides must agree")
-    )
-
-
-class BlankImagePasses(Sequence):
-    """Mini-batches paired with the sides whose backbone pass runs a blank image through the vision tower
-    first (`vision_passes_to_align`); read by index, as `grad_cache_step` reads mini-batches."""
-
-    def __init__(self, mini_batches, sides: list[tuple[str, ...]]):
-        self.mini_batches, self.sides = mini_batches, sides
-
-    def __len__(self) -> int:
-        return len(self.mini_batches)
-
-    def __getitem__(self, index):
-        return self.mini_batches[index], self.sides[index]
 
 
 class EmbeddingTrainer(transformers.Trainer):
@@ -233,13 +169,16 @@ class EmbeddingTrainer(transformers.Trainer):
 
         forward = model
         if isinstance(model, FSDPModule) and distributed_world_size() > 1:
-            encoder = self.accelerator.unwrap_model(model)
-            blank_sides = vision_passes_to_align(inputs["mini_batches"], encoder.takes_blank_image)
-            if any(blank_sides):
-                mini_batches = BlankImagePasses(mini_batches, blank_sides)
+            # Every rank runs the modules, and the mini-batches, any rank runs (passes weighted zero where it
+            # lacks them), so their FSDP collectives stay in step (rank_alignment.py).
+            alignments = rank_alignment(mini_batches, self.accelerator.unwrap_model(model).takes_blank_image)
+            if alignments != [Alignment()] * len(mini_batches):
+                mini_batches = AlignedMiniBatches(mini_batches, alignments)
 
-                def forward(paired):
-                    return model(paired[0], blank_image_sides=paired[1])
+                def forward(aligned):
+                    mini_batch, alignment = aligned
+                    return model(mini_batch, blank_image_sides=alignment.blank_image_sides,
+                                 placeholder_sides=alignment.placeholder_sides)  # fmt: skip
 
         with self.compute_loss_context_manager():
             if self.mini_batching.grad_cache:

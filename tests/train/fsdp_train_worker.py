@@ -4,10 +4,14 @@ root) and GradCache over two mini-batches; rank 0 writes the full (unsharded) gr
 the number of gradient reduce-scatters, for both `--gradcache_fsdp_sync` choices (last_mini_batch, the
 default, and every_mini_batch), and for the plain step without GradCache (one backward: one sync). Then a
 step whose ranks run different modules (an image on rank 0's query side only, aligned by a blank image through
-rank 1's vision tower): rank 0 writes its gradients, losses and reduce-scatters; and a step whose ranks differ
-in hard negatives (not aligned): rank 0 writes the error.
+rank 1's vision tower), on the default backbone or another family's; steps whose ranks differ in hard negatives
+and in their number of GradCache mini-batches (aligned by placeholder passes); for each, rank 0 writes the
+gradients, losses and reduce-scatters. And a step whose ranks differ in what is not aligned: rank 0 writes the
+error.
 
-    torchrun --standalone --nproc-per-node 2 fsdp_train_worker.py OUT_DIR ROWS_PER_RANK CASE...
+    torchrun --standalone --nproc-per-node 2 fsdp_train_worker.py OUT_DIR ROWS_PER_RANK JOB...
+
+(a JOB: a case, `mixed`, `mixed=BACKBONE_FOLDER`, `uneven=CASE`, `unaligned`; `main`)
 """
 
 import os
@@ -17,6 +21,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
+from mmfast.train.collator import kept_negatives
+from mmfast.train.data import load_image
+from mmfast.train.mini_batches import padded_tokens
+from mmfast.train.rank_alignment import rank_alignment
 from tests.train.distributed_train_worker import leave, run_step, trainer_for
 
 REDUCE_SCATTERS = [0]
@@ -40,10 +48,8 @@ def signature(example) -> tuple[bool, ...]:
 def aligned_rows(trainer, rows: int) -> list:
     """2 × `rows` rows of every subset, rank 1's half row for row like rank 0's in what modules it runs.
 
-    Under FSDP2 each layer's parameters are all-gathered when the layer runs, a collective every rank must
-    join: in each mini-batch the ranks must agree on which sides run the vision tower and whether there are
-    hard negatives (a rank whose side has no image skips the vision tower's layers and the collectives fall
-    out of step). Mixed batches that disagree are not supported under FSDP2 (README)."""
+    Ranks that agree add no passes of their own (rank_alignment.py): what this proves is the plain FSDP2 step;
+    ranks that differ are `mixed_rows` and `uneven_rows`."""
     dataset = trainer.train_dataset
     stride = max(len(dataset) // 200, 1)
     buckets: dict[tuple, list] = {}
@@ -91,10 +97,12 @@ def mixed_rows(trainer, rows: int) -> list:
     return with_image[:rows] + text_only[:rows]
 
 
-def mixed_step(out_dir: str, rows: int) -> dict:
+def mixed_step(out_dir: str, rows: int, backbone: str | None = None) -> dict:
     """GradCache step of vlm2vec with rank 0's queries holding images and rank 1's none: the vision tower runs
-    on rank 1 over a blank image, weighted zero, so both ranks join its collectives."""
-    trainer = trainer_for("vlm2vec", os.path.join(out_dir, "mixed"), rows, max(rows // 2, 1))
+    on rank 1 over a blank image, weighted zero, so both ranks join its collectives. backbone: a tiny backbone
+    folder of another family (trained in full, as the default is: `backbone_options`); None, the default."""
+    name = "mixed" if backbone is None else f"mixed-{os.path.basename(backbone)}"
+    trainer = trainer_for("vlm2vec", os.path.join(out_dir, name), rows, max(rows // 2, 1), *backbone_options(backbone))
     model = sharded(trainer)
     rank = dist.get_rank()
     picked = mixed_rows(trainer, rows)[rank * rows : (rank + 1) * rows]
@@ -108,19 +116,78 @@ def mixed_step(out_dir: str, rows: int) -> dict:
             "units_run": units_with_gradients(model)}  # fmt: skip
 
 
+def backbone_options(backbone: str | None) -> tuple[str, ...]:
+    """The arguments that train `backbone` (a folder) as the embedded default is trained: every parameter, vision
+    tower included (own models otherwise get the recipe's adapter on the language model only)."""
+    if backbone is None:
+        return ()
+    return ("--model_name_or_path", backbone, "--lora", "false", "--freeze_vision_tower", "false")
+
+
 def unaligned_error(out_dir: str, rows: int) -> str:
-    """The error of a step whose ranks differ in what a blank image cannot align: rank 0's rows hold hard
-    negatives, rank 1's none (vlm2vec's data has both kinds of row)."""
+    """The error of a step whose ranks differ in what nothing aligns: image queries on rank 0 only, with a
+    vision tower taken to accept no blank image (as a backbone without get_image_features)."""
     trainer = trainer_for("vlm2vec", os.path.join(out_dir, "unaligned"), rows, max(rows // 2, 1))
-    model = sharded(trainer)
-    dataset = trainer.train_dataset
-    wanted = dist.get_rank() == 0
-    picked = [dataset[i] for i in range(min(len(dataset), 400)) if bool(dataset[i].negatives) == wanted]
+    rank = dist.get_rank()
+    mini_batches = trainer.data_collator(mixed_rows(trainer, rows)[rank * rows : (rank + 1) * rows])["mini_batches"]
     try:
-        run_step(trainer, model, picked[:rows])
+        rank_alignment(mini_batches, takes_blank_image=False)
     except ValueError as error:
         return str(error)
     return ""
+
+
+def uneven_rows(trainer, rows: int) -> list:
+    """2 × `rows` rows: rank 0's with hard negatives, rank 1's without (so in a token budget that holds rank 1's
+    batch in one mini-batch, rank 0's, with its negatives, takes more)."""
+    dataset = trainer.train_dataset
+    examples = [dataset[i] for i in range(min(len(dataset), 400))]
+    with_negatives = [example for example in examples if example.negatives]
+    without = [example for example in examples if not example.negatives]
+    if len(with_negatives) < rows or len(without) < rows:
+        raise ValueError(f"{len(with_negatives)} rows with hard negatives and {len(without)} without; {rows} of each")
+    return with_negatives[:rows] + without[:rows]
+
+
+def padded_tokens_of(trainer, examples) -> int:
+    """The padded tokens of `examples` in one mini-batch, counted as the collator counts them."""
+    collator = trainer.data_collator
+    lengths = []
+    for example in examples:
+        sides = (example.query, example.positive, *kept_negatives(example, collator.max_negatives))
+        lengths.append(tuple(int(collator.builder([side], [None if side.image is None else load_image(side.image)])
+                                 ["attention_mask"].sum()) for side in sides))  # fmt: skip
+    return padded_tokens(lengths)
+
+
+def uneven_step(out_dir: str, rows: int, case: str) -> dict:
+    """Steps of `case` whose ranks differ in hard negatives (`uneven_rows`): without GradCache (rank 1 runs a
+    placeholder negatives side), and with GradCache mini-batches by a token budget of rank 1's whole batch, so
+    that the ranks also differ in their number of mini-batches (rank 1 runs placeholder mini-batches too),
+    for both sync choices."""
+    plain = trainer_for(case, os.path.join(out_dir, f"uneven-{case}"), rows, 0)  # (sets up the process group)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    picked = uneven_rows(plain, rows)
+    budget = padded_tokens_of(plain, picked[rows:])
+    mine = picked[rank * rows : (rank + 1) * rows]
+    result = {"budget": budget}
+    for name in ("plain", "last_mini_batch", "every_mini_batch"):
+        trainer = plain
+        if name != "plain":
+            options = ("--gradcache_mini_batch_tokens", str(budget), "--gradcache_fsdp_sync", name)
+            trainer = trainer_for(case, os.path.join(out_dir, f"uneven-{case}-{name}"), rows, 0, *options)
+        model = sharded(trainer)
+        mini_batches = [None] * world
+        dist.all_gather_object(mini_batches, len(trainer.data_collator(mine)["mini_batches"]))
+        model.zero_grad(set_to_none=True)
+        before = REDUCE_SCATTERS[0]
+        loss = run_step(trainer, model, mine).detach()
+        reduce_scatters = REDUCE_SCATTERS[0] - before
+        losses = [torch.zeros_like(loss) for _ in range(world)]
+        dist.all_gather(losses, loss)
+        result[name] = {"grads": full_gradients(model), "losses": losses, "reduce_scatters": reduce_scatters,
+                        "units_run": units_with_gradients(model), "mini_batches": mini_batches}  # fmt: skip
+    return result
 
 
 def units_with_gradients(model) -> int:
@@ -141,37 +208,55 @@ def full_gradients(model) -> dict[str, torch.Tensor]:
 
 
 def main():
+    """Runs each job named on the command line: a case of CASES, `mixed` (the default backbone) or
+    `mixed=FOLDER` (another tiny backbone), `uneven=CASE` (ranks differing in hard negatives and mini-batches),
+    `unaligned`."""
     dist.reduce_scatter_single = counting_reduce_scatter
     out_dir, rows = sys.argv[1], int(sys.argv[2])
-    for case in sys.argv[3:]:
-        trainer = trainer_for(case, os.path.join(out_dir, case), rows, mini_batch=max(rows // 2, 1))
-        model = sharded(trainer)
-        loss, once = step(trainer, model, rows)
-        grads = full_gradients(model)
-        units_run = units_with_gradients(model)
-        losses = [torch.zeros_like(loss) for _ in range(dist.get_world_size())]
-        dist.all_gather(losses, loss)
-        every = trainer_for(case, os.path.join(out_dir, case + "-every"), rows, max(rows // 2, 1),
-                            "--gradcache_fsdp_sync", "every_mini_batch")  # fmt: skip
-        every_model = sharded(every)
-        _, per_mini_batch = step(every, every_model, rows)
-        grads_per_mini_batch = full_gradients(every_model)
-        plain = trainer_for(case, os.path.join(out_dir, case + "-plain"), rows, mini_batch=0)
-        _, one_sync = step(plain, sharded(plain), rows)
-        if dist.get_rank() == 0:
-            mini_batches = len(trainer.data_collator(aligned_rows(trainer, rows)[:rows])["mini_batches"])
-            result = {"grads": grads, "grads_per_mini_batch": grads_per_mini_batch, "losses": losses,
-                      "reduce_scatters": once, "per_mini_batch": per_mini_batch, "one_sync": one_sync,
-                      "units_run": units_run, "mini_batches": mini_batches}  # fmt: skip
-            torch.save(result, os.path.join(out_dir, f"{case}.pt"))
+    for job in sys.argv[3:]:
+        if job == "mixed" or job.startswith("mixed="):
+            backbone = job.partition("=")[2] or None
+            mixed = mixed_step(out_dir, rows, backbone)
+            if dist.get_rank() == 0:
+                name = "mixed" if backbone is None else f"mixed-{os.path.basename(backbone)}"
+                torch.save(mixed, os.path.join(out_dir, f"{name}.pt"))
+        elif job.startswith("uneven="):
+            case = job.partition("=")[2]
+            uneven = uneven_step(out_dir, rows, case)
+            if dist.get_rank() == 0:
+                torch.save(uneven, os.path.join(out_dir, f"uneven-{case}.pt"))
+        elif job == "unaligned":
+            error = unaligned_error(out_dir, rows)
+            if dist.get_rank() == 0:
+                with open(os.path.join(out_dir, "unaligned.txt"), "w") as f:
+                    f.write(error)
+        else:
+            case_step(out_dir, rows, job)
         dist.barrier()
-    mixed = mixed_step(out_dir, rows)
-    error = unaligned_error(out_dir, rows)
-    if dist.get_rank() == 0:
-        torch.save(mixed, os.path.join(out_dir, "mixed.pt"))
-        with open(os.path.join(out_dir, "unaligned.txt"), "w") as f:
-            f.write(error)
     leave()
+
+
+def case_step(out_dir: str, rows: int, case: str) -> None:
+    trainer = trainer_for(case, os.path.join(out_dir, case), rows, mini_batch=max(rows // 2, 1))
+    model = sharded(trainer)
+    loss, once = step(trainer, model, rows)
+    grads = full_gradients(model)
+    units_run = units_with_gradients(model)
+    losses = [torch.zeros_like(loss) for _ in range(dist.get_world_size())]
+    dist.all_gather(losses, loss)
+    every = trainer_for(case, os.path.join(out_dir, case + "-every"), rows, max(rows // 2, 1),
+                        "--gradcache_fsdp_sync", "every_mini_batch")  # fmt: skip
+    every_model = sharded(every)
+    _, per_mini_batch = step(every, every_model, rows)
+    grads_per_mini_batch = full_gradients(every_model)
+    plain = trainer_for(case, os.path.join(out_dir, case + "-plain"), rows, mini_batch=0)
+    _, one_sync = step(plain, sharded(plain), rows)
+    if dist.get_rank() == 0:
+        mini_batches = len(trainer.data_collator(aligned_rows(trainer, rows)[:rows])["mini_batches"])
+        result = {"grads": grads, "grads_per_mini_batch": grads_per_mini_batch, "losses": losses,
+                  "reduce_scatters": once, "per_mini_batch": per_mini_batch, "one_sync": one_sync,
+                  "units_run": units_run, "mini_batches": mini_batches}  # fmt: skip
+        torch.save(result, os.path.join(out_dir, f"{case}.pt"))
 
 
 if __name__ == "__main__":

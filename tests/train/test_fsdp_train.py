@@ -20,7 +20,7 @@ from mmfast.train.default import default_backbone, default_data
 from mmfast.train.encoder import Encoder
 from tests.train.distributed_train_worker import CASES, trainer_for
 from tests.train.fsdp_launch_worker import FSDP_ARGUMENTS
-from tests.train.fsdp_train_worker import aligned_rows, mixed_rows
+from tests.train.fsdp_train_worker import aligned_rows, backbone_options, mixed_rows, uneven_rows
 from tests.train.torchrun import REPOSITORY, torchrun
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -28,6 +28,11 @@ WORKER = Path(__file__).with_name("fsdp_train_worker.py")
 LAUNCH_WORKER = Path(__file__).with_name("fsdp_launch_worker.py")
 FSDP_CONFIG_FILE = REPOSITORY / "examples" / "configs" / "accelerate-fsdp.yaml"
 ROWS_PER_RANK = 6
+# FSDP units with gradients in a step of rank 0's image queries and rank 1's text ones (units: each of the
+# backbone's _no_split_modules layers, and the root): the root, CLIP's embeddings and 2 layers, 2 Llama layers.
+UNITS_RUN = {"llava": 6, "llava_next": 6}
+# Recipes with hard negatives: single-vector InfoNCE, and multi-vector late interaction (tokens padded across ranks).
+UNEVEN_CASES = ("vlm2vec", "colpali")
 
 
 def assert_gradients_equal(got: dict, reference: dict, case: str) -> None:
@@ -39,7 +44,7 @@ def assert_gradients_equal(got: dict, reference: dict, case: str) -> None:
 
 
 def test_fsdp2_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
-    torchrun(str(WORKER), str(tmp_path), str(ROWS_PER_RANK), *CASES, cwd=tmp_path)
+    torchrun(str(WORKER), str(tmp_path), str(ROWS_PER_RANK), *CASES, "mixed", "unaligned", cwd=tmp_path)
     for case in CASES:
         got = torch.load(tmp_path / f"{case}.pt")
         trainer = trainer_for(case, str(tmp_path / f"{case}-single"), 2 * ROWS_PER_RANK, mini_batch=0)
@@ -73,10 +78,69 @@ def test_fsdp2_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
     assert any(reference[name].abs().max() > 0 for name in vision), "no image reached the vision tower"
     assert_gradients_equal(got["grads"], reference, "mixed modules")
     assert got["reduce_scatters"] == got["units_run"] == 5  # the root, 2 language layers, 2 vision blocks
-    # Hard negatives on one rank only cannot be aligned: every rank stops with an error saying what each runs.
+    # What is not aligned (here: query images on rank 0 only, target images on rank 1 only, and a vision tower
+    # taken to accept no blank image)
+    # stops every rank with an error saying what each runs.
     error = (tmp_path / "unaligned.txt").read_text()
     assert "under FSDP every rank must run the same modules" in error, error
-    assert "rank 0: 2 mini-batch(es): " in error and "hard negatives" in error and "rank 1: 2 mini-batch(es)" in error
+    assert "rank 0: 2 mini-batch(es): query image; query image\n" in error, error
+    assert "rank 1: 2 mini-batch(es): target image; target image\n" in error, error
+    assert "takes none (no get_image_features)" in error
+
+
+def test_fsdp2_blank_image_pass_on_llava_and_llava_next(tiny_dirs, tmp_path):
+    """The blank image pass under FSDP2 on other families' vision towers (CLIP, under LLaVA's projector and
+    LLaVA-NeXT's image packing): rank 0's queries with images, rank 1's text-only, every parameter trained,
+    equal one process on the concatenated batch; one reduce-scatter per unit with gradients."""
+    families = list(UNITS_RUN)
+    torchrun(str(WORKER), str(tmp_path), str(ROWS_PER_RANK), *(f"mixed={tiny_dirs[f]}" for f in families),
+             cwd=tmp_path)  # fmt: skip
+    for family in families:
+        got = torch.load(tmp_path / f"mixed-{family}.pt")
+        options = backbone_options(str(tiny_dirs[family]))
+        trainer = trainer_for("vlm2vec", str(tmp_path / f"single-{family}"), 2 * ROWS_PER_RANK, 0, *options)
+        trainer.current_gradient_accumulation_steps = 1
+        loss = trainer.training_step(trainer.model, trainer.data_collator(mixed_rows(trainer, ROWS_PER_RANK)))
+        torch.testing.assert_close(torch.stack(got["losses"]).mean(), loss.detach(), rtol=1e-5, atol=1e-6)
+        reference = {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
+        vision = [name for name in reference if "vision_tower" in name]
+        assert any(reference[name].abs().max() > 0 for name in vision), f"{family}: no image reached the vision tower"
+        # CLIP's attention key bias: adding one number to every key's score leaves the softmax unchanged, so its
+        # gradient is zero in exact arithmetic and both hold rounding noise (measured ~1e-9, the largest gradient
+        # ~30): those are held to that floor, every other gradient to 1e-5 of its own scale.
+        largest = max(grad.abs().max().item() for grad in reference.values())
+        for name in [name for name in reference if name.endswith("self_attn.k_proj.bias")]:
+            assert max(got["grads"].pop(name).abs().max(), reference.pop(name).abs().max()) < 1e-7 * largest, name
+        assert_gradients_equal(got["grads"], reference, f"mixed modules, {family}")
+        assert got["reduce_scatters"] == got["units_run"] == UNITS_RUN[family], (family, got["reduce_scatters"])
+
+
+@pytest.mark.parametrize("case", UNEVEN_CASES)
+def test_fsdp2_ranks_differing_in_hard_negatives_and_mini_batches_equal_one_process(tmp_path, case):
+    """Rank 0's rows with hard negatives, rank 1's without: rank 1 runs a placeholder negatives side, weighted
+    zero. Without GradCache, and with GradCache mini-batches by a token budget that holds rank 1's batch in one
+    and rank 0's, with its negatives, in more (rank 1 also runs placeholder mini-batches). Each step equals one
+    process on the concatenated batch; reduce-scatters: one per unit with gradients (plain, last_mini_batch),
+    one per unit per mini-batch of the rank with the most (every_mini_batch)."""
+    torchrun(str(WORKER), str(tmp_path), str(ROWS_PER_RANK), f"uneven={case}", cwd=tmp_path)
+    got = torch.load(tmp_path / f"uneven-{case}.pt")
+    trainer = trainer_for(case, str(tmp_path / "single"), 2 * ROWS_PER_RANK, mini_batch=0)
+    trainer.current_gradient_accumulation_steps = 1
+    loss = trainer.training_step(trainer.model, trainer.data_collator(uneven_rows(trainer, ROWS_PER_RANK)))
+    reference = {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
+    for sync, step in ((sync, got[sync]) for sync in ("plain", "last_mini_batch", "every_mini_batch")):
+        most, fewest = step["mini_batches"]
+        if sync == "plain":  # without GradCache: one mini-batch each, rank 1's with a placeholder negatives side
+            assert most == fewest == 1, step["mini_batches"]
+        else:
+            assert most > fewest == 1, (case, sync, step["mini_batches"], got["budget"])
+        # The loss each rank logs: its rows' against every rank's candidates (rank 1's queries see rank 0's
+        # hard negatives, as in one process); their mean is the whole batch's.
+        torch.testing.assert_close(torch.stack(step["losses"]).mean(), loss.detach(), rtol=1e-5, atol=1e-6)
+        assert_gradients_equal(step["grads"], reference, f"{case}, uneven ranks, {sync}")
+        per_step = most if sync == "every_mini_batch" else 1
+        assert step["reduce_scatters"] == step["units_run"] * per_step > 0, (case, sync, step["reduce_scatters"])
+    assert got["plain"]["units_run"] == got["last_mini_batch"]["units_run"] == got["every_mini_batch"]["units_run"] >= 3
 
 
 def test_fsdp_through_the_trainer_saves_and_resumes(tmp_path):
