@@ -594,7 +594,7 @@ class Encoder(torch.nn.Module):
                     blank = self.blank_image_pass()
             if side in placeholder_sides:
                 with _random_state_kept(self.device):
-                    embeddings[side] = _nothing_of(self.embed(batch))
+                    embeddings[side] = nothing_of(self.embed(batch))
             else:
                 embeddings[side] = self.embed(batch)
             if blank is not None:
@@ -767,7 +767,7 @@ def _as_image(image, index: int) -> Image.Image | Video | None:
     raise TypeError(f"images[{index}] must be a PIL image, a path, a Video or None, got {type(image).__name__}")
 
 
-def _nothing_of(embeddings: torch.Tensor) -> torch.Tensor:
+def nothing_of(embeddings: torch.Tensor) -> torch.Tensor:
     """No rows of `embeddings` (multi-vector: no tokens either, so it pads no other part to its length), still
     in the graph: a backward through it reaches everything the embeddings came from, with zero gradients."""
     return embeddings[(slice(0, 0),) * (embeddings.dim() - 1)]

@@ -19,6 +19,10 @@ up what it lacks with passes whose output is weighted zero:
   side the other ranks run there): no rows, so GradCache caches nothing for them and their surrogate is 0.
 Each pass still runs forward and backward through the modules it reaches, so every unit is all-gathered
 and reduce-scattered on every rank; every embedding, the loss and every gradient are those without it.
+
+Under DDP only the cross-device loss's gathers depend on what a rank's batch holds (its hard negatives), so
+the same all-gather decides just that (`hard_negatives_on_other_ranks_only`): a rank without hard negatives
+gives its loss negatives of no rows, cut from its target embeddings, and no pass is added.
 """
 
 from __future__ import annotations
@@ -77,13 +81,33 @@ def align(kinds: Sequence[tuple[bool, ...]], every_rank: Sequence[Sequence[tuple
     return alignments
 
 
+def every_rank_modules_run(mini_batches) -> list[list[tuple[bool, bool, bool, bool]]]:
+    """Every rank's `modules_run`, in rank order: the step's one small all-gather (a collective: every rank
+    calls it)."""
+    every_rank = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every_rank, modules_run(mini_batches))
+    return every_rank
+
+
+def hard_negatives_on_other_ranks_only(mini_batches) -> bool:
+    """Under DDP: whether some rank's step holds hard negatives and this rank's none (a collective: every rank
+    calls it). Then this rank's cross-device loss must still gather the others' negatives, so the trainer gives
+    it negatives of no rows. DDP needs nothing else aligned: its forward and backward run no collective that
+    depends on the modules or the number of mini-batches a rank runs (the module buffers are broadcast at the
+    first forward of a step, the gradients all-reduced once, in the last mini-batch's backward; a parameter a
+    rank leaves unused is what `find_unused_parameters` is for), so neither blank images nor placeholder
+    passes or mini-batches are needed: only the loss's gathers must match."""
+    every_rank = every_rank_modules_run(mini_batches)
+    with_negatives = [any(kind[2] for kind in kinds) for kinds in every_rank]
+    return any(with_negatives) and not with_negatives[torch.distributed.get_rank()]
+
+
 def rank_alignment(mini_batches, takes_blank_image: bool) -> list[Alignment]:
     """Every rank's `modules_run` (a collective: every rank calls it), and this rank's `align`ment. A
     difference that cannot be aligned (an image side on some ranks only, with a backbone whose vision tower
     takes no blank image) stops every rank with an error that says what each rank's mini-batches run."""
-    kinds = modules_run(mini_batches)
-    every_rank = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(every_rank, kinds)
+    every_rank = every_rank_modules_run(mini_batches)
+    kinds = every_rank[torch.distributed.get_rank()]
     alignments = align(kinds, every_rank)
     # Every rank reaches the same answer: a blank image is asked for on some rank iff image sides differ.
     needs_blank = any(any(a.blank_image_sides for a in align(k, every_rank)) for k in every_rank)

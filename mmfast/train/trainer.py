@@ -34,13 +34,14 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, speed_metrics
 
 from . import checkpoints
 from .data_report import DataReport
+from .encoder import nothing_of
 from .evaluate.during_training import HeldOutEvaluation, RankShards, evaluation_output_dir, flat_metrics
 from .evaluate.report import write_results
 from .fsdp import sync_at_last_post_backward
 from .grad_cache import full_batch_step, grad_cache_step
 from .losses import Objective, distributed_world_size
 from .mini_batches import MiniBatching
-from .rank_alignment import AlignedMiniBatches, Alignment, rank_alignment
+from .rank_alignment import AlignedMiniBatches, Alignment, hard_negatives_on_other_ranks_only, rank_alignment
 from .sampling import ContrastiveBatchSampler
 
 logger = logging.getLogger(__name__)
@@ -157,7 +158,16 @@ class EmbeddingTrainer(transformers.Trainer):
         unwrapped = self.accelerator.unwrap_model(model)
         sigmoid_parameters = unwrapped.sigmoid_parameters if self.objective.is_sigmoid else None
 
+        several_ranks = distributed_world_size() > 1
+        # DDP (FSDP is aligned below): a cross-device loss gathers hard negatives when any rank has some, so a
+        # rank without them gives it negatives of no rows (rank_alignment.hard_negatives_on_other_ranks_only).
+        ddp_gathers = several_ranks and self.objective.options.cross_device and not isinstance(model, FSDPModule)
+        negatives_of_no_rows = ddp_gathers and hard_negatives_on_other_ranks_only(mini_batches)
+
         def loss_fn(embeddings):
+            if negatives_of_no_rows:
+                # Cut from the targets, so in the graph: the gather's backward, a collective, runs here too.
+                embeddings = {**embeddings, "negatives": nothing_of(embeddings["target"])}
             return self.objective(embeddings, teacher, ids, sigmoid_parameters)
 
         # As Trainer.training_step: the loss is already divided by the accumulation steps, so DeepSpeed
@@ -168,7 +178,7 @@ class EmbeddingTrainer(transformers.Trainer):
             self.accelerator.backward(surrogate * scale, **options)
 
         forward = model
-        if isinstance(model, FSDPModule) and distributed_world_size() > 1:
+        if isinstance(model, FSDPModule) and several_ranks:
             # Every rank runs the modules, and the mini-batches, any rank runs (passes weighted zero where it
             # lacks them), so their FSDP collectives stay in step (rank_alignment.py).
             alignments = rank_alignment(mini_batches, self.accelerator.unwrap_model(model).takes_blank_image)

@@ -21,11 +21,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
-from mmfast.train.collator import kept_negatives
-from mmfast.train.data import load_image
-from mmfast.train.mini_batches import padded_tokens
 from mmfast.train.rank_alignment import rank_alignment
-from tests.train.distributed_train_worker import leave, run_step, trainer_for
+from tests.train.distributed_train_worker import leave, padded_tokens_of, run_step, trainer_for, uneven_rows
 
 REDUCE_SCATTERS = [0]
 _reduce_scatter_single = dist.reduce_scatter_single
@@ -135,29 +132,6 @@ def unaligned_error(out_dir: str, rows: int) -> str:
     except ValueError as error:
         return str(error)
     return ""
-
-
-def uneven_rows(trainer, rows: int) -> list:
-    """2 × `rows` rows: rank 0's with hard negatives, rank 1's without (so in a token budget that holds rank 1's
-    batch in one mini-batch, rank 0's, with its negatives, takes more)."""
-    dataset = trainer.train_dataset
-    examples = [dataset[i] for i in range(min(len(dataset), 400))]
-    with_negatives = [example for example in examples if example.negatives]
-    without = [example for example in examples if not example.negatives]
-    if len(with_negatives) < rows or len(without) < rows:
-        raise ValueError(f"{len(with_negatives)} rows with hard negatives and {len(without)} without; {rows} of each")
-    return with_negatives[:rows] + without[:rows]
-
-
-def padded_tokens_of(trainer, examples) -> int:
-    """The padded tokens of `examples` in one mini-batch, counted as the collator counts them."""
-    collator = trainer.data_collator
-    lengths = []
-    for example in examples:
-        sides = (example.query, example.positive, *kept_negatives(example, collator.max_negatives))
-        lengths.append(tuple(int(collator.builder([side], [None if side.image is None else load_image(side.image)])
-                                 ["attention_mask"].sum()) for side in sides))  # fmt: skip
-    return padded_tokens(lengths)
 
 
 def uneven_step(out_dir: str, rows: int, case: str) -> dict:

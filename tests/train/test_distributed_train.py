@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train.distributed_train_worker import CASES, batch_rows, trainer_for
+from tests.train.distributed_train_worker import CASES, assert_gradients_equal, batch_rows, trainer_for, uneven_rows
 from tests.train.torchrun import REPOSITORY, torchrun
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 WORKER = Path(__file__).with_name("distributed_train_worker.py")
 ROWS_PER_RANK = 6
+# Recipes with hard negatives: single-vector InfoNCE, and multi-vector late interaction (tokens padded across ranks).
+UNEVEN_CASES = ("vlm2vec", "colpali")
 
 
 def test_torchrun_trains_the_default(tmp_path):
@@ -73,6 +75,36 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
             # fp32 sums taken in another order: equal to ~1e-6 of the gradient's scale (measured 1.5e-6).
             scale = grad.abs().max().item()
             torch.testing.assert_close(got["grads"][name], grad, rtol=1e-4, atol=1e-5 * scale, msg=f"{recipe}: {name}")
+
+
+def test_ddp_ranks_differing_in_hard_negatives_and_mini_batches_equal_one_process(tmp_path):
+    """Rank 0's rows with hard negatives, rank 1's without: the cross-device loss gathers negatives on rank 0, so
+    rank 1's gathers them too, giving its loss negatives of no rows (decided by one small all-gather before the
+    step, rank_alignment.hard_negatives_on_other_ranks_only); without it gloo aborts on a size mismatch. Without
+    GradCache, and with GradCache mini-batches by a token budget that holds rank 1's batch in one and rank 0's,
+    with its negatives, in more: under DDP nothing else needs aligning. Each step equals one process on the
+    concatenated batch, with one gradient sync per step (as many all-reduces as the plain step)."""
+    torchrun(str(WORKER), str(tmp_path), str(ROWS_PER_RANK), *(f"uneven={case}" for case in UNEVEN_CASES),
+             cwd=tmp_path)  # fmt: skip
+    for case in UNEVEN_CASES:
+        got = torch.load(tmp_path / f"uneven-{case}.pt")
+        trainer = trainer_for(case, str(tmp_path / f"single-{case}"), 2 * ROWS_PER_RANK, mini_batch=0)
+        trainer.current_gradient_accumulation_steps = 1
+        loss = trainer.training_step(trainer.model, trainer.data_collator(uneven_rows(trainer, ROWS_PER_RANK)))
+        reference = {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
+        for name in ("plain", "grad_cache"):
+            step = got[name]
+            assert step["negatives"][0] > 0 == step["negatives"][1], (case, name, step["negatives"])
+            most, fewest = step["mini_batches"]
+            if name == "plain":
+                assert most == fewest == 1, step["mini_batches"]
+            else:
+                assert most > fewest == 1, (case, step["mini_batches"], got["budget"])
+            # Each rank's loss: its rows' against every rank's candidates (rank 1's queries see rank 0's hard
+            # negatives, as in one process); their mean is the whole batch's.
+            torch.testing.assert_close(torch.tensor(step["losses"]).mean(), loss.detach(), rtol=1e-5, atol=1e-6)
+            assert_gradients_equal(step["grads"], reference, f"{case}, uneven ranks, {name}")
+        assert got["grad_cache"]["allreduces"] == got["plain"]["allreduces"] > 0, case
 
 
 def test_a_rank_ends_in_leave_process_group_after_its_exit_handlers(tmp_path):

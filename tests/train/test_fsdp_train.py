@@ -18,7 +18,7 @@ import torch
 
 from mmfast.train.default import default_backbone, default_data
 from mmfast.train.encoder import Encoder
-from tests.train.distributed_train_worker import CASES, trainer_for
+from tests.train.distributed_train_worker import CASES, assert_gradients_equal, trainer_for
 from tests.train.fsdp_launch_worker import FSDP_ARGUMENTS
 from tests.train.fsdp_train_worker import aligned_rows, backbone_options, mixed_rows, uneven_rows
 from tests.train.torchrun import REPOSITORY, torchrun
@@ -33,14 +33,6 @@ ROWS_PER_RANK = 6
 UNITS_RUN = {"llava": 6, "llava_next": 6}
 # Recipes with hard negatives: single-vector InfoNCE, and multi-vector late interaction (tokens padded across ranks).
 UNEVEN_CASES = ("vlm2vec", "colpali")
-
-
-def assert_gradients_equal(got: dict, reference: dict, case: str) -> None:
-    assert got.keys() == reference.keys(), case
-    for name, grad in reference.items():
-        # fp32 sums taken in another order: equal within 1e-5 of the gradient's scale.
-        scale = grad.abs().max().item()
-        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-5 * scale, msg=f"{case}: {name}")
 
 
 def test_fsdp2_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
