@@ -170,13 +170,17 @@ def test_position_ids_count_each_rows_real_tokens(backbone):
         assert torch.equal(got, expected[:, 0] if family.mrope else expected[0])
 
 
+# Position ids without M-RoPE are the text positions already.
+MROPE_CASES = [case for case in CASES if case in FAMILIES and FAMILIES[case].mrope]
+
+
 @pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("backbone", MROPE_CASES, indirect=True)
 def test_text_only_mrope_positions_equal_get_rope_index(backbone, padding_side):
     """A text-only M-RoPE batch skips get_rope_index's loop per row: the whole [3, B, T] tensor (padding
     included) is the one get_rope_index gives, and so is every hidden state."""
     model, processor, family = backbone
-    if not family.mrope:
-        pytest.skip("position ids without M-RoPE are the text positions already")
+    assert family.mrope
     texts = [text for text, im in rows(family) if im is None] + ["a red circle " * 9, "x"]
     batch = processor_inputs(processor, family, texts, padding_side=padding_side)
     assert not batch["mm_token_type_ids"].any() and not batch["attention_mask"].all()
@@ -193,12 +197,12 @@ def test_text_only_mrope_positions_equal_get_rope_index(backbone, padding_side):
 
 
 @pytest.mark.parametrize("text_only", [False, True])
+@pytest.mark.parametrize("backbone", MULTIMODAL, indirect=True)  # a text-only family's batch is the tokenizer's
 def test_processor_inputs_equal_the_processors_own_call(backbone, text_only):
     """Right-padded and untruncated, processor_inputs gives exactly the processor's own tensors, its
     mm_token_type_ids (built batched here, per row in transformers) included; image rows and text-only batches."""
     model, processor, family = backbone
-    if not family.multimodal or family.name == "phi3_v":
-        pytest.skip("a text-only family's batch is the tokenizer's; Phi-3.5-V's rows go one by one")
+    assert family.multimodal
     batch_rows = [(t, im) for t, im in rows(family) if im is None or not text_only]
     texts, images = [t for t, _ in batch_rows], [im for _, im in batch_rows if im is not None]
     got = processor_inputs(processor, family, texts, images)
