@@ -44,7 +44,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from mmfast.train.data_report import BadImageError, DataReport
-from mmfast.train.placeholder import IMAGE_PLACEHOLDER
+from mmfast.train.placeholder import IMAGE_PLACEHOLDER, placeholder_problems, placeholder_reasons
 from mmfast.train.records import UNREADABLE, open_records, table_chunks
 from mmfast.train.sampling import Concatenation, Mixture
 from mmfast.train.teacher_file import TeacherEmbeddings
@@ -216,12 +216,11 @@ def _negatives(neg_text, neg_image) -> list[tuple[str, str]] | None:
 
 FIRST_READ_REASONS = ("not UTF-8 text", "ragged negatives")  # found as a row is read, before the others
 SIDES = ("query", "positive", "negative")
-REASONS = ("", *FIRST_READ_REASONS) + tuple(
-    reason
-    for what in SIDES
-    for reason in (f"empty {what}", f"{IMAGE_PLACEHOLDER} without an image",
-                   f"several {IMAGE_PLACEHOLDER} in one {what}")
-) + ("missing image",)  # fmt: skip
+REASONS = tuple(dict.fromkeys(
+    ("", *FIRST_READ_REASONS)
+    + tuple(reason for what in SIDES for reason in (f"empty {what}", *placeholder_reasons(what)))
+    + ("missing image",)
+))  # fmt: skip
 CODE = {reason: code for code, reason in enumerate(REASONS)}
 
 
@@ -287,12 +286,11 @@ class _Verdicts:
 
 
 def _side_codes(code: np.ndarray, text: pa.ChunkedArray, has_image: np.ndarray, what: str) -> None:
-    """Marks the rows whose `what` side is empty or holds a misplaced image token (where still unmarked)."""
+    """Marks the rows whose `what` side is empty or breaks the placeholder rule (where still unmarked)."""
     empty = _numpy(pc.equal(pc.utf8_trim_whitespace(text), "")) & ~has_image
-    tokens = _numpy(pc.count_substring(text, IMAGE_PLACEHOLDER))
-    for mask, reason in ((empty, f"empty {what}"), ((tokens > 0) & ~has_image, f"{IMAGE_PLACEHOLDER} without an image"),
-                         (tokens > 1, f"several {IMAGE_PLACEHOLDER} in one {what}")):  # fmt: skip
-        code[(code == 0) & mask] = CODE[reason]
+    code[(code == 0) & empty] = CODE[f"empty {what}"]  # an empty text holds no placeholder: the two never meet
+    for rows, reason in placeholder_problems(_numpy(pc.count_substring(text, IMAGE_PLACEHOLDER)), has_image, what):
+        code[(code == 0) & rows] = CODE[reason]
 
 
 def _image_codes(code, start: int, images: pa.ChunkedArray, has_image: np.ndarray, base: str, exists: _ImageFiles,
@@ -313,6 +311,27 @@ def _note_relative(images: Iterable[str], base: str, exists: _ImageFiles, verdic
             verdicts.relative_count += 1
             verdicts.relative = verdicts.relative or image
             verdicts.found_beside = verdicts.found_beside or exists(os.path.join(base, image))
+
+
+def _negative_codes(code, start: int, negative_pairs: dict[int, list[tuple[str, str]]], base: str,
+                    exists: _ImageFiles, verdicts: _Verdicts) -> None:  # fmt: skip
+    """Marks the rows one of whose negatives is empty, breaks the placeholder rule or misses its image
+    (where still unmarked): the negatives in order, the texts checked by column as the other sides are."""
+    owners = [i for i, pairs in negative_pairs.items() for _ in pairs]
+    if not owners:
+        return
+    images = [image for pairs in negative_pairs.values() for _, image in pairs]
+    text_codes = np.zeros(len(owners), np.uint8)
+    texts = pa.array([text for pairs in negative_pairs.values() for text, _ in pairs], pa.string())
+    _side_codes(text_codes, texts, np.array([bool(image) for image in images]), "negative")
+    for i, text_code, image in zip(owners, text_codes.tolist(), images, strict=True):
+        if code[i]:
+            continue
+        if text_code:
+            code[i] = text_code
+        elif image and not exists(_resolve(base, image)):
+            code[i] = CODE["missing image"]
+            verdicts.bad_images[start + i] = _resolve(base, image)
 
 
 def _check_mmeb_chunk(chunk: pa.Table, start: int, base: str, beside: bool, exists: _ImageFiles,
@@ -351,20 +370,7 @@ def _check_mmeb_chunk(chunk: pa.Table, start: int, base: str, beside: bool, exis
     for what, text, image in (("query", "qry", "qry_image_path"), ("positive", "pos_text", "pos_image_path")):
         _side_codes(code, texts[text], has_image[image], what)
         _image_codes(code, start, images[image], has_image[image], base, exists, verdicts)
-    for i, pairs in negative_pairs.items():  # the negatives, in order, after the query and the positive
-        for text, image in pairs:
-            if code[i]:
-                break
-            token_count = text.count(IMAGE_PLACEHOLDER)
-            if not text.strip() and not image:
-                code[i] = CODE["empty negative"]
-            elif not image and token_count:
-                code[i] = CODE[f"{IMAGE_PLACEHOLDER} without an image"]
-            elif token_count > 1:
-                code[i] = CODE[f"several {IMAGE_PLACEHOLDER} in one negative"]
-            elif image and not exists(_resolve(base, image)):
-                code[i] = CODE["missing image"]
-                verdicts.bad_images[start + int(i)] = _resolve(base, image)
+    _negative_codes(code, start, negative_pairs, base, exists, verdicts)
     depth = np.where(has_image["qry_image_path"] | has_image["pos_image_path"], 0, NO_IMAGE).astype(np.int32)
     for i, pairs in negative_pairs.items():  # by column for the rows without negatives, the most
         if depth[i]:

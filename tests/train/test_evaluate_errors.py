@@ -218,7 +218,7 @@ def test_mmeb_malformed_rows_are_counted_misses_or_strict_errors(tmp_path):
     assert (custom["num_pred"], custom["num_malformed_rows"], custom["num_missing_image_rows"]) == (3, 2, 0)
     assert custom["num_correct"] <= 1
     assert not any("<|image_1|>" in text for text, _ in encoder.inputs)  # never embedded
-    with pytest.raises(ValueError, match=r"MMEB dataset Custom row 1: several <\|image_1\|> in one input"):
+    with pytest.raises(ValueError, match=r"MMEB dataset Custom row 1: several <\|image_1\|> in one query"):
         evaluate_mmeb(encoder, root, tmp_path / "images", strict=True, **QUIET)
 
 

@@ -250,7 +250,9 @@ def score_subset(
         # Every image is checked (no short cut), so each missing file is counted.
         images_ok = all([checker.usable(image_root / image if image else None, where) for _, image in pairs])
         # A text with two image placeholders (or one without an image) is a malformed row: a miss, counted.
-        problem = next(filter(None, (placeholder_problem(text, bool(image)) for text, image in pairs)), None)
+        sides = ("query", *["candidate"] * (len(pairs) - 1))
+        problems = (placeholder_problem(t, bool(i), side) for (t, i), side in zip(pairs, sides, strict=True))
+        problem = next(filter(None, problems), None)
         if problem is not None and strict:
             raise ValueError(f"{where}: {problem}")
         malformed += problem is not None
