@@ -85,11 +85,11 @@ class DataSource:
 
 @dataclass(frozen=True)
 class TrainData:
-    """The rows of every subset (`mixture`, in `sources` order), what loading them found (`report`)."""
+    """The rows of every subset (`mixture`, in `sources` order). What loading them found is counted in the
+    `DataReport` the caller gave `load_data`."""
 
     dataset: EmbeddingDataset
     mixture: Mixture[Example]
-    report: DataReport
     sources: tuple[DataSource, ...]
 
     def _files(self, name: str) -> list[FileRows]:
@@ -334,4 +334,4 @@ def load_data(
             torch.cat([t.positive for t in teachers]),
             "; ".join(t.path for t in teachers),
         )
-    return TrainData(EmbeddingDataset(mix, teacher_rows), mix, report, sources)
+    return TrainData(EmbeddingDataset(mix, teacher_rows), mix, sources)

@@ -104,7 +104,8 @@ class Mixture(Generic[T]):
 
     @property
     def offsets(self) -> tuple[int, ...]:
-        """Index of each subset's first item (mmfast-mine walks the subsets by it)."""
+        """Index of each subset's first item (the batch sampler draws each subset's rows from it; mmfast-mine
+        walks the subsets by it)."""
         return tuple(int(x) for x in np.cumsum((0,) + self.sizes[:-1]))
 
 
@@ -181,9 +182,9 @@ class ContrastiveBatchSampler(torch.utils.data.Sampler[list[int]]):
         num_batches: int | None = None,
     ):
         if isinstance(source, Mixture):
-            names, sizes, weights = source.names, source.sizes, source.weights
+            names, sizes, weights, offsets = source.names, source.sizes, source.weights, source.offsets
         elif isinstance(source, int) and not isinstance(source, bool) and source > 0:
-            names, sizes, weights = ("data",), (source,), None
+            names, sizes, weights, offsets = ("data",), (source,), None, (0,)
         else:
             raise TypeError(f"source must be a Mixture or a dataset length > 0, got {source!r}")
         for name, value in (("batch_size", batch_size), ("num_replicas", num_replicas)):
@@ -191,7 +192,7 @@ class ContrastiveBatchSampler(torch.utils.data.Sampler[list[int]]):
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-        self.names, self.sizes, self.weights = names, sizes, weights
+        self.names, self.sizes, self.weights, self.offsets = names, sizes, weights, np.array(offsets)
         self.batch_size, self.drop_last, self.homogeneous = batch_size, bool(drop_last), bool(homogeneous)
         self.seed, self.num_replicas, self.epoch = seed, num_replicas, 0
         round_size = batch_size * num_replicas
@@ -238,7 +239,6 @@ class ContrastiveBatchSampler(torch.utils.data.Sampler[list[int]]):
         return self.num_batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        offsets = np.cumsum((0,) + self.sizes[:-1])
         rng = np.random.default_rng([self.seed, self.epoch, 0])
         if self.weights is None and not self.homogeneous:
             order = rng.permutation(sum(self.sizes))
@@ -247,9 +247,9 @@ class ContrastiveBatchSampler(torch.utils.data.Sampler[list[int]]):
                 for i in range(0, len(order), self.batch_size * self.num_replicas)
             ]
         elif self.weights is None:
-            rounds = self._natural_homogeneous_rounds(rng, offsets)
+            rounds = self._natural_homogeneous_rounds(rng)
         else:
-            rounds = self._weighted_rounds(rng, offsets)
+            rounds = self._weighted_rounds(rng)
         emitted = 0
         for members in rounds:
             for start in range(0, len(members), self.batch_size):
@@ -259,11 +259,11 @@ class ContrastiveBatchSampler(torch.utils.data.Sampler[list[int]]):
                 emitted += 1
                 yield [int(i) for i in batch]
 
-    def _natural_homogeneous_rounds(self, rng: np.random.Generator, offsets: np.ndarray) -> list[np.ndarray]:
+    def _natural_homogeneous_rounds(self, rng: np.random.Generator) -> list[np.ndarray]:
         round_size = self.batch_size * self.num_replicas
         full, tails = [], []
         for k, size in enumerate(self.sizes):
-            perm = offsets[k] + np.random.default_rng([self.seed, self.epoch, 1 + k]).permutation(size)
+            perm = self.offsets[k] + np.random.default_rng([self.seed, self.epoch, 1 + k]).permutation(size)
             cut = (size // round_size) * round_size
             full += [perm[i : i + round_size] for i in range(0, cut, round_size)]
             if cut < size and not self.drop_last:
@@ -271,7 +271,7 @@ class ContrastiveBatchSampler(torch.utils.data.Sampler[list[int]]):
         # Partial rounds go last, so the full ones stay aligned across ranks.
         return [full[i] for i in rng.permutation(len(full))] + [tails[i] for i in rng.permutation(len(tails))]
 
-    def _weighted_rounds(self, rng: np.random.Generator, offsets: np.ndarray) -> Iterator[np.ndarray]:
+    def _weighted_rounds(self, rng: np.random.Generator) -> Iterator[np.ndarray]:
         streams = [
             _Stream(size, np.random.default_rng([self.seed, self.epoch, 1 + k])) for k, size in enumerate(self.sizes)
         ]
@@ -280,8 +280,8 @@ class ContrastiveBatchSampler(torch.utils.data.Sampler[list[int]]):
         for _ in range(self.num_batches // self.num_replicas):
             if self.homogeneous:
                 k = int(rng.choice(len(streams), p=weights))
-                yield offsets[k] + streams[k].take(round_size)
+                yield self.offsets[k] + streams[k].take(round_size)
             else:
                 counts = rng.multinomial(round_size, weights)
-                rows = np.concatenate([offsets[k] + streams[k].take(int(c)) for k, c in enumerate(counts) if c])
+                rows = np.concatenate([self.offsets[k] + streams[k].take(int(c)) for k, c in enumerate(counts) if c])
                 yield rows[rng.permutation(round_size)]

@@ -295,8 +295,9 @@ def test_teacher_rows_follow_data_rows_through_skips(tmp_path):
     save_teacher(tmp_path / "t.safetensors", torch.arange(3.0)[:, None] * torch.ones(1, 2), -torch.ones(3, 2))
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"nli": {"path": "nli.csv", "teacher": "t.safetensors"}}))
-    data = load_data(spec)
-    assert [e.teacher for e in data.dataset] == [0, 2] and data.report.counts == {"empty query": 1}
+    report = DataReport()
+    data = load_data(spec, report=report)
+    assert [e.teacher for e in data.dataset] == [0, 2] and report.counts == {"empty query": 1}
     query, positive = data.dataset.teacher.rows(list(data.dataset))
     assert query[:, 0].tolist() == [0.0, 2.0] and positive.shape == (2, 2)
     with pytest.raises(ValueError, match="no teacher row"):
@@ -323,9 +324,10 @@ def test_data_spec_list_folder_and_file(tmp_path, image_dir):
         ("B", 1, "mmeb", None),
         ("nli", 1, "nli", None),
     ]
-    data = load_data(sources)
+    report = DataReport()
+    data = load_data(sources, report=report)
     assert data.mixture.names == ("A", "B", "nli") and data.mixture.sizes == (1, 3, 1)
-    assert data.mixture.weights is None and data.report.counts == {"missing image": 1}
+    assert data.mixture.weights is None and report.counts == {"missing image": 1}
     assert data.dataset.teacher is None and len(data.dataset) == 5
     assert [data.mixture[i].subset for i in range(5)] == ["A"] + ["B"] * 3 + ["nli"]
 

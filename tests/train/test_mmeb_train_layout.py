@@ -76,11 +76,12 @@ def test_split_of_file_names():
 
 @pytest.mark.parametrize("split", ["original", "diverse_instruction"])
 def test_a_folder_with_both_splits_trains_on_one(mmeb_train, split):
-    data = load_data([mmeb_train], image_dir=mmeb_train, mmeb_split=split)
+    report = DataReport()
+    data = load_data([mmeb_train], image_dir=mmeb_train, mmeb_split=split, report=report)
     assert data.mixture.names == tuple(SUBSETS) and data.mixture.sizes == tuple(SUBSETS.values())
     assert all(len(s.paths) == 1 and split_of(s.paths[0]) == split for s in data.sources)
     assert instructions_of(data) == {INSTRUCTIONS[split]}
-    assert data.report.total == 0
+    assert report.total == 0
 
 
 def test_the_default_split_is_original(mmeb_train):
@@ -136,18 +137,20 @@ def test_spec_picks_the_split_and_the_cap_per_subset(mmeb_train, tmp_path):
 def test_num_sample_per_subset_is_the_first_rows(tmp_path, shards, row_group_size):
     root = write_mmeb_train(tmp_path / "MMEB-train", shards=shards, row_group_size=row_group_size)
     for cap in (1, 4, 6, 100):
-        data = load_data([root], image_dir=root, num_sample_per_subset=cap)
+        report = DataReport()
+        data = load_data([root], image_dir=root, num_sample_per_subset=cap, report=report)
         assert data.mixture.sizes == tuple(min(cap, rows) for rows in SUBSETS.values())
         for subset, rows in SUBSETS.items():
             labels = [e.positive.text for e in data.dataset if e.subset == subset]
             assert labels == [f"{subset} label {i}" for i in range(min(cap, rows))]
-        assert data.report.rows_read == sum(min(cap, rows) for rows in SUBSETS.values())
+        assert report.rows_read == sum(min(cap, rows) for rows in SUBSETS.values())
 
 
 def test_the_cap_counts_bad_rows_among_the_first(mmeb_train):
     (mmeb_train / "images" / "N24News" / "Train" / "image_1.jpg").unlink()
-    data = load_data([mmeb_train / "N24News"], image_dir=mmeb_train, num_sample_per_subset=3)
-    assert data.mixture.sizes == (2,) and data.report.counts == {"missing image": 1}
+    report = DataReport()
+    data = load_data([mmeb_train / "N24News"], image_dir=mmeb_train, num_sample_per_subset=3, report=report)
+    assert data.mixture.sizes == (2,) and report.counts == {"missing image": 1}
     assert [e.row for e in data.dataset] == [0, 2]
 
 

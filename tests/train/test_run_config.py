@@ -218,7 +218,7 @@ def test_hard_negatives_are_counted_per_row_as_the_collator_keeps_them():
         return Example(Input(f"q{i}"), Input(f"p{i}"), tuple(Input(f"n{i}.{k}") for k in range(negatives)), "A", "a", i)
 
     rows = [row(0, 3), row(1, 1), row(2, 0), row(3, 5)]
-    data = TrainData(dataset=None, mixture=mixture({"A": rows}), report=None, sources=())
+    data = TrainData(dataset=None, mixture=mixture({"A": rows}), sources=())
     counted = hard_negatives(data, max_negatives=2)
     assert counted == HardNegatives.of([2, 1, 0, 2])  # each row capped, not the mean
     collated = EmbeddingCollator(None, max_negatives=2)(rows)

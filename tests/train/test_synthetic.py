@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mmfast.train.data import load_image, load_nli_triplets
+from mmfast.train.data_report import DataReport
 from mmfast.train.data_spec import load_data
 from mmfast.train.default import captions as world
 from mmfast.train.default.heldout import EVAL_SUBSETS, SUGARCREPE
@@ -41,10 +42,11 @@ def test_same_seed_same_bytes(data, tmp_path):
 
 
 def test_train_files_load_through_the_spec(data):
-    train = load_data(data.train_spec)
+    report = DataReport()
+    train = load_data(data.train_spec, report=report)
     counts = (SIZES.train_classification, SIZES.train_vqa, SIZES.train_t2i, SIZES.train_i2t, SIZES.train_grounding)
     assert train.mixture.names == TRAIN_SUBSETS and train.mixture.sizes == counts
-    assert train.report.total == 0 and train.report.rows_read == sum(counts)
+    assert report.total == 0 and report.rows_read == sum(counts)
     assert any(e.negatives for e in train.dataset) and not all(e.negatives for e in train.dataset)
     for example in train.dataset:
         for side in (example.query, example.positive, *example.negatives):
