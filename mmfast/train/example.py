@@ -264,8 +264,13 @@ def plot_losses(
 ) -> Path | None:
     """The training loss against the step, one line per stage (later stages continue the step count),
     and, when the run evaluated during training, `metric` (held-out R@1, %) on a second axis; None,
-    with a warning that says why, when nothing was logged or matplotlib is missing."""
+    with a warning that says why, when nothing was logged or matplotlib is missing. The legend names
+    each line's stage (its key in `histories`) only when there are several."""
     curves, scores, offset = {}, {}, 0
+
+    def name(label: str, what: str) -> str:
+        return f"{label}: {what}" if len(histories) > 1 else what
+
     for label, history in histories.items():
         points = losses(history)
         curves[label] = [(offset + step, loss) for step, loss in points]
@@ -286,7 +291,7 @@ def plot_losses(
     for label, points in curves.items():
         if points:
             steps, values = zip(*points, strict=True)
-            axes.plot(steps, values, marker="." if len(points) < 30 else None, label=f"{label}: training loss")
+            axes.plot(steps, values, marker="." if len(points) < 30 else None, label=name(label, "training loss"))
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("training loss")
     axes.grid(alpha=0.3)
@@ -296,7 +301,7 @@ def plot_losses(
         for label, points in scores.items():
             if points:
                 steps, values = zip(*points, strict=True)
-                right.plot(steps, values, "s--", color="tab:red", markersize=3, label=f"{label}: held-out {metric}")
+                right.plot(steps, values, "s--", color="tab:red", markersize=3, label=name(label, f"held-out {metric}"))
         right.set_ylabel(f"held-out {metric} (%)")
         right.set_ylim(0, 100)
         more_handles, more_names = right.get_legend_handles_labels()

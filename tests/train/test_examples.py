@@ -338,3 +338,27 @@ def test_the_default_evaluates_during_training_unless_told_otherwise(tmp_path):
     )
     history = [{"step": s, "loss": 10.0 - s} for s in (1, 2, 3, 4)] + [{"step": 4, CURVE_METRIC: 12.5}]
     assert plot_losses({"training": history}, tmp_path / "curve.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_loss_curve_names_stages_only_when_there_are_several(tmp_path, monkeypatch):
+    """A one-stage run's legend says "training loss", not "stage 1: training loss"; a two-stage run's
+    names each line's stage."""
+    import matplotlib.pyplot as plt
+
+    from mmfast.train.example import CURVE_METRIC, plot_losses
+
+    legends, close = [], plt.close
+
+    def keep_legend(figure):
+        legends.append([text.get_text() for text in figure.axes[0].get_legend().get_texts()])
+        close(figure)
+
+    monkeypatch.setattr(plt, "close", keep_legend)
+    history = [{"step": s, "loss": 10.0 - s} for s in (1, 2, 3, 4)] + [{"step": 4, CURVE_METRIC: 12.5}]
+    plot_losses({"stage 1": history}, tmp_path / "one.png")
+    plot_losses({"stage 1": history, "stage 2": history}, tmp_path / "two.png")
+    held_out = f"held-out {CURVE_METRIC}"
+    assert legends == [
+        ["training loss", held_out],
+        ["stage 1: training loss", "stage 2: training loss", f"stage 1: {held_out}", f"stage 2: {held_out}"],
+    ]
