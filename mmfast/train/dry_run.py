@@ -6,7 +6,9 @@ load, and prints the plan the run would log:
 - the resolved config's checks (the parser's, the recipe, the loss overrides, the dtype, GradCache
   under DeepSpeed);
 - the checks the run makes before it loads anything (`run.check_before_loading`: the
-  `--resume_from_checkpoint`, the settings the Trainer would reject once started);
+  `--resume_from_checkpoint`, the settings the Trainer would reject once started), and
+  `--metric_for_best_model` against the names the evaluation during training logs (its held-out
+  sets read, not embedded), which the Trainer would find wrong only at the first evaluation;
 - the data: the first `SAMPLE_ROWS` rows of each file read through the run's own loader
   (`run.load_training_data`: every missing path at once, the teacher a distilling recipe needs,
   columns, types, bad rows, a subset with no usable row), streamed, so a large file is neither read
@@ -33,6 +35,7 @@ from .arguments import ModelArguments, TrainingArguments, option_value, parse_ar
 from .backbones import Family, auto_model_class, family_of
 from .data_report import DataReport
 from .data_spec import SAMPLE_ROWS
+from .evaluate.during_training import check_metric_for_best_model
 from .launch_config import check_against_training, check_launch_config
 from .plan import BatchPlan, HardNegatives
 from .run import (
@@ -40,6 +43,7 @@ from .run import (
     build_sampler,
     check_before_loading,
     hard_negatives,
+    held_out_evaluation,
     load_training_data,
     run_sections,
     streaming_batches,
@@ -238,6 +242,23 @@ def _training_text(args: TrainingArguments) -> str:
     return text + f"\noutput_dir {args.output_dir}, seed {args.seed}"
 
 
+def check_best_metric(run: RunConfig, family: Family | None, plan: Plan) -> None:
+    """`--metric_for_best_model` against the names the evaluation during training logs (found by reading
+    its held-out sets, not embedding them: `check_metric_for_best_model`)."""
+    metric = run.training.metric_for_best_model
+    if metric is None:
+        return
+    try:
+        evaluation = held_out_evaluation(run.training)
+    except PATH_ERRORS:
+        return  # check_before_loading has reported it
+    if evaluation is not None:
+        try:
+            check_metric_for_best_model(metric, evaluation, family)
+        except PATH_ERRORS as error:
+            plan.errors.append(str(error))
+
+
 def dry_run(argv: Sequence[str] | None = None, *, processes: int | None = None, profile=None,
             accelerate_config: str | None = None) -> Plan:  # fmt: skip
     """The plan of `mmfast-train argv` (see the module docstring); never loads weights or trains.
@@ -257,7 +278,7 @@ def dry_run(argv: Sequence[str] | None = None, *, processes: int | None = None, 
         plan.errors.append(str(error))  # the resolved config's own checks: loss overrides, dtype, GradCache …
         return plan
     if launch is not None:
-        check_against_training(launch, run.training)
+        check_against_training(launch, run)
         plan.errors += launch.errors
         if launch.errors:
             return plan
@@ -270,6 +291,7 @@ def dry_run(argv: Sequence[str] | None = None, *, processes: int | None = None, 
     plan.add("adapter", logged["adapter"])
     _, errors = check_before_loading(run)
     plan.errors += errors
+    check_best_metric(run, family, plan)
     negatives = check_data(run, family, plan)
     plan.add("batches", dict(run_sections(run, negatives))["batches"])
     plan.warnings += BatchPlan.of(run, negatives).warnings()

@@ -16,8 +16,10 @@ import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .mini_batches import MiniBatching
+if TYPE_CHECKING:
+    from .run_config import RunConfig
 
 SUPPORTED = {
     "NO": "one process",
@@ -156,10 +158,12 @@ def check_launch_config(path: str | Path) -> LaunchCheck:
     return check
 
 
-def check_against_training(check: LaunchCheck, training_args) -> None:
-    """What the launch config means for this run: its precision, and GradCache under sharding."""
+def check_against_training(check: LaunchCheck, run: RunConfig) -> None:
+    """What the launch config means for this run (its resolved `RunConfig`): its precision, and GradCache
+    under sharding."""
     if check.distributed_type is None:
         return
+    training_args, mini_batching = run.training, run.mini_batching
     file_precision = check.mixed_precision
     training = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else None
     if training is not None and training != file_precision:
@@ -168,7 +172,6 @@ def check_against_training(check: LaunchCheck, training_args) -> None:
     elif training is None and file_precision != "no":
         check.warnings.append(f"the training config sets neither bf16 nor fp16: the run uses the accelerate "
                               f"config's mixed_precision {file_precision}")  # fmt: skip
-    mini_batching = MiniBatching.of(training_args)
     if not mini_batching.grad_cache:
         return
     if check.distributed_type == "DEEPSPEED":

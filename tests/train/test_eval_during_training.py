@@ -125,6 +125,30 @@ def test_the_dry_run_accepts_an_eval_strategy_with_eval_tasks(tmp_path, capsys):
     assert status == 0, captured.err
 
 
+def test_the_dry_run_checks_metric_for_best_model_against_the_evaluations_names(tmp_path, capsys):
+    """A name the evaluation does not log fails the dry run (the Trainer would fail only after the first
+    evaluation), naming the argument and the names there are; with or without HF's eval_ prefix it passes."""
+    argv = ["--output_dir", str(tmp_path), "--report_to", "none", "--eval_strategy", "steps", "--eval_steps", "2",
+            "--eval_tasks", "retrieval", "--dry-run", "--metric_for_best_model"]  # fmt: skip
+    status, captured = _run([*argv, "flickr_t2i_R@1"], capsys)
+    assert status == 2
+    assert "--metric_for_best_model flickr_t2i_R@1: the evaluation (--eval_tasks retrieval) logs no such metric; " \
+        "it logs eval_flickr30k_t2i_R@1, eval_flickr30k_t2i_R@5" in captured.err  # fmt: skip
+    assert "eval_urban1k_i2t_R@1" in captured.err and "eval_runtime" in captured.err
+    for name in ("urban1k_i2t_R@1", "eval_urban1k_i2t_R@1"):
+        status, captured = _run([*argv, name], capsys)
+        assert status == 0, captured.err
+
+
+def test_the_metric_names_found_without_a_model_are_those_an_evaluation_logs():
+    from mmfast.train.default import default_backbone
+    from mmfast.train.evaluate.during_training import metric_names
+
+    evaluation = HeldOutEvaluation(("retrieval", "nli"))
+    logged = [f"eval_{name}" for name in flat_metrics(evaluation.run(Encoder.from_pretrained(default_backbone())))]
+    assert metric_names(evaluation) == [*logged, "eval_runtime"]
+
+
 def test_flat_metrics_name_each_score_by_set_and_metric():
     results = {
         "retrieval": {"flickr30k": {"t2i_R@1": 12.5, "i2t_R@1": 10, "num_images": 40}},

@@ -97,6 +97,40 @@ def flat_metrics(results: Mapping) -> dict[str, float]:
     return flat
 
 
+class _SameVector:
+    """A stand-in encoder that gives every input the same vector: an evaluation with it reads the held-out
+    sets and names every score (whose values mean nothing) without a model. `family` decides, as the
+    model's would, whether video is also scored as the backbone's own video input."""
+
+    def __init__(self, family=None):
+        self.family = family
+
+    def encode(self, texts, images=None, *, batch_size: int = 32, show_progress: bool = True) -> torch.Tensor:
+        return torch.zeros(len(list(texts)), 1)
+
+
+def metric_names(evaluation: HeldOutEvaluation, family=None) -> list[str]:
+    """The names `EmbeddingTrainer.evaluate` logs for `evaluation` (eval_flickr30k_t2i_R@1, eval_runtime, …),
+    found without a model: the held-out sets are read (as the first evaluation reads them), not embedded."""
+    from transformers.trainer_utils import speed_metrics
+
+    scores = flat_metrics(evaluation.run(_SameVector(family)))
+    return [f"eval_{name}" for name in scores] + list(speed_metrics("eval", 0.0))
+
+
+def check_metric_for_best_model(metric: str | None, evaluation: HeldOutEvaluation, family=None) -> None:
+    """A ValueError naming `--metric_for_best_model` and the metrics the evaluation logs when it logs no
+    such metric (the Trainer, as HF's, finds out only after the first evaluation)."""
+    if metric is None:
+        return
+    names = metric_names(evaluation, family)
+    if (metric if metric.startswith("eval_") else f"eval_{metric}") not in names:
+        raise ValueError(
+            f"--metric_for_best_model {metric}: the evaluation (--eval_tasks {' '.join(evaluation.tasks)}) logs "
+            f"no such metric; it logs {', '.join(names)}"
+        )
+
+
 class RankShards:
     """An encoder for data-parallel evaluation: `encode` embeds this rank's contiguous share of the
     inputs and returns every rank's embeddings, in order, so each rank scores the whole set. Every rank
