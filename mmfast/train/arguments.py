@@ -264,17 +264,38 @@ def without_option(argv: Sequence[str], name: str) -> list[str]:
     return out
 
 
-def _parsed(argv: Sequence[str] | None, profile: Mapping | None) -> tuple[tuple, Recipe]:
-    """The argument dataclasses (one per ARGUMENT_CLASSES) of argv with --config and the profile
-    layered in, and the recipe they name (looked up once, here)."""
-    argv = list(argv or [])
+def _config_and_choices(argv: Sequence[str]) -> tuple[dict, list[str], set[str]]:
+    """argv's --config file (read), argv without it, and the options either sets."""
     config_path = option_value(argv, "config")
     argv = without_option(argv, "config")
     config = read_config(config_path) if config_path else {}
+    return config, argv, set(config) | {name for name in known_fields() if option_value(argv, name) is not None}
+
+
+def with_default_evaluation(argv: Sequence[str]) -> list[str]:
+    """argv, plus the embedded default's evaluation during training (`default.EVALUATION`, or its
+    multi-vector one) when argv trains the embedded default (no model, no data) and neither it nor its
+    config file says how to evaluate. A broken config or recipe is left for `parse_arguments` to report."""
+    from .default import EVALUATION, MULTI_VECTOR_EVALUATION
+
+    argv = list(argv)
+    try:
+        config, rest, chosen = _config_and_choices(argv)
+        recipe = get_recipe(option_value(rest, "recipe") or config.get("recipe") or DEFAULT_RECIPE)
+    except (ValueError, FileNotFoundError):
+        return argv
+    if chosen & {"model_name_or_path", "data", "eval_strategy", "eval_tasks"}:
+        return argv
+    return argv + to_tokens(MULTI_VECTOR_EVALUATION if recipe.is_multi_vector else EVALUATION)
+
+
+def _parsed(argv: Sequence[str] | None, profile: Mapping | None) -> tuple[tuple, Recipe]:
+    """The argument dataclasses (one per ARGUMENT_CLASSES) of argv with --config and the profile
+    layered in, and the recipe they name (looked up once, here)."""
+    config, argv, chosen = _config_and_choices(list(argv or []))
     recipe = get_recipe(option_value(argv, "recipe") or config.get("recipe") or DEFAULT_RECIPE)
 
     layers = [dict(recipe.model_defaults), dict(recipe.training_defaults)]
-    chosen = {**config, **{name: True for name in known_fields() if option_value(argv, name) is not None}}
     if profile and not any(key in chosen for key in ("model_name_or_path", "data")):
         layers.append(dict(profile))
     if "output_dir" not in chosen:

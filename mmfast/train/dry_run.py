@@ -239,6 +239,11 @@ def _training_text(args: TrainingArguments) -> str:
         text += f", FSDP {' '.join(str(o) for o in args.fsdp)}"
     if args.deepspeed:
         text += f", DeepSpeed {args.deepspeed}"
+    strategy = getattr(args.eval_strategy, "value", args.eval_strategy)
+    if strategy != "no" and args.eval_tasks:
+        every = f"every {args.eval_steps:g} steps" if strategy == "steps" else "every epoch"
+        on = "--eval_data" if args.eval_data else "the held-out sets"
+        text += f"\nevaluates {' '.join(args.eval_tasks)} on {on} {every}"
     return text + f"\noutput_dir {args.output_dir}, seed {args.seed}"
 
 

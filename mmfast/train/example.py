@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .arguments import option_value, parse_arguments, read_config, to_tokens
+from .arguments import option_value, parse_arguments, read_config, to_tokens, with_default_evaluation
 from .cli import DRY_RUN_FLAGS
 from .command import configure_logging, run_command
 from .default import PROFILE
@@ -53,13 +53,9 @@ LOSS_CURVE = "loss.png"
 # transfer from scratch) and UniME's stage 1 distils text, stage 2 trains image-text pairs.
 IMAGE_TASKS = tuple(task for task in TASKS if task != "nli")
 RECIPE_HELDOUT_TASKS = {"e5v": TASKS, "unime-stage1": TASKS}
-# The embedded default evaluates during training (unless the command line or config says how to evaluate):
-# held-out Flickr-style and Urban1K-style R@1 every 50 steps, drawn beside the loss in loss.png.
-DEFAULT_EVALUATION = {"eval_strategy": "steps", "eval_steps": 50, "eval_tasks": ["retrieval"]}
-# What the curve draws beside the loss when the run evaluated during training (`--eval_tasks retrieval`).
+# What the curve draws beside the loss when the run evaluated during training (the embedded default does,
+# `default.EVALUATION`): held-out R@1 (`--eval_tasks retrieval`), a multi-vector run's NDCG@5 (visdoc).
 CURVE_METRIC = "eval_flickr30k_t2i_R@1"
-# A multi-vector (ColPali) default is scored on the visual-document set only: its NDCG@5 every 50 steps.
-MULTI_VECTOR_EVALUATION = {**DEFAULT_EVALUATION, "eval_tasks": list(MULTI_VECTOR_TASKS)}
 MULTI_VECTOR_CURVE_METRIC = "eval_documents_ndcg_linear@5"
 
 
@@ -90,10 +86,8 @@ class Example:
         self.heldout_size, self._heldout_tasks = options.heldout_size, options.heldout_tasks
         if output_dir and not self._sets_output_dir():
             self.argv += ["--output_dir", output_dir]
-        if not self._chooses("model_name_or_path", "data", "eval_strategy", "eval_tasks"):
-            multi_vector = get_recipe(recipe).is_multi_vector
-            # the embedded default evaluates as it trains
-            self.argv += to_tokens(MULTI_VECTOR_EVALUATION if multi_vector else DEFAULT_EVALUATION)
+        # the embedded default evaluates as it trains (unless told how to evaluate), in every stage
+        self.argv = with_default_evaluation(["--recipe", recipe, *self.argv])[2:]
         self.results: dict[str, dict] = {}
         # How report() prints the results: before/after side by side (an example may print its own table).
         self.format_results = format_comparison

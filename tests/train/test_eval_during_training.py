@@ -149,6 +149,33 @@ def test_the_metric_names_found_without_a_model_are_those_an_evaluation_logs():
     assert metric_names(evaluation) == [*logged, "eval_runtime"]
 
 
+def test_bare_mmfast_train_evaluates_as_it_trains_unless_told_otherwise(tmp_path, capsys):
+    """The default run (no model, no data) evaluates held-out retrieval every 50 steps (a multi-vector recipe:
+    the visual-document set), as the examples do; a command line or config that says how to evaluate, or a
+    model or data of the user's, decides. The dry run's plan says so."""
+    from mmfast.train.arguments import parse_arguments, with_default_evaluation
+    from mmfast.train.default import PROFILE
+
+    def evaluation(*argv):
+        training = parse_arguments(with_default_evaluation(argv), profile=PROFILE).training
+        return (
+            getattr(training.eval_strategy, "value", training.eval_strategy),
+            training.eval_steps,
+            training.eval_tasks,
+        )
+
+    assert evaluation() == ("steps", 50, ["retrieval"])
+    assert evaluation("--recipe", "colpali") == ("steps", 50, ["visdoc"])
+    assert evaluation("--eval_strategy", "no") == ("no", None, None)
+    assert evaluation("--eval_strategy", "steps", "--eval_tasks", "mmeb")[2] == ["mmeb"]
+    assert evaluation("--data", "train.jsonl") == ("no", None, None)
+    config = tmp_path / "run.yaml"
+    config.write_text("eval_strategy: 'no'\n")
+    assert evaluation("--config", str(config)) == ("no", None, None)
+    status, captured = _run(["--output_dir", str(tmp_path / "out"), "--dry-run"], capsys)
+    assert status == 0 and "evaluates retrieval on the held-out sets every 50 steps" in captured.out
+
+
 def test_flat_metrics_name_each_score_by_set_and_metric():
     results = {
         "retrieval": {"flickr30k": {"t2i_R@1": 12.5, "i2t_R@1": 10, "num_images": 40}},

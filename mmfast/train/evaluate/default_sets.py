@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from ..default import DefaultData, default_data
+from ..default import MULTI_VECTOR_TASKS, DefaultData, default_data  # what a multi-vector encoder is scored on
 from ..default.captions import FIND_IMAGE, IMAGE
 from .inputs import BARE_CAPTION, caption_prompt_for
 from .mmeb import evaluate_mmeb
@@ -24,8 +24,6 @@ from .video import evaluate_video
 from .video_v2 import evaluate_video_v2
 from .visdoc import evaluate_visdoc
 
-# What a multi-vector (ColPali) encoder is scored on: the others rank single vectors.
-MULTI_VECTOR_TASKS = ("visdoc",)
 CAPTION_PROMPT = FIND_IMAGE.format("{text}")
 IMAGE_PROMPT = IMAGE
 
