@@ -275,7 +275,8 @@ def _config_and_choices(argv: Sequence[str]) -> tuple[dict, list[str], set[str]]
 def with_default_evaluation(argv: Sequence[str]) -> list[str]:
     """argv, plus the embedded default's evaluation during training (`default.EVALUATION`, or its
     multi-vector one) when argv trains the embedded default (no model, no data) and neither it nor its
-    config file says how to evaluate. A broken config or recipe is left for `parse_arguments` to report."""
+    config file says how to evaluate, nor shards the model (evaluation under FSDP or DeepSpeed is untested).
+    A broken config or recipe is left for `parse_arguments` to report."""
     from .default import EVALUATION, MULTI_VECTOR_EVALUATION
 
     argv = list(argv)
@@ -284,7 +285,7 @@ def with_default_evaluation(argv: Sequence[str]) -> list[str]:
         recipe = get_recipe(option_value(rest, "recipe") or config.get("recipe") or DEFAULT_RECIPE)
     except (ValueError, FileNotFoundError):
         return argv
-    if chosen & {"model_name_or_path", "data", "eval_strategy", "eval_tasks"}:
+    if chosen & {"model_name_or_path", "data", "eval_strategy", "eval_tasks", "fsdp", "deepspeed"}:
         return argv
     return argv + to_tokens(MULTI_VECTOR_EVALUATION if recipe.is_multi_vector else EVALUATION)
 

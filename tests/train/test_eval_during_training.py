@@ -169,6 +169,7 @@ def test_bare_mmfast_train_evaluates_as_it_trains_unless_told_otherwise(tmp_path
     assert evaluation("--eval_strategy", "no") == ("no", None, None)
     assert evaluation("--eval_strategy", "steps", "--eval_tasks", "mmeb")[2] == ["mmeb"]
     assert evaluation("--data", "train.jsonl") == ("no", None, None)
+    assert evaluation("--fsdp", "full_shard")[0] == "no"  # evaluation under FSDP is untested: not by default
     config = tmp_path / "run.yaml"
     config.write_text("eval_strategy: 'no'\n")
     assert evaluation("--config", str(config)) == ("no", None, None)
