@@ -77,6 +77,16 @@ def _sigmoid_loss(recipe: Recipe, overrides: dict, backend: str, cross_device: b
                               cross_device=cross_device)  # fmt: skip
 
 
+def trains_default(model: ModelArguments, data: DataArguments) -> bool:
+    """Whether the run trains the tiny default model, or one trained from it, on the default data (no data
+    given): where a recipe's `default_run_loss` applies."""
+    if data.data:
+        return False
+    from .default import descends_from_default
+
+    return model.model_name_or_path is None or descends_from_default(model.model_name_or_path)
+
+
 def resolve_loss(recipe: Recipe, overrides: dict, *, backend: str, processes: int,
                  trains_default: bool = False) -> LossOptions:  # fmt: skip
     """The recipe's loss options under the overrides (validated by the options themselves), with the
@@ -156,7 +166,7 @@ class RunConfig:
         mini_batching = MiniBatching.of(training)
         mini_batching.check_engine("deepspeed" if training.deepspeed else None)
         loss = resolve_loss(recipe, loss_overrides(loss_arguments), backend=training.loss_backend, processes=processes,
-                            trains_default=model.model_name_or_path is None and not data.data)  # fmt: skip
+                            trains_default=trains_default(model, data))  # fmt: skip
         if isinstance(loss, SigmoidLossOptions) and (training.fsdp or training.deepspeed):
             # The loss reads the scale and bias outside the model's forward: a sharded engine would hand it shards.
             engine = "FSDP" if training.fsdp else "DeepSpeed"

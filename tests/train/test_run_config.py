@@ -244,3 +244,29 @@ def test_the_parameters_ddp_may_find_unused_are_those_a_step_leaves_without_grad
         assert without == sorted(encoder.parameters_without_gradient(images=images)), (images, without)
     # The embedded default: the LLaVE recipe freezes the vision tower, so a DDP step leaves nothing unused.
     assert (encoder.parameters_without_gradient(images=False) == []) == freeze_vision_tower
+
+
+def test_unime_stage2_on_the_default_takes_its_default_run_loss_also_from_a_model_trained_there(tmp_path):
+    """UniME's stage 2 starts from stage 1's output: a model trained from the default backbone (its saved
+    encoder's base_model, followed back) on the default data still gets the recipe's default_run_loss (the
+    margin without top-8); a model of one's own, or data of one's own, the published top-8."""
+    import json
+
+    backbone, stage1, foreign = tmp_path / "backbone", tmp_path / "runs" / "stage1", tmp_path / "foreign"
+    for folder in (backbone, stage1, foreign):
+        folder.mkdir(parents=True)
+    (backbone / "mmfast_default.json").write_text("{}\n")
+    (stage1 / "mmfast_encoder.json").write_text(json.dumps({"base_model": "../../backbone"}))
+    (foreign / "mmfast_encoder.json").write_text(json.dumps({"base_model": "org/some-model"}))
+    common = ["--recipe", "unime-stage2", "--output_dir", str(tmp_path / "out"), "--report_to", "none"]
+
+    def topk(*argv):
+        return parse_arguments([*common, *argv], profile=PROFILE).loss.topk
+
+    assert get_recipe("unime-stage2").loss.topk == 8
+    assert topk() is None
+    assert topk("--model_name_or_path", str(stage1)) is None
+    assert topk("--model_name_or_path", str(stage1), "--data", str(tmp_path / "train.jsonl")) == 8
+    assert topk("--model_name_or_path", str(foreign)) == 8
+    assert topk("--model_name_or_path", "org/some-model") == 8
+    assert topk("--topk", "4") == 4  # an override still wins

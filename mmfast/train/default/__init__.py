@@ -26,6 +26,7 @@ __all__ = [
     "PROFILE",
     "DefaultData",
     "default_backbone",
+    "descends_from_default",
     "default_corpus",
     "default_data",
 ]
@@ -110,3 +111,22 @@ def default_backbone(root: str | os.PathLike | None = None) -> Path:
     except OSError:
         shutil.rmtree(scratch, ignore_errors=True)  # another process renamed its copy first
     return target
+
+
+def descends_from_default(model: str | os.PathLike) -> bool:
+    """Whether the folder `model` is the default backbone (its `mmfast_default.json` stamp) or an encoder
+    trained from it, following each saved encoder's `base_model` back (UniME's stage 2 starts from stage
+    1's output). A hub id, a foreign folder or an unreadable file: False."""
+    folder, seen = Path(model), set()
+    while folder.is_dir() and folder.resolve() not in seen:
+        seen.add(folder.resolve())
+        if (folder / "mmfast_default.json").is_file():
+            return True
+        try:
+            base = json.loads((folder / "mmfast_encoder.json").read_text()).get("base_model")
+        except (OSError, ValueError, AttributeError):
+            return False
+        if not isinstance(base, str):
+            return False
+        folder = folder / base  # relative to the encoder's folder, as the encoder saves it
+    return False
