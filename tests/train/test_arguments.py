@@ -15,11 +15,15 @@ def _loss(tmp_path, *argv):
 
 
 def test_no_override_keeps_the_recipe_loss(tmp_path):
+    """On the embedded default (no model, no data) the recipe's default_run_loss where it has one
+    (UniME stage 2: the margin without top-8), else its loss."""
     for recipe in ("llave", "vlm2vec", "unime-stage2", "e5v", "unime-stage1"):
         run = parse_arguments(["--output_dir", str(tmp_path), "--recipe", recipe], processes=2)
-        assert run.loss == run.recipe.loss and run.recipe is get_recipe(recipe)
+        loss = run.recipe.default_run_loss or run.recipe.loss
+        assert run.loss == loss and run.recipe is get_recipe(recipe)
         single = parse_arguments(["--output_dir", str(tmp_path), "--recipe", recipe], processes=1)
-        assert single.loss == replace(run.recipe.loss, cross_device=False)
+        assert single.loss == replace(loss, cross_device=False)
+    assert get_recipe("unime-stage2").default_run_loss == replace(get_recipe("unime-stage2").loss, topk=None)
 
 
 def test_each_override_replaces_one_field(tmp_path):
