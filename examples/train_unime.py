@@ -1,6 +1,7 @@
 """UniME in two stages: (1) distil a text teacher's in-batch similarities into the MLLM's language side
 (KL, text only, precomputed teacher embeddings); (2) from stage 1's model, contrastive training with a
-false-negative margin (β 0.1) and the top-8 hard negatives (τ 0.02).
+false-negative margin (β 0.1) and the top-8 hard negatives (τ 0.02); on the embedded default the margin alone
+(the recipe's default_run_loss: top-8 holds the tiny model at ln 9, README).
 
     python examples/train_unime.py                       # the embedded default, both stages, evaluated before/after
     python examples/train_unime.py --max_steps 20        # any mmfast-train argument passes through (both stages)
