@@ -272,22 +272,24 @@ def _config_and_choices(argv: Sequence[str]) -> tuple[dict, list[str], set[str]]
     return config, argv, set(config) | {name for name in known_fields() if option_value(argv, name) is not None}
 
 
-def with_default_evaluation(argv: Sequence[str]) -> list[str]:
-    """argv, plus the embedded default's evaluation during training (`default.EVALUATION`, or its
+def with_default_evaluation(argv: Sequence[str], recipe: str = DEFAULT_RECIPE) -> list[str]:
+    """argv, after the embedded default's evaluation during training (`default.EVALUATION`, or its
     multi-vector one) when argv trains the embedded default (no model, no data) and neither it nor its
     config file says how to evaluate, nor shards the model (evaluation under FSDP or DeepSpeed is untested).
-    A broken config or recipe is left for `parse_arguments` to report."""
+    `recipe`: the one trained when neither argv nor its config names one. The tokens go first, so that an
+    option left without its value at argv's end stays an error of its own. A broken config or recipe is
+    left for `parse_arguments` to report."""
     from .default import EVALUATION, MULTI_VECTOR_EVALUATION
 
     argv = list(argv)
     try:
         config, rest, chosen = _config_and_choices(argv)
-        recipe = get_recipe(option_value(rest, "recipe") or config.get("recipe") or DEFAULT_RECIPE)
+        trained = get_recipe(option_value(rest, "recipe") or config.get("recipe") or recipe)
     except (ValueError, FileNotFoundError):
         return argv
     if chosen & {"model_name_or_path", "data", "eval_strategy", "eval_tasks", "fsdp", "deepspeed"}:
         return argv
-    return argv + to_tokens(MULTI_VECTOR_EVALUATION if recipe.is_multi_vector else EVALUATION)
+    return to_tokens(MULTI_VECTOR_EVALUATION if trained.is_multi_vector else EVALUATION) + argv
 
 
 def _parsed(argv: Sequence[str] | None, profile: Mapping | None) -> tuple[tuple, Recipe]:

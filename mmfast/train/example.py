@@ -87,7 +87,7 @@ class Example:
         if output_dir and not self._sets_output_dir():
             self.argv += ["--output_dir", output_dir]
         # the embedded default evaluates as it trains (unless told how to evaluate), in every stage
-        self.argv = with_default_evaluation(["--recipe", recipe, *self.argv])[2:]
+        self.argv = with_default_evaluation(self.argv, recipe)
         self.results: dict[str, dict] = {}
         # How report() prints the results: before/after side by side (an example may print its own table).
         self.format_results = format_comparison
