@@ -15,8 +15,8 @@ to it).
 Providers: mmfast (backend "auto": the C++ kernels on CPU; on a CPU with bf16 dot products, the
 bf16-screened float32 search), mmfast_fp32 (the same with screen="off": float32 GEMMs), mmfast_rank
 (also the rank of a [Q] target), mmfast_torch (backend "torch"), mmfast_memmap (the gallery saved as a
-.npy file and searched through numpy.load(path, mmap_mode="r"); its resident peak counts the file's pages, which are page
-cache the kernel may reclaim, so its anonymous memory, RssAnon, is reported too), faiss
+.npy file and searched through numpy.load(path, mmap_mode="r"); its resident peak counts the file's
+pages, which are page cache the kernel may reclaim, so its anonymous memory, RssAnon, is reported too), faiss
 (faiss.IndexFlatIP: add, then search; the time includes the add, which copies the gallery), naive,
 and gemm: the bare GEMMs of the search (query · galleryᵀ in tiles of 4096 × 4096, nothing kept) over
 the first min(G, --gemm-items) items, scaled to G: the bound at MKL's rate that no float32 search can
