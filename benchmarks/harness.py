@@ -7,6 +7,7 @@ import gc
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -62,6 +63,11 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def resident_peak_mib() -> float:
+    """This process's resident high-water mark (VmHWM: interpreter, libraries, inputs and all)."""
+    return _status_kib("VmHWM") / 1024
+
+
 def peak_extra_mib(forward, backward, outputs) -> float:
     """Resident-memory high-water mark of forward+backward over what was resident before, minus the
     bytes of `outputs()` (the gradients the step must produce). Linux only (VmHWM, clear_refs).
@@ -109,10 +115,17 @@ def peak_after_warmup(make_step, small_inputs: tuple, inputs: tuple, *, compiled
     return {"extra_peak_mib": peak_extra_mib(forward, backward, grads)}
 
 
-def memory_in_subprocess(script: str, child_args: list[str]) -> dict:
-    """Runs `script --memory-child ...` in a fresh interpreter; returns its last JSON line."""
+def memory_in_subprocess(script: str, child_args: list[str], address_space_bytes: int | None = None) -> dict:
+    """Runs `script --memory-child ...` in a fresh interpreter; returns its last JSON line. With
+    `address_space_bytes`, the child runs under that RLIMIT_AS, so a step that needs more memory fails
+    with an allocation error inside the child instead of pushing the shared machine into swap or the
+    kernel's OOM killer."""
+
+    def cap_address_space():
+        resource.setrlimit(resource.RLIMIT_AS, (address_space_bytes, address_space_bytes))
+
     run = subprocess.run([sys.executable, script, "--memory-child", *child_args], capture_output=True, text=True,
-                         timeout=7200)  # fmt: skip
+                         timeout=7200, preexec_fn=cap_address_space if address_space_bytes else None)  # fmt: skip
     if run.returncode:
         return {"extra_peak_mib": None, "memory_error": run.stderr.strip().splitlines()[-1:]}
     return json.loads(run.stdout.strip().splitlines()[-1])

@@ -122,6 +122,22 @@ def paired_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def late_interaction_table(rows: list[dict]) -> str:
+    """benchmarks/late_interaction_loss.py: time, ÷ gemm and memory, or the out-of-memory failure under the cap."""
+    out = ["| B | L_d | provider | wall ms | CPU ms | ÷ gemm | extra MiB | process peak MiB |", "|---" * 8 + "|"]
+    for r in rows:
+        head = f"| {r['B']} | {r['L_d']} | {r['provider']} |"
+        if "ms" not in r:
+            failure = r.get("out_of_memory") or r.get("skipped") or r.get("memory_error")
+            cap = f"out of memory at the {r['cap_gib']:g} GiB cap: " if "out_of_memory" in r else ""
+            out.append(f"{head} {cap}{failure} |" + " |" * 4)
+            continue
+        ratio = f"{r['over_gemm']:.2f}" if "over_gemm" in r else "-"
+        peak = f"{r['process_peak_mib']:.0f}" if "process_peak_mib" in r else "-"
+        out.append(f"{head} {r['ms']:.0f} | {r['cpu_ms']:.0f} | {ratio} | {r['extra_peak_mib']:.0f} | {peak} |")
+    return "\n".join(out)
+
+
 def generic_table(rows: list[dict]) -> str:
     """Any other rows: one column per scalar field of the first row."""
     keys = [k for k, v in rows[0].items() if isinstance(v, (str, int, float, bool))] if rows else []
@@ -152,6 +168,7 @@ TABLES = {
     "distillation_loss": distillation_table,
     "sigmoid_loss": sigmoid_table,
     "similarity_topk": similarity_topk_table,
+    "late_interaction_loss": late_interaction_table,
 }
 
 

@@ -12,13 +12,16 @@ first search's resident high-water mark (VmHWM) over what was resident before it
 its outputs (harness.peak_extra_mib); "peak MiB" is the whole process's VmHWM (inputs, outputs, the
 warm-up and torch itself included). Every provider uses torch's thread count (faiss's OpenMP is set
 to it).
-Providers: mmfast (backend "auto": the C++ kernels on CPU), mmfast_rank (also the rank of a [Q]
-target), mmfast_torch (backend "torch"), mmfast_memmap (the gallery saved as a .npy file and searched
-through numpy.load(path, mmap_mode="r"); its resident peak counts the file's pages, which are page
-cache the kernel may reclaim, so its anonymous memory, RssAnon, is reported too), faiss
+Providers: mmfast (backend "auto": the C++ kernels on CPU; on a CPU with bf16 dot products, the
+bf16-screened float32 search), mmfast_fp32 (the same with screen="off": float32 GEMMs), mmfast_rank
+(also the rank of a [Q] target), mmfast_torch (backend "torch"), mmfast_memmap (the gallery saved as a
+.npy file and searched through numpy.load(path, mmap_mode="r"); its resident peak counts the file's
+pages, which are page cache the kernel may reclaim, so its anonymous memory, RssAnon, is reported too), faiss
 (faiss.IndexFlatIP: add, then search; the time includes the add, which copies the gallery), naive,
 and gemm: the bare GEMMs of the search (query · galleryᵀ in tiles of 4096 × 4096, nothing kept) over
-the first min(G, --gemm-items) items, scaled to G: the bound at MKL's rate that no search can beat.
+the first min(G, --gemm-items) items, scaled to G: the bound at MKL's rate that no float32 search can
+beat; gemm_bf16, the same GEMMs on bf16 copies made before the clock starts (oneDNN): the screened
+search's bound.
 "same %" is the share of each provider's top-k indices that mmfast's top-k also holds.
 Naive is never run where its [Q, G] float32 score matrix exceeds this machine's memory: it is
 reported as "does not fit", with the bytes it would need.
@@ -41,7 +44,8 @@ import mmfast
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import bench_step, machine, memory_in_subprocess, timed_runs, write_json  # noqa: E402
 
-PROVIDERS = ("mmfast", "mmfast_rank", "mmfast_torch", "mmfast_memmap", "faiss", "naive", "gemm")
+PROVIDERS = ("mmfast", "mmfast_fp32", "mmfast_rank", "mmfast_torch", "mmfast_memmap", "faiss", "naive", "gemm",
+             "gemm_bf16")  # fmt: skip
 GEMM_TILE = 4096
 
 
@@ -69,8 +73,8 @@ def search_function(provider: str, query, gallery, target, k: int):
             index.add(np.asarray(gallery))
             values, indices = index.search(query.numpy(), k)
             state["out"] = (torch.from_numpy(values), torch.from_numpy(indices))
-        elif provider == "gemm":
-            tile = torch.empty(GEMM_TILE, GEMM_TILE)
+        elif provider in ("gemm", "gemm_bf16"):
+            tile = torch.empty(GEMM_TILE, GEMM_TILE, dtype=query.dtype)
             for col in range(0, gallery.shape[0], GEMM_TILE):
                 items = gallery[col : col + GEMM_TILE]
                 for row in range(0, query.shape[0], GEMM_TILE):
@@ -79,7 +83,8 @@ def search_function(provider: str, query, gallery, target, k: int):
         else:
             backend = "torch" if provider == "mmfast_torch" else "auto"
             rank_target = target if provider == "mmfast_rank" else None
-            result = mmfast.similarity_topk(query, gallery, k, target=rank_target, backend=backend)
+            screen = "off" if provider == "mmfast_fp32" else "auto"
+            result = mmfast.similarity_topk(query, gallery, k, target=rank_target, backend=backend, screen=screen)
             state["out"] = tuple(t for t in result if t is not None)
 
     return search, lambda: state.get("out", ())
@@ -109,8 +114,10 @@ def measure(
     search_function(provider, *warm, k)[0]()
     query, gallery, target = make_inputs(n_queries, n_gallery, dim)
     scale = 1.0
-    if provider == "gemm" and n_gallery > gemm_items:
+    if provider in ("gemm", "gemm_bf16") and n_gallery > gemm_items:
         gallery, scale = gallery[:gemm_items].clone(), n_gallery / gemm_items
+    if provider == "gemm_bf16":  # converted before the clock starts: the bare bf16 GEMMs
+        query, gallery = query.bfloat16(), gallery.bfloat16()
     with tempfile.TemporaryDirectory(dir=Path(indices_path).parent) as folder:
         if provider == "mmfast_memmap":
             path = Path(folder) / "gallery.npy"
@@ -122,7 +129,7 @@ def measure(
         result = timed_runs(search, outputs, repeats)
         if provider == "mmfast_memmap":
             result["rss_anon_extra_mib"] = status_mib("RssAnon") - anon_before
-        if provider == "gemm":
+        if provider in ("gemm", "gemm_bf16"):
             result.update(ms=result["ms"] * scale, cpu_ms=result["cpu_ms"] * scale, scaled_from_items=gallery.shape[0])
         if outputs():
             torch.save(outputs()[1], indices_path)

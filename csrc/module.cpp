@@ -40,6 +40,10 @@ void similarity_topk_rows(at::Tensor scores, int64_t col_offset, at::Tensor valu
 void similarity_topk_search(at::Tensor query, at::Tensor gallery, int64_t col_offset, at::Tensor values,
                             at::Tensor indices, c10::optional<at::Tensor> targets,
                             c10::optional<at::Tensor> target_score, c10::optional<at::Tensor> count, bool last);
+void similarity_topk_search_screened(at::Tensor query, at::Tensor query_bf16, at::Tensor query_norms,
+                                     at::Tensor gallery, at::Tensor gallery_bf16, at::Tensor gallery_norms,
+                                     int64_t col_offset, at::Tensor values, at::Tensor indices, bool last);
+void similarity_topk_screen_rows(at::Tensor x, at::Tensor copy, at::Tensor norms);
 void sigmoid_pair_rows(at::Tensor scores, int64_t row_offset, double scale, double bias,
                        c10::optional<at::Tensor> row_scale, at::Tensor loss, c10::optional<at::Tensor> scale_grad,
                        c10::optional<at::Tensor> bias_grad, c10::optional<at::Tensor> ids);
@@ -86,6 +90,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("similarity_topk_search", &mmfast::similarity_topk_search,
         "Score one gallery chunk against every query in cache-sized blocks (one GEMM each) and merge each block "
         "into the rows' running top-k and target counts at once");
+  m.def("similarity_topk_search_screened", &mmfast::similarity_topk_search_screened,
+        "similarity_topk_search on bf16 copies (twice the GEMM rate), every kept score an exact float32 one: an "
+        "item is scored in float32 only when its bf16 score, within its error bound, could enter the row's top-k");
+  m.def("similarity_topk_screen_rows", &mmfast::similarity_topk_screen_rows,
+        "Rows as bf16 (round to nearest even) with their norms ||x||, ||x - bf16(x)||, ||bf16(x)|| in float64: the "
+        "screened search's inputs");
   m.def("sigmoid_pair_rows", &mmfast::sigmoid_pair_rows,
         "Fused SigLIP pairwise sigmoid loss and in-place gradient over one score chunk", py::arg("scores"),
         py::arg("row_offset"), py::arg("scale"), py::arg("bias"), py::arg("row_scale"), py::arg("loss"),

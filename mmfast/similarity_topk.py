@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from mmfast.backends import resolve_backend
-from mmfast.backends.similarity_topk import check_finite_rows, search, similarity_topk_kernels
+from mmfast.backends.similarity_topk import check_finite_rows, screens, search, similarity_topk_kernels
 from mmfast.kernel_contract import compute_dtype
 from mmfast.reference.similarity_topk import similarity_topk_reference
 from mmfast.validation import check_backend_name, check_float_dtype
@@ -29,6 +29,7 @@ from mmfast.validation import check_backend_name, check_float_dtype
 # The non-finite check reads the inputs in blocks this size: its temporaries take ~7 bytes per element.
 FINITE_CHECK_ELEMENTS = 1 << 20
 NUMPY_DTYPES = (np.float32, np.float64, np.float16)
+SCREENS = ("auto", "bf16", "off")
 
 
 class SimilarityTopK(NamedTuple):
@@ -42,6 +43,7 @@ class SimilarityTopkOptions:
     k: int
     backend: str = "auto"
     progress: bool = False  # a tqdm bar over the gallery items searched
+    screen: str = "auto"  # "auto", "bf16" or "off": the cpu backend's bf16-screened float32 search
 
     def __post_init__(self):
         if isinstance(self.k, bool) or not isinstance(self.k, numbers.Integral):
@@ -51,6 +53,8 @@ class SimilarityTopkOptions:
         check_backend_name(self.backend)
         if not isinstance(self.progress, bool):
             raise TypeError(f"progress must be True or False, got {type(self.progress).__name__}")
+        if self.screen not in SCREENS:
+            raise ValueError(f"screen must be one of {', '.join(map(repr, SCREENS))}, got {self.screen!r}")
 
 
 def _gallery_tensor(gallery):
@@ -136,6 +140,16 @@ def _target_sets(target, n_queries: int, n_gallery: int, device) -> torch.Tensor
     return sets.masked_fill(repeated, -1).contiguous()
 
 
+def _check_screen(backend: str, dtype: torch.dtype, target) -> None:
+    """screen="bf16" applies to the cpu backend's float32 search without target ranks."""
+    if backend != "cpu":
+        raise ValueError(f"screen='bf16' is a cpu-backend search; this one runs on the {backend!r} backend")
+    if compute_dtype(dtype) != torch.float32:
+        raise ValueError(f"screen='bf16' screens float32 scores; {dtype} inputs score in {compute_dtype(dtype)}")
+    if target is not None:
+        raise ValueError("screen='bf16' does not count target ranks: use screen='auto' or 'off' with target")
+
+
 def similarity_topk(
     query: torch.Tensor,
     gallery: torch.Tensor | np.ndarray,
@@ -144,6 +158,7 @@ def similarity_topk(
     target: torch.Tensor | None = None,
     backend: str = "auto",
     progress: bool = False,
+    screen: str = "auto",
 ) -> SimilarityTopK:
     """The k gallery items with the highest scores `query[q] · gallery[g]` for each query.
 
@@ -156,6 +171,12 @@ def similarity_topk(
             items per query, e.g. an image's five captions); every row needs a valid entry.
         backend: "auto", "triton", "cpu", "torch" or "reference" (as the losses').
         progress: show a tqdm progress bar over the gallery items searched.
+        screen: "auto", "bf16" or "off". "bf16" (the cpu backend, float32 scores, no target): the GEMMs
+            run on bf16 copies, about twice the float32 rate where the CPU multiplies bf16 in hardware, and
+            only items whose bf16 score could enter a row's top-k (within a proven bound on its error) are
+            scored in float32; every returned value is the float32 score of its item, computed in one fixed
+            order. "auto" takes it on the cpu backend for float32 scores without target, D >= 64, on CPUs
+            with bf16 dot products (AVX512-BF16, AMX); "off" never.
 
     Returns SimilarityTopK(values, indices, target_rank): values [Q, k] best first (float32, float64
     for float64 inputs), ties broken towards the lower gallery index on every backend; indices [Q, k]
@@ -166,7 +187,7 @@ def similarity_topk(
     never held: the torch and cpu backends walk it in tiles of the score budget
     (MMFAST_SCORE_CHUNK_BYTES), the Triton kernel keeps its tiles in registers.
     """
-    options = SimilarityTopkOptions(k, backend, progress)
+    options = SimilarityTopkOptions(k, backend, progress, screen)
     gallery = _gallery_tensor(gallery)
     _check_embeddings(query, gallery)
     resolved = resolve_backend(options.backend, query.device)
@@ -180,7 +201,10 @@ def similarity_topk(
             check_finite_rows("gallery", gallery[start : start + rows], start)
         values, indices, rank = similarity_topk_reference(query, gallery, k, target)
         return SimilarityTopK(values.to(compute_dtype(query.dtype)), indices, rank)
-    kernels = similarity_topk_kernels(options.backend, resolved, query.dtype, n_gallery, k)
+    if options.screen == "bf16":
+        _check_screen(resolved, query.dtype, target)
+    screened = screens(options.screen, resolved, query.dtype, query.shape[1], targets)
+    kernels = similarity_topk_kernels(options.backend, resolved, query.dtype, n_gallery, k, screened)
     advance, close = _progress_bar(options.progress, n_gallery)
     try:
         values, indices, count = search(kernels, query, gallery, k, targets, advance)

@@ -177,6 +177,24 @@ def test_colpali_baseline_matches_the_reference(monkeypatch):
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.slow
+def test_late_interaction_benchmark_records_running_out_of_memory_under_its_cap(tmp_path):
+    """Every measuring process runs under --memory-cap-gib (RLIMIT_AS): colpali-engine's einsum at
+    B = 512, L_d = 1,030 (32 GiB) cannot allocate under 4 GiB, and that failure is its row's result (with
+    what it asked for and where), not a crash or a skip; mmfast runs under the same cap."""
+    out = tmp_path / "late.json"
+    argv = ["--cases", "8x64:mmfast", "512x1030:colpali", "--memory-cap-gib", "4", "--json", str(out)]
+    assert late_interaction_benchmark.main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["command"] == "python benchmarks/late_interaction_loss.py " + " ".join(argv)
+    mmfast_row, colpali_row = data["rows"]
+    assert mmfast_row["provider"] == "mmfast" and mmfast_row["extra_peak_mib"] is not None and mmfast_row["ms"] > 0
+    assert mmfast_row["process_peak_mib"] < 4 * 1024
+    assert colpali_row["provider"] == "colpali" and colpali_row["cap_gib"] == 4 and "ms" not in colpali_row
+    assert colpali_row["phase"] == "forward" and colpali_row["asked_bytes"] >= 4 * 512 * 512 * 32 * 1030
+    assert colpali_row["out_of_memory"].startswith("the forward tried to allocate")
+
+
 def test_colpali_search_baseline_matches_the_reference():
     """The search benchmark's colpali-engine way (batched einsum, batches smaller than the sets here)
     scores as the float64 oracle does."""

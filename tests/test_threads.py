@@ -86,6 +86,13 @@ def similarity_search():
     return [], [found.values, found.indices, found.target_rank]
 
 
+def screened_similarity_search():
+    """The bf16-screened float32 search (no target): its query blocks split by thread count as above."""
+    (q, g) = (x.detach().float() for x in _inputs((1203, 72), (1299, 72), seed=15))
+    found = mmfast.similarity_topk(q, g, 10, backend="cpu", screen="bf16")
+    return [], [found.values, found.indices]
+
+
 def late_interaction_search():
     (q, c) = (x.detach() for x in _inputs((29, 5, 16), (211, 13, 16), seed=10))
     masks = {"query_mask": _token_masks(29, 5, 11), "corpus_mask": _token_masks(211, 13, 12)}
@@ -113,6 +120,7 @@ CASES = {
     "late-interaction-infonce": late_interaction("infonce"),
     "late-interaction-pairwise": late_interaction("pairwise"),
     "similarity-topk": similarity_search,
+    "similarity-topk-screened": screened_similarity_search,
     "late-interaction-topk": late_interaction_search,
     "last-token-pool": pooling("last"),
     "mean-pool": pooling("mean"),

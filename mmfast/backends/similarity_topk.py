@@ -35,6 +35,10 @@ from mmfast.kernel_contract import compute_dtype as score_dtype_for  # float64 s
 
 # The up-front NaN/inf check (of a gallery a kernel reads whole) takes this many rows at a time.
 FINITE_CHECK_ROWS = 4096
+# The bf16 screen under "auto" from this D (below it the GEMMs are too thin for bf16 to pay), and for
+# chunks whose largest possible score ||q|| ||g|| stays below this (far from float32's 2^128).
+SCREEN_MIN_DIM = 64
+SCREEN_SCORE_LIMIT = 2.0**100
 
 
 def tile_shape(n_queries: int, n_gallery: int, bytes_per_score: int, score_dtype, device) -> tuple[int, int]:
@@ -142,7 +146,10 @@ def _sort_desc(t: torch.Tensor):
 
 class CpuSimilarityTopk(TorchSimilarityTopk):
     """csrc/similarity_topk.cpp, one call per gallery chunk: per block of up to 512 queries × 512 items,
-    one GEMM (MKL, on the thread) into a cache-sized scratch and the merge into each row's heap at once."""
+    one GEMM (MKL, on the thread) into a cache-sized scratch and the merge into each row's heap at once.
+    With `screen` (float32 scores, no target ranks), the GEMMs run on bf16 copies and only the items whose
+    bf16 score could enter a row's top-k, within a proven error bound, are scored in float32: the results
+    are exact float32 scores (see the screened kernel's note in the C++ source)."""
 
     # Gallery items per chunk, in multiples of the kernel's 512-item blocks: about 32 MiB of float32
     # rows. Every block of queries re-reads the chunk, but a 512-query block does 256 flops per byte
@@ -151,8 +158,9 @@ class CpuSimilarityTopk(TorchSimilarityTopk):
     chunk_bytes = 32 << 20
     block_items = 512
 
-    def __init__(self, extension):
+    def __init__(self, extension, screen: bool = False):
         self.ext = extension
+        self.screen = screen
 
     def chunk_items(self, n_gallery: int, dim: int, score_dtype) -> int:
         per_item = dim * torch.finfo(score_dtype).bits // 8
@@ -161,6 +169,8 @@ class CpuSimilarityTopk(TorchSimilarityTopk):
 
     def search(self, query, gallery, k, targets, target_score, advance):
         score_dtype = score_dtype_for(query.dtype)
+        if self.screen and targets is None and score_dtype == torch.float32:
+            return self.search_screened(query, gallery, k, advance)
         (n_queries, dim), n_gallery = query.shape, gallery.shape[0]
         values, indices, count = self.outputs(n_queries, k, score_dtype, targets, query.device)
         queries = query.to(score_dtype).contiguous()
@@ -172,12 +182,60 @@ class CpuSimilarityTopk(TorchSimilarityTopk):
             advance(items.shape[0])
         return values, indices, count
 
+    def screen_rows(self, rows):
+        """(bf16 copy, [n, 3] float64 norms ||x||, ||x - bf16(x)||, ||bf16(x)||) of float32 rows."""
+        copy = torch.empty(rows.shape, dtype=torch.bfloat16)
+        norms = torch.empty(rows.shape[0], 3, dtype=torch.float64)
+        self.ext.similarity_topk_screen_rows(rows, copy, norms)
+        return copy, norms
 
-def similarity_topk_kernels(requested: str, backend: str, dtype: torch.dtype, n_gallery: int, k: int):
+    def search_screened(self, query, gallery, k, advance):
+        (n_queries, dim), n_gallery = query.shape, gallery.shape[0]
+        values, indices, _ = self.outputs(n_queries, k, torch.float32, None, query.device)
+        queries = query.to(torch.float32).contiguous()
+        query_copy, query_norms = self.screen_rows(queries)
+        largest_query = float(query_norms[:, 0].max())
+        cols = self.chunk_items(n_gallery, dim, torch.float32)
+        for col in range(0, n_gallery, cols):
+            items = gallery_chunk(gallery, col, cols, torch.float32)
+            last = col + cols >= n_gallery
+            item_copy, item_norms = self.screen_rows(items)
+            if largest_query * float(item_norms[:, 0].max()) < SCREEN_SCORE_LIMIT:
+                self.ext.similarity_topk_search_screened(queries, query_copy, query_norms, items, item_copy,
+                                                         item_norms, col, values, indices, last)  # fmt: skip
+            else:  # scores near float32's range: the bound's margins would not hold; this chunk in float32
+                self.ext.similarity_topk_search(queries, items, col, values, indices, None, None, None, last)
+            advance(items.shape[0])
+        return values, indices, None
+
+
+def bf16_dot_products() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), where the screened search's bf16
+    GEMMs run at about twice the float32 rate (elsewhere they are emulated, and slower)."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # private helpers of torch.cpu; a torch without them: no screen under "auto"
+        return False
+
+
+def screens(screen: str, backend: str, dtype: torch.dtype, dim: int, targets) -> bool:
+    """Whether the search runs the bf16 screen: always with screen="bf16" (similarity_topk checks that it
+    applies); under "auto", on the cpu backend for float32 scores without target ranks, at D >= SCREEN_MIN_DIM,
+    on CPUs with bf16 dot products. Target ranks keep the float32 kernel: a low-ranked target's count would
+    need every item within the bound of its score rescored, a large share of the gallery."""
+    if screen != "auto":
+        return screen == "bf16"
+    return (backend == "cpu" and targets is None and score_dtype_for(dtype) == torch.float32
+            and dim >= SCREEN_MIN_DIM and bf16_dot_products())  # fmt: skip
+
+
+def similarity_topk_kernels(requested: str, backend: str, dtype: torch.dtype, n_gallery: int, k: int,
+                            screen: bool = False):  # fmt: skip
     """The kernels for the resolved `backend`. Triton declines what its kernel cannot do (float64, a
-    large k): "auto" then takes the torch backend, an explicit backend="triton" is an error."""
+    large k): "auto" then takes the torch backend, an explicit backend="triton" is an error. `screen`:
+    the cpu backend's bf16-screened search (`screens`)."""
     if backend == "cpu":
-        return CpuSimilarityTopk(load_extension())
+        return CpuSimilarityTopk(load_extension(), screen)
     if backend == "triton":
         from mmfast.kernels.similarity_topk import TritonSimilarityTopk  # needs triton: imported when used
 

@@ -18,8 +18,9 @@ from tests.train.torchrun import REPOSITORY, torchrun
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 WORKER = Path(__file__).with_name("distributed_train_worker.py")
 ROWS_PER_RANK = 6
-# Recipes with hard negatives: single-vector InfoNCE, and multi-vector late interaction (tokens padded across ranks).
-UNEVEN_CASES = ("vlm2vec", "colpali")
+# Recipes with hard negatives: single-vector InfoNCE, multi-vector late interaction (tokens padded across ranks), and
+# the sigmoid loss (its learnable logit scale and bias get their gradients from every rank's loss too).
+UNEVEN_CASES = ("vlm2vec", "colpali", "sigmoid")
 
 
 def test_torchrun_trains_the_default(tmp_path):
@@ -92,6 +93,8 @@ def test_ddp_ranks_differing_in_hard_negatives_and_mini_batches_equal_one_proces
         trainer.current_gradient_accumulation_steps = 1
         loss = trainer.training_step(trainer.model, trainer.data_collator(uneven_rows(trainer, ROWS_PER_RANK)))
         reference = {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
+        if case == "sigmoid":  # the loss's own parameters are among the gradients compared
+            assert {"sigmoid_parameters.log_scale", "sigmoid_parameters.bias"} <= reference.keys()
         for name in ("plain", "grad_cache"):
             step = got[name]
             assert step["negatives"][0] > 0 == step["negatives"][1], (case, name, step["negatives"])

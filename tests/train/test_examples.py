@@ -228,6 +228,7 @@ def local_data(tmp_path_factory):
 
 CONFIG_DATA = {
     "vlm2vec-qwen2-vl-2b": ("train_vlm2vec", "mmeb", "Qwen2VLForConditionalGeneration"),
+    "colqwen2-qwen2-vl-2b": ("train_colpali", "mmeb", "Qwen2VLForConditionalGeneration"),
     "llave-llava-onevision-0.5b": ("train_llave", "mmeb", "LlavaOnevisionForConditionalGeneration"),
     "e5v-llama3-llava-next-8b": ("train_e5v", "nli", "LlavaNextForConditionalGeneration"),
     "unime-stage1-llava-v1.6-mistral-7b": (None, "teacher", "LlavaNextForConditionalGeneration"),

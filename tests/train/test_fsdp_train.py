@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmfast.train.backbones import FAMILIES
 from mmfast.train.default import default_backbone, default_data
 from mmfast.train.encoder import Encoder
 from tests.train.distributed_train_worker import CASES, assert_gradients_equal, trainer_for
@@ -29,8 +30,9 @@ LAUNCH_WORKER = Path(__file__).with_name("fsdp_launch_worker.py")
 FSDP_CONFIG_FILE = REPOSITORY / "examples" / "configs" / "accelerate-fsdp.yaml"
 ROWS_PER_RANK = 6
 # FSDP units with gradients in a step of rank 0's image queries and rank 1's text ones (units: each of the
-# backbone's _no_split_modules layers, and the root): the root, CLIP's embeddings and 2 layers, 2 Llama layers.
-UNITS_RUN = {"llava": 6, "llava_next": 6}
+# backbone's _no_split_modules layers, and the root): the root, the vision tower's embeddings (CLIP's, SigLIP's;
+# Qwen2.5-VL's patch embedding and merger are the root's) and its 2 layers, the 2 language layers.
+UNITS_RUN = {"qwen2_5_vl": 5, "llava_onevision": 6, "llava": 6, "llava_next": 6}
 # Recipes with hard negatives: single-vector InfoNCE, and multi-vector late interaction (tokens padded across ranks).
 UNEVEN_CASES = ("vlm2vec", "colpali")
 
@@ -80,31 +82,39 @@ def test_fsdp2_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
     assert "takes none (no get_image_features)" in error
 
 
-def test_fsdp2_blank_image_pass_on_llava_and_llava_next(tiny_dirs, tmp_path):
-    """The blank image pass under FSDP2 on other families' vision towers (CLIP, under LLaVA's projector and
-    LLaVA-NeXT's image packing): rank 0's queries with images, rank 1's text-only, every parameter trained,
-    equal one process on the concatenated batch; one reduce-scatter per unit with gradients."""
-    families = list(UNITS_RUN)
-    torchrun(str(WORKER), str(tmp_path), str(ROWS_PER_RANK), *(f"mixed={tiny_dirs[f]}" for f in families),
-             cwd=tmp_path)  # fmt: skip
-    for family in families:
-        got = torch.load(tmp_path / f"mixed-{family}.pt")
-        options = backbone_options(str(tiny_dirs[family]))
-        trainer = trainer_for("vlm2vec", str(tmp_path / f"single-{family}"), 2 * ROWS_PER_RANK, 0, *options)
-        trainer.current_gradient_accumulation_steps = 1
-        loss = trainer.training_step(trainer.model, trainer.data_collator(mixed_rows(trainer, ROWS_PER_RANK)))
-        torch.testing.assert_close(torch.stack(got["losses"]).mean(), loss.detach(), rtol=1e-5, atol=1e-6)
-        reference = {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
-        vision = [name for name in reference if "vision_tower" in name]
-        assert any(reference[name].abs().max() > 0 for name in vision), f"{family}: no image reached the vision tower"
-        # CLIP's attention key bias: adding one number to every key's score leaves the softmax unchanged, so its
-        # gradient is zero in exact arithmetic and both hold rounding noise (measured ~1e-9, the largest gradient
-        # ~30): those are held to that floor, every other gradient to 1e-5 of its own scale.
-        largest = max(grad.abs().max().item() for grad in reference.values())
-        for name in [name for name in reference if name.endswith("self_attn.k_proj.bias")]:
-            assert max(got["grads"].pop(name).abs().max(), reference.pop(name).abs().max()) < 1e-7 * largest, name
-        assert_gradients_equal(got["grads"], reference, f"mixed modules, {family}")
-        assert got["reduce_scatters"] == got["units_run"] == UNITS_RUN[family], (family, got["reduce_scatters"])
+@pytest.fixture(scope="module")
+def blank_image_steps(tiny_dirs, tmp_path_factory) -> Path:
+    """One torchrun for every family of UNITS_RUN (a launch costs more than a family's step): each family's
+    mixed step (`fsdp_train_worker.mixed_step`), written to <folder>/mixed-<family>.pt."""
+    folder = tmp_path_factory.mktemp("blank_image_steps")
+    torchrun(str(WORKER), str(folder), str(ROWS_PER_RANK), *(f"mixed={tiny_dirs[f]}" for f in UNITS_RUN), cwd=folder)
+    return folder
+
+
+@pytest.mark.parametrize("family", UNITS_RUN)
+def test_fsdp2_blank_image_pass_on_other_families(blank_image_steps, tiny_dirs, tmp_path, family):
+    """The blank image pass under FSDP2 on other families' vision towers (Qwen2.5-VL's with its merger, SigLIP
+    under LLaVA-OneVision's projector and image packing, CLIP under LLaVA's projector and LLaVA-NeXT's image
+    packing): rank 0's queries with images, rank 1's text-only, every parameter trained, equal one process on the
+    concatenated batch; one reduce-scatter per unit with gradients."""
+    got = torch.load(blank_image_steps / f"mixed-{family}.pt")
+    options = backbone_options(str(tiny_dirs[family]))
+    trainer = trainer_for("vlm2vec", str(tmp_path / f"single-{family}"), 2 * ROWS_PER_RANK, 0, *options)
+    trainer.current_gradient_accumulation_steps = 1
+    loss = trainer.training_step(trainer.model, trainer.data_collator(mixed_rows(trainer, ROWS_PER_RANK)))
+    torch.testing.assert_close(torch.stack(got["losses"]).mean(), loss.detach(), rtol=1e-5, atol=1e-6)
+    reference = {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
+    vision = [name for name in reference if name.startswith(f"model.{FAMILIES[family].vision_tower_path}.")]
+    assert any(reference[name].abs().max() > 0 for name in vision), f"{family}: no image reached the vision tower"
+    # The vision tower's attention key bias (CLIP's, SigLIP's; no rotary positions there): adding one number to
+    # every key's score leaves the softmax unchanged, so its gradient is zero in exact arithmetic and both hold
+    # rounding noise (measured ~1e-9, the largest gradient ~30): those are held to that floor, every other
+    # gradient to 1e-5 of its own scale. (The language model's key bias, Qwen2's, is rotated: a real gradient.)
+    largest = max(grad.abs().max().item() for grad in reference.values())
+    for name in [name for name in vision if name.endswith("self_attn.k_proj.bias")]:
+        assert max(got["grads"].pop(name).abs().max(), reference.pop(name).abs().max()) < 1e-7 * largest, name
+    assert_gradients_equal(got["grads"], reference, f"mixed modules, {family}")
+    assert got["reduce_scatters"] == got["units_run"] == UNITS_RUN[family], (family, got["reduce_scatters"])
 
 
 @pytest.mark.parametrize("case", UNEVEN_CASES)

@@ -221,6 +221,9 @@ def test_the_embedded_default_trains_colpali_with_infonce_and_the_published_loss
     assert (own.loss.loss, own.loss.temperature) == ("pairwise", 1.0)
     assert parse_arguments([*common, "--temperature", "0.05"], profile=PROFILE).loss.temperature == 0.05
     assert default.model.mask_non_image_embeddings and own.model.mask_non_image_embeddings
+    # GradCache is the recipe's default (4 mini-batches of its 32 rows); the embedded default's profile runs one graph
+    assert (own.training.per_device_train_batch_size, own.training.gradcache_mini_batch_size) == (32, 8)
+    assert default.training.gradcache_mini_batch_size == 0
     with pytest.raises(ValueError, match="--mask_non_image_embeddings masks token vectors: recipe llave"):
         build_trainer(parse_arguments(["--recipe", "llave", "--mask_non_image_embeddings", "true", "--output_dir",
                                        str(tmp_path), "--report_to", "none"], profile=PROFILE))  # fmt: skip
