@@ -178,6 +178,27 @@ def test_the_exact_scan_in_many_tiles_equals_the_kernel_search_and_float64(k, ra
     assert scores[~valid].isnan().all()
 
 
+@pytest.mark.parametrize(("probe", "kernel_rows"), [(1, 1), (8, 8), (10**6, 45)])
+def test_rows_after_a_mostly_rescanned_probe_go_straight_to_the_scan(probe, kernel_rows, monkeypatch):
+    """When most of the first `probe` rows need the exact scan, the other rows skip the kernel's search (here
+    every row drops its best candidates); the result is the same bit for bit, ties and dropped counts included."""
+    import mmfast.train.mine as mine
+
+    searched = []
+    kernel = mine.similarity_topk
+    monkeypatch.setattr(mine, "similarity_topk", lambda q, g, k: searched.append(len(q)) or kernel(q, g, k))
+    monkeypatch.setattr(mine, "SCAN_PROBE_ROWS", probe)
+    generator = torch.Generator().manual_seed(3)
+    gallery = torch.randint(-2, 3, (301, 5), generator=generator).float() / 4
+    query = torch.randint(-2, 3, (45, 5), generator=generator).float() / 4
+    positive = torch.randint(0, 301, (45,), generator=generator)
+    mined = mine_negatives(query, gallery, positive, 4, 0.2)
+    indices, scores, positive_scores, dropped = kernel_search_reference(query, gallery, positive, 4, 0.2)
+    assert torch.equal(mined.indices, indices) and torch.equal(mined.dropped, dropped)
+    assert torch.equal(mined.scores.nan_to_num(9.0), scores.nan_to_num(9.0))
+    assert sum(searched) == kernel_rows and (dropped > 0).float().mean() > 0.6
+
+
 def fake_embed(inputs):
     """Deterministic unit embeddings from an input's content (text and image): copies embed alike."""
     rows = []
