@@ -15,7 +15,8 @@ candidates that are
   is dropped (NV-Retriever's TopK-PercPos; 0.95 is the paper's best). The rows whose top 2k + 1
   candidates held fewer than k eligible ones are searched again by one exact scan of the gallery with the
   dropped ones masked out (`_scan_rows`), so a row gets k negatives whenever its subset has that many
-  candidates below its threshold, at a cost that does not grow with how many were dropped.
+  candidates below its threshold, at a cost that does not grow with how many were dropped. When most of
+  the first rows need that scan, the others go to it directly (`SCAN_DIRECT_FRACTION`).
 
 `--batch_order G` also writes batches of G rows (the global contrastive batch) built from clusters of
 mutual hard negatives (`build_batches`), which `mmfast-train --batch_order` trains on in place of the
