@@ -15,7 +15,8 @@ candidates that are
   is dropped (NV-Retriever's TopK-PercPos; 0.95 is the paper's best). The rows whose top 2k + 1
   candidates held fewer than k eligible ones are searched again by one exact scan of the gallery with the
   dropped ones masked out (`_scan_rows`), so a row gets k negatives whenever its subset has that many
-  candidates below its threshold, at a cost that does not grow with how many were dropped.
+  candidates below its threshold, at a cost that does not grow with how many were dropped. When most of
+  the first rows need that scan, the others go to it directly (`SCAN_DIRECT_FRACTION`).
 
 `--batch_order G` also writes batches of G rows (the global contrastive batch) built from clusters of
 mutual hard negatives (`build_batches`), which `mmfast-train --batch_order` trains on in place of the
@@ -83,8 +84,19 @@ class MinedNegatives(NamedTuple):
 
 
 DEPTH_BUDGET = 1 << 22  # search results (value + index) held at once: 48 MiB
-SCAN_TILE = 1 << 21  # scores per tile of the eligible-only scan: 8 MiB float32, ~40 MiB with its masks and keys
+# The exact scan's tiles: SCAN_TILE scores (2 MiB float32), at most SCAN_COLUMNS gallery items wide, so a tile
+# and its mask stay in the core's cache while the GEMM writes them and the masking and top-k read them (8 MiB
+# tiles of 16 rows x 131,072 items ran at ~6 GFLOP/s, mostly waiting on memory; these run ~5x faster).
+SCAN_TILE = 1 << 19
+SCAN_COLUMNS = 2048
+SCAN_BLOCK = 64  # columns per block of a tile's top-k (`_tile_candidates`)
 SCAN_MIN_ROWS = 16  # a scan tile has at least this many rows (when there are): a GEMM, not a GEMV
+SCAN_MERGE_EVERY = 64  # tiles whose candidates are kept before they are merged into the best k so far
+# Rows searched by the kernel first; when more than SCAN_DIRECT_FRACTION of them need the exact scan, the rest
+# skip the kernel's pass: the scan of a row costs ~2.3x the kernel's pass (12 and 28 GFLOP/s at D = 64 here),
+# so past ~60% of rows rescanned the kernel's pass is a loss. Both give the same result.
+SCAN_PROBE_ROWS = 2048
+SCAN_DIRECT_FRACTION = 0.6
 
 
 def _search_chunk(rows, query, gallery, positive, threshold, k, depth, indices, scores, dropped) -> torch.Tensor:
@@ -116,59 +128,103 @@ def _float32_at_most(threshold: torch.Tensor) -> torch.Tensor:
     return torch.where(rounded.double() > threshold, torch.nextafter(rounded, torch.tensor(-math.inf)), rounded)
 
 
-def _best_first(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Columns of each row's k best values, best first, ties to the lower column (similarity_topk's order).
-    A top-k, then its k columns ordered; a row with a tie across its k-th value (or fewer than k finite
-    values) is sorted whole instead, so the lower columns win."""
-    top = values.topk(k, dim=1)
-    columns = top.indices.sort(dim=1).values
-    columns = columns.gather(1, values.gather(1, columns).sort(dim=1, descending=True, stable=True).indices)
-    tied = ((values >= top.values[:, -1:]).sum(dim=1) > k).nonzero()[:, 0]
+def _negative_infinity_bits(dtype: torch.dtype) -> tuple[torch.dtype, int]:
+    """The integer type as wide as a float type, and -inf's bit pattern in it."""
+    integer = {2: torch.int16, 4: torch.int32, 8: torch.int64}[torch.finfo(dtype).bits // 8]
+    return integer, int(torch.tensor(-math.inf, dtype=dtype).view(integer))
+
+
+def _tile_candidates(tile: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's k best columns of a tile and their values, ties across the k-th value to the lower columns
+    (the order within the k is left to the merge).
+
+    A tile of whole SCAN_BLOCKs is searched in the k + 1 blocks with the highest maxima (~10x cheaper than a
+    top-k of every score): any score outside them is at most each of their k + 1 maxima, so the k best values
+    are among theirs. A top-(k + 1) of those shows where a tie crosses the k-th value (a score outside tied with
+    it shows up there too: its block's maximum ties the chosen ones'); only such rows (rare, bar -inf) are
+    sorted whole, so the lower columns win."""
+    n, width = tile.shape
+    if width <= k:
+        return tile, torch.arange(width).expand(n, -1)
+    blocks = width // SCAN_BLOCK
+    if tile.is_contiguous() and width % SCAN_BLOCK == 0 and blocks > k + 1:
+        grouped = tile.view(n, blocks, SCAN_BLOCK)
+        chosen = grouped.amax(dim=2).topk(k + 1, dim=1).indices
+        top = grouped.gather(1, chosen[:, :, None].expand(-1, -1, SCAN_BLOCK)).view(n, -1).topk(k + 1, dim=1)
+        top_columns = chosen.gather(1, top.indices // SCAN_BLOCK) * SCAN_BLOCK + top.indices % SCAN_BLOCK
+    else:
+        top = tile.topk(k + 1, dim=1)
+        top_columns = top.indices
+    values, columns = top.values[:, :k], top_columns[:, :k]
+    tied = ((top.values[:, k] == top.values[:, k - 1]) & (top.values[:, k - 1] > -math.inf)).nonzero()[:, 0]
     if tied.numel():
-        columns[tied] = values[tied].sort(dim=1, descending=True, stable=True).indices[:, :k]
-    return columns
+        columns[tied] = tile[tied].sort(dim=1, descending=True, stable=True).indices[:, :k]
+        values[tied] = tile[tied].gather(1, columns[tied])
+    return values, columns
+
+
+def _best_k(values: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best of each row's candidates (distinct ids), best first, ties to the lower id."""
+    by_id = ids.sort(dim=1).indices
+    values, ids = values.gather(1, by_id), ids.gather(1, by_id)
+    order = values.sort(dim=1, descending=True, stable=True).indices[:, :k]
+    return values.gather(1, order), ids.gather(1, order)
 
 
 def _scan_rows(rows, query, gallery, positive, threshold, k, indices, scores, dropped) -> None:
     """The exact search of `rows` in one pass over the gallery, for rows whose best candidates are mostly
-    dropped: scores in tiles (the GEMM similarity_topk's cpu kernel runs, so the same float32 scores),
-    candidates above the threshold and the positive masked out before a top-k, so the cost does not grow
-    with how many are dropped (a top-k as deep as the dropped ones cost ~80x the GEMM)."""
+    dropped: scores in cache-sized tiles (torch.mm: the GEMM similarity_topk's cpu kernel runs), the positive
+    and the candidates above the threshold set to -inf before a top-k, so the cost does not grow with how many
+    are dropped (a top-k as deep as the dropped ones cost ~80x the GEMM). Each tile's k best are kept and
+    merged every SCAN_MERGE_EVERY tiles; their counts of candidates over the threshold add up to `dropped`."""
     n_gallery = gallery.shape[0]
     width = min(k, n_gallery)
-    block = max(SCAN_MIN_ROWS, min(512, SCAN_TILE // n_gallery))
-    columns = max(1, SCAN_TILE // block)
+    columns = max(1, min(n_gallery, SCAN_COLUMNS))
+    block = max(SCAN_MIN_ROWS, SCAN_TILE // columns)
+    integer, minus_infinity = _negative_infinity_bits(query.dtype)
     for start in range(0, rows.numel(), block):
         begin = max(0, min(start, rows.numel() - SCAN_MIN_ROWS))  # a short last block reaches back: a GEMM
         block_rows = rows[begin : start + block]
         new = slice(start - begin, None)
         q = query[block_rows]
-        pos = positive[block_rows]
+        n = len(block_rows)
         limit = None
         if threshold is not None:
             limit = threshold[block_rows]
-            limit = _float32_at_most(limit) if q.dtype == torch.float32 else limit.to(q.dtype)
-        best_values = torch.full((len(block_rows), 0), -math.inf, dtype=q.dtype)
-        best_indices = torch.full((len(block_rows), 0), -1, dtype=torch.int64)
-        above = torch.zeros(len(block_rows), dtype=torch.int64)
-        for offset in range(0, n_gallery, columns):
-            tile = torch.mm(q, gallery[offset : offset + columns].T)
-            own = (pos >= offset) & (pos < offset + tile.shape[1])
-            own_column = (pos - offset).clamp(0, tile.shape[1] - 1)[:, None]
+            limit = (_float32_at_most(limit) if q.dtype == torch.float32 else limit.to(q.dtype))[:, None]
+        # The positives' places, by tile: (rows, columns) set to -inf there (never counted, never chosen).
+        pos = positive[block_rows]
+        by_tile = pos.div(columns, rounding_mode="floor")
+        order = by_tile.argsort()
+        bounds = torch.searchsorted(by_tile[order], torch.arange(-(-n_gallery // columns) + 1)).tolist()
+        above = torch.zeros(n, dtype=torch.int64)
+        tile = torch.empty(n, columns, dtype=q.dtype)
+        best_values, best_ids = torch.empty(n, 0, dtype=q.dtype), torch.empty(n, 0, dtype=torch.int64)
+        held_values, held_ids = [], []
+        for number, offset in enumerate(range(0, n_gallery, columns)):
+            part = gallery[offset : offset + columns]
+            out = tile[:, : part.shape[0]]
+            torch.mm(q, part.T, out=out)
+            own = order[bounds[number] : bounds[number + 1]]
+            if own.numel():
+                out[own, pos[own] - offset] = -math.inf
             if limit is not None:
-                over = tile > limit[:, None]
-                above += over.sum(dim=1) - (own & over.gather(1, own_column)[:, 0]).long()
-                tile.masked_fill_(over, -math.inf)
-            tile.scatter_(1, own_column, torch.where(own[:, None], -math.inf, tile.gather(1, own_column)))
-            chosen = _best_first(tile, min(width, tile.shape[1]))
-            candidates = torch.cat([best_values, tile.gather(1, chosen)], dim=1)
-            ids = torch.cat([best_indices, chosen + offset], dim=1)
-            # Earlier tiles' candidates first: a stable sort keeps ties to the lower gallery index.
-            order = candidates.sort(dim=1, descending=True, stable=True).indices[:, :width]
-            best_values, best_indices = candidates.gather(1, order), ids.gather(1, order)
+                over = out > limit
+                above += over.view(torch.uint8).sum(dim=1, dtype=torch.int32)
+                # -inf where over: adding 0 or -inf (bit patterns from the mask) is ~5x faster than masked_fill_.
+                out.add_(over.to(integer).mul_(minus_infinity).view(q.dtype))
+            values, chosen = _tile_candidates(out, width)
+            held_values.append(values.clone() if values is out else values)
+            held_ids.append(chosen + offset)
+            if len(held_values) == SCAN_MERGE_EVERY:
+                best_values, best_ids = _best_k(torch.cat([best_values, *held_values], dim=1),
+                                                torch.cat([best_ids, *held_ids], dim=1), width)  # fmt: skip
+                held_values, held_ids = [], []
+        best_values, best_ids = _best_k(torch.cat([best_values, *held_values], dim=1),
+                                        torch.cat([best_ids, *held_ids], dim=1), width)  # fmt: skip
         valid = best_values > -math.inf
         target = block_rows[new]
-        indices[target, :width] = torch.where(valid, best_indices, -1)[new]
+        indices[target, :width] = torch.where(valid, best_ids, -1)[new]
         scores[target, :width] = torch.where(valid, best_values.double(), math.nan)[new]
         dropped[target] = above[new]
 
@@ -183,12 +239,19 @@ def mine_negatives(query: torch.Tensor, gallery: torch.Tensor, positive: torch.T
     indices = torch.full((n_queries, k), -1, dtype=torch.int64)
     scores = torch.full((n_queries, k), float("nan"), dtype=torch.float64)
     dropped = torch.zeros(n_queries, dtype=torch.int64)
-    # First a shallow search with the fused kernel (a trained model's rows mostly end here), in chunks of
-    # at most ~DEPTH_BUDGET results; then one exact scan of the gallery for the rest.
+    # First a shallow search with the fused kernel (a well-trained model's rows mostly end here), in chunks of
+    # at most ~DEPTH_BUDGET results; then one exact scan of the gallery for the rest. When most of the first
+    # SCAN_PROBE_ROWS rows need the scan, the others go to it directly (see SCAN_DIRECT_FRACTION).
     depth = min(n_gallery, 2 * k + 1)
-    chunks = torch.arange(n_queries).split(max(1, DEPTH_BUDGET // depth))
-    pending = [_search_chunk(rows, query, gallery, positive, threshold, k, depth, indices, scores, dropped)
-               for rows in chunks]  # fmt: skip
+    probe, others = torch.arange(n_queries)[:SCAN_PROBE_ROWS], torch.arange(n_queries)[SCAN_PROBE_ROWS:]
+    pending = []
+    if probe.numel():
+        pending.append(_search_chunk(probe, query, gallery, positive, threshold, k, depth, indices, scores, dropped))
+    if pending and pending[0].numel() > SCAN_DIRECT_FRACTION * probe.numel():
+        pending.append(others)
+    else:
+        pending += [_search_chunk(rows, query, gallery, positive, threshold, k, depth, indices, scores, dropped)
+                    for rows in others.split(max(1, DEPTH_BUDGET // depth)) if rows.numel()]  # fmt: skip
     if pending and (rest := torch.cat(pending)).numel():
         _scan_rows(rest, query, gallery, positive, threshold, k, indices, scores, dropped)
     return MinedNegatives(indices, scores, positive_scores, dropped)

@@ -197,6 +197,30 @@ def test_text_only_mrope_positions_equal_get_rope_index(backbone, padding_side):
 
 
 @pytest.mark.parametrize("text_only", [False, True])
+@pytest.mark.parametrize("backbone", CASES, indirect=True)
+def test_left_padding_moves_each_rows_real_tokens_whole(backbone, text_only):
+    """Untruncated rows are moved all at once: left-padded, each row holds the right-padded row's real tokens
+    (the processor's own, by the test below) at its end, every per-token tensor alike, padding before them."""
+    model, processor, family = backbone
+    batch_rows = [(t, im) for t, im in rows(family) if im is None or not text_only] + [("x", None)]
+    texts, images = [t for t, _ in batch_rows], [im for _, im in batch_rows if im is not None]
+    right = processor_inputs(processor, family, texts, images)
+    left = processor_inputs(processor, family, texts, images, padding_side="left", max_length=10_000)
+    assert sorted(left) == sorted(right)
+    lengths = right["attention_mask"].sum(dim=1).tolist()
+    assert len(set(lengths)) > 1 and right["attention_mask"].shape[1] == max(lengths)
+    for key, value in right.items():
+        if not torch.is_tensor(value) or value.shape != right["input_ids"].shape:
+            assert torch.equal(left[key], value), key
+            continue
+        fill = tokenizer_of(processor).pad_token_id if key == "input_ids" else 0
+        for row, n in enumerate(lengths):
+            padding = value.shape[1] - n
+            assert torch.equal(left[key][row, padding:], value[row, :n]), key
+            assert (left[key][row, :padding] == fill).all() and left[key].dtype == value.dtype, key
+
+
+@pytest.mark.parametrize("text_only", [False, True])
 @pytest.mark.parametrize("backbone", MULTIMODAL, indirect=True)  # a text-only family's batch is the tokenizer's
 def test_processor_inputs_equal_the_processors_own_call(backbone, text_only):
     """Right-padded and untruncated, processor_inputs gives exactly the processor's own tensors, its

@@ -130,6 +130,76 @@ def test_mining_float32_embeddings_equals_the_kernel_search_ties_included(k, rat
     assert (indices == -1).any() == (items < k + 1)
 
 
+@pytest.mark.parametrize(("columns", "merge_every", "block"), [(3, 2, 64), (7, 64, 2), (64, 1, 4), (64, 3, 2)])
+@pytest.mark.parametrize(("k", "ratio"), [(1, 0.9), (4, 0.5), (7, None)])
+def test_the_exact_scan_in_many_tiles_equals_the_kernel_search_and_float64(k, ratio, columns, merge_every, block,
+                                                                           monkeypatch):  # fmt: skip
+    """The exact scan alone, over every row, in narrow tiles (the last one no wider than k with 3 columns: 301 =
+    3 x 100 + 1), row blocks of 16 with a short last one, the best k merged every `merge_every` tiles, and each
+    tile's top-k searched in its best blocks of `block` columns (64-column tiles; 7 is no multiple of 2, and the
+    last tiles are narrower: a plain top-k): float32 scores with many exact ties give bit for bit the full-depth
+    kernel search; float64 embeddings give the float64 brute force."""
+    from mmfast.train.mine import _scan_rows
+
+    monkeypatch.setattr("mmfast.train.mine.SCAN_COLUMNS", columns)
+    monkeypatch.setattr("mmfast.train.mine.SCAN_TILE", 16 * columns)
+    monkeypatch.setattr("mmfast.train.mine.SCAN_MERGE_EVERY", merge_every)
+    monkeypatch.setattr("mmfast.train.mine.SCAN_BLOCK", block)
+
+    def scan(query, gallery, positive):
+        positive_scores = (query.double() * gallery[positive].double()).sum(dim=1)
+        threshold = None if ratio is None else ratio * positive_scores
+        indices = torch.full((query.shape[0], k), -1, dtype=torch.int64)
+        scores = torch.full((query.shape[0], k), float("nan"), dtype=torch.float64)
+        dropped = torch.full((query.shape[0],), -1, dtype=torch.int64)
+        _scan_rows(torch.arange(query.shape[0]), query, gallery, positive, threshold, k, indices, scores, dropped)
+        return indices, scores, dropped
+
+    generator = torch.Generator().manual_seed(columns * k)
+    gallery = torch.randint(-2, 3, (301, 5), generator=generator).float() / 4
+    query = torch.randint(-2, 3, (45, 5), generator=generator).float() / 4
+    positive = torch.randint(0, 301, (45,), generator=generator)
+    indices, scores, dropped = scan(query, gallery, positive)
+    expected_indices, expected_scores, _, expected_dropped = kernel_search_reference(query, gallery, positive, k, ratio)
+    assert torch.equal(indices, expected_indices) and torch.equal(dropped, expected_dropped)
+    assert torch.equal(scores.nan_to_num(9.0), expected_scores.nan_to_num(9.0))
+    assert (dropped > 0).any() if ratio is not None else (dropped == 0).all()
+
+    gallery, close = near_copies(53, 7, generator)
+    gallery = torch.cat([gallery, close[:30]])  # near-copies of items 0..29: likely false negatives
+    positive = torch.randint(0, 53, (39,), generator=generator)
+    query = torch.nn.functional.normalize(
+        gallery[positive] + 0.3 * torch.randn(39, 7, generator=generator, dtype=torch.float64), dim=1
+    )
+    indices, scores, _ = scan(query, gallery, positive)
+    expected = reference(query, gallery, positive, k, ratio)
+    assert torch.equal(indices, expected)
+    valid = expected >= 0
+    torch.testing.assert_close(scores[valid], (query @ gallery.T).gather(1, expected.clamp(min=0))[valid])
+    assert scores[~valid].isnan().all()
+
+
+@pytest.mark.parametrize(("probe", "kernel_rows"), [(1, 1), (8, 8), (10**6, 45)])
+def test_rows_after_a_mostly_rescanned_probe_go_straight_to_the_scan(probe, kernel_rows, monkeypatch):
+    """When most of the first `probe` rows need the exact scan, the other rows skip the kernel's search (here
+    every row drops its best candidates); the result is the same bit for bit, ties and dropped counts included."""
+    import mmfast.train.mine as mine
+
+    searched = []
+    kernel = mine.similarity_topk
+    monkeypatch.setattr(mine, "similarity_topk", lambda q, g, k: searched.append(len(q)) or kernel(q, g, k))
+    monkeypatch.setattr(mine, "SCAN_PROBE_ROWS", probe)
+    generator = torch.Generator().manual_seed(3)
+    gallery = torch.randint(-2, 3, (301, 5), generator=generator).float() / 4
+    query = torch.randint(-2, 3, (45, 5), generator=generator).float() / 4
+    positive = torch.randint(0, 301, (45,), generator=generator)
+    mined = mine_negatives(query, gallery, positive, 4, 0.2)
+    indices, scores, positive_scores, dropped = kernel_search_reference(query, gallery, positive, 4, 0.2)
+    assert torch.equal(mined.indices, indices) and torch.equal(mined.dropped, dropped)
+    assert torch.equal(mined.scores.nan_to_num(9.0), scores.nan_to_num(9.0))
+    assert sum(searched) == kernel_rows and (dropped > 0).float().mean() > 0.6
+
+
 def fake_embed(inputs):
     """Deterministic unit embeddings from an input's content (text and image): copies embed alike."""
     rows = []
