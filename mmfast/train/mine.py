@@ -102,7 +102,9 @@ SCAN_DIRECT_FRACTION = 0.6
 def _search_chunk(rows, query, gallery, positive, threshold, k, depth, indices, scores, dropped) -> torch.Tensor:
     """Searches `rows` to `depth`, fills the rows that found k eligible candidates (or saw the whole gallery);
     returns the rows that need a deeper search."""
-    top = similarity_topk(query[rows], gallery, depth)
+    # screen="off": the float32 GEMM scores the exact scan's torch.mm gives too, so a row's negatives, their
+    # scores and its dropped count are the same bits whichever of the two passes finds them.
+    top = similarity_topk(query[rows], gallery, depth, screen="off")
     values = top.values.double()
     not_positive = top.indices != positive[rows, None]
     eligible = not_positive if threshold is None else not_positive & (values <= threshold[rows, None])
